@@ -1,0 +1,1 @@
+"""The six services; each starts as ``python -m services.<name>``."""

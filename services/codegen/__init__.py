@@ -1,0 +1,1 @@
+"""The codegen pool service."""

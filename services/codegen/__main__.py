@@ -1,0 +1,3 @@
+from services.codegen.service import main
+
+main()

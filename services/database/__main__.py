@@ -1,0 +1,3 @@
+from services.database.service import main
+
+main()

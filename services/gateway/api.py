@@ -1,0 +1,38 @@
+"""Request and error shapes of the REST API."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from shared.schemas import TaskSpec
+
+Message = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100_000)]
+
+
+class ExecuteRequest(BaseModel):
+    """POST /api/execute-parallel."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    message: Message = Field(description="what the client wants built")
+    session_key: str | None = Field(default=None, alias="sessionKey", max_length=256)
+    project: str | None = Field(default=None, max_length=256)
+    force_parallel: bool = False
+    tasks: list[TaskSpec] | None = Field(
+        default=None, description="your own plan; skips decomposition (validated like the PM's)"
+    )
+    wait: bool = Field(default=False, description="answer only when the execution is terminal (bounded)")
+    timeout_s: float | None = Field(default=None, gt=0, description="how long to wait when wait=true")
+
+
+class FieldError(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: str
+    message: str
+    errors: list[FieldError] = Field(default_factory=list)
+    request_id: str | None = None

@@ -1,0 +1,77 @@
+"""The gateway app: routes, error shapes, body limit; served by the shared service lifecycle."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.gateway.handlers import count_request, router
+from services.gateway.limits import BodySizeLimit
+from shared.service import Runtime, run_service
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+ERROR_NAMES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+               422: "invalid_request", 429: "rate_limited", 503: "unavailable"}
+
+
+def _field(loc: tuple[object, ...]) -> str:
+    parts = [p for p in loc if p not in ("body", "query", "path", "header")]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "body"
+
+
+def create_app(settings: Settings) -> FastAPI:
+    app = FastAPI(
+        title="OpenClaw Parallel Execution",
+        version="0.1.0",
+        description="Submit software work; specialist agent pools run it in parallel over NATS JetStream.",
+    )
+    app.include_router(router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.pe.gateway.max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"field": _field(tuple(e["loc"])), "message": e["msg"]} for e in exc.errors()]
+        summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+        count_request(request.url.path, 422)
+        return JSONResponse({"error": "invalid_request", "message": summary, "errors": errors}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail
+        errors = []
+        if isinstance(detail, dict):
+            errors = [detail]
+            detail = f"{detail['field']}: {detail['message']}"
+        count_request(request.url.path, exc.status_code)
+        body = {"error": ERROR_NAMES.get(exc.status_code, "error"), "message": str(detail), "errors": errors}
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception) -> JSONResponse:
+        request_id = uuid.uuid4().hex
+        log.exception("unhandled error on %s %s (request %s)", request.method, request.url.path, request_id)
+        count_request(request.url.path, 500)
+        return JSONResponse(
+            {"error": "internal", "message": "internal error; quote the request id when reporting it",
+             "request_id": request_id, "errors": []},
+            status_code=500,
+        )
+
+    return app
+
+
+async def start(rt: Runtime):  # type: ignore[no-untyped-def]
+    return []  # the gateway consumes no stream; it answers HTTP until stopped
+
+
+def main() -> None:
+    run_service("gateway", start, create_app)

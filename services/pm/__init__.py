@@ -1,0 +1,1 @@
+"""The PM service: turns requests into plans and starts their first tasks."""

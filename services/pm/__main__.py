@@ -1,0 +1,3 @@
+from services.pm.service import main
+
+main()

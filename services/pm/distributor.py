@@ -1,0 +1,102 @@
+"""Rule-based task distributor: which pool a piece of work belongs to, and how sure we are.
+
+Scores are keyword weights (multi-word phrases count more, and their words are not counted again)
+divided by the number of words, so a long text is not favoured for being long. Nothing matched →
+"multi" (the PM must decide). Equal best scores break towards security, then database, then
+codegen: when in doubt, the stricter reviewer looks first.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from shared.names import Pool
+
+KEYWORDS: dict[Pool, dict[str, float]] = {
+    "codegen": {
+        "build": 1, "implement": 2, "code": 1, "website": 2, "site": 1, "web": 1, "app": 1, "application": 1,
+        "frontend": 3, "backend": 3, "api": 2, "endpoint": 2, "endpoints": 2, "ui": 2, "page": 1, "pages": 1,
+        "component": 2, "components": 2, "react": 3, "vue": 3, "javascript": 2, "typescript": 2,
+        "python": 2, "refactor": 3, "feature": 1, "features": 1, "integration": 1, "integrate": 1,
+        "deploy": 1, "cart": 1, "ordering": 1, "booking": 1, "dashboard": 2, "form": 1, "forms": 1,
+    },
+    "security": {
+        "security": 3, "secure": 2, "audit": 3, "vulnerability": 3, "vulnerabilities": 3, "auth": 2,
+        "authentication": 2, "authorization": 2, "login": 1, "password": 2, "passwords": 2, "csrf": 3,
+        "xss": 3, "injection": 3, "owasp": 3, "encrypt": 2, "encryption": 2, "pci": 3, "gdpr": 2,
+        "payment": 2, "payments": 2, "compliance": 2, "permissions": 2, "threat": 2, "pentest": 3,
+        "secrets": 2, "tls": 2,
+    },
+    "database": {
+        "database": 3, "db": 3, "schema": 3, "sql": 3, "migration": 3, "migrate": 3, "migrations": 3,
+        "table": 2, "tables": 2, "index": 2, "indexes": 2, "query": 2, "queries": 2, "postgres": 3,
+        "postgresql": 3, "mysql": 3, "mongodb": 3, "orders": 1, "inventory": 1, "menu": 1,
+        "reservations": 1, "records": 1, "data": 1, "backup": 2, "replication": 2,
+    },
+}
+
+PHRASES: dict[Pool, dict[str, float]] = {
+    "codegen": {"online ordering": 3, "user interface": 3, "rest api": 4, "landing page": 3, "web app": 3},
+    "security": {
+        "sql injection": 5, "access control": 4, "penetration test": 5, "online payment": 4,
+        "security audit": 5, "rate limiting": 3,
+    },
+    "database": {"data model": 4, "schema design": 5, "query optimization": 5, "database migration": 6},
+}
+
+TIE_BREAK: tuple[Pool, ...] = ("security", "database", "codegen")
+CONFIDENT = 0.5  # below this share of the total score a single-pool routing is called uncertain
+
+
+@dataclass(frozen=True)
+class Distribution:
+    pool: Pool | Literal["multi"]
+    confidence: float
+    scores: dict[str, float]
+    matched: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def confident(self) -> bool:
+        return self.pool != "multi" and self.confidence >= CONFIDENT
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def analyze(text: str) -> tuple[dict[str, float], dict[str, list[str]]]:
+    """Per-pool score (weight per word) and the terms that matched."""
+    low = " ".join(_words(text))
+    words = low.split()
+    total = max(1, len(words))
+    scores: dict[str, float] = {}
+    matched: dict[str, list[str]] = {}
+    for pool in TIE_BREAK:
+        used = low
+        hits: list[str] = []
+        score = 0.0
+        for phrase, weight in PHRASES[pool].items():
+            if re.search(rf"\b{phrase}\b", used):
+                hits.append(phrase)
+                score += weight
+                used = re.sub(rf"\b{phrase}\b", " ", used)
+        for w in used.split():
+            weight = KEYWORDS[pool].get(w)
+            if weight:
+                hits.append(w)
+                score += weight
+        scores[pool] = round(score / total, 4)
+        matched[pool] = hits
+    return scores, matched
+
+
+def distribute(text: str) -> Distribution:
+    """Best pool for ``text`` with a confidence in [0, 1], or "multi" when nothing matches."""
+    scores, matched = analyze(text)
+    best = max(scores.values())
+    if best == 0:
+        return Distribution("multi", 0.0, scores, matched)
+    pool = next(p for p in TIE_BREAK if scores[p] == best)
+    return Distribution(pool, round(best / sum(scores.values()), 4), scores, matched)

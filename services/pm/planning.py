@@ -1,0 +1,71 @@
+"""Turning a request into a plan: the client's own plan, else rules, else one serial task.
+
+The rule-based planner recognises a project ("build a … website/app/…") and lays out the usual
+delivery: database schema, backend API, frontend (after the API) and a security audit — any web
+project stores data and takes input from strangers. Otherwise it creates one task per pool whose
+keywords matched (only the strong ones unless ``force_parallel``). Nothing matched → a single
+codegen task (planner "serial").
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from services.pm.distributor import Distribution, distribute
+from shared.errors import PlanError
+from shared.names import POOLS, Pool
+from shared.schemas import ExecutionRequested, TaskSpec, check_plan
+
+PROJECT = re.compile(
+    r"\b(build|create|make|develop|launch|ship)\b.*\b(website|site|app|application|platform|store|shop|"
+    r"portal|dashboard|service|system|marketplace)\b",
+    re.IGNORECASE,
+)
+
+
+def _routing(d: Distribution, pool: Pool) -> dict[str, Any]:
+    """Why the task went to ``pool``: that pool's share of the keyword score and the terms that matched."""
+    total = sum(d.scores.values())
+    share = round(d.scores[pool] / total, 4) if total else 0.0
+    return {"routing": {"pool": pool, "score_share": share, "matched": d.matched.get(pool, [])}}
+
+
+def rules_plan(message: str, force_parallel: bool, max_tasks: int) -> tuple[list[TaskSpec], str]:
+    """Plan by keywords; returns the tasks and the planner name ("rules" or "serial")."""
+    d = distribute(message)
+    subject = message.strip().rstrip(".")
+    if PROJECT.search(message):
+        tasks = [
+            TaskSpec(id="schema", pool="database", context=_routing(d, "database"),
+                     description=f"Design the database schema and migrations for: {subject}"),
+            TaskSpec(id="backend", pool="codegen", context=_routing(d, "codegen"),
+                     description=f"Build the backend API for: {subject}"),
+            TaskSpec(id="frontend", pool="codegen", context=_routing(d, "codegen"), depends_on=["backend"],
+                     description=f"Build the frontend (pages, forms, API client) for: {subject}"),
+            TaskSpec(id="security-audit", pool="security", context=_routing(d, "security"),
+                     description=f"Audit authentication, payments and data handling for: {subject}"),
+        ]
+        return tasks[:max_tasks], "rules"
+    if d.pool == "multi":
+        return [TaskSpec(id="task-1", pool="codegen", description=subject,
+                         context={"routing": {"pool": "multi", "score_share": 0.0, "matched": []}})], "serial"
+    pools = [p for p in POOLS if d.scores[p] > 0]
+    if not force_parallel:
+        pools = [p for p in pools if p == d.pool or d.scores[p] >= d.scores[d.pool] / 2]
+    tasks = [TaskSpec(id=f"{p}-1", pool=p, description=subject, context=_routing(d, p)) for p in pools]
+    return tasks[:max_tasks], "rules" if len(tasks) > 1 else "serial"
+
+
+def make_plan(req: ExecutionRequested, max_tasks: int) -> tuple[list[TaskSpec], str]:
+    """The plan to run and who made it; a client plan is re-validated, never trusted blindly."""
+    if req.tasks is not None:
+        check_plan(req.tasks, max_tasks)
+        return req.tasks, "client"
+    tasks, planner = rules_plan(req.message, req.force_parallel, max_tasks)
+    try:
+        check_plan(tasks, max_tasks)
+    except PlanError:
+        # A template cut short by max_tasks can leave a dangling dependency: fall back to serial.
+        return [TaskSpec(id="task-1", pool="codegen", description=req.message.strip())], "serial"
+    return tasks, planner

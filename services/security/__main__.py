@@ -1,0 +1,3 @@
+from services.security.service import main
+
+main()

@@ -1,0 +1,75 @@
+"""NATS connection with start-up retry, and a JSON publish helper with deterministic msg-ids."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import PubAck
+
+from shared.schemas import Wire
+
+log = logging.getLogger(__name__)
+
+
+async def connect(url: str, name: str, stop: asyncio.Event | None = None, max_delay: float = 10.0) -> NATS:
+    """Connect to NATS, retrying with exponential backoff until it answers (or ``stop`` is set)."""
+    delay, attempt = 0.25, 0
+    connected = False
+
+    async def _error(e: Exception) -> None:
+        if connected:  # before that, the start-up loop below reports the failure
+            log.warning("NATS error: %s", e)
+
+    async def _disconnected() -> None:
+        log.warning("NATS disconnected from %s; reconnecting", url)
+
+    async def _reconnected() -> None:
+        log.info("NATS reconnected to %s", url)
+
+    while True:
+        attempt += 1
+        nc = NATS()
+        try:
+            # No library reconnects during the first connect: this loop owns the start-up backoff and
+            # its log line. Once connected, the client reconnects on its own, forever.
+            await nc.connect(
+                url,
+                name=name,
+                connect_timeout=2,
+                allow_reconnect=False,
+                error_cb=_error,
+                disconnected_cb=_disconnected,
+                reconnected_cb=_reconnected,
+            )
+        except (TimeoutError, OSError, nats.errors.Error) as e:
+            log.warning(
+                "NATS not reachable at %s (attempt %d: %s); retrying in %.1fs",
+                url, attempt, str(e) or type(e).__name__, delay,
+            )
+            if stop is not None:
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                except TimeoutError:
+                    pass
+                else:
+                    raise asyncio.CancelledError("stopped before NATS was reachable")
+            else:
+                await asyncio.sleep(delay)
+            delay = min(delay * 2, max_delay)
+            continue
+        nc.options["allow_reconnect"] = True
+        nc.options["max_reconnect_attempts"] = -1
+        nc.options["reconnect_time_wait"] = 1
+        connected = True
+        log.info("connected to NATS at %s after %d attempt(s)", url, attempt)
+        return nc
+
+
+async def publish(js: JetStreamContext, subject: str, msg: Wire, msg_id: str | None = None) -> PubAck:
+    """Publish a wire model; ``msg_id`` makes a repeat within the stream's duplicate window a no-op."""
+    headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+    return await js.publish(subject, msg.to_bytes(), headers=headers)

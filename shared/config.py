@@ -1,0 +1,176 @@
+"""The ``parallel_execution`` section of config.json, as a validated model.
+
+Defaults follow the seed (codegen 3/300 s, security 2/300 s, database 2/180 s); unknown keys are
+rejected so a typo fails at start-up instead of silently using a default.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shared.errors import ConfigError
+from shared.names import POOLS, Pool
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PoolConfig(_Strict):
+    max_concurrent: int = Field(ge=1, le=1000)
+    timeout: float = Field(gt=0, description="seconds one attempt of a task may run")
+    model: str = "claude-sonnet-4-5"
+    fallback_model: str = "claude-haiku-4-5"
+
+
+class WorkerPools(_Strict):
+    codegen: PoolConfig = PoolConfig(max_concurrent=3, timeout=300)
+    security: PoolConfig = PoolConfig(max_concurrent=2, timeout=300)
+    database: PoolConfig = PoolConfig(max_concurrent=2, timeout=180)
+
+    def get(self, pool: Pool) -> PoolConfig:
+        cfg: PoolConfig = getattr(self, pool)
+        return cfg
+
+
+class PMCoordinator(_Strict):
+    decomposition_model: str = "claude-opus-4-6"
+    reasoning_effort: Literal["low", "medium", "high", "max"] = "high"
+    synthesis_model: str = "claude-sonnet-4-5"
+    name: str = "Pixel"
+    signature: str = "— Pixel, your OpenClaw PM"
+    emoji: bool = True
+
+
+class ResultAggregation(_Strict):
+    strategy: Literal["merge"] = "merge"
+    conflict_resolution: Literal["security_first", "flag_all"] = "security_first"
+
+
+class Retries(_Strict):
+    max_retries: int = Field(default=2, ge=0, le=10)
+    backoff_s: tuple[float, ...] = (1.0, 3.0, 9.0)
+
+    @model_validator(mode="after")
+    def _enough_delays(self) -> Retries:
+        if self.max_retries > 0 and not self.backoff_s:
+            raise ValueError("backoff_s needs at least one delay when max_retries > 0")
+        return self
+
+    def delay(self, attempt: int) -> float:
+        """Delay before the attempt after ``attempt`` (1-based); the last delay repeats."""
+        return self.backoff_s[min(attempt, len(self.backoff_s)) - 1]
+
+
+class Simulated(_Strict):
+    """Timings of the offline provider, per pool and for the PM's own calls."""
+
+    latency_s: dict[str, float] = Field(
+        default_factory=lambda: {"codegen": 1.2, "security": 0.9, "database": 0.7, "pm": 0.0}
+    )
+
+    @model_validator(mode="after")
+    def _known_roles(self) -> Simulated:
+        unknown = set(self.latency_s) - {*POOLS, "pm"}
+        if unknown:
+            raise ValueError(f"unknown role(s) {sorted(unknown)}; use {[*POOLS, 'pm']}")
+        if any(v < 0 for v in self.latency_s.values()):
+            raise ValueError("latencies must be >= 0")
+        return self
+
+
+class Price(_Strict):
+    """USD per million tokens."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    cache_read: float | None = Field(default=None, ge=0)
+    cache_write: float | None = Field(default=None, ge=0)
+
+    def usd(self, input_tokens: int, output_tokens: int, cache_read: int = 0, cache_write: int = 0) -> float:
+        cr = self.cache_read if self.cache_read is not None else self.input * 0.1
+        cw = self.cache_write if self.cache_write is not None else self.input * 1.25
+        return (input_tokens * self.input + output_tokens * self.output + cache_read * cr + cache_write * cw) / 1e6
+
+
+def _default_prices() -> dict[str, Price]:
+    return {
+        "claude-opus-4-6": Price(input=5, output=25),
+        "claude-sonnet-4-5": Price(input=3, output=15),
+        "claude-haiku-4-5": Price(input=1, output=5),
+    }
+
+
+class Gateway(_Strict):
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    default_wait_s: float = Field(default=60, gt=0)
+    max_wait_s: float = Field(default=600, gt=0)
+
+
+class ParallelExecutionConfig(_Strict):
+    enabled: bool = True
+    max_tasks_per_execution: int = Field(default=6, ge=1, le=100)
+    provider: Literal["auto", "simulated", "anthropic"] = "auto"
+    execution_timeout_s: float = Field(default=1800, gt=0)
+    ack_wait_s: float = Field(default=30, gt=0, description="crash-detection window of a task delivery")
+    worker_pools: WorkerPools = WorkerPools()
+    pm_coordinator: PMCoordinator = PMCoordinator()
+    result_aggregation: ResultAggregation = ResultAggregation()
+    retries: Retries = Retries()
+    simulated: Simulated = Simulated()
+    pricing: dict[str, Price] = Field(default_factory=_default_prices)
+    gateway: Gateway = Gateway()
+
+    def price(self, model: str) -> Price:
+        try:
+            return self.pricing[model]
+        except KeyError:
+            raise ConfigError(f"no price for model {model!r}: add it under parallel_execution.pricing") from None
+
+    @model_validator(mode="after")
+    def _priced_models(self) -> ParallelExecutionConfig:
+        models = {self.pm_coordinator.decomposition_model, self.pm_coordinator.synthesis_model}
+        for pool in POOLS:
+            models |= {self.worker_pools.get(pool).model, self.worker_pools.get(pool).fallback_model}
+        missing = sorted(models - set(self.pricing))
+        if missing:
+            raise ValueError(f"pricing has no entry for model(s) {missing}")
+        return self
+
+
+class ConfigFile(BaseModel):
+    """The whole config.json: other sections belong to other programs and are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    parallel_execution: ParallelExecutionConfig = ParallelExecutionConfig()
+
+
+def _describe(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        parts.append(f"{loc}: {e['msg']}" if loc else e["msg"])
+    return "; ".join(parts)
+
+
+def load_config(path: str | Path | None) -> ParallelExecutionConfig:
+    """Read and validate config.json; ``None`` means the built-in defaults."""
+    if path is None or str(path) == "":
+        return ParallelExecutionConfig()
+    p = Path(path)
+    try:
+        raw = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist (set --config or OPENCLAW_CONFIG)") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {p} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {p} must hold a JSON object")
+    try:
+        return ConfigFile.model_validate(raw).parallel_execution
+    except ValidationError as e:
+        raise ConfigError(f"invalid config {p}: {_describe(e)}") from None

@@ -1,0 +1,131 @@
+"""A typed pull-consumer loop: decode at the boundary, dead-letter poison, run handlers concurrently.
+
+The loop fetches only as many messages as it has free local capacity, so one replica never holds
+more of the durable's ``max_ack_pending`` slots than it can work on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from pydantic import ValidationError
+
+from shared import metrics
+from shared.bus import publish
+from shared.names import Names
+from shared.schemas import DeadLetter
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M")
+Handler = Callable[[M, Msg], Awaitable[None]]
+
+
+class Consumer(Generic[M]):
+    """Bind to an existing durable and feed each decoded message to ``handle``.
+
+    The handler owns the ack: it acks, naks (with a delay) or terms. A handler that raises is
+    logged and the message nak'ed for redelivery; the durable's ``max_deliver`` bounds that.
+    """
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        names: Names,
+        stream: str,
+        durable: str,
+        decode: Callable[[bytes], M],
+        handle: Handler[M],
+        capacity: int,
+        error_delay_s: float = 1.0,
+    ) -> None:
+        self.js, self.names, self.stream, self.durable = js, names, stream, durable
+        self.decode, self.handle = decode, handle
+        self.capacity = capacity
+        self.error_delay_s = error_delay_s
+        self._in_flight: set[asyncio.Task[None]] = set()
+
+    async def run(self, stop: asyncio.Event, grace_s: float = 10.0) -> None:
+        sub = await self.js.pull_subscribe_bind(self.durable, stream=self.stream)
+        try:
+            while not stop.is_set():
+                free = self.capacity - len(self._in_flight)
+                if free <= 0:
+                    await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                try:
+                    msgs = await sub.fetch(free, timeout=1.0)
+                except TimeoutError:  # also nats.errors.TimeoutError, its subclass
+                    continue
+                for msg in msgs:
+                    task = asyncio.create_task(self._process(msg))
+                    self._in_flight.add(task)
+                    task.add_done_callback(self._in_flight.discard)
+        finally:
+            await self._finish(grace_s)
+            await sub.unsubscribe()
+
+    async def _finish(self, grace_s: float) -> None:
+        """Let running handlers finish within the grace period; cancel the rest (they nak)."""
+        if not self._in_flight:
+            return
+        _, pending = await asyncio.wait(self._in_flight, timeout=grace_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+
+    async def _process(self, msg: Msg) -> None:
+        try:
+            decoded = self.decode(msg.data)
+        except (ValidationError, ValueError) as e:
+            await self.dead_letter(msg, f"payload does not validate: {_short(e)}")
+            return
+        try:
+            await self.handle(decoded, msg)
+            metrics.MESSAGES.labels(self.durable, "handled").inc()
+        except asyncio.CancelledError:
+            # Shutting down mid-handler: give the message back at once so another replica takes it.
+            await msg.nak()
+            metrics.MESSAGES.labels(self.durable, "abandoned").inc()
+            raise
+        except Exception:
+            log.exception("handler failed on %s (delivery %s); redelivering", msg.subject, _deliveries(msg))
+            metrics.MESSAGES.labels(self.durable, "error").inc()
+            await msg.nak(delay=self.error_delay_s)
+
+    async def dead_letter(self, msg: Msg, reason: str) -> None:
+        """Copy ``msg`` with ``reason`` to the DLQ stream, then terminate it."""
+        seq = msg.metadata.sequence.stream if msg.metadata else None
+        letter = DeadLetter(
+            stream=self.stream,
+            consumer=self.durable,
+            subject=msg.subject,
+            stream_seq=seq,
+            deliveries=_deliveries(msg),
+            reason=reason,
+            payload=msg.data.decode("utf-8", errors="replace"),
+        )
+        await publish(
+            self.js, self.names.dlq(self.stream, self.durable), letter, msg_id=f"{self.stream}:{seq}:dead"
+        )
+        await msg.term()
+        metrics.DEAD_LETTERS.labels(self.stream, self.durable).inc()
+        log.warning("dead-lettered %s seq %s: %s", msg.subject, seq, reason, extra={"subject": msg.subject})
+
+
+def _deliveries(msg: Msg) -> int | None:
+    return msg.metadata.num_delivered if msg.metadata else None
+
+
+def _short(e: Exception) -> str:
+    if isinstance(e, ValidationError):
+        return "; ".join(
+            f"{'.'.join(str(p) for p in x['loc']) or 'payload'}: {x['msg']}" for x in e.errors()[:5]
+        )
+    return str(e)[:500]

@@ -1,0 +1,27 @@
+"""Prometheus metrics: one registry per process (the default), every name defined here."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+MESSAGES = Counter(
+    "openclaw_messages_total", "Messages handled by a durable consumer", ["consumer", "outcome"]
+)
+DEAD_LETTERS = Counter("openclaw_dead_letters_total", "Messages dead-lettered", ["stream", "consumer"])
+
+TASKS = Counter("openclaw_tasks_total", "Task attempts by outcome", ["pool", "outcome"])
+TASK_DURATION = Histogram(
+    "openclaw_task_duration_seconds", "Duration of one task attempt", ["pool", "outcome"], buckets=DURATION_BUCKETS
+)
+TASKS_IN_FLIGHT = Gauge("openclaw_tasks_in_flight", "Task attempts running in this process", ["pool"])
+COST = Counter("openclaw_cost_usd_total", "Model cost in USD", ["pool", "model"])
+TOKENS = Counter("openclaw_tokens_total", "Model tokens", ["pool", "model", "type"])
+
+EXECUTIONS = Counter("openclaw_executions_total", "Executions that reached a terminal status", ["status"])
+EXECUTION_DURATION = Histogram(
+    "openclaw_execution_duration_seconds", "Accepted → terminal", ["status"], buckets=DURATION_BUCKETS
+)
+REQUESTS = Counter("openclaw_http_requests_total", "Gateway API requests", ["route", "status"])
+PLANS = Counter("openclaw_plans_total", "Plans made by the PM", ["planner"])

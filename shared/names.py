@@ -1,0 +1,113 @@
+"""Every stream, subject, consumer and bucket name, in one place.
+
+A namespace (``OPENCLAW_NAMESPACE``) prefixes all of them so several stacks, or several
+tests, can share one nats-server without seeing each other's messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+Pool = Literal["codegen", "security", "database"]
+POOLS: tuple[Pool, ...] = get_args(Pool)
+
+
+@dataclass(frozen=True)
+class Names:
+    """Names for one namespace; the empty namespace gives the plain production names."""
+
+    namespace: str = ""
+
+    def _stream(self, base: str) -> str:
+        return f"{self.namespace}_{base}" if self.namespace else base
+
+    def _subject(self, base: str) -> str:
+        return f"{self.namespace}.{base}" if self.namespace else base
+
+    # streams
+    @property
+    def executions_stream(self) -> str:
+        return self._stream("EXECUTIONS")
+
+    @property
+    def tasks_stream(self) -> str:
+        return self._stream("TASKS")
+
+    @property
+    def results_stream(self) -> str:
+        return self._stream("RESULTS")
+
+    @property
+    def events_stream(self) -> str:
+        return self._stream("EVENTS")
+
+    @property
+    def dlq_stream(self) -> str:
+        return self._stream("DLQ")
+
+    @property
+    def kv_bucket(self) -> str:
+        return self._stream("executions").lower()
+
+    @property
+    def all_streams(self) -> tuple[str, ...]:
+        return (
+            self.executions_stream,
+            self.tasks_stream,
+            self.results_stream,
+            self.events_stream,
+            self.dlq_stream,
+        )
+
+    # subjects
+    @property
+    def executions_all(self) -> str:
+        return self._subject("executions.>")
+
+    @property
+    def execution_requested(self) -> str:
+        return self._subject("executions.requested")
+
+    @property
+    def tasks_all(self) -> str:
+        return self._subject("tasks.*")
+
+    def tasks(self, pool: Pool) -> str:
+        return self._subject(f"tasks.{pool}")
+
+    @property
+    def results_all(self) -> str:
+        return self._subject("results.>")
+
+    def results(self, execution_id: str) -> str:
+        return self._subject(f"results.{execution_id}")
+
+    @property
+    def events_all(self) -> str:
+        return self._subject("events.>")
+
+    def events(self, execution_id: str, kind: str) -> str:
+        return self._subject(f"events.{execution_id}.{kind}")
+
+    def completed_event(self, execution_id: str) -> str:
+        return self.events(execution_id, "completed")
+
+    @property
+    def dlq_all(self) -> str:
+        return self._subject("dlq.>")
+
+    def dlq(self, stream: str, consumer: str) -> str:
+        return self._subject(f"dlq.{stream}.{consumer}")
+
+    # durable consumers, named after their job
+    @property
+    def pm_consumer(self) -> str:
+        return "pm"
+
+    def pool_consumer(self, pool: Pool) -> str:
+        return pool
+
+    @property
+    def aggregator_consumer(self) -> str:
+        return "aggregator"

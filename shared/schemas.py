@@ -1,0 +1,372 @@
+"""Every message that travels on NATS, and the execution document kept in KV.
+
+Each wire model carries ``schema_version``; changes are additive (new optional fields), and
+unknown fields are ignored so an older reader accepts a newer writer's message.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, computed_field, model_validator
+
+from shared.errors import PlanError
+from shared.names import Pool
+
+SCHEMA_VERSION = 1
+
+TaskId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+ExecutionStatus = Literal["queued", "planning", "running", "completed", "partial", "failed", "cancelled"]
+TERMINAL_EXECUTION: frozenset[str] = frozenset({"completed", "partial", "failed", "cancelled"})
+TaskStatus = Literal["pending", "queued", "running", "retrying", "completed", "failed", "skipped", "cancelled"]
+TERMINAL_TASK: frozenset[str] = frozenset({"completed", "failed", "skipped", "cancelled"})
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Wire(BaseModel):
+    """Base of every NATS message."""
+
+    model_config = ConfigDict(extra="ignore")
+    schema_version: int = SCHEMA_VERSION
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+
+# ---------------------------------------------------------------- plans
+
+
+class TaskSpec(BaseModel):
+    """One task of a plan: what to do, in which pool, after which other tasks."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: TaskId
+    pool: Pool
+    description: str = Field(min_length=1, max_length=20_000)
+    context: dict[str, Any] = Field(default_factory=dict)
+    depends_on: list[TaskId] = Field(default_factory=list)
+
+
+def check_plan(tasks: list[TaskSpec], max_tasks: int | None = None) -> None:
+    """Raise PlanError unless ids are unique, dependencies exist, there is no cycle, and the size fits."""
+    if not tasks:
+        raise PlanError("the plan has no tasks; omit 'tasks' to let the PM plan the work")
+    if max_tasks is not None and len(tasks) > max_tasks:
+        raise PlanError(f"the plan has {len(tasks)} tasks; at most {max_tasks} are allowed per execution")
+    ids = [t.id for t in tasks]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise PlanError(f"duplicate task id(s): {', '.join(dupes)}")
+    known = set(ids)
+    for t in tasks:
+        missing = [d for d in t.depends_on if d not in known]
+        if missing:
+            raise PlanError(f"task {t.id!r} depends on unknown task(s): {', '.join(missing)}")
+        if t.id in t.depends_on:
+            raise PlanError(f"task {t.id!r} depends on itself")
+    deps = {t.id: t.depends_on for t in tasks}
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for d in deps[node]:
+            if state.get(d) == 1:
+                cycle = path[path.index(d) :] + [d] if d in path else [node, d]
+                raise PlanError(f"dependency cycle: {' -> '.join(cycle)}")
+            if d not in state:
+                visit(d, path + [d])
+        state[node] = 2
+
+    for t in tasks:
+        if t.id not in state:
+            visit(t.id, [t.id])
+
+
+# ---------------------------------------------------------------- commands and events
+
+
+class ExecutionRequested(Wire):
+    """Gateway → PM: a client asked for work."""
+
+    kind: Literal["execution.requested"] = "execution.requested"
+    execution_id: str
+    message: str
+    session_key: str | None = None
+    project: str | None = None
+    force_parallel: bool = False
+    tasks: list[TaskSpec] | None = None
+    requested_at: datetime = Field(default_factory=now)
+    deadline_at: datetime
+
+
+class RunTask(Wire):
+    """PM or aggregator → pool: run this task (upstream outputs are in ``task.context``)."""
+
+    kind: Literal["task.run"] = "task.run"
+    execution_id: str
+    task: TaskSpec
+    deadline_at: datetime
+
+
+class Usage(BaseModel):
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+
+
+class Finding(BaseModel):
+    severity: Literal["info", "low", "medium", "high", "critical"] = "info"
+    topic: str
+    detail: str = ""
+    recommendation: str = ""
+
+
+class Recommendation(BaseModel):
+    topic: str
+    choice: str
+    rationale: str = ""
+
+
+class Artifact(BaseModel):
+    path: str
+    kind: Literal["code", "sql", "config", "doc"] = "code"
+    content: str = ""
+
+
+class TaskOutput(BaseModel):
+    """What an agent produced: the aggregator's conflict rules read findings and recommendations."""
+
+    summary: str
+    artifacts: list[Artifact] = Field(default_factory=list)
+    findings: list[Finding] = Field(default_factory=list)
+    recommendations: list[Recommendation] = Field(default_factory=list)
+    simulated: bool = False
+
+
+class _TaskResult(Wire):
+    execution_id: str
+    task_id: str
+    pool: Pool
+    attempt: int = Field(ge=1)
+    worker: str
+    started_at: datetime
+
+    def msg_id(self) -> str:
+        kind = getattr(self, "kind", "result")
+        return f"{self.execution_id}:{self.task_id}:{self.attempt}:{kind}"
+
+
+class TaskStarted(_TaskResult):
+    kind: Literal["task.started"] = "task.started"
+
+
+class TaskCompleted(_TaskResult):
+    kind: Literal["task.completed"] = "task.completed"
+    finished_at: datetime
+    model: str
+    provider: str
+    usage: Usage = Usage()
+    cost_usd: float = 0.0
+    output: TaskOutput
+
+
+class TaskFailed(_TaskResult):
+    kind: Literal["task.failed"] = "task.failed"
+    finished_at: datetime
+    error: str
+    final: bool = Field(description="no attempt follows: the task has failed")
+    retry_in_s: float | None = None
+    model: str | None = None
+    provider: str | None = None
+    usage: Usage = Usage()
+    cost_usd: float = 0.0
+
+
+TaskResult = Annotated[TaskStarted | TaskCompleted | TaskFailed, Field(discriminator="kind")]
+TaskResultAdapter: TypeAdapter[TaskStarted | TaskCompleted | TaskFailed] = TypeAdapter(TaskResult)
+
+
+class DeadLetter(Wire):
+    """A message that could not be processed, kept with the reason."""
+
+    kind: Literal["dead_letter"] = "dead_letter"
+    stream: str
+    consumer: str
+    subject: str
+    stream_seq: int | None = None
+    deliveries: int | None = None
+    reason: str
+    payload: str = Field(description="the original payload, decoded as UTF-8 with replacement")
+    dead_lettered_at: datetime = Field(default_factory=now)
+
+
+# ---------------------------------------------------------------- execution state (KV) and final event
+
+
+class Attempt(BaseModel):
+    n: int
+    worker: str
+    started_at: datetime
+    finished_at: datetime | None = None
+    outcome: Literal["running", "completed", "failed"] = "running"
+    error: str | None = None
+    model: str | None = None
+    provider: str | None = None
+    usage: Usage = Usage()
+    cost_usd: float = 0.0
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def duration_s(self) -> float | None:
+        if self.finished_at is None:
+            return None
+        return round((self.finished_at - self.started_at).total_seconds(), 4)
+
+
+class TaskState(BaseModel):
+    id: str
+    pool: Pool
+    description: str
+    context: dict[str, Any] = Field(default_factory=dict)
+    depends_on: list[str] = Field(default_factory=list)
+    status: TaskStatus = "pending"
+    attempts: list[Attempt] = Field(default_factory=list)
+    error: str | None = None
+    output: TaskOutput | None = None
+
+    def attempt(self, n: int) -> Attempt | None:
+        return next((a for a in self.attempts if a.n == n), None)
+
+    def spec(self, **context: Any) -> TaskSpec:
+        """The task as planned, with ``context`` added (e.g. upstream outputs)."""
+        return TaskSpec(id=self.id, pool=self.pool, description=self.description,
+                        context={**self.context, **context}, depends_on=self.depends_on)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def started_at(self) -> datetime | None:
+        return self.attempts[0].started_at if self.attempts else None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def finished_at(self) -> datetime | None:
+        if self.status not in TERMINAL_TASK or not self.attempts:
+            return None
+        return self.attempts[-1].finished_at
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def worker(self) -> str | None:
+        return self.attempts[-1].worker if self.attempts else None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def model(self) -> str | None:
+        return self.attempts[-1].model if self.attempts else None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def cost_usd(self) -> float:
+        return round(sum(a.cost_usd for a in self.attempts), 8)
+
+
+class ModelCall(BaseModel):
+    """A model call made outside a task (decomposition, synthesis)."""
+
+    phase: Literal["decomposition", "synthesis"]
+    model: str
+    provider: str
+    usage: Usage = Usage()
+    cost_usd: float = 0.0
+
+
+class Cost(BaseModel):
+    total_usd: float
+    by_pool: dict[str, float]
+    by_phase: dict[str, float]
+
+
+class PoolOutput(BaseModel):
+    task_id: str
+    summary: str
+    artifacts: list[str] = Field(default_factory=list)
+
+
+class AggregatedResult(BaseModel):
+    """Everything the agents said, merged: what the final answer is written from."""
+
+    outputs: dict[str, list[PoolOutput]] = Field(default_factory=dict)
+    conflicts_detected: list[dict[str, Any]] = Field(default_factory=list)
+    dependencies: list[dict[str, Any]] = Field(default_factory=list)
+    findings: list[Finding] = Field(default_factory=list)
+    recommendations: list[Recommendation] = Field(default_factory=list)
+    summary: str = ""
+    quality_score: float = Field(default=0.0, ge=0, le=1)
+
+
+class Execution(BaseModel):
+    """The execution document: kept in KV, served by GET, carried by the final event."""
+
+    model_config = ConfigDict(extra="ignore")
+    schema_version: int = SCHEMA_VERSION
+    execution_id: str
+    status: ExecutionStatus = "queued"
+    message: str
+    project: str | None = None
+    session_key: str | None = None
+    planner: Literal["client", "rules", "serial"] | None = None
+    created_at: datetime
+    updated_at: datetime
+    deadline_at: datetime
+    finished_at: datetime | None = None
+    tasks: list[TaskState] = Field(default_factory=list)
+    calls: list[ModelCall] = Field(default_factory=list)
+    error: str | None = None
+    final_response: str | None = None
+    aggregated: AggregatedResult | None = None
+
+    def task(self, task_id: str) -> TaskState | None:
+        return next((t for t in self.tasks if t.id == task_id), None)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_EXECUTION
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def cost(self) -> Cost:
+        by_pool: dict[str, float] = {}
+        for t in self.tasks:
+            by_pool[t.pool] = round(by_pool.get(t.pool, 0.0) + t.cost_usd, 8)
+        by_phase = {"tasks": round(sum(by_pool.values()), 8)}
+        for c in self.calls:
+            by_phase[c.phase] = round(by_phase.get(c.phase, 0.0) + c.cost_usd, 8)
+        return Cost(total_usd=round(sum(by_phase.values()), 8), by_pool=by_pool, by_phase=by_phase)
+
+    @model_validator(mode="after")
+    def _unique_tasks(self) -> Execution:
+        ids = [t.id for t in self.tasks]
+        if len(ids) != len(set(ids)):
+            raise ValueError("duplicate task ids in execution state")
+        return self
+
+
+class ExecutionCompleted(Wire):
+    """Aggregator → gateway: the final response event, carrying the terminal execution document."""
+
+    kind: Literal["execution.completed"] = "execution.completed"
+    execution: Execution
+
+
+class ExecutionPlanned(Wire):
+    """PM → events: the plan the execution will run."""
+
+    kind: Literal["execution.planned"] = "execution.planned"
+    execution_id: str
+    planner: str
+    tasks: list[TaskSpec]

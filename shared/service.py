@@ -1,0 +1,146 @@
+"""The lifecycle every service shares: settings → ops HTTP → NATS (with retry) → topology → run → drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from shared.bus import connect, publish
+from shared.config import ParallelExecutionConfig
+from shared.errors import ConfigError
+from shared.logs import setup_logging
+from shared.names import Names
+from shared.ops import add_ops_routes, serve
+from shared.schemas import Execution, ExecutionCompleted
+from shared.settings import Settings, load_settings
+from shared.state import ExecutionStore
+from shared.topology import ensure_streams, topology_present
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """What a running service holds: settings, one NATS connection, the KV store, the stop signal."""
+
+    service: str
+    settings: Settings
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    nc: NATS | None = None
+    js: JetStreamContext | None = None
+    kv: KeyValue | None = None
+    store: ExecutionStore | None = None
+    started: bool = False
+
+    @property
+    def names(self) -> Names:
+        return self.settings.names
+
+    @property
+    def pe(self) -> ParallelExecutionConfig:
+        return self.settings.pe
+
+    @property
+    def jetstream(self) -> JetStreamContext:
+        if self.js is None:
+            raise RuntimeError("NATS is not connected yet")
+        return self.js
+
+    @property
+    def executions(self) -> ExecutionStore:
+        if self.store is None:
+            raise RuntimeError("NATS is not connected yet")
+        return self.store
+
+    async def announce_completed(self, ex: Execution) -> None:
+        """Publish the final response event; its msg-id makes a repeat harmless."""
+        await publish(self.jetstream, self.names.completed_event(ex.execution_id),
+                      ExecutionCompleted(execution=ex), f"{ex.execution_id}:completed")
+
+    async def ready(self) -> str | None:
+        """None when this service can do its job; otherwise the reason it cannot."""
+        if self.nc is None or not self.nc.is_connected:
+            return f"NATS not connected ({self.settings.nats_url})"
+        if not self.started:
+            return "starting"
+        try:
+            return await topology_present(self.jetstream, self.names)
+        except Exception as e:  # noqa: BLE001 - readiness reports any failure as a reason
+            return f"topology check failed: {e}"
+
+
+# HTTP port of each service when OPENCLAW_PORT is not set: the gateway's API, the others' ops endpoints.
+DEFAULT_PORTS = {"gateway": 8080, "pm": 9101, "codegen": 9102, "security": 9103, "database": 9104, "aggregator": 9105}
+
+Start = Callable[[Runtime], Awaitable[list[Coroutine[Any, Any, None]]]]
+MakeApp = Callable[[Settings], FastAPI]
+
+
+async def _main(service: str, start: Start, make_app: MakeApp | None, settings: Settings) -> None:
+    rt = Runtime(service, settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, rt.stop.set)
+
+    app = make_app(settings) if make_app else FastAPI(title=f"openclaw {service}", docs_url=None, redoc_url=None)
+    app.state.runtime = rt
+    add_ops_routes(app, service, rt.ready)
+    port = settings.port if settings.port is not None else DEFAULT_PORTS.get(service, 0)
+    server, server_task = await serve(app, settings.host, port)
+    log.info("%s serving HTTP on %s:%d", service, settings.host, server.servers[0].sockets[0].getsockname()[1])
+
+    workers: list[asyncio.Task[None]] = []
+    try:
+        try:
+            rt.nc = await connect(settings.nats_url, f"{service}:{settings.worker_id}", rt.stop)
+        except asyncio.CancelledError:
+            return
+        rt.js = rt.nc.jetstream()
+        rt.kv = await ensure_streams(rt.js, rt.names)
+        rt.store = ExecutionStore(rt.kv)
+        workers = [asyncio.create_task(c) for c in await start(rt)]
+        rt.started = True
+        log.info("%s ready (worker %s, namespace %r)", service, settings.worker_id, settings.namespace)
+        stopped = asyncio.create_task(rt.stop.wait())
+        done, _ = await asyncio.wait([stopped, *workers], return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            if t is not stopped and t.exception() is not None:
+                log.error("%s worker died: %r", service, t.exception())
+                raise t.exception()  # type: ignore[misc]
+        rt.stop.set()
+        stopped.cancel()
+    finally:
+        rt.stop.set()
+        if workers:
+            await asyncio.gather(*workers, return_exceptions=True)
+        if rt.nc is not None and rt.nc.is_connected:
+            await rt.nc.drain()
+        server.should_exit = True
+        await server_task
+        log.info("%s stopped", service)
+
+
+def run_service(service: str, start: Start, make_app: MakeApp | None = None) -> None:
+    """Entry point of ``python -m services.<name>``: exit 2 with a clear message on bad configuration."""
+    try:
+        settings = load_settings()
+    except ConfigError as e:
+        setup_logging(service)
+        log.error("cannot start %s: %s", service, e)
+        sys.exit(2)
+    setup_logging(service, settings.log_level, settings.log_format)
+    try:
+        asyncio.run(_main(service, start, make_app, settings))
+    except ConfigError as e:
+        log.error("cannot start %s: %s", service, e)
+        sys.exit(2)

@@ -1,0 +1,61 @@
+"""Process settings from the environment (``OPENCLAW_*``), shared by every service."""
+
+from __future__ import annotations
+
+import os
+import socket
+from functools import cached_property
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.config import ParallelExecutionConfig, load_config
+from shared.errors import ConfigError
+from shared.names import Names
+
+
+class Settings(BaseSettings):
+    """Where to find NATS, the config file and the port to serve on."""
+
+    model_config = SettingsConfigDict(env_prefix="OPENCLAW_", extra="ignore", frozen=True)
+
+    nats_url: str = Field(
+        default="nats://127.0.0.1:4222",
+        validation_alias=AliasChoices("OPENCLAW_NATS_URL", "NATS_URL"),
+    )
+    config: str | None = Field(default=None, description="path to config.json")
+    namespace: str = Field(default="", pattern=r"^[a-z0-9]*$")
+    host: str = "0.0.0.0"
+    port: int | None = Field(default=None, ge=0, le=65535, description="HTTP port (default: per service)")
+    worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    log_level: str = "INFO"
+    log_format: str = Field(default="json", pattern=r"^(json|text)$")
+    anthropic_api_key: str | None = Field(
+        default=None, validation_alias=AliasChoices("ANTHROPIC_API_KEY", "OPENCLAW_ANTHROPIC_API_KEY")
+    )
+
+    @field_validator("nats_url")
+    @classmethod
+    def _nats_scheme(cls, v: str) -> str:
+        if not v.startswith(("nats://", "tls://", "ws://", "wss://")):
+            raise ValueError("must start with nats://, tls://, ws:// or wss://")
+        return v
+
+    @cached_property
+    def names(self) -> Names:
+        return Names(self.namespace)
+
+    @cached_property
+    def pe(self) -> ParallelExecutionConfig:
+        return load_config(self.config)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from env plus overrides; config errors surface here, at start-up."""
+    try:
+        s = Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as e:
+        bad = "; ".join(f"OPENCLAW_{'.'.join(map(str, x['loc'])).upper()}: {x['msg']}" for x in e.errors())
+        raise ConfigError(f"invalid environment: {bad}") from None
+    s.pe  # noqa: B018 - load and validate config.json now, not on first use
+    return s

@@ -1,0 +1,126 @@
+"""Streams, consumers and the KV bucket, created or updated idempotently at start-up.
+
+Every service calls :func:`ensure_streams`; each then ensures the durable consumer it binds to.
+Consumers are created with ``add_consumer`` (which updates mutable fields such as
+``max_ack_pending`` in place), never through ``pull_subscribe``'s config, which is ignored when the
+durable already exists.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.kv import KeyValue
+
+from shared.config import ParallelExecutionConfig
+from shared.names import Names, Pool
+
+log = logging.getLogger(__name__)
+
+DAY = 24 * 3600.0
+STREAM_ALREADY_IN_USE = 10058
+
+
+def stream_configs(names: Names, replicas: int = 1) -> list[StreamConfig]:
+    """The project's streams; TASKS is a work queue, the rest keep history for replay and audit."""
+
+    def cfg(name: str, subject: str, max_age: float, dup: float, retention: RetentionPolicy) -> StreamConfig:
+        return StreamConfig(
+            name=name,
+            subjects=[subject],
+            retention=retention,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            max_age=max_age,
+            duplicate_window=dup,
+        )
+
+    limits, work = RetentionPolicy.LIMITS, RetentionPolicy.WORK_QUEUE
+    return [
+        cfg(names.executions_stream, names.executions_all, 7 * DAY, 600, limits),
+        # A long duplicate window: a released task's msg-id must stay remembered while the execution runs.
+        cfg(names.tasks_stream, names.tasks_all, 7 * DAY, 3600, work),
+        cfg(names.results_stream, names.results_all, 7 * DAY, 600, limits),
+        cfg(names.events_stream, names.events_all, 7 * DAY, 600, limits),
+        cfg(names.dlq_stream, names.dlq_all, 30 * DAY, 600, limits),
+    ]
+
+
+async def ensure_streams(js: JetStreamContext, names: Names, replicas: int = 1) -> KeyValue:
+    """Create or update every stream and the executions KV bucket; return the bucket."""
+    for cfg in stream_configs(names, replicas):
+        try:
+            await js.add_stream(cfg)
+        except BadRequestError as e:
+            if e.err_code != STREAM_ALREADY_IN_USE:
+                raise
+            await js.update_stream(cfg)
+            log.info("updated stream %s", cfg.name)
+    return await js.create_key_value(
+        bucket=names.kv_bucket, history=1, ttl=30 * DAY, storage=StorageType.FILE, replicas=replicas
+    )
+
+
+def _durable(name: str, subject: str, *, max_ack_pending: int, ack_wait: float, max_deliver: int) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=name,
+        filter_subject=subject,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ack_wait,
+        max_deliver=max_deliver,
+        max_ack_pending=max_ack_pending,
+    )
+
+
+def pool_consumer_config(names: Names, pool: Pool, pe: ParallelExecutionConfig) -> ConsumerConfig:
+    """One durable per pool; ``max_ack_pending`` is the pool-wide concurrency limit across replicas."""
+    return _durable(
+        names.pool_consumer(pool),
+        names.tasks(pool),
+        max_ack_pending=pe.worker_pools.get(pool).max_concurrent,
+        ack_wait=pe.ack_wait_s,
+        max_deliver=pe.retries.max_retries + 1,
+    )
+
+
+def pm_consumer_config(names: Names, pe: ParallelExecutionConfig) -> ConsumerConfig:
+    return _durable(names.pm_consumer, names.execution_requested, max_ack_pending=256, ack_wait=30, max_deliver=5)
+
+
+def aggregator_consumer_config(names: Names, pe: ParallelExecutionConfig) -> ConsumerConfig:
+    return _durable(
+        names.aggregator_consumer, names.results_all, max_ack_pending=4096, ack_wait=30, max_deliver=10
+    )
+
+
+async def ensure_consumer(js: JetStreamContext, stream: str, cfg: ConsumerConfig) -> None:
+    info = await js.add_consumer(stream, cfg)
+    log.info(
+        "consumer %s on %s ready (max_ack_pending=%s, ack_wait=%ss, max_deliver=%s)",
+        cfg.durable_name, stream, info.config.max_ack_pending, info.config.ack_wait, info.config.max_deliver,
+    )
+
+
+async def topology_present(js: JetStreamContext, names: Names) -> str | None:
+    """None when every stream and the KV bucket exist; otherwise what is missing."""
+    for name in names.all_streams:
+        try:
+            await js.stream_info(name)
+        except NotFoundError:
+            return f"stream {name} missing"
+    try:
+        await js.key_value(names.kv_bucket)
+    except NotFoundError:
+        return f"KV bucket {names.kv_bucket} missing"
+    return None
