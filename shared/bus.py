@@ -25,7 +25,8 @@ async def connect(url: str, name: str, stop: asyncio.Event | None = None, max_de
             log.warning("NATS error: %s", e)
 
     async def _disconnected() -> None:
-        log.warning("NATS disconnected from %s; reconnecting", url)
+        if not (nc.is_draining or nc.is_closed):  # a drain at shutdown disconnects on purpose
+            log.warning("NATS disconnected from %s; reconnecting", url)
 
     async def _reconnected() -> None:
         log.info("NATS reconnected to %s", url)

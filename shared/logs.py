@@ -49,5 +49,5 @@ def setup_logging(service: str, level: str = "INFO", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("uvicorn.access", "httpx"):
+    for noisy in ("uvicorn.access", "uvicorn.error", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import re
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -66,11 +65,6 @@ def _tokens(text: str) -> int:
     return max(1, (len(text) + 3) // 4)
 
 
-def _slug(text: str, fallback: str) -> str:
-    words = re.findall(r"[a-z0-9]+", text.lower())[:4]
-    return "_".join(words) or fallback
-
-
 def _pick(seed: str, options: list[str]) -> str:
     digest = hashlib.sha256(seed.encode()).digest()
     return options[digest[0] % len(options)]
@@ -78,21 +72,18 @@ def _pick(seed: str, options: list[str]) -> str:
 
 def simulated_output(pool: Pool, task: TaskSpec) -> TaskOutput:
     """Deterministic, pool-shaped output for a task: same task, same answer."""
-    d = task.description.strip().rstrip(".")
-    head = d.split(":")[0]  # "Build the frontend for: <request>" → what this task is about
-    low = head.lower()
-    slug = _slug(head, task.id)
+    d = task.description.lower()
     if pool == "codegen":
-        ui = any(w in low for w in ("frontend", "ui", "page", "react", "form", "component"))
-        path = f"web/src/{slug}.tsx" if ui else f"api/{slug}.py"
+        ui = any(w in d.split(" for")[0] for w in ("frontend", "ui", "page", "react", "form", "component"))
+        path = f"web/src/{task.id}.tsx" if ui else f"api/{task.id}.py"
         return TaskOutput(
             simulated=True,
-            summary=f"[simulated] {head} — done, see {path}.",
-            artifacts=[Artifact(path=path, kind="code", content=f"# simulated implementation of: {d}\n")],
+            summary=f"[simulated] wrote {path}.",
+            artifacts=[Artifact(path=path, kind="code", content=f"# simulated: {task.description}\n")],
             recommendations=[
                 Recommendation(
                     topic="session handling",
-                    choice=_pick(d, ["JWT in localStorage", "server-side sessions with cookies"]),
+                    choice=_pick(task.description, ["JWT in localStorage", "server-side sessions with cookies"]),
                     rationale="[simulated] simplest fit for the requested flow",
                 )
             ],
@@ -106,7 +97,7 @@ def simulated_output(pool: Pool, task: TaskSpec) -> TaskOutput:
                 recommendation="Require CSRF tokens (or SameSite=strict cookies) on every state-changing request",
             )
         ]
-        if any(w in d.lower() for w in ("payment", "checkout", "card", "order")):
+        if any(w in d for w in ("payment", "checkout", "card", "order")):
             findings.append(
                 Finding(
                     severity="critical",
@@ -117,7 +108,7 @@ def simulated_output(pool: Pool, task: TaskSpec) -> TaskOutput:
             )
         return TaskOutput(
             simulated=True,
-            summary=f"[simulated] {head} — {len(findings)} finding(s).",
+            summary=f"[simulated] audit found {len(findings)} issue(s), worst: {findings[-1].severity}.",
             findings=findings,
             recommendations=[
                 Recommendation(
@@ -127,13 +118,14 @@ def simulated_output(pool: Pool, task: TaskSpec) -> TaskOutput:
                 )
             ],
         )
-    table = "orders" if "order" in d.lower() else "items"
+    table = "orders" if "order" in d else "items"
+    path = f"db/migrations/001_{task.id}.sql"
     return TaskOutput(
         simulated=True,
-        summary=f"[simulated] {head} — migration db/migrations/001_{slug}.sql.",
+        summary=f"[simulated] schema with table {table!r}, migration {path}.",
         artifacts=[
             Artifact(
-                path=f"db/migrations/001_{slug}.sql",
+                path=path,
                 kind="sql",
                 content=f"-- simulated\nCREATE TABLE {table} (id BIGSERIAL PRIMARY KEY, created_at TIMESTAMPTZ);\n",
             )

@@ -1,0 +1,181 @@
+"""``openclaw``: run the stack locally, submit work to it, look at an execution."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from shared.errors import ConfigError
+from shared.runner import SERVICES, Stack, StackOptions, parse_replicas
+from shared.settings import load_settings
+
+EXAMPLE = (
+    "Build a restaurant website with online ordering: menu browsing, a cart and checkout with card "
+    "payments, order tracking for customers, and an admin page to edit the menu."
+)
+TERMINAL = {"completed", "partial", "failed", "cancelled"}
+POLL_S = 0.25  # progress display refresh; the result itself comes from the terminal document
+
+
+def _line(task: dict[str, Any], t0: float) -> str:
+    attempts = task.get("attempts") or []
+    cost = task.get("cost_usd") or 0.0
+    extra = f" attempt {attempts[-1]['n']}" if attempts else ""
+    err = f" — {task['error']}" if task.get("error") and task["status"] != "completed" else ""
+    return (f"  {time.monotonic() - t0:6.1f}s  [{task['pool']:<8}] {task['id']:<16} {task['status']:<9}"
+            f"{extra}  ${cost:.4f}{err}")
+
+
+async def submit_and_follow(base_url: str, message: str, *, force_parallel: bool = False,
+                            timeout_s: float = 600) -> dict[str, Any]:
+    """Submit ``message``, print each task's progress as it changes, return the terminal document."""
+    t0 = time.monotonic()
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        r = await client.post("/api/execute-parallel", json={"message": message, "force_parallel": force_parallel})
+        if r.status_code >= 400:
+            raise RuntimeError(f"gateway refused the request ({r.status_code}): {r.text}")
+        doc = r.json()
+        eid = doc["execution_id"]
+        print(f"execution {eid}: {doc['status']}, {len(doc['tasks'])} task(s) planned by {doc.get('planner')}")
+        seen: dict[str, tuple[str, int]] = {}
+        while True:
+            for task in doc["tasks"]:
+                key = (task["status"], len(task.get("attempts") or []))
+                if seen.get(task["id"]) != key:
+                    seen[task["id"]] = key
+                    print(_line(task, t0))
+            if doc["status"] in TERMINAL:
+                return doc
+            if time.monotonic() - t0 > timeout_s:
+                raise TimeoutError(f"execution {eid} not finished after {timeout_s:g}s")
+            await asyncio.sleep(POLL_S)
+            doc = (await client.get(f"/api/execution/{eid}")).raise_for_status().json()
+
+
+def print_final(doc: dict[str, Any]) -> None:
+    print()
+    print(f"=== {doc['status'].upper()} — ${doc['cost']['total_usd']:.4f} ===")
+    print(doc.get("final_response") or doc.get("error") or "(no final response)")
+
+
+async def _up(args: argparse.Namespace) -> int:
+    load_settings(config=args.config)  # a bad config stops us here, before anything starts
+    opts = StackOptions(
+        data_dir=Path(args.data_dir),
+        config=Path(args.config) if args.config else None,
+        gateway_port=args.gateway_port,
+        nats_url=args.nats_url,
+        nats_port=args.nats_port,
+        replicas=parse_replicas(args.replicas),
+        namespace=args.namespace,
+        log_format=args.log_format,
+        log_level=args.log_level,
+    )
+    stack = Stack(opts)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stack.stopping.set)
+    code = 0
+    try:
+        await stack.start()
+        await stack.wait_ready()
+        print(f"OpenClaw is up: {stack.gateway_url}  (API docs: {stack.gateway_url}/docs; Ctrl-C stops)", flush=True)
+        if args.example:
+            doc = await submit_and_follow(stack.gateway_url, EXAMPLE, force_parallel=True)
+            print_final(doc)
+            code = 0 if doc["status"] in ("completed", "partial") else 1
+        if not args.once:
+            await stack.stopping.wait()
+    except (RuntimeError, TimeoutError, ConfigError) as e:
+        logging.getLogger("openclaw").error("%s", e)
+        code = 1
+    finally:
+        await stack.stop()
+    return code
+
+
+async def _run(args: argparse.Namespace) -> int:
+    doc = await submit_and_follow(args.url, args.message, force_parallel=args.force_parallel)
+    print_final(doc)
+    return 0 if doc["status"] in ("completed", "partial") else 1
+
+
+async def _status(args: argparse.Namespace) -> int:
+    async with httpx.AsyncClient(base_url=args.url, timeout=10) as client:
+        r = await client.get(f"/api/execution/{args.execution_id}")
+    if r.status_code != 200:
+        print(r.json().get("message", r.text), file=sys.stderr)
+        return 1
+    doc = r.json()
+    print(f"execution {doc['execution_id']}: {doc['status']} (planner {doc.get('planner')})")
+    t0 = time.monotonic()
+    for task in doc["tasks"]:
+        print(_line(task, t0))
+    if doc["status"] in TERMINAL:
+        print_final(doc)
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    load_settings(config=args.config)
+    print(f"{args.config or '(built-in defaults)'}: valid")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="openclaw", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start nats-server and every service locally")
+    up.add_argument("--config", help="config.json with a parallel_execution section")
+    up.add_argument("--data-dir", default=".openclaw", help="JetStream store and runner state (default .openclaw)")
+    up.add_argument("--gateway-port", type=int, default=8080)
+    nats = up.add_mutually_exclusive_group()
+    nats.add_argument("--nats-port", type=int, help="port of the local nats-server (default 4222)")
+    nats.add_argument("--nats-url", help="use this NATS server instead of starting one")
+    up.add_argument("--replicas", default="", help=f"e.g. codegen=2,security=2 (services: {', '.join(SERVICES)})")
+    up.add_argument("--namespace", default="", help="prefix of every stream and subject (lower-case letters, digits)")
+    up.add_argument("--log-format", choices=("text", "json"), default="text")
+    up.add_argument("--log-level", default="INFO")
+    up.add_argument("--example", action="store_true", help="submit the restaurant-website example once ready")
+    up.add_argument("--once", action="store_true", help="stop after the example instead of serving until Ctrl-C")
+    up.set_defaults(func=_up)
+
+    run = sub.add_parser("run", help="submit work to a running gateway and follow it")
+    run.add_argument("message")
+    run.add_argument("--url", default="http://127.0.0.1:8080")
+    run.add_argument("--force-parallel", action="store_true")
+    run.set_defaults(func=_run)
+
+    status = sub.add_parser("status", help="show an execution")
+    status.add_argument("execution_id")
+    status.add_argument("--url", default="http://127.0.0.1:8080")
+    status.set_defaults(func=_status)
+
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("config", nargs="?")
+    check.set_defaults(func=_check_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)-7s %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        if args.func is _check_config:
+            sys.exit(_check_config(args))
+        with contextlib.suppress(KeyboardInterrupt):
+            sys.exit(asyncio.run(args.func(args)))
+    except ConfigError as e:
+        print(f"openclaw: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,203 @@
+"""The local runner behind ``openclaw up``: a nats-server and every service as supervised children.
+
+Children that crash are restarted with backoff; Ctrl-C / SIGTERM stops them all (SIGTERM, then
+SIGKILL after a grace period) and then the server, so nothing is left behind. Each child's output
+is prefixed with its name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from shared.errors import ConfigError
+from shared.natsserver import NatsServer, free_port
+
+log = logging.getLogger("openclaw.runner")
+
+SERVICES = ("pm", "codegen", "security", "database", "aggregator", "gateway")
+RESTART_MAX_DELAY_S = 10.0
+HEALTHY_AFTER_S = 30.0  # a child that ran this long restarts with the shortest delay again
+
+
+@dataclass
+class Child:
+    service: str
+    index: int
+    port: int
+    proc: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    pumps: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{self.service}-{self.index}"
+
+
+@dataclass
+class StackOptions:
+    data_dir: Path
+    config: Path | None = None
+    gateway_port: int = 8080
+    nats_url: str | None = None
+    nats_port: int | None = None
+    replicas: dict[str, int] = field(default_factory=dict)
+    namespace: str = ""
+    log_format: str = "text"
+    log_level: str = "INFO"
+
+
+def parse_replicas(text: str) -> dict[str, int]:
+    """``codegen=2,security=1`` → {"codegen": 2, "security": 1}."""
+    out: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, count = part.partition("=")
+        if name not in SERVICES or not count.isdigit() or int(count) < 1:
+            raise ConfigError(f"bad --replicas entry {part!r}: use SERVICE=N with SERVICE in {', '.join(SERVICES)}")
+        out[name] = int(count)
+    return out
+
+
+class Stack:
+    """Runs and supervises the whole system on this machine."""
+
+    def __init__(self, opts: StackOptions) -> None:
+        self.opts = opts
+        self.server: NatsServer | None = None
+        self.children: list[Child] = []
+        self.stopping = asyncio.Event()
+        self._supervisors: list[asyncio.Task[None]] = []
+
+    @property
+    def nats_url(self) -> str:
+        if self.opts.nats_url:
+            return self.opts.nats_url
+        assert self.server is not None
+        return self.server.url
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.opts.gateway_port}"
+
+    async def start(self) -> None:
+        self.opts.data_dir.mkdir(parents=True, exist_ok=True)
+        if not self.opts.nats_url:
+            self.server = NatsServer(self.opts.data_dir / "jetstream", port=self.opts.nats_port or 4222)
+            await asyncio.to_thread(self.server.start, 15.0, self.opts.data_dir / "nats-server.log")
+            log.info("nats-server (JetStream, store %s) listening on %s", self.server.store_dir, self.server.url)
+        for service in SERVICES:
+            for i in range(1, self.opts.replicas.get(service, 1) + 1):
+                port = self.opts.gateway_port if service == "gateway" else free_port()
+                self.children.append(Child(service, i, port))
+        for child in self.children:
+            self._supervisors.append(asyncio.create_task(self._supervise(child)))
+        self._write_state()
+
+    def _write_state(self) -> None:
+        """Who runs where, for operators (and tests) that need a child's pid."""
+        state = {
+            "nats_url": self.nats_url,
+            "gateway_url": self.gateway_url,
+            "children": {c.name: {"pid": c.proc.pid if c.proc else None, "port": c.port} for c in self.children},
+        }
+        (self.opts.data_dir / "stack.json").write_text(json.dumps(state, indent=2))
+
+    def _env(self, child: Child) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            OPENCLAW_NATS_URL=self.nats_url,
+            OPENCLAW_PORT=str(child.port),
+            OPENCLAW_HOST="127.0.0.1",
+            OPENCLAW_WORKER_ID=child.name,
+            OPENCLAW_NAMESPACE=self.opts.namespace,
+            OPENCLAW_LOG_FORMAT=self.opts.log_format,
+            OPENCLAW_LOG_LEVEL=self.opts.log_level,
+            PYTHONUNBUFFERED="1",
+        )
+        if self.opts.config:
+            env["OPENCLAW_CONFIG"] = str(self.opts.config.resolve())
+        return env
+
+    async def _spawn(self, child: Child) -> None:
+        child.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", f"services.{child.service}",
+            env=self._env(child),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches the runner only; it stops children in order
+        )
+        child.pumps = [asyncio.create_task(self._pump(child, child.proc.stdout))]  # type: ignore[arg-type]
+        self._write_state()
+
+    @staticmethod
+    async def _pump(child: Child, stream: asyncio.StreamReader) -> None:
+        prefix = f"[{child.name}]".ljust(14)
+        while line := await stream.readline():
+            sys.stderr.write(f"{prefix} {line.decode(errors='replace').rstrip()}\n")
+
+    async def _supervise(self, child: Child) -> None:
+        delay = 0.5
+        loop = asyncio.get_running_loop()
+        while not self.stopping.is_set():
+            began = loop.time()
+            await self._spawn(child)
+            assert child.proc is not None
+            code = await child.proc.wait()
+            await asyncio.gather(*child.pumps, return_exceptions=True)
+            if self.stopping.is_set():
+                return
+            if code == 2:
+                log.error("%s exited with status 2 (bad configuration): not restarting; stopping", child.name)
+                self.stopping.set()
+                return
+            if loop.time() - began > HEALTHY_AFTER_S:
+                delay = 0.5
+            child.restarts += 1
+            log.warning("%s exited with status %s; restart #%d in %.1fs", child.name, code, child.restarts, delay)
+            try:
+                await asyncio.wait_for(self.stopping.wait(), delay)
+            except TimeoutError:
+                pass
+            delay = min(delay * 2, RESTART_MAX_DELAY_S)
+
+    async def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until the gateway says it is ready (NATS connected, topology present)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            while loop.time() < deadline:
+                if self.stopping.is_set():
+                    raise RuntimeError("stack stopped during start-up")
+                try:
+                    if (await client.get(f"{self.gateway_url}/readyz")).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise TimeoutError(f"gateway not ready at {self.gateway_url} after {timeout:g}s")
+
+    async def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM every child (they drain), SIGKILL what is left after ``grace_s``, then the server."""
+        self.stopping.set()
+        running = [c.proc for c in self.children if c.proc and c.proc.returncode is None]
+        for proc in running:
+            proc.send_signal(signal.SIGTERM)
+        if running:
+            await asyncio.wait([asyncio.create_task(p.wait()) for p in running], timeout=grace_s)
+            for proc in running:
+                if proc.returncode is None:
+                    log.warning("pid %d did not stop within %gs; killing it", proc.pid, grace_s)
+                    proc.kill()
+            await asyncio.gather(*(p.wait() for p in running))
+        await asyncio.gather(*self._supervisors, return_exceptions=True)
+        if self.server is not None:
+            await asyncio.to_thread(self.server.stop)
+            log.info("nats-server stopped")
