@@ -19,10 +19,14 @@ async def connect(url: str, name: str, stop: asyncio.Event | None = None, max_de
     """Connect to NATS, retrying with exponential backoff until it answers (or ``stop`` is set)."""
     delay, attempt = 0.25, 0
     connected = False
+    last_error: Exception | None = None
 
     async def _error(e: Exception) -> None:
-        if connected:  # before that, the start-up loop below reports the failure
+        nonlocal last_error
+        if connected:
             log.warning("NATS error: %s", e)
+        else:  # the start-up loop below reports it
+            last_error = e
 
     async def _disconnected() -> None:
         if not (nc.is_draining or nc.is_closed):  # a drain at shutdown disconnects on purpose
@@ -42,14 +46,17 @@ async def connect(url: str, name: str, stop: asyncio.Event | None = None, max_de
                 name=name,
                 connect_timeout=2,
                 allow_reconnect=False,
+                max_reconnect_attempts=1,  # one try per round (nats-py counts the first as a reconnect)
+                reconnect_time_wait=0,
                 error_cb=_error,
                 disconnected_cb=_disconnected,
                 reconnected_cb=_reconnected,
             )
         except (TimeoutError, OSError, nats.errors.Error) as e:
+            cause = last_error or e
             log.warning(
                 "NATS not reachable at %s (attempt %d: %s); retrying in %.1fs",
-                url, attempt, str(e) or type(e).__name__, delay,
+                url, attempt, str(cause) or type(cause).__name__, delay,
             )
             if stop is not None:
                 try:

@@ -179,3 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         print(f"openclaw: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,7 @@
 """Rule-based task distributor: which pool a piece of work belongs to, and how sure we are.
 
-Scores are keyword weights (multi-word phrases count more, and their words are not counted again)
+Scores are keyword weights (multi-word phrases count more, and their words are not counted again
+for any pool)
 divided by the number of words, so a long text is not favoured for being long. Nothing matched →
 "multi" (the PM must decide). Equal best scores break towards security, then database, then
 codegen: when in doubt, the stricter reviewer looks first.
@@ -67,29 +68,25 @@ def _words(text: str) -> list[str]:
 
 
 def analyze(text: str) -> tuple[dict[str, float], dict[str, list[str]]]:
-    """Per-pool score (weight per word) and the terms that matched."""
-    low = " ".join(_words(text))
-    words = low.split()
-    total = max(1, len(words))
-    scores: dict[str, float] = {}
-    matched: dict[str, list[str]] = {}
+    """Per-pool score (weight per word) and the terms that matched; a matched phrase uses up its words."""
+    rest = " ".join(_words(text))
+    total = max(1, len(rest.split()))
+    raw: dict[str, float] = dict.fromkeys(TIE_BREAK, 0.0)
+    matched: dict[str, list[str]] = {p: [] for p in TIE_BREAK}
     for pool in TIE_BREAK:
-        used = low
-        hits: list[str] = []
-        score = 0.0
         for phrase, weight in PHRASES[pool].items():
-            if re.search(rf"\b{phrase}\b", used):
-                hits.append(phrase)
-                score += weight
-                used = re.sub(rf"\b{phrase}\b", " ", used)
-        for w in used.split():
-            weight = KEYWORDS[pool].get(w)
+            pattern = rf"\b{phrase}\b"
+            if re.search(pattern, rest):
+                matched[pool].append(phrase)
+                raw[pool] += weight
+                rest = re.sub(pattern, " ", rest)
+    for word in rest.split():
+        for pool in TIE_BREAK:
+            weight = KEYWORDS[pool].get(word)
             if weight:
-                hits.append(w)
-                score += weight
-        scores[pool] = round(score / total, 4)
-        matched[pool] = hits
-    return scores, matched
+                matched[pool].append(word)
+                raw[pool] += weight
+    return {p: round(v / total, 4) for p, v in raw.items()}, matched
 
 
 def distribute(text: str) -> Distribution:

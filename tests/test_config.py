@@ -1,0 +1,74 @@
+"""The parallel_execution config model: seed defaults, strict validation, file and env loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shared.config import ParallelExecutionConfig, load_config
+from shared.errors import ConfigError
+from shared.settings import load_settings
+from tests.conftest import write_config
+
+
+def test_defaults_follow_the_seed() -> None:
+    pe = ParallelExecutionConfig()
+    assert pe.enabled is True and pe.max_tasks_per_execution == 6
+    pools = pe.worker_pools
+    assert (pools.codegen.max_concurrent, pools.codegen.timeout) == (3, 300)
+    assert (pools.security.max_concurrent, pools.security.timeout) == (2, 300)
+    assert (pools.database.max_concurrent, pools.database.timeout) == (2, 180)
+    assert pe.pm_coordinator.decomposition_model == "claude-opus-4-6"
+    assert pe.result_aggregation.conflict_resolution == "security_first"
+    assert pe.retries.max_retries == 2
+    assert [pe.retries.delay(n) for n in (1, 2, 3, 4)] == [1.0, 3.0, 9.0, 9.0]
+
+
+def test_file_overrides_and_ignores_other_sections(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text('{"gateway": {"port": 1}, "parallel_execution": {"worker_pools": '
+                    '{"codegen": {"max_concurrent": 5, "timeout": 60}}}}')
+    pe = load_config(path)
+    assert pe.worker_pools.codegen.max_concurrent == 5 and pe.worker_pools.codegen.timeout == 60
+    assert pe.worker_pools.security.max_concurrent == 2
+
+
+@pytest.mark.parametrize(
+    ("section", "says"),
+    [
+        ({"max_tasks_per_execution": 0}, "parallel_execution.max_tasks_per_execution: Input should be greater"),
+        ({"worker_pools": {"codegen": {"max_concurrent": 3}}}, "parallel_execution.worker_pools.codegen.timeout: "
+                                                               "Field required"),
+        ({"pm_coordinator": {"reasoning_effort": "extreme"}}, "parallel_execution.pm_coordinator.reasoning_effort"),
+        ({"worker_pools": {"codegen": {"max_concurrent": 1, "timeout": 1, "model": "gpt"}}},
+         "pricing has no entry for model(s) ['gpt']"),
+        ({"simulated": {"latency_s": {"frontend": 1}}}, "unknown role(s) ['frontend']"),
+    ],
+)
+def test_invalid_values_name_the_field(tmp_path: Path, section: dict[str, object], says: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write_config(tmp_path / "c.json", section))
+    assert says in str(err.value)
+    assert str(tmp_path / "c.json") in str(err.value)
+
+
+def test_not_json_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "c.json").write_text("{")
+    with pytest.raises(ConfigError, match="is not valid JSON"):
+        load_config(tmp_path / "c.json")
+
+
+def test_settings_read_openclaw_config_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = write_config(tmp_path / "c.json", {"max_tasks_per_execution": 2})
+    monkeypatch.setenv("OPENCLAW_CONFIG", str(cfg))
+    monkeypatch.setenv("OPENCLAW_NAMESPACE", "abc")
+    s = load_settings()
+    assert s.pe.max_tasks_per_execution == 2
+    assert s.names.tasks("codegen") == "abc.tasks.codegen" and s.names.tasks_stream == "abc_TASKS"
+
+
+def test_bad_environment_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENCLAW_NATS_URL", "http://nats:4222")
+    with pytest.raises(ConfigError, match="OPENCLAW_NATS_URL: Value error, must start with nats://"):
+        load_settings()

@@ -1,0 +1,105 @@
+"""State transitions of an execution: duplicates and late messages change nothing."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from shared.execution import all_tasks_terminal, apply_plan, apply_result, new_execution, outcome, queued
+from shared.schemas import (
+    ExecutionRequested,
+    TaskCompleted,
+    TaskFailed,
+    TaskOutput,
+    TaskSpec,
+    TaskStarted,
+    now,
+)
+
+T0 = now()
+
+
+def execution():  # type: ignore[no-untyped-def]
+    req = ExecutionRequested(execution_id="e1", message="m", requested_at=T0, deadline_at=T0 + timedelta(hours=1))
+    ex = new_execution(req)
+    specs = [
+        TaskSpec(id="api", pool="codegen", description="api"),
+        TaskSpec(id="ui", pool="codegen", description="ui", depends_on=["api"]),
+        TaskSpec(id="e2e", pool="security", description="review", depends_on=["ui"]),
+        TaskSpec(id="db", pool="database", description="db"),
+    ]
+    assert apply_plan(ex, specs, "client")
+    return ex
+
+
+def started(task: str, n: int = 1) -> TaskStarted:
+    return TaskStarted(execution_id="e1", task_id=task, pool="codegen", attempt=n, worker="w", started_at=T0)
+
+
+def completed(task: str, n: int = 1, cost: float = 0.5) -> TaskCompleted:
+    return TaskCompleted(execution_id="e1", task_id=task, pool="codegen", attempt=n, worker="w", started_at=T0,
+                         finished_at=T0 + timedelta(seconds=1), model="m", provider="simulated", cost_usd=cost,
+                         output=TaskOutput(summary=f"{task} done"))
+
+
+def failed(task: str, n: int, final: bool) -> TaskFailed:
+    return TaskFailed(execution_id="e1", task_id=task, pool="codegen", attempt=n, worker="w", started_at=T0,
+                      finished_at=T0 + timedelta(seconds=1), error=f"boom {n}", final=final)
+
+
+def test_plan_queues_roots_only_and_only_once() -> None:
+    ex = execution()
+    assert [t.id for t in queued(ex)] == ["api", "db"]
+    assert not apply_plan(ex, [], "rules")
+
+
+def test_completion_releases_dependents_and_duplicates_change_nothing() -> None:
+    ex = execution()
+    assert apply_result(ex, started("api"))
+    assert not apply_result(ex, started("api"))
+    assert apply_result(ex, completed("api"))
+    assert ex.task("ui").status == "queued"  # type: ignore[union-attr]
+    assert not apply_result(ex, completed("api"))
+    assert not apply_result(ex, started("api", 2))  # a late redelivery of a finished task
+    assert ex.task("api").cost_usd == 0.5  # type: ignore[union-attr]
+    assert ex.cost.total_usd == 0.5
+
+
+def test_out_of_order_started_after_completed_is_ignored() -> None:
+    ex = execution()
+    assert apply_result(ex, completed("db"))
+    assert not apply_result(ex, started("db"))
+    assert ex.task("db").status == "completed"  # type: ignore[union-attr]
+
+
+def test_retry_then_final_failure_skips_dependents_transitively() -> None:
+    ex = execution()
+    apply_result(ex, started("api"))
+    assert apply_result(ex, failed("api", 1, final=False))
+    assert ex.task("api").status == "retrying"  # type: ignore[union-attr]
+    apply_result(ex, started("api", 2))
+    assert ex.task("api").status == "running"  # type: ignore[union-attr]
+    assert apply_result(ex, failed("api", 2, final=True))
+    assert ex.task("ui").status == "skipped" and ex.task("ui").error == "blocked by api"  # type: ignore[union-attr]
+    assert ex.task("e2e").status == "skipped" and ex.task("e2e").error == "blocked by ui"  # type: ignore[union-attr]
+    assert not all_tasks_terminal(ex)
+    apply_result(ex, completed("db"))
+    assert all_tasks_terminal(ex) and outcome(ex) == "partial"
+    assert [a.outcome for a in ex.task("api").attempts] == ["failed", "failed"]  # type: ignore[union-attr]
+
+
+def test_late_failure_of_an_earlier_attempt_keeps_the_running_one() -> None:
+    ex = execution()
+    apply_result(ex, started("api", 2))
+    assert apply_result(ex, failed("api", 1, final=False))
+    assert ex.task("api").status == "running"  # type: ignore[union-attr]
+
+
+def test_outcomes() -> None:
+    ex = execution()
+    for t in ("api", "ui", "e2e", "db"):
+        apply_result(ex, completed(t))
+    assert outcome(ex) == "completed"
+    ex = execution()
+    apply_result(ex, failed("api", 1, final=True))
+    apply_result(ex, failed("db", 1, final=True))
+    assert all_tasks_terminal(ex) and outcome(ex) == "failed"

@@ -1,0 +1,117 @@
+"""Plan validation, the rule-based distributor and the PM's rule-based planner."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from services.pm.distributor import distribute
+from services.pm.planning import make_plan, rules_plan
+from shared.errors import PlanError
+from shared.schemas import ExecutionRequested, TaskSpec, check_plan, now
+
+
+def spec(i: str, *deps: str) -> TaskSpec:
+    return TaskSpec(id=i, pool="codegen", description=i, depends_on=list(deps))
+
+
+def test_check_plan_accepts_a_dag() -> None:
+    check_plan([spec("a"), spec("b", "a"), spec("c", "a", "b")], 6)
+
+
+@pytest.mark.parametrize(
+    ("tasks", "says"),
+    [
+        ([spec("a", "c"), spec("b", "a"), spec("c", "b")], "dependency cycle: a -> c -> b -> a"),
+        ([spec("a", "a")], "depends on itself"),
+        ([spec("a", "x")], "unknown task(s): x"),
+        ([spec("a"), spec("a")], "duplicate task id(s): a"),
+        ([spec(str(i)) for i in range(7)], "at most 6"),
+        ([], "no tasks"),
+    ],
+)
+def test_check_plan_rejects(tasks: list[TaskSpec], says: str) -> None:
+    with pytest.raises(PlanError) as err:
+        check_plan(tasks, 6)
+    assert says in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "pool"),
+    [
+        ("Implement a React component for the checkout page", "codegen"),
+        ("Audit the login flow for CSRF and XSS vulnerabilities", "security"),
+        ("Design the PostgreSQL schema and migration for orders", "database"),
+        ("Check for SQL injection in the search endpoint", "security"),
+    ],
+)
+def test_distribute_picks_the_pool(text: str, pool: str) -> None:
+    d = distribute(text)
+    assert d.pool == pool
+    assert d.confidence > 0.5 and d.matched[pool]
+
+
+def test_distribute_says_multi_when_nothing_matches() -> None:
+    d = distribute("Please make it nicer")
+    assert d.pool == "multi" and d.confidence == 0 and not d.confident
+
+
+def test_distribute_breaks_ties_towards_security() -> None:
+    # One security word and one database word of equal weight.
+    d = distribute("payments orders")
+    assert d.scores["security"] > 0 and d.scores["database"] > 0
+    d2 = distribute("pci sql")
+    assert d2.scores["security"] == d2.scores["database"] and d2.pool == "security"
+
+
+def test_phrases_count_once() -> None:
+    d = distribute("sql injection")
+    assert d.matched["security"] == ["sql injection"] and d.matched["database"] == []
+
+
+def test_routing_decision_is_fast() -> None:
+    text = "Build a restaurant website with online ordering, card payments and an admin page " * 5
+    began = time.perf_counter()
+    for _ in range(200):
+        distribute(text)
+    assert (time.perf_counter() - began) / 200 < 0.1  # the seed's bound is 100 ms per decision
+
+
+def test_restaurant_website_plan_spans_three_pools_with_the_api_before_the_frontend() -> None:
+    tasks, planner = rules_plan("Build a restaurant website with online ordering", False, 6)
+    assert planner == "rules"
+    assert {t.pool for t in tasks} == {"codegen", "security", "database"}
+    by_id = {t.id: t for t in tasks}
+    assert by_id["frontend"].depends_on == ["backend"]
+    check_plan(tasks, 6)
+
+
+def test_single_pool_request_is_serial_and_nothing_matched_falls_back_to_codegen() -> None:
+    tasks, planner = rules_plan("Design the PostgreSQL schema for invoices", False, 6)
+    assert planner == "serial" and [t.pool for t in tasks] == ["database"]
+    tasks, planner = rules_plan("Make it nicer", False, 6)
+    assert planner == "serial" and [t.pool for t in tasks] == ["codegen"]
+
+
+def test_force_parallel_keeps_every_matched_pool() -> None:
+    text = "Optimize the SQL queries and fix the login page"
+    strict, _ = rules_plan(text, False, 6)
+    forced, planner = rules_plan(text, True, 6)
+    assert {t.pool for t in forced} == {"codegen", "security", "database"} and planner == "rules"
+    assert len(strict) <= len(forced)
+
+
+def test_a_template_cut_by_the_task_limit_falls_back_to_serial() -> None:
+    req = ExecutionRequested(execution_id="e", message="Build a shop app", requested_at=now(), deadline_at=now())
+    tasks, planner = make_plan(req, 2)
+    assert planner == "rules" and [t.id for t in tasks] == ["schema", "backend"]
+    tasks, planner = make_plan(req, 1)
+    assert planner == "rules" and len(tasks) == 1
+
+
+def test_a_client_plan_is_revalidated() -> None:
+    req = ExecutionRequested(execution_id="e", message="m", tasks=[spec("a", "b"), spec("b", "a")],
+                             requested_at=now(), deadline_at=now())
+    with pytest.raises(PlanError, match="cycle"):
+        make_plan(req, 6)

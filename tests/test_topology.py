@@ -1,0 +1,45 @@
+"""Topology against a real nats-server: idempotent, updated in place, detectable."""
+
+from __future__ import annotations
+
+from nats.aio.client import Client as NATS
+
+from shared.config import ParallelExecutionConfig, PoolConfig, WorkerPools
+from shared.names import POOLS, Names
+from shared.topology import ensure_consumer, ensure_streams, pool_consumer_config, topology_present
+
+
+async def test_streams_and_kv_are_created_idempotently(nc: NATS, names: Names) -> None:
+    js = nc.jetstream()
+    assert await topology_present(js, names) == f"stream {names.executions_stream} missing"
+    await ensure_streams(js, names)
+    kv = await ensure_streams(js, names)  # a second service starting changes nothing
+    assert await topology_present(js, names) is None
+    await kv.put("k", b"v")
+    assert (await kv.get("k")).value == b"v"
+    info = await js.stream_info(names.tasks_stream)
+    assert info.config.retention == "workqueue" and info.config.subjects == [names.tasks_all]
+
+
+async def test_pool_consumer_limits_follow_config_and_update_in_place(nc: NATS, names: Names) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js, names)
+    pe = ParallelExecutionConfig()
+    for pool in POOLS:
+        await ensure_consumer(js, names.tasks_stream, pool_consumer_config(names, pool, pe))
+        info = await js.consumer_info(names.tasks_stream, pool)
+        assert info.config.max_ack_pending == pe.worker_pools.get(pool).max_concurrent
+        assert info.config.filter_subject == names.tasks(pool)
+        assert info.config.max_deliver == pe.retries.max_retries + 1
+
+    bigger = ParallelExecutionConfig(worker_pools=WorkerPools(codegen=PoolConfig(max_concurrent=7, timeout=60)))
+    await ensure_consumer(js, names.tasks_stream, pool_consumer_config(names, "codegen", bigger))
+    assert (await js.consumer_info(names.tasks_stream, "codegen")).config.max_ack_pending == 7
+
+
+async def test_namespaces_do_not_see_each_other(nc: NATS) -> None:
+    js = nc.jetstream()
+    a, b = Names("nsa" + str(id(nc))[-6:]), Names("nsb" + str(id(nc))[-6:])
+    await ensure_streams(js, a)
+    assert await topology_present(js, a) is None
+    assert await topology_present(js, b) is not None
