@@ -67,6 +67,9 @@ class PoolWorker:
             error = f"timed out after {timeout:g}s"
         except ProviderError as e:
             error = str(e)
+        except Exception as e:  # noqa: BLE001 - an agent that crashes is a failed attempt, not a lost task
+            log.exception("agent raised", extra=ctx)
+            error = f"agent error: {type(e).__name__}: {e}"
         else:
             error = None
         finally:
