@@ -22,6 +22,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check shared services tests
+	$(VENV)/bin/mypy shared services
 
 clean:
 	rm -rf $(VENV) .openclaw .pytest_cache

@@ -17,6 +17,7 @@ from shared.schemas import (
     TaskSpec,
     TaskStarted,
     TaskState,
+    TaskStatus,
     now,
 )
 
@@ -105,7 +106,7 @@ def apply_result(ex: Execution, r: TaskStarted | TaskCompleted | TaskFailed) -> 
     return True
 
 
-def _live_status(task: TaskState) -> str:
+def _live_status(task: TaskState) -> TaskStatus:
     latest = task.attempts[-1]
     return "running" if latest.outcome == "running" else "retrying"
 

@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
 from nats.aio.msg import Msg
 
@@ -21,7 +22,7 @@ from shared.consumer import Consumer
 from shared.names import Pool
 from shared.providers import ModelProvider, Prompt, ProviderError, make_provider
 from shared.schemas import RunTask, TaskCompleted, TaskFailed, TaskSpec, TaskStarted, now
-from shared.service import Runtime
+from shared.service import Runtime, Start, Workers
 from shared.topology import ensure_consumer, pool_consumer_config
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class PoolWorker:
         attempt = msg.metadata.num_delivered or 1
         task = cmd.task
         ctx = {"execution_id": cmd.execution_id, "task_id": task.id, "pool": self.pool, "attempt": attempt}
-        base = {
+        base: dict[str, Any] = {
             "execution_id": cmd.execution_id,
             "task_id": task.id,
             "pool": self.pool,
@@ -59,6 +60,7 @@ class PoolWorker:
         timeout = min(self.cfg.timeout, max(0.0, (cmd.deadline_at - started).total_seconds()))
         metrics.TASKS_IN_FLIGHT.labels(self.pool).inc()
         heartbeat = asyncio.create_task(self._heartbeat(msg))
+        error: str | None = None
         try:
             reply = await asyncio.wait_for(
                 self.provider.run_task(self.pool, task, self.format_prompt(task), model, attempt), timeout
@@ -70,8 +72,6 @@ class PoolWorker:
         except Exception as e:  # noqa: BLE001 - an agent that crashes is a failed attempt, not a lost task
             log.exception("agent raised", extra=ctx)
             error = f"agent error: {type(e).__name__}: {e}"
-        else:
-            error = None
         finally:
             heartbeat.cancel()
             metrics.TASKS_IN_FLIGHT.labels(self.pool).dec()
@@ -143,10 +143,10 @@ class PoolWorker:
                 await msg.in_progress()
 
 
-def pool_start(pool: Pool, format_prompt: FormatPrompt):  # type: ignore[no-untyped-def]
+def pool_start(pool: Pool, format_prompt: FormatPrompt) -> Start:
     """The ``start`` hook of a pool service: ensure its durable, then run the consumer loop."""
 
-    async def start(rt: Runtime):  # type: ignore[no-untyped-def]
+    async def start(rt: Runtime) -> Workers:
         js, names = rt.jetstream, rt.names
         await ensure_consumer(js, names.tasks_stream, pool_consumer_config(names, pool, rt.pe))
         worker = PoolWorker(rt, pool, format_prompt, make_provider(rt.pe, rt.settings.anthropic_api_key))

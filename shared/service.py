@@ -82,7 +82,8 @@ class Runtime:
 # HTTP port of each service when OPENCLAW_PORT is not set: the gateway's API, the others' ops endpoints.
 DEFAULT_PORTS = {"gateway": 8080, "pm": 9101, "codegen": 9102, "security": 9103, "database": 9104, "aggregator": 9105}
 
-Start = Callable[[Runtime], Awaitable[list[Coroutine[Any, Any, None]]]]
+Workers = list[Coroutine[Any, Any, None]]
+Start = Callable[[Runtime], Awaitable[Workers]]
 MakeApp = Callable[[Settings], FastAPI]
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from services.aggregator.handlers import AggregatorHandlers
 from shared.consumer import Consumer
 from shared.schemas import TaskResultAdapter
-from shared.service import Runtime, run_service
+from shared.service import Runtime, Workers, run_service
 from shared.topology import aggregator_consumer_config, ensure_consumer
 
 
-async def start(rt: Runtime):  # type: ignore[no-untyped-def]
+async def start(rt: Runtime) -> Workers:
     js, names = rt.jetstream, rt.names
     await ensure_consumer(js, names.results_stream, aggregator_consumer_config(names, rt.pe))
     handlers = AggregatorHandlers(rt)

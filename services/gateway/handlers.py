@@ -7,9 +7,10 @@ import logging
 import re
 import uuid
 from datetime import timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
+from nats.aio.subscription import Subscription
 
 from services.gateway.api import ErrorBody, ExecuteRequest
 from shared import metrics
@@ -33,7 +34,7 @@ def runtime(request: Request) -> Runtime:
 
 
 RuntimeDep = Annotated[Runtime, Depends(runtime)]
-ERRORS = {code: {"model": ErrorBody} for code in (404, 413, 422, 503)}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (404, 413, 422, 503)}
 
 
 @router.post(
@@ -87,7 +88,7 @@ async def execute_parallel(body: ExecuteRequest, rt: RuntimeDep, response: Respo
     return ex
 
 
-async def _wait_for(sub, kind: str, within: float) -> Execution | None:  # type: ignore[no-untyped-def]
+async def _wait_for(sub: Subscription, kind: str, within: float) -> Execution | None:
     """Wait for the execution's ``kind`` event (or completion); the terminal execution if completed."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within

@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway.handlers import count_request, router
 from services.gateway.limits import BodySizeLimit
-from shared.service import Runtime, run_service
+from shared.service import Runtime, Workers, run_service
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def create_app(settings: Settings) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail
-        errors = []
+        errors: list[object] = []
         if isinstance(detail, dict):
             errors = [detail]
             detail = f"{detail['field']}: {detail['message']}"
@@ -69,7 +69,7 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
-async def start(rt: Runtime):  # type: ignore[no-untyped-def]
+async def start(rt: Runtime) -> Workers:
     return []  # the gateway consumes no stream; it answers HTTP until stopped
 
 

@@ -82,10 +82,9 @@ def analyze(text: str) -> tuple[dict[str, float], dict[str, list[str]]]:
                 rest = re.sub(pattern, " ", rest)
     for word in rest.split():
         for pool in TIE_BREAK:
-            weight = KEYWORDS[pool].get(word)
-            if weight:
+            if word in KEYWORDS[pool]:
                 matched[pool].append(word)
-                raw[pool] += weight
+                raw[pool] += KEYWORDS[pool][word]
     return {p: round(v / total, 4) for p, v in raw.items()}, matched
 
 

@@ -13,7 +13,7 @@ from shared import metrics
 from shared.bus import publish
 from shared.errors import PlanError
 from shared.execution import apply_plan, new_execution, queued, run_command, run_msg_id
-from shared.schemas import ExecutionPlanned, ExecutionRequested, now
+from shared.schemas import Execution, ExecutionPlanned, ExecutionRequested, now
 from shared.service import Runtime
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class PMHandlers:
         log.info("planned %d task(s) with %s", len(ex.tasks), ex.planner, extra=ctx)
 
     async def _reject(self, req: ExecutionRequested, reason: str) -> None:
-        def fail(ex):  # type: ignore[no-untyped-def]
+        def fail(ex: Execution) -> bool:
             if ex.terminal:
                 return False
             ex.status, ex.error, ex.finished_at = "failed", f"invalid plan: {reason}", now()

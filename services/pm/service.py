@@ -5,11 +5,11 @@ from __future__ import annotations
 from services.pm.handlers import PMHandlers
 from shared.consumer import Consumer
 from shared.schemas import ExecutionRequested
-from shared.service import Runtime, run_service
+from shared.service import Runtime, Workers, run_service
 from shared.topology import ensure_consumer, pm_consumer_config
 
 
-async def start(rt: Runtime):  # type: ignore[no-untyped-def]
+async def start(rt: Runtime) -> Workers:
     js, names = rt.jetstream, rt.names
     await ensure_consumer(js, names.executions_stream, pm_consumer_config(names, rt.pe))
     handlers = PMHandlers(rt)
