@@ -6,6 +6,7 @@ nothing, which is what makes redelivery and racing aggregator replicas harmless.
 
 from __future__ import annotations
 
+from shared.failures import DEGRADATION, ON_EXHAUSTED
 from shared.schemas import (
     TERMINAL_TASK,
     Attempt,
@@ -87,6 +88,11 @@ def apply_result(ex: Execution, r: TaskStarted | TaskCompleted | TaskFailed) -> 
         att = Attempt(n=r.attempt, worker=r.worker, started_at=r.started_at)
         task.attempts.append(att)
         task.attempts.sort(key=lambda a: a.n)
+        # A later delivery means every earlier one still "running" lost its worker (crash, kill).
+        for earlier in task.attempts:
+            if earlier.n < r.attempt and earlier.outcome == "running":
+                earlier.outcome, earlier.finished_at = "lost", r.started_at
+                earlier.error = "worker lost before reporting; redelivered after ack_wait"
     elif isinstance(r, TaskStarted) or att.outcome != "running":
         return False
 
@@ -95,10 +101,14 @@ def apply_result(ex: Execution, r: TaskStarted | TaskCompleted | TaskFailed) -> 
         att.model, att.provider, att.usage, att.cost_usd = r.model, r.provider, r.usage, r.cost_usd
         task.status, task.output, task.error = "completed", r.output, None
     elif isinstance(r, TaskFailed):
-        att.outcome, att.finished_at, att.error = "failed", r.finished_at, r.error
+        att.outcome, att.finished_at, att.error, att.error_kind = "failed", r.finished_at, r.error, r.error_kind
         att.model, att.provider, att.usage, att.cost_usd = r.model, r.provider, r.usage, r.cost_usd
+        att.strategy = r.strategy
         task.error = r.error
-        task.status = "failed" if r.final else _live_status(task)
+        if r.final:
+            _give_up(task, r.error)
+        else:
+            task.status = _live_status(task)
     else:
         task.status = _live_status(task)
     _propagate(ex)
@@ -109,6 +119,27 @@ def apply_result(ex: Execution, r: TaskStarted | TaskCompleted | TaskFailed) -> 
 def _live_status(task: TaskState) -> TaskStatus:
     latest = task.attempts[-1]
     return "running" if latest.outcome == "running" else "retrying"
+
+
+def _give_up(task: TaskState, error: str, status: TaskStatus = "failed") -> None:
+    """The task will not complete: the pool's exhaustion strategy and degradation label apply."""
+    task.status, task.error = status, error
+    task.resolution = ON_EXHAUSTED[task.pool].value
+    task.degradation = DEGRADATION[task.pool]
+    for a in task.attempts:
+        if a.outcome == "running":
+            a.outcome, a.finished_at, a.error = "lost", now(), error
+
+
+def expire(ex: Execution, reason: str) -> bool:
+    """At the deadline: every task still open fails with ``reason``; returns whether any did."""
+    if ex.terminal:
+        return False
+    open_tasks = [t for t in ex.tasks if t.status not in TERMINAL_TASK]
+    for t in open_tasks:
+        _give_up(t, reason)
+    ex.updated_at = now()
+    return bool(open_tasks) or all_tasks_terminal(ex)
 
 
 def _propagate(ex: Execution) -> None:
@@ -122,11 +153,20 @@ def _propagate(ex: Execution) -> None:
             deps = [ex.task(d) for d in t.depends_on]
             blocker = next((d for d in deps if d is not None and d.status in BLOCKING), None)
             if blocker is not None:
-                t.status, t.error = "skipped", f"blocked by {blocker.id}"
+                _give_up(t, f"blocked by {blocker.id}", "skipped")
                 changed = True
             elif all(d is not None and d.status == "completed" for d in deps):
                 t.status = "queued"
                 changed = True
+
+
+def fail_execution(ex: Execution, error: str) -> bool:
+    """End an execution that cannot run at all (no valid plan, never planned)."""
+    if ex.terminal:
+        return False
+    ex.status, ex.error = "failed", error
+    ex.finished_at = ex.updated_at = now()
+    return True
 
 
 def all_tasks_terminal(ex: Execution) -> bool:

@@ -47,6 +47,10 @@ class Names:
         return self._stream("DLQ")
 
     @property
+    def advisories_stream(self) -> str:
+        return self._stream("ADVISORIES")
+
+    @property
     def kv_bucket(self) -> str:
         return self._stream("executions").lower()
 
@@ -58,7 +62,18 @@ class Names:
             self.results_stream,
             self.events_stream,
             self.dlq_stream,
+            self.advisories_stream,
         )
+
+    @property
+    def consumed_streams(self) -> tuple[str, ...]:
+        """Streams with durable consumers whose give-ups (max deliveries, terminations) are captured."""
+        return (self.executions_stream, self.tasks_stream, self.results_stream)
+
+    def advisory_subjects(self) -> list[str]:
+        """The JetStream advisories that say a consumer gave up on a message of one of our streams."""
+        kinds = ("MAX_DELIVERIES", "MSG_TERMINATED")
+        return [f"$JS.EVENT.ADVISORY.CONSUMER.{k}.{s}.*" for s in self.consumed_streams for k in kinds]
 
     # subjects
     @property
@@ -68,6 +83,10 @@ class Names:
     @property
     def execution_requested(self) -> str:
         return self._subject("executions.requested")
+
+    @property
+    def execution_deadline(self) -> str:
+        return self._subject("executions.deadline")
 
     @property
     def tasks_all(self) -> str:
@@ -111,3 +130,11 @@ class Names:
     @property
     def aggregator_consumer(self) -> str:
         return "aggregator"
+
+    @property
+    def deadlines_consumer(self) -> str:
+        return "deadlines"
+
+    @property
+    def dead_letters_consumer(self) -> str:
+        return "dead_letters"

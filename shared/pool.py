@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -19,15 +18,26 @@ from nats.aio.msg import Msg
 from shared import metrics
 from shared.bus import publish
 from shared.consumer import Consumer
+from shared.failures import decide, model_for
 from shared.names import Pool
 from shared.providers import ModelProvider, Prompt, ProviderError, make_provider
-from shared.schemas import RunTask, TaskCompleted, TaskFailed, TaskSpec, TaskStarted, now
+from shared.schemas import ErrorKind, RunTask, TaskCompleted, TaskFailed, TaskSpec, TaskStarted, Usage, now
 from shared.service import Runtime, Start, Workers
 from shared.topology import ensure_consumer, pool_consumer_config
 
 log = logging.getLogger(__name__)
 
 FormatPrompt = Callable[[TaskSpec], Prompt]
+
+
+class _Delivery:
+    """One delivery of a task: its attempt number (= delivery count), log context and result header."""
+
+    def __init__(self, cmd: RunTask, msg: Msg, pool: Pool, worker: str) -> None:
+        self.cmd, self.msg, self.started = cmd, msg, now()
+        self.attempt = msg.metadata.num_delivered or 1
+        self.ctx = {"execution_id": cmd.execution_id, "task_id": cmd.task.id, "pool": pool, "attempt": self.attempt}
+        self.head: dict[str, Any] = {**self.ctx, "worker": worker}
 
 
 class PoolWorker:
@@ -38,101 +48,95 @@ class PoolWorker:
         self.cfg = rt.pe.worker_pools.get(pool)
 
     async def handle(self, cmd: RunTask, msg: Msg) -> None:
-        """Run one delivery of a task and publish what happened, then ack / nak / finish it."""
-        js, names, pe = self.rt.jetstream, self.rt.names, self.rt.pe
-        attempt = msg.metadata.num_delivered or 1
-        task = cmd.task
-        ctx = {"execution_id": cmd.execution_id, "task_id": task.id, "pool": self.pool, "attempt": attempt}
-        base: dict[str, Any] = {
-            "execution_id": cmd.execution_id,
-            "task_id": task.id,
-            "pool": self.pool,
-            "attempt": attempt,
-            "worker": self.rt.settings.worker_id,
-        }
-        started = now()
-        subject = names.results(cmd.execution_id)
-        started_msg = TaskStarted(**base, started_at=started)
-        await publish(js, subject, started_msg, started_msg.msg_id())
-        log.info("task started", extra=ctx)
+        """Run one delivery of a task and publish what happened, then ack it or nak it for a retry."""
+        d = _Delivery(cmd, msg, self.pool, self.rt.settings.worker_id)
+        seconds_left = (cmd.deadline_at - d.started).total_seconds()
+        if seconds_left <= 0:
+            await self._failed(d, "deadline", "execution deadline passed before the task started", None, Usage())
+            return
+        await self._publish(cmd.execution_id, TaskStarted(**d.head, started_at=d.started))
+        model = model_for(self.rt.pe, self.pool, d.attempt, await self._previous_error_kind(cmd, d.attempt))
+        log.info("task started on %s", model, extra=d.ctx)
 
-        model = self.cfg.model
-        timeout = min(self.cfg.timeout, max(0.0, (cmd.deadline_at - started).total_seconds()))
+        timeout = min(self.cfg.timeout, seconds_left)
         metrics.TASKS_IN_FLIGHT.labels(self.pool).inc()
         heartbeat = asyncio.create_task(self._heartbeat(msg))
-        error: str | None = None
         try:
             reply = await asyncio.wait_for(
-                self.provider.run_task(self.pool, task, self.format_prompt(task), model, attempt), timeout
+                self.provider.run_task(self.pool, cmd.task, self.format_prompt(cmd.task), model, d.attempt), timeout
             )
         except TimeoutError:
-            error = f"timed out after {timeout:g}s"
+            await self._failed(d, "timeout", f"timed out after {timeout:g}s", model, Usage())
+            return
         except ProviderError as e:
-            error = str(e)
+            await self._failed(d, e.kind, str(e), model, e.usage)
+            return
         except Exception as e:  # noqa: BLE001 - an agent that crashes is a failed attempt, not a lost task
-            log.exception("agent raised", extra=ctx)
-            error = f"agent error: {type(e).__name__}: {e}"
+            log.exception("agent raised", extra=d.ctx)
+            await self._failed(d, "agent_error", f"agent error: {type(e).__name__}: {e}", model, Usage())
+            return
         finally:
             heartbeat.cancel()
             metrics.TASKS_IN_FLIGHT.labels(self.pool).dec()
+
         finished = now()
-        duration = (finished - started).total_seconds()
+        cost = self._cost(reply.model, reply.usage)
+        done = TaskCompleted(**d.head, started_at=d.started, finished_at=finished, model=reply.model,
+                             provider=reply.provider, usage=reply.usage, cost_usd=cost, output=reply.output)
+        await self._publish(cmd.execution_id, done)
+        await msg.ack()
+        duration = (finished - d.started).total_seconds()
+        self._observe("completed", duration, reply.model, cost, reply.usage)
+        log.info("task completed in %.3fs", duration, extra=d.ctx)
 
-        if error is None:
-            cost = pe.price(reply.model).usd(
-                reply.usage.input_tokens,
-                reply.usage.output_tokens,
-                reply.usage.cache_read_tokens,
-                reply.usage.cache_write_tokens,
-            )
-            done = TaskCompleted(
-                **base,
-                started_at=started,
-                finished_at=finished,
-                model=reply.model,
-                provider=reply.provider,
-                usage=reply.usage,
-                cost_usd=cost,
-                output=reply.output,
-            )
-            await publish(js, subject, done, done.msg_id())
-            await msg.ack()
-            self._observe("completed", duration, reply.model, cost, reply.usage.input_tokens, reply.usage.output_tokens)
-            log.info("task completed in %.3fs", duration, extra=ctx)
-            return
-
-        final = attempt > pe.retries.max_retries or self._past_deadline(cmd.deadline_at, pe.retries.delay(attempt))
-        delay = None if final else pe.retries.delay(attempt)
-        failed = TaskFailed(
-            **base,
-            started_at=started,
-            finished_at=finished,
-            error=error,
-            final=final,
-            retry_in_s=delay,
-            model=model,
-            provider=self.provider.name,
-        )
-        await publish(js, subject, failed, failed.msg_id())
-        self._observe("failed" if final else "retried", duration, model, 0.0, 0, 0)
-        if final:
-            await msg.ack()
-            log.warning("task failed for good: %s", error, extra=ctx)
+    async def _failed(self, d: _Delivery, kind: ErrorKind, error: str, model: str | None, usage: Usage) -> None:
+        """Report a failed attempt with the failure handler's decision; nak for a retry or ack for good."""
+        finished = now()
+        seconds_left = (d.cmd.deadline_at - finished).total_seconds()
+        decision = decide(self.rt.pe, self.pool, d.attempt, kind, seconds_left)
+        cost = self._cost(model, usage)
+        failed = TaskFailed(**d.head, started_at=d.started, finished_at=finished, error=error, error_kind=kind,
+                            final=decision.final, strategy=decision.strategy.value, retry_in_s=decision.delay_s,
+                            model=model, provider=self.provider.name if model else None, usage=usage, cost_usd=cost)
+        await self._publish(d.cmd.execution_id, failed)
+        duration = (finished - d.started).total_seconds()
+        if decision.final:
+            await d.msg.ack()
+            self._observe("failed", duration, model, cost, usage)
+            log.warning("attempt %d failed (%s): %s; giving up: %s", d.attempt, kind, error, decision.strategy,
+                        extra=d.ctx)
         else:
-            await msg.nak(delay=delay)
-            log.warning("attempt failed: %s; retrying in %ss", error, delay, extra=ctx)
+            await d.msg.nak(delay=decision.delay_s)
+            self._observe("retried", duration, model, cost, usage)
+            log.warning("attempt %d failed (%s): %s; %s in %gs", d.attempt, kind, error, decision.strategy,
+                        decision.delay_s, extra=d.ctx)
 
-    @staticmethod
-    def _past_deadline(deadline: datetime, delay: float) -> bool:
-        return (deadline - now()).total_seconds() <= delay
+    async def _previous_error_kind(self, cmd: RunTask, attempt: int) -> str | None:
+        """On a retry, why the previous attempt failed (from the execution's state), to pick the model."""
+        if attempt == 1:
+            return None
+        current = await self.rt.executions.get(cmd.execution_id)
+        task = current[0].task(cmd.task.id) if current else None
+        previous = task.attempt(attempt - 1) if task else None
+        return previous.error_kind if previous else None
 
-    def _observe(self, outcome: str, duration: float, model: str, cost: float, tin: int, tout: int) -> None:
+    async def _publish(self, execution_id: str, result: TaskStarted | TaskCompleted | TaskFailed) -> None:
+        await publish(self.rt.jetstream, self.rt.names.results(execution_id), result, result.msg_id())
+
+    def _cost(self, model: str | None, usage: Usage) -> float:
+        if model is None:
+            return 0.0
+        return self.rt.pe.price(model).usd(
+            usage.input_tokens, usage.output_tokens, usage.cache_read_tokens, usage.cache_write_tokens
+        )
+
+    def _observe(self, outcome: str, duration: float, model: str | None, cost: float, usage: Usage) -> None:
         metrics.TASKS.labels(self.pool, outcome).inc()
         metrics.TASK_DURATION.labels(self.pool, outcome).observe(duration)
-        if cost:
+        if model and (cost or usage.input_tokens):
             metrics.COST.labels(self.pool, model).inc(cost)
-            metrics.TOKENS.labels(self.pool, model, "input").inc(tin)
-            metrics.TOKENS.labels(self.pool, model, "output").inc(tout)
+            metrics.TOKENS.labels(self.pool, model, "input").inc(usage.input_tokens)
+            metrics.TOKENS.labels(self.pool, model, "output").inc(usage.output_tokens)
 
     async def _heartbeat(self, msg: Msg) -> None:
         """Tell the broker this delivery is alive, a few times per ``ack_wait``."""
@@ -157,7 +161,7 @@ def pool_start(pool: Pool, format_prompt: FormatPrompt) -> Start:
             names.pool_consumer(pool),
             RunTask.model_validate_json,
             worker.handle,
-            capacity=rt.pe.worker_pools.get(pool).max_concurrent,
+            capacity=rt.settings.slots or rt.pe.worker_pools.get(pool).max_concurrent,
         )
         return [consumer.run(rt.stop)]
 

@@ -9,25 +9,25 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.config import ParallelExecutionConfig
 from shared.errors import ConfigError, OpenClawError
 from shared.names import Pool
-from shared.schemas import Artifact, Finding, Recommendation, TaskOutput, TaskSpec, Usage
-
-ErrorKind = Literal["rate_limit", "overloaded", "timeout", "server", "invalid_output", "simulated"]
+from shared.schemas import Artifact, ErrorKind, Finding, Recommendation, TaskOutput, TaskSpec, Usage
 
 
 class ProviderError(OpenClawError):
     """A model call failed; ``kind`` lets the failure handler choose a strategy."""
 
-    def __init__(self, message: str, kind: ErrorKind = "server") -> None:
+    def __init__(self, message: str, kind: ErrorKind = "server", usage: Usage | None = None) -> None:
         super().__init__(message)
         self.kind = kind
+        self.usage = usage or Usage()  # a call that answered unusably is still billed
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,10 @@ class Simulate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     latency_s: float | None = Field(default=None, ge=0)
-    fail_attempts: int = Field(default=0, ge=0)
+    fail_attempts: int = Field(default=0, ge=0, description="attempts 1..N fail with ``error``")
     hang: bool = False
     error: ErrorKind = "simulated"
+    crash_attempts: int = Field(default=0, ge=0, description="attempts 1..N kill the worker process")
 
 
 def _tokens(text: str) -> int:
@@ -151,13 +152,17 @@ class SimulatedProvider:
             await asyncio.Event().wait()  # until the worker's timeout cancels us
         if delay:
             await asyncio.sleep(delay)
-        if attempt <= sim.fail_attempts:
-            raise ProviderError(f"simulated {sim.error} failure on attempt {attempt}", sim.error)
+        if attempt <= sim.crash_attempts:
+            os._exit(70)  # a worker dying mid-task, as kill -9 would
         output = simulated_output(pool, task)
         usage = Usage(
             input_tokens=_tokens(prompt.system) + _tokens(prompt.user),
             output_tokens=_tokens(output.model_dump_json()),
         )
+        if attempt <= sim.fail_attempts:
+            # Busy or failed calls bill nothing; a model that answered unusably bills the tokens.
+            billed = usage if sim.error in ("simulated", "invalid_output") else None
+            raise ProviderError(f"simulated {sim.error} failure on attempt {attempt}", sim.error, billed)
         return TaskReply(output=output, usage=usage, model=model, provider=self.name)
 
 

@@ -21,6 +21,11 @@ ExecutionStatus = Literal["queued", "planning", "running", "completed", "partial
 TERMINAL_EXECUTION: frozenset[str] = frozenset({"completed", "partial", "failed", "cancelled"})
 TaskStatus = Literal["pending", "queued", "running", "retrying", "completed", "failed", "skipped", "cancelled"]
 TERMINAL_TASK: frozenset[str] = frozenset({"completed", "failed", "skipped", "cancelled"})
+# Why an attempt failed: the failure handler picks its strategy from this.
+ErrorKind = Literal[
+    "rate_limit", "overloaded", "timeout", "server", "invalid_output", "simulated", "agent_error", "deadline",
+    "dead_letter",
+]
 
 
 def now() -> datetime:
@@ -179,7 +184,9 @@ class TaskFailed(_TaskResult):
     kind: Literal["task.failed"] = "task.failed"
     finished_at: datetime
     error: str
+    error_kind: ErrorKind = "server"
     final: bool = Field(description="no attempt follows: the task has failed")
+    strategy: str | None = Field(default=None, description="what the failure handler does next")
     retry_in_s: float | None = None
     model: str | None = None
     provider: str | None = None
@@ -201,6 +208,7 @@ class DeadLetter(Wire):
     stream_seq: int | None = None
     deliveries: int | None = None
     reason: str
+    advisory: str | None = Field(default=None, description="the JetStream advisory that reported it, if any")
     payload: str = Field(description="the original payload, decoded as UTF-8 with replacement")
     dead_lettered_at: datetime = Field(default_factory=now)
 
@@ -213,8 +221,10 @@ class Attempt(BaseModel):
     worker: str
     started_at: datetime
     finished_at: datetime | None = None
-    outcome: Literal["running", "completed", "failed"] = "running"
+    outcome: Literal["running", "completed", "failed", "lost"] = "running"
     error: str | None = None
+    error_kind: str | None = None
+    strategy: str | None = Field(default=None, description="the failure handler's decision after this attempt")
     model: str | None = None
     provider: str | None = None
     usage: Usage = Usage()
@@ -238,6 +248,8 @@ class TaskState(BaseModel):
     attempts: list[Attempt] = Field(default_factory=list)
     error: str | None = None
     output: TaskOutput | None = None
+    resolution: str | None = Field(default=None, description="skip or escalate, once the task gave up")
+    degradation: str | None = Field(default=None, description="pending / unaudited / without optimization")
 
     def attempt(self, n: int) -> Attempt | None:
         return next((a for a in self.attempts if a.n == n), None)
@@ -348,12 +360,47 @@ class Execution(BaseModel):
             by_phase[c.phase] = round(by_phase.get(c.phase, 0.0) + c.cost_usd, 8)
         return Cost(total_usd=round(sum(by_phase.values()), 8), by_pool=by_pool, by_phase=by_phase)
 
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def refund_usd(self) -> float:
+        """What the work that failed or was skipped cost: the partial refund figure."""
+        return round(sum(t.cost_usd for t in self.tasks if t.status in ("failed", "skipped", "cancelled")), 8)
+
     @model_validator(mode="after")
     def _unique_tasks(self) -> Execution:
         ids = [t.id for t in self.tasks]
         if len(ids) != len(set(ids)):
             raise ValueError("duplicate task ids in execution state")
         return self
+
+
+class ExecutionDeadline(Wire):
+    """PM → aggregator: check this execution at its deadline (the broker holds the message until then)."""
+
+    kind: Literal["execution.deadline"] = "execution.deadline"
+    execution_id: str
+    deadline_at: datetime
+
+
+class ConsumerAdvisory(BaseModel):
+    """The server's MAX_DELIVERIES / MSG_TERMINATED advisory (its format, not ours)."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    stream: str
+    consumer: str
+    stream_seq: int
+    deliveries: int = 0
+    reason: str | None = None
+
+    @property
+    def exhausted(self) -> bool:
+        return self.type.endswith(".max_deliver")
+
+    def describe(self) -> str:
+        if self.exhausted:
+            return f"consumer {self.consumer} gave up after {self.deliveries} deliveries (max_deliver)"
+        return f"consumer {self.consumer} terminated it: {self.reason or 'no reason given'}"
 
 
 class ExecutionCompleted(Wire):

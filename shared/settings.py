@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     namespace: str = Field(default="", pattern=r"^[a-z0-9]*$")
     host: str = "0.0.0.0"
     port: int | None = Field(default=None, ge=0, le=65535, description="HTTP port (default: per service)")
+    slots: int | None = Field(default=None, ge=1, description="tasks one pool replica runs at once "
+                              "(default: the pool's max_concurrent; the broker caps the pool as a whole)")
     worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     log_level: str = "INFO"
     log_format: str = Field(default="json", pattern=r"^(json|text)$")

@@ -53,6 +53,15 @@ def stream_configs(names: Names, replicas: int = 1) -> list[StreamConfig]:
         cfg(names.results_stream, names.results_all, 7 * DAY, 600, limits),
         cfg(names.events_stream, names.events_all, 7 * DAY, 600, limits),
         cfg(names.dlq_stream, names.dlq_all, 30 * DAY, 600, limits),
+        # Advisories are core NATS messages, lost if nobody listens: this stream keeps them.
+        StreamConfig(
+            name=names.advisories_stream,
+            subjects=names.advisory_subjects(),
+            retention=limits,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            max_age=30 * DAY,
+        ),
     ]
 
 
@@ -101,6 +110,24 @@ def pm_consumer_config(names: Names, pe: ParallelExecutionConfig) -> ConsumerCon
 def aggregator_consumer_config(names: Names, pe: ParallelExecutionConfig) -> ConsumerConfig:
     return _durable(
         names.aggregator_consumer, names.results_all, max_ack_pending=4096, ack_wait=30, max_deliver=10
+    )
+
+
+def deadlines_consumer_config(names: Names) -> ConsumerConfig:
+    """Deadline checks wait in the broker (nak with the remaining time); each waiting one holds an
+    ack-pending slot, so the cap is far above the number of executions that can be running at once."""
+    return _durable(names.deadlines_consumer, names.execution_deadline, max_ack_pending=100_000, ack_wait=30,
+                    max_deliver=-1)
+
+
+def dead_letters_consumer_config(names: Names) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=names.dead_letters_consumer,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=30,
+        max_deliver=10,
+        max_ack_pending=256,
     )
 
 

@@ -6,13 +6,35 @@ import asyncio
 import logging
 
 from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
 
 from services.aggregator.aggregate import aggregate
 from services.aggregator.synthesis import synthesize
 from shared import metrics
 from shared.bus import publish
-from shared.execution import all_tasks_terminal, apply_result, outcome, queued, run_command, run_msg_id
-from shared.schemas import Execution, TaskCompleted, TaskFailed, TaskStarted, now
+from shared.execution import (
+    all_tasks_terminal,
+    apply_result,
+    expire,
+    fail_execution,
+    outcome,
+    queued,
+    run_command,
+    run_msg_id,
+)
+from shared.failures import ON_EXHAUSTED
+from shared.schemas import (
+    ConsumerAdvisory,
+    DeadLetter,
+    Execution,
+    ExecutionDeadline,
+    ExecutionRequested,
+    RunTask,
+    TaskCompleted,
+    TaskFailed,
+    TaskStarted,
+    now,
+)
 from shared.service import Runtime
 
 log = logging.getLogger(__name__)
@@ -39,6 +61,80 @@ class AggregatorHandlers:
         if all_tasks_terminal(ex):
             await self._finish(ex)
         await msg.ack()
+
+    async def on_deadline(self, check: ExecutionDeadline, msg: Msg) -> None:
+        """At the deadline, finish the execution with what it has; before it, hand the check back."""
+        left = (check.deadline_at - now()).total_seconds()
+        if left > 0:
+            await msg.nak(delay=left)  # the broker holds the check until the deadline
+            return
+        ctx = {"execution_id": check.execution_id}
+
+        def expire_or_fail(ex: Execution) -> bool:
+            if not ex.tasks:
+                return fail_execution(ex, "no plan was made before the execution deadline")
+            return expire(ex, "execution deadline exceeded")
+
+        ex = await self.rt.executions.mutate(check.execution_id, expire_or_fail)
+        if ex is not None and ex.terminal:
+            await self.rt.announce_completed(ex)
+            log.warning("execution failed at its deadline: %s", ex.error, extra=ctx)
+        elif ex is not None and all_tasks_terminal(ex):
+            log.warning("deadline reached: finishing with what is done", extra=ctx)
+            await self._finish(ex)
+        await msg.ack()
+
+    async def on_advisory(self, adv: ConsumerAdvisory, msg: Msg) -> None:
+        """A consumer gave up on a message: keep it in the DLQ with the reason, and tell its execution."""
+        js, names = self.rt.jetstream, self.rt.names
+        try:
+            original = await js.get_msg(adv.stream, adv.stream_seq)
+        except NotFoundError:
+            original = None  # a work-queue message that was terminated is gone; the consumer kept a copy
+        letter = DeadLetter(
+            stream=adv.stream,
+            consumer=adv.consumer,
+            subject=original.subject if original else "",
+            stream_seq=adv.stream_seq,
+            deliveries=adv.deliveries,
+            reason=adv.describe(),
+            advisory=adv.type,
+            payload=(original.data or b"").decode("utf-8", errors="replace") if original else "",
+        )
+        # Same msg-id as the consumer's own copy of a poison message: one dead letter per message.
+        await publish(js, names.dlq(adv.stream, adv.consumer), letter, f"{adv.stream}:{adv.stream_seq}:dead")
+        metrics.DEAD_LETTERS.labels(adv.stream, adv.consumer).inc()
+        if original is not None and original.data and adv.exhausted:
+            if adv.stream == names.tasks_stream:
+                await self._task_dead(adv, original.data)
+                await js.delete_msg(adv.stream, adv.stream_seq)  # a work queue keeps what ran out of deliveries
+            elif adv.stream == names.executions_stream and original.subject == names.execution_requested:
+                await self._request_dead(adv, original.data)
+        log.warning("dead-lettered %s seq %d: %s", letter.subject or adv.stream, adv.stream_seq, letter.reason)
+        await msg.ack()
+
+    async def _task_dead(self, adv: ConsumerAdvisory, data: bytes) -> None:
+        """The task will never report: record its last attempt as failed for good."""
+        try:
+            cmd = RunTask.model_validate_json(data)
+        except ValueError:
+            return
+        at = now()
+        failed = TaskFailed(execution_id=cmd.execution_id, task_id=cmd.task.id, pool=cmd.task.pool,
+                            attempt=max(1, adv.deliveries), worker="dead-letter", started_at=at, finished_at=at,
+                            error=f"dead-lettered: {adv.describe()}", error_kind="dead_letter", final=True,
+                            strategy=ON_EXHAUSTED[cmd.task.pool].value)
+        await publish(self.rt.jetstream, self.rt.names.results(cmd.execution_id), failed, failed.msg_id())
+
+    async def _request_dead(self, adv: ConsumerAdvisory, data: bytes) -> None:
+        try:
+            req = ExecutionRequested.model_validate_json(data)
+        except ValueError:
+            return
+        reason = f"could not be planned: {adv.describe()}"
+        ex = await self.rt.executions.mutate(req.execution_id, lambda ex: fail_execution(ex, reason))
+        if ex is not None and ex.terminal:
+            await self.rt.announce_completed(ex)
 
     async def _finish(self, snapshot: Execution) -> None:
         """Aggregate, synthesize and store the final answer (once), then announce it."""

@@ -2,20 +2,36 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from services.aggregator.handlers import AggregatorHandlers
 from shared.consumer import Consumer
-from shared.schemas import TaskResultAdapter
+from shared.schemas import ConsumerAdvisory, ExecutionDeadline, TaskResultAdapter
 from shared.service import Runtime, Workers, run_service
-from shared.topology import aggregator_consumer_config, ensure_consumer
+from shared.topology import (
+    aggregator_consumer_config,
+    dead_letters_consumer_config,
+    deadlines_consumer_config,
+    ensure_consumer,
+)
 
 
 async def start(rt: Runtime) -> Workers:
+    """Three durables: task results, deadline checks, and the advisories of consumers that gave up."""
     js, names = rt.jetstream, rt.names
     await ensure_consumer(js, names.results_stream, aggregator_consumer_config(names, rt.pe))
-    handlers = AggregatorHandlers(rt)
-    consumer = Consumer(js, names, names.results_stream, names.aggregator_consumer,
-                        TaskResultAdapter.validate_json, handlers.on_result, capacity=256)
-    return [consumer.run(rt.stop)]
+    await ensure_consumer(js, names.executions_stream, deadlines_consumer_config(names))
+    await ensure_consumer(js, names.advisories_stream, dead_letters_consumer_config(names))
+    h = AggregatorHandlers(rt)
+    consumers: list[Consumer[Any]] = [
+        Consumer(js, names, names.results_stream, names.aggregator_consumer, TaskResultAdapter.validate_json,
+                 h.on_result, capacity=256),
+        Consumer(js, names, names.executions_stream, names.deadlines_consumer, ExecutionDeadline.model_validate_json,
+                 h.on_deadline, capacity=256),
+        Consumer(js, names, names.advisories_stream, names.dead_letters_consumer,
+                 ConsumerAdvisory.model_validate_json, h.on_advisory, capacity=16),
+    ]
+    return [c.run(rt.stop) for c in consumers]
 
 
 def main() -> None:

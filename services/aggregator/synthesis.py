@@ -29,7 +29,11 @@ def synthesize(ex: Execution, agg: AggregatedResult, status: str, pm: PMCoordina
         if t.status == "completed" and t.output is not None:
             lines.append(f"  • [{t.pool}] {t.id}: {t.output.summary}")
         else:
-            lines.append(f"  • [{t.pool}] {t.id}: {t.status} — {t.error or 'no result'}")
+            label = f" — delivered {t.degradation}" if t.degradation else ""
+            lines.append(f"  • [{t.pool}] {t.id}: {t.status}{label} ({t.error or 'no result'})")
+    unaudited = [t.id for t in ex.tasks if t.degradation == "unaudited"]
+    if unaudited:
+        lines += ["", f"{e('🔓 ')}Heads-up: the security review did not complete — treat these results as unaudited."]
 
     wall = (ex.updated_at - ex.created_at).total_seconds()
     work = sum(a.duration_s or 0.0 for t in ex.tasks for a in t.attempts)
@@ -37,6 +41,14 @@ def synthesize(ex: Execution, agg: AggregatedResult, status: str, pm: PMCoordina
     cost = ex.cost
     by_pool = ", ".join(f"{p} ${c:.4f}" for p, c in sorted(cost.by_pool.items()))
     lines.append(f"Cost: ${cost.total_usd:.4f} ({by_pool}).")
+    if ex.refund_usd > 0:
+        lines.append(f"Refund due: ${ex.refund_usd:.4f} for work that failed or was skipped.")
+    decisions = [t for t in ex.tasks if t.resolution == "escalate"]
+    if decisions:
+        lines += ["", "Decisions for you:"] + [
+            f"  • {t.id} ({t.pool}) is {t.degradation}: retry it, give it more time, or drop it from scope?"
+            for t in decisions
+        ]
 
     steps = [f"Address [{f.severity}] {f.topic}: {f.recommendation}" for f in agg.findings if f.recommendation]
     steps += [f"Re-run {t.id} ({t.pool}): {t.error}" for t in ex.tasks if t.status in ("failed", "skipped")]

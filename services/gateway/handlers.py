@@ -17,7 +17,7 @@ from shared import metrics
 from shared.bus import publish
 from shared.errors import PlanError
 from shared.execution import new_execution
-from shared.schemas import Execution, ExecutionCompleted, ExecutionRequested, check_plan, now
+from shared.schemas import Execution, ExecutionCompleted, ExecutionDeadline, ExecutionRequested, check_plan, now
 from shared.service import Runtime
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,9 @@ async def execute_parallel(body: ExecuteRequest, rt: RuntimeDep, response: Respo
     sub = await rt.nc.subscribe(names.events(eid, "*"))  # type: ignore[union-attr]
     try:
         await publish(rt.jetstream, names.execution_requested, req, msg_id=eid)
+        # The aggregator's deadline check: held by the broker until then, so no execution waits forever.
+        await publish(rt.jetstream, names.execution_deadline,
+                      ExecutionDeadline(execution_id=eid, deadline_at=req.deadline_at), msg_id=f"{eid}:deadline")
         log.info("accepted execution", extra={"execution_id": eid})
         final = await _wait_for(sub, "completed" if body.wait else "planned", wait_s if body.wait else PLAN_WAIT_S)
     finally:

@@ -12,8 +12,8 @@ from services.pm.planning import make_plan
 from shared import metrics
 from shared.bus import publish
 from shared.errors import PlanError
-from shared.execution import apply_plan, new_execution, queued, run_command, run_msg_id
-from shared.schemas import Execution, ExecutionPlanned, ExecutionRequested, now
+from shared.execution import apply_plan, fail_execution, new_execution, queued, run_command, run_msg_id
+from shared.schemas import ExecutionPlanned, ExecutionRequested
 from shared.service import Runtime
 
 log = logging.getLogger(__name__)
@@ -57,14 +57,7 @@ class PMHandlers:
         log.info("planned %d task(s) with %s", len(ex.tasks), ex.planner, extra=ctx)
 
     async def _reject(self, req: ExecutionRequested, reason: str) -> None:
-        def fail(ex: Execution) -> bool:
-            if ex.terminal:
-                return False
-            ex.status, ex.error, ex.finished_at = "failed", f"invalid plan: {reason}", now()
-            ex.updated_at = ex.finished_at
-            return True
-
-        ex = await self.rt.executions.mutate(req.execution_id, fail)
+        ex = await self.rt.executions.mutate(req.execution_id, lambda ex: fail_execution(ex, f"invalid plan: {reason}"))
         if ex is not None and ex.terminal:
             await self.rt.announce_completed(ex)
         log.warning("rejected plan: %s", reason, extra={"execution_id": req.execution_id})

@@ -1,0 +1,69 @@
+"""The failure handler: what to do after an attempt fails, and how a pool degrades when it gives up.
+
+RETRY while attempts remain (the broker spaces them: ``nak(delay=1, 3, 9 s)``). FALLBACK: when the
+failure says the model was busy or slow (rate limit, overloaded, timeout), the last attempt runs on
+the pool's lighter model. Exhausted: SKIP (deliver the rest without this result) or ESCALATE (the
+client must decide) by pool, with the seed's degradation labels; REFUND is reported per execution
+as the cost of the work that failed or was skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from shared.config import ParallelExecutionConfig
+from shared.names import Pool
+
+
+class Strategy(StrEnum):
+    RETRY = "retry"
+    FALLBACK = "fallback"
+    SKIP = "skip"
+    ESCALATE = "escalate"
+
+
+FALLBACK_KINDS = frozenset({"rate_limit", "overloaded", "timeout"})
+
+# What the client gets when a pool cannot deliver (seed: graceful degradation).
+DEGRADATION: dict[Pool, str] = {
+    "codegen": "pending",
+    "security": "unaudited",
+    "database": "without optimization",
+}
+# Missing code is a hole in the deliverable: the client decides. A missing audit or optimization
+# degrades the answer but does not block it.
+ON_EXHAUSTED: dict[Pool, Strategy] = {
+    "codegen": Strategy.ESCALATE,
+    "security": Strategy.SKIP,
+    "database": Strategy.SKIP,
+}
+
+
+@dataclass(frozen=True)
+class Decision:
+    strategy: Strategy
+    final: bool
+    delay_s: float | None = None  # before the next attempt
+
+
+def attempts_allowed(pe: ParallelExecutionConfig) -> int:
+    return pe.retries.max_retries + 1
+
+
+def decide(pe: ParallelExecutionConfig, pool: Pool, attempt: int, kind: str, seconds_left: float) -> Decision:
+    """After attempt ``attempt`` failed with ``kind``: retry (maybe on the fallback model) or give up."""
+    delay = pe.retries.delay(attempt) if pe.retries.max_retries else 0.0
+    if attempt >= attempts_allowed(pe) or seconds_left <= delay:
+        return Decision(ON_EXHAUSTED[pool], final=True)
+    last_next = attempt + 1 == attempts_allowed(pe)
+    strategy = Strategy.FALLBACK if last_next and kind in FALLBACK_KINDS else Strategy.RETRY
+    return Decision(strategy, final=False, delay_s=delay)
+
+
+def model_for(pe: ParallelExecutionConfig, pool: Pool, attempt: int, previous_kind: str | None) -> str:
+    """The model attempt ``attempt`` runs on: the fallback model on a last attempt after a busy/slow failure."""
+    cfg = pe.worker_pools.get(pool)
+    if attempt >= attempts_allowed(pe) and attempt > 1 and previous_kind in FALLBACK_KINDS:
+        return cfg.fallback_model
+    return cfg.model
