@@ -1,0 +1,242 @@
+"""Worker pools under load and failure: limits, retries, fallback, degradation, crashes, dead letters, deadlines.
+
+Every test runs the real stack (`openclaw up`) with its own config and namespace; the services are
+real processes, so a crash is a real kill -9.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nats
+import pytest
+from nats.js.api import DeliverPolicy
+
+from shared.schemas import DeadLetter
+from tests.conftest import Stack, wait_until, write_config
+
+pytestmark = pytest.mark.e2e
+
+
+def ns() -> str:
+    return "p" + uuid.uuid4().hex[:10]
+
+
+def ts(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+def run(stack: Stack, tasks: list[dict[str, Any]], timeout: float = 90) -> dict[str, Any]:
+    r = httpx.post(f"{stack.url}/api/execute-parallel",
+                   json={"message": "pool test", "tasks": tasks, "wait": True, "timeout_s": timeout},
+                   timeout=timeout + 10)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def submit(stack: Stack, tasks: list[dict[str, Any]]) -> str:
+    r = httpx.post(f"{stack.url}/api/execute-parallel", json={"message": "pool test", "tasks": tasks}, timeout=30)
+    assert r.status_code == 202, r.text
+    return str(r.json()["execution_id"])
+
+
+def get(stack: Stack, eid: str) -> dict[str, Any]:
+    doc: dict[str, Any] = httpx.get(f"{stack.url}/api/execution/{eid}", timeout=10).json()
+    return doc
+
+
+def task(i: str, pool: str = "codegen", **simulate: Any) -> dict[str, Any]:
+    return {"id": i, "pool": pool, "description": f"task {i}", "context": {"simulate": simulate}}
+
+
+def max_overlap(intervals: list[tuple[datetime, datetime]]) -> int:
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
+    live = peak = 0
+    for _, delta in events:
+        live += delta
+        peak = max(peak, live)
+    return peak
+
+
+def test_two_replicas_share_the_pool_limit(stack_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg = write_config(tmp_path / "c.json", {"max_tasks_per_execution": 12})
+    stack = stack_factory(ns(), "--config", str(cfg), "--replicas", "codegen=2")
+    doc = run(stack, [task(f"t{i}", latency_s=1.0) for i in range(12)])
+    assert doc["status"] == "completed"
+    attempts = [a for t in doc["tasks"] for a in t["attempts"]]
+    assert len(attempts) == 12
+    intervals = [(ts(a["started_at"]), ts(a["finished_at"])) for a in attempts]
+    assert max_overlap(intervals) == 3  # codegen's max_concurrent, across both replicas
+    assert {a["worker"] for a in attempts} == {"codegen-1", "codegen-2"}
+    span = (max(e for _, e in intervals) - min(s for s, _ in intervals)).total_seconds()
+    assert 4.0 <= span < 6.0, span  # 12 one-second tasks, 3 at a time: about 4 s, not 12
+
+
+def test_retries_are_spaced_1s_then_3s_and_recorded(stack_factory) -> None:  # type: ignore[no-untyped-def]
+    stack = stack_factory(ns())
+    doc = run(stack, [task("flaky", "database", latency_s=0, fail_attempts=2)])
+    t = doc["tasks"][0]
+    assert doc["status"] == "completed" and t["status"] == "completed"
+    a1, a2, a3 = t["attempts"]
+    assert [a["n"] for a in (a1, a2, a3)] == [1, 2, 3]
+    assert [a["outcome"] for a in (a1, a2, a3)] == ["failed", "failed", "completed"]
+    assert [a["strategy"] for a in (a1, a2)] == ["retry", "retry"]  # a model error, not busy/slow: no fallback
+    assert a1["error"] == "simulated simulated failure on attempt 1" and a1["error_kind"] == "simulated"
+    assert all(a["model"] == "claude-sonnet-4-5" and a["duration_s"] is not None for a in (a1, a2, a3))
+    gap1 = (ts(a2["started_at"]) - ts(a1["finished_at"])).total_seconds()
+    gap2 = (ts(a3["started_at"]) - ts(a2["finished_at"])).total_seconds()
+    assert 0.95 <= gap1 < 1.8, gap1
+    assert 2.95 <= gap2 < 3.8, gap2
+    # Failed attempts that got an (unusable) answer are billed, and counted in the task's cost.
+    assert t["cost_usd"] == pytest.approx(sum(a["cost_usd"] for a in (a1, a2, a3)))
+    assert a1["cost_usd"] > 0
+
+
+def test_exhausted_pools_degrade_as_the_seed_says(stack_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg = write_config(tmp_path / "c.json", {"retries": {"max_retries": 1, "backoff_s": [0.2]}})
+    stack = stack_factory(ns(), "--config", str(cfg))
+    doc = run(stack, [
+        task("api", "codegen", latency_s=0, fail_attempts=9),
+        task("audit", "security", latency_s=0, fail_attempts=9),
+        task("indexes", "database", latency_s=0, fail_attempts=9),
+        task("docs", "codegen", latency_s=0),
+    ])
+    tasks = {t["id"]: t for t in doc["tasks"]}
+    assert doc["status"] == "partial"
+    expect = {"api": ("escalate", "pending"), "audit": ("skip", "unaudited"),
+              "indexes": ("skip", "without optimization")}
+    for tid, (resolution, label) in expect.items():
+        t = tasks[tid]
+        assert t["status"] == "failed" and len(t["attempts"]) == 2
+        assert (t["resolution"], t["degradation"]) == (resolution, label)
+        assert t["attempts"][-1]["strategy"] == resolution
+    assert tasks["docs"]["status"] == "completed"
+    failed_cost = sum(tasks[t]["cost_usd"] for t in expect)
+    assert failed_cost > 0 and doc["refund_usd"] == pytest.approx(failed_cost)
+    text = doc["final_response"]
+    assert "unaudited" in text and "without optimization" in text
+    assert "Decisions for you" in text and "api (codegen) is pending" in text
+    assert f"Refund due: ${doc['refund_usd']:.4f}" in text
+
+
+def test_all_tasks_failing_ends_failed(stack_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg = write_config(tmp_path / "c.json", {"retries": {"max_retries": 0}})
+    stack = stack_factory(ns(), "--config", str(cfg))
+    doc = run(stack, [task("a", "codegen", latency_s=0, fail_attempts=1),
+                      task("b", "security", latency_s=0, fail_attempts=1, error="overloaded")])
+    assert doc["status"] == "failed"
+    assert all(t["status"] == "failed" and len(t["attempts"]) == 1 for t in doc["tasks"])
+    assert "couldn't get this one over the line" in doc["final_response"]
+
+
+def test_hanging_task_times_out_retries_falls_back_then_fails(stack_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg = write_config(tmp_path / "c.json", {
+        "worker_pools": {"security": {"max_concurrent": 2, "timeout": 0.5}},
+        "retries": {"max_retries": 2, "backoff_s": [0.2, 0.2]},
+    })
+    stack = stack_factory(ns(), "--config", str(cfg))
+    doc = run(stack, [task("stuck", "security", hang=True)])
+    t = doc["tasks"][0]
+    assert doc["status"] == "failed" and t["status"] == "failed"
+    assert [a["error"] for a in t["attempts"]] == ["timed out after 0.5s"] * 3
+    assert [a["error_kind"] for a in t["attempts"]] == ["timeout"] * 3
+    # The last attempt ran on the lighter model because the failures were timeouts.
+    assert [a["model"] for a in t["attempts"]] == ["claude-sonnet-4-5", "claude-sonnet-4-5", "claude-haiku-4-5"]
+    assert [a["strategy"] for a in t["attempts"]] == ["retry", "fallback", "skip"]
+    assert all(0.5 <= a["duration_s"] < 1.5 for a in t["attempts"])
+
+
+def _wait_running(stack: Stack, eid: str, task_id: str) -> dict[str, Any]:
+    def running() -> dict[str, Any] | None:
+        t = next(t for t in get(stack, eid)["tasks"] if t["id"] == task_id)
+        return t if t["status"] == "running" else None
+
+    found: dict[str, Any] = wait_until(running, 30, f"{task_id} to be running")
+    return found
+
+
+def test_killed_replica_mid_task_loses_nothing(stack_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg = write_config(tmp_path / "c.json", {"ack_wait_s": 2})
+    stack = stack_factory(ns(), "--config", str(cfg), "--replicas", "codegen=2")
+    eid = submit(stack, [task("long", latency_s=3)])
+    victim = _wait_running(stack, eid, "long")["worker"]
+    os.kill(stack.pid(victim), signal.SIGKILL)
+    killed_at = time.monotonic()
+    doc = wait_until(lambda: (d := get(stack, eid))["status"] == "completed" and d, 30, "completion")
+    assert time.monotonic() - killed_at < 2 + 3 + 5  # ack_wait + the task + margin
+    t = doc["tasks"][0]
+    lost, done = t["attempts"]
+    assert lost["worker"] == victim and lost["outcome"] == "lost" and lost["cost_usd"] == 0
+    assert done["outcome"] == "completed" and done["n"] == 2
+    assert t["cost_usd"] == done["cost_usd"] and doc["cost"]["total_usd"] == done["cost_usd"]  # counted once
+
+
+def test_every_replica_killed_mid_task_restarts_and_completes(stack_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg = write_config(tmp_path / "c.json", {"ack_wait_s": 2})
+    stack = stack_factory(ns(), "--config", str(cfg), "--replicas", "database=2")
+    eid = submit(stack, [task("m1", "database", latency_s=2), task("m2", "database", latency_s=2)])
+    _wait_running(stack, eid, "m1")
+    _wait_running(stack, eid, "m2")
+    for name in ("database-1", "database-2"):
+        os.kill(stack.pid(name), signal.SIGKILL)
+    killed_at = time.monotonic()
+    doc = wait_until(lambda: (d := get(stack, eid))["status"] == "completed" and d, 40, "completion")
+    assert time.monotonic() - killed_at < 30  # redelivered after ack_wait to the restarted replicas
+    for t in doc["tasks"]:
+        assert [a["outcome"] for a in t["attempts"]] == ["lost", "completed"]
+    assert doc["cost"]["total_usd"] == pytest.approx(sum(t["attempts"][1]["cost_usd"] for t in doc["tasks"]))
+    assert "database-1 exited with status -9" in stack.output()
+
+
+async def test_a_task_whose_worker_always_dies_is_dead_lettered_and_the_execution_told(  # type: ignore[no-untyped-def]
+    stack_factory, tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path / "c.json", {"ack_wait_s": 1, "retries": {"max_retries": 1}})
+    stack = stack_factory(ns(), "--config", str(cfg))
+    eid = submit(stack, [task("doomed", "security", latency_s=0, crash_attempts=5),
+                         task("ok", "database", latency_s=0)])
+    doc = wait_until(lambda: (d := get(stack, eid))["status"] in ("partial", "failed") and d, 60, "a terminal status")
+    t = next(t for t in doc["tasks"] if t["id"] == "doomed")
+    assert doc["status"] == "partial"
+    assert t["status"] == "failed" and t["degradation"] == "unaudited"
+    assert t["error"] == "dead-lettered: consumer security gave up after 2 deliveries (max_deliver)"
+    assert [a["outcome"] for a in t["attempts"]] == ["lost", "failed"]
+
+    nc = await nats.connect(str(stack.state()["nats_url"]))
+    js = nc.jetstream()
+    names = stack.names
+    sub = await js.subscribe(names.dlq(names.tasks_stream, "security"), deliver_policy=DeliverPolicy.ALL,
+                             ordered_consumer=True)
+    letter = DeadLetter.model_validate_json((await sub.next_msg(timeout=10)).data)
+    assert letter.advisory == "io.nats.jetstream.advisory.v1.max_deliver" and letter.deliveries == 2
+    assert eid in letter.payload and letter.subject == names.tasks("security")
+    # The work queue no longer holds the message that ran out of deliveries.
+    info = await js.stream_info(names.tasks_stream)
+    await nc.drain()
+    assert info.state.messages == 0
+
+
+def test_deadline_finishes_partial_with_what_is_done(stack_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg = write_config(tmp_path / "c.json", {
+        "execution_timeout_s": 2,
+        "worker_pools": {"database": {"max_concurrent": 1, "timeout": 60}},
+    })
+    stack = stack_factory(ns(), "--config", str(cfg))
+    began = time.monotonic()
+    doc = run(stack, [task("quick", "codegen", latency_s=0),
+                      task("slow", "database", latency_s=10), task("starved", "database", latency_s=10)], timeout=20)
+    assert time.monotonic() - began < 5
+    tasks = {t["id"]: t for t in doc["tasks"]}
+    assert doc["status"] == "partial"
+    assert tasks["quick"]["status"] == "completed"
+    assert tasks["slow"]["status"] == "failed"  # its worker's own timeout stops at the deadline
+    assert tasks["starved"]["status"] == "failed" and tasks["starved"]["attempts"] == []
+    assert tasks["starved"]["error"] == "execution deadline exceeded"  # never got a slot: the deadline check
+    assert (ts(doc["finished_at"]) - ts(doc["created_at"])).total_seconds() < 4
