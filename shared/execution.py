@@ -85,7 +85,8 @@ def apply_result(ex: Execution, r: TaskStarted | TaskCompleted | TaskFailed) -> 
         return False
     att = task.attempt(r.attempt)
     if att is None:
-        att = Attempt(n=r.attempt, worker=r.worker, started_at=r.started_at)
+        att = Attempt(n=r.attempt, worker=r.worker, started_at=r.started_at,
+                      upstream=r.upstream if isinstance(r, TaskStarted) else [])
         task.attempts.append(att)
         task.attempts.sort(key=lambda a: a.n)
         # A later delivery means every earlier one still "running" lost its worker (crash, kill).

@@ -54,7 +54,8 @@ class PoolWorker:
         if seconds_left <= 0:
             await self._failed(d, "deadline", "execution deadline passed before the task started", None, Usage())
             return
-        await self._publish(cmd.execution_id, TaskStarted(**d.head, started_at=d.started))
+        upstream = sorted(cmd.task.context.get("upstream") or {})
+        await self._publish(cmd.execution_id, TaskStarted(**d.head, started_at=d.started, upstream=upstream))
         model = model_for(self.rt.pe, self.pool, d.attempt, await self._previous_error_kind(cmd, d.attempt))
         log.info("task started on %s", model, extra=d.ctx)
 

@@ -8,8 +8,8 @@ benchmarks shape it per task with ``context.simulate = {latency_s, fail_attempts
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
+import re
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -60,33 +60,30 @@ class Simulate(BaseModel):
     hang: bool = False
     error: ErrorKind = "simulated"
     crash_attempts: int = Field(default=0, ge=0, description="attempts 1..N kill the worker process")
+    output: TaskOutput | None = Field(default=None, description="answer this instead of the pool's default")
 
 
 def _tokens(text: str) -> int:
     return max(1, (len(text) + 3) // 4)
 
 
-def _pick(seed: str, options: list[str]) -> str:
-    digest = hashlib.sha256(seed.encode()).digest()
-    return options[digest[0] % len(options)]
-
-
 def simulated_output(pool: Pool, task: TaskSpec) -> TaskOutput:
     """Deterministic, pool-shaped output for a task: same task, same answer."""
     d = task.description.lower()
     if pool == "codegen":
-        ui = any(w in d.split(" for")[0] for w in ("frontend", "ui", "page", "react", "form", "component"))
+        head = set(re.findall(r"[a-z]+", d.split(":")[0]))
+        ui = bool(head & {"frontend", "ui", "page", "pages", "react", "form", "forms", "component"})
         path = f"web/src/{task.id}.tsx" if ui else f"api/{task.id}.py"
         return TaskOutput(
             simulated=True,
             summary=f"[simulated] wrote {path}.",
             artifacts=[Artifact(path=path, kind="code", content=f"# simulated: {task.description}\n")],
             recommendations=[
-                Recommendation(
-                    topic="session handling",
-                    choice=_pick(task.description, ["JWT in localStorage", "server-side sessions with cookies"]),
-                    rationale="[simulated] simplest fit for the requested flow",
-                )
+                # The seed's CSRF example: a convenient approach that the security review will overrule.
+                Recommendation(topic="csrf", choice="SameSite=Lax cookies only, no CSRF tokens",
+                               rationale="[simulated] fewer moving parts for the JSON API"),
+                Recommendation(topic="session handling", choice="server-side sessions with cookies",
+                               rationale="[simulated] simplest fit for the requested flow"),
             ],
         )
     if pool == "security":
@@ -154,7 +151,7 @@ class SimulatedProvider:
             await asyncio.sleep(delay)
         if attempt <= sim.crash_attempts:
             os._exit(70)  # a worker dying mid-task, as kill -9 would
-        output = simulated_output(pool, task)
+        output = sim.output.model_copy(update={"simulated": True}) if sim.output else simulated_output(pool, task)
         usage = Usage(
             input_tokens=_tokens(prompt.system) + _tokens(prompt.user),
             output_tokens=_tokens(output.model_dump_json()),

@@ -168,6 +168,7 @@ class _TaskResult(Wire):
 
 class TaskStarted(_TaskResult):
     kind: Literal["task.started"] = "task.started"
+    upstream: list[str] = Field(default_factory=list, description="dependencies whose outputs this attempt got")
 
 
 class TaskCompleted(_TaskResult):
@@ -225,6 +226,7 @@ class Attempt(BaseModel):
     error: str | None = None
     error_kind: str | None = None
     strategy: str | None = Field(default=None, description="the failure handler's decision after this attempt")
+    upstream: list[str] = Field(default_factory=list, description="dependencies whose outputs it worked from")
     model: str | None = None
     provider: str | None = None
     usage: Usage = Usage()
@@ -309,14 +311,51 @@ class PoolOutput(BaseModel):
     artifacts: list[str] = Field(default_factory=list)
 
 
+class Position(BaseModel):
+    """What one agent said about a topic."""
+
+    task_id: str
+    pool: str
+    says: str
+    severity: str | None = None
+
+
+ConflictKind = Literal["approach_vs_risk", "different_tools", "contradictory_findings"]
+Rule = Literal["security_first", "merge", "flag"]
+
+
+class Conflict(BaseModel):
+    kind: ConflictKind
+    topic: str
+    positions: list[Position]
+    rule: Rule = Field(description="security_first (rule 1), merge (rule 2) or flag for the PM (rule 3)")
+    resolution: str
+
+
+class Override(BaseModel):
+    """Audit trail: a position that did not stand, the one that did, and the rule that decided."""
+
+    rule: Rule
+    topic: str
+    overridden: Position
+    by: Position
+
+
+class ResolvedRecommendation(Recommendation):
+    sources: list[str] = Field(default_factory=list, description="task ids that recommended it")
+    decision_needed: bool = False
+
+
 class AggregatedResult(BaseModel):
     """Everything the agents said, merged: what the final answer is written from."""
 
     outputs: dict[str, list[PoolOutput]] = Field(default_factory=dict)
-    conflicts_detected: list[dict[str, Any]] = Field(default_factory=list)
+    conflicts_detected: list[Conflict] = Field(default_factory=list)
+    audit: list[Override] = Field(default_factory=list)
+    decisions: list[str] = Field(default_factory=list, description="irreconcilable conflicts the client decides")
     dependencies: list[dict[str, Any]] = Field(default_factory=list)
     findings: list[Finding] = Field(default_factory=list)
-    recommendations: list[Recommendation] = Field(default_factory=list)
+    recommendations: list[ResolvedRecommendation] = Field(default_factory=list)
     summary: str = ""
     quality_score: float = Field(default=0.0, ge=0, le=1)
 

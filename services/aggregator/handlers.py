@@ -139,7 +139,7 @@ class AggregatorHandlers:
     async def _finish(self, snapshot: Execution) -> None:
         """Aggregate, synthesize and store the final answer (once), then announce it."""
         status = outcome(snapshot)
-        agg = aggregate(snapshot)
+        agg = aggregate(snapshot, self.rt.pe.result_aggregation.conflict_resolution)
         text = synthesize(snapshot, agg, status, self.rt.pe.pm_coordinator)
 
         def finish(ex: Execution) -> bool:

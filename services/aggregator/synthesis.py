@@ -35,6 +35,13 @@ def synthesize(ex: Execution, agg: AggregatedResult, status: str, pm: PMCoordina
     if unaudited:
         lines += ["", f"{e('🔓 ')}Heads-up: the security review did not complete — treat these results as unaudited."]
 
+    if agg.conflicts_detected:
+        lines += ["", "Where the agents disagreed:"]
+        for c in agg.conflicts_detected:
+            shown = [p for p in c.positions if c.rule != "security_first" or p.pool != "security"]
+            said = "; ".join(dict.fromkeys(f"{p.pool}: {p.says}" for p in shown))
+            lines.append(f"  • {c.topic} — {c.resolution} ({'over ' if c.rule == 'security_first' else ''}{said})")
+
     wall = (ex.updated_at - ex.created_at).total_seconds()
     work = sum(a.duration_s or 0.0 for t in ex.tasks for a in t.attempts)
     lines += ["", f"Timeline: {_fmt_s(wall)} end to end; {_fmt_s(work)} of agent work ran in parallel pools."]
@@ -43,12 +50,10 @@ def synthesize(ex: Execution, agg: AggregatedResult, status: str, pm: PMCoordina
     lines.append(f"Cost: ${cost.total_usd:.4f} ({by_pool}).")
     if ex.refund_usd > 0:
         lines.append(f"Refund due: ${ex.refund_usd:.4f} for work that failed or was skipped.")
-    decisions = [t for t in ex.tasks if t.resolution == "escalate"]
+    decisions = [f"{t.id} ({t.pool}) is {t.degradation}: retry it, give it more time, or drop it from scope?"
+                 for t in ex.tasks if t.resolution == "escalate"] + agg.decisions
     if decisions:
-        lines += ["", "Decisions for you:"] + [
-            f"  • {t.id} ({t.pool}) is {t.degradation}: retry it, give it more time, or drop it from scope?"
-            for t in decisions
-        ]
+        lines += ["", "Decisions for you:"] + [f"  • {d}" for d in decisions]
 
     steps = [f"Address [{f.severity}] {f.topic}: {f.recommendation}" for f in agg.findings if f.recommendation]
     steps += [f"Re-run {t.id} ({t.pool}): {t.error}" for t in ex.tasks if t.status in ("failed", "skipped")]
