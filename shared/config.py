@@ -116,7 +116,7 @@ class ParallelExecutionConfig(_Strict):
     max_tasks_per_execution: int = Field(default=6, ge=1, le=100)
     provider: Literal["auto", "simulated", "anthropic"] = "auto"
     execution_timeout_s: float = Field(default=1800, gt=0)
-    ack_wait_s: float = Field(default=30, gt=0, description="crash-detection window of a task delivery")
+    ack_wait_s: float = Field(default=30, gt=0, description="crash-detection window of every durable consumer")
     worker_pools: WorkerPools = WorkerPools()
     pm_coordinator: PMCoordinator = PMCoordinator()
     result_aggregation: ResultAggregation = ResultAggregation()

@@ -25,3 +25,4 @@ EXECUTION_DURATION = Histogram(
 )
 REQUESTS = Counter("openclaw_http_requests_total", "Gateway API requests", ["route", "status"])
 PLANS = Counter("openclaw_plans_total", "Plans made by the PM", ["planner"])
+KV_CONFLICTS = Counter("openclaw_kv_cas_conflicts_total", "Compare-and-set writes of execution state that lost a race")

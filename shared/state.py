@@ -8,6 +8,7 @@ from collections.abc import Callable
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from shared import metrics
 from shared.schemas import Execution
 
 log = logging.getLogger(__name__)
@@ -49,4 +50,5 @@ class ExecutionStore:
                 await self.kv.update(execution_id, ex.model_dump_json().encode(), last=revision)
                 return ex
             except KeyWrongLastSequenceError:
+                metrics.KV_CONFLICTS.inc()
                 log.debug("lost a compare-and-set race on %s; re-reading", execution_id)

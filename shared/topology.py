@@ -104,12 +104,13 @@ def pool_consumer_config(names: Names, pool: Pool, pe: ParallelExecutionConfig) 
 
 
 def pm_consumer_config(names: Names, pe: ParallelExecutionConfig) -> ConsumerConfig:
-    return _durable(names.pm_consumer, names.execution_requested, max_ack_pending=256, ack_wait=30, max_deliver=5)
+    return _durable(names.pm_consumer, names.execution_requested, max_ack_pending=256, ack_wait=pe.ack_wait_s,
+                    max_deliver=5)
 
 
 def aggregator_consumer_config(names: Names, pe: ParallelExecutionConfig) -> ConsumerConfig:
     return _durable(
-        names.aggregator_consumer, names.results_all, max_ack_pending=4096, ack_wait=30, max_deliver=10
+        names.aggregator_consumer, names.results_all, max_ack_pending=4096, ack_wait=pe.ack_wait_s, max_deliver=10
     )
 
 

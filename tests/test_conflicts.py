@@ -1,0 +1,136 @@
+"""Conflict detection and resolution on execution documents (pure functions, no broker needed)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from services.aggregator.aggregate import aggregate
+from services.aggregator.conflicts import settle, topic_key
+from shared.execution import apply_plan, new_execution, run_command
+from shared.schemas import (
+    Execution,
+    ExecutionRequested,
+    Finding,
+    Recommendation,
+    TaskOutput,
+    TaskSpec,
+    now,
+)
+
+
+def execution(outputs: dict[str, tuple[str, TaskOutput | None]]) -> Execution:
+    t0 = now()
+    ex = new_execution(ExecutionRequested(execution_id="e", message="m", requested_at=t0,
+                                          deadline_at=t0 + timedelta(hours=1)))
+    apply_plan(ex, [TaskSpec(id=i, pool=pool, description=i) for i, (pool, _) in outputs.items()], "client")  # type: ignore[arg-type]
+    for t in ex.tasks:
+        out = outputs[t.id][1]
+        t.status, t.output = ("completed", out) if out is not None else ("failed", None)
+    return ex
+
+
+def rec(topic: str, choice: str) -> Recommendation:
+    return Recommendation(topic=topic, choice=choice, rationale=f"because {choice}")
+
+
+CSRF_FIX = "Require CSRF tokens on every state-changing request"
+
+
+def test_seed_csrf_example_is_resolved_security_first_with_an_audit_entry() -> None:
+    ex = execution({
+        "backend": ("codegen", TaskOutput(summary="api", recommendations=[rec("CSRF", "SameSite=Lax cookies only")])),
+        "audit": ("security", TaskOutput(summary="audit", findings=[
+            Finding(severity="high", topic="Cross-Site Request Forgery", detail="forms accept cross-site posts",
+                    recommendation=CSRF_FIX)])),
+    })
+    s = settle(ex)
+    [c] = s.conflicts
+    assert (c.kind, c.rule, c.topic) == ("approach_vs_risk", "security_first", "CSRF")
+    assert CSRF_FIX in c.resolution
+    [o] = s.audit
+    assert (o.rule, o.overridden.pool, o.overridden.says, o.by.pool, o.by.says) == (
+        "security_first", "codegen", "SameSite=Lax cookies only", "security", CSRF_FIX)
+    assert [(r.topic, r.choice, r.sources) for r in s.recommendations] == [("CSRF", CSRF_FIX, ["audit"])]
+    assert s.decisions == []
+
+
+def test_security_choice_beats_another_tool_and_agreement_is_merged() -> None:
+    ex = execution({
+        "api": ("codegen", TaskOutput(summary="a", recommendations=[rec("sessions", "JWT in localStorage"),
+                                                                     rec("database", "PostgreSQL")])),
+        "db": ("database", TaskOutput(summary="d", recommendations=[rec("DB", "postgresql")])),
+        "sec": ("security", TaskOutput(summary="s", recommendations=[rec("session management",
+                                                                         "server-side sessions")])),
+    })
+    s = settle(ex)
+    [c] = s.conflicts
+    assert (c.kind, c.rule, c.topic) == ("different_tools", "security_first", "sessions")
+    assert [(o.overridden.says, o.by.says) for o in s.audit] == [("JWT in localStorage", "server-side sessions")]
+    merged = next(r for r in s.recommendations if topic_key(r.topic) == "database")
+    assert merged.sources == ["api", "db"] and merged.choice == "PostgreSQL"  # rule 2: agreement merged
+    assert "because PostgreSQL" in merged.rationale and "because postgresql" in merged.rationale
+
+
+def test_a_disagreement_without_security_is_flagged_as_a_decision() -> None:
+    ex = execution({
+        "api": ("codegen", TaskOutput(summary="a", recommendations=[rec("database", "MongoDB")])),
+        "db": ("database", TaskOutput(summary="d", recommendations=[rec("database", "PostgreSQL")])),
+    })
+    s = settle(ex)
+    [c] = s.conflicts
+    assert (c.kind, c.rule) == ("different_tools", "flag")
+    assert s.audit == []  # nothing was overridden
+    assert s.decisions == ["database: MongoDB (codegen) or PostgreSQL (database)?"]
+    assert all(r.decision_needed for r in s.recommendations) and len(s.recommendations) == 2
+
+
+def test_contradictory_findings_keep_securitys_assessment() -> None:
+    ex = execution({
+        "db": ("database", TaskOutput(summary="d", findings=[Finding(severity="info", topic="sql injection",
+                                                                      detail="ORM parameterises queries")])),
+        "sec": ("security", TaskOutput(summary="s", findings=[Finding(severity="critical", topic="SQL injection",
+                                                                       detail="raw query in search",
+                                                                       recommendation="parameterise it")])),
+    })
+    s = settle(ex)
+    [c] = s.conflicts
+    assert (c.kind, c.rule) == ("contradictory_findings", "security_first")
+    assert [f.severity for f in s.findings] == ["critical"]
+    [o] = s.audit
+    assert (o.overridden.pool, o.overridden.severity, o.by.severity) == ("database", "info", "critical")
+
+
+def test_flag_all_mode_overrides_nothing() -> None:
+    ex = execution({
+        "backend": ("codegen", TaskOutput(summary="api", recommendations=[rec("csrf", "none")])),
+        "audit": ("security", TaskOutput(summary="audit", findings=[
+            Finding(severity="high", topic="csrf", recommendation=CSRF_FIX)])),
+    })
+    s = settle(ex, "flag_all")
+    assert [c.rule for c in s.conflicts] == ["flag"] and s.audit == []
+    assert s.decisions == [f"csrf: {CSRF_FIX} (security) or none (codegen)?"]
+
+
+def test_aggregated_result_of_a_partial_execution() -> None:
+    ex = execution({
+        "backend": ("codegen", TaskOutput(summary="api done", recommendations=[rec("csrf", "none")])),
+        "audit": ("security", None),
+        "schema": ("database", TaskOutput(summary="schema done")),
+    })
+    ex.task("audit").degradation = "unaudited"  # type: ignore[union-attr]
+    agg = aggregate(ex)
+    assert set(agg.outputs) == {"codegen", "database"}
+    assert agg.conflicts_detected == []  # no security output, nothing to resolve against
+    assert agg.quality_score == round(2 / 3 * 0.9, 3)
+    assert agg.summary.startswith("2 of 3 task(s) completed across 2 pool(s)")
+
+
+def test_released_task_carries_its_dependencies_outputs() -> None:
+    t0 = now()
+    ex = new_execution(ExecutionRequested(execution_id="e", message="m", requested_at=t0, deadline_at=t0))
+    apply_plan(ex, [TaskSpec(id="schema", pool="database", description="s"),
+                    TaskSpec(id="api", pool="codegen", description="a", depends_on=["schema"],
+                             context={"stack": "fastapi"})], "client")
+    ex.task("schema").output = TaskOutput(summary="tables: orders")  # type: ignore[union-attr]
+    cmd = run_command(ex, ex.task("api"))  # type: ignore[arg-type]
+    assert cmd.task.context == {"stack": "fastapi", "upstream": {"schema": {"summary": "tables: orders"}}}
