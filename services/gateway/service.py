@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway.handlers import count_request, router
+from services.gateway.limits import BodySizeLimit
 from shared.service import Runtime, Workers, run_service
 from shared.settings import Settings
 
@@ -32,9 +33,9 @@ def create_app(settings: Settings) -> FastAPI:
         title="OpenClaw Parallel Execution",
         version="0.1.0",
         description="Submit software work; specialist agent pools run it in parallel over NATS JetStream.",
-        max_body_size=settings.pe.gateway.max_body_bytes,
     )
     app.include_router(router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.pe.gateway.max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -50,9 +51,6 @@ def create_app(settings: Settings) -> FastAPI:
         if isinstance(detail, dict):
             errors = [detail]
             detail = f"{detail['field']}: {detail['message']}"
-        elif exc.status_code == 413:
-            detail = (f"request body exceeds {request.app.max_body_size} bytes "
-                      "(parallel_execution.gateway.max_body_bytes)")
         count_request(request.url.path, exc.status_code)
         body = {"error": ERROR_NAMES.get(exc.status_code, "error"), "message": str(detail), "errors": errors}
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
