@@ -12,6 +12,7 @@ from shared.schemas import (
     Attempt,
     Execution,
     ExecutionRequested,
+    LifecycleEvent,
     RunTask,
     TaskCompleted,
     TaskFailed,
@@ -28,6 +29,8 @@ BLOCKING = frozenset({"failed", "skipped", "cancelled"})
 def new_execution(req: ExecutionRequested) -> Execution:
     return Execution(
         execution_id=req.execution_id,
+        mode=req.mode,
+        tenant=req.tenant,
         message=req.message,
         project=req.project,
         session_key=req.session_key,
@@ -38,24 +41,31 @@ def new_execution(req: ExecutionRequested) -> Execution:
 
 
 def apply_plan(ex: Execution, specs: list[TaskSpec], planner: str) -> bool:
-    """Install the plan and queue the tasks with no dependencies; only once."""
+    """Install the plan and queue what can start (in serial mode: only the first task); only once."""
     if ex.status not in ("queued", "planning"):
         return False
     ex.tasks = [
-        TaskState(
-            id=s.id,
-            pool=s.pool,
-            description=s.description,
-            context=s.context,
-            depends_on=s.depends_on,
-            status="pending" if s.depends_on else "queued",
-        )
-        for s in specs
+        TaskState(id=s.id, pool=s.pool, description=s.description, context=s.context, depends_on=s.depends_on)
+        for s in _in_dependency_order(specs)
     ]
     ex.planner = planner  # type: ignore[assignment]
     ex.status = "running"
     ex.updated_at = now()
+    _propagate(ex)
     return True
+
+
+def _in_dependency_order(specs: list[TaskSpec]) -> list[TaskSpec]:
+    """The plan's order, except that a task never comes before what it depends on (plans are acyclic)."""
+    done: set[str] = set()
+    ordered: list[TaskSpec] = []
+    pending = list(specs)
+    while pending:
+        ready = next(s for s in pending if all(d in done for d in s.depends_on))
+        ordered.append(ready)
+        done.add(ready.id)
+        pending.remove(ready)
+    return ordered
 
 
 def run_command(ex: Execution, task: TaskState) -> RunTask:
@@ -144,10 +154,14 @@ def expire(ex: Execution, reason: str) -> bool:
 
 
 def _propagate(ex: Execution) -> None:
-    """Release tasks whose dependencies all completed; skip those blocked by a failure, transitively."""
+    """Release tasks whose dependencies all completed; skip those blocked by a failure, transitively.
+
+    In serial mode a task is released only when nothing else is queued or running, in plan order.
+    """
     changed = True
     while changed:
         changed = False
+        busy = any(t.status in ("queued", "running", "retrying") for t in ex.tasks)
         for t in ex.tasks:
             if t.status != "pending":
                 continue
@@ -157,8 +171,27 @@ def _propagate(ex: Execution) -> None:
                 _give_up(t, f"blocked by {blocker.id}", "skipped")
                 changed = True
             elif all(d is not None and d.status == "completed" for d in deps):
+                if ex.mode == "serial" and busy:
+                    continue
                 t.status = "queued"
-                changed = True
+                busy = changed = True
+
+
+def cancel(ex: Execution, reason: str) -> bool:
+    """Every open task is cancelled (running attempts abandoned); the execution then finishes cancelled."""
+    if ex.terminal:
+        return False
+    for t in ex.tasks:
+        if t.status not in TERMINAL_TASK:
+            t.status, t.error = "cancelled", reason
+            for a in t.attempts:
+                if a.outcome == "running":
+                    a.outcome, a.finished_at, a.error = "lost", now(), f"abandoned: {reason}"
+    ex.error = reason
+    ex.updated_at = now()
+    if not ex.tasks:  # cancelled before it was planned: nothing to aggregate
+        ex.status, ex.finished_at = "cancelled", ex.updated_at
+    return True
 
 
 def fail_execution(ex: Execution, error: str) -> bool:
@@ -170,12 +203,42 @@ def fail_execution(ex: Execution, error: str) -> bool:
     return True
 
 
+TaskMarks = dict[str, tuple[str, int]]
+EVENT_KIND = {"queued": "released", "running": "started", "retrying": "retrying", "completed": "task_completed",
+              "failed": "task_failed", "skipped": "skipped", "cancelled": "task_cancelled"}
+
+
+def marks(ex: Execution) -> TaskMarks:
+    """Each task's status and attempt count: what lifecycle events are derived from."""
+    return {t.id: (t.status, len(t.attempts)) for t in ex.tasks}
+
+
+def lifecycle_events(before: TaskMarks, ex: Execution) -> list[LifecycleEvent]:
+    """One event per task whose status or attempt count changed since ``before``."""
+    events = []
+    for t in ex.tasks:
+        if before.get(t.id) == (t.status, len(t.attempts)):
+            continue
+        last = t.attempts[-1] if t.attempts else None
+        events.append(LifecycleEvent(
+            kind=EVENT_KIND.get(t.status, t.status), execution_id=ex.execution_id, at=ex.updated_at,
+            task_id=t.id, pool=t.pool, status=t.status, attempt=last.n if last else None,
+            worker=last.worker if last else None, model=last.model if last else None,
+            error=t.error if t.status != "completed" else None, cost_usd=t.cost_usd,
+            data={k: v for k, v in (("degradation", t.degradation), ("resolution", t.resolution),
+                                    ("strategy", last.strategy if last else None)) if v},
+        ))
+    return events
+
+
 def all_tasks_terminal(ex: Execution) -> bool:
     return bool(ex.tasks) and all(t.status in TERMINAL_TASK for t in ex.tasks)
 
 
 def outcome(ex: Execution) -> str:
     """The terminal status the tasks add up to."""
+    if any(t.status == "cancelled" for t in ex.tasks):
+        return "cancelled"
     done = sum(t.status == "completed" for t in ex.tasks)
     if done == len(ex.tasks):
         return "completed"

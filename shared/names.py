@@ -85,6 +85,10 @@ class Names:
         return self._subject("executions.requested")
 
     @property
+    def execution_cancel(self) -> str:
+        return self._subject("executions.cancel")
+
+    @property
     def execution_deadline(self) -> str:
         return self._subject("executions.deadline")
 
@@ -130,6 +134,10 @@ class Names:
     @property
     def aggregator_consumer(self) -> str:
         return "aggregator"
+
+    @property
+    def cancels_consumer(self) -> str:
+        return "cancels"
 
     @property
     def deadlines_consumer(self) -> str:

@@ -20,8 +20,19 @@ from shared.bus import publish
 from shared.consumer import Consumer
 from shared.failures import decide, model_for
 from shared.names import Pool
-from shared.providers import ModelProvider, Prompt, ProviderError, make_provider
-from shared.schemas import ErrorKind, RunTask, TaskCompleted, TaskFailed, TaskSpec, TaskStarted, Usage, now
+from shared.providers import ModelProvider, Prompt, ProviderError, TaskReply, make_provider
+from shared.schemas import (
+    TERMINAL_TASK,
+    ErrorKind,
+    RunTask,
+    TaskCompleted,
+    TaskFailed,
+    TaskSpec,
+    TaskStarted,
+    TaskState,
+    Usage,
+    now,
+)
 from shared.service import Runtime, Start, Workers
 from shared.topology import ensure_consumer, pool_consumer_config
 
@@ -38,6 +49,7 @@ class _Delivery:
         self.attempt = msg.metadata.num_delivered or 1
         self.ctx = {"execution_id": cmd.execution_id, "task_id": cmd.task.id, "pool": pool, "attempt": self.attempt}
         self.head: dict[str, Any] = {**self.ctx, "worker": worker}
+        self.abandoned = False
 
 
 class PoolWorker:
@@ -54,18 +66,31 @@ class PoolWorker:
         if seconds_left <= 0:
             await self._failed(d, "deadline", "execution deadline passed before the task started", None, Usage())
             return
+        state = await self._state(cmd)
+        if state is None:
+            await msg.ack()  # the execution ended (cancelled, deadline) or the task was settled: nothing to do
+            log.info("not started: its execution has ended", extra=d.ctx)
+            return
         upstream = sorted(cmd.task.context.get("upstream") or {})
         await self._publish(cmd.execution_id, TaskStarted(**d.head, started_at=d.started, upstream=upstream))
-        model = model_for(self.rt.pe, self.pool, d.attempt, await self._previous_error_kind(cmd, d.attempt))
+        previous = state.attempt(d.attempt - 1)
+        model = model_for(self.rt.pe, self.pool, d.attempt, previous.error_kind if previous else None)
         log.info("task started on %s", model, extra=d.ctx)
 
         timeout = min(self.cfg.timeout, seconds_left)
         metrics.TASKS_IN_FLIGHT.labels(self.pool).inc()
-        heartbeat = asyncio.create_task(self._heartbeat(msg))
+        run = asyncio.create_task(asyncio.wait_for(
+            self.provider.run_task(self.pool, cmd.task, self.format_prompt(cmd.task), model, d.attempt), timeout))
+        heartbeat = asyncio.create_task(self._heartbeat(d, run))
         try:
-            reply = await asyncio.wait_for(
-                self.provider.run_task(self.pool, cmd.task, self.format_prompt(cmd.task), model, d.attempt), timeout
-            )
+            reply = await run
+        except asyncio.CancelledError:
+            if not d.abandoned:
+                raise  # the service is stopping: the consumer gives the message back
+            await msg.ack()
+            self._observe("abandoned", (now() - d.started).total_seconds(), None, 0.0, Usage())
+            log.info("abandoned: its execution has ended", extra=d.ctx)
+            return
         except TimeoutError:
             await self._failed(d, "timeout", f"timed out after {timeout:g}s", model, Usage())
             return
@@ -112,14 +137,13 @@ class PoolWorker:
             log.warning("attempt %d failed (%s): %s; %s in %gs", d.attempt, kind, error, decision.strategy,
                         decision.delay_s, extra=d.ctx)
 
-    async def _previous_error_kind(self, cmd: RunTask, attempt: int) -> str | None:
-        """On a retry, why the previous attempt failed (from the execution's state), to pick the model."""
-        if attempt == 1:
-            return None
+    async def _state(self, cmd: RunTask) -> TaskState | None:
+        """The task as the execution state has it; None when there is nothing left to run it for."""
         current = await self.rt.executions.get(cmd.execution_id)
-        task = current[0].task(cmd.task.id) if current else None
-        previous = task.attempt(attempt - 1) if task else None
-        return previous.error_kind if previous else None
+        if current is None or current[0].terminal:
+            return None
+        task = current[0].task(cmd.task.id)
+        return None if task is None or task.status in TERMINAL_TASK else task
 
     async def _publish(self, execution_id: str, result: TaskStarted | TaskCompleted | TaskFailed) -> None:
         await publish(self.rt.jetstream, self.rt.names.results(execution_id), result, result.msg_id())
@@ -139,13 +163,18 @@ class PoolWorker:
             metrics.TOKENS.labels(self.pool, model, "input").inc(usage.input_tokens)
             metrics.TOKENS.labels(self.pool, model, "output").inc(usage.output_tokens)
 
-    async def _heartbeat(self, msg: Msg) -> None:
-        """Tell the broker this delivery is alive, a few times per ``ack_wait``."""
+    async def _heartbeat(self, d: _Delivery, run: asyncio.Task[TaskReply]) -> None:
+        """A few times per ``ack_wait``: tell the broker this delivery is alive, and abandon the run if
+        its execution has ended meanwhile (cancelled, past its deadline)."""
         interval = max(0.2, self.rt.pe.ack_wait_s / 3)
         with contextlib.suppress(asyncio.CancelledError):
             while True:
                 await asyncio.sleep(interval)
-                await msg.in_progress()
+                await d.msg.in_progress()
+                if await self._state(d.cmd) is None:
+                    d.abandoned = True
+                    run.cancel()
+                    return
 
 
 def pool_start(pool: Pool, format_prompt: FormatPrompt) -> Start:

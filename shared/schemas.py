@@ -17,6 +17,7 @@ from shared.names import Pool
 SCHEMA_VERSION = 1
 
 TaskId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+ExecutionMode = Literal["parallel", "serial"]
 ExecutionStatus = Literal["queued", "planning", "running", "completed", "partial", "failed", "cancelled"]
 TERMINAL_EXECUTION: frozenset[str] = frozenset({"completed", "partial", "failed", "cancelled"})
 TaskStatus = Literal["pending", "queued", "running", "retrying", "completed", "failed", "skipped", "cancelled"]
@@ -104,6 +105,8 @@ class ExecutionRequested(Wire):
     project: str | None = None
     force_parallel: bool = False
     tasks: list[TaskSpec] | None = None
+    mode: ExecutionMode = "parallel"
+    tenant: str = "local"
     requested_at: datetime = Field(default_factory=now)
     deadline_at: datetime
 
@@ -367,9 +370,13 @@ class Execution(BaseModel):
     schema_version: int = SCHEMA_VERSION
     execution_id: str
     status: ExecutionStatus = "queued"
+    mode: ExecutionMode = Field(default="parallel", description="serial runs one task at a time, in plan order")
+    tenant: str = "local"
+    request_hash: str | None = Field(default=None, description="fingerprint of the request, for idempotency")
     message: str
     project: str | None = None
     session_key: str | None = None
+    routing: dict[str, Any] | None = Field(default=None, description="the /api/chat routing decision")
     planner: Literal["client", "rules", "serial"] | None = None
     created_at: datetime
     updated_at: datetime
@@ -411,6 +418,32 @@ class Execution(BaseModel):
         if len(ids) != len(set(ids)):
             raise ValueError("duplicate task ids in execution state")
         return self
+
+
+class CancelExecution(Wire):
+    """Gateway → aggregator: stop this execution; queued tasks never run, running ones are abandoned."""
+
+    kind: Literal["execution.cancel"] = "execution.cancel"
+    execution_id: str
+    reason: str = "cancelled by the client"
+    requested_at: datetime = Field(default_factory=now)
+
+
+class LifecycleEvent(Wire):
+    """Aggregator → events.<execution>.<kind>: one step of an execution, for streaming and audit."""
+
+    kind: str = Field(description="started, retrying, task_completed, task_failed, skipped, released, conflict")
+    execution_id: str
+    at: datetime = Field(default_factory=now)
+    task_id: str | None = None
+    pool: str | None = None
+    status: str | None = None
+    attempt: int | None = None
+    worker: str | None = None
+    model: str | None = None
+    error: str | None = None
+    cost_usd: float | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
 
 
 class ExecutionDeadline(Wire):

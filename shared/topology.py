@@ -121,6 +121,11 @@ def deadlines_consumer_config(names: Names) -> ConsumerConfig:
                     max_deliver=-1)
 
 
+def cancels_consumer_config(names: Names, pe: ParallelExecutionConfig) -> ConsumerConfig:
+    return _durable(names.cancels_consumer, names.execution_cancel, max_ack_pending=256, ack_wait=pe.ack_wait_s,
+                    max_deliver=10)
+
+
 def dead_letters_consumer_config(names: Names) -> ConsumerConfig:
     return ConsumerConfig(
         durable_name=names.dead_letters_consumer,

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from services.pm.distributor import distribute
+from shared.distributor import distribute
 from services.pm.planning import make_plan, rules_plan
 from shared.errors import PlanError
 from shared.schemas import ExecutionRequested, TaskSpec, check_plan, now

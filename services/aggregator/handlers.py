@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
@@ -15,8 +16,11 @@ from shared.bus import publish
 from shared.execution import (
     all_tasks_terminal,
     apply_result,
+    cancel,
     expire,
     fail_execution,
+    lifecycle_events,
+    marks,
     outcome,
     queued,
     run_command,
@@ -24,11 +28,13 @@ from shared.execution import (
 )
 from shared.failures import ON_EXHAUSTED
 from shared.schemas import (
+    CancelExecution,
     ConsumerAdvisory,
     DeadLetter,
     Execution,
     ExecutionDeadline,
     ExecutionRequested,
+    LifecycleEvent,
     RunTask,
     TaskCompleted,
     TaskFailed,
@@ -44,22 +50,45 @@ class AggregatorHandlers:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
 
+    async def _apply(self, execution_id: str, change: Callable[[Execution], bool]) -> Execution | None:
+        """Store ``change`` (compare-and-set), then publish its lifecycle events and the tasks it released.
+
+        Both are published after the state that implies them is stored and before the caller acks: a
+        crash in between replays the message, and msg-id dedup makes the second publish a no-op.
+        """
+        events: list[LifecycleEvent] = []
+
+        def recorded(ex: Execution) -> bool:
+            before = marks(ex)
+            changed = change(ex)
+            events[:] = lifecycle_events(before, ex) if changed else []
+            return changed
+
+        ex = await self.rt.executions.mutate(execution_id, recorded)
+        if ex is None:
+            return None
+        js, names = self.rt.jetstream, self.rt.names
+        sends = [publish(js, names.events(execution_id, e.kind), e, f"{execution_id}:{e.task_id}:{e.kind}:{e.attempt}")
+                 for e in events]
+        sends += [publish(js, names.tasks(t.pool), run_command(ex, t), run_msg_id(execution_id, t.id))
+                  for t in queued(ex) if t.depends_on or ex.mode == "serial"]
+        await asyncio.gather(*sends)
+        if all_tasks_terminal(ex) and not ex.terminal:
+            await self._finish(ex)
+        return ex
+
     async def on_result(self, r: TaskStarted | TaskCompleted | TaskFailed, msg: Msg) -> None:
         """Apply one result; release what it unblocks; finish the execution when nothing is left."""
-        store, js, names = self.rt.executions, self.rt.jetstream, self.rt.names
-        ex = await store.mutate(r.execution_id, lambda ex: apply_result(ex, r))
-        if ex is None:
+        if await self._apply(r.execution_id, lambda ex: apply_result(ex, r)) is None:
             log.warning("result for unknown execution", extra={"execution_id": r.execution_id})
-            await msg.ack()
-            return
-        # Published after the state that releases them is stored, and before the ack: a crash in between
-        # replays the result, and msg-id dedup turns the second publish into a no-op.
-        await asyncio.gather(*(
-            publish(js, names.tasks(t.pool), run_command(ex, t), run_msg_id(ex.execution_id, t.id))
-            for t in queued(ex) if t.depends_on
-        ))
-        if all_tasks_terminal(ex):
-            await self._finish(ex)
+        await msg.ack()
+
+    async def on_cancel(self, cmd: CancelExecution, msg: Msg) -> None:
+        """Cancel: open tasks end cancelled, the execution finishes with what it has and its cost so far."""
+        ex = await self._apply(cmd.execution_id, lambda ex: cancel(ex, cmd.reason))
+        if ex is not None and ex.terminal:
+            await self.rt.announce_completed(ex)  # also covers one cancelled before it was planned
+        log.info("cancel: %s", cmd.reason, extra={"execution_id": cmd.execution_id})
         await msg.ack()
 
     async def on_deadline(self, check: ExecutionDeadline, msg: Msg) -> None:
@@ -68,20 +97,16 @@ class AggregatorHandlers:
         if left > 0:
             await msg.nak(delay=left)  # the broker holds the check until the deadline
             return
-        ctx = {"execution_id": check.execution_id}
 
         def expire_or_fail(ex: Execution) -> bool:
             if not ex.tasks:
                 return fail_execution(ex, "no plan was made before the execution deadline")
             return expire(ex, "execution deadline exceeded")
 
-        ex = await self.rt.executions.mutate(check.execution_id, expire_or_fail)
-        if ex is not None and ex.terminal:
+        ex = await self._apply(check.execution_id, expire_or_fail)
+        if ex is not None and ex.terminal and not ex.tasks:
             await self.rt.announce_completed(ex)
-            log.warning("execution failed at its deadline: %s", ex.error, extra=ctx)
-        elif ex is not None and all_tasks_terminal(ex):
-            log.warning("deadline reached: finishing with what is done", extra=ctx)
-            await self._finish(ex)
+            log.warning("execution failed at its deadline: %s", ex.error, extra={"execution_id": ex.execution_id})
         await msg.ack()
 
     async def on_advisory(self, adv: ConsumerAdvisory, msg: Msg) -> None:
@@ -141,6 +166,8 @@ class AggregatorHandlers:
         status = outcome(snapshot)
         agg = aggregate(snapshot, self.rt.pe.result_aggregation.conflict_resolution)
         text = synthesize(snapshot, agg, status, self.rt.pe.pm_coordinator)
+        if status == "cancelled" and snapshot.error:
+            text = f"{text}\n\n(Cancelled: {snapshot.error}.)"
 
         def finish(ex: Execution) -> bool:
             if ex.terminal:
@@ -152,6 +179,13 @@ class AggregatorHandlers:
         ex = await self.rt.executions.mutate(snapshot.execution_id, finish)
         if ex is None or not ex.terminal:
             return
+        js, names, eid = self.rt.jetstream, self.rt.names, ex.execution_id
+        if ex.aggregated:
+            await asyncio.gather(*(
+                publish(js, names.events(eid, "conflict"),
+                        LifecycleEvent(kind="conflict", execution_id=eid, data=c.model_dump()), f"{eid}:conflict:{i}")
+                for i, c in enumerate(ex.aggregated.conflicts_detected)
+            ))
         await self.rt.announce_completed(ex)
         metrics.EXECUTIONS.labels(ex.status).inc()
         if ex.finished_at:

@@ -6,10 +6,11 @@ from typing import Any
 
 from services.aggregator.handlers import AggregatorHandlers
 from shared.consumer import Consumer
-from shared.schemas import ConsumerAdvisory, ExecutionDeadline, TaskResultAdapter
+from shared.schemas import CancelExecution, ConsumerAdvisory, ExecutionDeadline, TaskResultAdapter
 from shared.service import Runtime, Workers, run_service
 from shared.topology import (
     aggregator_consumer_config,
+    cancels_consumer_config,
     dead_letters_consumer_config,
     deadlines_consumer_config,
     ensure_consumer,
@@ -17,10 +18,12 @@ from shared.topology import (
 
 
 async def start(rt: Runtime) -> Workers:
-    """Three durables: task results, deadline checks, and the advisories of consumers that gave up."""
+    """Four durables: task results, cancel commands, deadline checks, and the advisories of consumers
+    that gave up."""
     js, names = rt.jetstream, rt.names
     await ensure_consumer(js, names.results_stream, aggregator_consumer_config(names, rt.pe))
     await ensure_consumer(js, names.executions_stream, deadlines_consumer_config(names))
+    await ensure_consumer(js, names.executions_stream, cancels_consumer_config(names, rt.pe))
     await ensure_consumer(js, names.advisories_stream, dead_letters_consumer_config(names))
     h = AggregatorHandlers(rt)
     consumers: list[Consumer[Any]] = [
@@ -28,6 +31,8 @@ async def start(rt: Runtime) -> Workers:
                  h.on_result, capacity=256),
         Consumer(js, names, names.executions_stream, names.deadlines_consumer, ExecutionDeadline.model_validate_json,
                  h.on_deadline, capacity=256),
+        Consumer(js, names, names.executions_stream, names.cancels_consumer, CancelExecution.model_validate_json,
+                 h.on_cancel, capacity=64),
         Consumer(js, names, names.advisories_stream, names.dead_letters_consumer,
                  ConsumerAdvisory.model_validate_json, h.on_advisory, capacity=16),
     ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from services.pm.distributor import Distribution, distribute
+from shared.distributor import Distribution, distribute
 from shared.errors import PlanError
 from shared.names import POOLS, Pool
 from shared.schemas import ExecutionRequested, TaskSpec, check_plan
