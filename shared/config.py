@@ -43,6 +43,8 @@ class PMCoordinator(_Strict):
     synthesis_model: str = "claude-sonnet-4-5"
     name: str = "Pixel"
     signature: str = "— Pixel, your OpenClaw PM"
+    tone: str = Field(default="warm, clear and concise", min_length=1, max_length=200,
+                      description="how the model-written final answer sounds")
     emoji: bool = True
 
 
@@ -105,6 +107,16 @@ def _default_prices() -> dict[str, Price]:
     }
 
 
+class AnthropicConfig(_Strict):
+    """How the ``anthropic`` provider reaches a Messages API endpoint (the key comes from ANTHROPIC_API_KEY)."""
+
+    base_url: str | None = Field(
+        default=None, pattern=r"^https?://", description="any Messages-API-compatible endpoint; default: the SDK's"
+    )
+    timeout_s: float = Field(default=600, gt=0, description="per request; a timeout is a failed attempt")
+    max_tokens: int = Field(default=16_000, ge=1, le=128_000, description="per call, thinking included")
+
+
 class Gateway(_Strict):
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     default_wait_s: float = Field(default=60, gt=0)
@@ -115,6 +127,7 @@ class ParallelExecutionConfig(_Strict):
     enabled: bool = True
     max_tasks_per_execution: int = Field(default=6, ge=1, le=100)
     provider: Literal["auto", "simulated", "anthropic"] = "auto"
+    anthropic: AnthropicConfig = AnthropicConfig()
     execution_timeout_s: float = Field(default=1800, gt=0)
     ack_wait_s: float = Field(default=30, gt=0, description="crash-detection window of a task delivery")
     worker_pools: WorkerPools = WorkerPools()
@@ -140,6 +153,12 @@ class ParallelExecutionConfig(_Strict):
         if missing:
             raise ValueError(f"pricing has no entry for model(s) {missing}")
         return self
+
+
+MISSING_API_KEY = (
+    "parallel_execution.provider is 'anthropic' but ANTHROPIC_API_KEY is not set: set ANTHROPIC_API_KEY "
+    "(or use provider 'auto' to fall back to the simulated provider)"
+)
 
 
 class ConfigFile(BaseModel):

@@ -6,11 +6,14 @@ nothing, which is what makes redelivery and racing aggregator replicas harmless.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from shared.schemas import (
     TERMINAL_TASK,
     Attempt,
     Execution,
     ExecutionRequested,
+    ModelCall,
     RunTask,
     TaskCompleted,
     TaskFailed,
@@ -36,10 +39,11 @@ def new_execution(req: ExecutionRequested) -> Execution:
     )
 
 
-def apply_plan(ex: Execution, specs: list[TaskSpec], planner: str) -> bool:
-    """Install the plan and queue the tasks with no dependencies; only once."""
+def apply_plan(ex: Execution, specs: list[TaskSpec], planner: str, calls: Sequence[ModelCall] = ()) -> bool:
+    """Install the plan (with the calls that made it) and queue the tasks with no dependencies; only once."""
     if ex.status not in ("queued", "planning"):
         return False
+    ex.calls.extend(calls)
     ex.tasks = [
         TaskState(
             id=s.id,
