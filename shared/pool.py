@@ -19,6 +19,7 @@ from nats.aio.msg import Msg
 from shared import metrics
 from shared.bus import publish
 from shared.consumer import Consumer
+from shared.costs import publish_attempt_cost
 from shared.names import Pool
 from shared.providers import ModelProvider, Prompt, ProviderError, make_provider
 from shared.schemas import RunTask, TaskCompleted, TaskFailed, TaskSpec, TaskStarted, now
@@ -96,6 +97,7 @@ class PoolWorker:
                 output=reply.output,
             )
             await publish(js, subject, done, done.msg_id())
+            await publish_attempt_cost(js, names, done)
             await msg.ack()
             self._observe("completed", duration, reply.model, cost, reply.usage.input_tokens, reply.usage.output_tokens)
             log.info("task completed in %.3fs", duration, extra=ctx)
