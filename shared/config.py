@@ -23,7 +23,7 @@ class _Strict(BaseModel):
 class PoolConfig(_Strict):
     max_concurrent: int = Field(ge=1, le=1000)
     timeout: float = Field(gt=0, description="seconds one attempt of a task may run")
-    model: str = "claude-sonnet-4-5"
+    model: str = "claude-sonnet-4-6"
     fallback_model: str = "claude-haiku-4-5"
 
 
@@ -40,9 +40,11 @@ class WorkerPools(_Strict):
 class PMCoordinator(_Strict):
     decomposition_model: str = "claude-opus-4-6"
     reasoning_effort: Literal["low", "medium", "high", "max"] = "high"
-    synthesis_model: str = "claude-sonnet-4-5"
+    synthesis_model: str = "claude-sonnet-4-6"
     name: str = "Pixel"
     signature: str = "— Pixel, your OpenClaw PM"
+    tone: str = Field(default="warm, clear and concise", min_length=1, max_length=200,
+                      description="how the model-written final answer sounds")
     emoji: bool = True
 
 
@@ -100,9 +102,20 @@ class Price(_Strict):
 def _default_prices() -> dict[str, Price]:
     return {
         "claude-opus-4-6": Price(input=5, output=25),
+        "claude-sonnet-4-6": Price(input=3, output=15),
         "claude-sonnet-4-5": Price(input=3, output=15),
         "claude-haiku-4-5": Price(input=1, output=5),
     }
+
+
+class AnthropicConfig(_Strict):
+    """How the ``anthropic`` provider reaches a Messages API endpoint (the key comes from ANTHROPIC_API_KEY)."""
+
+    base_url: str | None = Field(
+        default=None, pattern=r"^https?://", description="any Messages-API-compatible endpoint; default: the SDK's"
+    )
+    timeout_s: float = Field(default=600, gt=0, description="per request; a timeout is a failed attempt")
+    max_tokens: int = Field(default=16_000, ge=1, le=128_000, description="per call, thinking included")
 
 
 class Gateway(_Strict):
@@ -115,6 +128,7 @@ class ParallelExecutionConfig(_Strict):
     enabled: bool = True
     max_tasks_per_execution: int = Field(default=6, ge=1, le=100)
     provider: Literal["auto", "simulated", "anthropic"] = "auto"
+    anthropic: AnthropicConfig = AnthropicConfig()
     execution_timeout_s: float = Field(default=1800, gt=0)
     ack_wait_s: float = Field(default=30, gt=0, description="crash-detection window of every durable consumer")
     worker_pools: WorkerPools = WorkerPools()
@@ -140,6 +154,12 @@ class ParallelExecutionConfig(_Strict):
         if missing:
             raise ValueError(f"pricing has no entry for model(s) {missing}")
         return self
+
+
+MISSING_API_KEY = (
+    "parallel_execution.provider is 'anthropic' but ANTHROPIC_API_KEY is not set: set ANTHROPIC_API_KEY "
+    "(or use provider 'auto' to fall back to the simulated provider)"
+)
 
 
 class ConfigFile(BaseModel):

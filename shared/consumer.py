@@ -7,8 +7,9 @@ more of the durable's ``max_ack_pending`` slots than it can work on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Generic, TypeVar
 
 from nats.aio.msg import Msg
@@ -117,6 +118,32 @@ class Consumer(Generic[M]):
         await msg.term()
         metrics.DEAD_LETTERS.labels(self.stream, self.durable).inc()
         log.warning("dead-lettered %s seq %s: %s", msg.subject, seq, reason, extra={"subject": msg.subject})
+
+
+@contextlib.asynccontextmanager
+async def keep_alive(msg: Msg, every_s: float) -> AsyncIterator[None]:
+    """Tell the broker ``msg`` is still being worked on (``in_progress``) every ``every_s`` while the block runs.
+
+    For handlers that wait on something slower than their durable's ``ack_wait`` (a model call), so the
+    message is not redelivered to another replica meanwhile.
+    """
+
+    async def beat() -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            await msg.in_progress()
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        except Exception as e:  # noqa: BLE001 - a lost heartbeat means a redelivery at worst
+            log.warning("heartbeat on %s failed: %s", msg.subject, e)
 
 
 def _deliveries(msg: Msg) -> int | None:

@@ -6,6 +6,8 @@ nothing, which is what makes redelivery and racing aggregator replicas harmless.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from shared.failures import DEGRADATION, ON_EXHAUSTED
 from shared.schemas import (
     TERMINAL_TASK,
@@ -13,6 +15,7 @@ from shared.schemas import (
     Execution,
     ExecutionRequested,
     LifecycleEvent,
+    ModelCall,
     RunTask,
     TaskCompleted,
     TaskFailed,
@@ -40,10 +43,12 @@ def new_execution(req: ExecutionRequested) -> Execution:
     )
 
 
-def apply_plan(ex: Execution, specs: list[TaskSpec], planner: str) -> bool:
-    """Install the plan and queue what can start (in serial mode: only the first task); only once."""
+def apply_plan(ex: Execution, specs: list[TaskSpec], planner: str, calls: Sequence[ModelCall] = ()) -> bool:
+    """Install the plan (with the calls that made it) and queue what can start (in serial mode: only the
+    first task); only once."""
     if ex.status not in ("queued", "planning"):
         return False
+    ex.calls.extend(calls)
     ex.tasks = [
         TaskState(id=s.id, pool=s.pool, description=s.description, context=s.context, depends_on=s.depends_on)
         for s in _in_dependency_order(specs)

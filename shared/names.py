@@ -116,6 +116,9 @@ class Names:
     def completed_event(self, execution_id: str) -> str:
         return self.events(execution_id, "completed")
 
+    def cost_event(self, execution_id: str) -> str:
+        return self.events(execution_id, "cost")
+
     @property
     def dlq_all(self) -> str:
         return self._subject("dlq.>")

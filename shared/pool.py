@@ -18,6 +18,7 @@ from nats.aio.msg import Msg
 from shared import metrics
 from shared.bus import publish
 from shared.consumer import Consumer
+from shared.costs import publish_attempt_cost
 from shared.failures import decide, model_for
 from shared.names import Pool
 from shared.providers import ModelProvider, Prompt, ProviderError, TaskReply, make_provider
@@ -95,7 +96,7 @@ class PoolWorker:
             await self._failed(d, "timeout", f"timed out after {timeout:g}s", model, Usage())
             return
         except ProviderError as e:
-            await self._failed(d, e.kind, str(e), model, e.usage)
+            await self._failed(d, e.kind, str(e), model, e.usage or Usage())
             return
         except Exception as e:  # noqa: BLE001 - an agent that crashes is a failed attempt, not a lost task
             log.exception("agent raised", extra=d.ctx)
@@ -110,6 +111,7 @@ class PoolWorker:
         done = TaskCompleted(**d.head, started_at=d.started, finished_at=finished, model=reply.model,
                              provider=reply.provider, usage=reply.usage, cost_usd=cost, output=reply.output)
         await self._publish(cmd.execution_id, done)
+        await publish_attempt_cost(self.rt.jetstream, self.rt.names, done)
         await msg.ack()
         duration = (finished - d.started).total_seconds()
         self._observe("completed", duration, reply.model, cost, reply.usage)
@@ -125,6 +127,8 @@ class PoolWorker:
                             final=decision.final, strategy=decision.strategy.value, retry_in_s=decision.delay_s,
                             model=model, provider=self.provider.name if model else None, usage=usage, cost_usd=cost)
         await self._publish(d.cmd.execution_id, failed)
+        if cost:
+            await publish_attempt_cost(self.rt.jetstream, self.rt.names, failed)
         duration = (finished - d.started).total_seconds()
         if decision.final:
             await d.msg.ack()

@@ -1,33 +1,46 @@
 """Model providers behind one interface.
 
-``simulated`` is the offline default: deterministic structured output per pool, labelled
-"simulated" everywhere, with plausible token usage so every cost path runs without a key. Tests and
-benchmarks shape it per task with ``context.simulate = {latency_s, fail_attempts, hang}``.
+``anthropic`` calls the Messages API through the official SDK (one ``AsyncAnthropic`` per process,
+``max_retries=0``: the caller's failure handling owns retries); structured results come back as
+the input of a tool. ``simulated`` is the offline default: deterministic structured output per pool,
+labelled "simulated" everywhere, with plausible token usage so every cost path runs without a key. Tests and
+benchmarks shape it per task with ``context.simulate = {latency_s, fail_attempts, hang}``. The
+simulated provider does not plan or write the final answer: ``decompose`` and ``synthesize`` return
+None, and the PM uses its rules, the aggregator its template (neither costs anything).
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import re
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from shared.config import ParallelExecutionConfig
+from shared.config import MISSING_API_KEY, ParallelExecutionConfig
 from shared.errors import ConfigError, OpenClawError
 from shared.names import Pool
-from shared.schemas import Artifact, ErrorKind, Finding, Recommendation, TaskOutput, TaskSpec, Usage
+from shared.schemas import Artifact, ErrorKind, Finding, Plan, Recommendation, TaskOutput, TaskSpec, Usage
+
+if TYPE_CHECKING:  # the SDK takes seconds to import: only a process that uses it pays for that (at start)
+    from anthropic.types import Message, MessageParam, TextBlockParam, ToolChoiceParam, ToolParam
+
+Effort = Literal["low", "medium", "high", "max"]
 
 
 class ProviderError(OpenClawError):
-    """A model call failed; ``kind`` lets the failure handler choose a strategy."""
+    """A model call failed; ``kind`` lets the failure handler choose a strategy.
+
+    ``usage`` is set when the call itself went through (and was billed) but its output was unusable.
+    """
 
     def __init__(self, message: str, kind: ErrorKind = "server", usage: Usage | None = None) -> None:
         super().__init__(message)
         self.kind = kind
-        self.usage = usage or Usage()  # a call that answered unusably is still billed
+        self.usage = usage
 
 
 @dataclass(frozen=True)
@@ -43,11 +56,37 @@ class TaskReply(BaseModel):
     provider: str
 
 
+class PlanReply(BaseModel):
+    plan: Plan
+    usage: Usage
+    model: str
+    provider: str
+
+
+class TextReply(BaseModel):
+    text: str
+    usage: Usage
+    model: str
+    provider: str
+
+
 class ModelProvider(Protocol):
     name: str
 
     async def run_task(self, pool: Pool, task: TaskSpec, prompt: Prompt, model: str, attempt: int) -> TaskReply:
         """Run one attempt of a task and return the agent's structured output."""
+        ...
+
+    async def decompose(self, prompt: Prompt, model: str, effort: Effort) -> PlanReply | None:
+        """The model's plan for a request (not yet checked); None when this provider does not plan."""
+        ...
+
+    async def synthesize(self, prompt: Prompt, model: str) -> TextReply | None:
+        """The client-facing answer; None when this provider does not write one."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the provider's connections (at process stop)."""
         ...
 
 
@@ -162,11 +201,176 @@ class SimulatedProvider:
             raise ProviderError(f"simulated {sim.error} failure on attempt {attempt}", sim.error, billed)
         return TaskReply(output=output, usage=usage, model=model, provider=self.name)
 
+    async def decompose(self, prompt: Prompt, model: str, effort: Effort) -> PlanReply | None:
+        return None  # the PM's rule-based planner stands in for the model, at no cost
+
+    async def synthesize(self, prompt: Prompt, model: str) -> TextReply | None:
+        return None  # the aggregator's deterministic template stands in for the model, at no cost
+
+    async def aclose(self) -> None:
+        return None
+
+
+# ---------------------------------------------------------------- anthropic
+
+RESULT_TOOL = "submit_result"
+PLAN_TOOL = "submit_plan"
+
+
+def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with its ``$defs`` inlined, so a tool's input_schema stands on its own."""
+    defs = schema.get("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return walk(copy.deepcopy(defs[node["$ref"].rsplit("/", 1)[-1]]))
+            return {k: walk(v) for k, v in node.items() if k != "$defs"}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    inlined: dict[str, Any] = walk(schema)
+    return inlined
+
+
+def _result_schema() -> dict[str, Any]:
+    schema = _inline_refs(TaskOutput.model_json_schema())
+    schema["properties"].pop("simulated")  # ours to set, not the model's
+    return schema
+
+
+RESULT_TOOL_PARAM: ToolParam = {
+    "name": RESULT_TOOL,
+    "description": "Submit the structured result of the task: summary, artifacts, findings, recommendations.",
+    "input_schema": _result_schema(),
+}
+PLAN_TOOL_PARAM: ToolParam = {
+    "name": PLAN_TOOL,
+    "description": "Submit the plan: the tasks, each for one pool, with the ids of the tasks it depends on.",
+    "input_schema": _inline_refs(Plan.model_json_schema()),
+}
+
+
+def _status_kind(status: int) -> ErrorKind:
+    if status == 429:
+        return "rate_limit"
+    if status == 529:
+        return "overloaded"
+    if status == 408:
+        return "timeout"
+    return "server" if status >= 500 else "request"
+
+
+def _usage(msg: Message) -> Usage:
+    u = msg.usage
+    if not isinstance(getattr(u, "input_tokens", None), int) or not isinstance(msg.content, list):
+        raise ProviderError("malformed response: no usage or no content", "invalid_output")
+    return Usage(
+        input_tokens=u.input_tokens,
+        output_tokens=u.output_tokens,
+        cache_read_tokens=u.cache_read_input_tokens or 0,
+        cache_write_tokens=u.cache_creation_input_tokens or 0,
+    )
+
+
+def _tool_input(msg: Message, tool: str, usage: Usage) -> dict[str, Any]:
+    for block in msg.content:
+        if block.type == "tool_use" and block.name == tool:
+            if not isinstance(block.input, dict):
+                raise ProviderError(f"{tool} input is not an object", "invalid_output", usage)
+            return block.input
+    raise ProviderError(
+        f"the model did not call {tool} (stop_reason {msg.stop_reason})", "invalid_output", usage
+    )
+
+
+def _validation(tool: str, e: ValidationError) -> str:
+    where = "; ".join(f"{'.'.join(str(p) for p in x['loc']) or 'input'}: {x['msg']}" for x in e.errors()[:5])
+    return f"invalid {tool} input: {where}"
+
+
+class AnthropicProvider:
+    """Claude through the official SDK; any Messages-API-compatible endpoint via ``anthropic.base_url``."""
+
+    name = "anthropic"
+
+    def __init__(self, pe: ParallelExecutionConfig, api_key: str) -> None:
+        import anthropic
+
+        self.cfg = pe.anthropic
+        # max_retries=0: a failed call goes back to its caller at once; the pool worker's nak/backoff and
+        # the PM's and aggregator's fallbacks decide what happens next, not a retry loop hidden in the SDK.
+        self.client = anthropic.AsyncAnthropic(
+            api_key=api_key, base_url=self.cfg.base_url, timeout=self.cfg.timeout_s, max_retries=0
+        )
+
+    @staticmethod
+    def _system(text: str) -> list[TextBlockParam]:
+        # The system prompts are static per role, so they (and the tools before them) are a cacheable prefix.
+        return [{"type": "text", "text": text, "cache_control": {"type": "ephemeral"}}]
+
+    async def _create(self, model: str, prompt: Prompt, **extra: Any) -> Message:
+        import anthropic  # already loaded by __init__
+
+        messages: list[MessageParam] = [{"role": "user", "content": prompt.user}]
+        try:
+            return await self.client.messages.create(
+                model=model, max_tokens=self.cfg.max_tokens, system=self._system(prompt.system),
+                messages=messages, **extra,
+            )
+        except anthropic.APITimeoutError:
+            raise ProviderError(f"{model} did not answer within {self.cfg.timeout_s:g}s", "timeout") from None
+        except anthropic.APIStatusError as e:
+            raise ProviderError(f"{model}: HTTP {e.status_code}: {e.message}", _status_kind(e.status_code)) from None
+        except anthropic.APIConnectionError as e:
+            raise ProviderError(f"{model}: cannot reach the Messages API: {e}", "server") from None
+        except (anthropic.APIResponseValidationError, ValueError) as e:  # ValueError: a body that is not JSON
+            raise ProviderError(f"{model}: malformed response: {e}", "invalid_output") from None
+
+    async def run_task(self, pool: Pool, task: TaskSpec, prompt: Prompt, model: str, attempt: int) -> TaskReply:
+        tool_choice: ToolChoiceParam = {"type": "tool", "name": RESULT_TOOL}
+        msg = await self._create(model, prompt, tools=[RESULT_TOOL_PARAM], tool_choice=tool_choice)
+        usage = _usage(msg)
+        try:
+            output = TaskOutput.model_validate(_tool_input(msg, RESULT_TOOL, usage))
+        except ValidationError as e:
+            raise ProviderError(_validation(RESULT_TOOL, e), "invalid_output", usage) from None
+        # Priced by the configured model name: the response may name a dated snapshot instead.
+        return TaskReply(output=output.model_copy(update={"simulated": False}), usage=usage, model=model,
+                         provider=self.name)
+
+    async def decompose(self, prompt: Prompt, model: str, effort: Effort) -> PlanReply | None:
+        # Thinking does not combine with a forced tool choice, so the plan tool is offered with "auto" and
+        # the system prompt asks for it; an answer without the tool call is invalid output.
+        tool_choice: ToolChoiceParam = {"type": "auto"}
+        msg = await self._create(
+            model, prompt, tools=[PLAN_TOOL_PARAM], tool_choice=tool_choice,
+            thinking={"type": "adaptive"}, output_config={"effort": effort},
+        )
+        usage = _usage(msg)
+        try:
+            plan = Plan.model_validate(_tool_input(msg, PLAN_TOOL, usage))
+        except ValidationError as e:
+            raise ProviderError(_validation(PLAN_TOOL, e), "invalid_output", usage) from None
+        return PlanReply(plan=plan, usage=usage, model=model, provider=self.name)
+
+    async def synthesize(self, prompt: Prompt, model: str) -> TextReply | None:
+        msg = await self._create(model, prompt)
+        usage = _usage(msg)
+        text = "".join(b.text for b in msg.content if b.type == "text").strip()
+        if not text:
+            raise ProviderError(f"{model} wrote no answer (stop_reason {msg.stop_reason})", "invalid_output", usage)
+        return TextReply(text=text, usage=usage, model=model, provider=self.name)
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
 
 def make_provider(pe: ParallelExecutionConfig, api_key: str | None) -> ModelProvider:
-    """The configured provider; ``auto`` uses the offline simulation until a real provider is wired."""
-    if pe.provider == "anthropic":
-        raise ConfigError(
-            "parallel_execution.provider 'anthropic' is not available in this version; use 'auto' or 'simulated'"
-        )
-    return SimulatedProvider(pe)
+    """The configured provider: ``auto`` is anthropic when a key is set, else the offline simulation."""
+    if pe.provider == "anthropic" and not api_key:
+        raise ConfigError(MISSING_API_KEY)
+    if pe.provider == "simulated" or not api_key:
+        return SimulatedProvider(pe)
+    return AnthropicProvider(pe, api_key)

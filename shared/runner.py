@@ -108,7 +108,9 @@ class Stack:
             "gateway_url": self.gateway_url,
             "children": {c.name: {"pid": c.proc.pid if c.proc else None, "port": c.port} for c in self.children},
         }
-        (self.opts.data_dir / "stack.json").write_text(json.dumps(state, indent=2))
+        tmp = self.opts.data_dir / "stack.json.tmp"
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(self.opts.data_dir / "stack.json")  # readers never see a half-written file
 
     def _env(self, child: Child) -> dict[str, str]:
         env = dict(os.environ)

@@ -23,9 +23,10 @@ TERMINAL_EXECUTION: frozenset[str] = frozenset({"completed", "partial", "failed"
 TaskStatus = Literal["pending", "queued", "running", "retrying", "completed", "failed", "skipped", "cancelled"]
 TERMINAL_TASK: frozenset[str] = frozenset({"completed", "failed", "skipped", "cancelled"})
 # Why an attempt failed: the failure handler picks its strategy from this.
+# "request": the endpoint refused the request itself (400, 401, 403, 404, ...): a retry will not help.
 ErrorKind = Literal[
-    "rate_limit", "overloaded", "timeout", "server", "invalid_output", "simulated", "agent_error", "deadline",
-    "dead_letter",
+    "rate_limit", "overloaded", "timeout", "server", "invalid_output", "request", "simulated", "agent_error",
+    "deadline", "dead_letter",
 ]
 
 
@@ -90,6 +91,13 @@ def check_plan(tasks: list[TaskSpec], max_tasks: int | None = None) -> None:
     for t in tasks:
         if t.id not in state:
             visit(t.id, [t.id])
+
+
+class Plan(BaseModel):
+    """A plan as the decomposition model returns it (the input of its ``submit_plan`` tool)."""
+
+    model_config = ConfigDict(extra="forbid")
+    tasks: list[TaskSpec] = Field(description="the tasks, each in one pool, with dependencies by task id")
 
 
 # ---------------------------------------------------------------- commands and events
@@ -300,6 +308,7 @@ class ModelCall(BaseModel):
     provider: str
     usage: Usage = Usage()
     cost_usd: float = 0.0
+    error: str | None = Field(default=None, description="why its result was not used (the cost still counts)")
 
 
 class Cost(BaseModel):
@@ -377,7 +386,7 @@ class Execution(BaseModel):
     project: str | None = None
     session_key: str | None = None
     routing: dict[str, Any] | None = Field(default=None, description="the /api/chat routing decision")
-    planner: Literal["client", "rules", "serial"] | None = None
+    planner: Literal["client", "llm", "rules", "serial"] | None = None
     created_at: datetime
     updated_at: datetime
     deadline_at: datetime
@@ -480,6 +489,27 @@ class ExecutionCompleted(Wire):
 
     kind: Literal["execution.completed"] = "execution.completed"
     execution: Execution
+
+
+class CostIncurred(Wire):
+    """A model call's usage and price: one per task attempt with usage, decomposition and synthesis."""
+
+    kind: Literal["cost.incurred"] = "cost.incurred"
+    execution_id: str
+    phase: Literal["decomposition", "task", "synthesis"]
+    task_id: str | None = None
+    pool: Pool | None = None
+    attempt: int | None = None
+    model: str
+    provider: str
+    usage: Usage = Usage()
+    cost_usd: float
+    incurred_at: datetime = Field(default_factory=now)
+
+    def msg_id(self) -> str:
+        if self.phase == "task":
+            return f"{self.execution_id}:{self.task_id}:{self.attempt}:cost"
+        return f"{self.execution_id}:{self.phase}:cost"
 
 
 class ExecutionPlanned(Wire):

@@ -9,7 +9,7 @@ from functools import cached_property
 from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.config import ParallelExecutionConfig, load_config
+from shared.config import MISSING_API_KEY, ParallelExecutionConfig, load_config
 from shared.errors import ConfigError
 from shared.names import Names
 
@@ -59,5 +59,6 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as e:
         bad = "; ".join(f"OPENCLAW_{'.'.join(map(str, x['loc'])).upper()}: {x['msg']}" for x in e.errors())
         raise ConfigError(f"invalid environment: {bad}") from None
-    s.pe  # noqa: B018 - load and validate config.json now, not on first use
+    if s.pe.provider == "anthropic" and not s.anthropic_api_key:  # also loads and validates config.json now
+        raise ConfigError(MISSING_API_KEY)
     return s

@@ -25,6 +25,7 @@ from nats.aio.client import Client as NATS
 
 from shared.names import Names
 from shared.natsserver import NatsServer, free_port
+from tests.fake_anthropic import FakeAnthropic
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,12 +112,21 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):  #
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def start_stack(nats_url: str, namespace: str, tmp: Path, *extra: str) -> Stack:
+def stack_env(**extra: str) -> dict[str, str]:
+    """The environment of a stack under test: no real Anthropic key leaks in unless a test sets one."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("ANTHROPIC_API_KEY", "OPENCLAW_ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL")}
+    env.update(extra)
+    return env
+
+
+def start_stack(nats_url: str, namespace: str, tmp: Path, *extra: str, env: dict[str, str] | None = None) -> Stack:
     port = free_port()
     log = tmp / "stack.log"
     cmd = [sys.executable, "-m", "shared.cli", "up", "--nats-url", nats_url, "--namespace", namespace,
            "--gateway-port", str(port), "--data-dir", str(tmp / "data"), *extra]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            env=env if env is not None else stack_env())
     url = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:
@@ -139,6 +149,14 @@ def stop_stack(stack: Stack) -> int:
             stack.proc.kill()
             stack.proc.wait()
     return stack.proc.returncode
+
+
+@pytest.fixture
+def fake_anthropic() -> Iterator[FakeAnthropic]:
+    """A local Messages API server for the real SDK to talk to (see tests/fake_anthropic.py)."""
+    server = FakeAnthropic().start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from shared.distributor import distribute
 from services.pm.planning import make_plan, rules_plan
+from shared.distributor import distribute
 from shared.errors import PlanError
 from shared.schemas import ExecutionRequested, TaskSpec, check_plan, now
 

@@ -89,7 +89,7 @@ def test_retries_are_spaced_1s_then_3s_and_recorded(stack_factory) -> None:  # t
     assert [a["outcome"] for a in (a1, a2, a3)] == ["failed", "failed", "completed"]
     assert [a["strategy"] for a in (a1, a2)] == ["retry", "retry"]  # a model error, not busy/slow: no fallback
     assert a1["error"] == "simulated simulated failure on attempt 1" and a1["error_kind"] == "simulated"
-    assert all(a["model"] == "claude-sonnet-4-5" and a["duration_s"] is not None for a in (a1, a2, a3))
+    assert all(a["model"] == "claude-sonnet-4-6" and a["duration_s"] is not None for a in (a1, a2, a3))
     gap1 = (ts(a2["started_at"]) - ts(a1["finished_at"])).total_seconds()
     gap2 = (ts(a3["started_at"]) - ts(a2["finished_at"])).total_seconds()
     assert 0.95 <= gap1 < 1.8, gap1
@@ -148,7 +148,7 @@ def test_hanging_task_times_out_retries_falls_back_then_fails(stack_factory, tmp
     assert [a["error"] for a in t["attempts"]] == ["timed out after 0.5s"] * 3
     assert [a["error_kind"] for a in t["attempts"]] == ["timeout"] * 3
     # The last attempt ran on the lighter model because the failures were timeouts.
-    assert [a["model"] for a in t["attempts"]] == ["claude-sonnet-4-5", "claude-sonnet-4-5", "claude-haiku-4-5"]
+    assert [a["model"] for a in t["attempts"]] == ["claude-sonnet-4-6", "claude-sonnet-4-6", "claude-haiku-4-5"]
     assert [a["strategy"] for a in t["attempts"]] == ["retry", "fallback", "skip"]
     assert all(0.5 <= a["duration_s"] < 1.5 for a in t["attempts"])
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from shared.natsserver import free_port
-from tests.conftest import ROOT, Stack, start_stack, stop_stack, wait_until, write_config
+from tests.conftest import ROOT, Stack, stack_env, start_stack, stop_stack, wait_until, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -40,7 +40,7 @@ def test_up_owns_nats_restarts_crashed_children_and_stops_cleanly(tmp_path: Path
     proc = subprocess.Popen(
         [sys.executable, "-m", "shared.cli", "up", "--nats-port", str(nats_port), "--gateway-port", str(gw),
          "--data-dir", str(tmp_path / "data"), "--replicas", "codegen=2"],
-        cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=stack_env(),
     )
     stack = Stack(proc, f"http://127.0.0.1:{gw}", tmp_path / "data", log, names=None)  # type: ignore[arg-type]
 

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
 from services.aggregator.aggregate import aggregate
-from services.aggregator.synthesis import synthesize
+from services.aggregator.synthesis import write_answer
 from shared import metrics
 from shared.bus import publish
+from shared.consumer import keep_alive
+from shared.costs import call_event, publish_cost
 from shared.execution import (
     all_tasks_terminal,
     apply_result,
@@ -27,6 +29,7 @@ from shared.execution import (
     run_msg_id,
 )
 from shared.failures import ON_EXHAUSTED
+from shared.providers import ModelProvider
 from shared.schemas import (
     CancelExecution,
     ConsumerAdvisory,
@@ -46,11 +49,12 @@ from shared.service import Runtime
 log = logging.getLogger(__name__)
 
 
-class AggregatorHandlers:
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
 
-    async def _apply(self, execution_id: str, change: Callable[[Execution], bool]) -> Execution | None:
+class AggregatorHandlers:
+    def __init__(self, rt: Runtime, provider: ModelProvider) -> None:
+        self.rt, self.provider = rt, provider
+
+    async def _apply(self, execution_id: str, change: Callable[[Execution], bool], msg: Msg) -> Execution | None:
         """Store ``change`` (compare-and-set), then publish its lifecycle events and the tasks it released.
 
         Both are published after the state that implies them is stored and before the caller acks: a
@@ -73,19 +77,19 @@ class AggregatorHandlers:
         sends += [publish(js, names.tasks(t.pool), run_command(ex, t), run_msg_id(execution_id, t.id))
                   for t in queued(ex) if t.depends_on or ex.mode == "serial"]
         await asyncio.gather(*sends)
-        if all_tasks_terminal(ex) and not ex.terminal:
-            await self._finish(ex)
+        if all_tasks_terminal(ex):
+            await self._finish(ex, msg)
         return ex
 
     async def on_result(self, r: TaskStarted | TaskCompleted | TaskFailed, msg: Msg) -> None:
         """Apply one result; release what it unblocks; finish the execution when nothing is left."""
-        if await self._apply(r.execution_id, lambda ex: apply_result(ex, r)) is None:
+        if await self._apply(r.execution_id, lambda ex: apply_result(ex, r), msg) is None:
             log.warning("result for unknown execution", extra={"execution_id": r.execution_id})
         await msg.ack()
 
     async def on_cancel(self, cmd: CancelExecution, msg: Msg) -> None:
         """Cancel: open tasks end cancelled, the execution finishes with what it has and its cost so far."""
-        ex = await self._apply(cmd.execution_id, lambda ex: cancel(ex, cmd.reason))
+        ex = await self._apply(cmd.execution_id, lambda ex: cancel(ex, cmd.reason), msg)
         if ex is not None and ex.terminal:
             await self.rt.announce_completed(ex)  # also covers one cancelled before it was planned
         log.info("cancel: %s", cmd.reason, extra={"execution_id": cmd.execution_id})
@@ -103,7 +107,7 @@ class AggregatorHandlers:
                 return fail_execution(ex, "no plan was made before the execution deadline")
             return expire(ex, "execution deadline exceeded")
 
-        ex = await self._apply(check.execution_id, expire_or_fail)
+        ex = await self._apply(check.execution_id, expire_or_fail, msg)
         if ex is not None and ex.terminal and not ex.tasks:
             await self.rt.announce_completed(ex)
             log.warning("execution failed at its deadline: %s", ex.error, extra={"execution_id": ex.execution_id})
@@ -161,34 +165,53 @@ class AggregatorHandlers:
         if ex is not None and ex.terminal:
             await self.rt.announce_completed(ex)
 
-    async def _finish(self, snapshot: Execution) -> None:
+    async def _finish(self, snapshot: Execution, msg: Msg) -> None:
         """Aggregate, synthesize and store the final answer (once), then announce it."""
+        if snapshot.terminal:  # finished before (a replay): announce again, call and write nothing
+            await self._announce(snapshot)
+            return
         status = outcome(snapshot)
         agg = aggregate(snapshot, self.rt.pe.result_aggregation.conflict_resolution)
-        text = synthesize(snapshot, agg, status, self.rt.pe.pm_coordinator)
+        async with keep_alive(msg, self.rt.pe.ack_wait_s / 3):  # a long model call is not redelivered
+            text, call = await write_answer(snapshot, agg, status, self.rt.pe, self.provider)
         if status == "cancelled" and snapshot.error:
             text = f"{text}\n\n(Cancelled: {snapshot.error}.)"
+        won = False
 
         def finish(ex: Execution) -> bool:
-            if ex.terminal:
-                return False
+            nonlocal won
+            won = not ex.terminal  # re-run on every compare-and-set retry: the last run tells
+            if not won:
+                return False  # another replica finished first: its answer and its call stand, ours are dropped
             ex.status, ex.aggregated, ex.final_response = status, agg, text  # type: ignore[assignment]
+            if call is not None:
+                ex.calls.append(call)  # in the same compare-and-set write as the answer: counted once
             ex.finished_at = ex.updated_at = now()
             return True
 
         ex = await self.rt.executions.mutate(snapshot.execution_id, finish)
         if ex is None or not ex.terminal:
             return
-        js, names, eid = self.rt.jetstream, self.rt.names, ex.execution_id
-        if ex.aggregated:
-            await asyncio.gather(*(
-                publish(js, names.events(eid, "conflict"),
-                        LifecycleEvent(kind="conflict", execution_id=eid, data=c.model_dump()), f"{eid}:conflict:{i}")
-                for i, c in enumerate(ex.aggregated.conflicts_detected)
-            ))
-        await self.rt.announce_completed(ex)
+        await self._announce(ex)
+        if not won:
+            return
         metrics.EXECUTIONS.labels(ex.status).inc()
         if ex.finished_at:
             metrics.EXECUTION_DURATION.labels(ex.status).observe((ex.finished_at - ex.created_at).total_seconds())
         log.info("execution %s: %s, $%.4f", ex.status, ex.aggregated.summary if ex.aggregated else "",
                  ex.cost.total_usd, extra={"execution_id": ex.execution_id})
+
+    async def _announce(self, ex: Execution) -> None:
+        """Conflict events, the synthesis call's cost event and the final event; msg-ids make repeats harmless."""
+        js, names, eid = self.rt.jetstream, self.rt.names, ex.execution_id
+        sends: list[Awaitable[object]] = [
+            publish_cost(js, names, call_event(eid, c)) for c in ex.calls if c.phase == "synthesis"
+        ]
+        if ex.aggregated:
+            sends += [
+                publish(js, names.events(eid, "conflict"),
+                        LifecycleEvent(kind="conflict", execution_id=eid, data=c.model_dump()), f"{eid}:conflict:{i}")
+                for i, c in enumerate(ex.aggregated.conflicts_detected)
+            ]
+        await asyncio.gather(*sends)
+        await self.rt.announce_completed(ex)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from services.aggregator.handlers import AggregatorHandlers
 from shared.consumer import Consumer
+from shared.providers import make_provider
 from shared.schemas import CancelExecution, ConsumerAdvisory, ExecutionDeadline, TaskResultAdapter
 from shared.service import Runtime, Workers, run_service
 from shared.topology import (
@@ -25,7 +27,8 @@ async def start(rt: Runtime) -> Workers:
     await ensure_consumer(js, names.executions_stream, deadlines_consumer_config(names))
     await ensure_consumer(js, names.executions_stream, cancels_consumer_config(names, rt.pe))
     await ensure_consumer(js, names.advisories_stream, dead_letters_consumer_config(names))
-    h = AggregatorHandlers(rt)
+    provider = make_provider(rt.pe, rt.settings.anthropic_api_key)  # one client for the process
+    h = AggregatorHandlers(rt, provider)
     consumers: list[Consumer[Any]] = [
         Consumer(js, names, names.results_stream, names.aggregator_consumer, TaskResultAdapter.validate_json,
                  h.on_result, capacity=256),
@@ -36,7 +39,14 @@ async def start(rt: Runtime) -> Workers:
         Consumer(js, names, names.advisories_stream, names.dead_letters_consumer,
                  ConsumerAdvisory.model_validate_json, h.on_advisory, capacity=16),
     ]
-    return [c.run(rt.stop) for c in consumers]
+
+    async def run() -> None:
+        try:
+            await asyncio.gather(*(c.run(rt.stop) for c in consumers))
+        finally:
+            await provider.aclose()
+
+    return [run()]
 
 
 def main() -> None:

@@ -1,9 +1,21 @@
-"""The client-facing answer, in the PM's voice: what was done, timeline, cost, next steps."""
+"""The client-facing answer, in the PM's voice: what was done, timeline, cost, next steps.
+
+With a provider that writes (anthropic), the synthesis model writes the answer in the configured
+persona and the exact cost line and the signature are appended to it; with one that does not
+(simulated), or when the call fails, the deterministic template below writes it.
+"""
 
 from __future__ import annotations
 
-from shared.config import PMCoordinator
-from shared.schemas import AggregatedResult, Execution
+import logging
+
+from services.aggregator.prompts import format_prompt
+from shared.config import ParallelExecutionConfig, PMCoordinator
+from shared.costs import model_call
+from shared.providers import ModelProvider, ProviderError
+from shared.schemas import AggregatedResult, Execution, ModelCall
+
+log = logging.getLogger(__name__)
 
 
 def _fmt_s(seconds: float) -> str:
@@ -45,9 +57,7 @@ def synthesize(ex: Execution, agg: AggregatedResult, status: str, pm: PMCoordina
     wall = (ex.updated_at - ex.created_at).total_seconds()
     work = sum(a.duration_s or 0.0 for t in ex.tasks for a in t.attempts)
     lines += ["", f"Timeline: {_fmt_s(wall)} end to end; {_fmt_s(work)} of agent work ran in parallel pools."]
-    cost = ex.cost
-    by_pool = ", ".join(f"{p} ${c:.4f}" for p, c in sorted(cost.by_pool.items()))
-    lines.append(f"Cost: ${cost.total_usd:.4f} ({by_pool}).")
+    lines.append(cost_line(ex))
     if ex.refund_usd > 0:
         lines.append(f"Refund due: ${ex.refund_usd:.4f} for work that failed or was skipped.")
     decisions = [f"{t.id} ({t.pool}) is {t.degradation}: retry it, give it more time, or drop it from scope?"
@@ -61,3 +71,39 @@ def synthesize(ex: Execution, agg: AggregatedResult, status: str, pm: PMCoordina
         lines += ["", "Next steps:"] + [f"  {i}. {s}" for i, s in enumerate(steps, 1)]
     lines += ["", pm.signature]
     return "\n".join(lines)
+
+
+def cost_line(ex: Execution) -> str:
+    """Exact cost of the execution by phase (and pool), the synthesis call included."""
+    cost = ex.cost
+    by_pool = ", ".join(f"{p} ${c:.4f}" for p, c in sorted(cost.by_pool.items()))
+    parts = []
+    if "decomposition" in cost.by_phase:
+        parts.append(f"planning ${cost.by_phase['decomposition']:.4f}")
+    parts.append(f"agents ${cost.by_phase['tasks']:.4f}" + (f" ({by_pool})" if by_pool else ""))
+    if "synthesis" in cost.by_phase:
+        parts.append(f"this summary ${cost.by_phase['synthesis']:.4f}")
+    return f"Cost: ${cost.total_usd:.4f} — {'; '.join(parts)}."
+
+
+async def write_answer(
+    ex: Execution, agg: AggregatedResult, status: str, pe: ParallelExecutionConfig, provider: ModelProvider
+) -> tuple[str, ModelCall | None]:
+    """The final answer and the synthesis call behind it (None when the provider made no call)."""
+    pm = pe.pm_coordinator
+    model, ctx = pm.synthesis_model, {"execution_id": ex.execution_id}
+    try:
+        reply = await provider.synthesize(format_prompt(ex, agg, status, pm), model)
+    except ProviderError as e:
+        call = model_call(pe, "synthesis", model, provider.name, e.usage, f"{e.kind}: {e}")
+    except Exception as e:  # noqa: BLE001 - whatever broke the call, the template can still answer
+        log.exception("synthesis call raised", extra=ctx)
+        call = model_call(pe, "synthesis", model, provider.name, None, f"error: {type(e).__name__}: {e}")
+    else:
+        if reply is None:
+            return synthesize(ex, agg, status, pm), None
+        call = model_call(pe, "synthesis", reply.model, reply.provider, reply.usage)
+        with_call = ex.model_copy(update={"calls": [*ex.calls, call]})
+        return "\n\n".join([reply.text, cost_line(with_call), pm.signature]), call
+    log.warning("synthesis call failed (%s); using the template", call.error, extra=ctx)
+    return synthesize(ex.model_copy(update={"calls": [*ex.calls, call]}), agg, status, pm), call

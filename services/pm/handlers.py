@@ -4,54 +4,68 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 
 from nats.aio.msg import Msg
 from nats.js.errors import KeyWrongLastSequenceError
 
-from services.pm.planning import make_plan
+from services.pm.planning import plan_request
 from shared import metrics
 from shared.bus import publish
+from shared.consumer import keep_alive
+from shared.costs import call_event, publish_cost
 from shared.errors import PlanError
 from shared.execution import apply_plan, fail_execution, new_execution, queued, run_command, run_msg_id
-from shared.schemas import ExecutionPlanned, ExecutionRequested
+from shared.providers import ModelProvider
+from shared.schemas import Execution, ExecutionPlanned, ExecutionRequested
 from shared.service import Runtime
 
 log = logging.getLogger(__name__)
 
 
+
 class PMHandlers:
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
+    def __init__(self, rt: Runtime, provider: ModelProvider) -> None:
+        self.rt, self.provider = rt, provider
 
     async def on_requested(self, req: ExecutionRequested, msg: Msg) -> None:
         """Plan the execution (once) and publish its ready tasks; safe to redeliver."""
         ctx = {"execution_id": req.execution_id}
         store, js, names = self.rt.executions, self.rt.jetstream, self.rt.names
-        if await store.get(req.execution_id) is None:
+        current = await store.get(req.execution_id)
+        if current is None:
             # The gateway stores the execution before publishing; this covers a request sent straight to NATS.
             try:
                 await store.create(new_execution(req))
             except KeyWrongLastSequenceError:
                 pass
-        try:
-            specs, planner = make_plan(req, self.rt.pe.max_tasks_per_execution)
-        except PlanError as e:
-            await self._reject(req, str(e))
-            await msg.ack()
-            return
-        ex = await store.mutate(req.execution_id, lambda ex: apply_plan(ex, specs, planner))
+        if current is not None and current[0].status not in ("queued", "planning"):
+            ex: Execution | None = current[0]  # planned before (a redelivery): publish again, plan nothing
+        else:
+            try:
+                async with keep_alive(msg, self.rt.pe.ack_wait_s / 3):  # a long model call is not redelivered
+                    plan = await plan_request(req, self.rt.pe, self.provider)
+            except PlanError as e:
+                await self._reject(req, str(e))
+                await msg.ack()
+                return
+            # The decomposition call is stored in the same compare-and-set write as the plan: counted once.
+            ex = await store.mutate(req.execution_id, lambda ex: apply_plan(ex, plan.tasks, plan.planner, plan.calls))
         if ex is None or ex.status != "running":
             await msg.ack()  # cancelled or finished meanwhile: nothing to start
             return
-        metrics.PLANS.labels(ex.planner or planner).inc()
-        planned = ExecutionPlanned(
-            execution_id=ex.execution_id, planner=ex.planner or planner, tasks=[t.spec() for t in ex.tasks]
-        )
-        sends = [publish(js, names.events(ex.execution_id, "planned"), planned, f"{ex.execution_id}:planned")]
+        planner = ex.planner or "rules"
+        metrics.PLANS.labels(planner).inc()
+        planned = ExecutionPlanned(execution_id=ex.execution_id, planner=planner, tasks=[t.spec() for t in ex.tasks])
+        sends: list[Awaitable[object]] = [
+            publish(js, names.events(ex.execution_id, "planned"), planned, f"{ex.execution_id}:planned")
+        ]
         sends += [
             publish(js, names.tasks(t.pool), run_command(ex, t), run_msg_id(ex.execution_id, t.id))
             for t in queued(ex)
         ]
+        sends += [publish_cost(js, names, call_event(ex.execution_id, c)) for c in ex.calls
+                  if c.phase == "decomposition"]
         await asyncio.gather(*sends)
         await msg.ack()
         log.info("planned %d task(s) with %s", len(ex.tasks), ex.planner, extra=ctx)

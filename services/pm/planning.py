@@ -1,4 +1,9 @@
-"""Turning a request into a plan: the client's own plan, else rules, else one serial task.
+"""Turning a request into a plan: the client's own plan, else the decomposition model's, else rules, else
+one serial task.
+
+The model's plan is checked like a client's (pools, ids, dependencies, cycles, task limit); a failed
+call or a plan that does not pass falls back to the rules, and the call is recorded either way — it
+was paid for.
 
 The rule-based planner recognises a project ("build a … website/app/…") and lays out the usual
 delivery: database schema, backend API, frontend (after the API) and a security audit — any web
@@ -9,13 +14,21 @@ codegen task (planner "serial").
 
 from __future__ import annotations
 
+import logging
 import re
+from dataclasses import dataclass, field
 from typing import Any
 
+from services.pm.prompts import format_prompt
+from shared.config import ParallelExecutionConfig
+from shared.costs import model_call
 from shared.distributor import Distribution, distribute
 from shared.errors import PlanError
 from shared.names import POOLS, Pool
-from shared.schemas import ExecutionRequested, TaskSpec, check_plan
+from shared.providers import ModelProvider, ProviderError
+from shared.schemas import ExecutionRequested, ModelCall, TaskSpec, check_plan
+
+log = logging.getLogger(__name__)
 
 PROJECT = re.compile(
     r"\b(build|create|make|develop|launch|ship)\b.*\b(website|site|app|application|platform|store|shop|"
@@ -69,3 +82,38 @@ def make_plan(req: ExecutionRequested, max_tasks: int) -> tuple[list[TaskSpec], 
         # A template cut short by max_tasks can leave a dangling dependency: fall back to serial.
         return [TaskSpec(id="task-1", pool="codegen", description=req.message.strip())], "serial"
     return tasks, planner
+
+
+@dataclass(frozen=True)
+class PlanOutcome:
+    tasks: list[TaskSpec]
+    planner: str
+    calls: list[ModelCall] = field(default_factory=list)
+
+
+async def plan_request(req: ExecutionRequested, pe: ParallelExecutionConfig, provider: ModelProvider) -> PlanOutcome:
+    """The client's plan; else the decomposition model's; else the rules'; else one serial task."""
+    max_tasks = pe.max_tasks_per_execution
+    if req.tasks is not None:
+        return PlanOutcome(*make_plan(req, max_tasks))
+    pm = pe.pm_coordinator
+    model, ctx = pm.decomposition_model, {"execution_id": req.execution_id}
+    try:
+        reply = await provider.decompose(format_prompt(req, max_tasks), model, pm.reasoning_effort)
+    except ProviderError as e:
+        failed = model_call(pe, "decomposition", model, provider.name, e.usage, f"{e.kind}: {e}")
+    except Exception as e:  # noqa: BLE001 - whatever broke the call, the rules can still plan
+        log.exception("decomposition call raised", extra=ctx)
+        failed = model_call(pe, "decomposition", model, provider.name, None, f"error: {type(e).__name__}: {e}")
+    else:
+        if reply is None:  # this provider does not plan
+            return PlanOutcome(*make_plan(req, max_tasks))
+        try:
+            check_plan(reply.plan.tasks, max_tasks)
+        except PlanError as e:
+            failed = model_call(pe, "decomposition", reply.model, reply.provider, reply.usage, f"invalid plan: {e}")
+        else:
+            call = model_call(pe, "decomposition", reply.model, reply.provider, reply.usage)
+            return PlanOutcome(reply.plan.tasks, "llm", [call])
+    log.warning("decomposition not used (%s); planning by rules", failed.error, extra=ctx)
+    return PlanOutcome(*make_plan(req, max_tasks), calls=[failed])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from services.pm.handlers import PMHandlers
 from shared.consumer import Consumer
+from shared.providers import make_provider
 from shared.schemas import ExecutionRequested
 from shared.service import Runtime, Workers, run_service
 from shared.topology import ensure_consumer, pm_consumer_config
@@ -12,10 +13,18 @@ from shared.topology import ensure_consumer, pm_consumer_config
 async def start(rt: Runtime) -> Workers:
     js, names = rt.jetstream, rt.names
     await ensure_consumer(js, names.executions_stream, pm_consumer_config(names, rt.pe))
-    handlers = PMHandlers(rt)
+    provider = make_provider(rt.pe, rt.settings.anthropic_api_key)  # one client for the process
+    handlers = PMHandlers(rt, provider)
     consumer = Consumer(js, names, names.executions_stream, names.pm_consumer,
                         ExecutionRequested.model_validate_json, handlers.on_requested, capacity=64)
-    return [consumer.run(rt.stop)]
+
+    async def run() -> None:
+        try:
+            await consumer.run(rt.stop)
+        finally:
+            await provider.aclose()
+
+    return [run()]
 
 
 def main() -> None:

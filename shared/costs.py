@@ -1,0 +1,66 @@
+"""What model calls cost: usage × the configured price, per call, and cost events on NATS.
+
+Every priced call is one USD figure computed once, where the call is made, from
+``pricing[model]`` (input, output, cache reads, cache writes per million tokens). Attempts sum
+into tasks, tasks into pools, and pools plus the decomposition and synthesis calls into the
+execution (``Execution.cost``). Each call is also published as a ``CostIncurred`` event on
+``events.<execution_id>.cost`` with a deterministic msg-id, so a replay is not counted twice.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from nats.js import JetStreamContext
+
+from shared import metrics
+from shared.bus import publish
+from shared.config import ParallelExecutionConfig
+from shared.names import Names
+from shared.schemas import CostIncurred, ModelCall, TaskCompleted, TaskFailed, Usage
+
+
+def usd(pe: ParallelExecutionConfig, model: str, usage: Usage) -> float:
+    """The USD price of ``usage`` on ``model`` (ConfigError if the model has no price)."""
+    return pe.price(model).usd(
+        usage.input_tokens, usage.output_tokens, usage.cache_read_tokens, usage.cache_write_tokens
+    )
+
+
+def model_call(
+    pe: ParallelExecutionConfig,
+    phase: Literal["decomposition", "synthesis"],
+    model: str,
+    provider: str,
+    usage: Usage | None,
+    error: str | None = None,
+) -> ModelCall:
+    """A priced record of a decomposition or synthesis call; counted in the cost metric once, here."""
+    usage = usage or Usage()
+    cost = usd(pe, model, usage)
+    if cost:
+        metrics.COST.labels(phase, model).inc(cost)
+        metrics.TOKENS.labels(phase, model, "input").inc(usage.input_tokens)
+        metrics.TOKENS.labels(phase, model, "output").inc(usage.output_tokens)
+    return ModelCall(phase=phase, model=model, provider=provider, usage=usage, cost_usd=cost, error=error)
+
+
+def call_event(execution_id: str, call: ModelCall) -> CostIncurred:
+    return CostIncurred(execution_id=execution_id, phase=call.phase, model=call.model, provider=call.provider,
+                        usage=call.usage, cost_usd=call.cost_usd)
+
+
+def attempt_event(done: TaskCompleted | TaskFailed) -> CostIncurred:
+    return CostIncurred(execution_id=done.execution_id, phase="task", task_id=done.task_id, pool=done.pool,
+                        attempt=done.attempt, model=done.model or "", provider=done.provider or "",
+                        usage=done.usage, cost_usd=done.cost_usd, incurred_at=done.finished_at)
+
+
+async def publish_cost(js: JetStreamContext, names: Names, event: CostIncurred) -> None:
+    """Publish one cost event; its msg-id makes a replay within the duplicate window a no-op."""
+    await publish(js, names.cost_event(event.execution_id), event, event.msg_id())
+
+
+async def publish_attempt_cost(js: JetStreamContext, names: Names, done: TaskCompleted | TaskFailed) -> None:
+    """The pool worker's cost event for an attempt that was billed (completed, or answered unusably)."""
+    await publish_cost(js, names, attempt_event(done))

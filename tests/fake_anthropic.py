@@ -1,0 +1,180 @@
+"""A local HTTP server that speaks the Messages API (``POST /v1/messages``), scripted per test.
+
+The real ``anthropic`` SDK talks to it through ``base_url``. It tells the three kinds of call apart
+by the tool offered (``submit_plan`` → plan, ``submit_result`` → task, none → synthesis), answers
+them with tool_use blocks (a thinking block first for the plan), text, and usage with cache tokens,
+records every request, and can be told to answer the next call(s) of a kind with 429, 529, 500, a
+response slower than any client timeout, or malformed output.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Literal
+
+Kind = Literal["plan", "task", "synthesis"]
+Behaviour = Literal["ok", "429", "529", "500", "slow", "no_tool", "bad_input", "not_json"]
+
+USAGE: dict[Kind, dict[str, int]] = {
+    "plan": {"input_tokens": 1850, "output_tokens": 2600, "cache_read_input_tokens": 0,
+             "cache_creation_input_tokens": 1320},
+    "task": {"input_tokens": 2100, "output_tokens": 940, "cache_read_input_tokens": 1500,
+             "cache_creation_input_tokens": 300},
+    "synthesis": {"input_tokens": 3300, "output_tokens": 610, "cache_read_input_tokens": 800,
+                  "cache_creation_input_tokens": 0},
+}
+
+PLAN: dict[str, Any] = {"tasks": [
+    {"id": "schema", "pool": "database", "description": "Design the orders and menu schema with migrations",
+     "context": {"database": "PostgreSQL"}},
+    {"id": "api", "pool": "codegen", "description": "Build the ordering REST API", "depends_on": ["schema"]},
+    {"id": "audit", "pool": "security", "description": "Audit checkout and payments", "depends_on": ["api"]},
+]}
+
+ERRORS = {429: "rate_limit_error", 529: "overloaded_error", 500: "api_error"}
+
+
+def task_output(system: str, user: str) -> dict[str, Any]:
+    """A plausible result for the pool whose system prompt this is."""
+    first = user.split("\n\n")[1] if "\n\n" in user else user
+    if "security auditor" in system:
+        return {"summary": f"Audited: {first}", "findings": [
+            {"severity": "critical", "topic": "payments", "detail": "card data reaches the API",
+             "recommendation": "Use hosted payment fields"}],
+            "recommendations": [{"topic": "session handling", "choice": "server-side sessions",
+                                 "rationale": "httpOnly cookies"}]}
+    if "database engineer" in system:
+        return {"summary": f"Schema for: {first}", "artifacts": [
+            {"path": "db/001_orders.sql", "kind": "sql", "content": "CREATE TABLE orders (id BIGSERIAL);"}],
+            "recommendations": [{"topic": "database", "choice": "PostgreSQL", "rationale": "relational"}]}
+    return {"summary": f"Implemented: {first}", "artifacts": [
+        {"path": "api/orders.py", "kind": "code", "content": "def create_order(): ..."}]}
+
+
+class FakeAnthropic:
+    """The server; ``url`` is its base_url. Start with ``start()``, stop with ``stop()``."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []  # {"kind", "body", "headers"} in arrival order
+        self.plan: dict[str, Any] = PLAN
+        self.usage: dict[Kind, dict[str, int]] = {k: dict(v) for k, v in USAGE.items()}
+        self.synthesis_text = "All done! The schema, the ordering API and the security audit are finished."
+        self._script: dict[Kind, deque[Behaviour]] = {"plan": deque(), "task": deque(), "synthesis": deque()}
+        self._lock = threading.Condition()
+        self._hold: dict[Kind, int] = {}
+        self.release = threading.Event()  # a "slow" answer waits for this (set at stop)
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def start(self) -> FakeAnthropic:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.release.set()
+        with self._lock:
+            self._hold.clear()
+            self._lock.notify_all()
+        self._server.shutdown()
+        self._server.server_close()
+
+    def next(self, kind: Kind, *behaviours: Behaviour) -> None:
+        """Answer the next calls of ``kind`` like this, in order; afterwards "ok" again."""
+        with self._lock:
+            self._script[kind].extend(behaviours)
+
+    def hold(self, kind: Kind, count: int) -> None:
+        """Answer no call of ``kind`` until ``count`` of them have arrived (to make callers overlap)."""
+        with self._lock:
+            self._hold[kind] = count
+
+    def of(self, kind: Kind) -> list[dict[str, Any]]:
+        """The bodies of the requests of ``kind`` received so far."""
+        with self._lock:
+            return [r["body"] for r in self.requests if r["kind"] == kind]
+
+    # ---------------------------------------------------------------- serving
+
+    def _arrive(self, kind: Kind, body: dict[str, Any], headers: dict[str, str]) -> tuple[Behaviour, int]:
+        with self._lock:
+            self.requests.append({"kind": kind, "body": body, "headers": headers})
+            n = sum(r["kind"] == kind for r in self.requests)
+            behaviour = self._script[kind].popleft() if self._script[kind] else "ok"
+            self._lock.notify_all()
+            self._lock.wait_for(lambda: sum(r["kind"] == kind for r in self.requests) >= self._hold.get(kind, 0),
+                                timeout=30)
+            return behaviour, n
+
+    def _answer(self, kind: Kind, behaviour: Behaviour, body: dict[str, Any], n: int) -> tuple[int, Any]:
+        if behaviour in ("429", "529", "500"):
+            code = int(behaviour)
+            return code, {"type": "error", "error": {"type": ERRORS[code], "message": f"scripted {code}"}}
+        if behaviour == "slow":
+            self.release.wait(60)
+        usage = dict(self.usage[kind])
+        system = "".join(b["text"] for b in body.get("system", []))
+        user = body["messages"][0]["content"]
+        content: list[dict[str, Any]]
+        if kind == "synthesis":
+            text = "" if behaviour == "no_tool" else f"{self.synthesis_text} (answer #{n})"
+            content = [{"type": "text", "text": text}] if text else []
+            stop = "end_turn"
+        elif behaviour == "no_tool":
+            content, stop = [{"type": "text", "text": "Here is my plan in prose instead."}], "end_turn"
+        else:
+            tool = "submit_plan" if kind == "plan" else "submit_result"
+            if behaviour == "bad_input":
+                data: Any = ({"tasks": [{"id": "ui", "pool": "frontend", "description": "x"}]} if kind == "plan"
+                             else {"artifacts": "none"})
+            else:
+                data = self.plan if kind == "plan" else task_output(system, user)
+            content = [{"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:20]}", "name": tool, "input": data}]
+            stop = "tool_use"
+        if kind == "plan":
+            content.insert(0, {"type": "thinking", "thinking": "Schema first, then the API, then the audit.",
+                               "signature": "c2lnbmF0dXJl"})
+        return 200, {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant",
+                     "model": f"{body['model']}-20990101", "content": content, "stop_reason": stop,
+                     "stop_sequence": None, "usage": usage}
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                if self.path.split("?")[0] != "/v1/messages":
+                    self._send(404, {"type": "error", "error": {"type": "not_found_error", "message": self.path}})
+                    return
+                body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
+                tools = {t["name"] for t in body.get("tools", [])}
+                kind: Kind = "plan" if "submit_plan" in tools else "task" if "submit_result" in tools else "synthesis"
+                behaviour, n = fake._arrive(kind, body, {k.lower(): v for k, v in self.headers.items()})
+                if behaviour == "not_json":
+                    self._send(200, None, raw=b'{"id": "msg_1", "content": [')
+                    return
+                self._send(*fake._answer(kind, behaviour, body, n))
+
+            def _send(self, code: int, payload: Any, raw: bytes | None = None) -> None:
+                data = raw if raw is not None else json.dumps(payload).encode()
+                try:
+                    self.send_response(code)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (a timeout test)
+
+        return Handler

@@ -1,0 +1,142 @@
+"""PM decomposition: the model's plan when it is valid; else the rules; else one serial task — cost recorded."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from services.pm.planning import plan_request
+from services.pm.prompts import SYSTEM
+from shared.config import ParallelExecutionConfig
+from shared.errors import PlanError
+from shared.providers import AnthropicProvider, SimulatedProvider
+from shared.schemas import ExecutionRequested, TaskSpec, now
+from tests.fake_anthropic import FakeAnthropic
+
+KEY = "sk-ant-test"
+PLAN_ON_OPUS = (1850 * 5 + 2600 * 25 + 1320 * 6.25) / 1e6  # the fake's plan usage × claude-opus-4-6 prices
+PROJECT = "Build a restaurant website with online ordering"
+
+
+def request(message: str = PROJECT, **kw: Any) -> ExecutionRequested:
+    return ExecutionRequested(execution_id="e1", message=message, requested_at=now(), deadline_at=now(), **kw)
+
+
+@pytest.fixture
+def pe(fake_anthropic: FakeAnthropic) -> ParallelExecutionConfig:
+    return ParallelExecutionConfig.model_validate(
+        {"provider": "anthropic", "anthropic": {"base_url": fake_anthropic.url, "timeout_s": 0.5},
+         "pm_coordinator": {"reasoning_effort": "medium"}, "max_tasks_per_execution": 4}
+    )
+
+
+@pytest.fixture
+async def provider(pe: ParallelExecutionConfig) -> AsyncIterator[AnthropicProvider]:
+    p = AnthropicProvider(pe, KEY)
+    yield p
+    await p.aclose()
+
+
+async def test_a_valid_model_plan_is_used_and_its_call_priced(
+    pe: ParallelExecutionConfig, provider: AnthropicProvider, fake_anthropic: FakeAnthropic
+) -> None:
+    out = await plan_request(request(project="trattoria", force_parallel=True), pe, provider)
+    assert out.planner == "llm"
+    assert [(t.id, t.pool, t.depends_on) for t in out.tasks] == [
+        ("schema", "database", []), ("api", "codegen", ["schema"]), ("audit", "security", ["api"])]
+    [call] = out.calls
+    assert (call.phase, call.model, call.provider) == ("decomposition", "claude-opus-4-6", "anthropic")
+    assert call.error is None
+    assert call.usage.cache_write_tokens == 1320
+    assert call.cost_usd == pytest.approx(PLAN_ON_OPUS, abs=1e-12)
+
+    [body] = fake_anthropic.of("plan")
+    assert body["model"] == "claude-opus-4-6"
+    assert body["thinking"] == {"type": "adaptive"} and body["output_config"] == {"effort": "medium"}
+    assert body["system"] == [{"type": "text", "text": SYSTEM, "cache_control": {"type": "ephemeral"}}]
+    user = body["messages"][0]["content"]
+    assert PROJECT in user and "Project: trattoria" in user and "at most 4 task(s)" in user
+    assert "involve every pool" in user
+
+
+@pytest.mark.parametrize(
+    ("plan", "says"),
+    [
+        ({"tasks": [{"id": "a", "pool": "codegen", "description": "a", "depends_on": ["b"]},
+                    {"id": "b", "pool": "codegen", "description": "b", "depends_on": ["a"]}]},
+         "invalid plan: dependency cycle: a -> b -> a"),
+        ({"tasks": [{"id": "a", "pool": "codegen", "description": "a", "depends_on": ["zzz"]}]},
+         "invalid plan: task 'a' depends on unknown task(s): zzz"),
+        ({"tasks": [{"id": "a", "pool": "codegen", "description": "a"}, {"id": "a", "pool": "security",
+                                                                         "description": "b"}]},
+         "invalid plan: duplicate task id(s): a"),
+        ({"tasks": [{"id": f"t{i}", "pool": "codegen", "description": "x"} for i in range(5)]},
+         "invalid plan: the plan has 5 tasks; at most 4"),
+        ({"tasks": []}, "invalid plan: the plan has no tasks"),
+    ],
+)
+async def test_a_model_plan_that_does_not_check_out_falls_back_to_the_rules_and_still_costs(
+    pe: ParallelExecutionConfig, provider: AnthropicProvider, fake_anthropic: FakeAnthropic,
+    plan: dict[str, Any], says: str,
+) -> None:
+    fake_anthropic.plan = plan
+    out = await plan_request(request(), pe, provider)
+    assert out.planner == "rules" and [t.id for t in out.tasks] == ["schema", "backend", "frontend", "security-audit"]
+    [call] = out.calls
+    assert call.error is not None and call.error.startswith(says)
+    assert call.cost_usd == pytest.approx(PLAN_ON_OPUS, abs=1e-12)  # paid for, even though unused
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "says", "billed"),
+    [
+        ("bad_input", "invalid_output: invalid submit_plan input: tasks.0.pool", True),  # pool "frontend"
+        ("no_tool", "invalid_output: the model did not call submit_plan", True),
+        ("not_json", "invalid_output: claude-opus-4-6: malformed response", False),
+        ("429", "rate_limit: claude-opus-4-6: HTTP 429", False),
+        ("529", "overloaded: claude-opus-4-6: HTTP 529", False),
+        ("500", "server: claude-opus-4-6: HTTP 500", False),
+        ("slow", "timeout: claude-opus-4-6 did not answer within 0.5s", False),
+    ],
+)
+async def test_a_failed_or_malformed_call_falls_back_to_the_rules_without_a_crash(
+    pe: ParallelExecutionConfig, provider: AnthropicProvider, fake_anthropic: FakeAnthropic,
+    behaviour: Any, says: str, billed: bool,
+) -> None:
+    fake_anthropic.next("plan", behaviour)
+    out = await plan_request(request(), pe, provider)
+    assert out.planner == "rules" and len(out.tasks) == 4
+    [call] = out.calls
+    assert call.error is not None and call.error.startswith(says), call.error
+    assert call.cost_usd == (pytest.approx(PLAN_ON_OPUS, abs=1e-12) if billed else 0.0)
+    assert len(fake_anthropic.of("plan")) == 1
+
+
+async def test_when_the_rules_match_nothing_the_chain_ends_in_one_serial_task(
+    pe: ParallelExecutionConfig, provider: AnthropicProvider, fake_anthropic: FakeAnthropic
+) -> None:
+    fake_anthropic.next("plan", "529")
+    out = await plan_request(request("Please make it nicer"), pe, provider)
+    assert out.planner == "serial"
+    assert [(t.id, t.pool) for t in out.tasks] == [("task-1", "codegen")]
+    assert out.calls[0].error is not None and out.calls[0].error.startswith("overloaded")
+
+
+async def test_a_client_plan_skips_decomposition(
+    pe: ParallelExecutionConfig, provider: AnthropicProvider, fake_anthropic: FakeAnthropic
+) -> None:
+    tasks = [TaskSpec(id="x", pool="security", description="audit")]
+    out = await plan_request(request(tasks=tasks), pe, provider)
+    assert (out.planner, out.tasks, out.calls) == ("client", tasks, [])
+    bad = [TaskSpec(id="x", pool="security", description="a", depends_on=["x"])]
+    with pytest.raises(PlanError, match="depends on itself"):
+        await plan_request(request(tasks=bad), pe, provider)
+    assert fake_anthropic.requests == []
+
+
+async def test_the_simulated_provider_plans_by_rules_at_no_cost() -> None:
+    pe = ParallelExecutionConfig()
+    out = await plan_request(request(), pe, SimulatedProvider(pe))
+    assert out.planner == "rules" and out.calls == []

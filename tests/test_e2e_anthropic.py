@@ -1,0 +1,181 @@
+"""End to end on the anthropic provider: the whole stack, the real SDK, a local Messages API.
+
+The PM plans with the decomposition model, the pools run their tasks on their configured models, the
+aggregator writes the answer with the synthesis model; every call's usage × config prices adds up to
+the execution's cost, in the document and in the cost events on NATS.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import httpx
+import nats
+import pytest
+from nats.js.api import DeliverPolicy
+
+from shared.schemas import CostIncurred
+from tests.conftest import Stack, stack_env, start_stack, stop_stack, write_config
+from tests.fake_anthropic import FakeAnthropic
+
+pytestmark = pytest.mark.e2e
+
+KEY = "sk-ant-e2e"
+# The fake's usage × default list prices, by hand (per MTok; cache read 0.1× input, cache write 1.25× input).
+PLAN_ON_OPUS = (1850 * 5 + 2600 * 25 + 1320 * 6.25) / 1e6  # 0.0825
+TASK_ON_SONNET = (2100 * 3 + 940 * 15 + 1500 * 0.3 + 300 * 3.75) / 1e6  # 0.021975
+TASK_ON_HAIKU = (2100 * 1 + 940 * 5 + 1500 * 0.1 + 300 * 1.25) / 1e6  # 0.007325
+SYNTHESIS_ON_SONNET = (3300 * 3 + 610 * 15 + 800 * 0.3) / 1e6  # 0.01929
+SIGNATURE = "— Ada, your delivery lead"
+
+
+@pytest.fixture(scope="module")
+def env(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, FakeAnthropic]]:
+    fake = FakeAnthropic().start()
+    tmp = tmp_path_factory.mktemp("anthropic")
+    config = write_config(tmp / "config.json", {
+        "provider": "anthropic",
+        "anthropic": {"base_url": fake.url, "timeout_s": 10},
+        "worker_pools": {"security": {"max_concurrent": 2, "timeout": 60, "model": "claude-haiku-4-5"}},
+        "pm_coordinator": {"reasoning_effort": "medium", "name": "Ada", "signature": SIGNATURE,
+                           "tone": "calm and exact", "emoji": False},
+        "retries": {"max_retries": 2, "backoff_s": [0.2]},
+    })
+    stack = start_stack(nats_url, "llm" + uuid.uuid4().hex[:8], tmp, "--config", str(config),
+                        env=stack_env(ANTHROPIC_API_KEY=KEY))
+    yield stack, fake
+    code = stop_stack(stack)
+    fake.stop()
+    assert code == 0, stack.output()[-3000:]
+
+
+def run(stack: Stack, body: dict[str, Any]) -> dict[str, Any]:
+    r = httpx.post(f"{stack.url}/api/execute-parallel", json={**body, "wait": True}, timeout=60)
+    assert r.status_code == 200, r.text
+    doc: dict[str, Any] = r.json()
+    return doc
+
+
+async def cost_events(stack: Stack, execution_id: str, count: int) -> list[CostIncurred]:
+    """The execution's first ``count`` cost events, from the EVENTS stream (whenever they were published)."""
+    nc = await nats.connect(stack.state()["nats_url"])  # type: ignore[arg-type]
+    try:
+        sub = await nc.jetstream().subscribe(stack.names.cost_event(execution_id), deliver_policy=DeliverPolicy.ALL,
+                                             ordered_consumer=True)
+        return [CostIncurred.model_validate_json((await sub.next_msg(timeout=20)).data) for _ in range(count)]
+    finally:
+        await nc.drain()
+
+
+def ts(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+async def test_an_execution_planned_run_and_answered_by_models_costs_exactly_its_tokens(
+    env: tuple[Stack, FakeAnthropic],
+) -> None:
+    stack, fake = env
+    seen = len(fake.requests)
+    async with httpx.AsyncClient(base_url=stack.url, timeout=60) as client:
+        r = await client.post("/api/execute-parallel",
+                              json={"message": "Build a restaurant website with online ordering", "wait": True})
+        assert r.status_code == 200, r.text
+        doc = r.json()
+        got = (await client.get(f"/api/execution/{doc['execution_id']}")).json()
+    assert got == doc
+
+    assert doc["status"] == "completed" and doc["planner"] == "llm"
+    tasks = {t["id"]: t for t in doc["tasks"]}
+    assert [(t["id"], t["pool"], t["status"]) for t in doc["tasks"]] == [
+        ("schema", "database", "completed"), ("api", "codegen", "completed"), ("audit", "security", "completed")]
+    # Dependencies from the model's plan held.
+    assert ts(tasks["api"]["started_at"]) >= ts(tasks["schema"]["finished_at"])
+    assert ts(tasks["audit"]["started_at"]) >= ts(tasks["api"]["finished_at"])
+    assert tasks["audit"]["output"]["findings"][0]["severity"] == "critical"
+    assert tasks["schema"]["output"]["simulated"] is False
+
+    # Per attempt and task: the pool's model, the endpoint's usage, usage × that model's price.
+    expected = {"schema": ("claude-sonnet-4-6", TASK_ON_SONNET), "api": ("claude-sonnet-4-6", TASK_ON_SONNET),
+                "audit": ("claude-haiku-4-5", TASK_ON_HAIKU)}
+    for tid, (model, cost) in expected.items():
+        [attempt] = tasks[tid]["attempts"]
+        assert attempt["model"] == model and attempt["provider"] == "anthropic"
+        assert attempt["usage"] == {"input_tokens": 2100, "output_tokens": 940, "cache_read_tokens": 1500,
+                                    "cache_write_tokens": 300}
+        assert attempt["cost_usd"] == pytest.approx(cost, abs=1e-12)
+        assert tasks[tid]["cost_usd"] == pytest.approx(cost, abs=1e-12)
+
+    decomposition, synthesis = doc["calls"]
+    assert (decomposition["phase"], decomposition["model"], decomposition["error"]) == (
+        "decomposition", "claude-opus-4-6", None)
+    assert decomposition["cost_usd"] == pytest.approx(PLAN_ON_OPUS, abs=1e-12)
+    assert (synthesis["phase"], synthesis["model"]) == ("synthesis", "claude-sonnet-4-6")
+    assert synthesis["cost_usd"] == pytest.approx(SYNTHESIS_ON_SONNET, abs=1e-12)
+
+    total = PLAN_ON_OPUS + 2 * TASK_ON_SONNET + TASK_ON_HAIKU + SYNTHESIS_ON_SONNET
+    cost = doc["cost"]
+    assert cost["by_pool"] == pytest.approx(
+        {"database": TASK_ON_SONNET, "codegen": TASK_ON_SONNET, "security": TASK_ON_HAIKU}, abs=1e-12)
+    assert cost["by_phase"] == pytest.approx(
+        {"tasks": 2 * TASK_ON_SONNET + TASK_ON_HAIKU, "decomposition": PLAN_ON_OPUS,
+         "synthesis": SYNTHESIS_ON_SONNET}, abs=1e-12)
+    assert cost["total_usd"] == pytest.approx(total, abs=1e-8)
+
+    # The answer: the synthesis model's text, the exact cost line, the persona's signature.
+    answer = doc["final_response"]
+    assert answer.startswith(fake.synthesis_text)
+    assert f"Cost: ${total:.4f} — planning ${PLAN_ON_OPUS:.4f};" in answer and answer.endswith(SIGNATURE)
+
+    # What went over the wire: one call per step, shaped per role.
+    calls = fake.requests[seen:]
+    assert sorted(c["kind"] for c in calls) == ["plan", "synthesis", "task", "task", "task"]
+    [plan] = [c["body"] for c in calls if c["kind"] == "plan"]
+    assert plan["thinking"] == {"type": "adaptive"} and plan["output_config"] == {"effort": "medium"}
+    assert "online ordering" in plan["messages"][0]["content"]
+    api = next(c["body"] for c in calls if c["kind"] == "task" and "ordering REST API" in
+               c["body"]["messages"][0]["content"])
+    assert "Schema for: Design the orders and menu schema" in api["messages"][0]["content"]  # upstream output
+    [synth] = [c["body"] for c in calls if c["kind"] == "synthesis"]
+    assert "You are Ada" in synth["system"][0]["text"] and "calm and exact" in synth["system"][0]["text"]
+
+    # Every call's cost went out as an event, and they add up to the same total.
+    events = await cost_events(stack, doc["execution_id"], 5)
+    assert sorted((e.phase, e.task_id) for e in events) == [
+        ("decomposition", None), ("synthesis", None), ("task", "api"), ("task", "audit"), ("task", "schema")]
+    assert sum(e.cost_usd for e in events) == pytest.approx(total, abs=1e-8)
+
+
+def test_a_malformed_plan_falls_back_to_the_rules_and_its_cost_still_counts(
+    env: tuple[Stack, FakeAnthropic],
+) -> None:
+    stack, fake = env
+    fake.next("plan", "bad_input")
+    doc = run(stack, {"message": "Build a restaurant website with online ordering"})
+    assert doc["status"] == "completed" and doc["planner"] == "rules"
+    assert [t["id"] for t in doc["tasks"]] == ["schema", "backend", "frontend", "security-audit"]
+    decomposition = doc["calls"][0]
+    assert decomposition["phase"] == "decomposition"
+    assert decomposition["error"].startswith("invalid_output: invalid submit_plan input: tasks.0.pool")
+    assert decomposition["cost_usd"] == pytest.approx(PLAN_ON_OPUS, abs=1e-12)
+    assert doc["cost"]["by_phase"]["decomposition"] == pytest.approx(PLAN_ON_OPUS, abs=1e-12)
+
+
+def test_rate_limited_and_malformed_task_calls_are_retried_by_the_pool_not_the_sdk(
+    env: tuple[Stack, FakeAnthropic],
+) -> None:
+    stack, fake = env
+    seen = len(fake.of("task"))
+    fake.next("task", "429", "bad_input")
+    plan = [{"id": "migrate", "pool": "database", "description": "Add an index on orders.created_at"}]
+    doc = run(stack, {"message": "index", "tasks": plan})
+    assert doc["status"] == "completed" and doc["planner"] == "client"
+    attempts = doc["tasks"][0]["attempts"]
+    assert [a["outcome"] for a in attempts] == ["failed", "failed", "completed"]
+    assert "HTTP 429" in attempts[0]["error"]
+    assert "invalid submit_result input" in attempts[1]["error"]
+    assert len(fake.of("task")) - seen == 3  # one request per attempt: no retries inside the SDK
+    assert attempts[2]["cost_usd"] == pytest.approx(TASK_ON_SONNET, abs=1e-12)
+    assert [c["phase"] for c in doc["calls"]] == ["synthesis"]  # a client plan needs no decomposition

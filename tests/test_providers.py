@@ -1,0 +1,185 @@
+"""The anthropic provider through the real SDK against a local Messages API; provider choice and the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.codegen.prompts import SYSTEM as CODEGEN_SYSTEM
+from services.codegen.prompts import format_prompt as codegen_prompt
+from services.database.prompts import format_prompt as database_prompt
+from shared.config import ParallelExecutionConfig
+from shared.costs import usd
+from shared.errors import ConfigError
+from shared.providers import AnthropicProvider, Prompt, ProviderError, SimulatedProvider, make_provider
+from shared.schemas import TaskSpec, Usage
+from shared.settings import load_settings
+from tests.conftest import ROOT, stack_env, write_config
+from tests.fake_anthropic import FakeAnthropic
+
+KEY = "sk-ant-test-0123"
+# USD by hand from the fake's usage and the default list prices (per MTok: input, output; cache read 0.1×
+# input, cache write 1.25× input): a task on claude-sonnet-4-6 is 2100×3 + 940×15 + 1500×0.3 + 300×3.75.
+TASK_ON_SONNET = 21_975 / 1e6
+PLAN_ON_OPUS = (1850 * 5 + 2600 * 25 + 1320 * 6.25) / 1e6  # 0.0825
+
+
+def anthropic_config(fake: FakeAnthropic, **section: Any) -> ParallelExecutionConfig:
+    anthropic = {"base_url": fake.url, "timeout_s": 2, **section.pop("anthropic", {})}
+    return ParallelExecutionConfig.model_validate({"provider": "anthropic", "anthropic": anthropic, **section})
+
+
+@pytest.fixture
+async def provider(fake_anthropic: FakeAnthropic) -> AsyncIterator[AnthropicProvider]:
+    p = AnthropicProvider(anthropic_config(fake_anthropic, anthropic={"max_tokens": 8000}), KEY)
+    yield p
+    await p.aclose()
+
+
+SPEC = TaskSpec(id="api", pool="codegen", description="Build the ordering REST API")
+
+
+async def test_a_task_is_one_forced_tool_call_with_a_cached_system_prompt(
+    provider: AnthropicProvider, fake_anthropic: FakeAnthropic
+) -> None:
+    reply = await provider.run_task("codegen", SPEC, codegen_prompt(SPEC), "claude-sonnet-4-6", 1)
+
+    [req] = fake_anthropic.requests
+    headers = req["headers"]  # the key travels as x-api-key or as a bearer token, depending on the SDK version
+    assert KEY in (headers.get("x-api-key"), headers.get("authorization", "").removeprefix("Bearer "))
+    assert headers["x-stainless-retry-count"] == "0"
+    body = req["body"]
+    assert body["model"] == "claude-sonnet-4-6" and body["max_tokens"] == 8000
+    assert body["system"] == [{"type": "text", "text": CODEGEN_SYSTEM, "cache_control": {"type": "ephemeral"}}]
+    assert body["messages"] == [{"role": "user", "content": codegen_prompt(SPEC).user}]
+    [tool] = body["tools"]
+    assert tool["name"] == "submit_result"
+    schema = tool["input_schema"]
+    assert set(schema["properties"]) == {"summary", "artifacts", "findings", "recommendations"}
+    assert schema["required"] == ["summary"] and "$defs" not in schema and "$ref" not in str(schema)
+    assert schema["properties"]["findings"]["items"]["properties"]["severity"]["enum"][-1] == "critical"
+    assert body["tool_choice"] == {"type": "tool", "name": "submit_result"}
+    assert "thinking" not in body and "output_config" not in body
+
+    assert reply.provider == "anthropic" and reply.output.simulated is False
+    assert reply.output.summary == "Implemented: Build the ordering REST API"
+    assert [a.path for a in reply.output.artifacts] == ["api/orders.py"]
+    assert reply.usage == Usage(input_tokens=2100, output_tokens=940, cache_read_tokens=1500, cache_write_tokens=300)
+    # Priced under the configured name, not the dated snapshot the endpoint reports.
+    assert reply.model == "claude-sonnet-4-6"
+    assert usd(ParallelExecutionConfig(), reply.model, reply.usage) == pytest.approx(TASK_ON_SONNET, abs=1e-12)
+
+
+async def test_decomposition_thinks_adaptively_at_the_configured_effort_and_returns_the_plan(
+    fake_anthropic: FakeAnthropic,
+) -> None:
+    pe = anthropic_config(fake_anthropic, pm_coordinator={"reasoning_effort": "max"})
+    p = AnthropicProvider(pe, KEY)
+    try:
+        reply = await p.decompose(Prompt("plan it", "Build a shop"), "claude-opus-4-6", "max")
+    finally:
+        await p.aclose()
+    [body] = fake_anthropic.of("plan")
+    assert body["model"] == "claude-opus-4-6" and body["max_tokens"] == 16_000
+    assert body["thinking"] == {"type": "adaptive"}
+    assert body["output_config"] == {"effort": "max"}
+    # A forced tool choice is not allowed with thinking: the tool is offered, the prompt asks for it.
+    assert body["tool_choice"] == {"type": "auto"}
+    [tool] = body["tools"]
+    assert tool["name"] == "submit_plan"
+    task_schema = tool["input_schema"]["properties"]["tasks"]["items"]
+    assert task_schema["properties"]["pool"]["enum"] == ["codegen", "security", "database"]
+    assert body["system"][0]["cache_control"] == {"type": "ephemeral"}
+
+    assert reply is not None  # the thinking block before the tool call is skipped
+    assert [(t.id, t.pool, t.depends_on) for t in reply.plan.tasks] == [
+        ("schema", "database", []), ("api", "codegen", ["schema"]), ("audit", "security", ["api"])]
+    assert reply.plan.tasks[0].context == {"database": "PostgreSQL"}
+    assert usd(pe, reply.model, reply.usage) == pytest.approx(PLAN_ON_OPUS, abs=1e-12)
+
+
+async def test_synthesis_is_a_plain_text_call(provider: AnthropicProvider, fake_anthropic: FakeAnthropic) -> None:
+    reply = await provider.synthesize(Prompt("persona", "facts"), "claude-sonnet-4-6")
+    [body] = fake_anthropic.of("synthesis")
+    assert "tools" not in body and "tool_choice" not in body and "thinking" not in body
+    assert body["system"] == [{"type": "text", "text": "persona", "cache_control": {"type": "ephemeral"}}]
+    assert reply is not None and reply.text.startswith("All done!")
+    assert reply.usage.cache_read_tokens == 800
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "kind", "says", "billed"),
+    [
+        ("429", "rate_limit", "HTTP 429", False),
+        ("529", "overloaded", "HTTP 529", False),
+        ("500", "server", "HTTP 500", False),
+        ("slow", "timeout", "did not answer within 0.5s", False),
+        ("no_tool", "invalid_output", "did not call submit_result (stop_reason end_turn)", True),
+        ("bad_input", "invalid_output", "invalid submit_result input: summary: Field required", True),
+        ("not_json", "invalid_output", "malformed response", False),
+    ],
+)
+async def test_failures_map_to_error_kinds_and_the_sdk_does_not_retry(
+    fake_anthropic: FakeAnthropic, behaviour: Any, kind: str, says: str, billed: bool
+) -> None:
+    p = AnthropicProvider(anthropic_config(fake_anthropic, anthropic={"timeout_s": 0.5}), KEY)
+    fake_anthropic.next("task", behaviour)
+    try:
+        with pytest.raises(ProviderError) as err:
+            await p.run_task("codegen", SPEC, codegen_prompt(SPEC), "claude-sonnet-4-6", 1)
+    finally:
+        await p.aclose()
+    assert err.value.kind == kind
+    assert says in str(err.value)
+    # Billed output that was unusable keeps its usage, so its cost can still be counted.
+    assert (err.value.usage is not None) == billed
+    assert len(fake_anthropic.requests) == 1  # max_retries=0: retrying is the pool worker's job
+
+
+async def test_upstream_outputs_reach_the_prompt(provider: AnthropicProvider, fake_anthropic: FakeAnthropic) -> None:
+    spec = TaskSpec(id="db", pool="database", description="Index the orders table",
+                    context={"upstream": {"api": {"summary": "orders API"}}})
+    await provider.run_task("database", spec, database_prompt(spec), "claude-haiku-4-5", 1)
+    [body] = fake_anthropic.of("task")
+    assert "orders API" in body["messages"][0]["content"] and body["model"] == "claude-haiku-4-5"
+
+
+def test_auto_uses_anthropic_only_with_a_key(fake_anthropic: FakeAnthropic) -> None:
+    assert isinstance(make_provider(ParallelExecutionConfig(), None), SimulatedProvider)
+    assert isinstance(make_provider(ParallelExecutionConfig(), ""), SimulatedProvider)
+    assert isinstance(make_provider(ParallelExecutionConfig(), KEY), AnthropicProvider)
+    assert isinstance(make_provider(ParallelExecutionConfig(provider="simulated"), KEY), SimulatedProvider)
+    with pytest.raises(ConfigError, match="set ANTHROPIC_API_KEY"):
+        make_provider(anthropic_config(fake_anthropic), None)
+
+
+def test_provider_anthropic_without_a_key_fails_at_start_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = write_config(tmp_path / "c.json", {"provider": "anthropic"})
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    monkeypatch.delenv("OPENCLAW_ANTHROPIC_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match="ANTHROPIC_API_KEY is not set"):
+        load_settings(config=str(cfg))
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    assert load_settings(config=str(cfg)).anthropic_api_key == KEY
+
+    # A service exits 2 (the runner's "bad configuration": not restarted), saying what to set.
+    r = subprocess.run([sys.executable, "-m", "services.pm"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env=stack_env(OPENCLAW_CONFIG=str(cfg), OPENCLAW_PORT="0", OPENCLAW_LOG_FORMAT="text"))
+    assert r.returncode == 2
+    assert "set ANTHROPIC_API_KEY" in r.stdout + r.stderr
+
+
+def test_anthropic_settings_are_validated(tmp_path: Path) -> None:
+    from shared.config import load_config
+
+    with pytest.raises(ConfigError, match="parallel_execution.anthropic.base_url"):
+        load_config(write_config(tmp_path / "c.json", {"anthropic": {"base_url": "api.example.com"}}))
+    with pytest.raises(ConfigError, match="parallel_execution.anthropic.timeout_s"):
+        load_config(write_config(tmp_path / "c.json", {"anthropic": {"timeout_s": 0}}))
+    pe = load_config(write_config(tmp_path / "c.json", {"pm_coordinator": {"tone": "formal", "emoji": False}}))
+    assert pe.pm_coordinator.tone == "formal" and pe.anthropic.base_url is None

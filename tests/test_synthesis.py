@@ -1,0 +1,185 @@
+"""Synthesis: the persona's answer from the model (or the template), priced once even when replicas race."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nats.aio.client import Client as NATS
+
+from services.aggregator.aggregate import aggregate
+from services.aggregator.handlers import AggregatorHandlers
+from services.aggregator.synthesis import write_answer
+from shared.config import ParallelExecutionConfig
+from shared.costs import model_call
+from shared.execution import apply_plan, apply_result, new_execution
+from shared.names import Names
+from shared.providers import AnthropicProvider, SimulatedProvider
+from shared.schemas import (
+    CostIncurred,
+    Execution,
+    ExecutionRequested,
+    TaskCompleted,
+    TaskOutput,
+    TaskSpec,
+    TaskStarted,
+    Usage,
+    now,
+)
+from shared.service import Runtime
+from shared.settings import load_settings
+from shared.state import ExecutionStore
+from shared.topology import ensure_streams
+from tests.conftest import write_config
+from tests.fake_anthropic import FakeAnthropic
+
+KEY = "sk-ant-test"
+SYNTHESIS_ON_SONNET = (3300 * 3 + 610 * 15 + 800 * 0.3) / 1e6  # the fake's synthesis usage × claude-sonnet-4-6
+PLAN_ON_OPUS = (1850 * 5 + 2600 * 25 + 1320 * 6.25) / 1e6
+TASK_COST = 0.021975
+PERSONA = {"name": "Ada", "signature": "— Ada, delivery lead", "tone": "brisk and precise", "emoji": False}
+T0 = now()
+
+
+def config(fake: FakeAnthropic, **extra: Any) -> dict[str, Any]:
+    return {"provider": "anthropic", "anthropic": {"base_url": fake.url, "timeout_s": 5},
+            "pm_coordinator": PERSONA, **extra}
+
+
+def result(eid: str, task: str, pool: Any, kind: str = "completed") -> TaskStarted | TaskCompleted:
+    base = {"execution_id": eid, "task_id": task, "pool": pool, "attempt": 1, "worker": "w", "started_at": T0}
+    if kind == "started":
+        return TaskStarted(**base)
+    return TaskCompleted(**base, finished_at=T0 + timedelta(seconds=2), model="claude-sonnet-4-6",
+                         provider="anthropic", cost_usd=TASK_COST,
+                         usage=Usage(input_tokens=2100, output_tokens=940, cache_read_tokens=1500,
+                                     cache_write_tokens=300),
+                         output=TaskOutput(summary=f"{task} done"))
+
+
+def execution(pe: ParallelExecutionConfig, eid: str = "e1", last_done: bool = True) -> Execution:
+    """Two tasks planned by the model (its call recorded); the second still running unless ``last_done``."""
+    ex = new_execution(ExecutionRequested(execution_id=eid, message="Build a shop", requested_at=T0,
+                                          deadline_at=T0 + timedelta(hours=1)))
+    plan_usage = Usage(input_tokens=1850, output_tokens=2600, cache_write_tokens=1320)
+    apply_plan(ex, [TaskSpec(id="api", pool="codegen", description="API"),
+                    TaskSpec(id="audit", pool="security", description="audit")], "llm",
+               [model_call(pe, "decomposition", "claude-opus-4-6", "anthropic", plan_usage)])
+    for r in (result(eid, "api", "codegen", "started"), result(eid, "api", "codegen"),
+              result(eid, "audit", "security", "started")):
+        apply_result(ex, r)
+    if last_done:
+        apply_result(ex, result(eid, "audit", "security"))
+    return ex
+
+
+async def test_the_model_writes_in_the_persona_and_the_exact_cost_line_and_signature_follow(
+    fake_anthropic: FakeAnthropic,
+) -> None:
+    pe = ParallelExecutionConfig.model_validate(config(fake_anthropic))
+    ex = execution(pe)
+    provider = AnthropicProvider(pe, KEY)
+    try:
+        text, call = await write_answer(ex, aggregate(ex), "completed", pe, provider)
+    finally:
+        await provider.aclose()
+
+    [body] = fake_anthropic.of("synthesis")
+    assert body["model"] == "claude-sonnet-4-6"
+    [system] = body["system"]
+    assert system["cache_control"] == {"type": "ephemeral"}
+    assert "You are Ada" in system["text"] and "Tone: brisk and precise." in system["text"]
+    assert "Do not use emoji." in system["text"]
+    assert '"summary": "api done"' in body["messages"][0]["content"]
+
+    assert call is not None and call.phase == "synthesis" and call.error is None
+    assert call.cost_usd == pytest.approx(SYNTHESIS_ON_SONNET, abs=1e-12)
+    total = PLAN_ON_OPUS + 2 * TASK_COST + SYNTHESIS_ON_SONNET
+    answer, cost, signature = text.split("\n\n")
+    assert answer == f"{fake_anthropic.synthesis_text} (answer #1)"
+    assert cost == (f"Cost: ${total:.4f} — planning ${PLAN_ON_OPUS:.4f}; agents ${2 * TASK_COST:.4f} "
+                    f"(codegen ${TASK_COST:.4f}, security ${TASK_COST:.4f}); this summary ${SYNTHESIS_ON_SONNET:.4f}.")
+    assert signature == "— Ada, delivery lead"
+
+
+async def test_a_failed_synthesis_call_falls_back_to_the_template_and_is_recorded(
+    fake_anthropic: FakeAnthropic,
+) -> None:
+    pe = ParallelExecutionConfig.model_validate(config(fake_anthropic))
+    ex = execution(pe)
+    provider = AnthropicProvider(pe, KEY)
+    fake_anthropic.next("synthesis", "529", "no_tool")
+    try:
+        text, call = await write_answer(ex, aggregate(ex), "completed", pe, provider)
+        text2, call2 = await write_answer(ex, aggregate(ex), "completed", pe, provider)
+    finally:
+        await provider.aclose()
+    assert text.startswith("Hi! Ada here. All done!") and text.endswith("— Ada, delivery lead")  # no emoji
+    assert call is not None and call.error is not None and call.error.startswith("overloaded") and call.cost_usd == 0
+    # An empty answer was still billed: the template's cost line includes it.
+    assert call2 is not None and call2.error is not None and call2.error.startswith("invalid_output")
+    assert call2.cost_usd == pytest.approx(SYNTHESIS_ON_SONNET, abs=1e-12)
+    assert f"this summary ${SYNTHESIS_ON_SONNET:.4f}" in text2
+
+
+async def test_the_simulated_provider_keeps_the_deterministic_template() -> None:
+    pe = ParallelExecutionConfig()
+    ex = execution(pe)
+    text, call = await write_answer(ex, aggregate(ex), "completed", pe, SimulatedProvider(pe))
+    assert call is None
+    again, _ = await write_answer(ex, aggregate(ex), "completed", pe, SimulatedProvider(pe))
+    assert text == again and text.startswith("Hi! Pixel here. ✅ All done!")
+
+
+async def test_two_replicas_finishing_at_once_store_one_answer_and_count_its_cost_once(
+    nc: NATS, names: Names, fake_anthropic: FakeAnthropic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    settings = load_settings(config=str(write_config(tmp_path / "c.json", config(fake_anthropic))),
+                             namespace=names.namespace)
+    rt = Runtime("aggregator", settings, nc=nc, js=nc.jetstream())
+    rt.kv = await ensure_streams(rt.jetstream, names)
+    rt.store = ExecutionStore(rt.kv)
+    rt.started = True
+    ex = execution(settings.pe, "race1", last_done=False)
+    await rt.executions.create(ex)
+
+    # The last result reaches two replicas (a redelivery while the first is still at work).
+    last = result("race1", "audit", "security")
+    await rt.jetstream.publish(names.results("race1"), last.to_bytes())
+    msgs = []
+    for durable in ("replica1", "replica2"):
+        sub = await rt.jetstream.pull_subscribe(names.results("race1"), durable=durable, stream=names.results_stream)
+        msgs += await sub.fetch(1, timeout=5)
+    fake_anthropic.hold("synthesis", 2)  # neither answer comes back before both replicas have asked
+    replicas = [AnthropicProvider(settings.pe, KEY) for _ in range(2)]
+    try:
+        handlers = [AggregatorHandlers(rt, p) for p in replicas]
+        await asyncio.gather(*(h.on_result(last, m) for h, m in zip(handlers, msgs, strict=True)))
+    finally:
+        for p in replicas:
+            await p.aclose()
+
+    assert len(fake_anthropic.of("synthesis")) == 2  # both paid for an answer ...
+    stored = await rt.executions.get("race1")
+    assert stored is not None
+    done = stored[0]
+    assert done.status == "completed"
+    [synthesis] = [c for c in done.calls if c.phase == "synthesis"]  # ... one is kept, with its cost
+    assert done.final_response is not None
+    assert done.final_response.startswith(fake_anthropic.synthesis_text)
+    assert done.cost.by_phase == pytest.approx(
+        {"tasks": 2 * TASK_COST, "decomposition": PLAN_ON_OPUS, "synthesis": SYNTHESIS_ON_SONNET}, abs=1e-12)
+    assert done.cost.total_usd == pytest.approx(2 * TASK_COST + PLAN_ON_OPUS + SYNTHESIS_ON_SONNET, abs=1e-8)
+
+    info = await rt.jetstream.stream_info(names.events_stream, subjects_filter=names.events("race1", "*"))
+    # One of each although both replicas applied the last result: msg-ids made the repeats no-ops.
+    assert info.state.subjects == {names.completed_event("race1"): 1, names.cost_event("race1"): 1,
+                                   names.events("race1", "task_completed"): 1}
+    sub = await rt.jetstream.pull_subscribe(names.cost_event("race1"), durable="costs", stream=names.events_stream)
+    [event] = await sub.fetch(1, timeout=5)
+    cost = CostIncurred.model_validate_json(event.data)
+    assert (cost.phase, cost.model, cost.cost_usd) == ("synthesis", "claude-sonnet-4-6", synthesis.cost_usd)
