@@ -103,11 +103,14 @@ async def _main(service: str, start: Start, make_app: MakeApp | None, settings: 
     workers: list[asyncio.Task[None]] = []
     try:
         try:
-            rt.nc = await connect(settings.nats_url, f"{service}:{settings.worker_id}", rt.stop)
+            password = settings.nats_password.get_secret_value() if settings.nats_password else None
+            rt.nc = await connect(settings.nats_url, f"{service}:{settings.worker_id}", rt.stop,
+                                  user=settings.nats_user, password=password,
+                                  inbox_prefix=settings.nats_inbox_prefix)
         except asyncio.CancelledError:
             return
         rt.js = rt.nc.jetstream()
-        rt.kv = await ensure_streams(rt.js, rt.names)
+        rt.kv = await ensure_streams(rt.js, rt.names, settings.stream_replicas)
         rt.store = ExecutionStore(rt.kv)
         workers = [asyncio.create_task(c) for c in await start(rt)]
         rt.started = True

@@ -72,7 +72,11 @@ async def ensure_streams(js: JetStreamContext, names: Names, replicas: int = 1) 
 
 
 def _durable(name: str, subject: str, *, max_ack_pending: int, ack_wait: float, max_deliver: int) -> ConsumerConfig:
+    # ``name`` as well as ``durable_name``: nats-py then creates it on
+    # $JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>, where the server checks the filter against the
+    # subject, so the auth file can let a service create exactly its own durable on its own subject.
     return ConsumerConfig(
+        name=name,
         durable_name=name,
         filter_subject=subject,
         deliver_policy=DeliverPolicy.ALL,
