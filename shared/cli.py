@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 
+from shared import natsauth
 from shared.errors import ConfigError
 from shared.runner import SERVICES, Stack, StackOptions, parse_replicas
 from shared.settings import load_settings
@@ -77,6 +78,7 @@ async def _up(args: argparse.Namespace) -> int:
         nats_port=args.nats_port,
         replicas=parse_replicas(args.replicas),
         namespace=args.namespace,
+        nats_auth=natsauth.resolve_auth_file(args.nats_auth) if args.nats_auth is not None else None,
         log_format=args.log_format,
         log_level=args.log_level,
     )
@@ -144,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     nats.add_argument("--nats-url", help="use this NATS server instead of starting one")
     up.add_argument("--replicas", default="", help=f"e.g. codegen=2,security=2 (services: {', '.join(SERVICES)})")
     up.add_argument("--namespace", default="", help="prefix of every stream and subject (lower-case letters, digits)")
+    up.add_argument("--nats-auth", nargs="?", const="", metavar="FILE",
+                    help="one NATS user per service with least privilege, from FILE (default deploy/nats/auth.conf); "
+                         "passwords from OPENCLAW_NATS_PASSWORD_<SERVICE> or fixed dev defaults")
     up.add_argument("--log-format", choices=("text", "json"), default="text")
     up.add_argument("--log-level", default="INFO")
     up.add_argument("--example", action="store_true", help="submit the restaurant-website example once ready")

@@ -111,10 +111,12 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):  #
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def start_stack(nats_url: str, namespace: str, tmp: Path, *extra: str) -> Stack:
+def start_stack(nats_url: str | None, namespace: str, tmp: Path, *extra: str) -> Stack:
+    """``openclaw up`` against ``nats_url``; ``None``: the runner starts its own server (pass --nats-port)."""
     port = free_port()
     log = tmp / "stack.log"
-    cmd = [sys.executable, "-m", "shared.cli", "up", "--nats-url", nats_url, "--namespace", namespace,
+    server = ["--nats-url", nats_url] if nats_url else []
+    cmd = [sys.executable, "-m", "shared.cli", "up", *server, "--namespace", namespace,
            "--gateway-port", str(port), "--data-dir", str(tmp / "data"), *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
