@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 DAY = 24 * 3600.0
 STREAM_ALREADY_IN_USE = 10058
+KV_HISTORY = 1
+KV_TTL = 30 * DAY
 
 
 def stream_configs(names: Names, replicas: int = 1) -> list[StreamConfig]:
@@ -66,9 +68,19 @@ async def ensure_streams(js: JetStreamContext, names: Names, replicas: int = 1) 
                 raise
             await js.update_stream(cfg)
             log.info("updated stream %s", cfg.name)
-    return await js.create_key_value(
-        bucket=names.kv_bucket, history=1, ttl=30 * DAY, storage=StorageType.FILE, replicas=replicas
-    )
+    try:
+        return await js.create_key_value(
+            bucket=names.kv_bucket, history=KV_HISTORY, ttl=KV_TTL, storage=StorageType.FILE, replicas=replicas
+        )
+    except BadRequestError as e:
+        if e.err_code != STREAM_ALREADY_IN_USE:
+            raise
+    # The bucket exists with another configuration (e.g. R1 before prod's R3): update its stream in place.
+    cfg = (await js.stream_info(f"KV_{names.kv_bucket}")).config
+    cfg.num_replicas, cfg.max_msgs_per_subject, cfg.max_age = replicas, KV_HISTORY, KV_TTL
+    await js.update_stream(cfg)
+    log.info("updated KV bucket %s (replicas=%d)", names.kv_bucket, replicas)
+    return await js.key_value(names.kv_bucket)
 
 
 def _durable(name: str, subject: str, *, max_ack_pending: int, ack_wait: float, max_deliver: int) -> ConsumerConfig:
