@@ -17,6 +17,10 @@ from shared.errors import ConfigError
 
 USERS = ("pm", "codegen", "security", "database", "aggregator", "gateway")
 ACCOUNT = "OPENCLAW"  # the account every service user belongs to (KEDA's scaler names it)
+# The one user allowed to *update* streams (a new replica count, say). The others may only create what is
+# missing: update rights would let them rewrite a stream (its subjects, a subject transform) and so get
+# around their publish permissions.
+TOPOLOGY_OWNER = "pm"
 DEFAULT_AUTH_FILE = Path(__file__).resolve().parent.parent / "deploy" / "nats" / "auth.conf"
 
 

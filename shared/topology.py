@@ -58,14 +58,22 @@ def stream_configs(names: Names, replicas: int = 1) -> list[StreamConfig]:
     ]
 
 
-async def ensure_streams(js: JetStreamContext, names: Names, replicas: int = 1) -> KeyValue:
-    """Create or update every stream and the executions KV bucket; return the bucket."""
+async def ensure_streams(js: JetStreamContext, names: Names, replicas: int = 1, update: bool = True) -> KeyValue:
+    """Create every stream and the executions KV bucket, updating any that differ; return the bucket.
+
+    ``update=False`` (a service that does not own the topology, in auth mode) creates what is missing
+    but leaves an existing stream with another configuration as it is, for the owner to update.
+    """
     for cfg in stream_configs(names, replicas):
         try:
             await js.add_stream(cfg)
         except BadRequestError as e:
             if e.err_code != STREAM_ALREADY_IN_USE:
                 raise
+            if not update:
+                log.warning("stream %s differs from this service's configuration; left to the topology owner",
+                            cfg.name)
+                continue
             await js.update_stream(cfg)
             log.info("updated stream %s", cfg.name)
     try:
@@ -75,11 +83,15 @@ async def ensure_streams(js: JetStreamContext, names: Names, replicas: int = 1) 
     except BadRequestError as e:
         if e.err_code != STREAM_ALREADY_IN_USE:
             raise
-    # The bucket exists with another configuration (e.g. R1 before prod's R3): update its stream in place.
-    cfg = (await js.stream_info(f"KV_{names.kv_bucket}")).config
-    cfg.num_replicas, cfg.max_msgs_per_subject, cfg.max_age = replicas, KV_HISTORY, KV_TTL
-    await js.update_stream(cfg)
-    log.info("updated KV bucket %s (replicas=%d)", names.kv_bucket, replicas)
+    if update:
+        # The bucket exists with another configuration (e.g. R1 before prod's R3): update its stream in place.
+        cfg = (await js.stream_info(f"KV_{names.kv_bucket}")).config
+        cfg.num_replicas, cfg.max_msgs_per_subject, cfg.max_age = replicas, KV_HISTORY, KV_TTL
+        await js.update_stream(cfg)
+        log.info("updated KV bucket %s (replicas=%d)", names.kv_bucket, replicas)
+    else:
+        log.warning("KV bucket %s differs from this service's configuration; left to the topology owner",
+                    names.kv_bucket)
     return await js.key_value(names.kv_bucket)
 
 

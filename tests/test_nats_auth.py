@@ -108,7 +108,7 @@ def test_whole_stack_runs_an_execution_with_auth_on(stack: Stack) -> None:
 
 async def test_a_pool_cannot_take_another_pools_tasks(as_user) -> None:  # type: ignore[no-untyped-def]
     nc, codegen = await as_user("codegen")
-    js = nc.jetstream()
+    js = nc.jetstream(timeout=1)  # a refused API request gets no answer: fail fast
     tasks, durable = PROD.tasks_stream, PROD.pool_consumer("security")
 
     # Fetch from the security durable: the pull request itself is refused.
@@ -126,6 +126,12 @@ async def test_a_pool_cannot_take_another_pools_tasks(as_user) -> None:  # type:
         await js.add_consumer(tasks, steal, timeout=1)
     await codegen.refused("publish", f"$JS.API.CONSUMER.CREATE.{tasks}.codegen.{PROD.tasks('security')}")
 
+    # ... rewrite the stream (its subjects or a transform could route other work to it) ...
+    info = await js.stream_info(tasks)
+    with pytest.raises(asyncio.TimeoutError):
+        await js.update_stream(info.config)
+    await codegen.refused("publish", f"$JS.API.STREAM.UPDATE.{tasks}")
+
     # ... ack on the security durable, listen on security's inbox, or publish security work.
     await nc.publish(f"$JS.ACK.{tasks}.{durable}.1.1.1.0.0", b"+ACK")
     await codegen.refused("publish", f"$JS.ACK.{tasks}.{durable}.1.1.1.0.0")
@@ -141,9 +147,14 @@ async def test_the_gateway_cannot_publish_tasks(as_user) -> None:  # type: ignor
         await nc.publish(PROD.tasks(pool), b"{}")
         await gateway.refused("publish", PROD.tasks(pool))
     # Through JetStream too: the publish never reaches the stream, so no ack comes back.
+    js = nc.jetstream(timeout=1)
     with pytest.raises(TimeoutError):
-        await nc.jetstream().publish(PROD.tasks("codegen"), b"{}", timeout=1)
+        await js.publish(PROD.tasks("codegen"), b"{}", timeout=1)
     await gateway.refused("publish", PROD.tasks("codegen"))
+    # Nor can it reconfigure TASKS to take its own subjects in.
+    with pytest.raises(TimeoutError):
+        await js.update_stream((await js.stream_info(PROD.tasks_stream)).config)
+    await gateway.refused("publish", f"$JS.API.STREAM.UPDATE.{PROD.tasks_stream}")
 
 
 async def test_a_wrong_password_is_refused(stack: Stack) -> None:
@@ -163,6 +174,8 @@ def test_the_auth_file_names_the_real_streams_and_durables() -> None:
                         *(f"{PROD.tasks_stream}.{PROD.pool_consumer(p)}" for p in POOLS)}
     users = re.findall(r"user: (\w+)\s+password: \$(\w+)", text)
     assert users == [(u, natsauth.password_env(u)) for u in natsauth.USERS]
+    blocks = dict(re.findall(r"user: (\w+)(.*?)subscribe", text, re.S))
+    assert [u for u, b in blocks.items() if "STREAM.UPDATE" in b] == [natsauth.TOPOLOGY_OWNER]
 
 
 def test_auth_mode_refuses_a_namespace_and_half_credentials(tmp_path: Path) -> None:
