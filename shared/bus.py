@@ -70,7 +70,8 @@ async def connect(
             )
         except (TimeoutError, OSError, nats.errors.Error) as e:
             cause = last_error or e
-            if isinstance(cause, nats.errors.AuthorizationError):
+            # nats-py reports a refused user as AuthorizationError or as a plain Error carrying the text.
+            if isinstance(cause, nats.errors.AuthorizationError) or "authorization violation" in str(cause).lower():
                 log.error(
                     "NATS at %s refused user %r (attempt %d): check OPENCLAW_NATS_USER / OPENCLAW_NATS_PASSWORD "
                     "against the server's auth file; retrying in %.1fs", url, user, attempt, delay,

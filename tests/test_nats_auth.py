@@ -8,7 +8,11 @@ and the server refuses it.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import subprocess
+import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -161,6 +165,23 @@ async def test_a_wrong_password_is_refused(stack: Stack) -> None:
     with pytest.raises(nats.errors.Error):
         await nats.connect(str(stack.state()["nats_url"]), name=INTRUDER, user="codegen", password="wrong",
                            allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2)
+
+
+def test_a_service_with_a_wrong_password_says_what_to_check(stack: Stack) -> None:
+    env = {**os.environ, "OPENCLAW_NATS_URL": str(stack.state()["nats_url"]), "OPENCLAW_NATS_USER": "codegen",
+           "OPENCLAW_NATS_PASSWORD": "wrong", "OPENCLAW_PORT": "0", "OPENCLAW_LOG_FORMAT": "text"}
+    proc = subprocess.Popen([sys.executable, "-m", "services.codegen"], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    watchdog = threading.Timer(20, proc.kill)  # ends the read below if the line never comes
+    watchdog.start()
+    try:
+        assert proc.stdout is not None
+        said = next((line for line in proc.stdout if "refused user 'codegen'" in line), "")
+    finally:
+        watchdog.cancel()
+        proc.terminate()
+        proc.wait(10)
+    assert "check OPENCLAW_NATS_USER / OPENCLAW_NATS_PASSWORD" in said, said
 
 
 def test_the_auth_file_names_the_real_streams_and_durables() -> None:
