@@ -10,6 +10,7 @@ real nats-server's monitoring endpoint, the way KEDA's scaler does.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -284,8 +285,10 @@ def test_every_reference_resolves(overlay: tuple[str, list[Obj]]) -> None:
             if "configMap" in vol:
                 assert ("ConfigMap", vol["configMap"]["name"]) in have, (name, vol)
     if name == "dev":
-        creds = of_kind(objs, "Secret")["openclaw-nats-credentials"]
-        assert creds["data"].keys() == {natsauth.password_env(u) for u in natsauth.USERS}
+        creds = of_kind(objs, "Secret")["openclaw-nats-credentials"]["data"]
+        assert {k: base64.b64decode(v).decode() for k, v in creds.items()} == {
+            natsauth.password_env(u): natsauth.dev_password(u) for u in natsauth.USERS
+        }
     else:
         assert "openclaw-nats-credentials" not in of_kind(objs, "Secret"), "prod passwords must not be committed"
 
