@@ -15,8 +15,21 @@ from shared.schemas import Wire
 log = logging.getLogger(__name__)
 
 
-async def connect(url: str, name: str, stop: asyncio.Event | None = None, max_delay: float = 10.0) -> NATS:
-    """Connect to NATS, retrying with exponential backoff until it answers (or ``stop`` is set)."""
+async def connect(
+    url: str,
+    name: str,
+    stop: asyncio.Event | None = None,
+    max_delay: float = 10.0,
+    *,
+    user: str | None = None,
+    password: str | None = None,
+    inbox_prefix: str = "_INBOX",
+) -> NATS:
+    """Connect to NATS, retrying with exponential backoff until it answers (or ``stop`` is set).
+
+    ``user``/``password`` authenticate against the server's auth file; ``inbox_prefix`` is where replies
+    arrive (the auth file lets each user subscribe to its own prefix only).
+    """
     delay, attempt = 0.25, 0
     connected = False
     last_error: Exception | None = None
@@ -44,6 +57,9 @@ async def connect(url: str, name: str, stop: asyncio.Event | None = None, max_de
             await nc.connect(
                 url,
                 name=name,
+                user=user,
+                password=password,
+                inbox_prefix=inbox_prefix,
                 connect_timeout=2,
                 allow_reconnect=False,
                 max_reconnect_attempts=1,  # one try per round (nats-py counts the first as a reconnect)
@@ -54,10 +70,17 @@ async def connect(url: str, name: str, stop: asyncio.Event | None = None, max_de
             )
         except (TimeoutError, OSError, nats.errors.Error) as e:
             cause = last_error or e
-            log.warning(
-                "NATS not reachable at %s (attempt %d: %s); retrying in %.1fs",
-                url, attempt, str(cause) or type(cause).__name__, delay,
-            )
+            # nats-py reports a refused user as AuthorizationError or as a plain Error carrying the text.
+            if isinstance(cause, nats.errors.AuthorizationError) or "authorization violation" in str(cause).lower():
+                log.error(
+                    "NATS at %s refused user %r (attempt %d): check OPENCLAW_NATS_USER / OPENCLAW_NATS_PASSWORD "
+                    "against the server's auth file; retrying in %.1fs", url, user, attempt, delay,
+                )
+            else:
+                log.warning(
+                    "NATS not reachable at %s (attempt %d: %s); retrying in %.1fs",
+                    url, attempt, str(cause) or type(cause).__name__, delay,
+                )
             if stop is not None:
                 try:
                     await asyncio.wait_for(stop.wait(), delay)

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 
+from shared import natsauth
 from shared.errors import ConfigError
 from shared.runner import SERVICES, Stack, StackOptions, parse_replicas
 from shared.settings import load_settings
@@ -77,6 +78,7 @@ async def _up(args: argparse.Namespace) -> int:
         nats_port=args.nats_port,
         replicas=parse_replicas(args.replicas),
         namespace=args.namespace,
+        nats_auth=natsauth.resolve_auth_file(args.nats_auth) if args.nats_auth is not None else None,
         log_format=args.log_format,
         log_level=args.log_level,
     )
@@ -131,6 +133,11 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _nats_auth_conf(args: argparse.Namespace) -> int:
+    print(natsauth.render(), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="openclaw", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -144,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     nats.add_argument("--nats-url", help="use this NATS server instead of starting one")
     up.add_argument("--replicas", default="", help=f"e.g. codegen=2,security=2 (services: {', '.join(SERVICES)})")
     up.add_argument("--namespace", default="", help="prefix of every stream and subject (lower-case letters, digits)")
+    up.add_argument("--nats-auth", nargs="?", const="", metavar="FILE",
+                    help="one NATS user per service with least privilege, from FILE (default deploy/nats/auth.conf); "
+                         "passwords from OPENCLAW_NATS_PASSWORD_<SERVICE> or fixed dev defaults")
     up.add_argument("--log-format", choices=("text", "json"), default="text")
     up.add_argument("--log-level", default="INFO")
     up.add_argument("--example", action="store_true", help="submit the restaurant-website example once ready")
@@ -161,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--url", default="http://127.0.0.1:8080")
     status.set_defaults(func=_status)
 
+    auth = sub.add_parser("nats-auth-conf", help="print the NATS users file (deploy/nats/auth.conf) for the topology")
+    auth.set_defaults(func=_nats_auth_conf)
+
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("config", nargs="?")
     check.set_defaults(func=_check_config)
@@ -172,8 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)-7s %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
-        if args.func is _check_config:
-            sys.exit(_check_config(args))
+        if args.func in (_check_config, _nats_auth_conf):
+            sys.exit(args.func(args))
         with contextlib.suppress(KeyboardInterrupt):
             sys.exit(asyncio.run(args.func(args)))
     except ConfigError as e:

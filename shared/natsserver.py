@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -44,10 +45,11 @@ class NatsServer:
     """One nats-server process with a file store under ``store_dir``."""
 
     def __init__(self, store_dir: Path, port: int | None = None, monitor_port: int | None = None,
-                 config_file: Path | None = None) -> None:
+                 config_file: Path | None = None, env: dict[str, str] | None = None) -> None:
         self.store_dir, self.port = store_dir, port or free_port()
         self.monitor_port = monitor_port
         self.config_file = config_file
+        self.env = env  # extra environment: the auth file reads its passwords from it
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -62,7 +64,8 @@ class NatsServer:
         if self.config_file:
             cmd += ["-c", str(self.config_file)]
         out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
-        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        env = {**os.environ, **self.env} if self.env else None
+        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         wait_for_port(self.port, timeout, self.proc)
         return self
 

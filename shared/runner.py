@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 
+from shared import natsauth
 from shared.errors import ConfigError
 from shared.natsserver import NatsServer, free_port
 
@@ -51,6 +52,7 @@ class StackOptions:
     nats_port: int | None = None
     replicas: dict[str, int] = field(default_factory=dict)
     namespace: str = ""
+    nats_auth: Path | None = None  # auth file: one NATS user per service (see shared/natsauth.py)
     log_format: str = "text"
     log_level: str = "INFO"
 
@@ -75,6 +77,9 @@ class Stack:
         self.children: list[Child] = []
         self.stopping = asyncio.Event()
         self._supervisors: list[asyncio.Task[None]] = []
+        self.passwords = natsauth.passwords(os.environ) if opts.nats_auth else {}
+        if opts.nats_auth and opts.namespace:
+            raise ConfigError("--nats-auth uses the production names: it cannot be combined with --namespace")
 
     @property
     def nats_url(self) -> str:
@@ -90,9 +95,16 @@ class Stack:
     async def start(self) -> None:
         self.opts.data_dir.mkdir(parents=True, exist_ok=True)
         if not self.opts.nats_url:
-            self.server = NatsServer(self.opts.data_dir / "jetstream", port=self.opts.nats_port or 4222)
+            auth = self.opts.nats_auth
+            self.server = NatsServer(
+                self.opts.data_dir / "jetstream",
+                port=self.opts.nats_port or 4222,
+                config_file=auth,
+                env=natsauth.server_env(self.passwords) if auth else None,
+            )
             await asyncio.to_thread(self.server.start, 15.0, self.opts.data_dir / "nats-server.log")
-            log.info("nats-server (JetStream, store %s) listening on %s", self.server.store_dir, self.server.url)
+            log.info("nats-server (JetStream, store %s%s) listening on %s", self.server.store_dir,
+                     f", users from {auth}" if auth else "", self.server.url)
         for service in SERVICES:
             for i in range(1, self.opts.replicas.get(service, 1) + 1):
                 port = self.opts.gateway_port if service == "gateway" else free_port()
@@ -126,6 +138,8 @@ class Stack:
         )
         if self.opts.config:
             env["OPENCLAW_CONFIG"] = str(self.opts.config.resolve())
+        if self.opts.nats_auth:
+            env.update(OPENCLAW_NATS_USER=child.service, OPENCLAW_NATS_PASSWORD=self.passwords[child.service])
         return env
 
     async def _spawn(self, child: Child) -> None:

@@ -20,6 +20,7 @@ from shared.config import ParallelExecutionConfig
 from shared.errors import ConfigError
 from shared.logs import setup_logging
 from shared.names import Names
+from shared.natsauth import TOPOLOGY_OWNER
 from shared.ops import add_ops_routes, serve
 from shared.schemas import Execution, ExecutionCompleted
 from shared.settings import Settings, load_settings
@@ -103,11 +104,15 @@ async def _main(service: str, start: Start, make_app: MakeApp | None, settings: 
     workers: list[asyncio.Task[None]] = []
     try:
         try:
-            rt.nc = await connect(settings.nats_url, f"{service}:{settings.worker_id}", rt.stop)
+            password = settings.nats_password.get_secret_value() if settings.nats_password else None
+            rt.nc = await connect(settings.nats_url, f"{service}:{settings.worker_id}", rt.stop,
+                                  user=settings.nats_user, password=password,
+                                  inbox_prefix=settings.nats_inbox_prefix)
         except asyncio.CancelledError:
             return
         rt.js = rt.nc.jetstream()
-        rt.kv = await ensure_streams(rt.js, rt.names)
+        owner = settings.nats_user is None or settings.nats_user == TOPOLOGY_OWNER
+        rt.kv = await ensure_streams(rt.js, rt.names, settings.stream_replicas, update=owner)
         rt.store = ExecutionStore(rt.kv)
         workers = [asyncio.create_task(c) for c in await start(rt)]
         rt.started = True

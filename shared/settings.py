@@ -6,7 +6,7 @@ import os
 import socket
 from functools import cached_property
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.config import MISSING_API_KEY, ParallelExecutionConfig, load_config
@@ -23,6 +23,9 @@ class Settings(BaseSettings):
         default="nats://127.0.0.1:4222",
         validation_alias=AliasChoices("OPENCLAW_NATS_URL", "NATS_URL"),
     )
+    nats_user: str | None = Field(default=None, pattern=r"^[a-z0-9_-]+$", description="NATS user (auth mode)")
+    nats_password: SecretStr | None = Field(default=None, description="password of nats_user")
+    stream_replicas: int = Field(default=1, ge=1, le=5, description="replicas of every stream and the KV bucket")
     config: str | None = Field(default=None, description="path to config.json")
     namespace: str = Field(default="", pattern=r"^[a-z0-9]*$")
     host: str = "0.0.0.0"
@@ -43,6 +46,17 @@ class Settings(BaseSettings):
             raise ValueError("must start with nats://, tls://, ws:// or wss://")
         return v
 
+    @model_validator(mode="after")
+    def _user_and_password(self) -> Settings:
+        if (self.nats_user is None) != (self.nats_password is None):
+            raise ValueError("set OPENCLAW_NATS_USER and OPENCLAW_NATS_PASSWORD together (or neither)")
+        return self
+
+    @property
+    def nats_inbox_prefix(self) -> str:
+        """Replies come back under a per-user inbox, so the auth file can keep each user's replies private."""
+        return f"_INBOX_{self.nats_user}" if self.nats_user else "_INBOX"
+
     @cached_property
     def names(self) -> Names:
         return Names(self.namespace)
@@ -57,7 +71,9 @@ def load_settings(**overrides: object) -> Settings:
     try:
         s = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as e:
-        bad = "; ".join(f"OPENCLAW_{'.'.join(map(str, x['loc'])).upper()}: {x['msg']}" for x in e.errors())
+        bad = "; ".join(
+            f"OPENCLAW_{'.'.join(map(str, x['loc'])).upper()}: {x['msg']}" if x["loc"] else x["msg"] for x in e.errors()
+        )
         raise ConfigError(f"invalid environment: {bad}") from None
     if s.pe.provider == "anthropic" and not s.anthropic_api_key:  # also loads and validates config.json now
         raise ConfigError(MISSING_API_KEY)

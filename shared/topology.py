@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 DAY = 24 * 3600.0
 STREAM_ALREADY_IN_USE = 10058
+KV_HISTORY = 1
+KV_TTL = 30 * DAY
 
 
 def stream_configs(names: Names, replicas: int = 1) -> list[StreamConfig]:
@@ -65,23 +67,49 @@ def stream_configs(names: Names, replicas: int = 1) -> list[StreamConfig]:
     ]
 
 
-async def ensure_streams(js: JetStreamContext, names: Names, replicas: int = 1) -> KeyValue:
-    """Create or update every stream and the executions KV bucket; return the bucket."""
+async def ensure_streams(js: JetStreamContext, names: Names, replicas: int = 1, update: bool = True) -> KeyValue:
+    """Create every stream and the executions KV bucket, updating any that differ; return the bucket.
+
+    ``update=False`` (a service that does not own the topology, in auth mode) creates what is missing
+    but leaves an existing stream with another configuration as it is, for the owner to update.
+    """
     for cfg in stream_configs(names, replicas):
         try:
             await js.add_stream(cfg)
         except BadRequestError as e:
             if e.err_code != STREAM_ALREADY_IN_USE:
                 raise
+            if not update:
+                log.warning("stream %s differs from this service's configuration; left to the topology owner",
+                            cfg.name)
+                continue
             await js.update_stream(cfg)
             log.info("updated stream %s", cfg.name)
-    return await js.create_key_value(
-        bucket=names.kv_bucket, history=1, ttl=30 * DAY, storage=StorageType.FILE, replicas=replicas
-    )
+    try:
+        return await js.create_key_value(
+            bucket=names.kv_bucket, history=KV_HISTORY, ttl=KV_TTL, storage=StorageType.FILE, replicas=replicas
+        )
+    except BadRequestError as e:
+        if e.err_code != STREAM_ALREADY_IN_USE:
+            raise
+    if update:
+        # The bucket exists with another configuration (e.g. R1 before prod's R3): update its stream in place.
+        cfg = (await js.stream_info(f"KV_{names.kv_bucket}")).config
+        cfg.num_replicas, cfg.max_msgs_per_subject, cfg.max_age = replicas, KV_HISTORY, KV_TTL
+        await js.update_stream(cfg)
+        log.info("updated KV bucket %s (replicas=%d)", names.kv_bucket, replicas)
+    else:
+        log.warning("KV bucket %s differs from this service's configuration; left to the topology owner",
+                    names.kv_bucket)
+    return await js.key_value(names.kv_bucket)
 
 
 def _durable(name: str, subject: str, *, max_ack_pending: int, ack_wait: float, max_deliver: int) -> ConsumerConfig:
+    # ``name`` as well as ``durable_name``: nats-py then creates it on
+    # $JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>, where the server checks the filter against the
+    # subject, so the auth file can let a service create exactly its own durable on its own subject.
     return ConsumerConfig(
+        name=name,
         durable_name=name,
         filter_subject=subject,
         deliver_policy=DeliverPolicy.ALL,
@@ -128,6 +156,7 @@ def cancels_consumer_config(names: Names, pe: ParallelExecutionConfig) -> Consum
 
 def dead_letters_consumer_config(names: Names) -> ConsumerConfig:
     return ConsumerConfig(
+        name=names.dead_letters_consumer,
         durable_name=names.dead_letters_consumer,
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=AckPolicy.EXPLICIT,

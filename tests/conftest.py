@@ -120,10 +120,13 @@ def stack_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def start_stack(nats_url: str, namespace: str, tmp: Path, *extra: str, env: dict[str, str] | None = None) -> Stack:
+def start_stack(nats_url: str | None, namespace: str, tmp: Path, *extra: str,
+                env: dict[str, str] | None = None) -> Stack:
+    """``openclaw up`` against ``nats_url``; ``None``: the runner starts its own server (pass --nats-port)."""
     port = free_port()
     log = tmp / "stack.log"
-    cmd = [sys.executable, "-m", "shared.cli", "up", "--nats-url", nats_url, "--namespace", namespace,
+    server = ["--nats-url", nats_url] if nats_url else []
+    cmd = [sys.executable, "-m", "shared.cli", "up", *server, "--namespace", namespace,
            "--gateway-port", str(port), "--data-dir", str(tmp / "data"), *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
                             env=env if env is not None else stack_env())

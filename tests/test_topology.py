@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
 from nats.aio.client import Client as NATS
+from nats.js.errors import BadRequestError
 
 from shared.config import ParallelExecutionConfig, PoolConfig, WorkerPools
 from shared.names import POOLS, Names
-from shared.topology import ensure_consumer, ensure_streams, pool_consumer_config, topology_present
+from shared.topology import (
+    ensure_consumer,
+    ensure_streams,
+    pool_consumer_config,
+    stream_configs,
+    topology_present,
+)
 
 
 async def test_streams_and_kv_are_created_idempotently(nc: NATS, names: Names) -> None:
@@ -43,3 +56,38 @@ async def test_namespaces_do_not_see_each_other(nc: NATS) -> None:
     await ensure_streams(js, a)
     assert await topology_present(js, a) is None
     assert await topology_present(js, b) is not None
+
+
+def test_a_service_creates_streams_with_the_configured_replicas(nats_url: str, namespace: str) -> None:
+    """OPENCLAW_STREAM_REPLICAS reaches ensure_streams: R3 on this single server is refused at start-up."""
+    env = {**os.environ, "OPENCLAW_NATS_URL": nats_url, "OPENCLAW_NAMESPACE": namespace, "OPENCLAW_PORT": "0",
+           "OPENCLAW_STREAM_REPLICAS": "3", "OPENCLAW_LOG_FORMAT": "text"}
+    proc = subprocess.run([sys.executable, "-m", "services.pm"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "replicas > 1 not supported in non-clustered mode" in proc.stdout + proc.stderr, proc.stderr[-2000:]
+
+
+async def test_an_existing_bucket_with_another_configuration_is_updated_in_place(nc: NATS, names: Names) -> None:
+    """As when prod moves from R1 to R3: create_key_value refuses a different config, so it is updated."""
+    js = nc.jetstream()
+    old = await js.create_key_value(bucket=names.kv_bucket, history=5)
+    await old.put("kept", b"v")
+    kv = await ensure_streams(js, names)
+    assert (await js.stream_info(f"KV_{names.kv_bucket}")).config.max_msgs_per_subject == 1
+    assert (await kv.get("kept")).value == b"v"
+
+
+async def test_a_service_that_does_not_own_the_topology_leaves_a_differing_stream_alone(
+    nc: NATS, names: Names
+) -> None:
+    """In auth mode only the owner may update streams; the others start anyway and change nothing."""
+    js = nc.jetstream()
+    tasks = stream_configs(names)[1]
+    await js.add_stream(dataclasses.replace(tasks, duplicate_window=60))  # as an older version left it
+    with pytest.raises(BadRequestError):  # what create_stream alone would run into
+        await js.add_stream(tasks)
+    kv = await ensure_streams(js, names, update=False)
+    assert (await js.stream_info(tasks.name)).config.duplicate_window == 60
+    await kv.put("k", b"v")
+    await ensure_streams(js, names)  # the owner brings it up to date
+    assert (await js.stream_info(tasks.name)).config.duplicate_window == tasks.duplicate_window

