@@ -168,3 +168,19 @@ def test_every_service_serves_health_and_metrics(stack: Stack) -> None:
         assert "python_info" in httpx.get(f"{base}/metrics").text, name
     pool_metrics = httpx.get(f"http://127.0.0.1:{children['codegen-1']['port']}/metrics").text
     assert 'openclaw_tasks_total{outcome="completed",pool="codegen"}' in pool_metrics
+
+
+def test_serial_mode_runs_the_same_plan_one_task_at_a_time(stack: Stack) -> None:
+    plan = [
+        {"id": "a", "pool": "codegen", "description": "a", "context": {"simulate": {"latency_s": 0.3}}},
+        {"id": "b", "pool": "security", "description": "b", "context": {"simulate": {"latency_s": 0.3}}},
+        {"id": "c", "pool": "database", "description": "c", "depends_on": ["a"],
+         "context": {"simulate": {"latency_s": 0.3}}},
+        {"id": "d", "pool": "database", "description": "d", "context": {"simulate": {"latency_s": 0.3}}},
+    ]
+    doc = post(stack, {"message": "serial", "tasks": plan, "mode": "serial", "wait": True}).json()
+    assert doc["mode"] == "serial" and doc["status"] == "completed"
+    spans = sorted((ts(t["started_at"]), ts(t["finished_at"]), t["id"]) for t in doc["tasks"])
+    assert [s[2] for s in spans] == ["a", "b", "c", "d"]  # plan order, dependencies first
+    for (_, end, _), (start, _, _) in zip(spans, spans[1:], strict=False):
+        assert start >= end  # never two at once

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from shared.schemas import TaskSpec
+from shared.schemas import ExecutionMode, TaskSpec
 
 Message = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100_000)]
 
@@ -22,6 +22,7 @@ class ExecuteRequest(BaseModel):
     tasks: list[TaskSpec] | None = Field(
         default=None, description="your own plan; skips decomposition (validated like the PM's)"
     )
+    mode: ExecutionMode = Field(default="parallel", description="serial: one task at a time, in plan order")
     wait: bool = Field(default=False, description="answer only when the execution is terminal (bounded)")
     timeout_s: float | None = Field(default=None, gt=0, description="how long to wait when wait=true")
 

@@ -63,6 +63,7 @@ async def execute_parallel(body: ExecuteRequest, rt: RuntimeDep, response: Respo
         project=body.project,
         force_parallel=body.force_parallel,
         tasks=body.tasks,
+        mode=body.mode,
         requested_at=requested,
         deadline_at=requested + timedelta(seconds=pe.execution_timeout_s),
     )
