@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,42 +27,55 @@ EXAMPLE = (
     "payments, order tracking for customers, and an admin page to edit the menu."
 )
 TERMINAL = {"completed", "partial", "failed", "cancelled"}
-POLL_S = 0.25  # progress display refresh; the result itself comes from the terminal document
+TASK_EVENTS = {"started", "retrying", "task_completed", "task_failed", "skipped", "task_cancelled"}
 
 
-def _line(task: dict[str, Any], t0: float) -> str:
-    attempts = task.get("attempts") or []
-    cost = task.get("cost_usd") or 0.0
-    extra = f" attempt {attempts[-1]['n']}" if attempts else ""
-    err = f" — {task['error']}" if task.get("error") and task["status"] != "completed" else ""
-    return (f"  {time.monotonic() - t0:6.1f}s  [{task['pool']:<8}] {task['id']:<16} {task['status']:<9}"
-            f"{extra}  ${cost:.4f}{err}")
+def _line(t0: float, pool: str, task_id: str, status: str, attempt: int | None, cost: float | None,
+          error: str | None) -> str:
+    extra = f" attempt {attempt}" if attempt else ""
+    err = f" — {error}" if error and status != "completed" else ""
+    return (f"  {time.monotonic() - t0:6.1f}s  [{pool:<8}] {task_id:<16} {status:<9}{extra:<10}"
+            f"  ${cost or 0.0:.4f}{err}")
+
+
+async def sse(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
+    """(event, data) pairs of a Server-Sent Events stream."""
+    event, data = "message", list[str]()
+    async for line in response.aiter_lines():
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].lstrip())
 
 
 async def submit_and_follow(base_url: str, message: str, *, force_parallel: bool = False,
-                            timeout_s: float = 600) -> dict[str, Any]:
-    """Submit ``message``, print each task's progress as it changes, return the terminal document."""
+                            api_key: str | None = None) -> dict[str, Any]:
+    """Submit ``message``, print each task's progress from the event stream, return the terminal document."""
     t0 = time.monotonic()
-    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=httpx.Timeout(30, read=None)) as client:
         r = await client.post("/api/execute-parallel", json={"message": message, "force_parallel": force_parallel})
         if r.status_code >= 400:
             raise RuntimeError(f"gateway refused the request ({r.status_code}): {r.text}")
         doc = r.json()
-        eid = doc["execution_id"]
-        print(f"execution {eid}: {doc['status']}, {len(doc['tasks'])} task(s) planned by {doc.get('planner')}")
-        seen: dict[str, tuple[str, int]] = {}
-        while True:
-            for task in doc["tasks"]:
-                key = (task["status"], len(task.get("attempts") or []))
-                if seen.get(task["id"]) != key:
-                    seen[task["id"]] = key
-                    print(_line(task, t0))
-            if doc["status"] in TERMINAL:
-                return doc
-            if time.monotonic() - t0 > timeout_s:
-                raise TimeoutError(f"execution {eid} not finished after {timeout_s:g}s")
-            await asyncio.sleep(POLL_S)
-            doc = (await client.get(f"/api/execution/{eid}")).raise_for_status().json()
+        print(f"execution {doc['execution_id']}: {doc['status']}, {len(doc['tasks'])} task(s) planned by "
+              f"{doc.get('planner')}")
+        for t in doc["tasks"]:
+            print(_line(t0, t["pool"], t["id"], t["status"], None, None, None))
+        async with client.stream("GET", f"/api/execution/{doc['execution_id']}/events") as events:
+            async for kind, data in sse(events):
+                body = json.loads(data)
+                if kind == "completed":
+                    final: dict[str, Any] = body["execution"]
+                    return final
+                if kind in TASK_EVENTS:
+                    print(_line(t0, body["pool"], body["task_id"], body["status"], body.get("attempt"),
+                                body.get("cost_usd"), body.get("error")))
+    raise RuntimeError("the event stream ended before the execution did")
 
 
 def print_final(doc: dict[str, Any]) -> None:
@@ -106,13 +122,14 @@ async def _up(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    doc = await submit_and_follow(args.url, args.message, force_parallel=args.force_parallel)
+    doc = await submit_and_follow(args.url, args.message, force_parallel=args.force_parallel, api_key=args.api_key)
     print_final(doc)
     return 0 if doc["status"] in ("completed", "partial") else 1
 
 
 async def _status(args: argparse.Namespace) -> int:
-    async with httpx.AsyncClient(base_url=args.url, timeout=10) as client:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    async with httpx.AsyncClient(base_url=args.url, timeout=10, headers=headers) as client:
         r = await client.get(f"/api/execution/{args.execution_id}")
     if r.status_code != 200:
         print(r.json().get("message", r.text), file=sys.stderr)
@@ -120,8 +137,9 @@ async def _status(args: argparse.Namespace) -> int:
     doc = r.json()
     print(f"execution {doc['execution_id']}: {doc['status']} (planner {doc.get('planner')})")
     t0 = time.monotonic()
-    for task in doc["tasks"]:
-        print(_line(task, t0))
+    for t in doc["tasks"]:
+        last = t["attempts"][-1] if t["attempts"] else {}
+        print(_line(t0, t["pool"], t["id"], t["status"], last.get("n"), t["cost_usd"], t.get("error")))
     if doc["status"] in TERMINAL:
         print_final(doc)
     return 0
@@ -164,11 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("message")
     run.add_argument("--url", default="http://127.0.0.1:8080")
     run.add_argument("--force-parallel", action="store_true")
+    run.add_argument("--api-key", default=os.environ.get("OPENCLAW_API_KEY"), help="default: $OPENCLAW_API_KEY")
     run.set_defaults(func=_run)
 
     status = sub.add_parser("status", help="show an execution")
     status.add_argument("execution_id")
     status.add_argument("--url", default="http://127.0.0.1:8080")
+    status.add_argument("--api-key", default=os.environ.get("OPENCLAW_API_KEY"), help="default: $OPENCLAW_API_KEY")
     status.set_defaults(func=_status)
 
     auth = sub.add_parser("nats-auth-conf", help="print the NATS users file (deploy/nats/auth.conf) for the topology")

@@ -122,6 +122,8 @@ class Gateway(_Strict):
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     default_wait_s: float = Field(default=60, gt=0)
     max_wait_s: float = Field(default=600, gt=0)
+    rate_limit_per_minute: int = Field(default=600, ge=1, description="per API key (not in local mode)")
+    rate_limit_burst: int = Field(default=60, ge=1)
 
 
 class ParallelExecutionConfig(_Strict):

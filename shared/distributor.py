@@ -10,6 +10,7 @@ codegen: when in doubt, the stricter reviewer looks first.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -96,3 +97,45 @@ def distribute(text: str) -> Distribution:
         return Distribution("multi", 0.0, scores, matched)
     pool = next(p for p in TIE_BREAK if scores[p] == best)
     return Distribution(pool, round(best / sum(scores.values()), 4), scores, matched)
+
+
+PROJECT = re.compile(
+    r"\b(build|create|make|develop|launch|ship)\b.*\b(website|site|app|application|platform|store|shop|"
+    r"portal|dashboard|service|system|marketplace)\b",
+    re.IGNORECASE,
+)
+
+
+def looks_like_project(text: str) -> bool:
+    """"Build a … website/app/…": a project that spans several specialities."""
+    return PROJECT.search(text) is not None
+
+
+@dataclass(frozen=True)
+class Routing:
+    """The agent router's decision for one chat message, and how long it took to make."""
+
+    parallel: bool
+    reason: str
+    pool: Pool | Literal["multi"]
+    pools: list[str]
+    decision_ms: float
+
+
+def should_use_parallel_execution(message: str, *, enabled: bool, force_parallel: bool = False,
+                                  project: str | None = None) -> Routing:
+    """Parallel when configured and either asked for, a project, or work for more than one specialist."""
+    began = time.perf_counter()
+    d = distribute(f"{project or ''} {message}")
+    pools: list[str] = [p for p in TIE_BREAK if d.scores[p] > 0]
+    if not enabled:
+        parallel, reason = False, "parallel execution is disabled (parallel_execution.enabled)"
+    elif force_parallel:
+        parallel, reason = True, "force_parallel"
+    elif looks_like_project(message):
+        parallel, reason = True, "a project: the PM splits it across the specialist pools"
+    elif len(pools) > 1:
+        parallel, reason = True, f"work for several specialists: {', '.join(pools)}"
+    else:
+        parallel, reason = False, f"one specialist suffices: {d.pool} (confidence {d.confidence:.2f})"
+    return Routing(parallel, reason, d.pool, pools, round((time.perf_counter() - began) * 1000, 4))

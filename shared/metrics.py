@@ -24,5 +24,9 @@ EXECUTION_DURATION = Histogram(
     "openclaw_execution_duration_seconds", "Accepted → terminal", ["status"], buckets=DURATION_BUCKETS
 )
 REQUESTS = Counter("openclaw_http_requests_total", "Gateway API requests", ["route", "status"])
+ROUTING_SECONDS = Histogram(
+    "openclaw_routing_decision_seconds", "Time the chat router takes to choose parallel or single-agent",
+    buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.1),
+)
 PLANS = Counter("openclaw_plans_total", "Plans made by the PM", ["planner"])
 KV_CONFLICTS = Counter("openclaw_kv_cas_conflicts_total", "Compare-and-set writes of execution state that lost a race")

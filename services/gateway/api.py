@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -25,6 +25,27 @@ class ExecuteRequest(BaseModel):
     mode: ExecutionMode = Field(default="parallel", description="serial: one task at a time, in plan order")
     wait: bool = Field(default=False, description="answer only when the execution is terminal (bounded)")
     timeout_s: float | None = Field(default=None, gt=0, description="how long to wait when wait=true")
+
+
+class ChatRequest(BaseModel):
+    """POST /api/chat: the single-agent endpoint, routed to parallel execution when it pays."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    message: Message
+    session_key: str | None = Field(default=None, alias="sessionKey", max_length=256)
+    project: str | None = Field(default=None, max_length=256)
+    force_parallel: bool = False
+    wait: bool = Field(default=True, description="answer when done (bounded by timeout_s); false: 202 at once")
+    timeout_s: float | None = Field(default=None, gt=0)
+
+
+class ChatResponse(BaseModel):
+    execution_id: str
+    status: str
+    mode: ExecutionMode
+    routing: dict[str, Any] = Field(description="parallel?, why, which pools, decision time in ms")
+    response: str | None = Field(description="the final answer, once the execution is terminal")
+    cost_usd: float
 
 
 class FieldError(BaseModel):

@@ -1,29 +1,46 @@
-"""REST routes: accept work, wait for or look up its outcome. Status codes are decided here only."""
+"""REST routes: accept work, follow it, cancel it, chat. Status codes are decided here only."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import uuid
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 from nats.aio.subscription import Subscription
+from nats.js.api import DeliverPolicy
+from nats.js.errors import KeyWrongLastSequenceError
 
-from services.gateway.api import ErrorBody, ExecuteRequest
+from services.gateway.access import LOCAL_TENANT, Caller
+from services.gateway.api import ChatRequest, ChatResponse, ErrorBody, ExecuteRequest
 from shared import metrics
 from shared.bus import publish
+from shared.distributor import should_use_parallel_execution
 from shared.errors import PlanError
 from shared.execution import new_execution
-from shared.schemas import Execution, ExecutionCompleted, ExecutionDeadline, ExecutionRequested, check_plan, now
+from shared.schemas import (
+    CancelExecution,
+    Execution,
+    ExecutionCompleted,
+    ExecutionDeadline,
+    ExecutionRequested,
+    TaskSpec,
+    check_plan,
+    now,
+)
 from shared.service import Runtime
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api", tags=["executions"])
 EXECUTION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 PLAN_WAIT_S = 2.0  # a 202 waits this long for the plan so it can list the tasks
+KEEPALIVE_S = 15.0  # an idle event stream sends a comment this often, so proxies keep it open
 
 
 def runtime(request: Request) -> Runtime:
@@ -33,18 +50,64 @@ def runtime(request: Request) -> Runtime:
     return rt
 
 
+def caller(
+    request: Request,
+    authorization: Annotated[str | None, Header(description="Bearer <API key>")] = None,
+    x_api_key: Annotated[str | None, Header()] = None,
+) -> Caller:
+    """The calling tenant (API key → tenant; local mode without keys), within its rate limit."""
+    keys, limiter = request.app.state.api_keys, request.app.state.rate_limiter
+    if keys.local_mode:
+        return Caller(LOCAL_TENANT)
+    key = x_api_key or (authorization[7:].strip() if authorization and authorization[:7].lower() == "bearer " else None)
+    if not key:
+        raise HTTPException(401, "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+                            headers={"WWW-Authenticate": "Bearer"})
+    who = keys.identify(key)
+    if who is None:
+        raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+    wait = limiter.take(who.key_id)
+    if wait is not None:
+        raise HTTPException(429, f"rate limit of {limiter.per_minute}/min for this key exceeded; retry in {wait:g}s",
+                            headers={"Retry-After": str(int(wait))})
+    return who
+
+
 RuntimeDep = Annotated[Runtime, Depends(runtime)]
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (404, 413, 422, 503)}
+CallerDep = Annotated[Caller, Depends(caller)]
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 404, 413, 422, 429, 503)}
 
 
-@router.post(
-    "/execute-parallel",
-    status_code=status.HTTP_202_ACCEPTED,
-    response_model=Execution,
-    responses={200: {"model": Execution, "description": "terminal (wait=true)"}, **ERRORS},
-)
-async def execute_parallel(body: ExecuteRequest, rt: RuntimeDep, response: Response) -> Execution:
-    """Accept a request; 202 with the planned execution, or 200 with the terminal one when ``wait``."""
+async def owned(rt: Runtime, who: Caller, execution_id: str) -> Execution:
+    """The caller's execution, or 404 — another tenant's execution does not exist for them."""
+    current = await rt.executions.get(execution_id) if EXECUTION_ID.match(execution_id) else None
+    if current is None or current[0].tenant != who.tenant:
+        raise HTTPException(404, {"field": "execution_id", "message": f"no execution with id {execution_id!r}"})
+    return current[0]
+
+
+async def owned_execution(execution_id: str, rt: RuntimeDep, who: CallerDep) -> Execution:
+    return await owned(rt, who, execution_id)
+
+
+ExecutionDep = Annotated[Execution, Depends(owned_execution)]
+
+
+def _execution_id(who: Caller, idempotency_key: str | None) -> str:
+    """A fresh id, or one derived from the tenant and the Idempotency-Key: the same key, the same execution."""
+    if idempotency_key is None:
+        return uuid.uuid4().hex
+    return hashlib.sha256(f"{who.tenant}\0{idempotency_key}".encode()).hexdigest()[:32]
+
+
+def _fingerprint(body: ExecuteRequest) -> str:
+    """What makes two requests "the same" for idempotency (waiting is not part of the request)."""
+    return hashlib.sha256(body.model_dump_json(exclude={"wait", "timeout_s"}).encode()).hexdigest()
+
+
+async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_key: str | None,
+                  routing: dict[str, Any] | None = None) -> tuple[Execution, Execution | None]:
+    """Store and publish a request (once per Idempotency-Key); return it and, when waited for, its end."""
     pe = rt.pe
     if body.tasks is not None:
         try:
@@ -57,39 +120,49 @@ async def execute_parallel(body: ExecuteRequest, rt: RuntimeDep, response: Respo
 
     requested = now()
     req = ExecutionRequested(
-        execution_id=uuid.uuid4().hex,
+        execution_id=_execution_id(who, idempotency_key),
         message=body.message,
         session_key=body.session_key,
         project=body.project,
         force_parallel=body.force_parallel,
         tasks=body.tasks,
         mode=body.mode,
+        tenant=who.tenant,
         requested_at=requested,
         deadline_at=requested + timedelta(seconds=pe.execution_timeout_s),
     )
     eid, names = req.execution_id, rt.names
-    await rt.executions.create(new_execution(req))
+    ex = new_execution(req)
+    ex.request_hash, ex.routing = _fingerprint(body), routing
+    try:
+        await rt.executions.create(ex)
+        fresh = True
+    except KeyWrongLastSequenceError:
+        existing = await owned(rt, who, eid)
+        if existing.request_hash != ex.request_hash:
+            raise HTTPException(422, {"field": "Idempotency-Key",
+                                      "message": "this key was used with a different request"}) from None
+        ex, fresh = existing, existing.status == "queued"  # never planned: publishing again is harmless
+        log.info("idempotent replay", extra={"execution_id": eid})
     # Subscribe before publishing, so the plan or the final event cannot slip past us.
     sub = await rt.nc.subscribe(names.events(eid, "*"))  # type: ignore[union-attr]
     try:
-        await publish(rt.jetstream, names.execution_requested, req, msg_id=eid)
-        # The aggregator's deadline check: held by the broker until then, so no execution waits forever.
-        await publish(rt.jetstream, names.execution_deadline,
-                      ExecutionDeadline(execution_id=eid, deadline_at=req.deadline_at), msg_id=f"{eid}:deadline")
-        log.info("accepted execution", extra={"execution_id": eid})
+        if fresh:
+            await publish(rt.jetstream, names.execution_requested, req, msg_id=eid)
+            # The aggregator's deadline check: held by the broker until then, so no execution waits forever.
+            await publish(rt.jetstream, names.execution_deadline,
+                          ExecutionDeadline(execution_id=eid, deadline_at=req.deadline_at), msg_id=f"{eid}:deadline")
+            log.info("accepted execution", extra={"execution_id": eid})
+        if ex.terminal:
+            return ex, ex
         final = await _wait_for(sub, "completed" if body.wait else "planned", wait_s if body.wait else PLAN_WAIT_S)
     finally:
         await sub.unsubscribe()
     if final is not None:
-        response.status_code = status.HTTP_200_OK
-        return final
+        return final, final
     current = await rt.executions.get(eid)
-    if current is None:  # pragma: no cover - we created it above
-        raise HTTPException(500, "execution vanished")
-    ex = current[0]
-    if ex.terminal:
-        response.status_code = status.HTTP_200_OK if body.wait else status.HTTP_202_ACCEPTED
-    return ex
+    assert current is not None  # created above, and never deleted
+    return current[0], current[0] if current[0].terminal and body.wait else None
 
 
 async def _wait_for(sub: Subscription, kind: str, within: float) -> Execution | None:
@@ -108,13 +181,121 @@ async def _wait_for(sub: Subscription, kind: str, within: float) -> Execution | 
     return None
 
 
+@router.post(
+    "/execute-parallel",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=Execution,
+    responses={200: {"model": Execution, "description": "terminal (wait=true)"}, **ERRORS},
+)
+async def execute_parallel(
+    body: ExecuteRequest,
+    rt: RuntimeDep,
+    who: CallerDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> Execution:
+    """Accept a request; 202 with the planned execution, or 200 with the terminal one when ``wait``."""
+    ex, final = await _submit(rt, who, body, idempotency_key)
+    response.status_code = status.HTTP_200_OK if final is not None else status.HTTP_202_ACCEPTED
+    return ex
+
+
+@router.post("/chat", response_model=ChatResponse, responses={202: {"model": ChatResponse}, **ERRORS},
+             tags=["chat"])
+async def chat(
+    body: ChatRequest,
+    rt: RuntimeDep,
+    who: CallerDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> ChatResponse:
+    """The single-agent chat endpoint: routed to parallel execution when it pays, else one specialist."""
+    r = should_use_parallel_execution(body.message, enabled=rt.pe.enabled, force_parallel=body.force_parallel,
+                                      project=body.project)
+    metrics.ROUTING_SECONDS.observe(r.decision_ms / 1000)
+    routing = {"parallel": r.parallel, "reason": r.reason, "pools": r.pools, "decision_ms": r.decision_ms}
+    if r.parallel:
+        req = ExecuteRequest(message=body.message, session_key=body.session_key, project=body.project,
+                             force_parallel=body.force_parallel, wait=body.wait, timeout_s=body.timeout_s)
+    else:
+        # The backward-compatible path: one agent — the pool the router picked — answers the whole message.
+        pool = r.pool if r.pool != "multi" else "codegen"
+        req = ExecuteRequest(message=body.message, session_key=body.session_key, project=body.project,
+                             tasks=[TaskSpec(id="chat", pool=pool, description=body.message)], mode="serial",
+                             wait=body.wait, timeout_s=body.timeout_s)
+    ex, final = await _submit(rt, who, req, idempotency_key, routing)
+    response.status_code = status.HTTP_200_OK if final is not None else status.HTTP_202_ACCEPTED
+    return ChatResponse(execution_id=ex.execution_id, status=ex.status, mode=ex.mode, routing=routing,
+                        response=ex.final_response, cost_usd=ex.cost.total_usd)
+
+
 @router.get("/execution/{execution_id}", response_model=Execution, responses=ERRORS)
-async def get_execution(execution_id: str, rt: RuntimeDep) -> Execution:
+async def get_execution(ex: ExecutionDep) -> Execution:
     """Status, per-task state, cost and — once terminal — the final response."""
-    current = await rt.executions.get(execution_id) if EXECUTION_ID.match(execution_id) else None
-    if current is None:
-        raise HTTPException(404, {"field": "execution_id", "message": f"no execution with id {execution_id!r}"})
-    return current[0]
+    return ex
+
+
+@router.delete("/execution/{execution_id}", response_model=Execution,
+               responses={202: {"model": Execution, "description": "cancel requested, not yet done"},
+                          409: {"model": ErrorBody}, **ERRORS})
+async def cancel_execution(
+    ex: ExecutionDep,
+    rt: RuntimeDep,
+    who: CallerDep,
+    response: Response,
+    wait_s: Annotated[float, Query(ge=0, le=60, description="how long to wait for the cancellation")] = 10,
+) -> Execution:
+    """Cancel: queued tasks never run, running ones are abandoned at their next heartbeat; the execution
+    ends ``cancelled`` with the cost spent so far."""
+    execution_id = ex.execution_id
+    if ex.terminal:
+        raise HTTPException(409, {"field": "execution_id", "message": f"execution already {ex.status}"})
+    sub = await rt.nc.subscribe(rt.names.completed_event(execution_id))  # type: ignore[union-attr]
+    try:
+        await publish(rt.jetstream, rt.names.execution_cancel, CancelExecution(execution_id=execution_id),
+                      msg_id=f"{execution_id}:cancel")
+        final = await _wait_for(sub, "completed", wait_s) if wait_s else None
+    finally:
+        await sub.unsubscribe()
+    if final is not None:
+        return final
+    response.status_code = status.HTTP_202_ACCEPTED
+    return await owned(rt, who, execution_id)
+
+
+@router.get("/execution/{execution_id}/events", response_class=EventSourceResponse, responses=ERRORS)
+async def execution_events(
+    ex: ExecutionDep,
+    rt: RuntimeDep,
+    last_event_id: Annotated[str | None, Header(description="resume after this event id")] = None,
+) -> AsyncIterator[ServerSentEvent]:
+    """Every lifecycle event of the execution as Server-Sent Events, replayed from the start (or after
+    ``Last-Event-ID``), live until the terminal ``completed`` event, which closes the stream."""
+    js, eid = rt.jetstream, ex.execution_id
+    after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+    policy = {"deliver_policy": DeliverPolicy.BY_START_SEQUENCE, "opt_start_seq": after + 1} if after else {
+        "deliver_policy": DeliverPolicy.ALL}
+    sub = await js.subscribe(rt.names.events(eid, "*"), ordered_consumer=True, **policy)
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=KEEPALIVE_S)
+            except TimeoutError:
+                current = await rt.executions.get(eid)
+                if current is not None and current[0].terminal:
+                    # Idle, and over: its events aged out of the stream, the stored state says how it ended.
+                    yield ServerSentEvent(event="completed",
+                                          raw_data=ExecutionCompleted(execution=current[0]).model_dump_json())
+                    return
+                yield ServerSentEvent(comment="keep-alive")
+                continue
+            kind = msg.subject.rsplit(".", 1)[-1]
+            seq = msg.metadata.sequence.stream if msg.metadata else None
+            yield ServerSentEvent(event=kind, id=str(seq) if seq else None, raw_data=msg.data.decode())
+            if kind == "completed":
+                return
+    finally:
+        await sub.unsubscribe()
 
 
 def count_request(route: str, code: int) -> None:

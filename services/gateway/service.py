@@ -10,13 +10,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.gateway.access import LOCAL_TENANT, ApiKeys, RateLimiter
 from services.gateway.handlers import count_request, router
 from services.gateway.limits import BodySizeLimit
 from shared.service import Runtime, Workers, run_service
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
-ERROR_NAMES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+ERROR_NAMES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 409: "conflict",
+               405: "method_not_allowed", 413: "payload_too_large",
                422: "invalid_request", 429: "rate_limited", 503: "unavailable"}
 
 
@@ -35,6 +37,12 @@ def create_app(settings: Settings) -> FastAPI:
         description="Submit software work; specialist agent pools run it in parallel over NATS JetStream.",
     )
     app.include_router(router)
+    app.state.api_keys = ApiKeys(settings.api_keys.get_secret_value() if settings.api_keys else None)
+    gw = settings.pe.gateway
+    app.state.rate_limiter = RateLimiter(gw.rate_limit_per_minute, gw.rate_limit_burst)
+    if app.state.api_keys.local_mode:
+        log.warning("no API keys configured (OPENCLAW_API_KEYS): local mode, every caller is tenant %r and "
+                    "unlimited", LOCAL_TENANT)
     app.add_middleware(BodySizeLimit, max_bytes=settings.pe.gateway.max_body_bytes)
 
     @app.exception_handler(RequestValidationError)

@@ -15,14 +15,13 @@ codegen task (planner "serial").
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from services.pm.prompts import format_prompt
 from shared.config import ParallelExecutionConfig
 from shared.costs import model_call
-from shared.distributor import Distribution, distribute
+from shared.distributor import Distribution, distribute, looks_like_project
 from shared.errors import PlanError
 from shared.names import POOLS, Pool
 from shared.providers import ModelProvider, ProviderError
@@ -30,11 +29,6 @@ from shared.schemas import ExecutionRequested, ModelCall, TaskSpec, check_plan
 
 log = logging.getLogger(__name__)
 
-PROJECT = re.compile(
-    r"\b(build|create|make|develop|launch|ship)\b.*\b(website|site|app|application|platform|store|shop|"
-    r"portal|dashboard|service|system|marketplace)\b",
-    re.IGNORECASE,
-)
 
 
 def _routing(d: Distribution, pool: Pool) -> dict[str, Any]:
@@ -48,7 +42,7 @@ def rules_plan(message: str, force_parallel: bool, max_tasks: int) -> tuple[list
     """Plan by keywords; returns the tasks and the planner name ("rules" or "serial")."""
     d = distribute(message)
     subject = message.strip().rstrip(".")
-    if PROJECT.search(message):
+    if looks_like_project(message):
         tasks = [
             TaskSpec(id="schema", pool="database", context=_routing(d, "database"),
                      description=f"Design the database schema and migrations for: {subject}"),

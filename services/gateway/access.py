@@ -1,0 +1,76 @@
+"""Who is calling, and whether they may call now: API keys → tenants, and a per-key rate limit."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import time
+from dataclasses import dataclass, field
+
+from shared.errors import ConfigError
+
+LOCAL_TENANT = "local"
+
+
+@dataclass(frozen=True)
+class Caller:
+    tenant: str
+    key_id: str | None = None  # a short fingerprint of the key, for logs and the rate limiter; None in local mode
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+class ApiKeys:
+    """``tenant=key,tenant=key`` (``OPENCLAW_API_KEYS``); empty means local mode: one tenant, no keys."""
+
+    def __init__(self, spec: str | None) -> None:
+        self._keys: list[tuple[bytes, str]] = []
+        for part in filter(None, (p.strip() for p in (spec or "").split(","))):
+            tenant, sep, key = part.partition("=")
+            if not sep or not tenant.strip() or len(key.strip()) < 16:
+                raise ConfigError("OPENCLAW_API_KEYS must be tenant=key pairs separated by commas, keys of at "
+                                  "least 16 characters")
+            self._keys.append((_digest(key.strip()), tenant.strip()))
+
+    @property
+    def local_mode(self) -> bool:
+        return not self._keys
+
+    def identify(self, key: str) -> Caller | None:
+        """The caller a key belongs to, or None; compares every key in constant time."""
+        d = _digest(key)
+        found = None
+        for digest, tenant in self._keys:
+            if hmac.compare_digest(digest, d):
+                found = Caller(tenant, d.hex()[:12])
+        return found
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    at: float
+
+
+@dataclass
+class RateLimiter:
+    """A token bucket per key: ``per_minute`` sustained, ``burst`` at once. Per gateway replica."""
+
+    per_minute: int
+    burst: int
+    _buckets: dict[str, _Bucket] = field(default_factory=dict)
+
+    def take(self, key_id: str) -> float | None:
+        """None when the call may go ahead; else the seconds to wait (for Retry-After)."""
+        now = time.monotonic()
+        rate = self.per_minute / 60.0
+        b = self._buckets.setdefault(key_id, _Bucket(float(self.burst), now))
+        b.tokens = min(float(self.burst), b.tokens + (now - b.at) * rate)
+        b.at = now
+        if b.tokens >= 1.0:
+            b.tokens -= 1.0
+            return None
+        return math.ceil((1.0 - b.tokens) / rate) if rate > 0 else 60.0
