@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from nats.aio.subscription import Subscription
-from nats.js.api import DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyWrongLastSequenceError
 
 from services.gateway.access import LOCAL_TENANT, Caller
@@ -273,9 +273,9 @@ async def execution_events(
     ``Last-Event-ID``), live until the terminal ``completed`` event, which closes the stream."""
     js, eid = rt.jetstream, ex.execution_id
     after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
-    policy = {"deliver_policy": DeliverPolicy.BY_START_SEQUENCE, "opt_start_seq": after + 1} if after else {
-        "deliver_policy": DeliverPolicy.ALL}
-    sub = await js.subscribe(rt.names.events(eid, "*"), ordered_consumer=True, **policy)
+    start = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1) if after else (
+        ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
+    sub = await js.subscribe(rt.names.events(eid, "*"), ordered_consumer=True, config=start)
     try:
         while True:
             try:

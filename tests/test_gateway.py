@@ -1,0 +1,217 @@
+"""The gateway as clients use it: event streams, cancel, idempotency, tenants, rate limits, chat routing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nats
+import pytest
+
+from tests.conftest import Stack, stack_env, start_stack, stop_stack, wait_until, write_config
+
+pytestmark = pytest.mark.e2e
+
+ACME, GLOBEX = "acme-key-0123456789abcdef", "globex-key-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def stack(nats_url: str, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    tmp = tmp_path_factory.mktemp("gw")
+    cfg = write_config(tmp / "c.json", {
+        "ack_wait_s": 1.5,
+        "worker_pools": {"database": {"max_concurrent": 1, "timeout": 60}},
+        "gateway": {"rate_limit_per_minute": 60, "rate_limit_burst": 40},
+    })
+    s = start_stack(nats_url, "gw" + uuid.uuid4().hex[:8], tmp, "--config", str(cfg),
+                    env=stack_env(OPENCLAW_API_KEYS=f"acme={ACME},globex={GLOBEX}"))
+    yield s
+    assert stop_stack(s) == 0, s.output()[-3000:]
+
+
+def auth(key: str = ACME) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def task(i: str, pool: str, latency: float, *deps: str) -> dict[str, Any]:
+    return {"id": i, "pool": pool, "description": f"task {i}", "depends_on": list(deps),
+            "context": {"simulate": {"latency_s": latency}}}
+
+
+def events(stack: Stack, eid: str, key: str = ACME, **headers: str) -> list[tuple[str, str | None, dict[str, Any]]]:
+    """The whole SSE stream of an execution, read until the server closes it."""
+    out: list[tuple[str, str | None, dict[str, Any]]] = []
+    event, ident, data = "message", None, []
+    with httpx.stream("GET", f"{stack.url}/api/execution/{eid}/events", headers={**auth(key), **headers},
+                      timeout=httpx.Timeout(10, read=30)) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if not line:
+                if data:
+                    out.append((event, ident, json.loads("\n".join(data))))
+                event, ident, data = "message", None, []
+            elif line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("id:"):
+                ident = line[3:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].strip())
+    return out
+
+
+def test_a_late_client_gets_every_event_replayed_and_the_stream_closes(stack: Stack) -> None:
+    plan = [task("api", "codegen", 0, ), task("ui", "codegen", 0, "api"),
+            {**task("flaky", "security", 0), "context": {"simulate": {"latency_s": 0, "fail_attempts": 1}}}]
+    r = httpx.post(f"{stack.url}/api/execute-parallel", headers=auth(),
+                   json={"message": "m", "tasks": plan, "wait": True}, timeout=30)
+    eid = r.json()["execution_id"]
+    got = events(stack, eid)  # connects after the end: all of it is replayed, then the stream closes
+    kinds = [k for k, _, _ in got]
+    assert kinds[0] == "planned" and kinds[-1] == "completed"
+    per_task = {t: [k for k, _, b in got if b.get("task_id") == t and k != "cost"] for t in ("api", "ui", "flaky")}
+    assert per_task["api"] == ["started", "task_completed"]
+    assert per_task["ui"] == ["released", "started", "task_completed"]
+    assert per_task["flaky"] == ["started", "retrying", "started", "task_completed"]
+    retry = next(b for k, _, b in got if k == "retrying")
+    assert retry["attempt"] == 1 and retry["data"]["strategy"] == "retry"
+    assert got[-1][2]["execution"]["status"] == "completed"
+    ids = [int(i) for _, i, _ in got if i]
+    assert ids == sorted(ids)
+
+    # Resuming after an event id replays only what came after it.
+    resumed = events(stack, eid, **{"Last-Event-ID": str(ids[2])})
+    assert [i for _, i, _ in resumed] == [str(i) for i in ids[3:]]
+
+
+def test_a_live_client_sees_events_as_they_happen(stack: Stack) -> None:
+    r = httpx.post(f"{stack.url}/api/execute-parallel", headers=auth(),
+                   json={"message": "m", "tasks": [task("slow", "security", 1.0)]}, timeout=30)
+    assert r.status_code == 202
+    got = events(stack, r.json()["execution_id"])
+    assert [k for k, _, _ in got if k != "cost"] == ["planned", "started", "task_completed", "completed"]
+
+
+def test_cancel_stops_queued_and_running_tasks_and_keeps_the_cost_so_far(stack: Stack) -> None:
+    plan = [task("quick", "codegen", 0), task("long", "codegen", 30), task("after", "codegen", 0, "long"),
+            task("busy", "database", 30), task("waiting", "database", 0)]  # database runs one at a time
+    r = httpx.post(f"{stack.url}/api/execute-parallel", headers=auth(), json={"message": "m", "tasks": plan},
+                   timeout=30)
+    eid = r.json()["execution_id"]
+
+    def state() -> dict[str, Any]:
+        doc: dict[str, Any] = httpx.get(f"{stack.url}/api/execution/{eid}", headers=auth()).json()
+        return doc
+
+    def status_of(doc: dict[str, Any]) -> dict[str, str]:
+        return {t["id"]: t["status"] for t in doc["tasks"]}
+
+    wait_until(lambda: (s := status_of(state()))["long"] == "running" and s["busy"] == "running"
+               and s["quick"] == "completed", 30, "long and busy running, quick done")
+    c = httpx.delete(f"{stack.url}/api/execution/{eid}", headers=auth(), timeout=30)
+    assert c.status_code == 200, c.text
+    doc = c.json()
+    assert doc["status"] == "cancelled" and "cancelled" in doc["final_response"].lower()
+    tasks = {t["id"]: t for t in doc["tasks"]}
+    assert tasks["quick"]["status"] == "completed"
+    for tid in ("long", "after", "busy", "waiting"):
+        assert tasks[tid]["status"] == "cancelled", tid
+    assert [a["outcome"] for a in tasks["long"]["attempts"]] == ["lost"]
+    assert doc["cost"]["total_usd"] == pytest.approx(tasks["quick"]["cost_usd"])  # spent so far, nothing more
+
+    # The running tasks are abandoned at their next heartbeat and the queued one never starts: the
+    # work queue drains with no attempt added to any task.
+    async def drained() -> int:
+        nc = await nats.connect(str(stack.state()["nats_url"]))
+        info = await nc.jetstream().stream_info(stack.names.tasks_stream)
+        await nc.close()
+        return int(info.state.messages)
+
+    wait_until(lambda: asyncio.run(drained()) == 0, 30, "the task queue to drain")
+    after = {t["id"]: t for t in state()["tasks"]}
+    assert after["waiting"]["attempts"] == [] and after["after"]["attempts"] == []
+    assert [a["outcome"] for a in after["busy"]["attempts"]] == ["lost"]
+    metrics = "".join(httpx.get(f"http://127.0.0.1:{c['port']}/metrics").text
+                      for n, c in stack.state()["children"].items() if n.startswith(("codegen", "database")))  # type: ignore[union-attr]
+    assert 'outcome="abandoned"' in metrics
+
+    again = httpx.delete(f"{stack.url}/api/execution/{eid}", headers=auth())
+    assert again.status_code == 409 and "already cancelled" in again.json()["message"]
+    assert httpx.delete(f"{stack.url}/api/execution/{uuid.uuid4().hex}", headers=auth()).status_code == 404
+
+
+def test_the_same_idempotency_key_and_body_return_the_same_execution(stack: Stack) -> None:
+    key = {"Idempotency-Key": "order-" + uuid.uuid4().hex}
+    body = {"message": "m", "tasks": [task("one", "security", 0)], "wait": True}
+    first = httpx.post(f"{stack.url}/api/execute-parallel", headers={**auth(), **key}, json=body, timeout=30)
+    second = httpx.post(f"{stack.url}/api/execute-parallel", headers={**auth(), **key}, json=body, timeout=30)
+    assert first.status_code == second.status_code == 200
+    assert first.json()["execution_id"] == second.json()["execution_id"]
+    assert len(second.json()["tasks"][0]["attempts"]) == 1  # it ran once
+    other = httpx.post(f"{stack.url}/api/execute-parallel", headers={**auth(), **key},
+                       json={**body, "message": "different"}, timeout=30)
+    assert other.status_code == 422 and other.json()["errors"][0]["field"] == "Idempotency-Key"
+    # The key is the tenant's own: another tenant using the same key gets its own execution.
+    theirs = httpx.post(f"{stack.url}/api/execute-parallel", headers={**auth(GLOBEX), **key}, json=body, timeout=30)
+    assert theirs.status_code == 200 and theirs.json()["execution_id"] != first.json()["execution_id"]
+
+
+def test_keys_tenants_and_rate_limits(stack: Stack) -> None:
+    body = {"message": "m", "tasks": [task("t", "codegen", 0)], "wait": True}
+    missing = httpx.post(f"{stack.url}/api/execute-parallel", json=body)
+    assert missing.status_code == 401 and "missing API key" in missing.json()["message"]
+    assert missing.headers["www-authenticate"] == "Bearer"
+    wrong = httpx.post(f"{stack.url}/api/execute-parallel", headers=auth("nope-" * 5), json=body)
+    assert wrong.status_code == 401 and wrong.json()["message"] == "invalid API key"
+
+    eid = httpx.post(f"{stack.url}/api/execute-parallel", headers={"X-API-Key": ACME}, json=body,
+                     timeout=30).json()["execution_id"]
+    assert httpx.get(f"{stack.url}/api/execution/{eid}", headers=auth()).status_code == 200
+    for method, path in (("GET", ""), ("GET", "/events"), ("DELETE", "")):
+        r = httpx.request(method, f"{stack.url}/api/execution/{eid}{path}", headers=auth(GLOBEX))
+        assert r.status_code == 404, (method, path)  # another tenant's execution does not exist for globex
+
+    # globex: a burst of 40, then 1 a second; the burst runs out well within 45 quick calls.
+    codes = [httpx.get(f"{stack.url}/api/execution/{eid}", headers=auth(GLOBEX)).status_code for _ in range(45)]
+    assert 429 in codes
+    limited = httpx.get(f"{stack.url}/api/execution/{eid}", headers=auth(GLOBEX))
+    assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+    assert "rate limit of 60/min" in limited.json()["message"]
+    assert httpx.get(f"{stack.url}/api/execution/{eid}", headers=auth()).status_code == 200  # per key
+
+
+def test_chat_routes_between_one_specialist_and_parallel_execution(stack: Stack) -> None:
+    one = httpx.post(f"{stack.url}/api/chat", headers=auth(),
+                     json={"message": "Design the PostgreSQL schema for invoices"}, timeout=60)
+    assert one.status_code == 200, one.text
+    body = one.json()
+    assert body["routing"]["parallel"] is False and body["mode"] == "serial"
+    assert body["routing"]["reason"].startswith("one specialist suffices: database")
+    assert body["routing"]["decision_ms"] < 100
+    doc = httpx.get(f"{stack.url}/api/execution/{body['execution_id']}", headers=auth()).json()
+    assert [(t["pool"], t["status"]) for t in doc["tasks"]] == [("database", "completed")]
+    assert body["response"] == doc["final_response"] and doc["routing"] == body["routing"]
+
+    many = httpx.post(f"{stack.url}/api/chat", headers=auth(),
+                      json={"message": "Build a restaurant website with online ordering"}, timeout=60).json()
+    assert many["routing"]["parallel"] is True and many["mode"] == "parallel" and many["status"] == "completed"
+    doc = httpx.get(f"{stack.url}/api/execution/{many['execution_id']}", headers=auth()).json()
+    assert len({t["pool"] for t in doc["tasks"]}) == 3
+
+    forced = httpx.post(f"{stack.url}/api/chat", headers=auth(),
+                        json={"message": "Design the schema", "force_parallel": True, "wait": False}, timeout=60)
+    assert forced.status_code == 202 and forced.json()["routing"]["reason"] == "force_parallel"
+
+
+def test_chat_stays_serial_when_parallel_execution_is_disabled(nats_url: str, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.json", {"enabled": False})
+    s = start_stack(nats_url, "gwoff" + uuid.uuid4().hex[:6], tmp_path, "--config", str(cfg))
+    try:
+        r = httpx.post(f"{s.url}/api/chat", json={"message": "Build a restaurant website"}, timeout=60).json()
+        assert r["routing"]["parallel"] is False and "disabled" in r["routing"]["reason"]
+        assert r["mode"] == "serial" and r["status"] == "completed"
+    finally:
+        assert stop_stack(s) == 0
