@@ -27,6 +27,17 @@ def usd(pe: ParallelExecutionConfig, model: str, usage: Usage) -> float:
     )
 
 
+def observe(label: str, model: str, usage: Usage, cost: float) -> None:
+    """Count a billed call in the cost and token metrics (``label``: the pool, or the PM's phase)."""
+    if not cost and not usage.input_tokens:
+        return
+    metrics.COST.labels(label, model).inc(cost)
+    for kind, n in (("input", usage.input_tokens), ("output", usage.output_tokens),
+                    ("cache_read", usage.cache_read_tokens), ("cache_write", usage.cache_write_tokens)):
+        if n:
+            metrics.TOKENS.labels(label, model, kind).inc(n)
+
+
 def model_call(
     pe: ParallelExecutionConfig,
     phase: Literal["decomposition", "synthesis"],
@@ -38,10 +49,7 @@ def model_call(
     """A priced record of a decomposition or synthesis call; counted in the cost metric once, here."""
     usage = usage or Usage()
     cost = usd(pe, model, usage)
-    if cost:
-        metrics.COST.labels(phase, model).inc(cost)
-        metrics.TOKENS.labels(phase, model, "input").inc(usage.input_tokens)
-        metrics.TOKENS.labels(phase, model, "output").inc(usage.output_tokens)
+    observe(phase, model, usage, cost)
     return ModelCall(phase=phase, model=model, provider=provider, usage=usage, cost_usd=cost, error=error)
 
 

@@ -11,19 +11,33 @@ MESSAGES = Counter(
 )
 DEAD_LETTERS = Counter("openclaw_dead_letters_total", "Messages dead-lettered", ["stream", "consumer"])
 
-TASKS = Counter("openclaw_tasks_total", "Task attempts by outcome", ["pool", "outcome"])
+TASKS = Counter(
+    "openclaw_tasks_total", "Task attempts by outcome: started, completed, retried, failed, abandoned",
+    ["pool", "outcome"],
+)
 TASK_DURATION = Histogram(
     "openclaw_task_duration_seconds", "Duration of one task attempt", ["pool", "outcome"], buckets=DURATION_BUCKETS
 )
 TASKS_IN_FLIGHT = Gauge("openclaw_tasks_in_flight", "Task attempts running in this process", ["pool"])
-COST = Counter("openclaw_cost_usd_total", "Model cost in USD", ["pool", "model"])
-TOKENS = Counter("openclaw_tokens_total", "Model tokens", ["pool", "model", "type"])
-
-EXECUTIONS = Counter("openclaw_executions_total", "Executions that reached a terminal status", ["status"])
-EXECUTION_DURATION = Histogram(
-    "openclaw_execution_duration_seconds", "Accepted → terminal", ["status"], buckets=DURATION_BUCKETS
+QUEUE_DEPTH = Gauge("openclaw_queue_depth", "Tasks waiting in the pool's work queue (consumer num_pending)", ["pool"])
+ACK_PENDING = Gauge(
+    "openclaw_ack_pending", "Tasks delivered and not yet acked, pool-wide (consumer num_ack_pending)", ["pool"]
 )
-REQUESTS = Counter("openclaw_http_requests_total", "Gateway API requests", ["route", "status"])
+# ``pool`` is the pool for task calls, or the phase (decomposition, synthesis) for the PM's own calls.
+COST = Counter("openclaw_cost_usd_total", "Model cost in USD", ["pool", "model"])
+TOKENS = Counter("openclaw_tokens_total", "Model tokens by type (input, output, cache_read, cache_write)",
+                 ["pool", "model", "type"])
+
+EXECUTIONS = Counter("openclaw_executions_total", "Executions that reached a terminal status", ["mode", "status"])
+EXECUTION_DURATION = Histogram(
+    "openclaw_execution_duration_seconds", "Accepted → terminal", ["mode", "status"], buckets=DURATION_BUCKETS
+)
+CONFLICTS = Counter("openclaw_conflicts_total", "Conflicts between agents, by how they were settled", ["rule", "kind"])
+REQUESTS = Counter("openclaw_http_requests_total", "Gateway API requests", ["route", "method", "status"])
+REQUEST_DURATION = Histogram(
+    "openclaw_http_request_duration_seconds", "Gateway API request time (streams: until the stream ends)",
+    ["route", "method"], buckets=DURATION_BUCKETS,
+)
 ROUTING_SECONDS = Histogram(
     "openclaw_routing_decision_seconds", "Time the chat router takes to choose parallel or single-agent",
     buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.1),

@@ -18,7 +18,7 @@ from nats.aio.msg import Msg
 from shared import metrics
 from shared.bus import publish
 from shared.consumer import Consumer
-from shared.costs import publish_attempt_cost
+from shared.costs import observe, publish_attempt_cost
 from shared.failures import decide, model_for
 from shared.names import Pool
 from shared.providers import ModelProvider, Prompt, ProviderError, TaskReply, make_provider
@@ -76,6 +76,7 @@ class PoolWorker:
         await self._publish(cmd.execution_id, TaskStarted(**d.head, started_at=d.started, upstream=upstream))
         previous = state.attempt(d.attempt - 1)
         model = model_for(self.rt.pe, self.pool, d.attempt, previous.error_kind if previous else None)
+        metrics.TASKS.labels(self.pool, "started").inc()
         log.info("task started on %s", model, extra=d.ctx)
 
         timeout = min(self.cfg.timeout, seconds_left)
@@ -162,10 +163,8 @@ class PoolWorker:
     def _observe(self, outcome: str, duration: float, model: str | None, cost: float, usage: Usage) -> None:
         metrics.TASKS.labels(self.pool, outcome).inc()
         metrics.TASK_DURATION.labels(self.pool, outcome).observe(duration)
-        if model and (cost or usage.input_tokens):
-            metrics.COST.labels(self.pool, model).inc(cost)
-            metrics.TOKENS.labels(self.pool, model, "input").inc(usage.input_tokens)
-            metrics.TOKENS.labels(self.pool, model, "output").inc(usage.output_tokens)
+        if model:
+            observe(self.pool, model, usage, cost)
 
     async def _heartbeat(self, d: _Delivery, run: asyncio.Task[TaskReply]) -> None:
         """A few times per ``ack_wait``: tell the broker this delivery is alive, and abandon the run if
@@ -197,6 +196,20 @@ def pool_start(pool: Pool, format_prompt: FormatPrompt) -> Start:
             worker.handle,
             capacity=rt.settings.slots or rt.pe.worker_pools.get(pool).max_concurrent,
         )
-        return [consumer.run(rt.stop)]
+        return [consumer.run(rt.stop), watch_queue(rt, pool)]
 
     return start
+
+
+async def watch_queue(rt: Runtime, pool: Pool, every_s: float = 5.0) -> None:
+    """Keep the queue-depth and ack-pending gauges current from the durable's info (what KEDA scales on)."""
+    names = rt.names
+    while not rt.stop.is_set():
+        try:
+            info = await rt.jetstream.consumer_info(names.tasks_stream, names.pool_consumer(pool))
+            metrics.QUEUE_DEPTH.labels(pool).set(info.num_pending or 0)
+            metrics.ACK_PENDING.labels(pool).set(info.num_ack_pending or 0)
+        except Exception as e:  # noqa: BLE001 - a gauge that misses one reading is not worth stopping for
+            log.debug("consumer info failed: %s", e)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(rt.stop.wait(), every_s)

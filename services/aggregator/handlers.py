@@ -195,9 +195,12 @@ class AggregatorHandlers:
         await self._announce(ex)
         if not won:
             return
-        metrics.EXECUTIONS.labels(ex.status).inc()
+        metrics.EXECUTIONS.labels(ex.mode, ex.status).inc()
         if ex.finished_at:
-            metrics.EXECUTION_DURATION.labels(ex.status).observe((ex.finished_at - ex.created_at).total_seconds())
+            metrics.EXECUTION_DURATION.labels(ex.mode, ex.status).observe(
+                (ex.finished_at - ex.created_at).total_seconds())
+        for c in ex.aggregated.conflicts_detected if ex.aggregated else []:
+            metrics.CONFLICTS.labels(c.rule, c.kind).inc()
         log.info("execution %s: %s, $%.4f", ex.status, ex.aggregated.summary if ex.aggregated else "",
                  ex.cost.total_usd, extra={"execution_id": ex.execution_id})
 

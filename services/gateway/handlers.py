@@ -296,7 +296,3 @@ async def execution_events(
                 return
     finally:
         await sub.unsubscribe()
-
-
-def count_request(route: str, code: int) -> None:
-    metrics.REQUESTS.labels(route, str(code)).inc()

@@ -1,4 +1,6 @@
-"""Request body size limit, enforced before the body is read into memory.
+"""HTTP edges of the gateway: the request body size limit, and per-request metrics.
+
+The body size limit is enforced before the body is read into memory.
 
 FastAPI's own ``max_body_size`` answers a declared oversize body with a plain-text 413 written
 past the app's exception handlers; this keeps every error in the API's JSON shape.
@@ -7,9 +9,12 @@ past the app's exception handlers; this keeps every error in the API's JSON shap
 from __future__ import annotations
 
 import json
+import time
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared import metrics
 
 
 def _message(max_bytes: int) -> str:
@@ -59,3 +64,30 @@ class BodySizeLimit:
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+
+
+class RequestMetrics:
+    """Count every API request by route template, method and status, and time it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        began = time.perf_counter()
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            metrics.REQUESTS.labels(route, scope["method"], str(status)).inc()
+            metrics.REQUEST_DURATION.labels(route, scope["method"]).observe(time.perf_counter() - began)

@@ -11,8 +11,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway.access import LOCAL_TENANT, ApiKeys, RateLimiter
-from services.gateway.handlers import count_request, router
-from services.gateway.limits import BodySizeLimit
+from services.gateway.handlers import router
+from services.gateway.limits import BodySizeLimit, RequestMetrics
 from shared.service import Runtime, Workers, run_service
 from shared.settings import Settings
 
@@ -44,12 +44,12 @@ def create_app(settings: Settings) -> FastAPI:
         log.warning("no API keys configured (OPENCLAW_API_KEYS): local mode, every caller is tenant %r and "
                     "unlimited", LOCAL_TENANT)
     app.add_middleware(BodySizeLimit, max_bytes=settings.pe.gateway.max_body_bytes)
+    app.add_middleware(RequestMetrics)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [{"field": _field(tuple(e["loc"])), "message": e["msg"]} for e in exc.errors()]
         summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-        count_request(request.url.path, 422)
         return JSONResponse({"error": "invalid_request", "message": summary, "errors": errors}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
@@ -59,7 +59,6 @@ def create_app(settings: Settings) -> FastAPI:
         if isinstance(detail, dict):
             errors = [detail]
             detail = f"{detail['field']}: {detail['message']}"
-        count_request(request.url.path, exc.status_code)
         body = {"error": ERROR_NAMES.get(exc.status_code, "error"), "message": str(detail), "errors": errors}
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
@@ -67,7 +66,6 @@ def create_app(settings: Settings) -> FastAPI:
     async def crashed(request: Request, exc: Exception) -> JSONResponse:
         request_id = uuid.uuid4().hex
         log.exception("unhandled error on %s %s (request %s)", request.method, request.url.path, request_id)
-        count_request(request.url.path, 500)
         return JSONResponse(
             {"error": "internal", "message": "internal error; quote the request id when reporting it",
              "request_id": request_id, "errors": []},
