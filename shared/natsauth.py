@@ -76,9 +76,11 @@ HEADER = """\
 
 
 def _durable(stream: str, durable: str, subject: str | None) -> list[str]:
-    """What binding to one durable pull consumer takes: create it, fetch from it, ack its deliveries."""
+    """What binding to one durable pull consumer takes: create it, read its info (queue gauges), fetch
+    from it, ack its deliveries."""
     create = f"$JS.API.CONSUMER.CREATE.{stream}.{durable}" + (f".{subject}" if subject else "")
-    return [create, f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}", f"$JS.ACK.{stream}.{durable}.>"]
+    return [create, f"$JS.API.CONSUMER.INFO.{stream}.{durable}", f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
+            f"$JS.ACK.{stream}.{durable}.>"]
 
 
 def permissions(names: Names | None = None) -> dict[str, tuple[list[str], list[str]]]:
