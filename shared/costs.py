@@ -9,7 +9,9 @@ execution (``Execution.cost``). Each call is also published as a ``CostIncurred`
 
 from __future__ import annotations
 
-from typing import Literal
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, TypeVar
 
 from nats.js import JetStreamContext
 
@@ -17,6 +19,7 @@ from shared import metrics
 from shared.bus import publish
 from shared.config import ParallelExecutionConfig
 from shared.names import Names
+from shared.providers import ProviderError
 from shared.schemas import CostIncurred, ModelCall, TaskCompleted, TaskFailed, Usage
 
 
@@ -51,6 +54,24 @@ def model_call(
     cost = usd(pe, model, usage)
     observe(phase, model, usage, cost)
     return ModelCall(phase=phase, model=model, provider=provider, usage=usage, cost_usd=cost, error=error)
+
+
+R = TypeVar("R")
+Phase = Literal["decomposition", "synthesis"]
+log = logging.getLogger(__name__)
+
+
+async def guarded_call(pe: ParallelExecutionConfig, phase: Phase, model: str, provider: str,
+                       call: Callable[[], Awaitable[R]], ctx: dict[str, Any]) -> tuple[R | None, ModelCall | None]:
+    """Run a PM-side model call; a failure comes back as a priced ModelCall carrying the error (its
+    billed usage included), never as an exception — the caller has a fallback for it."""
+    try:
+        return await call(), None
+    except ProviderError as e:
+        return None, model_call(pe, phase, model, provider, e.usage, f"{e.kind}: {e}")
+    except Exception as e:  # noqa: BLE001 - whatever broke the call, the caller's fallback still answers
+        log.exception("%s call raised", phase, extra=ctx)
+        return None, model_call(pe, phase, model, provider, None, f"error: {type(e).__name__}: {e}")
 
 
 def call_event(execution_id: str, call: ModelCall) -> CostIncurred:

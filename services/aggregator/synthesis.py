@@ -11,8 +11,8 @@ import logging
 
 from services.aggregator.prompts import format_prompt
 from shared.config import ParallelExecutionConfig, PMCoordinator
-from shared.costs import model_call
-from shared.providers import ModelProvider, ProviderError
+from shared.costs import guarded_call, model_call
+from shared.providers import ModelProvider
 from shared.schemas import AggregatedResult, Execution, ModelCall
 
 log = logging.getLogger(__name__)
@@ -92,18 +92,14 @@ async def write_answer(
     """The final answer and the synthesis call behind it (None when the provider made no call)."""
     pm = pe.pm_coordinator
     model, ctx = pm.synthesis_model, {"execution_id": ex.execution_id}
-    try:
-        reply = await provider.synthesize(format_prompt(ex, agg, status, pm), model)
-    except ProviderError as e:
-        call = model_call(pe, "synthesis", model, provider.name, e.usage, f"{e.kind}: {e}")
-    except Exception as e:  # noqa: BLE001 - whatever broke the call, the template can still answer
-        log.exception("synthesis call raised", extra=ctx)
-        call = model_call(pe, "synthesis", model, provider.name, None, f"error: {type(e).__name__}: {e}")
-    else:
-        if reply is None:
-            return synthesize(ex, agg, status, pm), None
+    reply, call = await guarded_call(
+        pe, "synthesis", model, provider.name, lambda: provider.synthesize(format_prompt(ex, agg, status, pm), model),
+        ctx)
+    if reply is not None:
         call = model_call(pe, "synthesis", reply.model, reply.provider, reply.usage)
         with_call = ex.model_copy(update={"calls": [*ex.calls, call]})
         return "\n\n".join([reply.text, cost_line(with_call), pm.signature]), call
+    if call is None:  # this provider does not write: the template does
+        return synthesize(ex, agg, status, pm), None
     log.warning("synthesis call failed (%s); using the template", call.error, extra=ctx)
     return synthesize(ex.model_copy(update={"calls": [*ex.calls, call]}), agg, status, pm), call

@@ -20,11 +20,11 @@ from typing import Any
 
 from services.pm.prompts import format_prompt
 from shared.config import ParallelExecutionConfig
-from shared.costs import model_call
+from shared.costs import guarded_call, model_call
 from shared.distributor import Distribution, distribute, looks_like_project
 from shared.errors import PlanError
 from shared.names import POOLS, Pool
-from shared.providers import ModelProvider, ProviderError
+from shared.providers import ModelProvider
 from shared.schemas import ExecutionRequested, ModelCall, TaskSpec, check_plan
 
 log = logging.getLogger(__name__)
@@ -92,16 +92,10 @@ async def plan_request(req: ExecutionRequested, pe: ParallelExecutionConfig, pro
         return PlanOutcome(*make_plan(req, max_tasks))
     pm = pe.pm_coordinator
     model, ctx = pm.decomposition_model, {"execution_id": req.execution_id}
-    try:
-        reply = await provider.decompose(format_prompt(req, max_tasks), model, pm.reasoning_effort)
-    except ProviderError as e:
-        failed = model_call(pe, "decomposition", model, provider.name, e.usage, f"{e.kind}: {e}")
-    except Exception as e:  # noqa: BLE001 - whatever broke the call, the rules can still plan
-        log.exception("decomposition call raised", extra=ctx)
-        failed = model_call(pe, "decomposition", model, provider.name, None, f"error: {type(e).__name__}: {e}")
-    else:
-        if reply is None:  # this provider does not plan
-            return PlanOutcome(*make_plan(req, max_tasks))
+    reply, failed = await guarded_call(
+        pe, "decomposition", model, provider.name,
+        lambda: provider.decompose(format_prompt(req, max_tasks), model, pm.reasoning_effort), ctx)
+    if reply is not None:
         try:
             check_plan(reply.plan.tasks, max_tasks)
         except PlanError as e:
@@ -109,5 +103,7 @@ async def plan_request(req: ExecutionRequested, pe: ParallelExecutionConfig, pro
         else:
             call = model_call(pe, "decomposition", reply.model, reply.provider, reply.usage)
             return PlanOutcome(reply.plan.tasks, "llm", [call])
+    if failed is None:  # this provider does not plan
+        return PlanOutcome(*make_plan(req, max_tasks))
     log.warning("decomposition not used (%s); planning by rules", failed.error, extra=ctx)
     return PlanOutcome(*make_plan(req, max_tasks), calls=[failed])
