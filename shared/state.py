@@ -27,7 +27,7 @@ class ExecutionStore:
         return await self.kv.create(ex.execution_id, ex.model_dump_json().encode())
 
     async def get(self, execution_id: str) -> tuple[Execution, int] | None:
-        stored = await self._read(execution_id)
+        stored = await self.read(execution_id)
         return (Execution.model_validate_json(stored[0]), stored[1]) if stored else None
 
     async def mutate(self, execution_id: str, change: Callable[[Execution], bool]) -> Execution | None:
@@ -49,7 +49,7 @@ class ExecutionStore:
         """
         while True:
             if known is None:
-                known = await self._read(execution_id)
+                known = await self.read(execution_id)
                 if known is None:
                     return None
             data, revision = known
@@ -64,7 +64,8 @@ class ExecutionStore:
                 log.debug("lost a compare-and-set race on %s; re-reading", execution_id)
                 known = None
 
-    async def _read(self, execution_id: str) -> Stored | None:
+    async def read(self, execution_id: str) -> Stored | None:
+        """The stored document as bytes, and its revision; None when there is none."""
         try:
             entry = await self.kv.get(execution_id)
         except KeyNotFoundError:

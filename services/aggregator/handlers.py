@@ -134,7 +134,7 @@ class AggregatorHandlers:
                   for t in queued(ex) if t.depends_on or ex.mode == "serial"]
         await asyncio.gather(*sends)
         if all_tasks_terminal(ex):
-            await self._finish(ex, [c.msg for c in batch])
+            await self._finish(ex, [c.msg for c in batch], stored)
             stored = None  # _finish wrote the document
         return ex, stored
 
@@ -222,7 +222,7 @@ class AggregatorHandlers:
         if ex is not None and ex.terminal:
             await self.rt.announce_completed(ex)
 
-    async def _finish(self, snapshot: Execution, msgs: list[Msg]) -> None:
+    async def _finish(self, snapshot: Execution, msgs: list[Msg], known: Stored | None = None) -> None:
         """Aggregate, synthesize and store the final answer (once), then announce it."""
         if snapshot.terminal:  # finished before (a replay): announce again, call and write nothing
             await self._announce(snapshot)
@@ -248,7 +248,8 @@ class AggregatorHandlers:
             ex.finished_at = ex.updated_at = now()
             return True
 
-        ex = await self.rt.executions.mutate(snapshot.execution_id, finish)
+        stored = await self.rt.executions.mutate_from(snapshot.execution_id, finish, known)
+        ex = stored[0] if stored else None
         if ex is None or not ex.terminal:
             return
         await self._announce(ex)
