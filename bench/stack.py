@@ -3,6 +3,7 @@ nats-server on free ports, a temporary data dir, the simulated provider and a gi
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -10,6 +11,8 @@ import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from shared.natsserver import free_port
 from shared.runner import Stack, StackOptions
@@ -68,10 +71,6 @@ def rss_kib(pid: int) -> int:
 
 async def wait_all_ready(stack: Stack, timeout: float = 60.0) -> None:
     """Until every child answers ``/readyz`` (the gateway alone being ready does not mean the pools are)."""
-    import asyncio
-
-    import httpx
-
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     async with httpx.AsyncClient(timeout=2.0) as client:
