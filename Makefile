@@ -1,10 +1,10 @@
-# Two commands on a fresh machine: `make run` and `make test`.
+# Two commands on a fresh machine: `make run` and `make test` (and `make bench` for the benchmarks).
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed-stamp
 
-.PHONY: run test lint clean
+.PHONY: run test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,18 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check shared services tests
-	$(VENV)/bin/mypy shared services
+	$(VENV)/bin/ruff check shared services bench tests
+	$(VENV)/bin/mypy shared services bench
+
+BENCH_STAMP = $(VENV)/.bench-stamp
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+## Benchmarks of the real stack (a few minutes): bench/results.md, charts in bench/, the README's table.
+## BENCH_ARGS="--runs 5 --time-factor 0.05" to change them (see `openclaw bench --help`).
+bench: $(BENCH_STAMP)
+	$(VENV)/bin/openclaw bench --readme README.md $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .openclaw .pytest_cache

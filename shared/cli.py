@@ -145,6 +145,17 @@ async def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _bench(args: argparse.Namespace) -> int:
+    try:
+        from bench.run import main as bench_main  # not in the service image: only a checkout has bench/
+    except ImportError as e:
+        raise ConfigError(f"openclaw bench needs a checkout of the repository with bench/ ({e})") from None
+    try:
+        return await bench_main(args)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _check_config(args: argparse.Namespace) -> int:
     load_settings(config=args.config)
     print(f"{args.config or '(built-in defaults)'}: valid")
@@ -190,6 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--url", default="http://127.0.0.1:8080")
     status.add_argument("--api-key", default=os.environ.get("OPENCLAW_API_KEY"), help="default: $OPENCLAW_API_KEY")
     status.set_defaults(func=_status)
+
+    bench = sub.add_parser("bench", help="benchmark the real stack: speedup, overhead, throughput, load "
+                                         "(writes bench/results.md and charts)")
+    try:
+        from bench.run import add_arguments
+    except ImportError:  # an installed package without the repository's bench/: the command explains itself
+        pass
+    else:
+        add_arguments(bench)
+    bench.set_defaults(func=_bench)
 
     auth = sub.add_parser("nats-auth-conf", help="print the NATS users file (deploy/nats/auth.conf) for the topology")
     auth.set_defaults(func=_nats_auth_conf)

@@ -67,13 +67,15 @@ class PoolWorker:
         if seconds_left <= 0:
             await self._failed(d, "deadline", "execution deadline passed before the task started", None, Usage())
             return
-        state = await self._state(cmd)
+        upstream = sorted(cmd.task.context.get("upstream") or {})
+        started = TaskStarted(**d.head, started_at=d.started, upstream=upstream)
+        # Two round trips at once: the start is announced while the state is read. If the execution has
+        # ended meanwhile the aggregator ignores the start (a terminal execution or task takes no news).
+        state, _ = await asyncio.gather(self._state(cmd), self._publish(cmd.execution_id, started))
         if state is None:
             await msg.ack()  # the execution ended (cancelled, deadline) or the task was settled: nothing to do
             log.info("not started: its execution has ended", extra=d.ctx)
             return
-        upstream = sorted(cmd.task.context.get("upstream") or {})
-        await self._publish(cmd.execution_id, TaskStarted(**d.head, started_at=d.started, upstream=upstream))
         previous = state.attempt(d.attempt - 1)
         model = model_for(self.rt.pe, self.pool, d.attempt, previous.error_kind if previous else None)
         metrics.TASKS.labels(self.pool, "started").inc()
@@ -111,8 +113,8 @@ class PoolWorker:
         cost = self._cost(reply.model, reply.usage)
         done = TaskCompleted(**d.head, started_at=d.started, finished_at=finished, model=reply.model,
                              provider=reply.provider, usage=reply.usage, cost_usd=cost, output=reply.output)
-        await self._publish(cmd.execution_id, done)
-        await publish_attempt_cost(self.rt.jetstream, self.rt.names, done)
+        await asyncio.gather(self._publish(cmd.execution_id, done),
+                             publish_attempt_cost(self.rt.jetstream, self.rt.names, done))
         await msg.ack()
         duration = (finished - d.started).total_seconds()
         self._observe("completed", duration, reply.model, cost, reply.usage)

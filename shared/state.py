@@ -13,6 +13,8 @@ from shared.schemas import Execution
 
 log = logging.getLogger(__name__)
 
+Stored = tuple[bytes, int]  # a document as this process last wrote or read it, and its KV revision
+
 
 class ExecutionStore:
     """Read-modify-write of one execution at a time; concurrent writers re-read and retry."""
@@ -25,13 +27,8 @@ class ExecutionStore:
         return await self.kv.create(ex.execution_id, ex.model_dump_json().encode())
 
     async def get(self, execution_id: str) -> tuple[Execution, int] | None:
-        try:
-            entry = await self.kv.get(execution_id)
-        except KeyNotFoundError:
-            return None
-        if entry.value is None or entry.revision is None:
-            return None
-        return Execution.model_validate_json(entry.value), entry.revision
+        stored = await self.read(execution_id)
+        return (Execution.model_validate_json(stored[0]), stored[1]) if stored else None
 
     async def mutate(self, execution_id: str, change: Callable[[Execution], bool]) -> Execution | None:
         """Apply ``change`` (which returns whether it changed anything) until the write wins.
@@ -39,16 +36,40 @@ class ExecutionStore:
         Returns the stored document (changed or not), or None when the execution does not exist.
         ``change`` must be a pure function of the document: it may run more than once.
         """
+        result = await self.mutate_from(execution_id, change, None)
+        return result[0] if result else None
+
+    async def mutate_from(self, execution_id: str, change: Callable[[Execution], bool],
+                          known: Stored | None) -> tuple[Execution, Stored] | None:
+        """``mutate``, starting from ``known`` (a version this process stored) instead of a fresh read.
+
+        A writer that applies several changes to one execution in a row skips the read before each
+        write; if ``known`` is stale the write loses the compare-and-set and the loop re-reads as usual.
+        Returns the document and its stored version, to pass to the next call.
+        """
         while True:
-            current = await self.get(execution_id)
-            if current is None:
-                return None
-            ex, revision = current
+            if known is None:
+                known = await self.read(execution_id)
+                if known is None:
+                    return None
+            data, revision = known
+            ex = Execution.model_validate_json(data)
             if not change(ex):
-                return ex
+                return ex, known
+            new = ex.model_dump_json().encode()
             try:
-                await self.kv.update(execution_id, ex.model_dump_json().encode(), last=revision)
-                return ex
+                return ex, (new, await self.kv.update(execution_id, new, last=revision))
             except KeyWrongLastSequenceError:
                 metrics.KV_CONFLICTS.inc()
                 log.debug("lost a compare-and-set race on %s; re-reading", execution_id)
+                known = None
+
+    async def read(self, execution_id: str) -> Stored | None:
+        """The stored document as bytes, and its revision; None when there is none."""
+        try:
+            entry = await self.kv.get(execution_id)
+        except KeyNotFoundError:
+            return None
+        if entry.value is None or entry.revision is None:
+            return None
+        return entry.value, entry.revision

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
@@ -45,32 +47,86 @@ from shared.schemas import (
     now,
 )
 from shared.service import Runtime
+from shared.state import Stored
 
 log = logging.getLogger(__name__)
 
 
 
+@dataclass
+class _Change:
+    """A change waiting for its execution's next write, and the message that asked for it."""
+
+    apply: Callable[[Execution], bool]
+    msg: Msg
+    done: asyncio.Future[Execution | None]
+
+
 class AggregatorHandlers:
     def __init__(self, rt: Runtime, provider: ModelProvider) -> None:
         self.rt, self.provider = rt, provider
+        # Per execution, the changes waiting while a write of it is in flight (see _apply).
+        self._waiting: dict[str, list[_Change]] = {}
 
     async def _apply(self, execution_id: str, change: Callable[[Execution], bool], msg: Msg) -> Execution | None:
         """Store ``change`` (compare-and-set), then publish its lifecycle events and the tasks it released.
 
         Both are published after the state that implies them is stored and before the caller acks: a
         crash in between replays the message, and msg-id dedup makes the second publish a no-op.
+
+        Group commit: the results of one execution arrive together (a fan-out's tasks finish at once),
+        and one compare-and-set write each made them race for the same key, re-reading and rewriting
+        the document after every lost race. Here the first caller becomes the execution's writer; what
+        arrives while it writes is applied, in arrival order, in its next write. Every change still sees
+        the document as the previous one left it, so events and released tasks are exactly those of
+        one-at-a-time processing; other replicas are still kept honest by the compare-and-set.
         """
+        pending = _Change(change, msg, asyncio.get_running_loop().create_future())
+        queue = self._waiting.get(execution_id)
+        if queue is not None:
+            queue.append(pending)  # a write of this execution is in flight: ride on the next one
+            return await pending.done
+        self._waiting[execution_id] = [pending]
+        known: Stored | None = None
+        batch: list[_Change] = []
+        try:
+            while batch := self._waiting[execution_id]:
+                self._waiting[execution_id] = []
+                try:
+                    ex, known = await self._write(execution_id, batch, known)
+                except Exception as e:  # noqa: BLE001 - every caller of the batch sees the failure (and naks)
+                    known = None
+                    for c in batch:
+                        c.done.set_exception(e)
+                    continue
+                for c in batch:
+                    c.done.set_result(ex)
+        finally:
+            for c in [*batch, *self._waiting.pop(execution_id, [])]:
+                if not c.done.done():  # only when cancelled mid-write (shutdown): the callers nak
+                    c.done.cancel()
+        return await pending.done
+
+    async def _write(self, execution_id: str, batch: list[_Change],
+                     known: Stored | None) -> tuple[Execution | None, Stored | None]:
+        """One compare-and-set write of ``batch``; then its events, released tasks and (once) the finish."""
         events: list[LifecycleEvent] = []
 
         def recorded(ex: Execution) -> bool:
-            before = marks(ex)
-            changed = change(ex)
-            events[:] = lifecycle_events(before, ex) if changed else []
+            events.clear()
+            changed = False
+            for c in batch:
+                before = marks(ex)
+                if c.apply(ex):
+                    changed = True
+                    events.extend(lifecycle_events(before, ex))
             return changed
 
-        ex = await self.rt.executions.mutate(execution_id, recorded)
-        if ex is None:
-            return None
+        result = await self.rt.executions.mutate_from(execution_id, recorded, known)
+        if result is None:
+            return None, None
+        ex, stored_now = result
+        stored: Stored | None = stored_now
         js, names = self.rt.jetstream, self.rt.names
         sends = [publish(js, names.events(execution_id, e.kind), e, f"{execution_id}:{e.task_id}:{e.kind}:{e.attempt}")
                  for e in events]
@@ -78,8 +134,9 @@ class AggregatorHandlers:
                   for t in queued(ex) if t.depends_on or ex.mode == "serial"]
         await asyncio.gather(*sends)
         if all_tasks_terminal(ex):
-            await self._finish(ex, msg)
-        return ex
+            await self._finish(ex, [c.msg for c in batch], stored)
+            stored = None  # _finish wrote the document
+        return ex, stored
 
     async def on_result(self, r: TaskStarted | TaskCompleted | TaskFailed, msg: Msg) -> None:
         """Apply one result; release what it unblocks; finish the execution when nothing is left."""
@@ -165,14 +222,16 @@ class AggregatorHandlers:
         if ex is not None and ex.terminal:
             await self.rt.announce_completed(ex)
 
-    async def _finish(self, snapshot: Execution, msg: Msg) -> None:
+    async def _finish(self, snapshot: Execution, msgs: list[Msg], known: Stored | None = None) -> None:
         """Aggregate, synthesize and store the final answer (once), then announce it."""
         if snapshot.terminal:  # finished before (a replay): announce again, call and write nothing
             await self._announce(snapshot)
             return
         status = outcome(snapshot)
         agg = aggregate(snapshot, self.rt.pe.result_aggregation.conflict_resolution)
-        async with keep_alive(msg, self.rt.pe.ack_wait_s / 3):  # a long model call is not redelivered
+        async with contextlib.AsyncExitStack() as alive:
+            for msg in msgs:  # a long model call does not get the messages waiting on it redelivered
+                await alive.enter_async_context(keep_alive(msg, self.rt.pe.ack_wait_s / 3))
             text, call = await write_answer(snapshot, agg, status, self.rt.pe, self.provider)
         if status == "cancelled" and snapshot.error:
             text = f"{text}\n\n(Cancelled: {snapshot.error}.)"
@@ -189,7 +248,8 @@ class AggregatorHandlers:
             ex.finished_at = ex.updated_at = now()
             return True
 
-        ex = await self.rt.executions.mutate(snapshot.execution_id, finish)
+        stored = await self.rt.executions.mutate_from(snapshot.execution_id, finish, known)
+        ex = stored[0] if stored else None
         if ex is None or not ex.terminal:
             return
         await self._announce(ex)

@@ -32,7 +32,8 @@ class PMHandlers:
         """Plan the execution (once) and publish its ready tasks; safe to redeliver."""
         ctx = {"execution_id": req.execution_id}
         store, js, names = self.rt.executions, self.rt.jetstream, self.rt.names
-        current = await store.get(req.execution_id)
+        known = await store.read(req.execution_id)
+        current = (Execution.model_validate_json(known[0]), known[1]) if known else None
         if current is None:
             # The gateway stores the execution before publishing; this covers a request sent straight to NATS.
             try:
@@ -50,7 +51,10 @@ class PMHandlers:
                 await msg.ack()
                 return
             # The decomposition call is stored in the same compare-and-set write as the plan: counted once.
-            ex = await store.mutate(req.execution_id, lambda ex: apply_plan(ex, plan.tasks, plan.planner, plan.calls))
+            # It starts from the version read above (no second read); a stale one re-reads.
+            stored = await store.mutate_from(req.execution_id,
+                                             lambda ex: apply_plan(ex, plan.tasks, plan.planner, plan.calls), known)
+            ex = stored[0] if stored else None
         if ex is None or ex.status != "running":
             await msg.ack()  # cancelled or finished meanwhile: nothing to start
             return

@@ -1,0 +1,407 @@
+"""The measurements, each against a running stack through its REST API (real HTTP, real NATS)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import httpx
+
+from bench.bound import critical_path, greedy, lower_bound, optimum
+from bench.plans import FAN_OUT_6, Scenario, fan_out
+from bench.stack import rss_kib, service_pids
+from shared.distributor import distribute
+from shared.natsserver import binary
+from shared.runner import Stack
+
+Doc = dict[str, Any]
+
+
+# ---------------------------------------------------------------- machine
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        nats = subprocess.run([binary(), "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        nats = "nats-server (version unknown)"
+    return {
+        "cores": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "nats": nats.replace("nats-server: ", "nats-server "),
+    }
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def ts(value: str) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, math.ceil(p / 100 * len(ordered)) - 1))
+    return ordered[k]
+
+
+def client(stack: Stack, connections: int = 32) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    return httpx.AsyncClient(base_url=stack.gateway_url, timeout=600, limits=limits)
+
+
+async def execute(http: httpx.AsyncClient, message: str, tasks: list[dict[str, Any]], mode: str = "parallel",
+                  timeout_s: float = 600) -> tuple[float, Doc]:
+    """POST with wait=true; the client-side wall time and the terminal execution document."""
+    body = {"message": message, "tasks": tasks, "mode": mode, "wait": True, "timeout_s": timeout_s}
+    t0 = time.perf_counter()
+    r = await http.post("/api/execute-parallel", json=body)
+    elapsed = time.perf_counter() - t0
+    if r.status_code != 200:
+        raise RuntimeError(f"execution not finished: HTTP {r.status_code}: {r.text[:300]}")
+    return elapsed, r.json()
+
+
+def attempts(doc: Doc) -> list[dict[str, Any]]:
+    """Every attempt of every task, with its task id and pool, times in seconds since the execution's creation."""
+    t0 = ts(doc["created_at"])
+    out = []
+    for task in doc["tasks"]:
+        for a in task.get("attempts") or []:
+            if a.get("started_at") and a.get("finished_at"):
+                out.append({"task": task["id"], "pool": task["pool"], "n": a["n"], "worker": a.get("worker"),
+                            "outcome": a.get("outcome"), "start": ts(a["started_at"]) - t0,
+                            "finish": ts(a["finished_at"]) - t0})
+    return out
+
+
+def max_overlap(intervals: list[tuple[float, float]]) -> int:
+    """The largest number of intervals open at one instant."""
+    edges = sorted([(s, 1) for s, _ in intervals] + [(f, -1) for _, f in intervals], key=lambda e: (e[0], e[1]))
+    best = now = 0
+    for _, d in edges:
+        now += d
+        best = max(best, now)
+    return best
+
+
+# ---------------------------------------------------------------- speedup vs the bound
+
+
+@dataclass
+class ScenarioResult:
+    scenario: Scenario
+    factor: float
+    limits: dict[str, int]
+    parallel_s: list[float] = field(default_factory=list)
+    serial_s: list[float] = field(default_factory=list)
+    parallel_docs: list[Doc] = field(default_factory=list)
+    serial_docs: list[Doc] = field(default_factory=list)
+
+    @property
+    def work_s(self) -> float:
+        return self.scenario.serial_seconds * self.factor
+
+    def bounds(self) -> dict[str, float]:
+        d, deps, pools = self.scenario.durations(self.factor), self.scenario.deps(), self.scenario.pools()
+        return {
+            "critical_path": critical_path(d, deps),
+            "lower_bound": lower_bound(d, deps, pools, self.limits),
+            "greedy": greedy(d, deps, pools, self.limits).makespan,
+            "optimum": optimum(d, deps, pools, self.limits).makespan,
+        }
+
+    @property
+    def parallel(self) -> float:
+        return statistics.median(self.parallel_s)
+
+    @property
+    def serial(self) -> float:
+        return statistics.median(self.serial_s)
+
+    @property
+    def speedup(self) -> float:
+        return self.serial / self.parallel
+
+    @property
+    def bound_speedup(self) -> float:
+        return self.work_s / self.bounds()["optimum"]
+
+    @property
+    def vs_bound(self) -> float:
+        """How far the measured parallel time is above the optimum, as a fraction of it."""
+        return self.parallel / self.bounds()["optimum"] - 1
+
+
+async def run_scenario(stack: Stack, scenario: Scenario, factor: float, runs: int,
+                       limits: dict[str, int]) -> ScenarioResult:
+    """``runs`` × (parallel, serial) of the same plan, alternating which goes first."""
+    result = ScenarioResult(scenario, factor, limits)
+    plan = scenario.plan(factor)
+    async with client(stack) as http:
+        for i in range(runs):
+            for mode in (("parallel", "serial") if i % 2 == 0 else ("serial", "parallel")):
+                elapsed, doc = await execute(http, scenario.message, plan, mode)
+                if doc["status"] != "completed":
+                    raise RuntimeError(f"{scenario.name} ({mode}) ended {doc['status']}: {doc.get('error')}")
+                (result.parallel_s if mode == "parallel" else result.serial_s).append(elapsed)
+                (result.parallel_docs if mode == "parallel" else result.serial_docs).append(doc)
+    return result
+
+
+# ---------------------------------------------------------------- orchestration overhead
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` so far (/proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stack_pids(stack: Stack) -> dict[str, int]:
+    """Every service process, the nats-server and this (client) process."""
+    pids = service_pids(stack)
+    if stack.server is not None and stack.server.proc is not None:
+        pids["nats-server"] = stack.server.proc.pid
+    pids["client"] = os.getpid()
+    return pids
+
+
+@dataclass
+class Overhead:
+    samples_ms: list[float]
+    server_ms: list[float]  # finished_at − created_at, as the execution records it
+    cpu_ms: dict[str, float] = field(default_factory=dict)  # CPU per execution, by process
+
+    def stat(self, p: float, server: bool = False) -> float:
+        return percentile(self.server_ms if server else self.samples_ms, p)
+
+
+async def run_overhead(stack: Stack, n: int, warmup: int = 20) -> Overhead:
+    """Sequential 6-task fan-outs of zero-latency agents: everything measured is orchestration.
+
+    The simulated work on the critical path is 0, so the overhead is the whole end-to-end time.
+    """
+    plan = fan_out(FAN_OUT_6, 0.0)
+    out = Overhead([], [])
+    pids = stack_pids(stack)
+    async with client(stack, 4) as http:
+        for i in range(warmup + n):
+            if i == warmup:
+                before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            elapsed, doc = await execute(http, "overhead probe: 6-task fan-out", plan)
+            if doc["status"] != "completed":
+                raise RuntimeError(f"overhead probe ended {doc['status']}")
+            if i >= warmup:
+                out.samples_ms.append(elapsed * 1000)
+                out.server_ms.append((ts(doc["finished_at"]) - ts(doc["created_at"])) * 1000)
+    out.cpu_ms = {name: (cpu_seconds(pid) - before[name]) / n * 1000 for name, pid in pids.items()}
+    return out
+
+
+# ---------------------------------------------------------------- throughput
+
+
+@dataclass
+class Throughput:
+    concurrency: int
+    executions: int
+    tasks: int
+    seconds: float
+    errors: int
+    latency_ms: list[float]
+    cpu_pct: dict[str, float] = field(default_factory=dict)  # of one core, by process, during the run
+
+    @property
+    def per_s(self) -> float:
+        return self.executions / self.seconds
+
+    @property
+    def tasks_per_s(self) -> float:
+        return self.tasks / self.seconds
+
+
+async def run_concurrent(stack: Stack, n: int, concurrency: int, plan: list[dict[str, Any]],
+                         message: str = "throughput probe") -> tuple[Throughput, list[Doc]]:
+    """``n`` executions of ``plan``, at most ``concurrency`` in flight; errors are counted, not raised."""
+    sem = asyncio.Semaphore(concurrency)
+    docs: list[Doc] = []
+    latencies: list[float] = []
+    errors = 0
+
+    async def one(http: httpx.AsyncClient) -> None:
+        nonlocal errors
+        async with sem:
+            try:
+                elapsed, doc = await execute(http, message, plan)
+            except (RuntimeError, httpx.HTTPError):
+                errors += 1
+                return
+            if doc["status"] != "completed":
+                errors += 1
+            latencies.append(elapsed * 1000)
+            docs.append(doc)
+
+    async with client(stack, concurrency) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(http) for _ in range(n)))
+        seconds = time.perf_counter() - t0
+    done = sum(1 for d in docs if d["status"] == "completed")
+    return Throughput(concurrency, done, done * len(plan), seconds, errors, latencies), docs
+
+
+async def run_throughput(stack: Stack, n: int, concurrency: int, warmup: int = 100) -> Throughput:
+    plan = fan_out(FAN_OUT_6, 0.0)
+    await run_concurrent(stack, warmup, concurrency, plan)
+    pids = stack_pids(stack)
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    result, _ = await run_concurrent(stack, n, concurrency, plan)
+    result.cpu_pct = {name: (cpu_seconds(pid) - before[name]) / result.seconds * 100 for name, pid in pids.items()}
+    return result
+
+
+# ---------------------------------------------------------------- load and soak
+
+
+@dataclass
+class Load:
+    executions: int
+    tasks: int
+    completed: int
+    errors: int
+    max_concurrent_tasks: int
+    seconds: float
+
+
+async def run_load(stack: Stack, executions: int, tasks_each: int, latency_s: float) -> Load:
+    """``executions`` at once, ``tasks_each`` independent tasks each: all tasks should run at the same time."""
+    per_pool = {"codegen": 0, "security": 0, "database": 0}
+    for i in range(tasks_each):
+        per_pool[("codegen", "security", "database")[i % 3]] += 1
+    plan = fan_out(per_pool, latency_s)
+    result, docs = await run_concurrent(stack, executions, executions, plan, "load probe")
+    intervals = []
+    for doc in docs:
+        t0 = ts(doc["created_at"])
+        intervals += [(a["start"] + t0, a["finish"] + t0) for a in attempts(doc)]
+    return Load(executions, executions * tasks_each, result.executions, result.errors, max_overlap(intervals),
+                result.seconds)
+
+
+@dataclass
+class Soak:
+    executions: int
+    errors: int
+    seconds: float
+    rss_kib: list[tuple[int, dict[str, int]]]  # (executions done, {service: RSS})
+
+    def growth(self) -> dict[str, float]:
+        """Per service: (RSS at the end − RSS after warm-up) / RSS after warm-up."""
+        first, last = self.rss_kib[0][1], self.rss_kib[-1][1]
+        return {s: (last[s] - first[s]) / first[s] for s in first if s in last}
+
+
+async def run_soak(stack: Stack, n: int, concurrency: int, warmup: int, samples: int = 10) -> Soak:
+    """``warmup`` executions, then ``n`` more in ``samples`` slices, RSS of every service after each slice."""
+    pids = service_pids(stack)
+    plan = fan_out(FAN_OUT_6, 0.0)
+    await run_concurrent(stack, warmup, concurrency, plan, "soak warm-up")
+    series = [(0, {name: rss_kib(pid) for name, pid in pids.items()})]
+    errors, seconds, done = 0, 0.0, 0
+    for i in range(samples):
+        size = n // samples + (1 if i < n % samples else 0)
+        result, _ = await run_concurrent(stack, size, concurrency, plan, "soak")
+        errors += result.errors
+        seconds += result.seconds
+        done += size
+        series.append((done, {name: rss_kib(pid) for name, pid in pids.items()}))
+    if service_pids(stack) != pids:
+        raise RuntimeError("a service restarted during the soak: its memory figures would mean nothing")
+    return Soak(n, errors, seconds, series)
+
+
+# ---------------------------------------------------------------- routing
+
+
+ROUTING_MESSAGES = (
+    "Build a restaurant website with online ordering",
+    "Audit the login flow for CSRF and SQL injection",
+    "Migrate our MySQL 5.7 database to PostgreSQL 16 without downtime",
+    "Add a dashboard page with React components for the order history",
+    "Design the schema for reservations, menu items and inventory, with indexes",
+    "Make the checkout PCI compliant and encrypt the customers' passwords",
+    "Write a poem about the sea",
+    "Refactor the backend API endpoints and add rate limiting; review access control",
+)
+
+
+def run_routing(n: int) -> list[float]:
+    """``distribute`` (rule-based routing) timings in ms, over a mix of short and long requests."""
+    long = " ".join(ROUTING_MESSAGES) * 4  # ~1.7 kB: a long client request
+    texts = [*ROUTING_MESSAGES, long]
+    for t in texts:
+        distribute(t)  # warm the regex cache
+    out = []
+    for i in range(n):
+        text = texts[i % len(texts)]
+        t0 = time.perf_counter()
+        distribute(text)
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+# ---------------------------------------------------------------- cost
+
+
+def cost_by_phase(doc: Doc) -> dict[str, float]:
+    phases = doc["cost"].get("by_phase") or {}
+    return {k: float(phases.get(k, 0.0)) for k in ("tasks", "decomposition", "synthesis")}
+
+
+def cost_overhead(result: ScenarioResult) -> dict[str, float]:
+    """Median parallel vs serial cost of the same plan, and what decomposition + synthesis add."""
+    par = [cost_by_phase(d) for d in result.parallel_docs]
+    ser = [cost_by_phase(d) for d in result.serial_docs]
+
+    def med(rows: list[dict[str, float]], key: str) -> float:
+        return statistics.median(r[key] for r in rows)
+
+    par_total = statistics.median(sum(r.values()) for r in par)
+    ser_total = statistics.median(sum(r.values()) for r in ser)
+    extra = med(par, "decomposition") + med(par, "synthesis")
+    return {
+        "parallel_total": par_total,
+        "serial_total": ser_total,
+        "tasks": med(par, "tasks"),
+        "extra": extra,
+        "extra_share": extra / par_total if par_total else 0.0,
+        "difference": (par_total - ser_total) / ser_total if ser_total else 0.0,
+    }
+
+
+def rss_now(stack: Stack) -> dict[str, int]:
+    return {name: rss_kib(pid) for name, pid in service_pids(stack).items()}

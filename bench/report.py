@@ -1,0 +1,331 @@
+"""Markdown for ``bench/results.md`` and for the README's benchmark section."""
+
+from __future__ import annotations
+
+import statistics
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bench.measure import Overhead, ScenarioResult, cost_overhead, percentile
+
+if TYPE_CHECKING:
+    from bench.run import Results
+
+README_START = "<!-- bench:start (written by `make bench`; edit bench/report.py, not this table) -->"
+README_END = "<!-- bench:end -->"
+OK, MISS = "yes", "**no**"
+
+TARGETS = {
+    "bound": 0.01,  # parallel within 1 % of the optimum
+    "large": 1.5,
+    "allows": 2.0,
+    "overhead_p50": 8.0,
+    "overhead_p99": 30.0,
+    "throughput": 200.0,
+    "routing_p99": 1.0,
+    "cost": 0.02,
+    "rss": 0.05,
+}
+
+
+def machine_line(res: Results) -> str:
+    m = res.machine
+    return f"{m['cores']} cores, {m['cpu']}, Python {m['python']}, {m['nats']}"
+
+
+def caption(res: Results, runs: str) -> str:
+    """What every figure states: the machine, the command, the run count."""
+    return f"{machine_line(res)} · `{res.options.command or 'openclaw bench'}` · {runs}"
+
+
+def _met(ok: bool) -> str:
+    return OK if ok else MISS
+
+
+def _s(x: float) -> str:
+    return f"{x:.3f} s" if x < 10 else f"{x:.2f} s"
+
+
+def summary_rows(res: Results) -> list[tuple[str, str, str, str]]:
+    """(what, target, measured, met) for every target of issue 7 that was measured."""
+    rows: list[tuple[str, str, str, str]] = []
+    for r in res.scenarios:
+        b = r.bounds()["optimum"]
+        name = r.scenario.title
+        excess = r.parallel - b
+        at_seed = excess / (b / r.factor)  # the same milliseconds on the seed's own time scale
+        rows.append((f"{name}: parallel vs the bound ({_s(b)})", "within 1 %",
+                     f"{_s(r.parallel)}, {r.vs_bound * 100:+.1f} % ({excess * 1000:+.0f} ms; "
+                     f"{at_seed * 100:+.2f} % at the seed's scale)",
+                     _met(r.vs_bound <= TARGETS["bound"])))
+        if r.scenario.large:
+            target, ok = "≥ 1.5× (large project)", r.speedup >= TARGETS["large"]
+        elif r.bound_speedup >= TARGETS["allows"] + 0.05:
+            target, ok = f"≥ 2.0× (the plan allows {r.bound_speedup:.2f}×)", r.speedup >= TARGETS["allows"]
+        else:
+            target = f"the plan allows {r.bound_speedup:.2f}×"
+            ok = r.speedup >= r.bound_speedup / (1 + TARGETS["bound"])
+        rows.append((f"{name}: speedup over serial", target,
+                     f"{r.speedup:.2f}× ({_s(r.serial)} → {_s(r.parallel)})", _met(ok)))
+    if res.overhead:
+        o = res.overhead
+        p50, p99 = o.stat(50), o.stat(99)
+        rows.append(("Orchestration overhead, 6-task fan-out, zero-latency agents (p50 / p99)", "≤ 8 ms / ≤ 30 ms",
+                     f"{p50:.1f} ms / {p99:.1f} ms",
+                     _met(p50 <= TARGETS["overhead_p50"] and p99 <= TARGETS["overhead_p99"])))
+    if res.throughput:
+        t = res.throughput
+        rows.append((f"Throughput, 6-task zero-latency executions, {t.concurrency} in flight", "≥ 200 executions/s",
+                     f"{t.per_s:.0f} executions/s = {t.tasks_per_s:.0f} tasks/s ({t.errors} errors)",
+                     _met(t.per_s >= TARGETS["throughput"] and t.errors == 0)))
+    if res.routing_ms:
+        p99 = percentile(res.routing_ms, 99)
+        rows.append(("Routing decision (rule-based `distribute`), p99", "< 1 ms",
+                     f"{p99 * 1000:.0f} µs (p50 {percentile(res.routing_ms, 50) * 1000:.0f} µs)",
+                     _met(p99 < TARGETS["routing_p99"])))
+    if res.scenarios:
+        costs = [cost_overhead(r) for r in res.scenarios]
+        worst = max(c["extra_share"] for c in costs)
+        diff = max(abs(c["difference"]) for c in costs)
+        rows.append(("Cost overhead of parallel over serial (decomposition + synthesis)", "≤ 2 %",
+                     f"{worst * 100:.1f} % extra; totals differ by {diff * 100:.1f} %",
+                     _met(worst <= TARGETS["cost"])))
+    if res.load:
+        ld = res.load
+        rows.append((f"Load: {ld.executions} concurrent executions, {ld.tasks} concurrent tasks", "no error",
+                     f"{ld.completed}/{ld.executions} completed, {ld.errors} errors, "
+                     f"{ld.max_concurrent_tasks} tasks running at once",
+                     _met(ld.errors == 0 and ld.completed == ld.executions)))
+    if res.soak:
+        sk = res.soak
+        growth = sk.growth()
+        worst_service = max(growth, key=lambda s: growth[s])
+        rows.append((f"Soak: {sk.executions} executions, RSS growth of every service after warm-up", "< 5 %",
+                     f"max {growth[worst_service] * 100:+.1f} % ({worst_service}); {sk.errors} errors",
+                     _met(growth[worst_service] < TARGETS["rss"] and sk.errors == 0)))
+    return rows
+
+
+def summary_table(res: Results) -> str:
+    lines = ["| measure | target | measured | met |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary_rows(res)]
+    return "\n".join(lines)
+
+
+def scenario_table(results: list[ScenarioResult]) -> str:
+    lines = [
+        "| scenario | tasks | serial work | critical path | lower bound | **bound** (optimum under the limits) "
+        "| parallel (measured) | serial (measured) | speedup | bound allows | parallel − bound |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        b = r.bounds()
+        lines.append(
+            f"| {r.scenario.title} | {len(r.scenario.steps)} | {_s(r.work_s)} | {_s(b['critical_path'])} "
+            f"| {_s(b['lower_bound'])} | **{_s(b['optimum'])}** | {_s(r.parallel)} | {_s(r.serial)} "
+            f"| {r.speedup:.2f}× | {r.bound_speedup:.2f}× | {(r.parallel - b['optimum']) * 1000:+.0f} ms "
+            f"({r.vs_bound * 100:+.1f} %) |"
+        )
+    return "\n".join(lines)
+
+
+def plan_table(r: ScenarioResult) -> str:
+    lines = ["| task | pool | seed s | depends on |", "|---|---|---|---|"]
+    for s in r.scenario.steps:
+        lines.append(f"| {s.id} | {s.pool} | {s.seconds:g} | {', '.join(s.depends_on) or '—'} |")
+    return "\n".join(lines)
+
+
+def overhead_section(o: Overhead) -> str:
+    cpu = " · ".join(f"{k} {v:.1f}" for k, v in sorted(o.cpu_ms.items(), key=lambda kv: -kv[1]))
+    return (
+        f"{len(o.samples_ms)} sequential executions (after 20 of warm-up). End-to-end through the gateway "
+        f"(POST with `wait: true`, client clock): p50 **{o.stat(50):.1f} ms**, p90 {o.stat(90):.1f} ms, "
+        f"p99 **{o.stat(99):.1f} ms**, max {max(o.samples_ms):.1f} ms, mean {statistics.fmean(o.samples_ms):.1f} ms. "
+        f"As the execution records it (`finished_at − created_at`, i.e. without HTTP and the gateway's own work): "
+        f"p50 {o.stat(50, True):.1f} ms, p99 {o.stat(99, True):.1f} ms.\n\n"
+        f"CPU per execution, ms, by process: {cpu} (total {sum(o.cpu_ms.values()):.1f} ms)."
+    )
+
+
+def results_markdown(res: Results, figures: dict[str, str]) -> str:
+    o = res.options
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    out = [
+        "# Benchmark results",
+        "",
+        f"Measured {when} in {res.seconds:.0f} s on **{machine_line(res)}**; load average "
+        f"{res.load_before:.2f} before, {res.load_after:.2f} after (the machine is shared: other work ran "
+        "beside the benchmark). Command: `" + (o.command or "openclaw bench") + "`.",
+        "",
+        "Everything is the real system started by `shared.runner.Stack` (what `openclaw up` runs): its own "
+        "nats-server (JetStream, file store) on free ports, the six services as processes (log level WARNING), "
+        "the simulated provider (`context.simulate.latency_s` per task), requests over HTTP to the gateway "
+        "(`POST /api/execute-parallel` with `wait: true`, httpx). Times are medians of the runs unless "
+        "a percentile is named.",
+        "",
+        "## Summary",
+        "",
+        summary_table(res),
+        "",
+        "Where the targets are missed, what the profiles showed and what was changed because of them: "
+        "[PROFILE.md](PROFILE.md) (written by hand; this file is regenerated by every run).",
+        "",
+    ]
+    if res.scenarios:
+        out += [
+            "## Parallel vs serial vs the bound",
+            "",
+            f"Each scenario is a client plan (`tasks` with pools, `depends_on` and simulated latencies = seed "
+            f"seconds × {o.time_factor:g}), submitted {o.runs}× as is and {o.runs}× with `\"mode\": \"serial\"` "
+            "(the same plan, one task at a time in plan order), alternating which goes first. Pool limits are "
+            "the defaults: codegen 3, security 2, database 2.",
+            "",
+            scenario_table(res.scenarios),
+            "",
+            "- **critical path**: the longest dependency chain, ignoring the pool limits.",
+            "- **lower bound**: max(critical path, each pool's work ÷ its limit).",
+            "- **bound**: the best any scheduler could do under the pool limits — the exact minimum makespan, "
+            "computed by `bench/bound.py` (branch and bound over the serial schedule-generation scheme, which "
+            "generates every active schedule and so an optimal one; it returns the system's own non-delay FIFO "
+            "list schedule at once when that already meets the lower bound). For these plans the system's "
+            "FIFO policy reaches the optimum, so the whole gap to the bound is orchestration time.",
+            "- **parallel − bound**: what the orchestration costs on top of the work: each dependency level "
+            "adds one hop (result → aggregator → KV → released task → pool). It is a fixed number of "
+            "milliseconds, so its share shrinks as the time factor grows: at the seed's scale (factor 1) the "
+            "same milliseconds are a fraction of a percent.",
+            "",
+        ]
+        for r in res.scenarios:
+            out += [f"**{r.scenario.title}** ({r.scenario.note}):", "", plan_table(r), ""]
+        if "speedup" in figures:
+            out += [f"![parallel vs serial vs bound]({figures['speedup']})", ""]
+        if "gantt" in figures:
+            out += [
+                "### Worker pool activity (one execution of each mode)",
+                "",
+                "Drawn from the recorded attempt timings (`GET /api/execution/{id}` → "
+                "`tasks[].attempts[].started_at/finished_at/worker`): a lane per pool, a bar per attempt.",
+                "",
+                f"![gantt]({figures['gantt']})",
+                "",
+            ]
+    if res.overhead:
+        out += ["## Orchestration overhead", "", overhead_section(res.overhead), ""]
+        if "overhead" in figures:
+            out += [f"![overhead]({figures['overhead']})", ""]
+    if res.throughput:
+        t = res.throughput
+        out += [
+            "## Throughput",
+            "",
+            f"{t.executions} executions of 6 zero-latency tasks (2 per pool), {t.concurrency} in flight "
+            f"(asyncio + httpx, bounded by a semaphore), after 100 of warm-up, on a stack with pool limits of "
+            f"128: **{t.per_s:.0f} executions/s**, {t.tasks_per_s:.0f} tasks/s, {t.errors} errors; latency "
+            f"p50 {percentile(t.latency_ms, 50):.0f} ms, p99 {percentile(t.latency_ms, 99):.0f} ms.",
+            "",
+            "CPU during the run, % of one core, by process: "
+            + " · ".join(f"{k} {v:.0f}" for k, v in sorted(t.cpu_pct.items(), key=lambda kv: -kv[1]))
+            + f" (total {sum(t.cpu_pct.values()):.0f} % of the machine's {res.machine['cores'] * 100} %; "
+            f"{sum(t.cpu_pct.values()) * 10 / t.per_s if t.per_s else 0:.1f} ms of CPU per execution).",
+            "",
+        ]
+    if res.routing_ms:
+        r_ms = res.routing_ms
+        out += [
+            "## Routing decision time",
+            "",
+            f"`shared.distributor.distribute` on {len(r_ms)} requests (short ones and a 1.7 kB one, in "
+            f"process): p50 {percentile(r_ms, 50) * 1000:.0f} µs, p99 {percentile(r_ms, 99) * 1000:.0f} µs, "
+            f"max {max(r_ms) * 1000:.0f} µs.",
+            "",
+        ]
+    if res.scenarios:
+        out += ["## Cost: parallel vs serial", "", cost_section(res.scenarios), ""]
+    if res.load or res.soak:
+        out += ["## Load and soak", ""]
+    if res.load:
+        ld = res.load
+        out += [
+            f"{ld.executions} executions of {ld.tasks // ld.executions} independent tasks each "
+            f"({res.options.load_latency_s:g} s simulated latency), all submitted at once (pool limits 128, "
+            f"`max_tasks_per_execution` 10): {ld.completed} completed, {ld.errors} errors, "
+            f"**{ld.max_concurrent_tasks} tasks running at the same instant** (from the recorded attempt "
+            f"intervals), all done in {ld.seconds:.2f} s.",
+            "",
+        ]
+    if res.soak:
+        sk = res.soak
+        growth = sk.growth()
+        first, last = sk.rss_kib[0][1], sk.rss_kib[-1][1]
+        lines = ["| service | RSS after warm-up | RSS at the end | growth |", "|---|---|---|---|"]
+        for s in sorted(first):
+            lines.append(f"| {s} | {first[s] / 1024:.1f} MiB | {last[s] / 1024:.1f} MiB | {growth[s] * 100:+.1f} % |")
+        out += [
+            f"{sk.executions} executions ({sk.executions // 10} per slice, {res.options.concurrency} in flight) after "
+            f"{res.options.soak_warmup} of warm-up, in {sk.seconds:.1f} s, {sk.errors} errors. Resident memory "
+            "(VmRSS in /proc/<pid>/status of every service process; pids from the runner's stack.json) after "
+            "the warm-up and at the end:",
+            "",
+            "\n".join(lines),
+            "",
+        ]
+        if "soak" in figures:
+            out += [f"![soak]({figures['soak']})", ""]
+    out += [
+        "## Reproduce",
+        "",
+        "```sh",
+        "make bench                       # installs the bench extra (matplotlib), runs everything, updates README",
+        "openclaw bench --only speedup --runs 5 --time-factor 0.05   # one part, more runs, longer tasks",
+        "```",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def cost_section(results: list[ScenarioResult]) -> str:
+    lines = ["| scenario | parallel total | serial total | of which tasks | decomposition + synthesis | extra share |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        c = cost_overhead(r)
+        lines.append(f"| {r.scenario.title} | ${c['parallel_total']:.4f} | ${c['serial_total']:.4f} | "
+                     f"${c['tasks']:.4f} | ${c['extra']:.4f} | {c['extra_share'] * 100:.1f} % |")
+    return (
+        "From each execution's `cost.by_phase` (tasks, decomposition, synthesis), medians over the runs.\n\n"
+        + "\n".join(lines)
+        + "\n\nWhat it means: on the simulated provider the task cost is priced from plausible token counts "
+        "(identical prompts in both modes, so identical task cost), and the simulated provider makes no "
+        "decomposition or synthesis call — a client plan skips decomposition anyway, and the final answer "
+        "comes from the template. So the parallel mode's extra is exactly $0 here, by construction, not by "
+        "measurement of a model. With the anthropic provider the extra is the synthesis call (and, without a "
+        "client plan, the decomposition call), which serial execution through the same API pays too; the "
+        "figure to watch there is `cost.by_phase` of real executions."
+    )
+
+
+def readme_section(res: Results, results_path: Path) -> str:
+    return "\n".join([
+        README_START,
+        "",
+        f"Latest run ({datetime.now(UTC).strftime('%Y-%m-%d')}, {machine_line(res)}, load average "
+        f"{res.load_before:.1f}; `{res.options.command or 'openclaw bench'}`; full report, method and charts in "
+        f"[{results_path.as_posix()}]({results_path.as_posix()})):",
+        "",
+        summary_table(res),
+        "",
+        README_END,
+    ])
+
+
+def update_readme(readme: Path, section: str) -> None:
+    """Replace what is between the bench markers (append a section when there are none)."""
+    text = readme.read_text()
+    if README_START in text and README_END in text:
+        head, rest = text.split(README_START, 1)
+        _, tail = rest.split(README_END, 1)
+        text = head + section + tail
+    else:
+        text = text.rstrip("\n") + "\n\n## Benchmarks\n\n" + section + "\n"
+    readme.write_text(text)

@@ -1,0 +1,161 @@
+"""``openclaw bench``: start the real stack, measure, write ``bench/results.md``, the charts and the README table."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import measure
+from bench.plans import SCENARIOS, Scenario
+from bench.stack import config_section, running_stack
+
+log = logging.getLogger("openclaw.bench")
+
+DEFAULT_LIMITS = {"codegen": 3, "security": 2, "database": 2}  # the seed's pools, as the default config has them
+WIDE_POOLS = {p: {"max_concurrent": 128, "timeout": 300} for p in DEFAULT_LIMITS}
+PARTS = ("speedup", "overhead", "routing", "throughput", "load", "soak")
+
+
+@dataclass
+class Options:
+    time_factor: float = 0.02
+    runs: int = 3
+    overhead_n: int = 300
+    throughput_n: int = 2000
+    concurrency: int = 64
+    load_executions: int = 10
+    load_tasks: int = 10
+    load_latency_s: float = 2.0
+    soak_n: int = 1000
+    soak_warmup: int = 300
+    routing_n: int = 20000
+    scenarios: tuple[str, ...] = tuple(s.name for s in SCENARIOS)
+    parts: tuple[str, ...] = PARTS
+    out: Path = Path("bench")
+    readme: Path | None = None
+    charts: bool = True
+    command: str = ""
+
+
+@dataclass
+class Results:
+    options: Options
+    machine: dict[str, Any]
+    load_before: float = 0.0
+    load_after: float = 0.0
+    seconds: float = 0.0
+    scenarios: list[measure.ScenarioResult] = field(default_factory=list)
+    overhead: measure.Overhead | None = None
+    routing_ms: list[float] = field(default_factory=list)
+    throughput: measure.Throughput | None = None
+    load: measure.Load | None = None
+    soak: measure.Soak | None = None
+
+
+def _scenarios(names: tuple[str, ...]) -> list[Scenario]:
+    known = {s.name: s for s in SCENARIOS}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown scenario(s) {unknown}: choose from {sorted(known)}")
+    return [known[n] for n in names]
+
+
+async def measure_all(opts: Options) -> Results:
+    """Every part asked for, on two stacks: the default pool limits, then wide ones for the load parts."""
+    res = Results(opts, measure.machine(), load_before=measure.load_average())
+    t0 = time.monotonic()
+    if "routing" in opts.parts:
+        log.info("routing: %d decisions", opts.routing_n)
+        res.routing_ms = measure.run_routing(opts.routing_n)
+    if {"speedup", "overhead"} & set(opts.parts):
+        async with running_stack(config_section()) as stack:
+            if "speedup" in opts.parts:
+                for scenario in _scenarios(opts.scenarios):
+                    log.info("speedup: %s × %d runs, time factor %g", scenario.name, opts.runs, opts.time_factor)
+                    res.scenarios.append(
+                        await measure.run_scenario(stack, scenario, opts.time_factor, opts.runs, DEFAULT_LIMITS))
+            if "overhead" in opts.parts:
+                log.info("overhead: %d sequential zero-latency fan-outs", opts.overhead_n)
+                res.overhead = await measure.run_overhead(stack, opts.overhead_n)
+    if {"throughput", "load", "soak"} & set(opts.parts):
+        wide = config_section(worker_pools=WIDE_POOLS, max_tasks_per_execution=max(10, opts.load_tasks))
+        async with running_stack(wide) as stack:
+            if "load" in opts.parts:
+                log.info("load: %d executions × %d tasks at once", opts.load_executions, opts.load_tasks)
+                res.load = await measure.run_load(stack, opts.load_executions, opts.load_tasks, opts.load_latency_s)
+            if "throughput" in opts.parts:
+                log.info("throughput: %d executions, %d in flight", opts.throughput_n, opts.concurrency)
+                res.throughput = await measure.run_throughput(stack, opts.throughput_n, opts.concurrency)
+            if "soak" in opts.parts:
+                log.info("soak: %d executions after %d of warm-up", opts.soak_n, opts.soak_warmup)
+                res.soak = await measure.run_soak(stack, opts.soak_n, opts.concurrency, opts.soak_warmup)
+    res.seconds = time.monotonic() - t0
+    res.load_after = measure.load_average()
+    return res
+
+
+def write_outputs(res: Results) -> Path:
+    """results.md (+ charts) under ``out``; the README's benchmark table when asked."""
+    from bench import report
+
+    opts = res.options
+    opts.out.mkdir(parents=True, exist_ok=True)
+    figures: dict[str, str] = {}
+    if opts.charts:
+        from bench import charts
+
+        figures = charts.draw_all(res, opts.out)
+    path = opts.out / "results.md"
+    path.write_text(report.results_markdown(res, figures))
+    if opts.readme is not None:
+        report.update_readme(opts.readme, report.readme_section(res, path))
+    return path
+
+
+def add_arguments(p: Any) -> None:
+    """The ``openclaw bench`` options (an argparse parser)."""
+    d = Options()
+    p.add_argument("--time-factor", type=float, default=d.time_factor,
+                   help=f"seed seconds × this = simulated latency (default {d.time_factor}: 240 s → 4.8 s)")
+    p.add_argument("--runs", type=int, default=d.runs,
+                   help=f"runs of each scenario, parallel and serial (default {d.runs})")
+    p.add_argument("--scenarios", default=",".join(d.scenarios), help="comma-separated: " + ", ".join(d.scenarios))
+    p.add_argument("--only", default=",".join(PARTS), help="comma-separated parts: " + ", ".join(PARTS))
+    p.add_argument("--overhead-n", type=int, default=d.overhead_n)
+    p.add_argument("--throughput-n", type=int, default=d.throughput_n)
+    p.add_argument("--concurrency", type=int, default=d.concurrency, help="executions in flight (throughput, soak)")
+    p.add_argument("--soak-n", type=int, default=d.soak_n)
+    p.add_argument("--soak-warmup", type=int, default=d.soak_warmup)
+    p.add_argument("--out", default=str(d.out), help="where results.md and the charts go (default bench/)")
+    p.add_argument("--readme", default=None, help="also replace the table between the bench markers of this README")
+    p.add_argument("--no-charts", action="store_true", help="skip the PNG charts (no matplotlib needed)")
+
+
+def options_from(args: Any) -> Options:
+    parts = tuple(x for x in args.only.split(",") if x)
+    bad = [x for x in parts if x not in PARTS]
+    if bad:
+        raise ValueError(f"unknown part(s) {bad}: choose from {', '.join(PARTS)}")
+    return Options(
+        time_factor=args.time_factor, runs=args.runs, overhead_n=args.overhead_n,
+        throughput_n=args.throughput_n, concurrency=args.concurrency, soak_n=args.soak_n,
+        soak_warmup=args.soak_warmup, scenarios=tuple(x for x in args.scenarios.split(",") if x), parts=parts,
+        out=Path(args.out), readme=Path(args.readme) if args.readme else None, charts=not args.no_charts,
+        command="openclaw bench" + "".join(f" {shlex.quote(a)}" for a in sys.argv[2:]),
+    )
+
+
+async def main(args: Any) -> int:
+    opts = options_from(args)
+    res = await measure_all(opts)
+    path = write_outputs(res)
+    from bench import report
+
+    print(report.summary_table(res))  # noqa: T201 - the command's output
+    print(f"\nwritten: {path}")  # noqa: T201
+    return 0

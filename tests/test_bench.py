@@ -1,0 +1,95 @@
+"""The benchmark machinery (bench/), exercised on known plans and on one tiny real run.
+
+No timing is asserted here: performance figures live in `make bench`, not in the test suite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import report
+from bench.bound import critical_path, greedy, lower_bound, optimum
+from bench.measure import max_overlap, percentile, ts
+from bench.plans import MIGRATION, RESTAURANT, SCENARIOS, SECURITY_AUDIT
+from bench.run import Options, measure_all, write_outputs
+
+LIMITS = {"codegen": 3, "security": 2, "database": 2}
+
+
+def test_the_restaurant_plan_reproduces_the_seed_timeline() -> None:
+    d, deps, pools = RESTAURANT.durations(), RESTAURANT.deps(), RESTAURANT.pools()
+    assert sum(d.values()) == 240  # seed: serial ~240 s
+    assert critical_path(d, deps) == 150
+    assert optimum(d, deps, pools, LIMITS).makespan == 150  # seed: parallel ~150 s
+
+
+def test_bounds_honour_the_pool_limits() -> None:
+    # Migration: the database pool (2 slots) has 3 tasks after the plan, so the limit, not the chain, binds.
+    d, deps, pools = MIGRATION.durations(), MIGRATION.deps(), MIGRATION.pools()
+    assert critical_path(d, deps) == 60
+    assert lower_bound(d, deps, pools, LIMITS) == 65  # 130 s of database work / 2 slots
+    assert optimum(d, deps, pools, LIMITS).makespan == 90  # 20 + (40 ‖ 40, then 30)
+    # Security-only: 100 s of work on 2 slots cannot beat 50 s, i.e. 2.0×.
+    d, deps, pools = SECURITY_AUDIT.durations(), SECURITY_AUDIT.deps(), SECURITY_AUDIT.pools()
+    assert optimum(d, deps, pools, LIMITS).makespan == 50
+    # With unlimited pools every scenario reaches its critical path.
+    for s in SCENARIOS:
+        wide = dict.fromkeys(LIMITS, 100)
+        assert optimum(s.durations(), s.deps(), s.pools(), wide).makespan == critical_path(s.durations(), s.deps())
+
+
+def test_the_optimum_may_need_a_delay_that_greedy_fifo_never_takes() -> None:
+    # x: B (10 s) is ready at once, A (1 s) only after P; C (10 s, on y) needs A. Greedy starts B at 0 and
+    # makes C wait for it (21 s); the optimum keeps x free for A (12 s).
+    d = {"P": 1.0, "A": 1.0, "B": 10.0, "C": 10.0}
+    deps = {"P": [], "A": ["P"], "B": [], "C": ["A"]}
+    pools = {"P": "y", "A": "x", "B": "x", "C": "y"}
+    limits = {"x": 1, "y": 1}
+    assert greedy(d, deps, pools, limits).makespan == 21
+    best = optimum(d, deps, pools, limits)
+    assert best.makespan == 12 and best.start["A"] == 1 and best.start["B"] == 2
+    assert lower_bound(d, deps, pools, limits) <= best.makespan
+
+
+def test_helpers() -> None:
+    assert percentile([1, 2, 3, 4], 50) == 2 and percentile([1, 2, 3, 4], 99) == 4
+    assert max_overlap([(0, 2), (1, 3), (2, 4)]) == 2  # touching intervals do not overlap
+    with pytest.raises(ValueError, match="cycle"):
+        critical_path({"a": 1, "b": 1}, {"a": ["b"], "b": ["a"]})
+
+
+def test_a_tiny_real_run_writes_the_report_and_the_readme_table(tmp_path: Path) -> None:
+    """One scenario (parallel and serial), a few overhead probes, a small load: the real stack end to end."""
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n## Benchmarks\n\nhow to run\n\n" + report.README_START + "\nold\n" + report.README_END
+                      + "\n\n## After\n")
+    opts = Options(time_factor=0.002, runs=1, overhead_n=5, scenarios=("security_audit",),
+                   parts=("speedup", "overhead", "routing", "load"), load_executions=2, load_tasks=3,
+                   load_latency_s=0.2, routing_n=200, out=tmp_path / "out", readme=readme, charts=False,
+                   command="pytest")
+    res = asyncio.run(measure_all(opts))
+
+    [sc] = res.scenarios
+    assert len(sc.parallel_docs) == len(sc.serial_docs) == 1
+    par, ser = sc.parallel_docs[0], sc.serial_docs[0]
+    assert par["status"] == ser["status"] == "completed" and ser["mode"] == "serial"
+    # Serial really ran one task at a time; parallel ran two at once (the security pool's limit).
+    spans = lambda doc: [(ts(a["started_at"]), ts(a["finished_at"]))  # noqa: E731
+                         for t in doc["tasks"] for a in t["attempts"]]
+    assert max_overlap(spans(ser)) == 1 and max_overlap(spans(par)) == 2
+    assert sc.bounds()["optimum"] == pytest.approx(50 * 0.002)
+    assert res.overhead is not None and len(res.overhead.samples_ms) == 5 and res.overhead.cpu_ms["gateway-1"] > 0
+    assert res.load is not None and res.load.errors == 0 and res.load.max_concurrent_tasks == 6
+
+    path = write_outputs(res)
+    text = path.read_text()
+    assert "Security-only audit" in text and "| measure | target | measured | met |" in text
+    updated = readme.read_text()
+    assert "old" not in updated and "Security-only audit: speedup over serial" in updated
+    assert updated.endswith("## After\n")
+    json.dumps(res.machine)  # plain data: cores, CPU, Python, nats-server version
+    assert res.machine["nats"].startswith("nats-server")
