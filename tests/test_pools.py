@@ -76,7 +76,9 @@ def test_two_replicas_share_the_pool_limit(stack_factory, tmp_path: Path) -> Non
     assert max_overlap(intervals) == 3  # codegen's max_concurrent, across both replicas
     assert {a["worker"] for a in attempts} == {"codegen-1", "codegen-2"}
     span = (max(e for _, e in intervals) - min(s for s, _ in intervals)).total_seconds()
-    assert 4.0 <= span < 6.0, span  # 12 one-second tasks, 3 at a time: about 4 s, not 12
+    # 12 one-second tasks, 3 at a time: about 4 s (at least 4 by the limit), far from the 12 s of one at a time;
+    # the upper bound leaves room for a loaded machine.
+    assert 4.0 <= span < 8.0, span
 
 
 def test_retries_are_spaced_1s_then_3s_and_recorded(stack_factory) -> None:  # type: ignore[no-untyped-def]
@@ -92,8 +94,9 @@ def test_retries_are_spaced_1s_then_3s_and_recorded(stack_factory) -> None:  # t
     assert all(a["model"] == "claude-sonnet-4-6" and a["duration_s"] is not None for a in (a1, a2, a3))
     gap1 = (ts(a2["started_at"]) - ts(a1["finished_at"])).total_seconds()
     gap2 = (ts(a3["started_at"]) - ts(a2["finished_at"])).total_seconds()
-    assert 0.95 <= gap1 < 1.8, gap1
-    assert 2.95 <= gap2 < 3.8, gap2
+    # The broker holds each retry for its delay (lower bounds); the upper bounds only say "not the next delay".
+    assert 0.95 <= gap1 < 2.9, gap1
+    assert 2.95 <= gap2 < 8.9, gap2
     # Failed attempts that got an (unusable) answer are billed, and counted in the task's cost.
     assert t["cost_usd"] == pytest.approx(sum(a["cost_usd"] for a in (a1, a2, a3)))
     assert a1["cost_usd"] > 0
@@ -232,11 +235,11 @@ def test_deadline_finishes_partial_with_what_is_done(stack_factory, tmp_path: Pa
     began = time.monotonic()
     doc = run(stack, [task("quick", "codegen", latency_s=0),
                       task("slow", "database", latency_s=10), task("starved", "database", latency_s=10)], timeout=20)
-    assert time.monotonic() - began < 5
+    assert time.monotonic() - began < 8  # the deadline (2 s) ended it, not the 10 s tasks
     tasks = {t["id"]: t for t in doc["tasks"]}
     assert doc["status"] == "partial"
     assert tasks["quick"]["status"] == "completed"
     assert tasks["slow"]["status"] == "failed"  # its worker's own timeout stops at the deadline
     assert tasks["starved"]["status"] == "failed" and tasks["starved"]["attempts"] == []
     assert tasks["starved"]["error"] == "execution deadline exceeded"  # never got a slot: the deadline check
-    assert (ts(doc["finished_at"]) - ts(doc["created_at"])).total_seconds() < 4
+    assert (ts(doc["finished_at"]) - ts(doc["created_at"])).total_seconds() < 8
