@@ -41,7 +41,7 @@ async def running_stack(section: dict[str, Any], *, log_level: str = "WARNING",
         stack = Stack(StackOptions(
             data_dir=data / "stack",
             config=config,
-            gateway_port=free_port(),
+            gateway_port=0,  # the runner binds a free port and hands it to the gateway
             nats_port=free_port(),
             log_level=log_level,
         ))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import Awaitable, Callable, Iterator
 
 import uvicorn
@@ -41,11 +42,13 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def serve(app: FastAPI, host: str, port: int) -> tuple[uvicorn.Server, asyncio.Task[None]]:
-    """Run uvicorn inside the current loop; the caller sets ``server.should_exit`` to stop it."""
+async def serve(app: FastAPI, host: str, port: int,
+                sock: socket.socket | None = None) -> tuple[uvicorn.Server, asyncio.Task[None]]:
+    """Run uvicorn inside the current loop (on ``sock`` when the parent handed one over, else binding
+    ``host:port``); the caller sets ``server.should_exit`` to stop it."""
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="off")
     server = _Server(config)
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(server.serve(sockets=[sock] if sock else None))
     while not server.started and not task.done():  # noqa: ASYNC110 - uvicorn offers no started event
         await asyncio.sleep(0.01)
     if task.done():

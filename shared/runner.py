@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ import httpx
 
 from shared import natsauth
 from shared.errors import ConfigError
-from shared.natsserver import NatsServer, free_port
+from shared.natsserver import NatsServer
 
 log = logging.getLogger("openclaw.runner")
 
@@ -33,7 +34,7 @@ HEALTHY_AFTER_S = 30.0  # a child that ran this long restarts with the shortest 
 class Child:
     service: str
     index: int
-    port: int
+    sock: socket.socket  # bound and listening here, inherited by every run of the child: no port race
     proc: asyncio.subprocess.Process | None = None
     restarts: int = 0
     pumps: list[asyncio.Task[None]] = field(default_factory=list)
@@ -41,6 +42,24 @@ class Child:
     @property
     def name(self) -> str:
         return f"{self.service}-{self.index}"
+
+    @property
+    def port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+
+def listen(port: int) -> socket.socket:
+    """A listening TCP socket on 127.0.0.1 (``port`` 0: any free one) that children can inherit."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on 127.0.0.1:{port}: {e.strerror}; choose another --gateway-port") from None
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
 
 
 @dataclass
@@ -90,7 +109,8 @@ class Stack:
 
     @property
     def gateway_url(self) -> str:
-        return f"http://127.0.0.1:{self.opts.gateway_port}"
+        gateway = next((c for c in self.children if c.service == "gateway"), None)
+        return f"http://127.0.0.1:{gateway.port if gateway else self.opts.gateway_port}"
 
     async def start(self) -> None:
         self.opts.data_dir.mkdir(parents=True, exist_ok=True)
@@ -107,8 +127,8 @@ class Stack:
                      f", users from {auth}" if auth else "", self.server.url)
         for service in SERVICES:
             for i in range(1, self.opts.replicas.get(service, 1) + 1):
-                port = self.opts.gateway_port if service == "gateway" else free_port()
-                self.children.append(Child(service, i, port))
+                port = self.opts.gateway_port if service == "gateway" else 0
+                self.children.append(Child(service, i, listen(port)))
         for child in self.children:
             self._supervisors.append(asyncio.create_task(self._supervise(child)))
         self._write_state()
@@ -129,6 +149,7 @@ class Stack:
         env.update(
             OPENCLAW_NATS_URL=self.nats_url,
             OPENCLAW_PORT=str(child.port),
+            OPENCLAW_LISTEN_FD=str(child.sock.fileno()),
             OPENCLAW_HOST="127.0.0.1",
             OPENCLAW_WORKER_ID=child.name,
             OPENCLAW_NAMESPACE=self.opts.namespace,
@@ -148,6 +169,7 @@ class Stack:
             env=self._env(child),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
+            pass_fds=(child.sock.fileno(),),
             start_new_session=True,  # Ctrl-C reaches the runner only; it stops children in order
         )
         child.pumps = [asyncio.create_task(self._pump(child, child.proc.stdout))]  # type: ignore[arg-type]
@@ -217,3 +239,5 @@ class Stack:
         if self.server is not None:
             await asyncio.to_thread(self.server.stop)
             log.info("nats-server stopped")
+        for c in self.children:
+            c.sock.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -98,7 +99,9 @@ async def _main(service: str, start: Start, make_app: MakeApp | None, settings: 
     app.state.runtime = rt
     add_ops_routes(app, service, rt.ready)
     port = settings.port if settings.port is not None else DEFAULT_PORTS.get(service, 0)
-    server, server_task = await serve(app, settings.host, port)
+    # Under the runner the socket is already bound (no port race between processes); else bind here.
+    sock = socket.socket(fileno=settings.listen_fd) if settings.listen_fd is not None else None
+    server, server_task = await serve(app, settings.host, port, sock)
     log.info("%s serving HTTP on %s:%d", service, settings.host, server.servers[0].sockets[0].getsockname()[1])
 
     workers: list[asyncio.Task[None]] = []

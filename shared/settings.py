@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"
     port: int | None = Field(default=None, ge=0, le=65535, description="HTTP port (default: per service)")
     api_keys: SecretStr | None = Field(default=None, description="tenant=key,tenant=key; unset: local mode")
+    listen_fd: int | None = Field(default=None, ge=0, description="a listening socket inherited from the runner")
     slots: int | None = Field(default=None, ge=1, description="tasks one pool replica runs at once "
                               "(default: the pool's max_concurrent; the broker caps the pool as a whole)")
     worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")

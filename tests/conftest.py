@@ -24,7 +24,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from shared.names import Names
-from shared.natsserver import NatsServer, free_port
+from shared.natsserver import NatsServer
 from tests.fake_anthropic import FakeAnthropic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,25 +122,32 @@ def stack_env(**extra: str) -> dict[str, str]:
 
 def start_stack(nats_url: str | None, namespace: str, tmp: Path, *extra: str,
                 env: dict[str, str] | None = None) -> Stack:
-    """``openclaw up`` against ``nats_url``; ``None``: the runner starts its own server (pass --nats-port)."""
-    port = free_port()
+    """``openclaw up`` against ``nats_url``; ``None``: the runner starts its own server (pass --nats-port).
+
+    The runner binds every port itself (the gateway's too: ``--gateway-port 0``) and hands the sockets
+    to its children, so concurrent stacks never race for a port; the URL comes from its stack.json.
+    """
     log = tmp / "stack.log"
+    data = tmp / "data"
     server = ["--nats-url", nats_url] if nats_url else []
     cmd = [sys.executable, "-m", "shared.cli", "up", *server, "--namespace", namespace,
-           "--gateway-port", str(port), "--data-dir", str(tmp / "data"), *extra]
+           "--gateway-port", "0", "--data-dir", str(data), *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
                             env=env if env is not None else stack_env())
-    url = f"http://127.0.0.1:{port}"
 
-    def ready() -> bool:
+    def ready() -> str | None:
         assert proc.poll() is None, f"openclaw up exited early:\n{log.read_text()}"
         try:
-            return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
+            url = str(json.loads((data / "stack.json").read_text())["gateway_url"])
+            r = httpx.get(f"{url}/readyz", timeout=1)
+            if r.status_code == 200 and r.json().get("service") == "gateway":
+                return url
+        except (OSError, ValueError, KeyError, httpx.HTTPError):
+            pass
+        return None
 
-    wait_until(ready, 60, "the stack to become ready")
-    return Stack(proc, url, tmp / "data", log, Names(namespace))
+    url = wait_until(ready, 60, "the stack to become ready")
+    return Stack(proc, url, data, log, Names(namespace))
 
 
 def stop_stack(stack: Stack) -> int:
