@@ -188,7 +188,8 @@ def pool_start(pool: Pool, format_prompt: FormatPrompt) -> Start:
     async def start(rt: Runtime) -> Workers:
         js, names = rt.jetstream, rt.names
         await ensure_consumer(js, names.tasks_stream, pool_consumer_config(names, pool, rt.pe))
-        worker = PoolWorker(rt, pool, format_prompt, make_provider(rt.pe, rt.settings.anthropic_api_key))
+        provider = make_provider(rt.pe, rt.settings.anthropic_api_key)  # one client for the process
+        worker = PoolWorker(rt, pool, format_prompt, provider)
         consumer = Consumer(
             js,
             names,
@@ -198,7 +199,14 @@ def pool_start(pool: Pool, format_prompt: FormatPrompt) -> Start:
             worker.handle,
             capacity=rt.settings.slots or rt.pe.worker_pools.get(pool).max_concurrent,
         )
-        return [consumer.run(rt.stop), watch_queue(rt, pool)]
+
+        async def run() -> None:
+            try:
+                await consumer.run(rt.stop)
+            finally:
+                await provider.aclose()
+
+        return [run(), watch_queue(rt, pool)]
 
     return start
 
