@@ -104,3 +104,16 @@ async def publish(js: JetStreamContext, subject: str, msg: Wire, msg_id: str | N
     """Publish a wire model; ``msg_id`` makes a repeat within the stream's duplicate window a no-op."""
     headers = {"Nats-Msg-Id": msg_id} if msg_id else None
     return await js.publish(subject, msg.to_bytes(), headers=headers)
+
+
+async def emit(nc: NATS, subject: str, msg: Wire, msg_id: str) -> None:
+    """Publish an event into its stream without waiting for the stream's acknowledgement.
+
+    For what only observes an execution (lifecycle and cost events, a task's start): the stream stores
+    it like any publish and ``msg_id`` still dedups a repeat, but the sender neither waits a round trip
+    nor handles an ack. Publishes from one connection reach the stream in order, so an event emitted
+    before an acknowledged publish is stored before it. If the stream cannot take it (no quorum, server
+    gone past the client's reconnect buffer) the event is lost: the execution document in KV, written
+    before any event about it, stays the record.
+    """
+    await nc.publish(subject, msg.to_bytes(), headers={"Nats-Msg-Id": msg_id})

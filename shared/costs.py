@@ -13,10 +13,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeVar
 
-from nats.js import JetStreamContext
+from nats.aio.client import Client as NATS
 
 from shared import metrics
-from shared.bus import publish
+from shared.bus import emit
 from shared.config import ParallelExecutionConfig
 from shared.names import Names
 from shared.providers import ProviderError
@@ -85,11 +85,7 @@ def attempt_event(done: TaskCompleted | TaskFailed) -> CostIncurred:
                         usage=done.usage, cost_usd=done.cost_usd, incurred_at=done.finished_at)
 
 
-async def publish_cost(js: JetStreamContext, names: Names, event: CostIncurred) -> None:
-    """Publish one cost event; its msg-id makes a replay within the duplicate window a no-op."""
-    await publish(js, names.cost_event(event.execution_id), event, event.msg_id())
-
-
-async def publish_attempt_cost(js: JetStreamContext, names: Names, done: TaskCompleted | TaskFailed) -> None:
-    """The pool worker's cost event for an attempt that was billed (completed, or answered unusably)."""
-    await publish_cost(js, names, attempt_event(done))
+async def publish_cost(nc: NATS, names: Names, event: CostIncurred) -> None:
+    """Emit one cost event; its msg-id makes a replay within the duplicate window a no-op. The call's
+    cost is also stored in the execution document, which is the record a bill is made from."""
+    await emit(nc, names.cost_event(event.execution_id), event, event.msg_id())

@@ -91,6 +91,9 @@ def permissions(names: Names | None = None) -> dict[str, tuple[list[str], list[s
     kv_write = [f"$KV.{n.kv_bucket}.>"]
     tasks = [n.tasks(p) for p in POOLS]
     events = n.events("*", "*")
+    # following events from a point in the stream: an ordered (ephemeral) consumer on EVENTS
+    follow = [f"$JS.API.CONSUMER.CREATE.{n.events_stream}", f"$JS.API.CONSUMER.CREATE.{n.events_stream}.>",
+              f"$JS.API.CONSUMER.DELETE.{n.events_stream}.>", "$JS.FC.>"]
 
     def base(user: str) -> list[str]:
         verbs = ("CREATE", "UPDATE", "INFO") if user == TOPOLOGY_OWNER else ("CREATE", "INFO")
@@ -110,13 +113,12 @@ def permissions(names: Names | None = None) -> dict[str, tuple[list[str], list[s
             f"$JS.API.STREAM.MSG.DELETE.{n.tasks_stream}",
         ],
         "gateway": [*kv_read, *kv_write, n.execution_requested, n.execution_deadline, n.execution_cancel,
-                    # replaying an execution's events: an ordered (ephemeral) consumer on EVENTS
-                    f"$JS.API.CONSUMER.CREATE.{n.events_stream}.>", f"$JS.API.CONSUMER.DELETE.{n.events_stream}.>",
-                    "$JS.FC.>"],
+                    *follow],  # replaying an execution's events
     }
     for p in POOLS:
-        # A pool reads the execution state (to skip or abandon work of an ended execution) but never writes it.
-        pub[p] = [*_durable(n.tasks_stream, n.pool_consumer(p), n.tasks(p)), *kv_read, n.results("*"),
+        # A pool follows the executions' endings and reads the execution state (to skip or abandon work of an
+        # ended execution) but never writes it.
+        pub[p] = [*_durable(n.tasks_stream, n.pool_consumer(p), n.tasks(p)), *kv_read, *follow, n.results("*"),
                   n.cost_event("*"), n.dlq(n.tasks_stream, n.pool_consumer(p))]
     sub = {u: [f"_INBOX_{u}.>"] for u in USERS}
     sub["gateway"].append(events)

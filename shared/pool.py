@@ -3,6 +3,11 @@
 The broker holds the limits: ``max_ack_pending`` caps the pool across replicas, ``nak(delay=…)``
 spaces retries (1 s, 3 s, 9 s), ``ack_wait`` redelivers the task of a worker that died. The
 worker enforces the task's own timeout and heartbeats with ``in_progress()`` while it runs.
+
+Whether a task's execution has ended (cancelled, past its deadline) the worker learns from the
+``completed`` events, followed from start-up by an ordered consumer (headers only): no store read
+before a task's first attempt. What was queued before the worker followed them, and every retry
+(whose model depends on how the last attempt failed), is checked against the execution document.
 """
 
 from __future__ import annotations
@@ -10,15 +15,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from shared import metrics
-from shared.bus import publish
+from shared.bus import emit, publish
 from shared.consumer import Consumer
-from shared.costs import observe, publish_attempt_cost
+from shared.costs import attempt_event, observe, publish_cost
 from shared.failures import decide, model_for
 from shared.names import Pool
 from shared.providers import ModelProvider, Prompt, ProviderError, TaskReply, make_provider
@@ -53,11 +61,46 @@ class _Delivery:
         self.abandoned = False
 
 
+class Endings:
+    """The executions that ended since this process started following their ``completed`` events.
+
+    ``covers(msg)``: the task was queued after following began, so had its execution ended, the event
+    would be here (an ordered consumer resumes after a reconnect without a gap). Bounded: the oldest
+    endings are forgotten first — by then no task of theirs is still queued.
+    """
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self.limit = limit
+        self._ended: OrderedDict[str, None] = OrderedDict()
+        self._after: int | None = None  # the tasks stream's last sequence when following began
+
+    async def follow(self, rt: Runtime) -> Subscription:
+        js, names = rt.jetstream, rt.names
+        sub = await js.subscribe(names.completed_event("*"), stream=names.events_stream, ordered_consumer=True,
+                                 cb=self._ended_one,
+                                 config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW, headers_only=True))
+        self._after = (await js.stream_info(names.tasks_stream)).state.last_seq
+        return sub
+
+    async def _ended_one(self, msg: Msg) -> None:
+        self._ended[msg.subject.rsplit(".", 2)[-2]] = None
+        if len(self._ended) > self.limit:
+            self._ended.popitem(last=False)
+
+    def covers(self, msg: Msg) -> bool:
+        return self._after is not None and msg.metadata.sequence.stream > self._after
+
+    def ended(self, execution_id: str) -> bool:
+        return execution_id in self._ended
+
+
 class PoolWorker:
     """One replica of a pool."""
 
-    def __init__(self, rt: Runtime, pool: Pool, format_prompt: FormatPrompt, provider: ModelProvider) -> None:
+    def __init__(self, rt: Runtime, pool: Pool, format_prompt: FormatPrompt, provider: ModelProvider,
+                 endings: Endings) -> None:
         self.rt, self.pool, self.format_prompt, self.provider = rt, pool, format_prompt, provider
+        self.endings = endings
         self.cfg = rt.pe.worker_pools.get(pool)
 
     async def handle(self, cmd: RunTask, msg: Msg) -> None:
@@ -67,16 +110,18 @@ class PoolWorker:
         if seconds_left <= 0:
             await self._failed(d, "deadline", "execution deadline passed before the task started", None, Usage())
             return
-        upstream = sorted(cmd.task.context.get("upstream") or {})
-        started = TaskStarted(**d.head, started_at=d.started, upstream=upstream)
-        # Two round trips at once: the start is announced while the state is read. If the execution has
-        # ended meanwhile the aggregator ignores the start (a terminal execution or task takes no news).
-        state, _ = await asyncio.gather(self._state(cmd), self._publish(cmd.execution_id, started))
-        if state is None:
+        if d.attempt == 1 and self.endings.covers(msg):
+            ended, previous = self.endings.ended(cmd.execution_id), None
+        else:
+            state = await self._state(cmd)
+            ended, previous = state is None, state.attempt(d.attempt - 1) if state else None
+        if ended:
             await msg.ack()  # the execution ended (cancelled, deadline) or the task was settled: nothing to do
             log.info("not started: its execution has ended", extra=d.ctx)
             return
-        previous = state.attempt(d.attempt - 1)
+        upstream = sorted(cmd.task.context.get("upstream") or {})
+        started = TaskStarted(**d.head, started_at=d.started, upstream=upstream)
+        await emit(self.rt.nats, self.rt.names.results(cmd.execution_id), started, started.msg_id())
         model = model_for(self.rt.pe, self.pool, d.attempt, previous.error_kind if previous else None)
         metrics.TASKS.labels(self.pool, "started").inc()
         log.info("task started on %s", model, extra=d.ctx)
@@ -113,8 +158,8 @@ class PoolWorker:
         cost = self._cost(reply.model, reply.usage)
         done = TaskCompleted(**d.head, started_at=d.started, finished_at=finished, model=reply.model,
                              provider=reply.provider, usage=reply.usage, cost_usd=cost, output=reply.output)
-        await asyncio.gather(self._publish(cmd.execution_id, done),
-                             publish_attempt_cost(self.rt.jetstream, self.rt.names, done))
+        await publish_cost(self.rt.nats, self.rt.names, attempt_event(done))
+        await self._publish(cmd.execution_id, done)
         await msg.ack()
         duration = (finished - d.started).total_seconds()
         self._observe("completed", duration, reply.model, cost, reply.usage)
@@ -129,9 +174,9 @@ class PoolWorker:
         failed = TaskFailed(**d.head, started_at=d.started, finished_at=finished, error=error, error_kind=kind,
                             final=decision.final, strategy=decision.strategy.value, retry_in_s=decision.delay_s,
                             model=model, provider=self.provider.name if model else None, usage=usage, cost_usd=cost)
-        await self._publish(d.cmd.execution_id, failed)
         if cost:
-            await publish_attempt_cost(self.rt.jetstream, self.rt.names, failed)
+            await publish_cost(self.rt.nats, self.rt.names, attempt_event(failed))
+        await self._publish(d.cmd.execution_id, failed)
         duration = (finished - d.started).total_seconds()
         if decision.final:
             await d.msg.ack()
@@ -152,7 +197,13 @@ class PoolWorker:
         task = current[0].task(cmd.task.id)
         return None if task is None or task.status in TERMINAL_TASK else task
 
-    async def _publish(self, execution_id: str, result: TaskStarted | TaskCompleted | TaskFailed) -> None:
+    async def _ended(self, d: _Delivery) -> bool:
+        """Whether the delivery's execution has ended (or its task been settled) since it was queued."""
+        if self.endings.covers(d.msg):
+            return self.endings.ended(d.cmd.execution_id)
+        return await self._state(d.cmd) is None
+
+    async def _publish(self, execution_id: str, result: TaskCompleted | TaskFailed) -> None:
         await publish(self.rt.jetstream, self.rt.names.results(execution_id), result, result.msg_id())
 
     def _cost(self, model: str | None, usage: Usage) -> float:
@@ -176,7 +227,7 @@ class PoolWorker:
             while True:
                 await asyncio.sleep(interval)
                 await d.msg.in_progress()
-                if await self._state(d.cmd) is None:
+                if await self._ended(d):
                     d.abandoned = True
                     run.cancel()
                     return
@@ -188,8 +239,10 @@ def pool_start(pool: Pool, format_prompt: FormatPrompt) -> Start:
     async def start(rt: Runtime) -> Workers:
         js, names = rt.jetstream, rt.names
         await ensure_consumer(js, names.tasks_stream, pool_consumer_config(names, pool, rt.pe))
+        endings = Endings()
+        following = await endings.follow(rt)
         provider = make_provider(rt.pe, rt.settings.anthropic_api_key)  # one client for the process
-        worker = PoolWorker(rt, pool, format_prompt, provider)
+        worker = PoolWorker(rt, pool, format_prompt, provider, endings)
         consumer = Consumer(
             js,
             names,
@@ -204,6 +257,7 @@ def pool_start(pool: Pool, format_prompt: FormatPrompt) -> Start:
             try:
                 await consumer.run(rt.stop)
             finally:
+                await following.unsubscribe()
                 await provider.aclose()
 
         return [run(), watch_queue(rt, pool)]

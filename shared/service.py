@@ -53,6 +53,12 @@ class Runtime:
         return self.settings.pe
 
     @property
+    def nats(self) -> NATS:
+        if self.nc is None:
+            raise RuntimeError("NATS is not connected yet")
+        return self.nc
+
+    @property
     def jetstream(self) -> JetStreamContext:
         if self.js is None:
             raise RuntimeError("NATS is not connected yet")

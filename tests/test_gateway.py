@@ -137,6 +137,10 @@ def test_cancel_stops_queued_and_running_tasks_and_keeps_the_cost_so_far(stack: 
     metrics = "".join(httpx.get(f"http://127.0.0.1:{c['port']}/metrics").text
                       for n, c in stack.state()["children"].items() if n.startswith(("codegen", "database")))  # type: ignore[union-attr]
     assert 'outcome="abandoned"' in metrics
+    # "waiting" was delivered after the cancel, to a worker following the executions' endings: not started.
+    lines = [line for line in stack.output().splitlines() if f"execution_id={eid} task_id=waiting" in line]
+    assert any("not started: its execution has ended" in line for line in lines), lines
+    assert not any("task started" in line for line in lines), lines
 
     again = httpx.delete(f"{stack.url}/api/execution/{eid}", headers=auth())
     assert again.status_code == 409 and "already cancelled" in again.json()["message"]

@@ -104,6 +104,10 @@ def test_whole_stack_runs_an_execution_with_auth_on(stack: Stack) -> None:
     assert doc["status"] == "completed", doc
     assert {t["pool"] for t in doc["tasks"]} == set(POOLS)
     assert all(t["status"] == "completed" for t in doc["tasks"])
+    # Replaying its events (an ordered consumer on EVENTS, as the pools follow endings) is allowed too.
+    with httpx.stream("GET", f"{stack.url}/api/execution/{doc['execution_id']}/events", timeout=30) as events:
+        kinds = [line.removeprefix("event: ") for line in events.iter_lines() if line.startswith("event: ")]
+    assert kinds[0] == "planned" and kinds[-1] == "completed" and "task_completed" in kinds, kinds
     # Every service did its whole job within its permissions: the server refused none of them.
     refused = [line for line in server_log(stack).splitlines() if "Violation" in line and INTRUDER not in line]
     assert refused == [], "\n".join(refused)

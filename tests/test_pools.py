@@ -181,6 +181,31 @@ def test_killed_replica_mid_task_loses_nothing(stack_factory, tmp_path: Path) ->
     assert t["cost_usd"] == done["cost_usd"] and doc["cost"]["total_usd"] == done["cost_usd"]  # counted once
 
 
+def test_a_restarted_pool_starts_no_task_of_an_execution_that_ended_while_it_was_down(  # type: ignore[no-untyped-def]
+        stack_factory, tmp_path: Path) -> None:
+    # A pool learns endings from the completed events it follows from start-up; what was queued before
+    # that (here: before its restart) it checks against the execution document instead.
+    cfg = write_config(tmp_path / "c.json", {"ack_wait_s": 2,
+                                             "worker_pools": {"database": {"max_concurrent": 1, "timeout": 60}}})
+    stack = stack_factory(ns(), "--config", str(cfg))
+    eid = submit(stack, [task("busy", "database", latency_s=30), task("waiting", "database", latency_s=0)])
+    _wait_running(stack, eid, "busy")
+    os.kill(stack.pid("database-1"), signal.SIGKILL)
+    c = httpx.delete(f"{stack.url}/api/execution/{eid}", timeout=30)
+    assert c.status_code == 200 and c.json()["status"] == "cancelled", c.text
+
+    def lines(tid: str) -> list[str]:
+        return [line for line in stack.output().splitlines() if f"execution_id={eid} task_id={tid}" in line]
+
+    # The restarted replica gets "busy" again (after ack_wait) and then "waiting": it runs neither.
+    wait_until(lambda: all(any("not started" in line for line in lines(t)) for t in ("busy", "waiting")), 30,
+               "the restarted replica to turn both tasks away")
+    assert [line for line in lines("busy") if "task started" in line] and "attempt=1" in lines("busy")[0]
+    assert not [line for line in lines("busy") if "task started" in line and "attempt=2" in line]
+    assert not [line for line in lines("waiting") if "task started" in line]
+    assert [t["attempts"] for t in get(stack, eid)["tasks"] if t["id"] == "waiting"] == [[]]
+
+
 def test_every_replica_killed_mid_task_restarts_and_completes(stack_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     cfg = write_config(tmp_path / "c.json", {"ack_wait_s": 2})
     stack = stack_factory(ns(), "--config", str(cfg), "--replicas", "database=2")

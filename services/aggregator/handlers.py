@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from nats.aio.msg import Msg
@@ -14,7 +15,7 @@ from nats.js.errors import NotFoundError
 from services.aggregator.aggregate import aggregate
 from services.aggregator.synthesis import write_answer
 from shared import metrics
-from shared.bus import publish
+from shared.bus import emit, publish
 from shared.consumer import keep_alive
 from shared.costs import call_event, publish_cost
 from shared.execution import (
@@ -67,6 +68,10 @@ class AggregatorHandlers:
         self.rt, self.provider = rt, provider
         # Per execution, the changes waiting while a write of it is in flight (see _apply).
         self._waiting: dict[str, list[_Change]] = {}
+        # Per running execution, the version this replica last stored: the next write starts from it
+        # instead of a read (a stale one — another replica wrote since — loses the compare-and-set and re-reads).
+        self._known: OrderedDict[str, Stored] = OrderedDict()
+        self._known_limit = 10_000
 
     async def _apply(self, execution_id: str, change: Callable[[Execution], bool], msg: Msg) -> Execution | None:
         """Store ``change`` (compare-and-set), then publish its lifecycle events and the tasks it released.
@@ -87,7 +92,7 @@ class AggregatorHandlers:
             queue.append(pending)  # a write of this execution is in flight: ride on the next one
             return await pending.done
         self._waiting[execution_id] = [pending]
-        known: Stored | None = None
+        known = self._known.pop(execution_id, None)
         batch: list[_Change] = []
         try:
             while batch := self._waiting[execution_id]:
@@ -101,6 +106,10 @@ class AggregatorHandlers:
                     continue
                 for c in batch:
                     c.done.set_result(ex)
+            if known is not None:  # None once finished (or unknown): nothing more to write from here
+                self._known[execution_id] = known
+                if len(self._known) > self._known_limit:
+                    self._known.popitem(last=False)
         finally:
             for c in [*batch, *self._waiting.pop(execution_id, [])]:
                 if not c.done.done():  # only when cancelled mid-write (shutdown): the callers nak
@@ -128,11 +137,11 @@ class AggregatorHandlers:
         ex, stored_now = result
         stored: Stored | None = stored_now
         js, names = self.rt.jetstream, self.rt.names
-        sends = [publish(js, names.events(execution_id, e.kind), e, f"{execution_id}:{e.task_id}:{e.kind}:{e.attempt}")
-                 for e in events]
-        sends += [publish(js, names.tasks(t.pool), run_command(ex, t), run_msg_id(execution_id, t.id))
-                  for t in queued(ex) if t.depends_on or ex.mode == "serial"]
-        await asyncio.gather(*sends)
+        for e in events:
+            await emit(self.rt.nats, names.events(execution_id, e.kind), e,
+                       f"{execution_id}:{e.task_id}:{e.kind}:{e.attempt}")
+        await asyncio.gather(*[publish(js, names.tasks(t.pool), run_command(ex, t), run_msg_id(execution_id, t.id))
+                               for t in queued(ex) if t.depends_on or ex.mode == "serial"])
         if all_tasks_terminal(ex):
             await self._finish(ex, [c.msg for c in batch], stored)
             stored = None  # _finish wrote the document
@@ -265,16 +274,14 @@ class AggregatorHandlers:
                  ex.cost.total_usd, extra={"execution_id": ex.execution_id})
 
     async def _announce(self, ex: Execution) -> None:
-        """Conflict events, the synthesis call's cost event and the final event; msg-ids make repeats harmless."""
-        js, names, eid = self.rt.jetstream, self.rt.names, ex.execution_id
-        sends: list[Awaitable[object]] = [
-            publish_cost(js, names, call_event(eid, c)) for c in ex.calls if c.phase == "synthesis"
-        ]
-        if ex.aggregated:
-            sends += [
-                publish(js, names.events(eid, "conflict"),
-                        LifecycleEvent(kind="conflict", execution_id=eid, data=c.model_dump()), f"{eid}:conflict:{i}")
-                for i, c in enumerate(ex.aggregated.conflicts_detected)
-            ]
-        await asyncio.gather(*sends)
+        """Conflict events, the synthesis call's cost event, then the final event (acknowledged: it is what
+        callers wait for, and a failed publish replays the message). Msg-ids make repeats harmless."""
+        nc, names, eid = self.rt.nats, self.rt.names, ex.execution_id
+        for c in ex.calls:
+            if c.phase == "synthesis":
+                await publish_cost(nc, names, call_event(eid, c))
+        for i, conflict in enumerate(ex.aggregated.conflicts_detected if ex.aggregated else []):
+            await emit(nc, names.events(eid, "conflict"),
+                       LifecycleEvent(kind="conflict", execution_id=eid, data=conflict.model_dump()),
+                       f"{eid}:conflict:{i}")
         await self.rt.announce_completed(ex)

@@ -43,14 +43,14 @@ PLAN_WAIT_S = 2.0  # a 202 waits this long for the plan so it can list the tasks
 KEEPALIVE_S = 15.0  # an idle event stream sends a comment this often, so proxies keep it open
 
 
-def runtime(request: Request) -> Runtime:
+async def runtime(request: Request) -> Runtime:
     rt: Runtime = request.app.state.runtime
     if rt.store is None or rt.nc is None or not rt.nc.is_connected:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "not connected to NATS yet; retry shortly")
     return rt
 
 
-def caller(
+async def caller(
     request: Request,
     authorization: Annotated[str | None, Header(description="Bearer <API key>")] = None,
     x_api_key: Annotated[str | None, Header()] = None,
@@ -144,14 +144,15 @@ async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_ke
                                       "message": "this key was used with a different request"}) from None
         ex, fresh = existing, existing.status == "queued"  # never planned: publishing again is harmless
         log.info("idempotent replay", extra={"execution_id": eid})
-    # Subscribe before publishing, so the plan or the final event cannot slip past us.
-    sub = await rt.nc.subscribe(names.events(eid, "*"))  # type: ignore[union-attr]
+    # Subscribe before publishing, so the final event (or the plan) cannot slip past us.
+    sub = await rt.nats.subscribe(names.completed_event(eid) if body.wait else names.events(eid, "*"))
     try:
         if fresh:
-            await publish(rt.jetstream, names.execution_requested, req, msg_id=eid)
-            # The aggregator's deadline check: held by the broker until then, so no execution waits forever.
-            await publish(rt.jetstream, names.execution_deadline,
-                          ExecutionDeadline(execution_id=eid, deadline_at=req.deadline_at), msg_id=f"{eid}:deadline")
+            # With the request, the aggregator's deadline check: held by the broker until then, so no
+            # execution waits forever.
+            deadline = ExecutionDeadline(execution_id=eid, deadline_at=req.deadline_at)
+            await asyncio.gather(publish(rt.jetstream, names.execution_requested, req, msg_id=eid),
+                                 publish(rt.jetstream, names.execution_deadline, deadline, msg_id=f"{eid}:deadline"))
             log.info("accepted execution", extra={"execution_id": eid})
         if ex.terminal:
             return ex, ex
@@ -250,7 +251,7 @@ async def cancel_execution(
     execution_id = ex.execution_id
     if ex.terminal:
         raise HTTPException(409, {"field": "execution_id", "message": f"execution already {ex.status}"})
-    sub = await rt.nc.subscribe(rt.names.completed_event(execution_id))  # type: ignore[union-attr]
+    sub = await rt.nats.subscribe(rt.names.completed_event(execution_id))
     try:
         await publish(rt.jetstream, rt.names.execution_cancel, CancelExecution(execution_id=execution_id),
                       msg_id=f"{execution_id}:cancel")
@@ -275,7 +276,8 @@ async def execution_events(
     after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
     start = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1) if after else (
         ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
-    sub = await js.subscribe(rt.names.events(eid, "*"), ordered_consumer=True, config=start)
+    sub = await js.subscribe(rt.names.events(eid, "*"), stream=rt.names.events_stream, ordered_consumer=True,
+                             config=start)
     try:
         while True:
             try:

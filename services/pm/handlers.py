@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
 
 from nats.aio.msg import Msg
 from nats.js.errors import KeyWrongLastSequenceError
 
 from services.pm.planning import plan_request
 from shared import metrics
-from shared.bus import publish
+from shared.bus import emit, publish
 from shared.consumer import keep_alive
 from shared.costs import call_event, publish_cost
 from shared.errors import PlanError
@@ -61,16 +60,12 @@ class PMHandlers:
         planner = ex.planner or "rules"
         metrics.PLANS.labels(planner).inc()
         planned = ExecutionPlanned(execution_id=ex.execution_id, planner=planner, tasks=[t.spec() for t in ex.tasks])
-        sends: list[Awaitable[object]] = [
-            publish(js, names.events(ex.execution_id, "planned"), planned, f"{ex.execution_id}:planned")
-        ]
-        sends += [
-            publish(js, names.tasks(t.pool), run_command(ex, t), run_msg_id(ex.execution_id, t.id))
-            for t in queued(ex)
-        ]
-        sends += [publish_cost(js, names, call_event(ex.execution_id, c)) for c in ex.calls
-                  if c.phase == "decomposition"]
-        await asyncio.gather(*sends)
+        await emit(self.rt.nats, names.events(ex.execution_id, "planned"), planned, f"{ex.execution_id}:planned")
+        for c in ex.calls:
+            if c.phase == "decomposition":
+                await publish_cost(self.rt.nats, names, call_event(ex.execution_id, c))
+        await asyncio.gather(*[publish(js, names.tasks(t.pool), run_command(ex, t), run_msg_id(ex.execution_id, t.id))
+                               for t in queued(ex)])
         await msg.ack()
         log.info("planned %d task(s) with %s", len(ex.tasks), ex.planner, extra=ctx)
 
