@@ -162,7 +162,7 @@ def results_markdown(res: Results, figures: dict[str, str]) -> str:
         "Everything is the real system started by `shared.runner.Stack` (what `openclaw up` runs): its own "
         "nats-server (JetStream, file store) on free ports, the six services as processes (log level WARNING), "
         "the simulated provider (`context.simulate.latency_s` per task), requests over HTTP to the gateway "
-        "(`POST /api/execute-parallel` with `wait: true`, httpx). Times are medians of the runs unless "
+        "(`POST /api/execute-parallel` with `wait: true`, aiohttp). Times are medians of the runs unless "
         "a percentile is named.",
         "",
         "## Summary",
@@ -221,7 +221,7 @@ def results_markdown(res: Results, figures: dict[str, str]) -> str:
             "## Throughput",
             "",
             f"{t.executions} executions of 6 zero-latency tasks (2 per pool), {t.concurrency} in flight "
-            f"(asyncio + httpx, bounded by a semaphore), after 100 of warm-up, on a stack with pool limits of "
+            f"(asyncio + aiohttp, bounded by a semaphore), after 100 of warm-up, on a stack with pool limits of "
             f"128: **{t.per_s:.0f} executions/s**, {t.tasks_per_s:.0f} tasks/s, {t.errors} errors; latency "
             f"p50 {percentile(t.latency_ms, 50):.0f} ms, p99 {percentile(t.latency_ms, 99):.0f} ms.",
             "",

@@ -46,7 +46,8 @@ async def serve(app: FastAPI, host: str, port: int,
                 sock: socket.socket | None = None) -> tuple[uvicorn.Server, asyncio.Task[None]]:
     """Run uvicorn inside the current loop (on ``sock`` when the parent handed one over, else binding
     ``host:port``); the caller sets ``server.should_exit`` to stop it."""
-    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="off")
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="off",
+                            http="httptools")
     server = _Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock] if sock else None))
     while not server.started and not task.done():  # noqa: ASYNC110 - uvicorn offers no started event

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+import uvloop
 from fastapi import FastAPI
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -155,7 +156,7 @@ def run_service(service: str, start: Start, make_app: MakeApp | None = None) -> 
         sys.exit(2)
     setup_logging(service, settings.log_level, settings.log_format)
     try:
-        asyncio.run(_main(service, start, make_app, settings))
+        uvloop.run(_main(service, start, make_app, settings))
     except ConfigError as e:
         log.error("cannot start %s: %s", service, e)
         sys.exit(2)
