@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
@@ -39,13 +39,16 @@ class ExecutionStore:
         result = await self.mutate_from(execution_id, change, None)
         return result[0] if result else None
 
-    async def mutate_from(self, execution_id: str, change: Callable[[Execution], bool],
-                          known: Stored | None) -> tuple[Execution, Stored] | None:
+    async def mutate_from(self, execution_id: str, change: Callable[[Execution], bool], known: Stored | None,
+                          then: Callable[[Execution], Awaitable[bool]] | None = None,
+                          ) -> tuple[Execution, Stored] | None:
         """``mutate``, starting from ``known`` (a version this process stored) instead of a fresh read.
 
         A writer that applies several changes to one execution in a row skips the read before each
         write; if ``known`` is stale the write loses the compare-and-set and the loop re-reads as usual.
-        Returns the document and its stored version, to pass to the next call.
+        ``then`` runs after ``change`` on the same version and may change it further, in the same write
+        (it is awaited, and like ``change`` re-run on a retry). Returns the document and its stored
+        version, to pass to the next call.
         """
         while True:
             if known is None:
@@ -54,7 +57,10 @@ class ExecutionStore:
                     return None
             data, revision = known
             ex = Execution.model_validate_json(data)
-            if not change(ex):
+            changed = change(ex)
+            if then is not None:
+                changed = await then(ex) or changed
+            if not changed:
                 return ex, known
             new = ex.model_dump_json().encode()
             try:

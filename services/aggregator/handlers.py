@@ -34,6 +34,7 @@ from shared.execution import (
 from shared.failures import ON_EXHAUSTED
 from shared.providers import ModelProvider
 from shared.schemas import (
+    AggregatedResult,
     CancelExecution,
     ConsumerAdvisory,
     DeadLetter,
@@ -41,6 +42,7 @@ from shared.schemas import (
     ExecutionDeadline,
     ExecutionRequested,
     LifecycleEvent,
+    ModelCall,
     RunTask,
     TaskCompleted,
     TaskFailed,
@@ -61,6 +63,32 @@ class _Change:
     apply: Callable[[Execution], bool]
     msg: Msg
     done: asyncio.Future[Execution | None]
+
+
+@dataclass
+class _Answer:
+    """The end of an execution: status, aggregated results, the PM's answer and the call that wrote it."""
+
+    status: str
+    aggregated: AggregatedResult
+    text: str
+    call: ModelCall | None
+
+    def apply(self, ex: Execution) -> None:
+        ex.status, ex.aggregated, ex.final_response = self.status, self.aggregated, self.text  # type: ignore[assignment]
+        if self.call is not None:
+            ex.calls.append(self.call)  # in the same compare-and-set write as the answer: counted once
+        ex.finished_at = ex.updated_at = now()
+
+
+def _count_finished(ex: Execution) -> None:
+    metrics.EXECUTIONS.labels(ex.mode, ex.status).inc()
+    if ex.finished_at:
+        metrics.EXECUTION_DURATION.labels(ex.mode, ex.status).observe((ex.finished_at - ex.created_at).total_seconds())
+    for c in ex.aggregated.conflicts_detected if ex.aggregated else []:
+        metrics.CONFLICTS.labels(c.rule, c.kind).inc()
+    log.info("execution %s: %s, $%.4f", ex.status, ex.aggregated.summary if ex.aggregated else "",
+             ex.cost.total_usd, extra={"execution_id": ex.execution_id})
 
 
 class AggregatorHandlers:
@@ -118,8 +146,11 @@ class AggregatorHandlers:
 
     async def _write(self, execution_id: str, batch: list[_Change],
                      known: Stored | None) -> tuple[Execution | None, Stored | None]:
-        """One compare-and-set write of ``batch``; then its events, released tasks and (once) the finish."""
+        """One compare-and-set write of ``batch`` — with the final answer when it leaves no task open —
+        then its events, the tasks it released, and the final event."""
         events: list[LifecycleEvent] = []
+        answer: list[_Answer] = []  # computed once, from the first version that needed it
+        concluded = False
 
         def recorded(ex: Execution) -> bool:
             events.clear()
@@ -131,21 +162,30 @@ class AggregatorHandlers:
                     events.extend(lifecycle_events(before, ex))
             return changed
 
-        result = await self.rt.executions.mutate_from(execution_id, recorded, known)
+        async def conclude(ex: Execution) -> bool:
+            nonlocal concluded
+            concluded = all_tasks_terminal(ex) and not ex.terminal  # re-run on every retry: the last run tells
+            if concluded:  # else another replica finished first: its answer and its call stand
+                if not answer:
+                    answer.append(await self._answer(ex, [c.msg for c in batch]))
+                answer[0].apply(ex)
+            return concluded
+
+        result = await self.rt.executions.mutate_from(execution_id, recorded, known, conclude)
         if result is None:
             return None, None
-        ex, stored_now = result
-        stored: Stored | None = stored_now
+        ex, stored = result
         js, names = self.rt.jetstream, self.rt.names
         for e in events:
             await emit(self.rt.nats, names.events(execution_id, e.kind), e,
                        f"{execution_id}:{e.task_id}:{e.kind}:{e.attempt}")
         await asyncio.gather(*[publish(js, names.tasks(t.pool), run_command(ex, t), run_msg_id(execution_id, t.id))
                                for t in queued(ex) if t.depends_on or ex.mode == "serial"])
-        if all_tasks_terminal(ex):
-            await self._finish(ex, [c.msg for c in batch], stored)
-            stored = None  # _finish wrote the document
-        return ex, stored
+        if concluded:
+            _count_finished(ex)
+        if all_tasks_terminal(ex):  # finished now, or before (a replay: announced again, nothing recomputed)
+            await self._announce(ex)
+        return ex, None if ex.terminal else stored
 
     async def on_result(self, r: TaskStarted | TaskCompleted | TaskFailed, msg: Msg) -> None:
         """Apply one result; release what it unblocks; finish the execution when nothing is left."""
@@ -231,11 +271,8 @@ class AggregatorHandlers:
         if ex is not None and ex.terminal:
             await self.rt.announce_completed(ex)
 
-    async def _finish(self, snapshot: Execution, msgs: list[Msg], known: Stored | None = None) -> None:
-        """Aggregate, synthesize and store the final answer (once), then announce it."""
-        if snapshot.terminal:  # finished before (a replay): announce again, call and write nothing
-            await self._announce(snapshot)
-            return
+    async def _answer(self, snapshot: Execution, msgs: list[Msg]) -> _Answer:
+        """Aggregate and synthesize the final answer of ``snapshot``, whose tasks are all terminal."""
         status = outcome(snapshot)
         agg = aggregate(snapshot, self.rt.pe.result_aggregation.conflict_resolution)
         async with contextlib.AsyncExitStack() as alive:
@@ -244,34 +281,7 @@ class AggregatorHandlers:
             text, call = await write_answer(snapshot, agg, status, self.rt.pe, self.provider)
         if status == "cancelled" and snapshot.error:
             text = f"{text}\n\n(Cancelled: {snapshot.error}.)"
-        won = False
-
-        def finish(ex: Execution) -> bool:
-            nonlocal won
-            won = not ex.terminal  # re-run on every compare-and-set retry: the last run tells
-            if not won:
-                return False  # another replica finished first: its answer and its call stand, ours are dropped
-            ex.status, ex.aggregated, ex.final_response = status, agg, text  # type: ignore[assignment]
-            if call is not None:
-                ex.calls.append(call)  # in the same compare-and-set write as the answer: counted once
-            ex.finished_at = ex.updated_at = now()
-            return True
-
-        stored = await self.rt.executions.mutate_from(snapshot.execution_id, finish, known)
-        ex = stored[0] if stored else None
-        if ex is None or not ex.terminal:
-            return
-        await self._announce(ex)
-        if not won:
-            return
-        metrics.EXECUTIONS.labels(ex.mode, ex.status).inc()
-        if ex.finished_at:
-            metrics.EXECUTION_DURATION.labels(ex.mode, ex.status).observe(
-                (ex.finished_at - ex.created_at).total_seconds())
-        for c in ex.aggregated.conflicts_detected if ex.aggregated else []:
-            metrics.CONFLICTS.labels(c.rule, c.kind).inc()
-        log.info("execution %s: %s, $%.4f", ex.status, ex.aggregated.summary if ex.aggregated else "",
-                 ex.cost.total_usd, extra={"execution_id": ex.execution_id})
+        return _Answer(status, agg, text, call)
 
     async def _announce(self, ex: Execution) -> None:
         """Conflict events, the synthesis call's cost event, then the final event (acknowledged: it is what
