@@ -490,6 +490,11 @@ class ExecutionCompleted(Wire):
     kind: Literal["execution.completed"] = "execution.completed"
     execution: Execution
 
+    @staticmethod
+    def around(document: bytes) -> bytes:
+        """The event's bytes around an execution document as stored, without serialising it again."""
+        return b'{"schema_version":%d,"kind":"execution.completed","execution":%b}' % (SCHEMA_VERSION, document)
+
 
 class CostIncurred(Wire):
     """A model call's usage and price: one per task attempt with usage, decomposition and synthesis."""

@@ -17,7 +17,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from shared.bus import connect, publish
+from shared.bus import connect
 from shared.config import ParallelExecutionConfig
 from shared.errors import ConfigError
 from shared.logs import setup_logging
@@ -71,10 +71,12 @@ class Runtime:
             raise RuntimeError("NATS is not connected yet")
         return self.store
 
-    async def announce_completed(self, ex: Execution) -> None:
-        """Publish the final response event; its msg-id makes a repeat harmless."""
-        await publish(self.jetstream, self.names.completed_event(ex.execution_id),
-                      ExecutionCompleted(execution=ex), f"{ex.execution_id}:completed")
+    async def announce_completed(self, ex: Execution, document: bytes | None = None) -> None:
+        """Publish the final response event (around ``document``, ``ex`` as stored, when the caller has it);
+        its msg-id makes a repeat harmless."""
+        data = ExecutionCompleted.around(document) if document else ExecutionCompleted(execution=ex).to_bytes()
+        await self.jetstream.publish(self.names.completed_event(ex.execution_id), data,
+                                     headers={"Nats-Msg-Id": f"{ex.execution_id}:completed"})
 
     async def ready(self) -> str | None:
         """None when this service can do its job; otherwise the reason it cannot."""

@@ -6,6 +6,7 @@ from datetime import timedelta
 
 from shared.execution import all_tasks_terminal, apply_plan, apply_result, new_execution, outcome, queued
 from shared.schemas import (
+    ExecutionCompleted,
     ExecutionRequested,
     TaskCompleted,
     TaskFailed,
@@ -103,3 +104,12 @@ def test_outcomes() -> None:
     apply_result(ex, failed("api", 1, final=True))
     apply_result(ex, failed("db", 1, final=True))
     assert all_tasks_terminal(ex) and outcome(ex) == "failed"
+
+
+def test_the_final_event_wraps_the_stored_document_as_if_serialised_again() -> None:
+    ex = execution()
+    assert apply_result(ex, started("api")) and apply_result(ex, completed("api"))
+    stored = ex.model_dump_json().encode()
+    event = ExecutionCompleted.model_validate_json(ExecutionCompleted.around(stored))
+    assert event == ExecutionCompleted(execution=ex)
+    assert event.execution.model_dump_json().encode() == stored

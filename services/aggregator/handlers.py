@@ -184,7 +184,7 @@ class AggregatorHandlers:
         if concluded:
             _count_finished(ex)
         if all_tasks_terminal(ex):  # finished now, or before (a replay: announced again, nothing recomputed)
-            await self._announce(ex)
+            await self._announce(ex, stored[0])
         return ex, None if ex.terminal else stored
 
     async def on_result(self, r: TaskStarted | TaskCompleted | TaskFailed, msg: Msg) -> None:
@@ -283,7 +283,7 @@ class AggregatorHandlers:
             text = f"{text}\n\n(Cancelled: {snapshot.error}.)"
         return _Answer(status, agg, text, call)
 
-    async def _announce(self, ex: Execution) -> None:
+    async def _announce(self, ex: Execution, document: bytes) -> None:
         """Conflict events, the synthesis call's cost event, then the final event (acknowledged: it is what
         callers wait for, and a failed publish replays the message). Msg-ids make repeats harmless."""
         nc, names, eid = self.rt.nats, self.rt.names, ex.execution_id
@@ -294,4 +294,4 @@ class AggregatorHandlers:
             await emit(nc, names.events(eid, "conflict"),
                        LifecycleEvent(kind="conflict", execution_id=eid, data=conflict.model_dump()),
                        f"{eid}:conflict:{i}")
-        await self.rt.announce_completed(ex)
+        await self.rt.announce_completed(ex, document)
