@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -65,13 +66,13 @@ class Endings:
     """The executions that ended since this process started following their ``completed`` events.
 
     ``covers(msg)``: the task was queued after following began, so had its execution ended, the event
-    would be here (an ordered consumer resumes after a reconnect without a gap). Bounded: the oldest
-    endings are forgotten first — by then no task of theirs is still queued.
+    would be here (an ordered consumer resumes after a reconnect without a gap). An ending is kept for
+    ``keep_s``, the execution timeout: no task runs past its execution's deadline anyway.
     """
 
-    def __init__(self, limit: int = 100_000) -> None:
-        self.limit = limit
-        self._ended: OrderedDict[str, None] = OrderedDict()
+    def __init__(self, keep_s: float) -> None:
+        self.keep_s = keep_s
+        self._ended: OrderedDict[str, float] = OrderedDict()  # execution id → when its end was heard of
         self._after: int | None = None  # the tasks stream's last sequence when following began
 
     async def follow(self, rt: Runtime) -> Subscription:
@@ -83,8 +84,10 @@ class Endings:
         return sub
 
     async def _ended_one(self, msg: Msg) -> None:
-        self._ended[msg.subject.rsplit(".", 2)[-2]] = None
-        if len(self._ended) > self.limit:
+        at, execution_id = time.monotonic(), msg.subject.rsplit(".", 2)[-2]
+        self._ended.pop(execution_id, None)  # a repeated event moves it to the end: oldest stay in front
+        self._ended[execution_id] = at
+        while self._ended and next(iter(self._ended.values())) < at - self.keep_s:
             self._ended.popitem(last=False)
 
     def covers(self, msg: Msg) -> bool:
@@ -239,7 +242,7 @@ def pool_start(pool: Pool, format_prompt: FormatPrompt) -> Start:
     async def start(rt: Runtime) -> Workers:
         js, names = rt.jetstream, rt.names
         await ensure_consumer(js, names.tasks_stream, pool_consumer_config(names, pool, rt.pe))
-        endings = Endings()
+        endings = Endings(rt.pe.execution_timeout_s)
         following = await endings.follow(rt)
         provider = make_provider(rt.pe, rt.settings.anthropic_api_key)  # one client for the process
         worker = PoolWorker(rt, pool, format_prompt, provider, endings)

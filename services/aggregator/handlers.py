@@ -99,7 +99,7 @@ class AggregatorHandlers:
         # Per running execution, the version this replica last stored: the next write starts from it
         # instead of a read (a stale one — another replica wrote since — loses the compare-and-set and re-reads).
         self._known: OrderedDict[str, Stored] = OrderedDict()
-        self._known_limit = 10_000
+        self._known_limit = 1_000  # executions in flight on this replica; each holds one document
 
     async def _apply(self, execution_id: str, change: Callable[[Execution], bool], msg: Msg) -> Execution | None:
         """Store ``change`` (compare-and-set), then publish its lifecycle events and the tasks it released.
