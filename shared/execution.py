@@ -40,6 +40,8 @@ def new_execution(req: ExecutionRequested) -> Execution:
         created_at=req.requested_at,
         updated_at=req.requested_at,
         deadline_at=req.deadline_at,
+        request_hash=req.request_hash,
+        routing=req.routing,
     )
 
 

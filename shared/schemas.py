@@ -117,6 +117,11 @@ class ExecutionRequested(Wire):
     tenant: str = "local"
     requested_at: datetime = Field(default_factory=now)
     deadline_at: datetime
+    request_hash: str | None = Field(default=None, description="what makes a repeat of it the same request")
+    routing: dict[str, Any] | None = Field(default=None, description="the chat router's decision, if it came that way")
+    revision: int | None = Field(default=None, description="KV revision of the execution document stored for it "
+                                                           "(its start, as new_execution makes it): the PM plans "
+                                                           "on it without reading it first")
 
 
 class RunTask(Wire):

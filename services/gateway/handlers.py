@@ -130,12 +130,13 @@ async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_ke
         tenant=who.tenant,
         requested_at=requested,
         deadline_at=requested + timedelta(seconds=pe.execution_timeout_s),
+        request_hash=_fingerprint(body),
+        routing=routing,
     )
     eid, names = req.execution_id, rt.names
     ex = new_execution(req)
-    ex.request_hash, ex.routing = _fingerprint(body), routing
     try:
-        await rt.executions.create(ex)
+        req.revision = await rt.executions.create(ex)
         fresh = True
     except KeyWrongLastSequenceError:
         existing = await owned(rt, who, eid)

@@ -18,6 +18,7 @@ from shared.execution import apply_plan, fail_execution, new_execution, queued, 
 from shared.providers import ModelProvider
 from shared.schemas import Execution, ExecutionPlanned, ExecutionRequested
 from shared.service import Runtime
+from shared.state import Stored
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,15 @@ class PMHandlers:
         """Plan the execution (once) and publish its ready tasks; safe to redeliver."""
         ctx = {"execution_id": req.execution_id}
         store, js, names = self.rt.executions, self.rt.jetstream, self.rt.names
-        known = await store.read(req.execution_id)
-        current = (Execution.model_validate_json(known[0]), known[1]) if known else None
+        if req.revision is not None and msg.metadata.num_delivered == 1:
+            # The gateway stored new_execution(req) at this revision: plan on it without a read. Should the
+            # document have changed since (cancelled already), the plan's compare-and-set fails and re-reads.
+            fresh = new_execution(req)
+            known: Stored | None = (fresh.model_dump_json().encode(), req.revision)
+            current: tuple[Execution, int] | None = (fresh, req.revision)
+        else:
+            known = await store.read(req.execution_id)
+            current = (Execution.model_validate_json(known[0]), known[1]) if known else None
         if current is None:
             # The gateway stores the execution before publishing; this covers a request sent straight to NATS.
             try:
