@@ -34,6 +34,7 @@ from shared.providers import ModelProvider, Prompt, ProviderError, TaskReply, ma
 from shared.schemas import (
     TERMINAL_TASK,
     ErrorKind,
+    ExecutionCompleted,
     RunTask,
     TaskCompleted,
     TaskFailed,
@@ -63,10 +64,12 @@ class _Delivery:
 
 
 class Endings:
-    """The executions that ended since this process started following their ``completed`` events.
+    """The executions that ended early since this process started following their ``completed`` events.
 
     ``covers(msg)``: the task was queued after following began, so had its execution ended, the event
-    would be here (an ordered consumer resumes after a reconnect without a gap). An ending is kept for
+    would be here (an ordered consumer resumes after a reconnect without a gap). Only executions that did
+    not complete are kept (cancelled, past their deadline, failed): a completed one has no task left to
+    run — a crashed attempt's redelivery is checked against the document. An ending is kept for
     ``keep_s``, the execution timeout: no task runs past its execution's deadline anyway.
     """
 
@@ -84,6 +87,8 @@ class Endings:
         return sub
 
     async def _ended_one(self, msg: Msg) -> None:
+        if (msg.headers or {}).get(ExecutionCompleted.STATUS_HEADER) == "completed":
+            return
         at, execution_id = time.monotonic(), msg.subject.rsplit(".", 2)[-2]
         self._ended.pop(execution_id, None)  # a repeated event moves it to the end: oldest stay in front
         self._ended[execution_id] = at

@@ -7,7 +7,7 @@ unknown fields are ignored so an older reader accepts a newer writer's message.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, computed_field, model_validator
 
@@ -490,7 +490,10 @@ class ConsumerAdvisory(BaseModel):
 
 
 class ExecutionCompleted(Wire):
-    """Aggregator → gateway: the final response event, carrying the terminal execution document."""
+    """Aggregator → gateway: the final response event, carrying the terminal execution document (and its
+    status in the ``STATUS_HEADER`` header, for those that follow endings without reading the document)."""
+
+    STATUS_HEADER: ClassVar[str] = "Openclaw-Status"
 
     kind: Literal["execution.completed"] = "execution.completed"
     execution: Execution

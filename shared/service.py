@@ -76,7 +76,8 @@ class Runtime:
         its msg-id makes a repeat harmless."""
         data = ExecutionCompleted.around(document) if document else ExecutionCompleted(execution=ex).to_bytes()
         await self.jetstream.publish(self.names.completed_event(ex.execution_id), data,
-                                     headers={"Nats-Msg-Id": f"{ex.execution_id}:completed"})
+                                     headers={"Nats-Msg-Id": f"{ex.execution_id}:completed",
+                                              ExecutionCompleted.STATUS_HEADER: ex.status})
 
     async def ready(self) -> str | None:
         """None when this service can do its job; otherwise the reason it cannot."""
