@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -10,11 +11,14 @@ import platform
 import statistics
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import aiohttp
+import nats
+from nats.js.api import ConsumerConfig, StreamConfig
 
 from bench.bound import critical_path, greedy, lower_bound, optimum
 from bench.plans import FAN_OUT_6, Scenario, fan_out
@@ -361,6 +365,79 @@ ROUTING_MESSAGES = (
     "Write a poem about the sea",
     "Refactor the backend API endpoints and add rate limiting; review access control",
 )
+
+
+# ---------------------------------------------------------------- primitives
+
+
+@dataclass
+class Primitives:
+    """What one messaging step costs here (µs, medians): the floor under the orchestration overhead."""
+
+    publish_us: float  # JetStream publish, waiting for the stream's ack
+    kv_write_us: float  # compare-and-set write of a 12 kB document
+    kv_read_us: float  # read of that document
+    hop_us: float  # publish → delivered to a pull consumer fetching on another connection
+    n: int
+
+    def floor_ms(self) -> float:
+        """An execution's critical path in primitives: 4 hops (request → PM, task → pool, result →
+        aggregator, final event → gateway) and 3 document writes in sequence (create, plan, final)."""
+        return (4 * self.hop_us + 3 * self.kv_write_us) / 1000
+
+
+async def run_primitives(stack: Stack, n: int = 300) -> Primitives:
+    """Time the bare steps with nats-py against the stack's own nats-server, on a stream and bucket of
+    their own (removed afterwards), while the stack is idle."""
+    stream, bucket, subject = "BENCH_PRIMITIVES", "bench_primitives", "bench.primitives"
+    pub_nc, sub_nc = await nats.connect(stack.nats_url), await nats.connect(stack.nats_url)
+    js = pub_nc.jetstream()
+    try:
+        await js.add_stream(StreamConfig(name=stream, subjects=[f"{subject}.>"]))
+        kv = await js.create_key_value(bucket=bucket)
+        doc = b"x" * 12_000
+
+        async def timed(step: Callable[[int], Awaitable[object]]) -> float:
+            times = []
+            for i in range(n):
+                t0 = time.perf_counter()
+                await step(i)
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times) * 1e6
+
+        publish_us = await timed(lambda i: js.publish(f"{subject}.pub", b"x", headers={"Nats-Msg-Id": str(i)}))
+        revision = [await kv.put("doc", doc)]
+
+        async def write(_: int) -> None:
+            revision[0] = await kv.update("doc", doc, last=revision[0])
+
+        kv_write_us = await timed(write)
+        kv_read_us = await timed(lambda _: kv.get("doc"))
+
+        await js.add_consumer(stream, ConsumerConfig(durable_name="hop", filter_subject=f"{subject}.hop"))
+        sub = await sub_nc.jetstream().pull_subscribe_bind("hop", stream=stream)
+        hops: list[float] = []
+
+        async def consume() -> None:
+            while len(hops) < n:
+                with contextlib.suppress(TimeoutError):
+                    for m in await sub.fetch(1, timeout=5):
+                        hops.append(time.perf_counter() - float(m.data))
+                        await m.ack()
+
+        consumer = asyncio.create_task(consume())
+        for _ in range(n):
+            await js.publish(f"{subject}.hop", str(time.perf_counter()).encode())
+            await asyncio.sleep(0.002)  # pacing: one message in flight at a time, as on a sequential path
+        await asyncio.wait_for(consumer, 30)
+        return Primitives(publish_us, kv_write_us, kv_read_us, statistics.median(hops) * 1e6, n)
+    finally:
+        with contextlib.suppress(Exception):
+            await js.delete_stream(stream)
+        with contextlib.suppress(Exception):
+            await js.delete_key_value(bucket)
+        await sub_nc.close()
+        await pub_nc.close()
 
 
 def run_routing(n: int) -> list[float]:

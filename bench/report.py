@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bench.measure import Overhead, ScenarioResult, cost_overhead, percentile
+from bench.measure import Overhead, Primitives, ScenarioResult, cost_overhead, percentile
 
 if TYPE_CHECKING:
     from bench.run import Results
@@ -71,9 +71,9 @@ def summary_rows(res: Results) -> list[tuple[str, str, str, str]]:
     if res.overhead:
         o = res.overhead
         p50, p99 = o.stat(50), o.stat(99)
-        rows.append(("Orchestration overhead, 6-task fan-out, zero-latency agents (p50 / p99)", "≤ 8 ms / ≤ 30 ms",
-                     f"{p50:.1f} ms / {p99:.1f} ms",
-                     _met(p50 <= TARGETS["overhead_p50"] and p99 <= TARGETS["overhead_p99"])))
+        what = "Orchestration overhead, 6-task fan-out, zero-latency agents"
+        rows.append((f"{what}: p50", "≤ 8 ms", f"{p50:.1f} ms", _met(p50 <= TARGETS["overhead_p50"])))
+        rows.append((f"{what}: p99", "≤ 30 ms", f"{p99:.1f} ms", _met(p99 <= TARGETS["overhead_p99"])))
     if res.throughput:
         t = res.throughput
         rows.append((f"Throughput, 6-task zero-latency executions, {t.concurrency} in flight", "≥ 200 executions/s",
@@ -149,6 +149,18 @@ def overhead_section(o: Overhead) -> str:
     )
 
 
+def primitives_section(p: Primitives) -> str:
+    return (
+        "The floor under it, measured on the same nats-server with the same client library (nats-py), "
+        f"medians of {p.n}: an acknowledged JetStream publish {p.publish_us:.0f} µs, a compare-and-set write of "
+        f"a 12 kB document {p.kv_write_us:.0f} µs, reading it {p.kv_read_us:.0f} µs, and one hop — publish → "
+        f"delivered to a pull consumer on another connection — {p.hop_us:.0f} µs. One execution's critical path "
+        "has four hops in sequence (request → PM, task → pool, result → aggregator, final event → gateway) and "
+        f"three document writes (the gateway's create, the plan, the final answer): **{p.floor_ms():.1f} ms** "
+        "before any service code, HTTP or a second process on the same core."
+    )
+
+
 def results_markdown(res: Results, figures: dict[str, str]) -> str:
     o = res.options
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -213,6 +225,8 @@ def results_markdown(res: Results, figures: dict[str, str]) -> str:
             ]
     if res.overhead:
         out += ["## Orchestration overhead", "", overhead_section(res.overhead), ""]
+        if res.primitives:
+            out += [primitives_section(res.primitives), ""]
         if "overhead" in figures:
             out += [f"![overhead]({figures['overhead']})", ""]
     if res.throughput:

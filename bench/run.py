@@ -51,6 +51,7 @@ class Results:
     seconds: float = 0.0
     scenarios: list[measure.ScenarioResult] = field(default_factory=list)
     overhead: measure.Overhead | None = None
+    primitives: measure.Primitives | None = None
     routing_ms: list[float] = field(default_factory=list)
     throughput: measure.Throughput | None = None
     load: measure.Load | None = None
@@ -82,6 +83,7 @@ async def measure_all(opts: Options) -> Results:
             if "overhead" in opts.parts:
                 log.info("overhead: %d sequential zero-latency fan-outs", opts.overhead_n)
                 res.overhead = await measure.run_overhead(stack, opts.overhead_n)
+                res.primitives = await measure.run_primitives(stack)
     if {"throughput", "load", "soak"} & set(opts.parts):
         wide = config_section(worker_pools=WIDE_POOLS, max_tasks_per_execution=max(10, opts.load_tasks))
         async with running_stack(wide) as stack:
