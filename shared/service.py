@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -159,6 +160,9 @@ def run_service(service: str, start: Start, make_app: MakeApp | None = None) -> 
         sys.exit(2)
     setup_logging(service, settings.log_level, settings.log_format)
     try:
+        # A message or a request makes thousands of short-lived objects (pydantic models, NATS messages):
+        # collect the young generation every 20,000 allocations instead of 700 (bench/PROFILE.md: +7 %).
+        gc.set_threshold(20_000, 50, 100)
         uvloop.run(_main(service, start, make_app, settings))
     except ConfigError as e:
         log.error("cannot start %s: %s", service, e)
