@@ -120,10 +120,10 @@ class AggregatorHandlers:
             queue.append(pending)  # a write of this execution is in flight: ride on the next one
             return await pending.done
         self._waiting[execution_id] = [pending]
-        await asyncio.sleep(0)  # results of this execution that arrived in the same fetch join the first write
         known = self._known.pop(execution_id, None)
         batch: list[_Change] = []
         try:
+            await asyncio.sleep(0)  # results of this execution that arrived in the same fetch join the first write
             while batch := self._waiting[execution_id]:
                 self._waiting[execution_id] = []
                 try:
