@@ -118,9 +118,10 @@ class PoolWorker:
         if seconds_left <= 0:
             await self._failed(d, "deadline", "execution deadline passed before the task started", None, Usage())
             return
-        if d.attempt == 1 and self.endings.covers(msg):
-            ended, previous = self.endings.ended(cmd.execution_id), None
-        else:
+        previous = None
+        if d.attempt == 1:
+            ended = await self._ended(d)
+        else:  # a retry: its model depends on how the last attempt failed, which the document has
             state = await self._state(cmd)
             ended, previous = state is None, state.attempt(d.attempt - 1) if state else None
         if ended:

@@ -72,7 +72,6 @@ class TextReply(BaseModel):
 
 class ModelProvider(Protocol):
     name: str
-    writes: bool  # whether ``synthesize`` writes the client's answer (else the aggregator's template does)
 
     async def run_task(self, pool: Pool, task: TaskSpec, prompt: Prompt, model: str, attempt: int) -> TaskReply:
         """Run one attempt of a task and return the agent's structured output."""
@@ -178,7 +177,6 @@ class SimulatedProvider:
     """Offline provider: latency from config (or ``context.simulate``), deterministic output."""
 
     name = "simulated"
-    writes = False
 
     def __init__(self, pe: ParallelExecutionConfig) -> None:
         self.latency = pe.simulated.latency_s
@@ -296,7 +294,6 @@ class AnthropicProvider:
     """Claude through the official SDK; any Messages-API-compatible endpoint via ``anthropic.base_url``."""
 
     name = "anthropic"
-    writes = True
 
     def __init__(self, pe: ParallelExecutionConfig, api_key: str) -> None:
         import anthropic
