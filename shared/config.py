@@ -133,6 +133,9 @@ class ParallelExecutionConfig(_Strict):
     anthropic: AnthropicConfig = AnthropicConfig()
     execution_timeout_s: float = Field(default=1800, gt=0)
     ack_wait_s: float = Field(default=30, gt=0, description="crash-detection window of every durable consumer")
+    announce_start_after_s: float = Field(
+        default=0.1, gt=0, description="a task attempt still running after this long is announced as started; "
+        "a quicker one is recorded from its result alone")
     worker_pools: WorkerPools = WorkerPools()
     pm_coordinator: PMCoordinator = PMCoordinator()
     result_aggregation: ResultAggregation = ResultAggregation()

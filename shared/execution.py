@@ -27,6 +27,7 @@ from shared.schemas import (
 )
 
 BLOCKING = frozenset({"failed", "skipped", "cancelled"})
+LOST_UNANNOUNCED = "worker lost before it reported (and before its start was announced); redelivered"
 
 
 def new_execution(req: ExecutionRequested) -> Execution:
@@ -101,9 +102,17 @@ def apply_result(ex: Execution, r: TaskStarted | TaskCompleted | TaskFailed) -> 
     if task is None or ex.terminal or task.status in TERMINAL_TASK:
         return False
     att = task.attempt(r.attempt)
+    if att is not None and att.error == LOST_UNANNOUNCED:  # it reported after all, after a later delivery's
+        task.attempts.remove(att)
+        att = None
     if att is None:
-        att = Attempt(n=r.attempt, worker=r.worker, started_at=r.started_at,
-                      upstream=r.upstream if isinstance(r, TaskStarted) else [])
+        att = Attempt(n=r.attempt, worker=r.worker, started_at=r.started_at, upstream=r.upstream)
+        seen = {a.n for a in task.attempts}
+        # Attempt numbers are delivery counts: a missing one is a delivery whose worker was lost before
+        # it reported, quicker than its start is announced. Only its existence is known.
+        task.attempts.extend(Attempt(n=n, worker="unknown", started_at=r.started_at, finished_at=r.started_at,
+                                     outcome="lost", error=LOST_UNANNOUNCED)
+                             for n in range(1, r.attempt) if n not in seen)
         task.attempts.append(att)
         task.attempts.sort(key=lambda a: a.n)
         # A later delivery means every earlier one still "running" lost its worker (crash, kill).
@@ -216,15 +225,23 @@ EVENT_KIND = {"queued": "released", "running": "started", "retrying": "retrying"
 
 
 def marks(ex: Execution) -> TaskMarks:
-    """Each task's status and attempt count: what lifecycle events are derived from."""
-    return {t.id: (t.status, len(t.attempts)) for t in ex.tasks}
+    """Each task's status and latest attempt: what lifecycle events are derived from."""
+    return {t.id: (t.status, t.attempts[-1].n if t.attempts else 0) for t in ex.tasks}
 
 
 def lifecycle_events(before: TaskMarks, ex: Execution) -> list[LifecycleEvent]:
-    """One event per task whose status or attempt count changed since ``before``."""
+    """What happened to each task since ``before``: a ``started`` event per attempt recorded since (also
+    for one known only from its result), then one for the task's new status unless that is ``running``."""
     events = []
     for t in ex.tasks:
-        if before.get(t.id) == (t.status, len(t.attempts)):
+        status, last_n = before.get(t.id, ("", 0))
+        new = [a for a in t.attempts if a.n > last_n]
+        for a in new:
+            if a.error == LOST_UNANNOUNCED:
+                continue
+            events.append(LifecycleEvent(kind="started", execution_id=ex.execution_id, at=a.started_at, task_id=t.id,
+                                         pool=t.pool, status="running", attempt=a.n, worker=a.worker))
+        if t.status == "running" or (t.status == status and not new):
             continue
         last = t.attempts[-1] if t.attempts else None
         events.append(LifecycleEvent(

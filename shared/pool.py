@@ -59,7 +59,8 @@ class _Delivery:
         self.cmd, self.msg, self.started = cmd, msg, now()
         self.attempt = msg.metadata.num_delivered or 1
         self.ctx = {"execution_id": cmd.execution_id, "task_id": cmd.task.id, "pool": pool, "attempt": self.attempt}
-        self.head: dict[str, Any] = {**self.ctx, "worker": worker}
+        self.head: dict[str, Any] = {**self.ctx, "worker": worker,
+                                     "upstream": sorted(cmd.task.context.get("upstream") or {})}
         self.abandoned = False
 
 
@@ -128,9 +129,6 @@ class PoolWorker:
             await msg.ack()  # the execution ended (cancelled, deadline) or the task was settled: nothing to do
             log.info("not started: its execution has ended", extra=d.ctx)
             return
-        upstream = sorted(cmd.task.context.get("upstream") or {})
-        started = TaskStarted(**d.head, started_at=d.started, upstream=upstream)
-        await emit(self.rt.nats, self.rt.names.results(cmd.execution_id), started, started.msg_id())
         model = model_for(self.rt.pe, self.pool, d.attempt, previous.error_kind if previous else None)
         metrics.TASKS.labels(self.pool, "started").inc()
         log.info("task started on %s", model, extra=d.ctx)
@@ -229,10 +227,16 @@ class PoolWorker:
             observe(self.pool, model, usage, cost)
 
     async def _heartbeat(self, d: _Delivery, run: asyncio.Task[TaskReply]) -> None:
-        """A few times per ``ack_wait``: tell the broker this delivery is alive, and abandon the run if
-        its execution has ended meanwhile (cancelled, past its deadline)."""
+        """While the attempt runs: once it has run ``announce_start_after_s``, announce its start (the
+        state shows it running, and records it should its worker be lost); then a few times per
+        ``ack_wait`` tell the broker this delivery is alive, and abandon the run if its execution has
+        ended meanwhile (cancelled, past its deadline). An attempt quicker than that is recorded from its
+        result alone, which carries its start: one message instead of two."""
         interval = max(0.2, self.rt.pe.ack_wait_s / 3)
         with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(self.rt.pe.announce_start_after_s)
+            started = TaskStarted(**d.head, started_at=d.started)
+            await emit(self.rt.nats, self.rt.names.results(d.cmd.execution_id), started, started.msg_id())
             while True:
                 await asyncio.sleep(interval)
                 await d.msg.in_progress()

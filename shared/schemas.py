@@ -176,6 +176,7 @@ class _TaskResult(Wire):
     attempt: int = Field(ge=1)
     worker: str
     started_at: datetime
+    upstream: list[str] = Field(default_factory=list, description="dependencies whose outputs this attempt got")
 
     def msg_id(self) -> str:
         kind = getattr(self, "kind", "result")
@@ -183,8 +184,10 @@ class _TaskResult(Wire):
 
 
 class TaskStarted(_TaskResult):
+    """Sent only for an attempt still running after ``announce_start_after_s``: shows it running, and
+    records it if its worker is lost."""
+
     kind: Literal["task.started"] = "task.started"
-    upstream: list[str] = Field(default_factory=list, description="dependencies whose outputs this attempt got")
 
 
 class TaskCompleted(_TaskResult):

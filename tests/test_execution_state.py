@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from shared.execution import all_tasks_terminal, apply_plan, apply_result, new_execution, outcome, queued
+from shared.execution import (
+    LOST_UNANNOUNCED,
+    all_tasks_terminal,
+    apply_plan,
+    apply_result,
+    lifecycle_events,
+    marks,
+    new_execution,
+    outcome,
+    queued,
+)
 from shared.schemas import (
     ExecutionCompleted,
     ExecutionRequested,
@@ -113,3 +123,33 @@ def test_the_final_event_wraps_the_stored_document_as_if_serialised_again() -> N
     event = ExecutionCompleted.model_validate_json(ExecutionCompleted.around(stored))
     assert event == ExecutionCompleted(execution=ex)
     assert event.execution.model_dump_json().encode() == stored
+
+
+def test_an_attempt_known_only_from_its_result_gets_a_started_event_before_its_outcome() -> None:
+    ex = execution()
+    before = marks(ex)
+    assert apply_result(ex, completed("api"))  # quicker than its start is announced: no TaskStarted
+    events = [(e.kind, e.task_id, e.attempt) for e in lifecycle_events(before, ex)]
+    assert events == [("started", "api", 1), ("task_completed", "api", 1), ("released", "ui", None)]
+    att = ex.task("api").attempts[0]  # type: ignore[union-attr]
+    assert (att.n, att.outcome, att.started_at) == (1, "completed", T0)
+
+
+def test_a_delivery_lost_before_it_announced_its_start_is_recorded_from_the_gap_it_leaves() -> None:
+    ex = execution()
+    before = marks(ex)
+    assert apply_result(ex, failed("api", 3, final=True))  # deliveries 1 and 2 died without a word
+    api = ex.task("api")
+    assert api is not None
+    assert [(a.n, a.outcome) for a in api.attempts] == [(1, "lost"), (2, "lost"), (3, "failed")]
+    assert api.attempts[0].error == api.attempts[1].error == LOST_UNANNOUNCED
+    # Lost attempts get no started event; the one that reported does.
+    assert [(e.kind, e.attempt) for e in lifecycle_events(before, ex) if e.task_id == "api"] == [
+        ("started", 3), ("task_failed", 3)]
+    # A lost one that reports late after all takes its own place.
+    ex = execution()
+    apply_result(ex, started("api", 2))
+    assert apply_result(ex, failed("api", 1, final=False))
+    api = ex.task("api")
+    assert api is not None
+    assert [(a.n, a.outcome) for a in api.attempts] == [(1, "failed"), (2, "running")]
