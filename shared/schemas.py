@@ -504,7 +504,18 @@ class ExecutionCompleted(Wire):
     @staticmethod
     def around(document: bytes) -> bytes:
         """The event's bytes around an execution document as stored, without serialising it again."""
-        return b'{"schema_version":%d,"kind":"execution.completed","execution":%b}' % (SCHEMA_VERSION, document)
+        return b"%b%b}" % (_COMPLETED_HEAD, document)
+
+    @classmethod
+    def document(cls, event: bytes) -> bytes:
+        """The execution document in ``event``, byte for byte as stored (and as the API serialises it):
+        the inverse of ``around``, without parsing; an event made otherwise is parsed and re-serialised."""
+        if event.startswith(_COMPLETED_HEAD) and event.endswith(b"}"):
+            return event[len(_COMPLETED_HEAD):-1]
+        return cls.model_validate_json(event).execution.model_dump_json().encode()
+
+
+_COMPLETED_HEAD = b'{"schema_version":%d,"kind":"execution.completed","execution":' % SCHEMA_VERSION
 
 
 class CostIncurred(Wire):

@@ -75,7 +75,7 @@ class Runtime:
     async def announce_completed(self, ex: Execution, document: bytes | None = None) -> None:
         """Publish the final response event (around ``document``, ``ex`` as stored, when the caller has it);
         its msg-id makes a repeat harmless."""
-        data = ExecutionCompleted.around(document) if document else ExecutionCompleted(execution=ex).to_bytes()
+        data = ExecutionCompleted.around(document or ex.model_dump_json().encode())
         await self.jetstream.publish(self.names.completed_event(ex.execution_id), data,
                                      headers={"Nats-Msg-Id": f"{ex.execution_id}:completed",
                                               ExecutionCompleted.STATUS_HEADER: ex.status})

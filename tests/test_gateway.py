@@ -87,6 +87,17 @@ def test_a_late_client_gets_every_event_replayed_and_the_stream_closes(stack: St
     assert [i for _, i, _ in resumed] == [str(i) for i in ids[3:]]
 
 
+def test_a_waited_for_answer_is_the_document_byte_for_byte_as_get_serves_it(stack: Stack) -> None:
+    r = httpx.post(f"{stack.url}/api/execute-parallel", headers=auth(),
+                   json={"message": "m", "tasks": [task("api", "codegen", 0), task("ui", "codegen", 0, "api")],
+                         "wait": True}, timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    doc = r.json()
+    assert doc["status"] == "completed" and doc["final_response"] and "error" in doc  # nulls included
+    got = httpx.get(f"{stack.url}/api/execution/{doc['execution_id']}", headers=auth(), timeout=10)
+    assert got.status_code == 200 and r.content == got.content
+
+
 def test_a_live_client_sees_events_as_they_happen(stack: Stack) -> None:
     r = httpx.post(f"{stack.url}/api/execute-parallel", headers=auth(),
                    json={"message": "m", "tasks": [task("slow", "security", 1.0)]}, timeout=30)

@@ -52,5 +52,5 @@ def format_prompt(ex: Execution, agg: AggregatedResult, status: str, pm: PMCoord
         "conflicts": agg.conflicts_detected,
         "timeline": {"end_to_end_s": round(wall, 1), "agent_work_s": round(work, 1)},
     }
-    user = "The results of the execution, as JSON:\n\n" + json.dumps(facts, indent=2, default=str)
+    user = "The results of the execution, as JSON:\n\n" + json.dumps(facts, default=str)
     return Prompt(system_prompt(pm), user)

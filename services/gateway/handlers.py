@@ -106,8 +106,9 @@ def _fingerprint(body: ExecuteRequest) -> str:
 
 
 async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_key: str | None,
-                  routing: dict[str, Any] | None = None) -> tuple[Execution, Execution | None]:
-    """Store and publish a request (once per Idempotency-Key); return it and, when waited for, its end."""
+                  routing: dict[str, Any] | None = None) -> tuple[Execution | bytes, bool]:
+    """Store and publish a request (once per Idempotency-Key); return it and whether it is the end
+    (waited for). A terminal document that came with the final event stays bytes, as stored."""
     pe = rt.pe
     if body.tasks is not None:
         try:
@@ -156,19 +157,19 @@ async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_ke
                                  publish(rt.jetstream, names.execution_deadline, deadline, msg_id=f"{eid}:deadline"))
             log.info("accepted execution", extra={"execution_id": eid})
         if ex.terminal:
-            return ex, ex
+            return ex, True
         final = await _wait_for(sub, "completed" if body.wait else "planned", wait_s if body.wait else PLAN_WAIT_S)
     finally:
         await sub.unsubscribe()
     if final is not None:
-        return final, final
+        return final, True
     current = await rt.executions.get(eid)
     assert current is not None  # created above, and never deleted
-    return current[0], current[0] if current[0].terminal and body.wait else None
+    return current[0], current[0].terminal and body.wait
 
 
-async def _wait_for(sub: Subscription, kind: str, within: float) -> Execution | None:
-    """Wait for the execution's ``kind`` event (or completion); the terminal execution if completed."""
+async def _wait_for(sub: Subscription, kind: str, within: float) -> bytes | None:
+    """Wait for the execution's ``kind`` event (or completion); the terminal document if completed."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
     while (left := deadline - loop.time()) > 0:
@@ -177,7 +178,7 @@ async def _wait_for(sub: Subscription, kind: str, within: float) -> Execution | 
         except TimeoutError:
             return None
         if msg.subject.endswith(".completed"):
-            return ExecutionCompleted.model_validate_json(msg.data).execution
+            return ExecutionCompleted.document(msg.data)
         if msg.subject.endswith(f".{kind}"):
             return None
     return None
@@ -195,10 +196,12 @@ async def execute_parallel(
     who: CallerDep,
     response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
-) -> Execution:
+) -> Execution | Response:
     """Accept a request; 202 with the planned execution, or 200 with the terminal one when ``wait``."""
     ex, final = await _submit(rt, who, body, idempotency_key)
-    response.status_code = status.HTTP_200_OK if final is not None else status.HTTP_202_ACCEPTED
+    if isinstance(ex, bytes):  # the stored document is the response: no need to parse and re-serialise it
+        return Response(ex, status.HTTP_200_OK, media_type="application/json")
+    response.status_code = status.HTTP_200_OK if final else status.HTTP_202_ACCEPTED
     return ex
 
 
@@ -225,8 +228,9 @@ async def chat(
         req = ExecuteRequest(message=body.message, session_key=body.session_key, project=body.project,
                              tasks=[TaskSpec(id="chat", pool=pool, description=body.message)], mode="serial",
                              wait=body.wait, timeout_s=body.timeout_s)
-    ex, final = await _submit(rt, who, req, idempotency_key, routing)
-    response.status_code = status.HTTP_200_OK if final is not None else status.HTTP_202_ACCEPTED
+    submitted, final = await _submit(rt, who, req, idempotency_key, routing)
+    ex = Execution.model_validate_json(submitted) if isinstance(submitted, bytes) else submitted
+    response.status_code = status.HTTP_200_OK if final else status.HTTP_202_ACCEPTED
     return ChatResponse(execution_id=ex.execution_id, status=ex.status, mode=ex.mode, routing=routing,
                         response=ex.final_response, cost_usd=ex.cost.total_usd)
 
@@ -246,7 +250,7 @@ async def cancel_execution(
     who: CallerDep,
     response: Response,
     wait_s: Annotated[float, Query(ge=0, le=60, description="how long to wait for the cancellation")] = 10,
-) -> Execution:
+) -> Execution | Response:
     """Cancel: queued tasks never run, running ones are abandoned at their next heartbeat; the execution
     ends ``cancelled`` with the cost spent so far."""
     execution_id = ex.execution_id
@@ -260,7 +264,7 @@ async def cancel_execution(
     finally:
         await sub.unsubscribe()
     if final is not None:
-        return final
+        return Response(final, status.HTTP_200_OK, media_type="application/json")
     response.status_code = status.HTTP_202_ACCEPTED
     return await owned(rt, who, execution_id)
 
