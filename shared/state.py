@@ -41,22 +41,23 @@ class ExecutionStore:
 
     async def mutate_from(self, execution_id: str, change: Callable[[Execution], bool], known: Stored | None,
                           then: Callable[[Execution], Awaitable[bool]] | None = None,
-                          ) -> tuple[Execution, Stored] | None:
+                          parsed: Execution | None = None) -> tuple[Execution, Stored] | None:
         """``mutate``, starting from ``known`` (a version this process stored) instead of a fresh read.
 
         A writer that applies several changes to one execution in a row skips the read before each
         write; if ``known`` is stale the write loses the compare-and-set and the loop re-reads as usual.
-        ``then`` runs after ``change`` on the same version and may change it further, in the same write
-        (it is awaited, and like ``change`` re-run on a retry). Returns the document and its stored
-        version, to pass to the next call.
+        ``parsed`` is ``known`` already parsed (as this method returned it), which it then changes in
+        place instead of parsing ``known`` again: the caller hands it over. ``then`` runs after ``change``
+        on the same version and may change it further, in the same write (it is awaited, and like
+        ``change`` re-run on a retry). Returns the document and its stored version, to pass to the next call.
         """
         while True:
             if known is None:
-                known = await self.read(execution_id)
+                known, parsed = await self.read(execution_id), None
                 if known is None:
                     return None
             data, revision = known
-            ex = Execution.model_validate_json(data)
+            ex = parsed if parsed is not None else Execution.model_validate_json(data)
             changed = change(ex)
             if then is not None:
                 changed = await then(ex) or changed
@@ -68,7 +69,7 @@ class ExecutionStore:
             except KeyWrongLastSequenceError:
                 metrics.KV_CONFLICTS.inc()
                 log.debug("lost a compare-and-set race on %s; re-reading", execution_id)
-                known = None
+                known = parsed = None
 
     async def read(self, execution_id: str) -> Stored | None:
         """The stored document as bytes, and its revision; None when there is none."""

@@ -91,14 +91,19 @@ def _count_finished(ex: Execution) -> None:
              ex.cost.total_usd, extra={"execution_id": ex.execution_id})
 
 
+_Known = tuple[Execution, Stored]
+
+
 class AggregatorHandlers:
     def __init__(self, rt: Runtime, provider: ModelProvider) -> None:
         self.rt, self.provider = rt, provider
         # Per execution, the changes waiting while a write of it is in flight (see _apply).
         self._waiting: dict[str, list[_Change]] = {}
-        # Per running execution, the version this replica last stored: the next write starts from it
-        # instead of a read (a stale one — another replica wrote since — loses the compare-and-set and re-reads).
-        self._known: OrderedDict[str, Stored] = OrderedDict()
+        # Per running execution, the version this replica last stored, parsed and as stored: the next write
+        # changes it in place instead of reading and parsing (a stale one — another replica wrote since —
+        # loses the compare-and-set and re-reads). Callers of a write get the same object; they only look
+        # at whether it is terminal, which no later write changes.
+        self._known: OrderedDict[str, _Known] = OrderedDict()
         self._known_limit = 1_000  # executions in flight on this replica; each holds one document
 
     async def _apply(self, execution_id: str, change: Callable[[Execution], bool], msg: Msg) -> Execution | None:
@@ -146,7 +151,7 @@ class AggregatorHandlers:
         return await pending.done
 
     async def _write(self, execution_id: str, batch: list[_Change],
-                     known: Stored | None) -> tuple[Execution | None, Stored | None]:
+                     known: _Known | None) -> tuple[Execution | None, _Known | None]:
         """One compare-and-set write of ``batch`` — with the final answer when it leaves no task open —
         then its events, the tasks it released, and the final event."""
         events: list[LifecycleEvent] = []
@@ -172,7 +177,8 @@ class AggregatorHandlers:
                 answer[0].apply(ex)
             return concluded
 
-        result = await self.rt.executions.mutate_from(execution_id, recorded, known, conclude)
+        result = await self.rt.executions.mutate_from(execution_id, recorded, known[1] if known else None, conclude,
+                                                      parsed=known[0] if known else None)
         if result is None:
             return None, None
         ex, stored = result
@@ -186,7 +192,7 @@ class AggregatorHandlers:
             _count_finished(ex)
         if all_tasks_terminal(ex):  # finished now, or before (a replay: announced again, nothing recomputed)
             await self._announce(ex, stored[0])
-        return ex, None if ex.terminal else stored
+        return ex, None if ex.terminal else (ex, stored)
 
     async def on_result(self, r: TaskStarted | TaskCompleted | TaskFailed, msg: Msg) -> None:
         """Apply one result; release what it unblocks; finish the execution when nothing is left."""

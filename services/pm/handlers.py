@@ -60,7 +60,8 @@ class PMHandlers:
             # The decomposition call is stored in the same compare-and-set write as the plan: counted once.
             # It starts from the version read above (no second read); a stale one re-reads.
             stored = await store.mutate_from(req.execution_id,
-                                             lambda ex: apply_plan(ex, plan.tasks, plan.planner, plan.calls), known)
+                                             lambda ex: apply_plan(ex, plan.tasks, plan.planner, plan.calls), known,
+                                             parsed=current[0] if current else None)
             ex = stored[0] if stored else None
         if ex is None or ex.status != "running":
             await msg.ack()  # cancelled or finished meanwhile: nothing to start
