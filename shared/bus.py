@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import UTC, datetime
 
 import nats
 from nats.aio.client import Client as NATS
@@ -103,6 +104,15 @@ async def connect(
 async def publish(js: JetStreamContext, subject: str, msg: Wire, msg_id: str | None = None) -> PubAck:
     """Publish a wire model; ``msg_id`` makes a repeat within the stream's duplicate window a no-op."""
     headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+    return await js.publish(subject, msg.to_bytes(), headers=headers)
+
+
+async def schedule(js: JetStreamContext, subject: str, target: str, at: datetime, msg: Wire, msg_id: str) -> PubAck:
+    """Have the stream publish ``msg`` on ``target`` at ``at``: a JetStream message schedule (nats-server
+    2.12+, a stream with ``allow_msg_schedules``). Until then nothing is delivered to anyone; ``subject``
+    (inside the stream, one per schedule) holds it, and the server removes it once it has fired."""
+    when = at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    headers = {"Nats-Msg-Id": msg_id, "Nats-Schedule": f"@at {when}", "Nats-Schedule-Target": target}
     return await js.publish(subject, msg.to_bytes(), headers=headers)
 
 

@@ -92,6 +92,14 @@ class Names:
     def execution_deadline(self) -> str:
         return self._subject("executions.deadline")
 
+    def execution_deadline_schedule(self, execution_id: str) -> str:
+        """Where an execution's deadline check waits: the stream publishes it on ``execution_deadline`` then."""
+        return self._subject(f"executions.deadline.{execution_id}")
+
+    @property
+    def execution_deadline_schedules(self) -> str:
+        return self._subject("executions.deadline.*")
+
     @property
     def tasks_all(self) -> str:
         return self._subject("tasks.*")

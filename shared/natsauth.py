@@ -112,7 +112,7 @@ def permissions(names: Names | None = None) -> dict[str, tuple[list[str], list[s
             *(f"$JS.API.STREAM.MSG.GET.{s}" for s in n.consumed_streams),
             f"$JS.API.STREAM.MSG.DELETE.{n.tasks_stream}",
         ],
-        "gateway": [*kv_read, *kv_write, n.execution_requested, n.execution_deadline, n.execution_cancel,
+        "gateway": [*kv_read, *kv_write, n.execution_requested, n.execution_deadline_schedules, n.execution_cancel,
                     *follow],  # replaying an execution's events
     }
     for p in POOLS:

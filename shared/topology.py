@@ -36,7 +36,8 @@ KV_TTL = 30 * DAY
 def stream_configs(names: Names, replicas: int = 1) -> list[StreamConfig]:
     """The project's streams; TASKS is a work queue, the rest keep history for replay and audit."""
 
-    def cfg(name: str, subject: str, max_age: float, dup: float, retention: RetentionPolicy) -> StreamConfig:
+    def cfg(name: str, subject: str, max_age: float, dup: float, retention: RetentionPolicy,
+            schedules: bool | None = None) -> StreamConfig:
         return StreamConfig(
             name=name,
             subjects=[subject],
@@ -45,11 +46,13 @@ def stream_configs(names: Names, replicas: int = 1) -> list[StreamConfig]:
             num_replicas=replicas,
             max_age=max_age,
             duplicate_window=dup,
+            allow_msg_schedules=schedules,
         )
 
     limits, work = RetentionPolicy.LIMITS, RetentionPolicy.WORK_QUEUE
     return [
-        cfg(names.executions_stream, names.executions_all, 7 * DAY, 600, limits),
+        # Message schedules: an execution's deadline check waits in the stream until its deadline.
+        cfg(names.executions_stream, names.executions_all, 7 * DAY, 600, limits, schedules=True),
         # A long duplicate window: a released task's msg-id must stay remembered while the execution runs.
         cfg(names.tasks_stream, names.tasks_all, 7 * DAY, 3600, work),
         cfg(names.results_stream, names.results_all, 7 * DAY, 600, limits),
@@ -143,9 +146,9 @@ def aggregator_consumer_config(names: Names, pe: ParallelExecutionConfig) -> Con
 
 
 def deadlines_consumer_config(names: Names) -> ConsumerConfig:
-    """Deadline checks wait in the broker (nak with the remaining time); each waiting one holds an
-    ack-pending slot, so the cap is far above the number of executions that can be running at once."""
-    return _durable(names.deadlines_consumer, names.execution_deadline, max_ack_pending=100_000, ack_wait=30,
+    """Deadline checks are published by the stream's schedules at each execution's deadline, so this
+    durable only sees those due (or, from a clock ahead of the aggregator's, about to be: nak'd until then)."""
+    return _durable(names.deadlines_consumer, names.execution_deadline, max_ack_pending=1_000, ack_wait=30,
                     max_deliver=-1)
 
 

@@ -251,16 +251,27 @@ async def test_a_task_whose_worker_always_dies_is_dead_lettered_and_the_executio
     assert info.state.messages == 0
 
 
-def test_deadline_finishes_partial_with_what_is_done(stack_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_deadline_finishes_partial_with_what_is_done(stack_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     cfg = write_config(tmp_path / "c.json", {
         "execution_timeout_s": 2,
         "worker_pools": {"database": {"max_concurrent": 1, "timeout": 60}},
     })
     stack = stack_factory(ns(), "--config", str(cfg))
+    names = stack.names
+    nc = await nats.connect(str(stack.state()["nats_url"]))
+    js = nc.jetstream()
     began = time.monotonic()
-    doc = run(stack, [task("quick", "codegen", latency_s=0),
-                      task("slow", "database", latency_s=10), task("starved", "database", latency_s=10)], timeout=20)
+    eid = submit(stack, [task("quick", "codegen", latency_s=0),
+                         task("slow", "database", latency_s=10), task("starved", "database", latency_s=10)])
+    # The deadline check waits in the stream as a message schedule, not in the aggregator's consumer.
+    scheduled = await js.get_last_msg(names.executions_stream, names.execution_deadline_schedule(eid))
+    assert scheduled.headers and scheduled.headers["Nats-Schedule-Target"] == names.execution_deadline
+    assert scheduled.headers["Nats-Schedule"].startswith("@at ")
+    doc = wait_until(lambda: (d := get(stack, eid))["status"] == "partial" and d, 20, "the deadline")
     assert time.monotonic() - began < 8  # the deadline (2 s) ended it, not the 10 s tasks
+    checks = await js.consumer_info(names.executions_stream, names.deadlines_consumer)
+    await nc.drain()
+    assert checks.delivered.consumer_seq == 1 and checks.num_ack_pending == 0  # delivered once: when due
     tasks = {t["id"]: t for t in doc["tasks"]}
     assert doc["status"] == "partial"
     assert tasks["quick"]["status"] == "completed"

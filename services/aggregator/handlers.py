@@ -209,10 +209,11 @@ class AggregatorHandlers:
         await msg.ack()
 
     async def on_deadline(self, check: ExecutionDeadline, msg: Msg) -> None:
-        """At the deadline, finish the execution with what it has; before it, hand the check back."""
+        """At the deadline (when the stream's schedule publishes the check), finish the execution with what
+        it has. A check that comes early by this process's clock is handed back until then."""
         left = (check.deadline_at - now()).total_seconds()
         if left > 0:
-            await msg.nak(delay=left)  # the broker holds the check until the deadline
+            await msg.nak(delay=left)
             return
 
         def expire_or_fail(ex: Execution) -> bool:

@@ -20,7 +20,7 @@ from nats.js.errors import KeyWrongLastSequenceError
 from services.gateway.access import LOCAL_TENANT, Caller
 from services.gateway.api import ChatRequest, ChatResponse, ErrorBody, ExecuteRequest
 from shared import metrics
-from shared.bus import publish
+from shared.bus import publish, schedule
 from shared.distributor import should_use_parallel_execution
 from shared.errors import PlanError
 from shared.execution import new_execution
@@ -150,11 +150,12 @@ async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_ke
     sub = await rt.nats.subscribe(names.completed_event(eid) if body.wait else names.events(eid, "*"))
     try:
         if fresh:
-            # With the request, the aggregator's deadline check: held by the broker until then, so no
-            # execution waits forever.
+            # With the request, the aggregator's deadline check, scheduled in the stream for the deadline,
+            # so no execution waits forever.
             deadline = ExecutionDeadline(execution_id=eid, deadline_at=req.deadline_at)
             await asyncio.gather(publish(rt.jetstream, names.execution_requested, req, msg_id=eid),
-                                 publish(rt.jetstream, names.execution_deadline, deadline, msg_id=f"{eid}:deadline"))
+                                 schedule(rt.jetstream, names.execution_deadline_schedule(eid),
+                                          names.execution_deadline, req.deadline_at, deadline, f"{eid}:deadline"))
             log.info("accepted execution", extra={"execution_id": eid})
         if ex.terminal:
             return ex, True
