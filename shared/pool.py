@@ -62,6 +62,7 @@ class _Delivery:
         self.head: dict[str, Any] = {**self.ctx, "worker": worker,
                                      "upstream": sorted(cmd.task.context.get("upstream") or {})}
         self.abandoned = False
+        self.watch: asyncio.TimerHandle | asyncio.Task[None] | None = None  # see PoolWorker._watch
 
 
 class Endings:
@@ -135,9 +136,9 @@ class PoolWorker:
 
         timeout = min(self.cfg.timeout, seconds_left)
         metrics.TASKS_IN_FLIGHT.labels(self.pool).inc()
-        run = asyncio.create_task(asyncio.wait_for(
-            self.provider.run_task(self.pool, cmd.task, self.format_prompt(cmd.task), model, d.attempt), timeout))
-        heartbeat = asyncio.create_task(self._heartbeat(d, run))
+        run = asyncio.create_task(self._run(cmd, model, d.attempt, timeout))
+        # Nothing more for an attempt quicker than announce_start_after_s: then _watch takes over.
+        d.watch = asyncio.get_running_loop().call_later(self.rt.pe.announce_start_after_s, self._watch, d, run)
         try:
             reply = await run
         except asyncio.CancelledError:
@@ -158,7 +159,7 @@ class PoolWorker:
             await self._failed(d, "agent_error", f"agent error: {type(e).__name__}: {e}", model, Usage())
             return
         finally:
-            heartbeat.cancel()
+            d.watch.cancel()
             metrics.TASKS_IN_FLIGHT.labels(self.pool).dec()
 
         finished = now()
@@ -226,15 +227,21 @@ class PoolWorker:
         if model:
             observe(self.pool, model, usage, cost)
 
+    async def _run(self, cmd: RunTask, model: str, attempt: int, timeout: float) -> TaskReply:
+        async with asyncio.timeout(timeout):
+            return await self.provider.run_task(self.pool, cmd.task, self.format_prompt(cmd.task), model, attempt)
+
+    def _watch(self, d: _Delivery, run: asyncio.Task[TaskReply]) -> None:
+        d.watch = asyncio.create_task(self._heartbeat(d, run))
+
     async def _heartbeat(self, d: _Delivery, run: asyncio.Task[TaskReply]) -> None:
-        """While the attempt runs: once it has run ``announce_start_after_s``, announce its start (the
-        state shows it running, and records it should its worker be lost); then a few times per
-        ``ack_wait`` tell the broker this delivery is alive, and abandon the run if its execution has
-        ended meanwhile (cancelled, past its deadline). An attempt quicker than that is recorded from its
-        result alone, which carries its start: one message instead of two."""
+        """For an attempt that has run ``announce_start_after_s``: announce its start (the state shows it
+        running, and records it should its worker be lost); then a few times per ``ack_wait`` tell the
+        broker this delivery is alive, and abandon the run if its execution has ended meanwhile
+        (cancelled, past its deadline). A quicker attempt is recorded from its result alone, which carries
+        its start: one message instead of two."""
         interval = max(0.2, self.rt.pe.ack_wait_s / 3)
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.sleep(self.rt.pe.announce_start_after_s)
             started = TaskStarted(**d.head, started_at=d.started)
             await emit(self.rt.nats, self.rt.names.results(d.cmd.execution_id), started, started.msg_id())
             while True:
