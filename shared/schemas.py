@@ -195,7 +195,7 @@ class TaskCompleted(_TaskResult):
     finished_at: datetime
     model: str
     provider: str
-    usage: Usage = Usage()
+    usage: Usage = Field(default_factory=Usage)
     cost_usd: float = 0.0
     output: TaskOutput
 
@@ -210,7 +210,7 @@ class TaskFailed(_TaskResult):
     retry_in_s: float | None = None
     model: str | None = None
     provider: str | None = None
-    usage: Usage = Usage()
+    usage: Usage = Field(default_factory=Usage)
     cost_usd: float = 0.0
 
 
@@ -248,7 +248,7 @@ class Attempt(BaseModel):
     upstream: list[str] = Field(default_factory=list, description="dependencies whose outputs it worked from")
     model: str | None = None
     provider: str | None = None
-    usage: Usage = Usage()
+    usage: Usage = Field(default_factory=Usage)
     cost_usd: float = 0.0
 
     @computed_field  # type: ignore[prop-decorator]
@@ -314,7 +314,7 @@ class ModelCall(BaseModel):
     phase: Literal["decomposition", "synthesis"]
     model: str
     provider: str
-    usage: Usage = Usage()
+    usage: Usage = Field(default_factory=Usage)
     cost_usd: float = 0.0
     error: str | None = Field(default=None, description="why its result was not used (the cost still counts)")
 
@@ -529,7 +529,7 @@ class CostIncurred(Wire):
     attempt: int | None = None
     model: str
     provider: str
-    usage: Usage = Usage()
+    usage: Usage = Field(default_factory=Usage)
     cost_usd: float
     incurred_at: datetime = Field(default_factory=now)
 
