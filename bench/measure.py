@@ -10,6 +10,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -379,11 +380,33 @@ class Primitives:
     kv_read_us: float  # read of that document
     hop_us: float  # publish → delivered to a pull consumer fetching on another connection
     n: int
+    wakeup_us: float = 0.0  # one byte there and back through pipes between two processes: the machine's wake-up cost
 
     def floor_ms(self) -> float:
         """An execution's critical path in primitives: 4 hops (request → PM, task → pool, result →
         aggregator, final event → gateway) and 3 document writes in sequence (create, plan, final)."""
         return (4 * self.hop_us + 3 * self.kv_write_us) / 1000
+
+
+def wakeup_round_trip_us(n: int = 2000) -> float:
+    """Median time for one byte to reach a child process through a pipe and come back: two wake-ups of a
+    sleeping process, the unit every hop between services pays (and that virtualisation makes dear)."""
+    child = subprocess.Popen([sys.executable, "-c", "import os\nwhile os.read(0, 1): os.write(1, b'x')"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert child.stdin is not None and child.stdout is not None
+    out, back = child.stdin.fileno(), child.stdout.fileno()
+    times = []
+    try:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            os.write(out, b"x")
+            os.read(back, 1)
+            times.append(time.perf_counter() - t0)
+    finally:
+        child.stdin.close()
+        child.wait(10)
+        child.stdout.close()
+    return statistics.median(times) * 1e6
 
 
 async def run_primitives(stack: Stack, n: int = 300) -> Primitives:
@@ -430,7 +453,8 @@ async def run_primitives(stack: Stack, n: int = 300) -> Primitives:
             await js.publish(f"{subject}.hop", str(time.perf_counter()).encode())
             await asyncio.sleep(0.002)  # pacing: one message in flight at a time, as on a sequential path
         await asyncio.wait_for(consumer, 30)
-        return Primitives(publish_us, kv_write_us, kv_read_us, statistics.median(hops) * 1e6, n)
+        wakeup_us = await asyncio.to_thread(wakeup_round_trip_us)
+        return Primitives(publish_us, kv_write_us, kv_read_us, statistics.median(hops) * 1e6, n, wakeup_us)
     finally:
         with contextlib.suppress(Exception):
             await js.delete_stream(stream)

@@ -85,13 +85,14 @@ def test_a_tiny_real_run_writes_the_report_and_the_readme_table(tmp_path: Path) 
     assert res.overhead is not None and len(res.overhead.samples_ms) == 5 and res.overhead.cpu_ms["gateway-1"] > 0
     assert res.load is not None and res.load.errors == 0 and res.load.max_concurrent_tasks == 6
     p = res.primitives
-    assert p is not None and min(p.publish_us, p.kv_write_us, p.kv_read_us, p.hop_us) > 0
+    assert p is not None and min(p.publish_us, p.kv_write_us, p.kv_read_us, p.hop_us, p.wakeup_us) > 0
     assert p.floor_ms() == pytest.approx((4 * p.hop_us + 3 * p.kv_write_us) / 1000)
 
     path = write_outputs(res)
     text = path.read_text()
     assert "Security-only audit" in text and "| measure | target | measured | met |" in text
     assert f"**{p.floor_ms():.1f} ms** before any service code" in text
+    assert f"to another process and back took {p.wakeup_us:.0f} µs" in text
     updated = readme.read_text()
     assert "old" not in updated and "Security-only audit: speedup over serial" in updated
     assert updated.endswith("## After\n")
