@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 from services.aggregator.aggregate import aggregate
 from services.aggregator.conflicts import settle, topic_key
+from services.aggregator.prompts import format_prompt
+from shared.config import PMCoordinator
 from shared.execution import apply_plan, new_execution, run_command
 from shared.schemas import (
     Execution,
@@ -52,6 +55,13 @@ def test_seed_csrf_example_is_resolved_security_first_with_an_audit_entry() -> N
         "security_first", "codegen", "SameSite=Lax cookies only", "security", CSRF_FIX)
     assert [(r.topic, r.choice, r.sources) for r in s.recommendations] == [("CSRF", CSRF_FIX, ["audit"])]
     assert s.decisions == []
+
+    # The synthesis model is told about the conflict as JSON, like every other fact.
+    prompt = format_prompt(ex, aggregate(ex, "security_first"), "completed", PMCoordinator())
+    facts = json.loads(prompt.user.split("\n\n", 1)[1])
+    [told] = facts["conflicts"]
+    assert (told["kind"], told["topic"], told["rule"]) == ("approach_vs_risk", "CSRF", "security_first")
+    assert {p["pool"] for p in told["positions"]} == {"codegen", "security"}
 
 
 def test_security_choice_beats_another_tool_and_agreement_is_merged() -> None:

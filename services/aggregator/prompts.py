@@ -49,7 +49,7 @@ def format_prompt(ex: Execution, agg: AggregatedResult, status: str, pm: PMCoord
         "tasks": tasks,
         "findings": [f.model_dump() for f in agg.findings],
         "recommendations": [r.model_dump() for r in agg.recommendations],
-        "conflicts": agg.conflicts_detected,
+        "conflicts": [c.model_dump(mode="json", exclude_none=True) for c in agg.conflicts_detected],
         "timeline": {"end_to_end_s": round(wall, 1), "agent_work_s": round(work, 1)},
     }
     user = "The results of the execution, as JSON:\n\n" + json.dumps(facts, default=str)
