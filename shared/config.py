@@ -151,6 +151,15 @@ class ParallelExecutionConfig(_Strict):
             raise ConfigError(f"no price for model {model!r}: add it under parallel_execution.pricing") from None
 
     @model_validator(mode="after")
+    def _announced_before_the_broker_gives_up(self) -> ParallelExecutionConfig:
+        if self.announce_start_after_s > self.ack_wait_s / 3:
+            raise ValueError(
+                f"announce_start_after_s ({self.announce_start_after_s:g}) must be at most ack_wait_s / 3 "
+                f"({self.ack_wait_s / 3:g}): a running attempt's heartbeat starts after its announcement, and "
+                "the broker redelivers a task it has not heard from within ack_wait_s")
+        return self
+
+    @model_validator(mode="after")
     def _priced_models(self) -> ParallelExecutionConfig:
         models = {self.pm_coordinator.decomposition_model, self.pm_coordinator.synthesis_model}
         for pool in POOLS:

@@ -44,6 +44,7 @@ def test_file_overrides_and_ignores_other_sections(tmp_path: Path) -> None:
         ({"worker_pools": {"codegen": {"max_concurrent": 1, "timeout": 1, "model": "gpt"}}},
          "pricing has no entry for model(s) ['gpt']"),
         ({"simulated": {"latency_s": {"frontend": 1}}}, "unknown role(s) ['frontend']"),
+        ({"ack_wait_s": 30, "announce_start_after_s": 20}, "announce_start_after_s (20) must be at most ack_wait_s"),
     ],
 )
 def test_invalid_values_name_the_field(tmp_path: Path, section: dict[str, object], says: str) -> None:
