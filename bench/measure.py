@@ -244,6 +244,7 @@ class Throughput:
     errors: int
     latency_ms: list[float]
     cpu_pct: dict[str, float] = field(default_factory=dict)  # of one core, by process, during the run
+    warmup: int = 0  # executions run before, not measured
 
     @property
     def per_s(self) -> float:
@@ -283,13 +284,15 @@ async def run_concurrent(stack: Stack, n: int, concurrency: int, plan: list[dict
     return Throughput(concurrency, done, done * len(plan), seconds, errors, latencies), docs
 
 
-async def run_throughput(stack: Stack, n: int, concurrency: int, warmup: int = 100) -> Throughput:
+async def run_throughput(stack: Stack, n: int, concurrency: int) -> Throughput:
     plan = fan_out(FAN_OUT_6, 0.0)
+    warmup = min(100, n)
     await run_concurrent(stack, warmup, concurrency, plan)
     pids = stack_pids(stack)
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     result, _ = await run_concurrent(stack, n, concurrency, plan)
     result.cpu_pct = {name: (cpu_seconds(pid) - before[name]) / result.seconds * 100 for name, pid in pids.items()}
+    result.warmup = warmup
     return result
 
 

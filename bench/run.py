@@ -27,6 +27,7 @@ class Options:
     runs: int = 3
     overhead_n: int = 300
     throughput_n: int = 2000
+    throughput_runs: int = 3
     concurrency: int = 64
     load_executions: int = 10
     load_tasks: int = 10
@@ -53,7 +54,8 @@ class Results:
     overhead: measure.Overhead | None = None
     primitives: measure.Primitives | None = None
     routing_ms: list[float] = field(default_factory=list)
-    throughput: measure.Throughput | None = None
+    throughput: measure.Throughput | None = None  # the median run of throughput_runs
+    throughput_rates: list[float] = field(default_factory=list)  # executions/s of every run, ascending
     load: measure.Load | None = None
     soak: measure.Soak | None = None
 
@@ -91,8 +93,12 @@ async def measure_all(opts: Options) -> Results:
                 log.info("load: %d executions × %d tasks at once", opts.load_executions, opts.load_tasks)
                 res.load = await measure.run_load(stack, opts.load_executions, opts.load_tasks, opts.load_latency_s)
             if "throughput" in opts.parts:
-                log.info("throughput: %d executions, %d in flight", opts.throughput_n, opts.concurrency)
-                res.throughput = await measure.run_throughput(stack, opts.throughput_n, opts.concurrency)
+                log.info("throughput: %d × %d executions, %d in flight", opts.throughput_runs, opts.throughput_n,
+                         opts.concurrency)
+                runs = sorted([await measure.run_throughput(stack, opts.throughput_n, opts.concurrency)
+                               for _ in range(opts.throughput_runs)], key=lambda t: t.per_s)
+                res.throughput, res.throughput_rates = runs[len(runs) // 2], [t.per_s for t in runs]
+                res.throughput.errors = sum(t.errors for t in runs)
             if "soak" in opts.parts:
                 log.info("soak: %d executions after %d of warm-up", opts.soak_n, opts.soak_warmup)
                 res.soak = await measure.run_soak(stack, opts.soak_n, opts.concurrency, opts.soak_warmup)
@@ -130,6 +136,7 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--only", default=",".join(PARTS), help="comma-separated parts: " + ", ".join(PARTS))
     p.add_argument("--overhead-n", type=int, default=d.overhead_n)
     p.add_argument("--throughput-n", type=int, default=d.throughput_n)
+    p.add_argument("--throughput-runs", type=int, default=d.throughput_runs, help="the median run is reported")
     p.add_argument("--concurrency", type=int, default=d.concurrency, help="executions in flight (throughput, soak)")
     p.add_argument("--soak-n", type=int, default=d.soak_n)
     p.add_argument("--soak-warmup", type=int, default=d.soak_warmup)
@@ -145,7 +152,8 @@ def options_from(args: Any) -> Options:
         raise ValueError(f"unknown part(s) {bad}: choose from {', '.join(PARTS)}")
     return Options(
         time_factor=args.time_factor, runs=args.runs, overhead_n=args.overhead_n,
-        throughput_n=args.throughput_n, concurrency=args.concurrency, soak_n=args.soak_n,
+        throughput_n=args.throughput_n, throughput_runs=args.throughput_runs, concurrency=args.concurrency,
+        soak_n=args.soak_n,
         soak_warmup=args.soak_warmup, scenarios=tuple(x for x in args.scenarios.split(",") if x), parts=parts,
         out=Path(args.out), readme=Path(args.readme) if args.readme else None, charts=not args.no_charts,
         command="openclaw bench" + "".join(f" {shlex.quote(a)}" for a in sys.argv[2:]),

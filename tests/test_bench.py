@@ -68,7 +68,8 @@ def test_a_tiny_real_run_writes_the_report_and_the_readme_table(tmp_path: Path) 
     readme.write_text("# x\n\n## Benchmarks\n\nhow to run\n\n" + report.README_START + "\nold\n" + report.README_END
                       + "\n\n## After\n")
     opts = Options(time_factor=0.002, runs=1, overhead_n=5, scenarios=("security_audit",),
-                   parts=("speedup", "overhead", "routing", "load"), load_executions=2, load_tasks=3,
+                   parts=("speedup", "overhead", "routing", "load", "throughput"), throughput_n=4, throughput_runs=3,
+                   concurrency=2, load_executions=2, load_tasks=3,
                    load_latency_s=0.2, routing_n=200, out=tmp_path / "out", readme=readme, charts=False,
                    command="pytest")
     res = asyncio.run(measure_all(opts))
@@ -93,6 +94,12 @@ def test_a_tiny_real_run_writes_the_report_and_the_readme_table(tmp_path: Path) 
     assert "Security-only audit" in text and "| measure | target | measured | met |" in text
     assert f"**{p.floor_ms():.1f} ms** before any service code" in text
     assert f"to another process and back took {p.wakeup_us:.0f} µs" in text
+    # Throughput: the median of the runs is reported, with every run beside it.
+    t = res.throughput
+    assert t is not None and t.errors == 0 and t.executions == 4 and t.warmup == 4
+    assert len(res.throughput_rates) == 3 and res.throughput_rates == sorted(res.throughput_rates)
+    assert t.per_s == res.throughput_rates[1]
+    assert f"median of 3 runs ({res.throughput_rates[0]:.0f}–{res.throughput_rates[2]:.0f})" in text
     updated = readme.read_text()
     assert "old" not in updated and "Security-only audit: speedup over serial" in updated
     assert updated.endswith("## After\n")
