@@ -12,6 +12,7 @@ import httpx
 import nats
 import pytest
 
+from shared.schemas import Execution
 from tests.conftest import Stack, stack_env, start_stack, stop_stack, wait_until, write_config
 
 pytestmark = pytest.mark.e2e
@@ -96,6 +97,8 @@ def test_a_waited_for_answer_is_the_document_byte_for_byte_as_get_serves_it(stac
     assert doc["status"] == "completed" and doc["final_response"] and "error" in doc  # nulls included
     got = httpx.get(f"{stack.url}/api/execution/{doc['execution_id']}", headers=auth(), timeout=10)
     assert got.status_code == 200 and r.content == got.content
+    # Both are the stored document, which is exactly how the response model serialises it.
+    assert Execution.model_validate_json(got.content).model_dump_json().encode() == got.content
 
 
 def test_a_live_client_sees_events_as_they_happen(stack: Stack) -> None:

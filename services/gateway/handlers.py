@@ -16,6 +16,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from nats.aio.subscription import Subscription
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyWrongLastSequenceError
+from pydantic import BaseModel
 
 from services.gateway.access import LOCAL_TENANT, Caller
 from services.gateway.api import ChatRequest, ChatResponse, ErrorBody, ExecuteRequest
@@ -80,10 +81,21 @@ ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code i
 
 async def owned(rt: Runtime, who: Caller, execution_id: str) -> Execution:
     """The caller's execution, or 404 — another tenant's execution does not exist for them."""
-    current = await rt.executions.get(execution_id) if EXECUTION_ID.match(execution_id) else None
-    if current is None or current[0].tenant != who.tenant:
+    return Execution.model_validate_json(await owned_document(execution_id, rt, who))
+
+
+class _Owner(BaseModel):
+    """The one field of an execution document that a read checks."""
+
+    tenant: str
+
+
+async def owned_document(execution_id: str, rt: RuntimeDep, who: CallerDep) -> bytes:
+    """The caller's execution as stored, or 404; only its tenant is parsed."""
+    stored = await rt.executions.read(execution_id) if EXECUTION_ID.match(execution_id) else None
+    if stored is None or _Owner.model_validate_json(stored[0]).tenant != who.tenant:
         raise HTTPException(404, {"field": "execution_id", "message": f"no execution with id {execution_id!r}"})
-    return current[0]
+    return stored[0]
 
 
 async def owned_execution(execution_id: str, rt: RuntimeDep, who: CallerDep) -> Execution:
@@ -237,9 +249,9 @@ async def chat(
 
 
 @router.get("/execution/{execution_id}", response_model=Execution, responses=ERRORS)
-async def get_execution(ex: ExecutionDep) -> Execution:
-    """Status, per-task state, cost and — once terminal — the final response."""
-    return ex
+async def get_execution(document: Annotated[bytes, Depends(owned_document)]) -> Response:
+    """Status, per-task state, cost and — once terminal — the final response (the document as stored)."""
+    return Response(document, media_type="application/json")
 
 
 @router.delete("/execution/{execution_id}", response_model=Execution,
