@@ -91,3 +91,18 @@ async def test_a_service_that_does_not_own_the_topology_leaves_a_differing_strea
     await kv.put("k", b"v")
     await ensure_streams(js, names)  # the owner brings it up to date
     assert (await js.stream_info(tasks.name)).config.duplicate_window == tasks.duplicate_window
+
+
+async def test_a_stream_left_without_message_schedules_is_not_ready_until_the_owner_updates_it(
+    nc: NATS, names: Names
+) -> None:
+    """Deadline checks are message schedules: a gateway must not take requests before EXECUTIONS allows them."""
+    js = nc.jetstream()
+    executions = stream_configs(names)[0]
+    assert executions.name == names.executions_stream and executions.allow_msg_schedules
+    await js.add_stream(dataclasses.replace(executions, allow_msg_schedules=None))  # as an older version left it
+    await ensure_streams(js, names, update=False)
+    assert await topology_present(js, names) == (
+        f"stream {names.executions_stream} does not allow message schedules yet (needs nats-server 2.12+)")
+    await ensure_streams(js, names)  # the owner brings it up to date
+    assert await topology_present(js, names) is None
