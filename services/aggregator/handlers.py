@@ -104,7 +104,9 @@ class AggregatorHandlers:
         # loses the compare-and-set and re-reads). Callers of a write get the same object; they only look
         # at whether it is terminal, which no later write changes.
         self._known: OrderedDict[str, _Known] = OrderedDict()
-        self._known_limit = 1_000  # executions in flight on this replica; each holds one document
+        # Executions in flight on this replica. Each holds its document parsed (≈ 60 KiB for a 12 kB document)
+        # and as stored: at most ≈ 70 MiB; beyond it the oldest go back to a read.
+        self._known_limit = 1_000
 
     async def _apply(self, execution_id: str, change: Callable[[Execution], bool], msg: Msg) -> Execution | None:
         """Store ``change`` (compare-and-set), then publish its lifecycle events and the tasks it released.
