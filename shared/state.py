@@ -13,7 +13,8 @@ from shared.schemas import Execution
 
 log = logging.getLogger(__name__)
 
-Stored = tuple[bytes, int]  # a document as this process last wrote or read it, and its KV revision
+Stored = tuple[bytes, int]  # a document as stored, and its KV revision
+Known = tuple[Execution, int]  # a document as this process last wrote or read it, parsed, and its KV revision
 
 
 class ExecutionStore:
@@ -26,7 +27,7 @@ class ExecutionStore:
         """Store a new execution; raises KeyWrongLastSequenceError if the id exists."""
         return await self.kv.create(ex.execution_id, ex.model_dump_json().encode())
 
-    async def get(self, execution_id: str) -> tuple[Execution, int] | None:
+    async def get(self, execution_id: str) -> Known | None:
         stored = await self.read(execution_id)
         return (Execution.model_validate_json(stored[0]), stored[1]) if stored else None
 
@@ -39,37 +40,36 @@ class ExecutionStore:
         result = await self.mutate_from(execution_id, change, None)
         return result[0] if result else None
 
-    async def mutate_from(self, execution_id: str, change: Callable[[Execution], bool], known: Stored | None,
+    async def mutate_from(self, execution_id: str, change: Callable[[Execution], bool], known: Known | None,
                           then: Callable[[Execution], Awaitable[bool]] | None = None,
-                          parsed: Execution | None = None) -> tuple[Execution, Stored] | None:
-        """``mutate``, starting from ``known`` (a version this process stored) instead of a fresh read.
+                          ) -> tuple[Execution, int, bytes | None] | None:
+        """``mutate``, starting from ``known`` (a version this process stored or read) instead of a read.
 
-        A writer that applies several changes to one execution in a row skips the read before each
-        write; if ``known`` is stale the write loses the compare-and-set and the loop re-reads as usual.
-        ``parsed`` is ``known`` already parsed (as this method returned it), which it then changes in
-        place instead of parsing ``known`` again: the caller hands it over. ``then`` runs after ``change``
-        on the same version and may change it further, in the same write (it is awaited, and like
-        ``change`` re-run on a retry). Returns the document and its stored version, to pass to the next call.
+        ``known``'s document is changed in place (the caller hands it over), so a writer that applies
+        several changes to one execution in a row neither reads nor parses before each write; if
+        ``known`` is stale the write loses the compare-and-set and the loop re-reads as usual. ``then``
+        runs after ``change`` on the same version and may change it further, in the same write (it is
+        awaited, and like ``change`` re-run on a retry). Returns the document, its revision (the next
+        call's ``known``) and the bytes written (None when nothing changed).
         """
         while True:
             if known is None:
-                known, parsed = await self.read(execution_id), None
+                known = await self.get(execution_id)
                 if known is None:
                     return None
-            data, revision = known
-            ex = parsed if parsed is not None else Execution.model_validate_json(data)
+            ex, revision = known
             changed = change(ex)
             if then is not None:
                 changed = await then(ex) or changed
             if not changed:
-                return ex, known
+                return ex, revision, None
             new = ex.model_dump_json().encode()
             try:
-                return ex, (new, await self.kv.update(execution_id, new, last=revision))
+                return ex, await self.kv.update(execution_id, new, last=revision), new
             except KeyWrongLastSequenceError:
                 metrics.KV_CONFLICTS.inc()
                 log.debug("lost a compare-and-set race on %s; re-reading", execution_id)
-                known = parsed = None
+                known = None
 
     async def read(self, execution_id: str) -> Stored | None:
         """The stored document as bytes, and its revision; None when there is none."""

@@ -50,7 +50,7 @@ from shared.schemas import (
     now,
 )
 from shared.service import Runtime
-from shared.state import Stored
+from shared.state import Known
 
 log = logging.getLogger(__name__)
 
@@ -91,21 +91,18 @@ def _count_finished(ex: Execution) -> None:
              ex.cost.total_usd, extra={"execution_id": ex.execution_id})
 
 
-_Known = tuple[Execution, Stored]
-
-
 class AggregatorHandlers:
     def __init__(self, rt: Runtime, provider: ModelProvider) -> None:
         self.rt, self.provider = rt, provider
         # Per execution, the changes waiting while a write of it is in flight (see _apply).
         self._waiting: dict[str, list[_Change]] = {}
-        # Per running execution, the version this replica last stored, parsed and as stored: the next write
-        # changes it in place instead of reading and parsing (a stale one — another replica wrote since —
-        # loses the compare-and-set and re-reads). Callers of a write get the same object; they only look
-        # at whether it is terminal, which no later write changes.
-        self._known: OrderedDict[str, _Known] = OrderedDict()
-        # Executions in flight on this replica. Each holds its document parsed (≈ 60 KiB for a 12 kB document)
-        # and as stored: at most ≈ 70 MiB; beyond it the oldest go back to a read.
+        # Per running execution, the version this replica last stored, parsed: the next write changes it in
+        # place instead of reading and parsing (a stale one — another replica wrote since — loses the
+        # compare-and-set and re-reads). Callers of a write get the same object; they only look at whether
+        # it is terminal, which no later write changes.
+        self._known: OrderedDict[str, Known] = OrderedDict()
+        # Executions in flight on this replica. Each holds its document parsed (≈ 60 KiB for a 12 kB
+        # document): at most ≈ 60 MiB; beyond it the oldest go back to a read.
         self._known_limit = 1_000
 
     async def _apply(self, execution_id: str, change: Callable[[Execution], bool], msg: Msg) -> Execution | None:
@@ -153,7 +150,7 @@ class AggregatorHandlers:
         return await pending.done
 
     async def _write(self, execution_id: str, batch: list[_Change],
-                     known: _Known | None) -> tuple[Execution | None, _Known | None]:
+                     known: Known | None) -> tuple[Execution | None, Known | None]:
         """One compare-and-set write of ``batch`` — with the final answer when it leaves no task open —
         then its events, the tasks it released, and the final event."""
         events: list[LifecycleEvent] = []
@@ -179,11 +176,10 @@ class AggregatorHandlers:
                 answer[0].apply(ex)
             return concluded
 
-        result = await self.rt.executions.mutate_from(execution_id, recorded, known[1] if known else None, conclude,
-                                                      parsed=known[0] if known else None)
+        result = await self.rt.executions.mutate_from(execution_id, recorded, known, conclude)
         if result is None:
             return None, None
-        ex, stored = result
+        ex, revision, written = result
         js, names = self.rt.jetstream, self.rt.names
         for e in events:
             await emit(self.rt.nats, names.events(execution_id, e.kind), e,
@@ -193,8 +189,8 @@ class AggregatorHandlers:
         if concluded:
             _count_finished(ex)
         if all_tasks_terminal(ex):  # finished now, or before (a replay: announced again, nothing recomputed)
-            await self._announce(ex, stored[0])
-        return ex, None if ex.terminal else (ex, stored)
+            await self._announce(ex, written)
+        return ex, None if ex.terminal else (ex, revision)
 
     async def on_result(self, r: TaskStarted | TaskCompleted | TaskFailed, msg: Msg) -> None:
         """Apply one result; release what it unblocks; finish the execution when nothing is left."""
@@ -293,7 +289,7 @@ class AggregatorHandlers:
             text = f"{text}\n\n(Cancelled: {snapshot.error}.)"
         return _Answer(status, agg, text, call)
 
-    async def _announce(self, ex: Execution, document: bytes) -> None:
+    async def _announce(self, ex: Execution, document: bytes | None) -> None:
         """Conflict events, the synthesis call's cost event, then the final event (acknowledged: it is what
         callers wait for, and a failed publish replays the message). Msg-ids make repeats harmless."""
         nc, names, eid = self.rt.nats, self.rt.names, ex.execution_id

@@ -18,7 +18,7 @@ from shared.execution import apply_plan, fail_execution, new_execution, queued, 
 from shared.providers import ModelProvider
 from shared.schemas import Execution, ExecutionPlanned, ExecutionRequested
 from shared.service import Runtime
-from shared.state import Stored
+from shared.state import Known
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +35,9 @@ class PMHandlers:
         if req.revision is not None and msg.metadata.num_delivered == 1:
             # The gateway stored new_execution(req) at this revision: plan on it without a read. Should the
             # document have changed since (cancelled already), the plan's compare-and-set fails and re-reads.
-            fresh = new_execution(req)
-            known: Stored | None = (fresh.model_dump_json().encode(), req.revision)
-            current: tuple[Execution, int] | None = (fresh, req.revision)
+            current: Known | None = (new_execution(req), req.revision)
         else:
-            known = await store.read(req.execution_id)
-            current = (Execution.model_validate_json(known[0]), known[1]) if known else None
+            current = await store.get(req.execution_id)
         if current is None:
             # The gateway stores the execution before publishing; this covers a request sent straight to NATS.
             try:
@@ -60,8 +57,7 @@ class PMHandlers:
             # The decomposition call is stored in the same compare-and-set write as the plan: counted once.
             # It starts from the version read above (no second read); a stale one re-reads.
             stored = await store.mutate_from(req.execution_id,
-                                             lambda ex: apply_plan(ex, plan.tasks, plan.planner, plan.calls), known,
-                                             parsed=current[0] if current else None)
+                                             lambda ex: apply_plan(ex, plan.tasks, plan.planner, plan.calls), current)
             ex = stored[0] if stored else None
         if ex is None or ex.status != "running":
             await msg.ack()  # cancelled or finished meanwhile: nothing to start
