@@ -179,13 +179,14 @@ async def ensure_consumer(js: JetStreamContext, stream: str, cfg: ConsumerConfig
 
 async def topology_present(js: JetStreamContext, names: Names) -> str | None:
     """None when every stream and the KV bucket exist as this version needs them; otherwise what is not."""
+    wanted = {cfg.name: cfg for cfg in stream_configs(names)}
     for name in names.all_streams:
         try:
             info = await js.stream_info(name)
         except NotFoundError:
             return f"stream {name} missing"
-        if name == names.executions_stream and not info.config.allow_msg_schedules:
-            # Left by an older version, until the topology's owner updates it: deadline checks would be refused.
+        if name in wanted and wanted[name].allow_msg_schedules and not info.config.allow_msg_schedules:
+            # Left by an older version, until the topology's owner updates it: schedules would be refused.
             return f"stream {name} does not allow message schedules yet (needs nats-server 2.12+)"
     try:
         await js.key_value(names.kv_bucket)
