@@ -42,7 +42,12 @@ def wait_for_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | Non
 
 
 class NatsServer:
-    """One nats-server process with a file store under ``store_dir``."""
+    """One nats-server process with a file store under ``store_dir``.
+
+    It runs with ``GOMAXPROCS=1`` unless the environment sets GOMAXPROCS: this server shares its machine
+    with the six services, and with one Go processor it spends about a quarter less CPU per execution
+    (no threads spinning for work the Python processes need the cores for; bench/PROFILE.md §6).
+    """
 
     def __init__(self, store_dir: Path, port: int | None = None, monitor_port: int | None = None,
                  config_file: Path | None = None, env: dict[str, str] | None = None) -> None:
@@ -64,7 +69,7 @@ class NatsServer:
         if self.config_file:
             cmd += ["-c", str(self.config_file)]
         out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
-        env = {**os.environ, **self.env} if self.env else None
+        env = {"GOMAXPROCS": "1", **os.environ, **(self.env or {})}
         self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         wait_for_port(self.port, timeout, self.proc)
         return self

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared.natsserver import free_port
+from shared.natsserver import NatsServer, free_port
 from tests.conftest import ROOT, Stack, stack_env, start_stack, stop_stack, wait_until, write_config
 
 pytestmark = pytest.mark.e2e
@@ -128,3 +128,18 @@ def test_run_and_status_against_a_running_gateway(nats_url: str, tmp_path: Path)
         assert missing.returncode == 1 and "no execution with id 'nope'" in missing.stderr
     finally:
         assert stop_stack(stack) == 0
+
+
+@pytest.mark.parametrize(("environment", "expected"), [({}, "1"), ({"GOMAXPROCS": "2"}, "2")])
+def test_embedded_nats_server_runs_on_one_go_processor_unless_told_otherwise(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, environment: dict[str, str], expected: str) -> None:
+    monkeypatch.delenv("GOMAXPROCS", raising=False)
+    for k, v in environment.items():
+        monkeypatch.setenv(k, v)
+    server = NatsServer(tmp_path / "store").start()
+    try:
+        assert server.proc is not None
+        environ = Path(f"/proc/{server.proc.pid}/environ").read_bytes().split(b"\0")
+        assert f"GOMAXPROCS={expected}".encode() in environ
+    finally:
+        server.stop()
