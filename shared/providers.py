@@ -5,8 +5,8 @@
 the input of a tool. ``simulated`` is the offline default: deterministic structured output per pool,
 labelled "simulated" everywhere, with plausible token usage so every cost path runs without a key. Tests and
 benchmarks shape it per task with ``context.simulate = {latency_s, fail_attempts, hang}``. The
-simulated provider does not plan or write the final answer: ``decompose`` and ``synthesize`` return
-None, and the PM uses its rules, the aggregator its template (neither costs anything).
+simulated provider does not plan or write the final answer (``writes`` is False): the PM uses its rules,
+the aggregator its template (neither costs anything), and neither builds a prompt for it.
 """
 
 from __future__ import annotations
@@ -72,17 +72,18 @@ class TextReply(BaseModel):
 
 class ModelProvider(Protocol):
     name: str
+    writes: bool  # whether decompose and synthesize call a model; callers ask before building their prompts
 
     async def run_task(self, pool: Pool, task: TaskSpec, prompt: Prompt, model: str, attempt: int) -> TaskReply:
         """Run one attempt of a task and return the agent's structured output."""
         ...
 
-    async def decompose(self, prompt: Prompt, model: str, effort: Effort) -> PlanReply | None:
-        """The model's plan for a request (not yet checked); None when this provider does not plan."""
+    async def decompose(self, prompt: Prompt, model: str, effort: Effort) -> PlanReply:
+        """The model's plan for a request (not yet checked). Only when ``writes``."""
         ...
 
-    async def synthesize(self, prompt: Prompt, model: str) -> TextReply | None:
-        """The client-facing answer; None when this provider does not write one."""
+    async def synthesize(self, prompt: Prompt, model: str) -> TextReply:
+        """The client-facing answer. Only when ``writes``."""
         ...
 
     async def aclose(self) -> None:
@@ -177,6 +178,7 @@ class SimulatedProvider:
     """Offline provider: latency from config (or ``context.simulate``), deterministic output."""
 
     name = "simulated"
+    writes = False
 
     def __init__(self, pe: ParallelExecutionConfig) -> None:
         self.latency = pe.simulated.latency_s
@@ -201,11 +203,11 @@ class SimulatedProvider:
             raise ProviderError(f"simulated {sim.error} failure on attempt {attempt}", sim.error, billed)
         return TaskReply(output=output, usage=usage, model=model, provider=self.name)
 
-    async def decompose(self, prompt: Prompt, model: str, effort: Effort) -> PlanReply | None:
-        return None  # the PM's rule-based planner stands in for the model, at no cost
+    async def decompose(self, prompt: Prompt, model: str, effort: Effort) -> PlanReply:
+        raise NotImplementedError("the simulated provider does not plan: the PM's rules stand in, at no cost")
 
-    async def synthesize(self, prompt: Prompt, model: str) -> TextReply | None:
-        return None  # the aggregator's deterministic template stands in for the model, at no cost
+    async def synthesize(self, prompt: Prompt, model: str) -> TextReply:
+        raise NotImplementedError("the simulated provider does not write: the aggregator's template stands in")
 
     async def aclose(self) -> None:
         return None
@@ -294,6 +296,7 @@ class AnthropicProvider:
     """Claude through the official SDK; any Messages-API-compatible endpoint via ``anthropic.base_url``."""
 
     name = "anthropic"
+    writes = True
 
     def __init__(self, pe: ParallelExecutionConfig, api_key: str) -> None:
         import anthropic
@@ -340,7 +343,7 @@ class AnthropicProvider:
         return TaskReply(output=output.model_copy(update={"simulated": False}), usage=usage, model=model,
                          provider=self.name)
 
-    async def decompose(self, prompt: Prompt, model: str, effort: Effort) -> PlanReply | None:
+    async def decompose(self, prompt: Prompt, model: str, effort: Effort) -> PlanReply:
         # Thinking does not combine with a forced tool choice, so the plan tool is offered with "auto" and
         # the system prompt asks for it; an answer without the tool call is invalid output.
         tool_choice: ToolChoiceParam = {"type": "auto"}
@@ -355,7 +358,7 @@ class AnthropicProvider:
             raise ProviderError(_validation(PLAN_TOOL, e), "invalid_output", usage) from None
         return PlanReply(plan=plan, usage=usage, model=model, provider=self.name)
 
-    async def synthesize(self, prompt: Prompt, model: str) -> TextReply | None:
+    async def synthesize(self, prompt: Prompt, model: str) -> TextReply:
         msg = await self._create(model, prompt)
         usage = _usage(msg)
         text = "".join(b.text for b in msg.content if b.type == "text").strip()

@@ -91,6 +91,8 @@ async def write_answer(
 ) -> tuple[str, ModelCall | None]:
     """The final answer and the synthesis call behind it (None when the provider made no call)."""
     pm = pe.pm_coordinator
+    if not provider.writes:  # the template writes it, at no cost
+        return synthesize(ex, agg, status, pm), None
     model, ctx = pm.synthesis_model, {"execution_id": ex.execution_id}
     reply, call = await guarded_call(
         pe, "synthesis", model, provider.name, lambda: provider.synthesize(format_prompt(ex, agg, status, pm), model),
@@ -99,7 +101,6 @@ async def write_answer(
         call = model_call(pe, "synthesis", reply.model, reply.provider, reply.usage)
         with_call = ex.model_copy(update={"calls": [*ex.calls, call]})
         return "\n\n".join([reply.text, cost_line(with_call), pm.signature]), call
-    if call is None:  # this provider does not write: the template does
-        return synthesize(ex, agg, status, pm), None
+    assert call is not None  # no reply comes with the failed call
     log.warning("synthesis call failed (%s); using the template", call.error, extra=ctx)
     return synthesize(ex.model_copy(update={"calls": [*ex.calls, call]}), agg, status, pm), call

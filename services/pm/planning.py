@@ -88,7 +88,7 @@ class PlanOutcome:
 async def plan_request(req: ExecutionRequested, pe: ParallelExecutionConfig, provider: ModelProvider) -> PlanOutcome:
     """The client's plan; else the decomposition model's; else the rules'; else one serial task."""
     max_tasks = pe.max_tasks_per_execution
-    if req.tasks is not None:
+    if req.tasks is not None or not provider.writes:
         return PlanOutcome(*make_plan(req, max_tasks))
     pm = pe.pm_coordinator
     model, ctx = pm.decomposition_model, {"execution_id": req.execution_id}
@@ -103,7 +103,6 @@ async def plan_request(req: ExecutionRequested, pe: ParallelExecutionConfig, pro
         else:
             call = model_call(pe, "decomposition", reply.model, reply.provider, reply.usage)
             return PlanOutcome(reply.plan.tasks, "llm", [call])
-    if failed is None:  # this provider does not plan
-        return PlanOutcome(*make_plan(req, max_tasks))
+    assert failed is not None  # no reply comes with the failed call
     log.warning("decomposition not used (%s); planning by rules", failed.error, extra=ctx)
     return PlanOutcome(*make_plan(req, max_tasks), calls=[failed])
