@@ -6,6 +6,7 @@ real processes, so a crash is a real kill -9.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -17,6 +18,7 @@ from typing import Any
 import httpx
 import nats
 import pytest
+from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
 from shared.schemas import DeadLetter
@@ -279,3 +281,54 @@ async def test_deadline_finishes_partial_with_what_is_done(stack_factory, tmp_pa
     assert tasks["starved"]["status"] == "failed" and tasks["starved"]["attempts"] == []
     assert tasks["starved"]["error"] == "execution deadline exceeded"  # never got a slot: the deadline check
     assert (ts(doc["finished_at"]) - ts(doc["created_at"])).total_seconds() < 8
+
+
+async def test_the_deadline_check_of_a_finished_execution_publishes_nothing(stack_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # The check comes execution_timeout_s after acceptance, by default long after the events stream's duplicate
+    # window: announcing a finished execution again then would store a second final event (and its cost events).
+    cfg = write_config(tmp_path / "c.json", {"execution_timeout_s": 2})
+    stack = stack_factory(ns(), "--config", str(cfg))
+    names = stack.names
+    nc = await nats.connect(str(stack.state()["nats_url"]))
+    js = nc.jetstream()
+    doc = run(stack, [task("a", "codegen"), task("b", "security")])
+    assert doc["status"] == "completed"
+    eid = doc["execution_id"]
+    published: list[str] = []
+
+    async def seen(msg: Msg) -> None:
+        published.append(msg.subject)
+
+    await nc.subscribe(names.events(eid, "*"), cb=seen)  # core: sees a publish even if the stream drops it
+    deadline = time.monotonic() + 20
+    while True:  # until the aggregator has been handed the check and acked it
+        info = await js.consumer_info(names.executions_stream, names.deadlines_consumer)
+        if info.delivered.consumer_seq >= 1 and info.num_ack_pending == 0 and info.num_pending == 0:
+            break
+        assert time.monotonic() < deadline, "the deadline check was not delivered and acked within 20 s"
+        await asyncio.sleep(0.05)
+    await nc.flush()
+    assert published == []
+    assert get(stack, eid)["status"] == "completed"
+    await nc.drain()
+
+
+def test_an_unplanned_execution_is_announced_when_cancelled_or_at_its_deadline(  # type: ignore[no-untyped-def]
+        stack_factory, tmp_path: Path) -> None:
+    # With the PM paused nothing is planned: the aggregator ends the execution itself, and the final event
+    # it announces is what the gateway's waiting DELETE and POST return.
+    cfg = write_config(tmp_path / "c.json", {"execution_timeout_s": 3})
+    stack = stack_factory(ns(), "--config", str(cfg))
+    os.kill(stack.pid("pm-1"), signal.SIGSTOP)
+    try:
+        cancelled = submit(stack, [task("a")])
+        r = httpx.delete(f"{stack.url}/api/execution/{cancelled}", params={"wait_s": 10}, timeout=20)
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "cancelled" and r.json()["tasks"] == []
+        r = httpx.post(f"{stack.url}/api/execute-parallel", timeout=30,
+                       json={"message": "m", "tasks": [task("a")], "wait": True, "timeout_s": 15})
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "failed"
+        assert r.json()["error"] == "no plan was made before the execution deadline"
+    finally:
+        os.kill(stack.pid("pm-1"), signal.SIGCONT)

@@ -81,6 +81,10 @@ class _Answer:
         ex.finished_at = ex.updated_at = now()
 
 
+def _redelivered(msg: Msg) -> bool:
+    return msg.metadata.num_delivered is not None and msg.metadata.num_delivered > 1
+
+
 def _count_finished(ex: Execution) -> None:
     metrics.EXECUTIONS.labels(ex.mode, ex.status).inc()
     if ex.finished_at:
@@ -156,9 +160,12 @@ class AggregatorHandlers:
         events: list[LifecycleEvent] = []
         answer: list[_Answer] = []  # computed once, from the first version that needed it
         concluded = False
+        ended_before = False
 
         def recorded(ex: Execution) -> bool:
+            nonlocal ended_before
             events.clear()
+            ended_before = ex.terminal
             changed = False
             for c in batch:
                 before = marks(ex)
@@ -188,7 +195,11 @@ class AggregatorHandlers:
                                for t in queued(ex) if t.depends_on or ex.mode == "serial"])
         if concluded:
             _count_finished(ex)
-        if all_tasks_terminal(ex):  # finished now, or before (a replay: announced again, nothing recomputed)
+        # Announced when this write finished it, or again when a message of the batch is a redelivery: the
+        # message that finished it may be replayed because the announcement failed (nothing is recomputed).
+        # A first delivery that finds it finished (the deadline check, long after) announces nothing: a repeat
+        # past the events stream's duplicate window would be stored as a second final event.
+        if ex.terminal and (not ended_before or any(_redelivered(c.msg) for c in batch)):
             await self._announce(ex, written)
         return ex, None if ex.terminal else (ex, revision)
 
@@ -200,9 +211,7 @@ class AggregatorHandlers:
 
     async def on_cancel(self, cmd: CancelExecution, msg: Msg) -> None:
         """Cancel: open tasks end cancelled, the execution finishes with what it has and its cost so far."""
-        ex = await self._apply(cmd.execution_id, lambda ex: cancel(ex, cmd.reason), msg)
-        if ex is not None and ex.terminal:
-            await self.rt.announce_completed(ex)  # also covers one cancelled before it was planned
+        await self._apply(cmd.execution_id, lambda ex: cancel(ex, cmd.reason), msg)
         log.info("cancel: %s", cmd.reason, extra={"execution_id": cmd.execution_id})
         await msg.ack()
 
@@ -214,15 +223,17 @@ class AggregatorHandlers:
             await msg.nak(delay=left)
             return
 
+        eid = check.execution_id
+
         def expire_or_fail(ex: Execution) -> bool:
             if not ex.tasks:
-                return fail_execution(ex, "no plan was made before the execution deadline")
+                failed = fail_execution(ex, "no plan was made before the execution deadline")
+                if failed:
+                    log.warning("execution failed at its deadline: %s", ex.error, extra={"execution_id": eid})
+                return failed
             return expire(ex, "execution deadline exceeded")
 
-        ex = await self._apply(check.execution_id, expire_or_fail, msg)
-        if ex is not None and ex.terminal and not ex.tasks:
-            await self.rt.announce_completed(ex)
-            log.warning("execution failed at its deadline: %s", ex.error, extra={"execution_id": ex.execution_id})
+        await self._apply(eid, expire_or_fail, msg)
         await msg.ack()
 
     async def on_advisory(self, adv: ConsumerAdvisory, msg: Msg) -> None:
