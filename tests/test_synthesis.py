@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from services.aggregator.aggregate import aggregate
 from services.aggregator.handlers import AggregatorHandlers
 from services.aggregator.synthesis import write_answer
 from shared.config import ParallelExecutionConfig
 from shared.costs import model_call
-from shared.execution import apply_plan, apply_result, new_execution
+from shared.execution import apply_plan, apply_result, expire, new_execution
 from shared.names import Names
 from shared.providers import AnthropicProvider, SimulatedProvider
 from shared.schemas import (
     CostIncurred,
     Execution,
+    ExecutionDeadline,
     ExecutionRequested,
     TaskCompleted,
     TaskOutput,
@@ -183,3 +186,49 @@ async def test_two_replicas_finishing_at_once_store_one_answer_and_count_its_cos
     [event] = await sub.fetch(1, timeout=5)
     cost = CostIncurred.model_validate_json(event.data)
     assert (cost.phase, cost.model, cost.cost_usd) == ("synthesis", "claude-sonnet-4-6", synthesis.cost_usd)
+
+
+@pytest.mark.parametrize("start", ["deadline check", "stale version"])
+async def test_an_answer_computed_on_a_version_another_replica_moved_past_is_not_stored(
+    nc: NATS, names: Names, tmp_path: Path, start: str,
+) -> None:
+    settings = load_settings(config=str(write_config(tmp_path / "c.json", {})), namespace=names.namespace)
+    rt = Runtime("aggregator", settings, nc=nc, js=nc.jetstream())
+    rt.kv = await ensure_streams(rt.jetstream, names)
+    rt.store = ExecutionStore(rt.kv)
+    rt.started = True
+    eid = "moved" + start[:5]
+    ex = new_execution(ExecutionRequested(execution_id=eid, message="Build a shop", requested_at=T0,
+                                          deadline_at=T0 + timedelta(hours=1)))
+    apply_plan(ex, [TaskSpec(id="api", pool="codegen", description="API"),
+                    TaskSpec(id="audit", pool="security", description="audit")], "rules", [])
+    for r in (result(eid, "api", "codegen", "started"), result(eid, "audit", "security", "started")):
+        apply_result(ex, r)
+    await rt.executions.create(ex)
+
+    async def delivered(subject: str, payload: bytes, stream: str) -> Msg:
+        await rt.jetstream.publish(subject, payload)
+        sub = await rt.jetstream.pull_subscribe(subject, durable=f"d{uuid.uuid4().hex[:8]}", stream=stream)
+        [msg] = await sub.fetch(1, timeout=5)
+        return msg
+
+    a, b = (AggregatorHandlers(rt, SimulatedProvider(settings.pe)) for _ in range(2))
+    again = result(eid, "api", "codegen", "started")  # changes nothing: replica A keeps the version it read
+    await a.on_result(again, await delivered(names.results(eid), again.to_bytes(), names.results_stream))
+    done = result(eid, "api", "codegen")
+    await b.on_result(done, await delivered(names.results(eid), done.to_bytes(), names.results_stream))
+
+    check = ExecutionDeadline(execution_id=eid, deadline_at=T0)
+    msg = await delivered(names.execution_deadline, check.to_bytes(), names.executions_stream)
+    if start == "deadline check":  # reads afresh before ending every open task
+        await a.on_deadline(check, msg)
+    else:  # from the version A last saw: the answer computed on it loses the compare-and-set
+        await a._apply(eid, lambda ex: expire(ex, "execution deadline exceeded"), msg)
+
+    stored = await rt.executions.get(eid)
+    assert stored is not None
+    final = stored[0]
+    assert [t.status for t in final.tasks] == ["completed", "failed"]
+    assert final.status == "partial"
+    assert final.aggregated is not None and [o.task_id for o in final.aggregated.outputs["codegen"]] == ["api"]
+    assert final.final_response is not None and "1 of 2" in final.aggregated.summary

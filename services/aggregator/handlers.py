@@ -19,6 +19,7 @@ from shared.bus import emit, publish
 from shared.consumer import keep_alive
 from shared.costs import call_event, publish_cost
 from shared.execution import (
+    TaskMarks,
     all_tasks_terminal,
     apply_result,
     cancel,
@@ -109,7 +110,8 @@ class AggregatorHandlers:
         # document): at most ≈ 60 MiB; beyond it the oldest go back to a read.
         self._known_limit = 1_000
 
-    async def _apply(self, execution_id: str, change: Callable[[Execution], bool], msg: Msg) -> Execution | None:
+    async def _apply(self, execution_id: str, change: Callable[[Execution], bool], msg: Msg,
+                     fresh: bool = False) -> Execution | None:
         """Store ``change`` (compare-and-set), then publish its lifecycle events and the tasks it released.
 
         Both are published after the state that implies them is stored and before the caller acks: a
@@ -121,6 +123,10 @@ class AggregatorHandlers:
         arrives while it writes is applied, in arrival order, in its next write. Every change still sees
         the document as the previous one left it, so events and released tasks are exactly those of
         one-at-a-time processing; other replicas are still kept honest by the compare-and-set.
+
+        ``fresh``: start from a read, not from the version this replica last stored. Cancel and deadline end
+        every open task, so on a version another replica has moved past they would conclude (and answer, maybe
+        with a billed model call) before the compare-and-set told them so.
         """
         pending = _Change(change, msg, asyncio.get_running_loop().create_future())
         queue = self._waiting.get(execution_id)
@@ -129,6 +135,8 @@ class AggregatorHandlers:
             return await pending.done
         self._waiting[execution_id] = [pending]
         known = self._known.pop(execution_id, None)
+        if fresh:
+            known = None
         batch: list[_Change] = []
         try:
             await asyncio.sleep(0)  # results of this execution that arrived in the same fetch join the first write
@@ -158,7 +166,9 @@ class AggregatorHandlers:
         """One compare-and-set write of ``batch`` — with the final answer when it leaves no task open —
         then its events, the tasks it released, and the final event."""
         events: list[LifecycleEvent] = []
-        answer: list[_Answer] = []  # computed once, from the first version that needed it
+        # The answer, with what it was computed from: reused by a retry after a lost compare-and-set only if the
+        # version read then adds up to the same (task statuses and attempts, cost), else computed again.
+        answer: list[tuple[tuple[TaskMarks, float], _Answer]] = []
         concluded = False
         ended_before = False
 
@@ -178,9 +188,10 @@ class AggregatorHandlers:
             nonlocal concluded
             concluded = all_tasks_terminal(ex) and not ex.terminal  # re-run on every retry: the last run tells
             if concluded:  # else another replica finished first: its answer and its call stand
-                if not answer:
-                    answer.append(await self._answer(ex, [c.msg for c in batch]))
-                answer[0].apply(ex)
+                basis = (marks(ex), ex.cost.total_usd)
+                if not answer or answer[-1][0] != basis:
+                    answer.append((basis, await self._answer(ex, [c.msg for c in batch])))
+                answer[-1][1].apply(ex)
             return concluded
 
         result = await self.rt.executions.mutate_from(execution_id, recorded, known, conclude)
@@ -211,7 +222,7 @@ class AggregatorHandlers:
 
     async def on_cancel(self, cmd: CancelExecution, msg: Msg) -> None:
         """Cancel: open tasks end cancelled, the execution finishes with what it has and its cost so far."""
-        await self._apply(cmd.execution_id, lambda ex: cancel(ex, cmd.reason), msg)
+        await self._apply(cmd.execution_id, lambda ex: cancel(ex, cmd.reason), msg, fresh=True)
         log.info("cancel: %s", cmd.reason, extra={"execution_id": cmd.execution_id})
         await msg.ack()
 
@@ -233,7 +244,7 @@ class AggregatorHandlers:
                 return failed
             return expire(ex, "execution deadline exceeded")
 
-        await self._apply(eid, expire_or_fail, msg)
+        await self._apply(eid, expire_or_fail, msg, fresh=True)
         await msg.ack()
 
     async def on_advisory(self, adv: ConsumerAdvisory, msg: Msg) -> None:
@@ -261,7 +272,7 @@ class AggregatorHandlers:
                 await self._task_dead(adv, original.data)
                 await js.delete_msg(adv.stream, adv.stream_seq)  # a work queue keeps what ran out of deliveries
             elif adv.stream == names.executions_stream and original.subject == names.execution_requested:
-                await self._request_dead(adv, original.data)
+                await self._request_dead(adv, original.data, msg)
         log.warning("dead-lettered %s seq %d: %s", letter.subject or adv.stream, adv.stream_seq, letter.reason)
         await msg.ack()
 
@@ -278,15 +289,13 @@ class AggregatorHandlers:
                             strategy=ON_EXHAUSTED[cmd.task.pool].value)
         await publish(self.rt.jetstream, self.rt.names.results(cmd.execution_id), failed, failed.msg_id())
 
-    async def _request_dead(self, adv: ConsumerAdvisory, data: bytes) -> None:
+    async def _request_dead(self, adv: ConsumerAdvisory, data: bytes, msg: Msg) -> None:
         try:
             req = ExecutionRequested.model_validate_json(data)
         except ValueError:
             return
         reason = f"could not be planned: {adv.describe()}"
-        ex = await self.rt.executions.mutate(req.execution_id, lambda ex: fail_execution(ex, reason))
-        if ex is not None and ex.terminal:
-            await self.rt.announce_completed(ex)
+        await self._apply(req.execution_id, lambda ex: fail_execution(ex, reason), msg, fresh=True)
 
     async def _answer(self, snapshot: Execution, msgs: list[Msg]) -> _Answer:
         """Aggregate and synthesize the final answer of ``snapshot``, whose tasks are all terminal."""

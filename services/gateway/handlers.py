@@ -157,6 +157,7 @@ async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_ke
             raise HTTPException(422, {"field": "Idempotency-Key",
                                       "message": "this key was used with a different request"}) from None
         ex, fresh = existing, existing.status == "queued"  # never planned: publishing again is harmless
+        req.deadline_at = existing.deadline_at  # the deadline set when it was accepted, not one from now
         log.info("idempotent replay", extra={"execution_id": eid})
     # Subscribe before publishing, so the final event (or the plan) cannot slip past us.
     sub = await rt.nats.subscribe(names.completed_event(eid) if body.wait else names.events(eid, "*"))

@@ -44,9 +44,9 @@ class PMHandlers:
                 await store.create(new_execution(req))
             except KeyWrongLastSequenceError:
                 pass
-        if current is not None and current[0].status not in ("queued", "planning"):
-            ex: Execution | None = current[0]  # planned before (a redelivery): publish again, plan nothing
-        else:
+        ex: Execution | None = current[0] if current is not None else None
+        replanned = ex is not None and ex.status not in ("queued", "planning")
+        if not replanned:
             try:
                 async with keep_alive(msg, self.rt.pe.ack_wait_s / 3):  # a long model call is not redelivered
                     plan = await plan_request(req, self.rt.pe, self.provider)
@@ -63,19 +63,31 @@ class PMHandlers:
             await msg.ack()  # cancelled or finished meanwhile: nothing to start
             return
         planner = ex.planner or "rules"
-        metrics.PLANS.labels(planner).inc()
-        planned = ExecutionPlanned(execution_id=ex.execution_id, planner=planner, tasks=[t.spec() for t in ex.tasks])
-        await emit(self.rt.nats, names.events(ex.execution_id, "planned"), planned, f"{ex.execution_id}:planned")
-        for c in ex.calls:
-            if c.phase == "decomposition":
-                await publish_cost(self.rt.nats, names, call_event(ex.execution_id, c))
+        # The events again only on a redelivery (the first delivery may have died before emitting them). A
+        # request stored twice (an idempotent replay past the stream's duplicate window) would otherwise store
+        # them twice; its tasks are published again either way, and the tasks stream's msg-ids absorb them.
+        if not replanned or (msg.metadata.num_delivered or 1) > 1:
+            metrics.PLANS.labels(planner).inc()
+            planned = ExecutionPlanned(execution_id=ex.execution_id, planner=planner,
+                                       tasks=[t.spec() for t in ex.tasks])
+            await emit(self.rt.nats, names.events(ex.execution_id, "planned"), planned, f"{ex.execution_id}:planned")
+            for c in ex.calls:
+                if c.phase == "decomposition":
+                    await publish_cost(self.rt.nats, names, call_event(ex.execution_id, c))
         await asyncio.gather(*[publish(js, names.tasks(t.pool), run_command(ex, t), run_msg_id(ex.execution_id, t.id))
                                for t in queued(ex)])
         await msg.ack()
         log.info("planned %d task(s) with %s", len(ex.tasks), ex.planner, extra=ctx)
 
     async def _reject(self, req: ExecutionRequested, reason: str) -> None:
-        ex = await self.rt.executions.mutate(req.execution_id, lambda ex: fail_execution(ex, f"invalid plan: {reason}"))
-        if ex is not None and ex.terminal:
+        failed = False
+
+        def fail(ex: Execution) -> bool:
+            nonlocal failed
+            failed = fail_execution(ex, f"invalid plan: {reason}")
+            return failed
+
+        ex = await self.rt.executions.mutate(req.execution_id, fail)
+        if ex is not None and failed:  # announced by whoever ended it, if it had ended already
             await self.rt.announce_completed(ex)
         log.warning("rejected plan: %s", reason, extra={"execution_id": req.execution_id})
