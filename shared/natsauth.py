@@ -110,6 +110,8 @@ def permissions(names: Names | None = None) -> dict[str, tuple[list[str], list[s
             *kv_read, *kv_write, *tasks, events, n.results("*"), n.dlq_all,
             # dead letters: read the message a consumer gave up on, and drop it from the work queue
             *(f"$JS.API.STREAM.MSG.GET.{s}" for s in n.consumed_streams),
+            # whether an execution finished long ago was announced (a redelivery past the duplicate window)
+            f"$JS.API.STREAM.MSG.GET.{n.events_stream}",
             f"$JS.API.STREAM.MSG.DELETE.{n.tasks_stream}",
         ],
         "gateway": [*kv_read, *kv_write, n.execution_requested, n.execution_deadline_schedules, n.execution_cancel,

@@ -31,6 +31,7 @@ DAY = 24 * 3600.0
 STREAM_ALREADY_IN_USE = 10058
 KV_HISTORY = 1
 KV_TTL = 30 * DAY
+EVENTS_DUPLICATE_WINDOW_S = 600.0  # how long a repeated event (same msg-id) is dropped instead of stored
 
 
 def stream_configs(names: Names, replicas: int = 1) -> list[StreamConfig]:
@@ -56,7 +57,7 @@ def stream_configs(names: Names, replicas: int = 1) -> list[StreamConfig]:
         # A long duplicate window: a released task's msg-id must stay remembered while the execution runs.
         cfg(names.tasks_stream, names.tasks_all, 7 * DAY, 3600, work),
         cfg(names.results_stream, names.results_all, 7 * DAY, 600, limits),
-        cfg(names.events_stream, names.events_all, 7 * DAY, 600, limits),
+        cfg(names.events_stream, names.events_all, 7 * DAY, EVENTS_DUPLICATE_WINDOW_S, limits),
         cfg(names.dlq_stream, names.dlq_all, 30 * DAY, 600, limits),
         # Advisories are core NATS messages, lost if nobody listens: this stream keeps them.
         StreamConfig(

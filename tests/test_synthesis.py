@@ -63,6 +63,27 @@ def result(eid: str, task: str, pool: Any, kind: str = "completed") -> TaskStart
                          output=TaskOutput(summary=f"{task} done"))
 
 
+async def aggregator_runtime(nc: NATS, names: Names, tmp_path: Path, cfg: dict[str, Any] | None = None) -> Runtime:
+    """An aggregator's runtime in this process, on the test's namespace, for calling its handlers directly."""
+    settings = load_settings(config=str(write_config(tmp_path / "c.json", cfg or {})), namespace=names.namespace)
+    rt = Runtime("aggregator", settings, nc=nc, js=nc.jetstream())
+    rt.kv = await ensure_streams(rt.jetstream, names)
+    rt.store = ExecutionStore(rt.kv)
+    rt.started = True
+    return rt
+
+
+async def delivered(rt: Runtime, subject: str, payload: bytes, stream: str, times: int = 1) -> Msg:
+    """``payload`` published on ``subject`` and delivered by a fresh durable, ``times`` times (nak'd between)."""
+    await rt.jetstream.publish(subject, payload)
+    sub = await rt.jetstream.pull_subscribe(subject, durable=f"d{uuid.uuid4().hex[:8]}", stream=stream)
+    for _ in range(times - 1):
+        [msg] = await sub.fetch(1, timeout=5)
+        await msg.nak()
+    [msg] = await sub.fetch(1, timeout=5)
+    return msg
+
+
 def execution(pe: ParallelExecutionConfig, eid: str = "e1", last_done: bool = True) -> Execution:
     """Two tasks planned by the model (its call recorded); the second still running unless ``last_done``."""
     ex = new_execution(ExecutionRequested(execution_id=eid, message="Build a shop", requested_at=T0,
@@ -141,12 +162,8 @@ async def test_two_replicas_finishing_at_once_store_one_answer_and_count_its_cos
     nc: NATS, names: Names, fake_anthropic: FakeAnthropic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
-    settings = load_settings(config=str(write_config(tmp_path / "c.json", config(fake_anthropic))),
-                             namespace=names.namespace)
-    rt = Runtime("aggregator", settings, nc=nc, js=nc.jetstream())
-    rt.kv = await ensure_streams(rt.jetstream, names)
-    rt.store = ExecutionStore(rt.kv)
-    rt.started = True
+    rt = await aggregator_runtime(nc, names, tmp_path, config(fake_anthropic))
+    settings = rt.settings
     ex = execution(settings.pe, "race1", last_done=False)
     await rt.executions.create(ex)
 
@@ -192,11 +209,8 @@ async def test_two_replicas_finishing_at_once_store_one_answer_and_count_its_cos
 async def test_an_answer_computed_on_a_version_another_replica_moved_past_is_not_stored(
     nc: NATS, names: Names, tmp_path: Path, start: str,
 ) -> None:
-    settings = load_settings(config=str(write_config(tmp_path / "c.json", {})), namespace=names.namespace)
-    rt = Runtime("aggregator", settings, nc=nc, js=nc.jetstream())
-    rt.kv = await ensure_streams(rt.jetstream, names)
-    rt.store = ExecutionStore(rt.kv)
-    rt.started = True
+    rt = await aggregator_runtime(nc, names, tmp_path)
+    settings = rt.settings
     eid = "moved" + start[:5]
     ex = new_execution(ExecutionRequested(execution_id=eid, message="Build a shop", requested_at=T0,
                                           deadline_at=T0 + timedelta(hours=1)))
@@ -206,20 +220,14 @@ async def test_an_answer_computed_on_a_version_another_replica_moved_past_is_not
         apply_result(ex, r)
     await rt.executions.create(ex)
 
-    async def delivered(subject: str, payload: bytes, stream: str) -> Msg:
-        await rt.jetstream.publish(subject, payload)
-        sub = await rt.jetstream.pull_subscribe(subject, durable=f"d{uuid.uuid4().hex[:8]}", stream=stream)
-        [msg] = await sub.fetch(1, timeout=5)
-        return msg
-
     a, b = (AggregatorHandlers(rt, SimulatedProvider(settings.pe)) for _ in range(2))
     again = result(eid, "api", "codegen", "started")  # changes nothing: replica A keeps the version it read
-    await a.on_result(again, await delivered(names.results(eid), again.to_bytes(), names.results_stream))
+    await a.on_result(again, await delivered(rt, names.results(eid), again.to_bytes(), names.results_stream))
     done = result(eid, "api", "codegen")
-    await b.on_result(done, await delivered(names.results(eid), done.to_bytes(), names.results_stream))
+    await b.on_result(done, await delivered(rt, names.results(eid), done.to_bytes(), names.results_stream))
 
     check = ExecutionDeadline(execution_id=eid, deadline_at=T0)
-    msg = await delivered(names.execution_deadline, check.to_bytes(), names.executions_stream)
+    msg = await delivered(rt, names.execution_deadline, check.to_bytes(), names.executions_stream)
     if start == "deadline check":  # reads afresh before ending every open task
         await a.on_deadline(check, msg)
     else:  # from the version A last saw: the answer computed on it loses the compare-and-set
@@ -232,3 +240,29 @@ async def test_an_answer_computed_on_a_version_another_replica_moved_past_is_not
     assert final.status == "partial"
     assert final.aggregated is not None and [o.task_id for o in final.aggregated.outputs["codegen"]] == ["api"]
     assert final.final_response is not None and "1 of 2" in final.aggregated.summary
+
+
+@pytest.mark.parametrize("announced", [True, False])
+async def test_a_redelivery_announces_an_execution_finished_long_ago_only_if_its_final_event_is_missing(
+    nc: NATS, names: Names, tmp_path: Path, announced: bool,
+) -> None:
+    # An hour on, a repeat of the final event is past the events stream's duplicate window: it would be stored.
+    rt = await aggregator_runtime(nc, names, tmp_path)
+    eid = f"old{announced}"
+    ex = execution(rt.settings.pe, eid)
+    ex.status, ex.finished_at = "completed", now() - timedelta(hours=1)
+    await rt.executions.create(ex)
+    if announced:
+        await rt.announce_completed(ex)
+    published: list[str] = []
+
+    async def seen(msg: Msg) -> None:
+        published.append(msg.subject)
+
+    await nc.subscribe(names.events(eid, "*"), cb=seen)  # core: sees a publish even if the stream drops it
+    check = ExecutionDeadline(execution_id=eid, deadline_at=T0)
+    msg = await delivered(rt, names.execution_deadline, check.to_bytes(), names.executions_stream, times=2)
+    assert msg.metadata.num_delivered == 2
+    await AggregatorHandlers(rt, SimulatedProvider(rt.settings.pe)).on_deadline(check, msg)
+    await nc.flush()
+    assert published == ([] if announced else [names.completed_event(eid)])

@@ -52,6 +52,7 @@ from shared.schemas import (
 )
 from shared.service import Runtime
 from shared.state import Known
+from shared.topology import EVENTS_DUPLICATE_WINDOW_S
 
 log = logging.getLogger(__name__)
 
@@ -206,13 +207,28 @@ class AggregatorHandlers:
                                for t in queued(ex) if t.depends_on or ex.mode == "serial"])
         if concluded:
             _count_finished(ex)
-        # Announced when this write finished it, or again when a message of the batch is a redelivery: the
-        # message that finished it may be replayed because the announcement failed (nothing is recomputed).
-        # A first delivery that finds it finished (the deadline check, long after) announces nothing: a repeat
-        # past the events stream's duplicate window would be stored as a second final event.
-        if ex.terminal and (not ended_before or any(_redelivered(c.msg) for c in batch)):
+        if ex.terminal and (not ended_before or await self._unannounced(ex, batch)):
             await self._announce(ex, written)
         return ex, None if ex.terminal else (ex, revision)
+
+    async def _unannounced(self, ex: Execution, batch: list[_Change]) -> bool:
+        """Whether the final event of ``ex``, finished before this write, may never have been published.
+
+        Only a redelivery can tell: the message that finished it is handed back when the announcement
+        failed. A first delivery that finds it finished (its deadline check, 30 minutes on) announces
+        nothing. Within the events stream's duplicate window a repeat is harmless (dropped); past it, it
+        would be stored as a second final event, so the stream is asked whether the first one is there.
+        """
+        if not any(_redelivered(c.msg) for c in batch):
+            return False
+        if ex.finished_at is not None and (now() - ex.finished_at).total_seconds() < EVENTS_DUPLICATE_WINDOW_S / 2:
+            return True
+        try:
+            await self.rt.jetstream.get_last_msg(self.rt.names.events_stream,
+                                                 self.rt.names.completed_event(ex.execution_id))
+        except NotFoundError:
+            return True
+        return False
 
     async def on_result(self, r: TaskStarted | TaskCompleted | TaskFailed, msg: Msg) -> None:
         """Apply one result; release what it unblocks; finish the execution when nothing is left."""
