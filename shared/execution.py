@@ -99,8 +99,10 @@ def queued(ex: Execution) -> list[TaskState]:
 def apply_result(ex: Execution, r: TaskStarted | TaskCompleted | TaskFailed) -> bool:
     """Record one attempt's news; returns False for anything already known or too late."""
     task = ex.task(r.task_id)
-    if task is None or ex.terminal or task.status in TERMINAL_TASK:
+    if task is None:
         return False
+    if ex.terminal or task.status in TERMINAL_TASK:
+        return _late_cost(task, r)
     att = task.attempt(r.attempt)
     if att is not None and att.error == LOST_UNANNOUNCED:  # it reported after all, after a later delivery's
         task.attempts.remove(att)
@@ -121,7 +123,7 @@ def apply_result(ex: Execution, r: TaskStarted | TaskCompleted | TaskFailed) -> 
                 earlier.outcome, earlier.finished_at = "lost", r.started_at
                 earlier.error = "worker lost before reporting; redelivered after ack_wait"
     elif isinstance(r, TaskStarted) or att.outcome != "running":
-        return False
+        return _late_cost(task, r)
 
     if isinstance(r, TaskCompleted):
         att.outcome, att.finished_at = "completed", r.finished_at
@@ -140,6 +142,18 @@ def apply_result(ex: Execution, r: TaskStarted | TaskCompleted | TaskFailed) -> 
         task.status = _live_status(task)
     _propagate(ex)
     ex.updated_at = now()
+    return True
+
+
+def _late_cost(task: TaskState, r: TaskStarted | TaskCompleted | TaskFailed) -> bool:
+    """A report too late to change anything (its attempt was given up as lost, or its task or execution
+    ended meanwhile) still says what its model call cost: that goes on its attempt, once, so the execution's
+    cost stays the sum of every call made for it. Statuses, and so events, stay as they are."""
+    att = task.attempt(r.attempt)
+    if isinstance(r, TaskStarted) or att is None or att.outcome != "lost" or att.model or not r.cost_usd:
+        return False
+    att.model, att.provider, att.usage, att.cost_usd = r.model, r.provider, r.usage, r.cost_usd
+    att.error = "; ".join(filter(None, [att.error, f"it reported later, at a cost of ${r.cost_usd:.4f}"]))
     return True
 
 

@@ -9,6 +9,7 @@ from shared.execution import (
     all_tasks_terminal,
     apply_plan,
     apply_result,
+    cancel,
     lifecycle_events,
     marks,
     new_execution,
@@ -156,3 +157,29 @@ def test_a_delivery_lost_before_it_announced_its_start_is_recorded_from_the_gap_
     api = ex.task("api")
     assert api is not None
     assert [(a.n, a.outcome) for a in api.attempts] == [(1, "failed"), (2, "running")]
+
+
+def test_a_report_too_late_to_count_still_adds_its_cost_once_and_changes_nothing_else() -> None:
+    # Its attempt was given up as lost when a later delivery of the task started (the worker was slow, not dead).
+    ex = execution()
+    apply_result(ex, started("api", 1))
+    apply_result(ex, started("api", 2))
+    before = marks(ex)
+    assert apply_result(ex, completed("api", 1, cost=0.3))
+    api = ex.task("api")
+    assert api is not None and api.status == "running"
+    assert [(a.n, a.outcome, a.cost_usd) for a in api.attempts] == [(1, "lost", 0.3), (2, "running", 0.0)]
+    assert lifecycle_events(before, ex) == []
+    assert not apply_result(ex, completed("api", 1, cost=0.3))  # a duplicate is not counted twice
+    # Its execution was cancelled while the model answered: the call was made, so the cost stays in the record.
+    ex = execution()
+    apply_result(ex, started("db"))
+    assert cancel(ex, "client cancelled")
+    before = marks(ex)
+    assert apply_result(ex, completed("db", cost=0.25))
+    db = ex.task("db")
+    assert db is not None and db.status == "cancelled" and db.output is None
+    assert db.cost_usd == 0.25 and ex.cost.total_usd == 0.25 and ex.refund_usd == 0.25
+    assert db.attempts[0].error == "abandoned: client cancelled; it reported later, at a cost of $0.2500"
+    assert lifecycle_events(before, ex) == []
+    assert not apply_result(ex, completed("db", cost=0.25))
