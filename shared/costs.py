@@ -74,9 +74,11 @@ async def guarded_call(pe: ParallelExecutionConfig, phase: Phase, model: str, pr
         return None, model_call(pe, phase, model, provider, None, f"error: {type(e).__name__}: {e}")
 
 
-def call_event(execution_id: str, call: ModelCall) -> CostIncurred:
-    return CostIncurred(execution_id=execution_id, phase=call.phase, model=call.model, provider=call.provider,
-                        usage=call.usage, cost_usd=call.cost_usd)
+def call_events(execution_id: str, calls: list[ModelCall], phase: str) -> list[CostIncurred]:
+    """A cost event for each of an execution's ``phase`` calls, numbered in order (``attempt``)."""
+    return [CostIncurred(execution_id=execution_id, phase=c.phase, attempt=n, model=c.model, provider=c.provider,
+                         usage=c.usage, cost_usd=c.cost_usd)
+            for n, c in enumerate((c for c in calls if c.phase == phase), 1)]
 
 
 def attempt_event(done: TaskCompleted | TaskFailed) -> CostIncurred:

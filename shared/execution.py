@@ -28,6 +28,7 @@ from shared.schemas import (
 
 BLOCKING = frozenset({"failed", "skipped", "cancelled"})
 LOST_UNANNOUNCED = "worker lost before it reported (and before its start was announced); redelivered"
+REPORTED_LATE = "known only from a report that came after its task had ended"
 
 
 def new_execution(req: ExecutionRequested) -> Execution:
@@ -48,9 +49,12 @@ def new_execution(req: ExecutionRequested) -> Execution:
 
 def apply_plan(ex: Execution, specs: list[TaskSpec], planner: str, calls: Sequence[ModelCall] = ()) -> bool:
     """Install the plan (with the calls that made it) and queue what can start (in serial mode: only the
-    first task); only once."""
+    first task); only once. A plan that comes too late (the execution ended, or another plan was stored
+    first) changes nothing but the record of the calls that made it: they were billed all the same."""
     if ex.status not in ("queued", "planning"):
-        return False
+        ex.calls.extend(c.model_copy(update={"error": c.error or f"unused: the execution was {ex.status} first"})
+                        for c in calls)
+        return bool(calls)
     ex.calls.extend(calls)
     ex.tasks = [
         TaskState(id=s.id, pool=s.pool, description=s.description, context=s.context, depends_on=s.depends_on)
@@ -149,11 +153,20 @@ def _late_cost(task: TaskState, r: TaskStarted | TaskCompleted | TaskFailed) -> 
     """A report too late to change anything (its attempt was given up as lost, or its task or execution
     ended meanwhile) still says what its model call cost: that goes on its attempt, once, so the execution's
     cost stays the sum of every call made for it. Statuses, and so events, stay as they are."""
+    if isinstance(r, TaskStarted) or not r.cost_usd:
+        return False
     att = task.attempt(r.attempt)
-    if isinstance(r, TaskStarted) or att is None or att.outcome != "lost" or att.model or not r.cost_usd:
+    late = f"it reported later, at a cost of ${r.cost_usd:.4f}"
+    if att is None:  # never heard of (ended before its start was announced): recorded now, for its cost only
+        att = Attempt(n=r.attempt, worker=r.worker, started_at=r.started_at, finished_at=r.finished_at,
+                      outcome="lost", error=f"{REPORTED_LATE}: {late}")
+        task.attempts.append(att)
+        task.attempts.sort(key=lambda a: a.n)
+    elif att.outcome == "lost" and not att.model:
+        att.error = "; ".join(filter(None, [att.error, late]))
+    else:
         return False
     att.model, att.provider, att.usage, att.cost_usd = r.model, r.provider, r.usage, r.cost_usd
-    att.error = "; ".join(filter(None, [att.error, f"it reported later, at a cost of ${r.cost_usd:.4f}"]))
     return True
 
 
@@ -249,7 +262,7 @@ def lifecycle_events(before: TaskMarks, ex: Execution) -> list[LifecycleEvent]:
     events = []
     for t in ex.tasks:
         status, last_n = before.get(t.id, ("", 0))
-        new = [a for a in t.attempts if a.n > last_n]
+        new = [a for a in t.attempts if a.n > last_n and not (a.error or "").startswith(REPORTED_LATE)]
         for a in new:
             if a.error == LOST_UNANNOUNCED:
                 continue

@@ -536,7 +536,7 @@ class CostIncurred(Wire):
     def msg_id(self) -> str:
         if self.phase == "task":
             return f"{self.execution_id}:{self.task_id}:{self.attempt}:cost"
-        return f"{self.execution_id}:{self.phase}:cost"
+        return f"{self.execution_id}:{self.phase}:{self.attempt or 1}:cost"  # attempt: the phase's n-th call
 
 
 class ExecutionPlanned(Wire):

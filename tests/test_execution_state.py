@@ -19,6 +19,7 @@ from shared.execution import (
 from shared.schemas import (
     ExecutionCompleted,
     ExecutionRequested,
+    ModelCall,
     TaskCompleted,
     TaskFailed,
     TaskOutput,
@@ -183,3 +184,23 @@ def test_a_report_too_late_to_count_still_adds_its_cost_once_and_changes_nothing
     assert db.attempts[0].error == "abandoned: client cancelled; it reported later, at a cost of $0.2500"
     assert lifecycle_events(before, ex) == []
     assert not apply_result(ex, completed("db", cost=0.25))
+    # Cancelled before its start was announced: the attempt is known from the late report alone.
+    ex = execution()
+    assert cancel(ex, "client cancelled")
+    before = marks(ex)
+    assert apply_result(ex, completed("api", cost=0.4))
+    api = ex.task("api")
+    assert api is not None and api.status == "cancelled"
+    assert [(a.n, a.outcome, a.cost_usd) for a in api.attempts] == [(1, "lost", 0.4)]
+    assert ex.cost.total_usd == 0.4 and lifecycle_events(before, ex) == []
+    assert not apply_result(ex, completed("api", cost=0.4))
+
+
+def test_a_plan_too_late_to_run_still_records_the_calls_that_made_it() -> None:
+    ex = execution()
+    ex.tasks, ex.status = [], "cancelled"  # cancelled while the model was planning
+    call = ModelCall(phase="decomposition", model="m", provider="anthropic", cost_usd=0.2)
+    assert apply_plan(ex, [TaskSpec(id="x", pool="codegen", description="x")], "llm", [call])
+    assert ex.status == "cancelled" and ex.tasks == [] and ex.cost.total_usd == 0.2
+    assert ex.calls[-1].error == "unused: the execution was cancelled first"
+    assert not apply_plan(ex, [TaskSpec(id="x", pool="codegen", description="x")], "rules")  # nothing to record

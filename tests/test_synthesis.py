@@ -13,7 +13,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from services.aggregator.aggregate import aggregate
-from services.aggregator.handlers import AggregatorHandlers
+from services.aggregator.handlers import SUPERSEDED, AggregatorHandlers
 from services.aggregator.synthesis import write_answer
 from shared.config import ParallelExecutionConfig
 from shared.costs import model_call
@@ -205,13 +205,8 @@ async def test_two_replicas_finishing_at_once_store_one_answer_and_count_its_cos
     assert (cost.phase, cost.model, cost.cost_usd) == ("synthesis", "claude-sonnet-4-6", synthesis.cost_usd)
 
 
-@pytest.mark.parametrize("start", ["deadline check", "stale version"])
-async def test_an_answer_computed_on_a_version_another_replica_moved_past_is_not_stored(
-    nc: NATS, names: Names, tmp_path: Path, start: str,
-) -> None:
-    rt = await aggregator_runtime(nc, names, tmp_path)
-    settings = rt.settings
-    eid = "moved" + start[:5]
+async def a_stale_b_moved_on(rt: Runtime, eid: str, a: AggregatorHandlers, b: AggregatorHandlers) -> None:
+    """Two tasks running; replica A keeps the version it read, then replica B stores the first one completed."""
     ex = new_execution(ExecutionRequested(execution_id=eid, message="Build a shop", requested_at=T0,
                                           deadline_at=T0 + timedelta(hours=1)))
     apply_plan(ex, [TaskSpec(id="api", pool="codegen", description="API"),
@@ -219,12 +214,21 @@ async def test_an_answer_computed_on_a_version_another_replica_moved_past_is_not
     for r in (result(eid, "api", "codegen", "started"), result(eid, "audit", "security", "started")):
         apply_result(ex, r)
     await rt.executions.create(ex)
-
-    a, b = (AggregatorHandlers(rt, SimulatedProvider(settings.pe)) for _ in range(2))
-    again = result(eid, "api", "codegen", "started")  # changes nothing: replica A keeps the version it read
+    names = rt.names
+    again = result(eid, "api", "codegen", "started")  # changes nothing: A keeps the version it read
     await a.on_result(again, await delivered(rt, names.results(eid), again.to_bytes(), names.results_stream))
     done = result(eid, "api", "codegen")
     await b.on_result(done, await delivered(rt, names.results(eid), done.to_bytes(), names.results_stream))
+
+
+@pytest.mark.parametrize("start", ["deadline check", "stale version"])
+async def test_an_answer_computed_on_a_version_another_replica_moved_past_is_not_stored(
+    nc: NATS, names: Names, tmp_path: Path, start: str,
+) -> None:
+    rt = await aggregator_runtime(nc, names, tmp_path)
+    eid = "moved" + start[:5]
+    a = AggregatorHandlers(rt, SimulatedProvider(rt.settings.pe))
+    await a_stale_b_moved_on(rt, eid, a, AggregatorHandlers(rt, SimulatedProvider(rt.settings.pe)))
 
     check = ExecutionDeadline(execution_id=eid, deadline_at=T0)
     msg = await delivered(rt, names.execution_deadline, check.to_bytes(), names.executions_stream)
@@ -266,3 +270,30 @@ async def test_a_redelivery_announces_an_execution_finished_long_ago_only_if_its
     await AggregatorHandlers(rt, SimulatedProvider(rt.settings.pe)).on_deadline(check, msg)
     await nc.flush()
     assert published == ([] if announced else [names.completed_event(eid)])
+
+
+async def test_the_model_call_behind_an_answer_that_lost_its_write_is_still_counted(
+    nc: NATS, names: Names, fake_anthropic: FakeAnthropic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    rt = await aggregator_runtime(nc, names, tmp_path, config(fake_anthropic))
+    eid = "superseded"
+    providers = [AnthropicProvider(rt.settings.pe, KEY) for _ in range(2)]
+    try:
+        a, b = (AggregatorHandlers(rt, p) for p in providers)
+        await a_stale_b_moved_on(rt, eid, a, b)
+        msg = await delivered(rt, names.execution_deadline, b"{}", names.executions_stream)
+        await a._apply(eid, lambda ex: expire(ex, "execution deadline exceeded"), msg)  # from A's stale version
+    finally:
+        for p in providers:
+            await p.aclose()
+
+    assert len(fake_anthropic.of("synthesis")) == 2  # one answer per version: the stale one's lost its write
+    stored = await rt.executions.get(eid)
+    assert stored is not None
+    final = stored[0]
+    assert final.status == "partial"
+    assert [c.error for c in final.calls if c.phase == "synthesis"] == [SUPERSEDED, None]
+    assert final.cost.by_phase["synthesis"] == pytest.approx(2 * SYNTHESIS_ON_SONNET, abs=1e-12)
+    info = await rt.jetstream.stream_info(names.events_stream, subjects_filter=names.cost_event(eid))
+    assert info.state.subjects == {names.cost_event(eid): 2}  # a cost event for each synthesis call

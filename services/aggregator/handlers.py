@@ -17,7 +17,7 @@ from services.aggregator.synthesis import write_answer
 from shared import metrics
 from shared.bus import emit, publish
 from shared.consumer import keep_alive
-from shared.costs import call_event, publish_cost
+from shared.costs import call_events, publish_cost
 from shared.execution import (
     TaskMarks,
     all_tasks_terminal,
@@ -55,6 +55,8 @@ from shared.state import Known
 from shared.topology import EVENTS_DUPLICATE_WINDOW_S
 
 log = logging.getLogger(__name__)
+
+SUPERSEDED = "superseded: the execution changed before this answer was stored"
 
 
 
@@ -192,6 +194,9 @@ class AggregatorHandlers:
                 basis = (marks(ex), ex.cost.total_usd)
                 if not answer or answer[-1][0] != basis:
                     answer.append((basis, await self._answer(ex, [c.msg for c in batch])))
+                for _, unused in answer[:-1]:  # answers to versions that lost: their calls were made all the same
+                    if unused.call is not None:
+                        ex.calls.append(unused.call.model_copy(update={"error": SUPERSEDED}))
                 answer[-1][1].apply(ex)
             return concluded
 
@@ -329,9 +334,8 @@ class AggregatorHandlers:
         """Conflict events, the synthesis call's cost event, then the final event (acknowledged: it is what
         callers wait for, and a failed publish replays the message). Msg-ids make repeats harmless."""
         nc, names, eid = self.rt.nats, self.rt.names, ex.execution_id
-        for c in ex.calls:
-            if c.phase == "synthesis":
-                await publish_cost(nc, names, call_event(eid, c))
+        for event in call_events(eid, ex.calls, "synthesis"):
+            await publish_cost(nc, names, event)
         for i, conflict in enumerate(ex.aggregated.conflicts_detected if ex.aggregated else []):
             await emit(nc, names.events(eid, "conflict"),
                        LifecycleEvent(kind="conflict", execution_id=eid, data=conflict.model_dump()),

@@ -12,7 +12,7 @@ from services.pm.planning import plan_request
 from shared import metrics
 from shared.bus import emit, publish
 from shared.consumer import keep_alive
-from shared.costs import call_event, publish_cost
+from shared.costs import call_events, publish_cost
 from shared.errors import PlanError
 from shared.execution import apply_plan, fail_execution, new_execution, queued, run_command, run_msg_id
 from shared.providers import ModelProvider
@@ -59,21 +59,22 @@ class PMHandlers:
             stored = await store.mutate_from(req.execution_id,
                                              lambda ex: apply_plan(ex, plan.tasks, plan.planner, plan.calls), current)
             ex = stored[0] if stored else None
+        # The events again only on a redelivery (the first delivery may have died before emitting them). A
+        # request stored twice (an idempotent replay past the stream's duplicate window) would otherwise store
+        # them twice; its tasks are published again either way, and the tasks stream's msg-ids absorb them.
+        emitting = ex is not None and (not replanned or (msg.metadata.num_delivered or 1) > 1)
+        if ex is not None and emitting:  # the decomposition's cost also when the execution ended meanwhile
+            for event in call_events(ex.execution_id, ex.calls, "decomposition"):
+                await publish_cost(self.rt.nats, names, event)
         if ex is None or ex.status != "running":
             await msg.ack()  # cancelled or finished meanwhile: nothing to start
             return
         planner = ex.planner or "rules"
-        # The events again only on a redelivery (the first delivery may have died before emitting them). A
-        # request stored twice (an idempotent replay past the stream's duplicate window) would otherwise store
-        # them twice; its tasks are published again either way, and the tasks stream's msg-ids absorb them.
-        if not replanned or (msg.metadata.num_delivered or 1) > 1:
+        if emitting:
             metrics.PLANS.labels(planner).inc()
             planned = ExecutionPlanned(execution_id=ex.execution_id, planner=planner,
                                        tasks=[t.spec() for t in ex.tasks])
             await emit(self.rt.nats, names.events(ex.execution_id, "planned"), planned, f"{ex.execution_id}:planned")
-            for c in ex.calls:
-                if c.phase == "decomposition":
-                    await publish_cost(self.rt.nats, names, call_event(ex.execution_id, c))
         await asyncio.gather(*[publish(js, names.tasks(t.pool), run_command(ex, t), run_msg_id(ex.execution_id, t.id))
                                for t in queued(ex)])
         await msg.ack()
