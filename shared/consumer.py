@@ -53,11 +53,12 @@ class Consumer(Generic[M]):
 
     async def run(self, stop: asyncio.Event, grace_s: float = 10.0) -> None:
         sub = await self.js.pull_subscribe_bind(self.durable, stream=self.stream)
+        stopping = asyncio.create_task(stop.wait())
         try:
             while not stop.is_set():
                 free = self.capacity - len(self._in_flight)
-                if free <= 0:
-                    await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
+                if free <= 0:  # full: wait for a slot, or for the stop (handlers may run for minutes)
+                    await asyncio.wait({stopping, *self._in_flight}, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 try:
                     msgs = await sub.fetch(free, timeout=1.0)
@@ -68,6 +69,7 @@ class Consumer(Generic[M]):
                     self._in_flight.add(task)
                     task.add_done_callback(self._in_flight.discard)
         finally:
+            stopping.cancel()
             await self._finish(grace_s)
             await sub.unsubscribe()
 
@@ -131,19 +133,18 @@ async def keep_alive(msg: Msg, every_s: float) -> AsyncIterator[None]:
     async def beat() -> None:
         while True:
             await asyncio.sleep(every_s)
-            await msg.in_progress()
+            try:
+                await msg.in_progress()
+            except Exception as e:  # noqa: BLE001 - one missed beat is made up by the next; stopping is not
+                log.warning("heartbeat on %s failed, next in %gs: %s", msg.subject, every_s, e)
 
     task = asyncio.create_task(beat())
     try:
         yield
     finally:
         task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await task
-        except asyncio.CancelledError:
-            pass
-        except Exception as e:  # noqa: BLE001 - a lost heartbeat means a redelivery at worst
-            log.warning("heartbeat on %s failed: %s", msg.subject, e)
 
 
 def _deliveries(msg: Msg) -> int | None:

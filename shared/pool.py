@@ -243,11 +243,19 @@ class PoolWorker:
         interval = max(0.2, self.rt.pe.ack_wait_s / 3)
         with contextlib.suppress(asyncio.CancelledError):
             started = TaskStarted(**d.head, started_at=d.started)
-            await emit(self.rt.nats, self.rt.names.results(d.cmd.execution_id), started, started.msg_id())
+            try:
+                await emit(self.rt.nats, self.rt.names.results(d.cmd.execution_id), started, started.msg_id())
+            except Exception as e:  # noqa: BLE001 - the attempt is recorded from its result all the same
+                log.warning("could not announce the start: %s", e, extra=d.ctx)
             while True:
                 await asyncio.sleep(interval)
-                await d.msg.in_progress()
-                if await self._ended(d):
+                try:
+                    await d.msg.in_progress()
+                    ended = await self._ended(d)
+                except Exception as e:  # noqa: BLE001 - without beats the broker would hand the task to a second worker
+                    log.warning("heartbeat failed, next in %gs: %s", interval, e, extra=d.ctx)
+                    continue
+                if ended:
                     d.abandoned = True
                     run.cancel()
                     return

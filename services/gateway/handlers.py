@@ -162,14 +162,17 @@ async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_ke
     # Subscribe before publishing, so the final event (or the plan) cannot slip past us.
     sub = await rt.nats.subscribe(names.completed_event(eid) if body.wait else names.events(eid, "*"))
     try:
-        if fresh:
-            # With the request, the aggregator's deadline check, scheduled in the stream for the deadline,
-            # so no execution waits forever.
+        if not ex.terminal:
+            # With the request, the aggregator's deadline check, scheduled in the stream for the deadline, so no
+            # execution waits forever. A replay schedules it again (its first publish may be the one that failed).
             deadline = ExecutionDeadline(execution_id=eid, deadline_at=req.deadline_at)
-            await asyncio.gather(publish(rt.jetstream, names.execution_requested, req, msg_id=eid),
-                                 schedule(rt.jetstream, names.execution_deadline_schedule(eid),
-                                          names.execution_deadline, req.deadline_at, deadline, f"{eid}:deadline"))
-            log.info("accepted execution", extra={"execution_id": eid})
+            sends = [schedule(rt.jetstream, names.execution_deadline_schedule(eid), names.execution_deadline,
+                              req.deadline_at, deadline, f"{eid}:deadline")]
+            if fresh:
+                sends.append(publish(rt.jetstream, names.execution_requested, req, msg_id=eid))
+            await asyncio.gather(*sends)
+            if fresh:
+                log.info("accepted execution", extra={"execution_id": eid})
         if ex.terminal:
             return ex, True
         final = await _wait_for(sub, "completed" if body.wait else "planned", wait_s if body.wait else PLAN_WAIT_S)
