@@ -59,7 +59,6 @@ log = logging.getLogger(__name__)
 SUPERSEDED = "superseded: the execution changed before this answer was stored"
 
 
-
 @dataclass
 class _Change:
     """A change waiting for its execution's next write, and the message that asked for it."""
@@ -137,7 +136,7 @@ class AggregatorHandlers:
             queue.append(pending)  # a write of this execution is in flight: ride on the next one
             return await pending.done
         self._waiting[execution_id] = [pending]
-        known = self._known.pop(execution_id, None)
+        known = self._known.pop(execution_id, None)  # taken out either way: a stale one must not come back
         if fresh:
             known = None
         batch: list[_Change] = []
