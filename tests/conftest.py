@@ -17,14 +17,20 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import nats
 import pytest
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from shared.names import Names
 from shared.natsserver import NatsServer
+from shared.service import Runtime
+from shared.settings import load_settings
+from shared.state import ExecutionStore
+from shared.topology import ensure_streams
 from tests.fake_anthropic import FakeAnthropic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -183,3 +189,25 @@ def stack_factory(nats_url: str, tmp_path: Path) -> Iterator:  # type: ignore[ty
     yield make
     for s in started:
         stop_stack(s)
+
+
+async def service_runtime(nc: NATS, names: Names, tmp_path: Path, cfg: dict[str, Any] | None = None,
+                          service: str = "aggregator") -> Runtime:
+    """A service's runtime in this process, on the test's namespace, for calling its handlers directly."""
+    settings = load_settings(config=str(write_config(tmp_path / "c.json", cfg or {})), namespace=names.namespace)
+    rt = Runtime(service, settings, nc=nc, js=nc.jetstream())
+    rt.kv = await ensure_streams(rt.jetstream, names)
+    rt.store = ExecutionStore(rt.kv)
+    rt.started = True
+    return rt
+
+
+async def delivered(rt: Runtime, subject: str, payload: bytes, stream: str, times: int = 1) -> Msg:
+    """``payload`` published on ``subject`` and delivered by a fresh durable, ``times`` times (nak'd between)."""
+    await rt.jetstream.publish(subject, payload)
+    sub = await rt.jetstream.pull_subscribe(subject, durable=f"d{uuid.uuid4().hex[:8]}", stream=stream)
+    for _ in range(times - 1):
+        [msg] = await sub.fetch(1, timeout=5)
+        await msg.nak()
+    [msg] = await sub.fetch(1, timeout=5)
+    return msg

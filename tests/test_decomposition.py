@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
+from nats.aio.client import Client as NATS
 
+from services.pm.handlers import PMHandlers
 from services.pm.planning import plan_request
 from services.pm.prompts import SYSTEM
 from shared.config import ParallelExecutionConfig
 from shared.errors import PlanError
+from shared.execution import cancel, new_execution
+from shared.names import Names
 from shared.providers import AnthropicProvider, SimulatedProvider
 from shared.schemas import ExecutionRequested, TaskSpec, now
+from tests.conftest import delivered, service_runtime
 from tests.fake_anthropic import FakeAnthropic
 
 KEY = "sk-ant-test"
@@ -140,3 +147,34 @@ async def test_the_simulated_provider_plans_by_rules_at_no_cost() -> None:
     pe = ParallelExecutionConfig()
     out = await plan_request(request(), pe, SimulatedProvider(pe))
     assert out.planner == "rules" and out.calls == []
+
+
+async def test_a_plan_that_comes_after_a_cancel_keeps_its_call_in_the_cost_and_starts_nothing(
+    nc: NATS, names: Names, fake_anthropic: FakeAnthropic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    rt = await service_runtime(nc, names, tmp_path, service="pm", cfg={
+        "provider": "anthropic", "anthropic": {"base_url": fake_anthropic.url, "timeout_s": 5}})
+    req = ExecutionRequested(execution_id="late", message=PROJECT, requested_at=now(),
+                             deadline_at=now() + timedelta(hours=1))
+    req.revision = await rt.executions.create(new_execution(req))
+    # Cancelled after the gateway stored it: the PM plans on the version the request names, and its write loses.
+    await rt.executions.mutate("late", lambda ex: cancel(ex, "client cancelled"))
+    provider = AnthropicProvider(rt.settings.pe, KEY)
+    try:
+        msg = await delivered(rt, names.execution_requested, req.to_bytes(), names.executions_stream)
+        await PMHandlers(rt, provider).on_requested(req, msg)
+    finally:
+        await provider.aclose()
+
+    assert len(fake_anthropic.of("plan")) == 1
+    stored = await rt.executions.get("late")
+    assert stored is not None
+    ex = stored[0]
+    assert ex.status == "cancelled" and ex.tasks == []
+    [call] = ex.calls
+    assert call.error == "unused: the execution was cancelled first"
+    assert ex.cost.total_usd == pytest.approx(PLAN_ON_OPUS, abs=1e-12)
+    costs = await rt.jetstream.stream_info(names.events_stream, subjects_filter=names.cost_event("late"))
+    assert costs.state.subjects == {names.cost_event("late"): 1}
+    assert (await rt.jetstream.stream_info(names.tasks_stream)).state.messages == 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -33,10 +32,7 @@ from shared.schemas import (
     now,
 )
 from shared.service import Runtime
-from shared.settings import load_settings
-from shared.state import ExecutionStore
-from shared.topology import ensure_streams
-from tests.conftest import write_config
+from tests.conftest import delivered, service_runtime
 from tests.fake_anthropic import FakeAnthropic
 
 KEY = "sk-ant-test"
@@ -61,27 +57,6 @@ def result(eid: str, task: str, pool: Any, kind: str = "completed") -> TaskStart
                          usage=Usage(input_tokens=2100, output_tokens=940, cache_read_tokens=1500,
                                      cache_write_tokens=300),
                          output=TaskOutput(summary=f"{task} done"))
-
-
-async def aggregator_runtime(nc: NATS, names: Names, tmp_path: Path, cfg: dict[str, Any] | None = None) -> Runtime:
-    """An aggregator's runtime in this process, on the test's namespace, for calling its handlers directly."""
-    settings = load_settings(config=str(write_config(tmp_path / "c.json", cfg or {})), namespace=names.namespace)
-    rt = Runtime("aggregator", settings, nc=nc, js=nc.jetstream())
-    rt.kv = await ensure_streams(rt.jetstream, names)
-    rt.store = ExecutionStore(rt.kv)
-    rt.started = True
-    return rt
-
-
-async def delivered(rt: Runtime, subject: str, payload: bytes, stream: str, times: int = 1) -> Msg:
-    """``payload`` published on ``subject`` and delivered by a fresh durable, ``times`` times (nak'd between)."""
-    await rt.jetstream.publish(subject, payload)
-    sub = await rt.jetstream.pull_subscribe(subject, durable=f"d{uuid.uuid4().hex[:8]}", stream=stream)
-    for _ in range(times - 1):
-        [msg] = await sub.fetch(1, timeout=5)
-        await msg.nak()
-    [msg] = await sub.fetch(1, timeout=5)
-    return msg
 
 
 def execution(pe: ParallelExecutionConfig, eid: str = "e1", last_done: bool = True) -> Execution:
@@ -162,7 +137,7 @@ async def test_two_replicas_finishing_at_once_store_one_answer_and_count_its_cos
     nc: NATS, names: Names, fake_anthropic: FakeAnthropic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
-    rt = await aggregator_runtime(nc, names, tmp_path, config(fake_anthropic))
+    rt = await service_runtime(nc, names, tmp_path, config(fake_anthropic))
     settings = rt.settings
     ex = execution(settings.pe, "race1", last_done=False)
     await rt.executions.create(ex)
@@ -225,7 +200,7 @@ async def a_stale_b_moved_on(rt: Runtime, eid: str, a: AggregatorHandlers, b: Ag
 async def test_an_answer_computed_on_a_version_another_replica_moved_past_is_not_stored(
     nc: NATS, names: Names, tmp_path: Path, start: str,
 ) -> None:
-    rt = await aggregator_runtime(nc, names, tmp_path)
+    rt = await service_runtime(nc, names, tmp_path)
     eid = "moved" + start[:5]
     a = AggregatorHandlers(rt, SimulatedProvider(rt.settings.pe))
     await a_stale_b_moved_on(rt, eid, a, AggregatorHandlers(rt, SimulatedProvider(rt.settings.pe)))
@@ -251,7 +226,7 @@ async def test_a_redelivery_announces_an_execution_finished_long_ago_only_if_its
     nc: NATS, names: Names, tmp_path: Path, announced: bool,
 ) -> None:
     # An hour on, a repeat of the final event is past the events stream's duplicate window: it would be stored.
-    rt = await aggregator_runtime(nc, names, tmp_path)
+    rt = await service_runtime(nc, names, tmp_path)
     eid = f"old{announced}"
     ex = execution(rt.settings.pe, eid)
     ex.status, ex.finished_at = "completed", now() - timedelta(hours=1)
@@ -276,7 +251,7 @@ async def test_the_model_call_behind_an_answer_that_lost_its_write_is_still_coun
     nc: NATS, names: Names, fake_anthropic: FakeAnthropic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
-    rt = await aggregator_runtime(nc, names, tmp_path, config(fake_anthropic))
+    rt = await service_runtime(nc, names, tmp_path, config(fake_anthropic))
     eid = "superseded"
     providers = [AnthropicProvider(rt.settings.pe, KEY) for _ in range(2)]
     try:
