@@ -151,6 +151,11 @@ def _deliveries(msg: Msg) -> int | None:
     return msg.metadata.num_delivered if msg.metadata else None
 
 
+def redelivered(msg: Msg) -> bool:
+    """Whether ``msg`` was delivered before: a handler that died or failed may not have finished with it."""
+    return (_deliveries(msg) or 1) > 1
+
+
 def _short(e: Exception) -> str:
     if isinstance(e, ValidationError):
         return "; ".join(

@@ -16,7 +16,7 @@ from services.aggregator.aggregate import aggregate
 from services.aggregator.synthesis import write_answer
 from shared import metrics
 from shared.bus import emit, publish
-from shared.consumer import keep_alive
+from shared.consumer import keep_alive, redelivered
 from shared.costs import call_events, publish_cost
 from shared.execution import (
     TaskMarks,
@@ -82,10 +82,6 @@ class _Answer:
         if self.call is not None:
             ex.calls.append(self.call)  # in the same compare-and-set write as the answer: counted once
         ex.finished_at = ex.updated_at = now()
-
-
-def _redelivered(msg: Msg) -> bool:
-    return msg.metadata.num_delivered is not None and msg.metadata.num_delivered > 1
 
 
 def _count_finished(ex: Execution) -> None:
@@ -223,7 +219,7 @@ class AggregatorHandlers:
         nothing. Within the events stream's duplicate window a repeat is harmless (dropped); past it, it
         would be stored as a second final event, so the stream is asked whether the first one is there.
         """
-        if not any(_redelivered(c.msg) for c in batch):
+        if not any(redelivered(c.msg) for c in batch):
             return False
         if ex.finished_at is not None and (now() - ex.finished_at).total_seconds() < EVENTS_DUPLICATE_WINDOW_S / 2:
             return True

@@ -11,7 +11,7 @@ from nats.js.errors import KeyWrongLastSequenceError
 from services.pm.planning import plan_request
 from shared import metrics
 from shared.bus import emit, publish
-from shared.consumer import keep_alive
+from shared.consumer import keep_alive, redelivered
 from shared.costs import call_events, publish_cost
 from shared.errors import PlanError
 from shared.execution import apply_plan, fail_execution, new_execution, queued, run_command, run_msg_id
@@ -32,7 +32,7 @@ class PMHandlers:
         """Plan the execution (once) and publish its ready tasks; safe to redeliver."""
         ctx = {"execution_id": req.execution_id}
         store, js, names = self.rt.executions, self.rt.jetstream, self.rt.names
-        if req.revision is not None and msg.metadata.num_delivered == 1:
+        if req.revision is not None and not redelivered(msg):
             # The gateway stored new_execution(req) at this revision: plan on it without a read. Should the
             # document have changed since (cancelled already), the plan's compare-and-set fails and re-reads.
             current: Known | None = (new_execution(req), req.revision)
@@ -62,7 +62,7 @@ class PMHandlers:
         # The events again only on a redelivery (the first delivery may have died before emitting them). A
         # request stored twice (an idempotent replay past the stream's duplicate window) would otherwise store
         # them twice; its tasks are published again either way, and the tasks stream's msg-ids absorb them.
-        emitting = ex is not None and (not replanned or (msg.metadata.num_delivered or 1) > 1)
+        emitting = not replanned or redelivered(msg)
         if ex is not None and emitting:  # the decomposition's cost also when the execution ended meanwhile
             for event in call_events(ex.execution_id, ex.calls, "decomposition"):
                 await publish_cost(self.rt.nats, names, event)
