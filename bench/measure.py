@@ -27,6 +27,7 @@ from bench.stack import rss_kib, service_pids
 from shared.distributor import distribute
 from shared.natsserver import binary
 from shared.runner import Stack
+from shared.schemas import Execution
 
 Doc = dict[str, Any]
 
@@ -205,6 +206,7 @@ class Overhead:
     samples_ms: list[float]
     server_ms: list[float]  # finished_at − created_at, as the execution records it
     cpu_ms: dict[str, float] = field(default_factory=dict)  # CPU per execution, by process
+    document: bytes = b""  # the last probe's final document, as the gateway returned it
 
     def stat(self, p: float, server: bool = False) -> float:
         return percentile(self.server_ms if server else self.samples_ms, p)
@@ -225,6 +227,7 @@ async def run_overhead(stack: Stack, n: int, warmup: int = 20) -> Overhead:
             elapsed, doc = await execute(http, "overhead probe: 6-task fan-out", plan)
             if doc["status"] != "completed":
                 raise RuntimeError(f"overhead probe ended {doc['status']}")
+            out.document = json.dumps(doc).encode()
             if i >= warmup:
                 out.samples_ms.append(elapsed * 1000)
                 out.server_ms.append((ts(doc["finished_at"]) - ts(doc["created_at"])) * 1000)
@@ -384,6 +387,9 @@ class Primitives:
     hop_us: float  # publish → delivered to a pull consumer fetching on another connection
     n: int
     wakeup_us: float = 0.0  # one byte there and back through pipes between two processes: the machine's wake-up cost
+    # Parsing and re-serialising an execution's final document: back to back, and right after sleeping ASLEEP_S.
+    work_us: tuple[float, float] = (0.0, 0.0)
+    document_bytes: int = 0
 
     def floor_ms(self) -> float:
         """An execution's critical path in primitives: 4 hops (request → PM, task → pool, result →
@@ -412,7 +418,29 @@ def wakeup_round_trip_us(n: int = 2000) -> float:
     return statistics.median(times) * 1e6
 
 
-async def run_primitives(stack: Stack, n: int = 300) -> Primitives:
+ASLEEP_S = 0.005
+
+
+def work_after_sleep_us(document: bytes, n: int = 200) -> tuple[float, float]:
+    """Median time to parse and re-serialise ``document`` (an execution), back to back and right after
+    sleeping ``ASLEEP_S``. Every step of a sequential execution starts in a service that was asleep."""
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        Execution.model_validate_json(document).model_dump_json()
+        return time.perf_counter() - t0
+
+    for _ in range(20):
+        once()
+    hot = [once() for _ in range(n)]
+    after_sleep = []
+    for _ in range(n):
+        time.sleep(ASLEEP_S)
+        after_sleep.append(once())
+    return statistics.median(hot) * 1e6, statistics.median(after_sleep) * 1e6
+
+
+async def run_primitives(stack: Stack, n: int = 300, document: bytes = b"") -> Primitives:
     """Time the bare steps with nats-py against the stack's own nats-server, on a stream and bucket of
     their own (removed afterwards), while the stack is idle."""
     stream, bucket, subject = "BENCH_PRIMITIVES", "bench_primitives", "bench.primitives"
@@ -457,7 +485,9 @@ async def run_primitives(stack: Stack, n: int = 300) -> Primitives:
             await asyncio.sleep(0.002)  # pacing: one message in flight at a time, as on a sequential path
         await asyncio.wait_for(consumer, 30)
         wakeup_us = await asyncio.to_thread(wakeup_round_trip_us)
-        return Primitives(publish_us, kv_write_us, kv_read_us, statistics.median(hops) * 1e6, n, wakeup_us)
+        work_us = await asyncio.to_thread(work_after_sleep_us, document) if document else (0.0, 0.0)
+        return Primitives(publish_us, kv_write_us, kv_read_us, statistics.median(hops) * 1e6, n, wakeup_us,
+                          work_us, len(document))
     finally:
         with contextlib.suppress(Exception):
             await js.delete_stream(stream)

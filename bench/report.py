@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bench.measure import Overhead, Primitives, ScenarioResult, cost_overhead, percentile
+from bench.measure import ASLEEP_S, Overhead, Primitives, ScenarioResult, cost_overhead, percentile
 
 if TYPE_CHECKING:
     from bench.run import Results
@@ -164,6 +164,10 @@ def primitives_section(p: Primitives) -> str:
         f"three document writes (the gateway's create, the plan, the final answer): **{p.floor_ms():.1f} ms** "
         "before any service code, HTTP or a second process on the same core. Each hop wakes sleeping "
         f"processes: one byte through a pipe to another process and back took {p.wakeup_us:.0f} µs in this run."
+        + (f" And a process that was asleep works slower: parsing and re-serialising the final document "
+           f"({p.document_bytes / 1000:.0f} kB) took {p.work_us[0]:.0f} µs back to back, {p.work_us[1]:.0f} µs "
+           f"right after sleeping {ASLEEP_S * 1000:g} ms (medians of 200) — and every step of a sequential "
+           "execution starts in a service that was asleep." if p.document_bytes else "")
     )
 
 

@@ -85,7 +85,7 @@ async def measure_all(opts: Options) -> Results:
             if "overhead" in opts.parts:
                 log.info("overhead: %d sequential zero-latency fan-outs", opts.overhead_n)
                 res.overhead = await measure.run_overhead(stack, opts.overhead_n)
-                res.primitives = await measure.run_primitives(stack)
+                res.primitives = await measure.run_primitives(stack, document=res.overhead.document)
     if {"throughput", "load", "soak"} & set(opts.parts):
         wide = config_section(worker_pools=WIDE_POOLS, max_tasks_per_execution=max(10, opts.load_tasks))
         async with running_stack(wide) as stack:

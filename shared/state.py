@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
@@ -42,6 +44,7 @@ class ExecutionStore:
 
     async def mutate_from(self, execution_id: str, change: Callable[[Execution], bool], known: Known | None,
                           then: Callable[[Execution], Awaitable[bool]] | None = None,
+                          sends: Callable[[Execution], list[Awaitable[Any]]] | None = None,
                           ) -> tuple[Execution, int, bytes | None] | None:
         """``mutate``, starting from ``known`` (a version this process stored or read) instead of a read.
 
@@ -51,25 +54,41 @@ class ExecutionStore:
         runs after ``change`` on the same version and may change it further, in the same write (it is
         awaited, and like ``change`` re-run on a retry). Returns the document, its revision (the next
         call's ``known``) and the bytes written (None when nothing changed).
+
+        ``sends(ex)`` lists the publishes the version implies (the tasks it releases). They go out right
+        behind its write instead of a round trip after it, and are awaited before this returns; with no
+        change, they go out on their own. So they must carry msg-ids: a version that loses the
+        compare-and-set has sent its own, and the retry sends them again.
         """
-        while True:
-            if known is None:
-                known = await self.get(execution_id)
+        in_flight: list[asyncio.Future[Any]] = []
+        try:
+            while True:
                 if known is None:
-                    return None
-            ex, revision = known
-            changed = change(ex)
-            if then is not None:
-                changed = await then(ex) or changed
-            if not changed:
-                return ex, revision, None
-            new = ex.model_dump_json().encode()
-            try:
-                return ex, await self.kv.update(execution_id, new, last=revision), new
-            except KeyWrongLastSequenceError:
-                metrics.KV_CONFLICTS.inc()
-                log.debug("lost a compare-and-set race on %s; re-reading", execution_id)
-                known = None
+                    known = await self.get(execution_id)
+                    if known is None:
+                        return None
+                ex, revision = known
+                changed = change(ex)
+                if then is not None:
+                    changed = await then(ex) or changed
+                if not changed:
+                    await asyncio.gather(*(sends(ex) if sends else []))
+                    return ex, revision, None
+                new = ex.model_dump_json().encode()
+                write = asyncio.ensure_future(self.kv.update(execution_id, new, last=revision))  # sent first
+                in_flight.extend(asyncio.ensure_future(s) for s in (sends(ex) if sends else []))
+                try:
+                    revision = await write
+                except KeyWrongLastSequenceError:
+                    metrics.KV_CONFLICTS.inc()
+                    log.debug("lost a compare-and-set race on %s; re-reading", execution_id)
+                    known = None
+                    continue
+                await asyncio.gather(*in_flight)
+                return ex, revision, new
+        finally:
+            for f in in_flight:
+                f.cancel()  # only those of a failed write are still pending: the retry sends them again
 
     async def read(self, execution_id: str) -> Stored | None:
         """The stored document as bytes, and its revision; None when there is none."""

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
+
+from nats.aio.client import Client as NATS
 
 from shared.execution import (
     LOST_UNANNOUNCED,
@@ -16,7 +19,9 @@ from shared.execution import (
     outcome,
     queued,
 )
+from shared.names import Names
 from shared.schemas import (
+    Execution,
     ExecutionCompleted,
     ExecutionRequested,
     ModelCall,
@@ -27,6 +32,7 @@ from shared.schemas import (
     TaskStarted,
     now,
 )
+from tests.conftest import service_runtime
 
 T0 = now()
 
@@ -204,3 +210,33 @@ def test_a_plan_too_late_to_run_still_records_the_calls_that_made_it() -> None:
     assert ex.status == "cancelled" and ex.tasks == [] and ex.cost.total_usd == 0.2
     assert ex.calls[-1].error == "unused: the execution was cancelled first"
     assert not apply_plan(ex, [TaskSpec(id="x", pool="codegen", description="x")], "rules")  # nothing to record
+
+
+async def test_the_tasks_a_write_releases_go_out_with_it_also_from_a_version_that_loses(
+    nc: NATS, names: Names, tmp_path: Path,
+) -> None:
+    store = (await service_runtime(nc, names, tmp_path)).executions
+    ex = execution()
+    stale = (ex.model_copy(deep=True), await store.create(ex))
+    await store.mutate("e1", lambda d: apply_result(d, started("api")))  # another writer moves it on
+    sent: list[list[str]] = []
+
+    async def send(d: Execution) -> None:
+        sent.append([t.id for t in queued(d) if t.depends_on])
+
+    def complete(d: Execution) -> bool:
+        return apply_result(d, completed("api"))
+
+    result = await store.mutate_from("e1", complete, stale, sends=lambda d: [send(d)])
+    assert result is not None
+    done, revision, written = result
+    assert written is not None and done.task("api").attempts[0].worker == "w"  # type: ignore[union-attr]
+    assert sent == [["ui"], ["ui"]]  # the lost version's own, then the stored one's (msg-ids make them one)
+    stored = await store.get("e1")
+    assert stored is not None and stored[1] == revision and stored[0].task("ui").status == "queued"  # type: ignore[union-attr]
+
+    # A duplicate changes nothing and writes nothing, but sends again: the first delivery may have died
+    # between its write and its sends.
+    again = await store.mutate_from("e1", complete, stored, sends=lambda d: [send(d)])
+    assert again is not None and again[2] is None and again[1] == revision
+    assert sent == [["ui"], ["ui"], ["ui"]]

@@ -6,10 +6,11 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from nats.aio.msg import Msg
+from nats.js.api import PubAck
 from nats.js.errors import NotFoundError
 
 from services.aggregator.aggregate import aggregate
@@ -110,10 +111,11 @@ class AggregatorHandlers:
 
     async def _apply(self, execution_id: str, change: Callable[[Execution], bool], msg: Msg,
                      fresh: bool = False) -> Execution | None:
-        """Store ``change`` (compare-and-set), then publish its lifecycle events and the tasks it released.
+        """Store ``change`` (compare-and-set) with the tasks it released, then publish its lifecycle events.
 
-        Both are published after the state that implies them is stored and before the caller acks: a
-        crash in between replays the message, and msg-id dedup makes the second publish a no-op.
+        The released tasks go out right behind the write, not a round trip after it; the events once it is
+        stored. All of it before the caller acks: a crash in between replays the message, and msg-id dedup
+        makes a second publish a no-op, as it does for the tasks of a version that lost the compare-and-set.
 
         Group commit: the results of one execution arrive together (a fan-out's tasks finish at once),
         and one compare-and-set write each made them race for the same key, re-reading and rewriting
@@ -195,16 +197,19 @@ class AggregatorHandlers:
                 answer[-1][1].apply(ex)
             return concluded
 
-        result = await self.rt.executions.mutate_from(execution_id, recorded, known, conclude)
+        js, names = self.rt.jetstream, self.rt.names
+
+        def released(ex: Execution) -> list[Awaitable[PubAck]]:  # the PM publishes the first ones
+            return [publish(js, names.tasks(t.pool), run_command(ex, t), run_msg_id(execution_id, t.id))
+                    for t in queued(ex) if t.depends_on or ex.mode == "serial"]
+
+        result = await self.rt.executions.mutate_from(execution_id, recorded, known, conclude, released)
         if result is None:
             return None, None
         ex, revision, written = result
-        js, names = self.rt.jetstream, self.rt.names
         for e in events:
             await emit(self.rt.nats, names.events(execution_id, e.kind), e,
                        f"{execution_id}:{e.task_id}:{e.kind}:{e.attempt}")
-        await asyncio.gather(*[publish(js, names.tasks(t.pool), run_command(ex, t), run_msg_id(execution_id, t.id))
-                               for t in queued(ex) if t.depends_on or ex.mode == "serial"])
         if concluded:
             _count_finished(ex)
         if ex.terminal and (not ended_before or await self._unannounced(ex, batch)):
