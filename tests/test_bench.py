@@ -88,12 +88,14 @@ def test_a_tiny_real_run_writes_the_report_and_the_readme_table(tmp_path: Path) 
     p = res.primitives
     assert p is not None and min(p.publish_us, p.kv_write_us, p.kv_read_us, p.hop_us, p.wakeup_us) > 0
     assert p.floor_ms() == pytest.approx((4 * p.hop_us + 3 * p.kv_write_us) / 1000)
+    assert p.document_bytes == len(res.overhead.document) > 1000 and min(p.work_us) > 0  # a real final document
 
     path = write_outputs(res)
     text = path.read_text()
     assert "Security-only audit" in text and "| measure | target | measured | met |" in text
     assert f"**{p.floor_ms():.1f} ms** before any service code" in text
     assert f"to another process and back took {p.wakeup_us:.0f} µs" in text
+    assert f"took {p.work_us[0]:.0f} µs back to back, {p.work_us[1]:.0f} µs right after sleeping 5 ms" in text
     # Throughput: the median of the runs is reported, with every run beside it.
     t = res.throughput
     assert t is not None and t.errors == 0 and t.executions == 4 and t.warmup == 4
