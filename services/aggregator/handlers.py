@@ -140,6 +140,9 @@ class AggregatorHandlers:
         batch: list[_Change] = []
         try:
             await asyncio.sleep(0)  # results of this execution that arrived in the same fetch join the first write
+            if known is None:  # and so do those that arrive while it is read
+                with contextlib.suppress(Exception):  # else the write reads, and its failure reaches every caller
+                    known = await self.rt.executions.get(execution_id)
             while batch := self._waiting[execution_id]:
                 self._waiting[execution_id] = []
                 try:
