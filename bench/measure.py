@@ -227,11 +227,11 @@ async def run_overhead(stack: Stack, n: int, warmup: int = 20) -> Overhead:
             elapsed, doc = await execute(http, "overhead probe: 6-task fan-out", plan)
             if doc["status"] != "completed":
                 raise RuntimeError(f"overhead probe ended {doc['status']}")
-            out.document = json.dumps(doc).encode()
             if i >= warmup:
                 out.samples_ms.append(elapsed * 1000)
                 out.server_ms.append((ts(doc["finished_at"]) - ts(doc["created_at"])) * 1000)
     out.cpu_ms = {name: (cpu_seconds(pid) - before[name]) / n * 1000 for name, pid in pids.items()}
+    out.document = json.dumps(doc).encode()
     return out
 
 

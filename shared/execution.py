@@ -47,11 +47,16 @@ def new_execution(req: ExecutionRequested) -> Execution:
     )
 
 
+def plannable(ex: Execution) -> bool:
+    """No plan is stored yet, and the execution has not ended."""
+    return ex.status in ("queued", "planning")
+
+
 def apply_plan(ex: Execution, specs: list[TaskSpec], planner: str, calls: Sequence[ModelCall] = ()) -> bool:
     """Install the plan (with the calls that made it) and queue what can start (in serial mode: only the
     first task); only once. A plan that comes too late (the execution ended, or another plan was stored
     first) changes nothing but the record of the calls that made it: they were billed all the same."""
-    if ex.status not in ("queued", "planning"):
+    if not plannable(ex):
         ex.calls.extend(c.model_copy(update={"error": c.error or f"unused: the execution was {ex.status} first"})
                         for c in calls)
         return bool(calls)

@@ -14,7 +14,15 @@ from shared.bus import emit, publish
 from shared.consumer import keep_alive, redelivered
 from shared.costs import call_events, publish_cost
 from shared.errors import PlanError
-from shared.execution import apply_plan, fail_execution, new_execution, queued, run_command, run_msg_id
+from shared.execution import (
+    apply_plan,
+    fail_execution,
+    new_execution,
+    plannable,
+    queued,
+    run_command,
+    run_msg_id,
+)
 from shared.providers import ModelProvider
 from shared.schemas import Execution, ExecutionPlanned, ExecutionRequested
 from shared.service import Runtime
@@ -45,7 +53,7 @@ class PMHandlers:
             except KeyWrongLastSequenceError:
                 pass
         ex: Execution | None = current[0] if current is not None else None
-        replanned = ex is not None and ex.status not in ("queued", "planning")
+        replanned = ex is not None and not plannable(ex)
         if not replanned:
             try:
                 async with keep_alive(msg, self.rt.pe.ack_wait_s / 3):  # a long model call is not redelivered
