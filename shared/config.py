@@ -136,6 +136,10 @@ class ParallelExecutionConfig(_Strict):
     announce_start_after_s: float = Field(
         default=0.1, gt=0, description="a task attempt still running after this long is announced as started; "
         "a quicker one is recorded from its result alone")
+    coalesce_results_s: float = Field(
+        default=0.1, ge=0, description="a task's result that releases no task while others are still open waits "
+        "up to this long for the execution's next change, to be stored with it (one write instead of several); "
+        "0 stores each at once")
     worker_pools: WorkerPools = WorkerPools()
     pm_coordinator: PMCoordinator = PMCoordinator()
     result_aggregation: ResultAggregation = ResultAggregation()
@@ -151,12 +155,16 @@ class ParallelExecutionConfig(_Strict):
             raise ConfigError(f"no price for model {model!r}: add it under parallel_execution.pricing") from None
 
     @model_validator(mode="after")
-    def _announced_before_the_broker_gives_up(self) -> ParallelExecutionConfig:
+    def _within_ack_wait(self) -> ParallelExecutionConfig:
         if self.announce_start_after_s > self.ack_wait_s / 3:
             raise ValueError(
                 f"announce_start_after_s ({self.announce_start_after_s:g}) must be at most ack_wait_s / 3 "
                 f"({self.ack_wait_s / 3:g}): a running attempt's heartbeat starts after its announcement, and "
                 "the broker redelivers a task it has not heard from within ack_wait_s")
+        if self.coalesce_results_s > self.ack_wait_s / 3:
+            raise ValueError(
+                f"coalesce_results_s ({self.coalesce_results_s:g}) must be at most ack_wait_s / 3 "
+                f"({self.ack_wait_s / 3:g}): a result waiting to be stored is not yet acknowledged")
         return self
 
     @model_validator(mode="after")

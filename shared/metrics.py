@@ -43,4 +43,7 @@ ROUTING_SECONDS = Histogram(
     buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.1),
 )
 PLANS = Counter("openclaw_plans_total", "Plans made by the PM", ["planner"])
+RESULTS_COALESCING = Gauge(
+    "openclaw_results_coalescing", "Task results waiting to be stored with their execution's next change"
+)
 KV_CONFLICTS = Counter("openclaw_kv_cas_conflicts_total", "Compare-and-set writes of execution state that lost a race")

@@ -7,6 +7,7 @@ temporary store. Every test isolates itself with its own namespace (stream and s
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -115,6 +116,17 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):  #
         if value:
             return value
         time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+async def until(predicate, timeout: float, what: str, interval: float = 0.01):  # type: ignore[no-untyped-def]
+    """``wait_until`` for async tests: the event loop keeps running while it polls."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        await asyncio.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 

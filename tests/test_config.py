@@ -45,6 +45,8 @@ def test_file_overrides_and_ignores_other_sections(tmp_path: Path) -> None:
          "pricing has no entry for model(s) ['gpt']"),
         ({"simulated": {"latency_s": {"frontend": 1}}}, "unknown role(s) ['frontend']"),
         ({"ack_wait_s": 30, "announce_start_after_s": 20}, "announce_start_after_s (20) must be at most ack_wait_s"),
+        ({"ack_wait_s": 3, "coalesce_results_s": 2}, "coalesce_results_s (2) must be at most ack_wait_s / 3 (1)"),
+        ({"coalesce_results_s": -1}, "parallel_execution.coalesce_results_s: Input should be greater than or equal"),
     ],
 )
 def test_invalid_values_name_the_field(tmp_path: Path, section: dict[str, object], says: str) -> None:

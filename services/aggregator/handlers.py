@@ -36,6 +36,7 @@ from shared.execution import (
 from shared.failures import ON_EXHAUSTED
 from shared.providers import ModelProvider
 from shared.schemas import (
+    TERMINAL_TASK,
     AggregatedResult,
     CancelExecution,
     ConsumerAdvisory,
@@ -67,6 +68,15 @@ class _Change:
     apply: Callable[[Execution], bool]
     msg: Msg
     done: asyncio.Future[Execution | None]
+    result: TaskStarted | TaskCompleted | TaskFailed | None  # None: not a task's result (cancel, deadline…)
+
+
+@dataclass
+class _Queue:
+    """The changes of one execution waiting for its next write, and a signal that one more arrived."""
+
+    changes: list[_Change]
+    more: asyncio.Event
 
 
 @dataclass
@@ -85,6 +95,22 @@ class _Answer:
         ex.finished_at = ex.updated_at = now()
 
 
+def _can_wait(ex: Execution, changes: list[_Change]) -> bool:
+    """Whether storing ``changes`` may wait for the execution's next change: all are results that release
+    no task (nothing depends on theirs, and the plan is not serial) while another task stays open."""
+    if ex.mode == "serial" or ex.terminal:
+        return False
+    depended_on = {d for t in ex.tasks for d in t.depends_on}
+    ending = set()
+    for c in changes:
+        r = c.result
+        if r is None or r.task_id in depended_on:
+            return False
+        if isinstance(r, TaskCompleted) or (isinstance(r, TaskFailed) and r.final):
+            ending.add(r.task_id)
+    return any(t.status not in TERMINAL_TASK and t.id not in ending for t in ex.tasks)
+
+
 def _count_finished(ex: Execution) -> None:
     metrics.EXECUTIONS.labels(ex.mode, ex.status).inc()
     if ex.finished_at:
@@ -99,7 +125,7 @@ class AggregatorHandlers:
     def __init__(self, rt: Runtime, provider: ModelProvider) -> None:
         self.rt, self.provider = rt, provider
         # Per execution, the changes waiting while a write of it is in flight (see _apply).
-        self._waiting: dict[str, list[_Change]] = {}
+        self._waiting: dict[str, _Queue] = {}
         # Per running execution, the version this replica last stored, parsed: the next write changes it in
         # place instead of reading and parsing (a stale one — another replica wrote since — loses the
         # compare-and-set and re-reads). Callers of a write get the same object; they only look at whether
@@ -110,7 +136,8 @@ class AggregatorHandlers:
         self._known_limit = 1_000
 
     async def _apply(self, execution_id: str, change: Callable[[Execution], bool], msg: Msg,
-                     fresh: bool = False) -> Execution | None:
+                     fresh: bool = False, result: TaskStarted | TaskCompleted | TaskFailed | None = None,
+                     ) -> Execution | None:
         """Store ``change`` (compare-and-set) with the tasks it released, then publish its lifecycle events.
 
         The released tasks go out right behind the write, not a round trip after it; the events once it is
@@ -127,13 +154,19 @@ class AggregatorHandlers:
         ``fresh``: start from a read, not from the version this replica last stored. Cancel and deadline end
         every open task, so on a version another replica has moved past they would conclude (and answer, maybe
         with a billed model call) before the compare-and-set told them so.
+
+        Coalescing: a task's ``result`` that releases nothing and leaves other tasks open changes nothing
+        anyone waits on, so it waits up to ``coalesce_results_s`` for the execution's next change and is
+        stored with it. A fan-out's results then take one write, not one each. Its message stays unacked
+        meanwhile: a crash replays it.
         """
-        pending = _Change(change, msg, asyncio.get_running_loop().create_future())
+        pending = _Change(change, msg, asyncio.get_running_loop().create_future(), result)
         queue = self._waiting.get(execution_id)
         if queue is not None:
-            queue.append(pending)  # a write of this execution is in flight: ride on the next one
+            queue.changes.append(pending)  # a write of this execution is in flight: ride on the next one
+            queue.more.set()
             return await pending.done
-        self._waiting[execution_id] = [pending]
+        queue = self._waiting[execution_id] = _Queue([pending], asyncio.Event())
         known = self._known.pop(execution_id, None)  # taken out either way: a stale one must not come back
         if fresh:
             known = None
@@ -143,8 +176,10 @@ class AggregatorHandlers:
             if known is None:  # and so do those that arrive while it is read
                 with contextlib.suppress(Exception):  # else the write reads, and its failure reaches every caller
                     known = await self.rt.executions.get(execution_id)
-            while batch := self._waiting[execution_id]:
-                self._waiting[execution_id] = []
+            while queue.changes:
+                if known is not None:
+                    await self._coalesce(queue, known[0])
+                batch, queue.changes = queue.changes, []
                 try:
                     ex, known = await self._write(execution_id, batch, known)
                 except Exception as e:  # noqa: BLE001 - every caller of the batch sees the failure (and naks)
@@ -159,10 +194,28 @@ class AggregatorHandlers:
                 if len(self._known) > self._known_limit:
                     self._known.popitem(last=False)
         finally:
-            for c in [*batch, *self._waiting.pop(execution_id, [])]:
+            del self._waiting[execution_id]
+            for c in [*batch, *queue.changes]:
                 if not c.done.done():  # only when cancelled mid-write (shutdown): the callers nak
                     c.done.cancel()
         return await pending.done
+
+    async def _coalesce(self, queue: _Queue, ex: Execution) -> None:
+        """Wait while the queued changes may wait (see _apply), for at most ``coalesce_results_s``."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self.rt.pe.coalesce_results_s
+        held = 0
+        try:
+            while (left := until - loop.time()) > 0 and _can_wait(ex, queue.changes):
+                metrics.RESULTS_COALESCING.inc(len(queue.changes) - held)
+                held = len(queue.changes)
+                queue.more.clear()
+                try:
+                    await asyncio.wait_for(queue.more.wait(), left)
+                except TimeoutError:
+                    return
+        finally:
+            metrics.RESULTS_COALESCING.dec(held)
 
     async def _write(self, execution_id: str, batch: list[_Change],
                      known: Known | None) -> tuple[Execution | None, Known | None]:
@@ -240,7 +293,7 @@ class AggregatorHandlers:
 
     async def on_result(self, r: TaskStarted | TaskCompleted | TaskFailed, msg: Msg) -> None:
         """Apply one result; release what it unblocks; finish the execution when nothing is left."""
-        if await self._apply(r.execution_id, lambda ex: apply_result(ex, r), msg) is None:
+        if await self._apply(r.execution_id, lambda ex: apply_result(ex, r), msg, result=r) is None:
             log.warning("result for unknown execution", extra={"execution_id": r.execution_id})
         await msg.ack()
 

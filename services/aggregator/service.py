@@ -31,7 +31,7 @@ async def start(rt: Runtime) -> Workers:
     h = AggregatorHandlers(rt, provider)
     consumers: list[Consumer[Any]] = [
         Consumer(js, names, names.results_stream, names.aggregator_consumer, TaskResultAdapter.validate_json,
-                 h.on_result, capacity=256),
+                 h.on_result, capacity=1024),  # results waiting to be coalesced hold a slot (see _apply)
         Consumer(js, names, names.executions_stream, names.deadlines_consumer, ExecutionDeadline.model_validate_json,
                  h.on_deadline, capacity=256),
         Consumer(js, names, names.executions_stream, names.cancels_consumer, CancelExecution.model_validate_json,

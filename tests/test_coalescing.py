@@ -1,0 +1,152 @@
+"""The aggregator stores results that change nothing downstream together with the execution's next change."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from prometheus_client import REGISTRY
+
+from services.aggregator.handlers import AggregatorHandlers
+from shared.execution import apply_plan, new_execution
+from shared.names import Names
+from shared.providers import SimulatedProvider
+from shared.schemas import (
+    CancelExecution,
+    Execution,
+    ExecutionRequested,
+    TaskCompleted,
+    TaskOutput,
+    TaskSpec,
+    now,
+)
+from shared.service import Runtime
+from tests.conftest import delivered, service_runtime, until
+
+T0 = now()
+
+
+def held() -> float:
+    return REGISTRY.get_sample_value("openclaw_results_coalescing") or 0.0
+
+
+async def planned(rt: Runtime, specs: list[TaskSpec], mode: Literal["parallel", "serial"] = "parallel",
+                  ) -> tuple[str, int]:
+    eid = uuid.uuid4().hex[:12]
+    ex = new_execution(ExecutionRequested(execution_id=eid, message="m", mode=mode, requested_at=T0,
+                                          deadline_at=T0 + timedelta(hours=1)))
+    assert apply_plan(ex, specs, "client")
+    return eid, await rt.executions.create(ex)
+
+
+def done(eid: str, task: str, pool: Any) -> TaskCompleted:
+    return TaskCompleted(execution_id=eid, task_id=task, pool=pool, attempt=1, worker="w", started_at=T0,
+                         finished_at=T0 + timedelta(seconds=1), model="m", provider="simulated", cost_usd=0.25,
+                         output=TaskOutput(summary=f"{task} done"))
+
+
+async def results(rt: Runtime, eid: str, *items: TaskCompleted) -> list[Msg]:
+    """``items`` published on the execution's results subject, each delivered once."""
+    subject = rt.names.results(eid)
+    for r in items:
+        await rt.jetstream.publish(subject, r.to_bytes())
+    sub = await rt.jetstream.pull_subscribe(subject, durable=f"d{eid}", stream=rt.names.results_stream)
+    msgs = await sub.fetch(len(items), timeout=5)
+    assert len(msgs) == len(items)
+    return msgs
+
+
+async def stored(rt: Runtime, eid: str, created: int) -> tuple[Execution, int]:
+    """The execution as stored, and how many writes followed its creation (the test's bucket holds no
+    other key, so revisions count the writes)."""
+    current = await rt.executions.get(eid)
+    assert current is not None
+    return current[0], current[1] - created
+
+
+THREE = [TaskSpec(id="api", pool="codegen", description="api"),
+         TaskSpec(id="audit", pool="security", description="audit"),
+         TaskSpec(id="db", pool="database", description="db")]
+
+
+@pytest.mark.parametrize("last", ["the last result", "a cancel"])
+async def test_results_that_release_nothing_wait_and_are_stored_with_the_change_that_ends_it(
+    nc: NATS, names: Names, tmp_path: Path, last: str,
+) -> None:
+    rt = await service_runtime(nc, names, tmp_path, {"coalesce_results_s": 10})
+    h = AggregatorHandlers(rt, SimulatedProvider(rt.settings.pe))
+    eid, created = await planned(rt, THREE)
+    api, audit, db = done(eid, "api", "codegen"), done(eid, "audit", "security"), done(eid, "db", "database")
+    m_api, m_audit, m_db = await results(rt, eid, api, audit, db)
+    before = held()
+
+    first = asyncio.create_task(h.on_result(api, m_api))
+    await until(lambda: held() == before + 1, 5, "api's result waiting")
+    second = asyncio.create_task(h.on_result(audit, m_audit))
+    await until(lambda: held() == before + 2, 5, "audit's result waiting with it")
+    assert (await stored(rt, eid, created))[1] == 0  # neither stored yet: nothing downstream needed them
+    if last == "a cancel":
+        cmd = CancelExecution(execution_id=eid)
+        await h.on_cancel(cmd, await delivered(rt, names.execution_cancel, cmd.to_bytes(), names.executions_stream))
+    else:
+        await h.on_result(db, m_db)
+    await asyncio.wait_for(asyncio.gather(first, second), 5)  # answered (and acked) by the same write
+
+    assert held() == before
+    final, n = await stored(rt, eid, created)
+    assert n == 1  # one write for all of it
+    statuses = {t.id: t.status for t in final.tasks}
+    if last == "a cancel":
+        assert final.status == "cancelled" and statuses == {"api": "completed", "audit": "completed",
+                                                            "db": "cancelled"}
+        assert final.cost.total_usd == pytest.approx(0.5)
+    else:
+        assert final.status == "completed" and set(statuses.values()) == {"completed"}
+        assert final.cost.total_usd == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("mode", ["parallel", "serial"])
+async def test_a_result_that_releases_a_task_is_stored_at_once(
+    nc: NATS, names: Names, tmp_path: Path, mode: Literal["parallel", "serial"],
+) -> None:
+    rt = await service_runtime(nc, names, tmp_path, {"coalesce_results_s": 10})
+    h = AggregatorHandlers(rt, SimulatedProvider(rt.settings.pe))
+    if mode == "parallel":  # audit waits for api
+        specs = [THREE[0], THREE[1].model_copy(update={"depends_on": ["api"]}), THREE[2]]
+    else:  # one task at a time: api's end releases the next, audit
+        specs = THREE
+    eid, created = await planned(rt, specs, mode)
+    api = done(eid, "api", "codegen")
+    [m_api] = await results(rt, eid, api)
+
+    await asyncio.wait_for(h.on_result(api, m_api), 5)  # well within the 10 s a held result could wait
+
+    ex, n = await stored(rt, eid, created)
+    assert n == 1 and {t.id: t.status for t in ex.tasks} == {
+        "api": "completed", "audit": "queued", "db": "queued" if mode == "parallel" else "pending"}
+
+
+async def test_a_waiting_result_is_stored_on_its_own_when_nothing_else_comes(
+    nc: NATS, names: Names, tmp_path: Path,
+) -> None:
+    rt = await service_runtime(nc, names, tmp_path, {"coalesce_results_s": 0.3})
+    h = AggregatorHandlers(rt, SimulatedProvider(rt.settings.pe))
+    eid, created = await planned(rt, THREE)
+    api = done(eid, "api", "codegen")
+    [m_api] = await results(rt, eid, api)
+    before = held()
+
+    handling = asyncio.create_task(h.on_result(api, m_api))
+    await until(lambda: held() == before + 1, 5, "api's result waiting")
+    await asyncio.wait_for(handling, 5)
+
+    assert held() == before
+    ex, n = await stored(rt, eid, created)
+    assert n == 1 and ex.status == "running"
+    assert {t.id: t.status for t in ex.tasks} == {"api": "completed", "audit": "queued", "db": "queued"}
