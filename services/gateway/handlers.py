@@ -165,11 +165,11 @@ async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_ke
         if not ex.terminal:
             # With the request, the aggregator's deadline check, scheduled in the stream for the deadline, so no
             # execution waits forever. A replay schedules it again (its first publish may be the one that failed).
+            # The request goes first: the PM starts on it while the server stores the schedule.
+            sends = [publish(rt.jetstream, names.execution_requested, req, msg_id=eid)] if fresh else []
             deadline = ExecutionDeadline(execution_id=eid, deadline_at=req.deadline_at)
-            sends = [schedule(rt.jetstream, names.execution_deadline_schedule(eid), names.execution_deadline,
-                              req.deadline_at, deadline, f"{eid}:deadline")]
-            if fresh:
-                sends.append(publish(rt.jetstream, names.execution_requested, req, msg_id=eid))
+            sends.append(schedule(rt.jetstream, names.execution_deadline_schedule(eid), names.execution_deadline,
+                                  req.deadline_at, deadline, f"{eid}:deadline"))
             await asyncio.gather(*sends)
             if fresh:
                 log.info("accepted execution", extra={"execution_id": eid})
