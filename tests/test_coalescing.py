@@ -14,7 +14,7 @@ from nats.aio.msg import Msg
 from prometheus_client import REGISTRY
 
 from services.aggregator.handlers import AggregatorHandlers
-from shared.execution import apply_plan, new_execution
+from shared.execution import apply_plan, apply_result, new_execution
 from shared.names import Names
 from shared.providers import SimulatedProvider
 from shared.schemas import (
@@ -24,6 +24,7 @@ from shared.schemas import (
     TaskCompleted,
     TaskOutput,
     TaskSpec,
+    TaskStarted,
     now,
 )
 from shared.service import Runtime
@@ -150,3 +151,31 @@ async def test_a_waiting_result_is_stored_on_its_own_when_nothing_else_comes(
     ex, n = await stored(rt, eid, created)
     assert n == 1 and ex.status == "running"
     assert {t.id: t.status for t in ex.tasks} == {"api": "completed", "audit": "queued", "db": "queued"}
+
+
+async def test_a_cancel_that_joins_waiting_results_reads_the_execution_before_writing(
+    nc: NATS, names: Names, tmp_path: Path,
+) -> None:
+    rt = await service_runtime(nc, names, tmp_path, {"coalesce_results_s": 10})
+    h = AggregatorHandlers(rt, SimulatedProvider(rt.settings.pe))
+    eid, created = await planned(rt, THREE)
+    api = done(eid, "api", "codegen")
+    [m_api] = await results(rt, eid, api)
+    before = held()
+    waiting = asyncio.create_task(h.on_result(api, m_api))
+    await until(lambda: held() == before + 1, 5, "api's result waiting")
+    # Meanwhile another replica stores audit's start: the version this one read is stale.
+    audit = TaskStarted(execution_id=eid, task_id="audit", pool="security", attempt=1, worker="w2", started_at=T0)
+    assert await rt.executions.mutate(eid, lambda ex: apply_result(ex, audit)) is not None
+    lost = REGISTRY.get_sample_value("openclaw_kv_cas_conflicts_total") or 0.0
+
+    cmd = CancelExecution(execution_id=eid)
+    await h.on_cancel(cmd, await delivered(rt, names.execution_cancel, cmd.to_bytes(), names.executions_stream))
+    await asyncio.wait_for(waiting, 5)
+
+    # Read first, so no write (and no answer) was made on the stale version.
+    assert (REGISTRY.get_sample_value("openclaw_kv_cas_conflicts_total") or 0.0) == lost
+    final, n = await stored(rt, eid, created)
+    assert n == 2 and final.status == "cancelled"
+    assert {t.id: t.status for t in final.tasks} == {"api": "completed", "audit": "cancelled", "db": "cancelled"}
+    assert final.task("audit").attempts[0].worker == "w2"  # type: ignore[union-attr]

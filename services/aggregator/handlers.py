@@ -77,6 +77,7 @@ class _Queue:
 
     changes: list[_Change]
     more: asyncio.Event
+    fresh: bool  # one of them must start from a read (see _apply)
 
 
 @dataclass
@@ -153,7 +154,8 @@ class AggregatorHandlers:
 
         ``fresh``: start from a read, not from the version this replica last stored. Cancel and deadline end
         every open task, so on a version another replica has moved past they would conclude (and answer, maybe
-        with a billed model call) before the compare-and-set told them so.
+        with a billed model call) before the compare-and-set told them so. A fresh change that joins others
+        waiting for a write makes that write start from a read too.
 
         Coalescing: a task's ``result`` that releases nothing and leaves other tasks open changes nothing
         anyone waits on, so it waits up to ``coalesce_results_s`` for the execution's next change and is
@@ -164,21 +166,23 @@ class AggregatorHandlers:
         queue = self._waiting.get(execution_id)
         if queue is not None:
             queue.changes.append(pending)  # a write of this execution is in flight: ride on the next one
+            queue.fresh |= fresh
             queue.more.set()
             return await pending.done
-        queue = self._waiting[execution_id] = _Queue([pending], asyncio.Event())
+        queue = self._waiting[execution_id] = _Queue([pending], asyncio.Event(), fresh)
         known = self._known.pop(execution_id, None)  # taken out either way: a stale one must not come back
-        if fresh:
-            known = None
         batch: list[_Change] = []
         try:
             await asyncio.sleep(0)  # results of this execution that arrived in the same fetch join the first write
-            if known is None:  # and so do those that arrive while it is read
-                with contextlib.suppress(Exception):  # else the write reads, and its failure reaches every caller
-                    known = await self.rt.executions.get(execution_id)
             while queue.changes:
+                if known is None or queue.fresh:  # and so do those that arrive while it is read
+                    known, queue.fresh = None, False
+                    with contextlib.suppress(Exception):  # else the write reads; its failure reaches every caller
+                        known = await self.rt.executions.get(execution_id)
                 if known is not None:
                     await self._coalesce(queue, known[0])
+                    if queue.fresh:  # a cancel or deadline came while the others waited: read first
+                        continue
                 batch, queue.changes = queue.changes, []
                 try:
                     ex, known = await self._write(execution_id, batch, known)
