@@ -22,6 +22,7 @@ from shared.schemas import (
     Execution,
     ExecutionRequested,
     TaskCompleted,
+    TaskFailed,
     TaskOutput,
     TaskSpec,
     TaskStarted,
@@ -52,7 +53,7 @@ def done(eid: str, task: str, pool: Any) -> TaskCompleted:
                          output=TaskOutput(summary=f"{task} done"))
 
 
-async def results(rt: Runtime, eid: str, *items: TaskCompleted) -> list[Msg]:
+async def results(rt: Runtime, eid: str, *items: TaskCompleted | TaskFailed) -> list[Msg]:
     """``items`` published on the execution's results subject, each delivered once."""
     subject = rt.names.results(eid)
     for r in items:
@@ -112,25 +113,32 @@ async def test_results_that_release_nothing_wait_and_are_stored_with_the_change_
         assert final.cost.total_usd == pytest.approx(0.75)
 
 
-@pytest.mark.parametrize("mode", ["parallel", "serial"])
-async def test_a_result_that_releases_a_task_is_stored_at_once(
-    nc: NATS, names: Names, tmp_path: Path, mode: Literal["parallel", "serial"],
+@pytest.mark.parametrize("case", ["a dependent", "serial mode", "a retry"])
+async def test_a_result_that_something_follows_is_stored_at_once(
+    nc: NATS, names: Names, tmp_path: Path, case: str,
 ) -> None:
     rt = await service_runtime(nc, names, tmp_path, {"coalesce_results_s": 10})
     h = AggregatorHandlers(rt, SimulatedProvider(rt.settings.pe))
-    if mode == "parallel":  # audit waits for api
+    mode: Literal["parallel", "serial"] = "parallel"
+    specs, expected = THREE, {"api": "completed", "audit": "queued", "db": "queued"}
+    if case == "a dependent":  # audit waits for api
         specs = [THREE[0], THREE[1].model_copy(update={"depends_on": ["api"]}), THREE[2]]
-    else:  # one task at a time: api's end releases the next, audit
-        specs = THREE
+    elif case == "serial mode":  # one task at a time: api's end releases the next, audit
+        mode, expected = "serial", {"api": "completed", "audit": "queued", "db": "pending"}
+    else:  # the retry reads how this attempt failed
+        expected = {"api": "retrying", "audit": "queued", "db": "queued"}
     eid, created = await planned(rt, specs, mode)
-    api = done(eid, "api", "codegen")
+    api: TaskCompleted | TaskFailed = done(eid, "api", "codegen")
+    if case == "a retry":
+        api = TaskFailed(**api.model_dump(include={"execution_id", "task_id", "pool", "attempt", "worker",
+                                                   "started_at", "finished_at"}),
+                         error="overloaded", error_kind="overloaded", final=False, retry_in_s=1)
     [m_api] = await results(rt, eid, api)
 
     await asyncio.wait_for(h.on_result(api, m_api), 5)  # well within the 10 s a held result could wait
 
     ex, n = await stored(rt, eid, created)
-    assert n == 1 and {t.id: t.status for t in ex.tasks} == {
-        "api": "completed", "audit": "queued", "db": "queued" if mode == "parallel" else "pending"}
+    assert n == 1 and {t.id: t.status for t in ex.tasks} == expected
 
 
 async def test_a_waiting_result_is_stored_on_its_own_when_nothing_else_comes(

@@ -98,14 +98,15 @@ class _Answer:
 
 def _can_wait(ex: Execution, changes: list[_Change]) -> bool:
     """Whether storing ``changes`` may wait for the execution's next change: all are results that release
-    no task (nothing depends on theirs, and the plan is not serial) while another task stays open."""
+    no task (nothing depends on theirs, and the plan is not serial) while another task stays open. Not a
+    failure that will be retried: the retry reads the document to learn how the attempt failed."""
     if ex.mode == "serial" or ex.terminal:
         return False
     depended_on = {d for t in ex.tasks for d in t.depends_on}
     ending = set()
     for c in changes:
         r = c.result
-        if r is None or r.task_id in depended_on:
+        if r is None or r.task_id in depended_on or (isinstance(r, TaskFailed) and not r.final):
             return False
         if isinstance(r, TaskCompleted) or (isinstance(r, TaskFailed) and r.final):
             ending.add(r.task_id)
