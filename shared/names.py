@@ -128,6 +128,14 @@ class Names:
         return self.events(execution_id, "cost")
 
     @property
+    def documents_all(self) -> str:
+        return self._subject("documents.>")
+
+    def document(self, execution_id: str) -> str:
+        """Where the KV bucket republishes each stored version of an execution's document (core NATS)."""
+        return self._subject(f"documents.{execution_id}")
+
+    @property
     def dlq_all(self) -> str:
         return self._subject("dlq.>")
 

@@ -123,7 +123,7 @@ def permissions(names: Names | None = None) -> dict[str, tuple[list[str], list[s
         pub[p] = [*_durable(n.tasks_stream, n.pool_consumer(p), n.tasks(p)), *kv_read, *follow, n.results("*"),
                   n.cost_event("*"), n.dlq(n.tasks_stream, n.pool_consumer(p))]
     sub = {u: [f"_INBOX_{u}.>"] for u in USERS}
-    sub["gateway"].append(events)
+    sub["gateway"].append(n.document("*"))  # each stored version of a document it waits on, as republished
     return {u: (base(u) + pub[u], sub[u]) for u in USERS}
 
 

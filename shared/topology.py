@@ -15,6 +15,8 @@ from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
+    KeyValueConfig,
+    RePublish,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -71,6 +73,13 @@ def stream_configs(names: Names, replicas: int = 1) -> list[StreamConfig]:
     ]
 
 
+def documents_republish(names: Names) -> RePublish:
+    """Every version of an execution's document the bucket stores, republished by the server on
+    ``names.document(id)`` (core NATS, at most once) once it is stored: a write that loses its
+    compare-and-set is never seen there. The gateway answers a waiting client from it."""
+    return RePublish(src=f"$KV.{names.kv_bucket}.>", dest=names.documents_all)
+
+
 async def ensure_streams(js: JetStreamContext, names: Names, replicas: int = 1, update: bool = True) -> KeyValue:
     """Create every stream and the executions KV bucket, updating any that differ; return the bucket.
 
@@ -90,16 +99,19 @@ async def ensure_streams(js: JetStreamContext, names: Names, replicas: int = 1, 
             await js.update_stream(cfg)
             log.info("updated stream %s", cfg.name)
     try:
-        return await js.create_key_value(
-            bucket=names.kv_bucket, history=KV_HISTORY, ttl=KV_TTL, storage=StorageType.FILE, replicas=replicas
-        )
+        return await js.create_key_value(KeyValueConfig(
+            bucket=names.kv_bucket, history=KV_HISTORY, ttl=KV_TTL, storage=StorageType.FILE, replicas=replicas,
+            republish=documents_republish(names),
+        ))
     except BadRequestError as e:
         if e.err_code != STREAM_ALREADY_IN_USE:
             raise
     if update:
-        # The bucket exists with another configuration (e.g. R1 before prod's R3): update its stream in place.
+        # The bucket exists with another configuration (e.g. R1 before prod's R3, or no republish before this
+        # version): update its stream in place.
         cfg = (await js.stream_info(f"KV_{names.kv_bucket}")).config
         cfg.num_replicas, cfg.max_msgs_per_subject, cfg.max_age = replicas, KV_HISTORY, KV_TTL
+        cfg.republish = documents_republish(names)
         await js.update_stream(cfg)
         log.info("updated KV bucket %s (replicas=%d)", names.kv_bucket, replicas)
     else:
@@ -190,7 +202,11 @@ async def topology_present(js: JetStreamContext, names: Names) -> str | None:
             # Left by an older version, until the topology's owner updates it: schedules would be refused.
             return f"stream {name} does not allow message schedules yet (needs nats-server 2.12+)"
     try:
-        await js.key_value(names.kv_bucket)
+        info = await js.stream_info(f"KV_{names.kv_bucket}")
     except NotFoundError:
         return f"KV bucket {names.kv_bucket} missing"
+    if info.config.republish is None or info.config.republish.dest != names.documents_all:
+        # Left by an older version, until the topology's owner updates it: a waiting client would not hear of
+        # its execution's end before its wait ran out.
+        return f"KV bucket {names.kv_bucket} does not republish its documents on {names.documents_all} yet"
     return None

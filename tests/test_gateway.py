@@ -11,8 +11,10 @@ from typing import Any
 import httpx
 import nats
 import pytest
+from nats.aio.msg import Msg
+from nats.js.errors import KeyWrongLastSequenceError
 
-from shared.schemas import Execution
+from shared.schemas import Execution, now
 from tests.conftest import Stack, stack_env, start_stack, stop_stack, wait_until, write_config
 
 pytestmark = pytest.mark.e2e
@@ -99,6 +101,55 @@ def test_a_waited_for_answer_is_the_document_byte_for_byte_as_get_serves_it(stac
     assert got.status_code == 200 and r.content == got.content
     # Both are the stored document, which is exactly how the response model serialises it.
     assert Execution.model_validate_json(got.content).model_dump_json().encode() == got.content
+
+
+async def test_a_waiting_client_gets_the_version_stored_and_never_one_that_lost_its_compare_and_set(
+    stack: Stack,
+) -> None:
+    """The gateway answers from the versions the bucket republishes once stored: no final event, no read.
+
+    The execution is ended here by a write of the test's own while its only task still runs, so nothing
+    announces the ending; before it, a "completed" version loses its compare-and-set. The waiting client gets
+    the "cancelled" version, byte for byte, long before its wait would run out.
+    """
+    nc = await nats.connect(str(stack.state()["nats_url"]))
+    kv = await nc.jetstream().key_value(stack.names.kv_bucket)
+    message = f"answered from the store {uuid.uuid4().hex}"
+    versions: asyncio.Queue[Execution] = asyncio.Queue()
+
+    async def republished(msg: Msg) -> None:
+        if message.encode() in msg.data:
+            versions.put_nowait(Execution.model_validate_json(msg.data))
+
+    await nc.subscribe(stack.names.document("*"), cb=republished)
+    try:
+        async with httpx.AsyncClient(base_url=stack.url, headers=auth(), timeout=120) as client:
+            waiting = asyncio.create_task(client.post("/api/execute-parallel", json={
+                "message": message, "tasks": [task("slow", "security", 5)], "wait": True, "timeout_s": 100}))
+            while (planned := await asyncio.wait_for(versions.get(), 30)).status != "running":
+                pass  # once planned, the request is out: the gateway subscribed before sending it
+            eid = planned.execution_id
+
+            def ended(stored: bytes, status: str) -> bytes:
+                ex = Execution.model_validate_json(stored)
+                ex.status, ex.error, ex.finished_at = status, f"{status} by the test", now()  # type: ignore[assignment]
+                return ex.model_dump_json().encode()
+
+            entry = await kv.get(eid)
+            with pytest.raises(KeyWrongLastSequenceError):
+                await kv.update(eid, ended(entry.value, "completed"), last=entry.revision + 1000)
+            while True:
+                entry = await kv.get(eid)
+                try:
+                    await kv.update(eid, stored := ended(entry.value, "cancelled"), last=entry.revision)
+                    break
+                except KeyWrongLastSequenceError:
+                    pass  # the worker's start was stored in between: write on that version
+            r = await asyncio.wait_for(waiting, 20)
+        assert r.status_code == 200 and r.content == stored
+        assert r.json()["status"] == "cancelled" and r.json()["tasks"][0]["status"] != "completed"
+    finally:
+        await nc.drain()
 
 
 def test_a_live_client_sees_events_as_they_happen(stack: Stack) -> None:

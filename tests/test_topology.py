@@ -14,6 +14,7 @@ from nats.js.errors import BadRequestError
 from shared.config import ParallelExecutionConfig, PoolConfig, WorkerPools
 from shared.names import POOLS, Names
 from shared.topology import (
+    KV_TTL,
     ensure_consumer,
     ensure_streams,
     pool_consumer_config,
@@ -106,3 +107,19 @@ async def test_a_stream_left_without_message_schedules_is_not_ready_until_the_ow
         f"stream {names.executions_stream} does not allow message schedules yet (needs nats-server 2.12+)")
     await ensure_streams(js, names)  # the owner brings it up to date
     assert await topology_present(js, names) is None
+
+
+async def test_a_bucket_left_without_republish_is_not_ready_until_the_owner_updates_it(nc: NATS, names: Names) -> None:
+    """A waiting client hears of its execution's end from the bucket's republished versions: a gateway must not
+    take requests before the bucket republishes them."""
+    js = nc.jetstream()
+    await js.create_key_value(bucket=names.kv_bucket, history=1, ttl=KV_TTL)  # as an older version left it
+    await ensure_streams(js, names, update=False)
+    assert await topology_present(js, names) == (
+        f"KV bucket {names.kv_bucket} does not republish its documents on {names.documents_all} yet")
+    kv = await ensure_streams(js, names)  # the owner brings it up to date
+    assert await topology_present(js, names) is None
+    sub = await nc.subscribe(names.document("e1"))
+    revision = await kv.create("e1", b'{"status": "queued"}')
+    republished = await sub.next_msg(timeout=5)
+    assert republished.data == b'{"status": "queued"}' and republished.headers["Nats-Sequence"] == str(revision)

@@ -9,7 +9,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
 from fastapi.sse import EventSourceResponse, ServerSentEvent
@@ -24,13 +24,15 @@ from shared import metrics
 from shared.bus import publish, schedule
 from shared.distributor import should_use_parallel_execution
 from shared.errors import PlanError
-from shared.execution import new_execution
+from shared.execution import new_execution, plannable
 from shared.schemas import (
+    TERMINAL_EXECUTION,
     CancelExecution,
     Execution,
     ExecutionCompleted,
     ExecutionDeadline,
     ExecutionRequested,
+    ExecutionStatus,
     TaskSpec,
     check_plan,
     now,
@@ -119,8 +121,8 @@ def _fingerprint(body: ExecuteRequest) -> str:
 
 async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_key: str | None,
                   routing: dict[str, Any] | None = None) -> tuple[Execution | bytes, bool]:
-    """Store and publish a request (once per Idempotency-Key); return it and whether it is the end
-    (waited for). A terminal document that came with the final event stays bytes, as stored."""
+    """Store and publish a request (once per Idempotency-Key); return it and whether it is terminal. A
+    version that came as the bucket republished it stays bytes, as stored."""
     pe = rt.pe
     if body.tasks is not None:
         try:
@@ -159,8 +161,9 @@ async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_ke
         ex, fresh = existing, existing.status == "queued"  # never planned: publishing again is harmless
         req.deadline_at = existing.deadline_at  # the deadline set when it was accepted, not one from now
         log.info("idempotent replay", extra={"execution_id": eid})
-    # Subscribe before publishing, so the final event (or the plan) cannot slip past us.
-    sub = await rt.nats.subscribe(names.completed_event(eid) if body.wait else names.events(eid, "*"))
+    # Subscribe before publishing, so the version waited for cannot slip past: the bucket republishes every
+    # version it stores (never one that lost its compare-and-set), so the answer needs no event and no read.
+    sub = await rt.nats.subscribe(names.document(eid))
     try:
         if not ex.terminal:
             # With the request, the aggregator's deadline check, scheduled in the stream for the deadline, so no
@@ -173,20 +176,31 @@ async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_ke
             await asyncio.gather(*sends)
             if fresh:
                 log.info("accepted execution", extra={"execution_id": eid})
-        if ex.terminal:
-            return ex, True
-        final = await _wait_for(sub, "completed" if body.wait else "planned", wait_s if body.wait else PLAN_WAIT_S)
+        if ex.terminal or not (body.wait or plannable(ex)):  # a replay: what was waited for is there already
+            return ex, ex.terminal
+        until = TERMINAL_EXECUTION if body.wait else PLANNED
+        stored = await _stored(sub, until, wait_s if body.wait else PLAN_WAIT_S)
     finally:
         await sub.unsubscribe()
-    if final is not None:
-        return final, True
+    if stored is not None:
+        return stored
     current = await rt.executions.get(eid)
     assert current is not None  # created above, and never deleted
-    return current[0], current[0].terminal and body.wait
+    return current[0], current[0].terminal
 
 
-async def _wait_for(sub: Subscription, kind: str, within: float) -> bytes | None:
-    """Wait for the execution's ``kind`` event (or completion); the terminal document if completed."""
+class _Status(BaseModel):
+    """The one field of a stored document that a waiting request looks at."""
+
+    status: str
+
+
+PLANNED = frozenset(get_args(ExecutionStatus)) - {"queued", "planning"}  # planned, or ended without a plan
+
+
+async def _stored(sub: Subscription, until: frozenset[str], within: float) -> tuple[bytes, bool] | None:
+    """The first version of the execution's document stored with a status in ``until``, byte for byte as the
+    bucket republished it, and whether it is terminal; None when none came ``within`` seconds."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
     while (left := deadline - loop.time()) > 0:
@@ -194,10 +208,11 @@ async def _wait_for(sub: Subscription, kind: str, within: float) -> bytes | None
             msg = await sub.next_msg(timeout=left)
         except TimeoutError:
             return None
-        if msg.subject.endswith(".completed"):
-            return ExecutionCompleted.document(msg.data)
-        if msg.subject.endswith(f".{kind}"):
-            return None
+        if not msg.data:  # a delete or purge marker: executions are never deleted, but an operator may purge
+            continue
+        status = _Status.model_validate_json(msg.data).status
+        if status in until:
+            return msg.data, status in TERMINAL_EXECUTION
     return None
 
 
@@ -216,9 +231,10 @@ async def execute_parallel(
 ) -> Execution | Response:
     """Accept a request; 202 with the planned execution, or 200 with the terminal one when ``wait``."""
     ex, final = await _submit(rt, who, body, idempotency_key)
+    code = status.HTTP_200_OK if final else status.HTTP_202_ACCEPTED
     if isinstance(ex, bytes):  # the stored document is the response: no need to parse and re-serialise it
-        return Response(ex, status.HTTP_200_OK, media_type="application/json")
-    response.status_code = status.HTTP_200_OK if final else status.HTTP_202_ACCEPTED
+        return Response(ex, code, media_type="application/json")
+    response.status_code = code
     return ex
 
 
@@ -273,15 +289,15 @@ async def cancel_execution(
     execution_id = ex.execution_id
     if ex.terminal:
         raise HTTPException(409, {"field": "execution_id", "message": f"execution already {ex.status}"})
-    sub = await rt.nats.subscribe(rt.names.completed_event(execution_id))
+    sub = await rt.nats.subscribe(rt.names.document(execution_id))
     try:
         await publish(rt.jetstream, rt.names.execution_cancel, CancelExecution(execution_id=execution_id),
                       msg_id=f"{execution_id}:cancel")
-        final = await _wait_for(sub, "completed", wait_s) if wait_s else None
+        final = await _stored(sub, TERMINAL_EXECUTION, wait_s) if wait_s else None
     finally:
         await sub.unsubscribe()
     if final is not None:
-        return Response(final, status.HTTP_200_OK, media_type="application/json")
+        return Response(final[0], status.HTTP_200_OK, media_type="application/json")
     response.status_code = status.HTTP_202_ACCEPTED
     return await owned(rt, who, execution_id)
 
