@@ -493,8 +493,10 @@ class ConsumerAdvisory(BaseModel):
 
 
 class ExecutionCompleted(Wire):
-    """Aggregator → gateway: the final response event, carrying the terminal execution document (and its
-    status in the ``STATUS_HEADER`` header, for those that follow endings without reading the document)."""
+    """The aggregator's final response event, carrying the terminal execution document byte for byte as stored
+    (and its status in the ``STATUS_HEADER`` header, for those that follow endings without reading the
+    document): for event streams, the pools' record of endings and replays. The gateway answers from the same
+    version as the KV bucket republishes it."""
 
     STATUS_HEADER: ClassVar[str] = "Openclaw-Status"
 
@@ -505,14 +507,6 @@ class ExecutionCompleted(Wire):
     def around(document: bytes) -> bytes:
         """The event's bytes around an execution document as stored, without serialising it again."""
         return b"%b%b}" % (_COMPLETED_HEAD, document)
-
-    @classmethod
-    def document(cls, event: bytes) -> bytes:
-        """The execution document in ``event``, byte for byte as stored (and as the API serialises it):
-        the inverse of ``around``, without parsing; an event made otherwise is parsed and re-serialised."""
-        if event.startswith(_COMPLETED_HEAD) and event.endswith(b"}"):
-            return event[len(_COMPLETED_HEAD):-1]
-        return cls.model_validate_json(event).execution.model_dump_json().encode()
 
 
 _COMPLETED_HEAD = b'{"schema_version":%d,"kind":"execution.completed","execution":' % SCHEMA_VERSION
