@@ -23,6 +23,9 @@ from shared.schemas import DeadLetter
 
 log = logging.getLogger(__name__)
 
+IDLE_FETCH_S = 1.0  # by default a pull request waits this long for a message, then the loop checks for a stop
+BACKLOG_FETCH_S = 0.05  # the most a request for messages already waiting may take
+
 M = TypeVar("M")
 Handler = Callable[[M, Msg], Awaitable[None]]
 
@@ -44,30 +47,46 @@ class Consumer(Generic[M]):
         handle: Handler[M],
         capacity: int,
         error_delay_s: float = 1.0,
+        idle_fetch_s: float = IDLE_FETCH_S,
     ) -> None:
         self.js, self.names, self.stream, self.durable = js, names, stream, durable
         self.decode, self.handle = decode, handle
         self.capacity = capacity
         self.error_delay_s = error_delay_s
+        self.idle_fetch_s = idle_fetch_s
+        self.subscription: JetStreamContext.PullSubscription | None = None  # bound by run()
         self._in_flight: set[asyncio.Task[None]] = set()
 
     async def run(self, stop: asyncio.Event, grace_s: float = 10.0) -> None:
-        sub = await self.js.pull_subscribe_bind(self.durable, stream=self.stream)
+        sub = self.subscription = await self.js.pull_subscribe_bind(self.durable, stream=self.stream)
         stopping = asyncio.create_task(stop.wait())
+        backlog = 0  # messages waiting behind the last one delivered, as it reported
         try:
             while not stop.is_set():
                 free = self.capacity - len(self._in_flight)
                 if free <= 0:  # full: wait for a slot, or for the stop (handlers may run for minutes)
                     await asyncio.wait({stopping, *self._in_flight}, return_when=asyncio.FIRST_COMPLETED)
                     continue
+                # One message at a time unless more are known to be waiting. nats-py sends every pull request of
+                # a subscription to the same inbox; when a request expires just after the client gave up on it,
+                # its late 408 is taken for the answer to the next fetch, which then leaves a request behind
+                # that ends without a word once it has a message. A batch fetch that gets that message keeps it
+                # until its own request ends, up to the whole timeout (a dependent task released 100 ms late,
+                # bench/PROFILE.md §10). fetch(1) returns on any message; a batch of messages the last one said
+                # were waiting (num_pending) ends as soon as it has them.
                 try:
-                    msgs = await sub.fetch(free, timeout=1.0)
+                    if backlog:
+                        msgs = await sub.fetch(min(backlog, free), timeout=BACKLOG_FETCH_S)
+                    else:
+                        msgs = await sub.fetch(1, timeout=self.idle_fetch_s)
                 except TimeoutError:  # also nats.errors.TimeoutError, its subclass
+                    backlog = 0
                     continue
                 for msg in msgs:
                     task = asyncio.create_task(self._process(msg))
                     self._in_flight.add(task)
                     task.add_done_callback(self._in_flight.discard)
+                backlog = msgs[-1].metadata.num_pending or 0
         finally:
             stopping.cancel()
             await self._finish(grace_s)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import nats
@@ -71,3 +72,45 @@ async def test_a_failed_heartbeat_does_not_stop_the_next(nats_url: str, names: N
     finally:
         log.removeHandler(beats)
     assert all(m.startswith(f"heartbeat on {subject} failed, next in 0.02s") for m in beats.messages)
+
+
+async def test_a_message_delivered_on_an_older_pull_request_is_handled_at_once(nc: NATS, names: Names) -> None:
+    """nats-py sends every pull request of a subscription to one inbox. A request left waiting at the server that
+    ends without a word once it has its message takes the next one: here a fetch(1) given up on; in service, the
+    request a batch fetch sends after taking the late 408 of an expired request for its own answer. The loop must
+    hand that message on at once, not when its own request ends (30 s here)."""
+    js = nc.jetstream()
+    await ensure_streams(js, names)
+    subject = names.results("older")
+    await js.add_consumer(names.results_stream, ConsumerConfig(durable_name="older", filter_subject=subject,
+                                                               ack_policy=AckPolicy.EXPLICIT))
+    handled: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def handle(data: bytes, msg: Msg) -> None:
+        handled.put_nowait(data)
+        await msg.ack()
+
+    async def waiting_requests(n: int) -> None:
+        for _ in range(1000):
+            if (await js.consumer_info(names.results_stream, "older")).num_waiting == n:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"never {n} pull requests waiting")
+
+    consumer = Consumer(js, names, names.results_stream, "older", lambda data: data, handle, capacity=8,
+                        idle_fetch_s=30)
+    stop = asyncio.Event()
+    loop = asyncio.create_task(consumer.run(stop, grace_s=0.2))
+    await waiting_requests(1)  # the loop's own request
+    assert consumer.subscription is not None
+    with contextlib.suppress(TimeoutError):  # a request of the same subscription that nobody waits on any more
+        await asyncio.wait_for(consumer.subscription.fetch(1, timeout=30), 0.2)
+    await waiting_requests(2)
+    await js.publish(subject, b"first")  # to the loop's request, the older one
+    assert await asyncio.wait_for(handled.get(), 10) == b"first"
+    await waiting_requests(2)  # the loop asked again: now the abandoned request is older
+    await js.publish(subject, b"second")  # delivered on the abandoned request
+    assert await asyncio.wait_for(handled.get(), 10) == b"second"
+    loop.cancel()  # its request waits 30 s; the stop is another test's
+    with contextlib.suppress(asyncio.CancelledError):
+        await loop
