@@ -76,7 +76,7 @@ class Consumer(Generic[M]):
                 # were waiting (num_pending) ends as soon as it has them.
                 try:
                     if backlog:
-                        msgs = await sub.fetch(min(backlog, free), timeout=BACKLOG_FETCH_S)
+                        msgs = await sub.fetch(free, timeout=BACKLOG_FETCH_S)
                     else:
                         msgs = await sub.fetch(1, timeout=self.idle_fetch_s)
                 except TimeoutError:  # also nats.errors.TimeoutError, its subclass
