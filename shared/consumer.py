@@ -61,6 +61,7 @@ class Consumer(Generic[M]):
         sub = self.subscription = await self.js.pull_subscribe_bind(self.durable, stream=self.stream)
         stopping = asyncio.create_task(stop.wait())
         backlog = 0  # messages waiting behind the last one delivered, as it reported
+        busy = False  # the last fetch brought several: more are likely to follow
         try:
             while not stop.is_set():
                 free = self.capacity - len(self._in_flight)
@@ -73,20 +74,22 @@ class Consumer(Generic[M]):
                 # that ends without a word once it has a message. A batch fetch that gets that message keeps it
                 # until its own request ends, up to the whole timeout (a dependent task released 100 ms late,
                 # bench/PROFILE.md §10). fetch(1) returns on any message; a batch of messages the last one said
-                # were waiting (num_pending) ends as soon as it has them.
+                # were waiting (num_pending) ends as soon as it has them. After a burst (a fetch that brought
+                # several) the next asks for a batch too, but for BACKLOG_FETCH_S at most: under load that keeps
+                # one request per batch, and a message held that way waits no longer than that.
                 try:
-                    if backlog:
+                    if backlog or busy:
                         msgs = await sub.fetch(free, timeout=BACKLOG_FETCH_S)
                     else:
                         msgs = await sub.fetch(1, timeout=self.idle_fetch_s)
                 except TimeoutError:  # also nats.errors.TimeoutError, its subclass
-                    backlog = 0
+                    backlog, busy = 0, False
                     continue
                 for msg in msgs:
                     task = asyncio.create_task(self._process(msg))
                     self._in_flight.add(task)
                     task.add_done_callback(self._in_flight.discard)
-                backlog = msgs[-1].metadata.num_pending or 0
+                backlog, busy = msgs[-1].metadata.num_pending or 0, len(msgs) > 1
         finally:
             stopping.cancel()
             await self._finish(grace_s)
