@@ -89,7 +89,7 @@ class Consumer(Generic[M]):
                     task = asyncio.create_task(self._process(msg))
                     self._in_flight.add(task)
                     task.add_done_callback(self._in_flight.discard)
-                backlog, busy = msgs[-1].metadata.num_pending or 0, len(msgs) > 1
+                backlog, busy = (msgs[-1].metadata.num_pending or 0, len(msgs) > 1) if msgs else (0, False)
         finally:
             stopping.cancel()
             await self._finish(grace_s)
