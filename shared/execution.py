@@ -47,9 +47,12 @@ def new_execution(req: ExecutionRequested) -> Execution:
     )
 
 
+UNPLANNED: frozenset[str] = frozenset({"queued", "planning"})  # no plan stored yet, and not ended
+
+
 def plannable(ex: Execution) -> bool:
     """No plan is stored yet, and the execution has not ended."""
-    return ex.status in ("queued", "planning")
+    return ex.status in UNPLANNED
 
 
 def apply_plan(ex: Execution, specs: list[TaskSpec], planner: str, calls: Sequence[ModelCall] = ()) -> bool:

@@ -55,6 +55,11 @@ class Names:
         return self._stream("executions").lower()
 
     @property
+    def kv_stream(self) -> str:
+        """The stream behind the KV bucket (JetStream names it after the bucket)."""
+        return f"KV_{self.kv_bucket}"
+
+    @property
     def all_streams(self) -> tuple[str, ...]:
         return (
             self.executions_stream,

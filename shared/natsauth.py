@@ -86,8 +86,8 @@ def _durable(stream: str, durable: str, subject: str | None) -> list[str]:
 def permissions(names: Names | None = None) -> dict[str, tuple[list[str], list[str]]]:
     """Each user's (publish, subscribe) allow-lists."""
     n = names or Names("")
-    streams = [*n.all_streams, f"KV_{n.kv_bucket}"]
-    kv_read = [f"$JS.API.STREAM.MSG.GET.KV_{n.kv_bucket}", f"$JS.API.DIRECT.GET.KV_{n.kv_bucket}.>"]
+    streams = [*n.all_streams, n.kv_stream]
+    kv_read = [f"$JS.API.STREAM.MSG.GET.{n.kv_stream}", f"$JS.API.DIRECT.GET.{n.kv_stream}.>"]
     kv_write = [f"$KV.{n.kv_bucket}.>"]
     tasks = [n.tasks(p) for p in POOLS]
     events = n.events("*", "*")

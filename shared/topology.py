@@ -109,7 +109,7 @@ async def ensure_streams(js: JetStreamContext, names: Names, replicas: int = 1, 
     if update:
         # The bucket exists with another configuration (e.g. R1 before prod's R3, or no republish before this
         # version): update its stream in place.
-        cfg = (await js.stream_info(f"KV_{names.kv_bucket}")).config
+        cfg = (await js.stream_info(names.kv_stream)).config
         cfg.num_replicas, cfg.max_msgs_per_subject, cfg.max_age = replicas, KV_HISTORY, KV_TTL
         cfg.republish = documents_republish(names)
         await js.update_stream(cfg)
@@ -202,7 +202,7 @@ async def topology_present(js: JetStreamContext, names: Names) -> str | None:
             # Left by an older version, until the topology's owner updates it: schedules would be refused.
             return f"stream {name} does not allow message schedules yet (needs nats-server 2.12+)"
     try:
-        info = await js.stream_info(f"KV_{names.kv_bucket}")
+        info = await js.stream_info(names.kv_stream)
     except NotFoundError:
         return f"KV bucket {names.kv_bucket} missing"
     if info.config.republish is None or info.config.republish.dest != names.documents_all:

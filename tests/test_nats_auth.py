@@ -193,7 +193,7 @@ def test_the_auth_file_is_the_one_rendered_from_the_topology() -> None:
     text = natsauth.DEFAULT_AUTH_FILE.read_text()
     assert text == natsauth.render(), "stale: run `openclaw nats-auth-conf > deploy/nats/auth.conf`"
     created = set(re.findall(r'"\$JS\.API\.STREAM\.CREATE\.([A-Za-z_]+)"', text))
-    assert created == {*PROD.all_streams, f"KV_{PROD.kv_bucket}"}
+    assert created == {*PROD.all_streams, PROD.kv_stream}
     durables = set(re.findall(r'"\$JS\.API\.CONSUMER\.MSG\.NEXT\.([A-Z]+\.[a-z_]+)"', text))
     assert durables == {f"{PROD.executions_stream}.{PROD.pm_consumer}",
                         f"{PROD.executions_stream}.{PROD.deadlines_consumer}",

@@ -74,7 +74,7 @@ async def test_an_existing_bucket_with_another_configuration_is_updated_in_place
     old = await js.create_key_value(bucket=names.kv_bucket, history=5)
     await old.put("kept", b"v")
     kv = await ensure_streams(js, names)
-    assert (await js.stream_info(f"KV_{names.kv_bucket}")).config.max_msgs_per_subject == 1
+    assert (await js.stream_info(names.kv_stream)).config.max_msgs_per_subject == 1
     assert (await kv.get("kept")).value == b"v"
 
 

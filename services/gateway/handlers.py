@@ -24,7 +24,7 @@ from shared import metrics
 from shared.bus import publish, schedule
 from shared.distributor import should_use_parallel_execution
 from shared.errors import PlanError
-from shared.execution import new_execution, plannable
+from shared.execution import UNPLANNED, new_execution, plannable
 from shared.schemas import (
     TERMINAL_EXECUTION,
     CancelExecution,
@@ -86,16 +86,18 @@ async def owned(rt: Runtime, who: Caller, execution_id: str) -> Execution:
     return Execution.model_validate_json(await owned_document(execution_id, rt, who))
 
 
-class _Owner(BaseModel):
-    """The one field of an execution document that a read checks."""
+class _Head(BaseModel):
+    """The fields of a stored execution document that the gateway looks at without parsing the rest: whose it
+    is (a read), and how far it got (a waiting request)."""
 
     tenant: str
+    status: str
 
 
 async def owned_document(execution_id: str, rt: RuntimeDep, who: CallerDep) -> bytes:
     """The caller's execution as stored, or 404; only its tenant is parsed."""
     stored = await rt.executions.read(execution_id) if EXECUTION_ID.match(execution_id) else None
-    if stored is None or _Owner.model_validate_json(stored[0]).tenant != who.tenant:
+    if stored is None or _Head.model_validate_json(stored[0]).tenant != who.tenant:
         raise HTTPException(404, {"field": "execution_id", "message": f"no execution with id {execution_id!r}"})
     return stored[0]
 
@@ -189,13 +191,7 @@ async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_ke
     return current[0], current[0].terminal
 
 
-class _Status(BaseModel):
-    """The one field of a stored document that a waiting request looks at."""
-
-    status: str
-
-
-PLANNED = frozenset(get_args(ExecutionStatus)) - {"queued", "planning"}  # planned, or ended without a plan
+PLANNED = frozenset(get_args(ExecutionStatus)) - UNPLANNED  # planned, or ended without a plan
 
 
 async def _stored(sub: Subscription, until: frozenset[str], within: float) -> tuple[bytes, bool] | None:
@@ -210,7 +206,7 @@ async def _stored(sub: Subscription, until: frozenset[str], within: float) -> tu
             return None
         if not msg.data:  # a delete or purge marker: executions are never deleted, but an operator may purge
             continue
-        status = _Status.model_validate_json(msg.data).status
+        status = _Head.model_validate_json(msg.data).status
         if status in until:
             return msg.data, status in TERMINAL_EXECUTION
     return None
