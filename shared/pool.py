@@ -65,6 +65,9 @@ class _Delivery:
         self.watch: asyncio.TimerHandle | asyncio.Task[None] | None = None  # see PoolWorker._watch
 
 
+FOLLOW_HEARTBEAT_S = 1.0  # the server's heartbeat on the endings' consumer; two missed and it is recreated
+
+
 class Endings:
     """The executions that ended early since this process started following their ``completed`` events.
 
@@ -82,9 +85,14 @@ class Endings:
 
     async def follow(self, rt: Runtime) -> Subscription:
         js, names = rt.jetstream, rt.names
+        # From the last ending the stream holds on. When its consumer is lost (a NATS restart, a failover),
+        # nats-py's ordered consumer recreates it after the last sequence it delivered, and from the stream's
+        # first message if it delivered none: a quiet start followed by an outage would replay every ending the
+        # stream keeps (days of them). Delivering the last one first gives it a place to resume from; that
+        # execution did end, so remembering it is no harm.
         sub = await js.subscribe(names.completed_event("*"), stream=names.events_stream, ordered_consumer=True,
-                                 cb=self._ended_one,
-                                 config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW, headers_only=True))
+                                 cb=self._ended_one, idle_heartbeat=FOLLOW_HEARTBEAT_S,
+                                 config=ConsumerConfig(deliver_policy=DeliverPolicy.LAST, headers_only=True))
         self._after = (await js.stream_info(names.tasks_stream)).state.last_seq
         return sub
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import nats
 from nats.aio.msg import Msg
 
 from shared.names import Names
+from shared.natsserver import NatsServer
 from shared.pool import Endings
 from shared.schemas import ExecutionCompleted
+from tests.conftest import service_runtime, until
 
 NAMES = Names(namespace="t")
 
@@ -28,3 +33,36 @@ async def test_an_ending_is_forgotten_once_older_than_the_execution_timeout() ->
     await endings._ended_one(ending("first", "cancelled"))
     await endings._ended_one(ending("second", "cancelled"))
     assert not endings.ended("first") and endings.ended("second")
+
+
+async def test_following_resumes_where_it_was_after_a_nats_restart_not_from_the_first_ending(tmp_path: Path) -> None:
+    # nats-py's ordered consumer, recreated after an outage, resumes after the last sequence it delivered:
+    # from the stream's first message if it has delivered none. Endings that are days old must not come back.
+    server = NatsServer(tmp_path / "store").start()
+    nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
+    try:
+        rt = await service_runtime(nc, NAMES, tmp_path, service="codegen")
+        js = rt.jetstream
+        cancelled = {ExecutionCompleted.STATUS_HEADER: "cancelled"}
+        for eid in ("long-ago", "latest"):
+            await js.publish(NAMES.completed_event(eid), b"", headers=cancelled)
+        endings = Endings(keep_s=600)
+        following = await endings.follow(rt)
+        await until(lambda: endings.ended("latest"), 10, "the stream's latest ending, delivered first")
+
+        server.stop()  # the consumer (in memory on the server) is lost with it
+        server.start()
+        await until(lambda: nc.is_connected, 15, "the reconnection")
+        for _ in range(100):  # JetStream takes a moment to come back after the server does
+            try:
+                await js.publish(NAMES.completed_event("during-recovery"), b"", headers=cancelled, timeout=0.5)
+                break
+            except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError):
+                continue
+        await until(lambda: endings.ended("during-recovery"), 15, "the ending published after the restart")
+
+        assert not endings.ended("long-ago")  # the recreated consumer did not start from the stream's beginning
+        await following.unsubscribe()
+    finally:
+        await nc.close()
+        server.stop()
