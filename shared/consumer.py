@@ -1,19 +1,24 @@
 """A typed pull-consumer loop: decode at the boundary, dead-letter poison, run handlers concurrently.
 
-The loop fetches only as many messages as it has free local capacity, so one replica never holds
-more of the durable's ``max_ack_pending`` slots than it can work on.
+The loop asks for only as many messages as it has free local capacity, so one replica never holds
+more of the durable's ``max_ack_pending`` slots than it can work on, and hands each message to its
+handler the moment it arrives.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
+from nats.aio.subscription import Subscription
+from nats.js import api
 from pydantic import ValidationError
 
 from shared import metrics
@@ -23,8 +28,8 @@ from shared.schemas import DeadLetter
 
 log = logging.getLogger(__name__)
 
-IDLE_FETCH_S = 1.0  # by default a pull request waits this long for a message, then the loop checks for a stop
-BACKLOG_FETCH_S = 0.05  # the most a request for messages already waiting may take
+IDLE_FETCH_S = 1.0  # by default a pull request waits this long for a message, then the loop asks again
+LOST_AFTER_S = 1.0  # a request whose end has not come this long after it expired is taken as lost (a crash)
 
 M = TypeVar("M")
 Handler = Callable[[M, Msg], Awaitable[None]]
@@ -39,7 +44,7 @@ class Consumer(Generic[M]):
 
     def __init__(
         self,
-        js: JetStreamContext,
+        nc: NATS,
         names: Names,
         stream: str,
         durable: str,
@@ -49,51 +54,57 @@ class Consumer(Generic[M]):
         error_delay_s: float = 1.0,
         idle_fetch_s: float = IDLE_FETCH_S,
     ) -> None:
-        self.js, self.names, self.stream, self.durable = js, names, stream, durable
+        self.nc, self.js, self.names, self.stream, self.durable = nc, nc.jetstream(), names, stream, durable
         self.decode, self.handle = decode, handle
         self.capacity = capacity
+        self.ask_at = max(1, capacity // 4)  # free slots worth a pull request of their own
         self.error_delay_s = error_delay_s
         self.idle_fetch_s = idle_fetch_s
-        self.subscription: JetStreamContext.PullSubscription | None = None  # bound by run()
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._waker: asyncio.Future[None] | None = None
 
     async def run(self, stop: asyncio.Event, grace_s: float = 10.0) -> None:
-        sub = self.subscription = await self.js.pull_subscribe_bind(self.durable, stream=self.stream)
-        stopping = asyncio.create_task(stop.wait())
-        backlog = 0  # messages waiting behind the last one delivered, as it reported
-        busy = False  # the last fetch brought several: more are likely to follow
+        pulls = _Pulls(self.nc, self.stream, self.durable, self._dispatch, self._wake)
+        await pulls.open()
+        stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
         try:
             while not stop.is_set():
-                free = self.capacity - len(self._in_flight)
-                if free <= 0:  # full: wait for a slot, or for the stop (handlers may run for minutes)
-                    await asyncio.wait({stopping, *self._in_flight}, return_when=asyncio.FIRST_COMPLETED)
+                if pulls.refused:  # consumer gone, leadership change…: not again at once
+                    log.warning("pull request to %s refused: %s; asking again in %gs",
+                                self.durable, pulls.refused, self.error_delay_s)
+                    pulls.refused = None
+                    await asyncio.wait({stopping}, timeout=self.error_delay_s)
                     continue
-                # One message at a time unless more are known to be waiting. nats-py sends every pull request of
-                # a subscription to the same inbox; when a request expires just after the client gave up on it,
-                # its late 408 is taken for the answer to the next fetch, which then leaves a request behind
-                # that ends without a word once it has a message. A batch fetch that gets that message keeps it
-                # until its own request ends, up to the whole timeout (a dependent task released 100 ms late,
-                # bench/PROFILE.md §10). fetch(1) returns on any message; a batch of messages the last one said
-                # were waiting (num_pending) ends as soon as it has them. After a burst (a fetch that brought
-                # several) the next asks for a batch too, but for BACKLOG_FETCH_S at most: under load that keeps
-                # one request per batch, and a message held that way waits no longer than that.
-                try:
-                    if backlog or busy:
-                        msgs = await sub.fetch(free, timeout=BACKLOG_FETCH_S)
-                    else:
-                        msgs = await sub.fetch(1, timeout=self.idle_fetch_s)
-                except TimeoutError:  # also nats.errors.TimeoutError, its subclass
-                    backlog, busy = 0, False
+                free = self.capacity - len(self._in_flight) - pulls.owed()
+                if free >= self.ask_at:
+                    await pulls.request(free, self.idle_fetch_s)
                     continue
-                for msg in msgs:
-                    task = asyncio.create_task(self._process(msg))
-                    self._in_flight.add(task)
-                    task.add_done_callback(self._in_flight.discard)
-                backlog, busy = (msgs[-1].metadata.num_pending or 0, len(msgs) > 1) if msgs else (0, False)
+                # Until a message, a request's end or a handler's end changes that count (or the stop).
+                self._waker = asyncio.get_running_loop().create_future()
+                await asyncio.wait({stopping, self._waker}, timeout=pulls.until_lost(),
+                                   return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopping.cancel()
+            self._stopping = True
+            await pulls.close()  # what was delivered meanwhile is handed back (see _dispatch)
             await self._finish(grace_s)
-            await sub.unsubscribe()
+
+    def _wake(self) -> None:
+        if self._waker is not None and not self._waker.done():
+            self._waker.set_result(None)
+
+    def _dispatch(self, msg: Msg) -> None:
+        if self._stopping:  # arrived while the loop closes: to another replica at once, not after ack_wait
+            task = asyncio.create_task(msg.nak())
+        else:
+            task = asyncio.create_task(self._process(msg))
+        self._in_flight.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        self._wake()
 
     async def _finish(self, grace_s: float) -> None:
         """Let running handlers finish within the grace period; cancel the rest (they nak)."""
@@ -142,6 +153,70 @@ class Consumer(Generic[M]):
         await msg.term()
         metrics.DEAD_LETTERS.labels(self.stream, self.durable).inc()
         log.warning("dead-lettered %s seq %s: %s", msg.subject, seq, reason, extra={"subject": msg.subject})
+
+
+class _Pulls:
+    """The pull requests of one consumer loop, on an inbox of its own with a reply subject per request.
+
+    A message is handed on the moment it arrives. nats-py's ``fetch`` returns a batch only once it is
+    complete or timed out, and sends every request of a subscription to the same inbox, where a late status
+    of one request can be taken for another's answer (bench/PROFILE.md §10). Here each status names its
+    request. A message does not (it carries its own subject), but the server serves waiting requests in
+    order, so it is counted against the oldest.
+    """
+
+    def __init__(self, nc: NATS, stream: str, durable: str, dispatch: Callable[[Msg], None],
+                 wake: Callable[[], None]) -> None:
+        self.nc, self.dispatch, self.wake = nc, dispatch, wake
+        self.subject = f"{api.DEFAULT_PREFIX}.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self.refused: str | None = None  # why the server ended a request other than by its expiry
+        self._inbox = ""
+        self._sub: Subscription | None = None
+        self._sent = 0
+        self._owed: dict[str, list[float]] = {}  # request → [messages it may still bring, when lost]; oldest first
+
+    async def open(self) -> None:
+        self._inbox = self.nc.new_inbox()
+        self._sub = await self.nc.subscribe(f"{self._inbox}.*", cb=self._on_msg)
+
+    async def close(self) -> None:
+        if self._sub is not None and not self.nc.is_closed:
+            await self._sub.drain()  # no more requests answered; what is queued still goes through _on_msg
+
+    async def request(self, batch: int, expires_s: float) -> None:
+        self._sent += 1
+        token = str(self._sent)
+        self._owed[token] = [batch, time.monotonic() + expires_s + LOST_AFTER_S]
+        body = json.dumps({"batch": batch, "expires": int(expires_s * 1e9)}).encode()
+        await self.nc.publish(self.subject, body, reply=f"{self._inbox}.{token}")
+
+    def owed(self) -> int:
+        """Messages the open requests may still bring; a request past its time without an end is dropped."""
+        now = time.monotonic()
+        for token in [t for t, (_, lost_at) in self._owed.items() if lost_at < now]:
+            del self._owed[token]
+        return int(sum(n for n, _ in self._owed.values()))
+
+    def until_lost(self) -> float | None:
+        """Seconds until the next open request is taken as lost, if its end does not come first."""
+        if not self._owed:
+            return None
+        return max(0.0, min(lost_at for _, lost_at in self._owed.values()) - time.monotonic())
+
+    async def _on_msg(self, msg: Msg) -> None:
+        status = (msg.headers or {}).get("Status")
+        if status is None:
+            self.dispatch(msg)  # also one that comes after its request was taken as lost
+            for token, owed in self._owed.items():
+                owed[0] -= 1
+                if owed[0] <= 0:
+                    del self._owed[token]
+                break
+        elif status != "100":  # not a heartbeat: the request it is addressed to is over
+            self._owed.pop(msg.subject.rsplit(".", 1)[-1], None)
+            if status != "408":  # 408: expired, the usual end of an idle request
+                self.refused = f"{status} {(msg.headers or {}).get(api.Header.DESCRIPTION, '')}".strip()
+        self.wake()
 
 
 @contextlib.asynccontextmanager

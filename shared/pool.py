@@ -280,7 +280,7 @@ def pool_start(pool: Pool, format_prompt: FormatPrompt) -> Start:
         provider = make_provider(rt.pe, rt.settings.anthropic_api_key)  # one client for the process
         worker = PoolWorker(rt, pool, format_prompt, provider, endings)
         consumer = Consumer(
-            js,
+            rt.nats,
             names,
             names.tasks_stream,
             names.pool_consumer(pool),

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+from collections.abc import Awaitable
+from pathlib import Path
 
 import nats
+import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from shared.consumer import Consumer, keep_alive
 from shared.names import Names
+from shared.natsserver import NatsServer
 from shared.topology import ensure_streams
+from tests.conftest import until
 
 
 async def test_a_full_consumer_stops_when_told_and_gives_its_messages_back(nc: NATS, names: Names) -> None:
@@ -30,7 +35,7 @@ async def test_a_full_consumer_stops_when_told_and_gives_its_messages_back(nc: N
         running.set()
         await asyncio.Event().wait()
 
-    consumer = Consumer(js, names, names.results_stream, "full", lambda data: data, handle, capacity=1)
+    consumer = Consumer(nc, names, names.results_stream, "full", lambda data: data, handle, capacity=1)
     stop = asyncio.Event()
     loop = asyncio.create_task(consumer.run(stop, grace_s=0.2))
     await asyncio.wait_for(running.wait(), 10)
@@ -74,43 +79,134 @@ async def test_a_failed_heartbeat_does_not_stop_the_next(nats_url: str, names: N
     assert all(m.startswith(f"heartbeat on {subject} failed, next in 0.02s") for m in beats.messages)
 
 
-async def test_a_message_delivered_on_an_older_pull_request_is_handled_at_once(nc: NATS, names: Names) -> None:
-    """nats-py sends every pull request of a subscription to one inbox. A request left waiting at the server that
-    ends without a word once it has its message takes the next one: here a fetch(1) given up on; in service, the
-    request a batch fetch sends after taking the late 408 of an expired request for its own answer. The loop must
-    hand that message on at once, not when its own request ends (30 s here)."""
+def durable(js: JetStreamContext, names: Names, name: str, subject: str) -> Awaitable[object]:
+    return js.add_consumer(names.results_stream, ConsumerConfig(durable_name=name, filter_subject=subject,
+                                                                ack_policy=AckPolicy.EXPLICIT, max_ack_pending=100))
+
+
+async def test_a_message_is_handed_on_as_it_arrives_not_when_its_pull_request_ends(nc: NATS, names: Names) -> None:
+    # The loop's request asks for 8 messages and waits 30 s. nats-py's fetch(8) would keep a first message
+    # until it had all 8 or the 30 s were over.
     js = nc.jetstream()
     await ensure_streams(js, names)
-    subject = names.results("older")
-    await js.add_consumer(names.results_stream, ConsumerConfig(durable_name="older", filter_subject=subject,
-                                                               ack_policy=AckPolicy.EXPLICIT))
+    subject = names.results("arrives")
+    await durable(js, names, "arrives", subject)
     handled: asyncio.Queue[bytes] = asyncio.Queue()
 
     async def handle(data: bytes, msg: Msg) -> None:
         handled.put_nowait(data)
         await msg.ack()
 
-    async def waiting_requests(n: int) -> None:
-        for _ in range(1000):
-            if (await js.consumer_info(names.results_stream, "older")).num_waiting == n:
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"never {n} pull requests waiting")
-
-    consumer = Consumer(js, names, names.results_stream, "older", lambda data: data, handle, capacity=8,
+    consumer = Consumer(nc, names, names.results_stream, "arrives", lambda data: data, handle, capacity=8,
                         idle_fetch_s=30)
     stop = asyncio.Event()
     loop = asyncio.create_task(consumer.run(stop, grace_s=0.2))
-    await waiting_requests(1)  # the loop's own request
-    assert consumer.subscription is not None
-    with contextlib.suppress(TimeoutError):  # a request of the same subscription that nobody waits on any more
-        await asyncio.wait_for(consumer.subscription.fetch(1, timeout=30), 0.2)
-    await waiting_requests(2)
-    await js.publish(subject, b"first")  # to the loop's request, the older one
-    assert await asyncio.wait_for(handled.get(), 10) == b"first"
-    await waiting_requests(2)  # the loop asked again: now the abandoned request is older
-    await js.publish(subject, b"second")  # delivered on the abandoned request
-    assert await asyncio.wait_for(handled.get(), 10) == b"second"
-    loop.cancel()  # its request waits 30 s; the stop is another test's
-    with contextlib.suppress(asyncio.CancelledError):
-        await loop
+    for body in (b"first", b"second", b"third"):
+        await js.publish(subject, body)
+        assert await asyncio.wait_for(handled.get(), 10) == body
+    stop.set()
+    await asyncio.wait_for(loop, 10)
+
+
+async def test_no_more_handlers_run_at_once_than_the_capacity(nc: NATS, names: Names) -> None:
+    # The durable would hand out 100 at once: the loop's own capacity (2) is what limits here.
+    js = nc.jetstream()
+    await ensure_streams(js, names)
+    subject = names.results("capacity")
+    await durable(js, names, "capacity", subject)
+    running: set[bytes] = set()
+    most, done = 0, asyncio.Queue[bytes]()
+    go = asyncio.Event()
+
+    async def handle(data: bytes, msg: Msg) -> None:
+        nonlocal most
+        running.add(data)
+        most = max(most, len(running))
+        await go.wait()
+        running.discard(data)
+        await msg.ack()
+        done.put_nowait(data)
+
+    for i in range(5):
+        await js.publish(subject, b"%d" % i)
+    consumer = Consumer(nc, names, names.results_stream, "capacity", lambda data: data, handle, capacity=2)
+    stop = asyncio.Event()
+    loop = asyncio.create_task(consumer.run(stop, grace_s=0.2))
+    await until(lambda: len(running) == 2, 10, "two handlers running")
+    assert (await js.consumer_info(names.results_stream, "capacity")).num_ack_pending == 2
+    go.set()
+    assert sorted([await asyncio.wait_for(done.get(), 10) for _ in range(5)]) == [b"0", b"1", b"2", b"3", b"4"]
+    assert most == 2
+    stop.set()
+    await asyncio.wait_for(loop, 10)
+
+
+async def test_a_refused_pull_request_is_logged_and_asked_again_later(nc: NATS, names: Names,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js, names)
+    subject = names.results("refused")
+    await durable(js, names, "refused", subject)
+    handled: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def handle(data: bytes, msg: Msg) -> None:
+        handled.put_nowait(data)
+        await msg.ack()
+
+    consumer = Consumer(nc, names, names.results_stream, "refused", lambda data: data, handle, capacity=4,
+                        error_delay_s=0.05)
+    stop = asyncio.Event()
+    loop = asyncio.create_task(consumer.run(stop, grace_s=0.2))
+    for _ in range(1000):
+        if (await js.consumer_info(names.results_stream, "refused")).num_waiting == 1:
+            break
+        await asyncio.sleep(0.01)
+    caplog.set_level(logging.WARNING, "shared.consumer")
+    await js.delete_consumer(names.results_stream, "refused")  # the server ends the waiting request: 409
+    await until(lambda: any("409 Consumer Deleted" in r.getMessage() for r in caplog.records), 10,
+                "the refusal logged")
+    await durable(js, names, "refused", subject)
+    await js.publish(subject, b"back")
+    assert await asyncio.wait_for(handled.get(), 10) == b"back"
+    assert not loop.done()
+    stop.set()
+    await asyncio.wait_for(loop, 10)
+
+
+async def test_the_loop_asks_again_when_its_request_was_lost_with_the_server(tmp_path: Path, names: Names) -> None:
+    # A server that crashed has forgotten the waiting pull requests, and said nothing about them (one that
+    # shuts down ends them with a 409).
+    server = NatsServer(tmp_path / "store").start()
+    own = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
+    try:
+        js = own.jetstream()
+        await ensure_streams(js, names)
+        subject = names.results("lost")
+        await durable(js, names, "lost", subject)
+        handled: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def handle(data: bytes, msg: Msg) -> None:
+            handled.put_nowait(data)
+            await msg.ack()
+
+        consumer = Consumer(own, names, names.results_stream, "lost", lambda data: data, handle, capacity=4)
+        stop = asyncio.Event()
+        loop = asyncio.create_task(consumer.run(stop, grace_s=0.2))
+        await js.publish(subject, b"before")
+        assert await asyncio.wait_for(handled.get(), 10) == b"before"
+        assert server.proc is not None
+        server.proc.kill()
+        server.proc.wait()
+        server.start()
+        for _ in range(100):  # JetStream takes a moment to come back after the server does
+            try:
+                await js.publish(subject, b"after", timeout=0.5)
+                break
+            except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError):
+                continue
+        assert await asyncio.wait_for(handled.get(), 15) == b"after"
+        stop.set()
+        await asyncio.wait_for(loop, 10)
+    finally:
+        await own.close()
+        server.stop()

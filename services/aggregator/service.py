@@ -22,7 +22,7 @@ from shared.topology import (
 async def start(rt: Runtime) -> Workers:
     """Four durables: task results, cancel commands, deadline checks, and the advisories of consumers
     that gave up."""
-    js, names = rt.jetstream, rt.names
+    js, names, nc = rt.jetstream, rt.names, rt.nats
     await ensure_consumer(js, names.results_stream, aggregator_consumer_config(names, rt.pe))
     await ensure_consumer(js, names.executions_stream, deadlines_consumer_config(names))
     await ensure_consumer(js, names.executions_stream, cancels_consumer_config(names, rt.pe))
@@ -30,13 +30,13 @@ async def start(rt: Runtime) -> Workers:
     provider = make_provider(rt.pe, rt.settings.anthropic_api_key)  # one client for the process
     h = AggregatorHandlers(rt, provider)
     consumers: list[Consumer[Any]] = [
-        Consumer(js, names, names.results_stream, names.aggregator_consumer, TaskResultAdapter.validate_json,
+        Consumer(nc, names, names.results_stream, names.aggregator_consumer, TaskResultAdapter.validate_json,
                  h.on_result, capacity=1024),  # results waiting to be coalesced hold a slot (see _apply)
-        Consumer(js, names, names.executions_stream, names.deadlines_consumer, ExecutionDeadline.model_validate_json,
+        Consumer(nc, names, names.executions_stream, names.deadlines_consumer, ExecutionDeadline.model_validate_json,
                  h.on_deadline, capacity=256),
-        Consumer(js, names, names.executions_stream, names.cancels_consumer, CancelExecution.model_validate_json,
+        Consumer(nc, names, names.executions_stream, names.cancels_consumer, CancelExecution.model_validate_json,
                  h.on_cancel, capacity=64),
-        Consumer(js, names, names.advisories_stream, names.dead_letters_consumer,
+        Consumer(nc, names, names.advisories_stream, names.dead_letters_consumer,
                  ConsumerAdvisory.model_validate_json, h.on_advisory, capacity=16),
     ]
 

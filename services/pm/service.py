@@ -15,7 +15,7 @@ async def start(rt: Runtime) -> Workers:
     await ensure_consumer(js, names.executions_stream, pm_consumer_config(names, rt.pe))
     provider = make_provider(rt.pe, rt.settings.anthropic_api_key)  # one client for the process
     handlers = PMHandlers(rt, provider)
-    consumer = Consumer(js, names, names.executions_stream, names.pm_consumer,
+    consumer = Consumer(rt.nats, names, names.executions_stream, names.pm_consumer,
                         ExecutionRequested.model_validate_json, handlers.on_requested, capacity=64)
 
     async def run() -> None:
