@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -180,8 +181,13 @@ class _Pulls:
         self._sub = await self.nc.subscribe(f"{self._inbox}.*", cb=self._on_msg)
 
     async def close(self) -> None:
-        if self._sub is not None and not self.nc.is_closed:
-            await self._sub.drain()  # no more requests answered; what is queued still goes through _on_msg
+        """No more requests answered; what is queued still goes through ``_on_msg``."""
+        if self._sub is None or self.nc.is_closed or self.nc.is_draining:
+            return  # the connection's own end takes the subscription with it
+        try:
+            await self._sub.drain()
+        except nats.errors.Error as e:  # a reconnect under way: what was queued comes back after ack_wait
+            log.warning("could not drain the pull inbox: %r", e)
 
     async def request(self, batch: int, expires_s: float) -> None:
         self._sent += 1
