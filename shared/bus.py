@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from datetime import UTC, datetime
 
 import nats
@@ -25,11 +26,13 @@ async def connect(
     user: str | None = None,
     password: str | None = None,
     inbox_prefix: str = "_INBOX",
+    tls: ssl.SSLContext | None = None,
 ) -> NATS:
     """Connect to NATS, retrying with exponential backoff until it answers (or ``stop`` is set).
 
     ``user``/``password`` authenticate against the server's auth file; ``inbox_prefix`` is where replies
-    arrive (the auth file lets each user subscribe to its own prefix only).
+    arrive (the auth file lets each user subscribe to its own prefix only). ``tls``: verify the server
+    with it (and present its client certificate, if it has one).
     """
     delay, attempt = 0.25, 0
     connected = False
@@ -61,6 +64,7 @@ async def connect(
                 user=user,
                 password=password,
                 inbox_prefix=inbox_prefix,
+                tls=tls,
                 connect_timeout=2,
                 allow_reconnect=False,
                 max_reconnect_attempts=1,  # one try per round (nats-py counts the first as a reconnect)
@@ -76,6 +80,12 @@ async def connect(
                 log.error(
                     "NATS at %s refused user %r (attempt %d): check OPENCLAW_NATS_USER / OPENCLAW_NATS_PASSWORD "
                     "against the server's auth file; retrying in %.1fs", url, user, attempt, delay,
+                )
+            elif isinstance(cause, ssl.SSLError):
+                log.error(
+                    "TLS with NATS at %s failed (attempt %d: %s): check OPENCLAW_NATS_CA_FILE (the CA that signed the "
+                    "server's certificate) and, if the server verifies clients, OPENCLAW_NATS_CERT_FILE / "
+                    "OPENCLAW_NATS_KEY_FILE; retrying in %.1fs", url, attempt, cause, delay,
                 )
             else:
                 log.warning(

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 from functools import cached_property
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, FilePath, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.config import MISSING_API_KEY, ParallelExecutionConfig, load_config
@@ -25,6 +26,11 @@ class Settings(BaseSettings):
     )
     nats_user: str | None = Field(default=None, pattern=r"^[a-z0-9_-]+$", description="NATS user (auth mode)")
     nats_password: SecretStr | None = Field(default=None, description="password of nats_user")
+    nats_ca_file: FilePath | None = Field(default=None, description="PEM bundle of the CA(s) that signed the NATS "
+                                          "server's certificate (TLS; default: the system's)")
+    nats_cert_file: FilePath | None = Field(default=None, description="client certificate (PEM), for a server that "
+                                            "verifies clients")
+    nats_key_file: FilePath | None = Field(default=None, description="the client certificate's private key (PEM)")
     stream_replicas: int = Field(default=1, ge=1, le=5, description="replicas of every stream and the KV bucket")
     config: str | None = Field(default=None, description="path to config.json")
     namespace: str = Field(default="", pattern=r"^[a-z0-9]*$")
@@ -53,6 +59,29 @@ class Settings(BaseSettings):
         if (self.nats_user is None) != (self.nats_password is None):
             raise ValueError("set OPENCLAW_NATS_USER and OPENCLAW_NATS_PASSWORD together (or neither)")
         return self
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> Settings:
+        if (self.nats_cert_file is None) != (self.nats_key_file is None):
+            raise ValueError("set OPENCLAW_NATS_CERT_FILE and OPENCLAW_NATS_KEY_FILE together (or neither)")
+        self.nats_tls()  # unreadable PEM files fail here, at start-up
+        return self
+
+    def nats_tls(self) -> ssl.SSLContext | None:
+        """The TLS context for NATS: with a ``tls://`` URL or any TLS file set; None for plain ``nats://``."""
+        if not (self.nats_url.startswith("tls://") or self.nats_ca_file or self.nats_cert_file):
+            return None
+        try:
+            ctx = ssl.create_default_context(cafile=self.nats_ca_file)
+        except (ssl.SSLError, ValueError) as e:
+            raise ValueError(f"OPENCLAW_NATS_CA_FILE {self.nats_ca_file}: not a PEM certificate bundle ({e})") from None
+        if self.nats_cert_file is not None:
+            try:
+                ctx.load_cert_chain(self.nats_cert_file, self.nats_key_file)
+            except ssl.SSLError as e:
+                raise ValueError(f"OPENCLAW_NATS_CERT_FILE / OPENCLAW_NATS_KEY_FILE: not a certificate and its key "
+                                 f"in PEM ({e})") from None
+        return ctx
 
     @property
     def nats_inbox_prefix(self) -> str:
