@@ -83,6 +83,10 @@ class PMHandlers:
             planned = ExecutionPlanned(execution_id=ex.execution_id, planner=planner,
                                        tasks=[t.spec() for t in ex.tasks])
             await emit(self.rt.nats, names.events(ex.execution_id, "planned"), planned, f"{ex.execution_id}:planned")
+        # After the plan's write is acknowledged, not right behind it as the aggregator sends what it releases: a task
+        # sent with the write could finish, and its result reach an aggregator that reads the document, before the
+        # plan is stored (on R3 the two streams have different leaders). The task would be unknown to that version
+        # and its result dropped.
         await asyncio.gather(*[publish(js, names.tasks(t.pool), run_command(ex, t), run_msg_id(ex.execution_id, t.id))
                                for t in queued(ex)])
         await msg.ack()
