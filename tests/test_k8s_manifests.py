@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import certifi
 import httpx
 import nats
 import pytest
@@ -40,7 +41,8 @@ K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ("dev", "prod")
 NAMESPACE = "openclaw"
 CRDS = {("keda.sh/v1alpha1", "ScaledObject"), ("monitoring.coreos.com/v1", "PodMonitor"),
-        ("monitoring.coreos.com/v1", "ServiceMonitor")}
+        ("monitoring.coreos.com/v1", "ServiceMonitor"), ("cert-manager.io/v1", "Issuer"),
+        ("cert-manager.io/v1", "Certificate")}
 # Secrets an overlay expects to exist before it is applied (created out of band, never committed).
 EXTERNAL_SECRETS = {"prod": {"openclaw-nats-credentials"}}
 PROD = Names("")
@@ -105,6 +107,11 @@ def config_of(objs: list[Obj], tmp: Path) -> ParallelExecutionConfig:
     return load_config(path)
 
 
+def certificate_secrets(objs: list[Obj]) -> dict[str, Obj]:
+    """The Secrets cert-manager makes from the render's Certificates, with the Certificate that makes each."""
+    return {c["spec"]["secretName"]: c for c in of_kind(objs, "Certificate").values()}
+
+
 def env_config(objs: list[Obj]) -> dict[str, str]:
     (cm,) = [o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("openclaw-env")]
     data: dict[str, str] = cm["data"]
@@ -133,7 +140,8 @@ def test_every_object_validates_against_the_kubernetes_schemas(overlay: tuple[st
         if obj["kind"] != "Namespace":
             assert obj["metadata"].get("namespace") == NAMESPACE, where
         checked += 1
-    assert checked >= 20 and crds == 4, (checked, crds)  # 3 ScaledObjects + 1 PodMonitor
+    # 3 ScaledObjects + 1 PodMonitor; prod also 2 Issuers + 2 Certificates (TLS to NATS)
+    assert checked >= 20 and crds == (8 if name == "prod" else 4), (checked, crds)
 
 
 def test_the_schema_check_catches_a_mistake() -> None:
@@ -165,7 +173,7 @@ def test_one_deployment_per_service_with_probes_resources_and_non_root(overlay: 
 
         env = env_of(c)
         assert env["OPENCLAW_PORT"]["value"] == str(port), where
-        assert env["OPENCLAW_NATS_URL"]["value"] == "nats://nats:4222", where
+        assert env["OPENCLAW_NATS_URL"]["value"] == ("tls" if name == "prod" else "nats") + "://nats:4222", where
         assert env["OPENCLAW_CONFIG"]["value"] == "/etc/openclaw/config.json", where
         assert env["OPENCLAW_WORKER_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name", where
         assert env["OPENCLAW_NATS_USER"]["value"] == service, where
@@ -261,6 +269,9 @@ def test_config_and_environment_validate_with_the_services_own_models(
         env.update(settings_env)
         typos = {k for k in env if k.startswith("OPENCLAW_") and k not in known}
         assert not typos, f"{dep['metadata']['name']}: settings that do not exist: {typos}"
+        if "OPENCLAW_NATS_CA_FILE" in env:  # mounted in the pod; a real PEM bundle stands in for it here
+            assert mounted_secret_key(dep, env["OPENCLAW_NATS_CA_FILE"]) is not None
+            env["OPENCLAW_NATS_CA_FILE"] = certifi.where()
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         s = load_settings(config=str(tmp_path / "config.json"))
@@ -284,6 +295,8 @@ def test_every_reference_resolves(overlay: tuple[str, list[Obj]]) -> None:
         for vol in dep["spec"]["template"]["spec"]["volumes"]:
             if "configMap" in vol:
                 assert ("ConfigMap", vol["configMap"]["name"]) in have, (name, vol)
+            if "secret" in vol:
+                assert vol["secret"]["secretName"] in certificate_secrets(objs), (name, vol)
     if name == "dev":
         creds = of_kind(objs, "Secret")["openclaw-nats-credentials"]["data"]
         assert {k: base64.b64decode(v).decode() for k, v in creds.items()} == {
@@ -293,11 +306,60 @@ def test_every_reference_resolves(overlay: tuple[str, list[Obj]]) -> None:
         assert "openclaw-nats-credentials" not in of_kind(objs, "Secret"), "prod passwords must not be committed"
 
 
+def mounted_secret_key(dep: Obj, path: str) -> tuple[str, str] | None:
+    """(Secret, key) that ``path`` is in the pod of ``dep``, through a secret volume's mount; else None."""
+    volumes = {v["name"]: v["secret"] for v in dep["spec"]["template"]["spec"]["volumes"] if "secret" in v}
+    for mount in container(dep).get("volumeMounts", []):
+        secret = volumes.get(mount["name"])
+        if secret is None or not path.startswith(mount["mountPath"].rstrip("/") + "/"):
+            continue
+        rel = path[len(mount["mountPath"].rstrip("/")) + 1:]
+        for item in secret.get("items") or []:
+            if item["path"] == rel:
+                return secret["secretName"], item["key"]
+        return (secret["secretName"], rel) if not secret.get("items") else None
+    return None
+
+
+def test_prod_speaks_tls_to_nats_verified_by_the_ca_of_the_certificate_nats_serves(
+    overlay: tuple[str, list[Obj]]
+) -> None:
+    name, objs = overlay
+    for dep in of_kind(objs, "Deployment").values():
+        env = {k: v.get("value") for k, v in env_of(container(dep)).items()}
+        if name == "dev":
+            assert env["OPENCLAW_NATS_URL"] == "nats://nats:4222" and "OPENCLAW_NATS_CA_FILE" not in env
+            continue
+        where = dep["metadata"]["name"]
+        assert env["OPENCLAW_NATS_URL"] == "tls://nats:4222", where
+        secret, key = mounted_secret_key(dep, env["OPENCLAW_NATS_CA_FILE"]) or ("", "")
+        assert key == "ca.crt", where
+        served = nats_values(prod=True)["config"]["nats"]["tls"]
+        assert served["enabled"] and served["secretName"] == secret, where  # the certificate NATS serves
+        cert = certificate_secrets(objs)[secret]
+        assert "nats" in cert["spec"]["dnsNames"] and "server auth" in cert["spec"]["usages"]
+        issuers = of_kind(objs, "Issuer")
+        ca_issuer = issuers[cert["spec"]["issuerRef"]["name"]]
+        ca = certificate_secrets(objs)[ca_issuer["spec"]["ca"]["secretName"]]
+        assert ca["spec"]["isCA"] and ca["spec"]["issuerRef"]["name"] in issuers
+
+
 # --- NATS Helm values and the image ---------------------------------------------------------------
 
-def nats_values() -> Obj:
+def nats_values(prod: bool = False) -> Obj:
+    """The chart values; with ``prod``, values-prod.yaml layered over them (a deep merge, as helm does)."""
     values: Obj = yaml.safe_load((ROOT / "deploy" / "nats" / "values.yaml").read_text())
+    if prod:
+        _merge(values, yaml.safe_load((ROOT / "deploy" / "nats" / "values-prod.yaml").read_text()))
     return values
+
+
+def _merge(into: Obj, layer: Obj) -> None:
+    for k, v in layer.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
 
 
 def test_nats_values_ask_for_a_durable_three_node_cluster_with_the_auth_file() -> None:
