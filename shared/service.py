@@ -121,7 +121,7 @@ async def _main(service: str, start: Start, make_app: MakeApp | None, settings: 
             password = settings.nats_password.get_secret_value() if settings.nats_password else None
             rt.nc = await connect(settings.nats_url, f"{service}:{settings.worker_id}", rt.stop,
                                   user=settings.nats_user, password=password,
-                                  inbox_prefix=settings.nats_inbox_prefix, tls=settings.nats_tls())
+                                  inbox_prefix=settings.nats_inbox_prefix, tls=settings.nats_tls)
         except asyncio.CancelledError:
             return
         rt.js = rt.nc.jetstream()

@@ -64,9 +64,10 @@ class Settings(BaseSettings):
     def _tls_files(self) -> Settings:
         if (self.nats_cert_file is None) != (self.nats_key_file is None):
             raise ValueError("set OPENCLAW_NATS_CERT_FILE and OPENCLAW_NATS_KEY_FILE together (or neither)")
-        self.nats_tls()  # unreadable PEM files fail here, at start-up
+        _ = self.nats_tls  # unreadable PEM files fail here, at start-up (and the context is built once)
         return self
 
+    @cached_property
     def nats_tls(self) -> ssl.SSLContext | None:
         """The TLS context for NATS: with a ``tls://`` URL or any TLS file set; None for plain ``nats://``."""
         if not (self.nats_url.startswith("tls://") or self.nats_ca_file or self.nats_cert_file):

@@ -22,9 +22,12 @@ from typing import Any
 
 import httpx
 import nats
+import nats.errors
+import nats.js.errors
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
 from shared.names import Names
 from shared.natsserver import NatsServer
@@ -128,6 +131,26 @@ async def until(predicate, timeout: float, what: str, interval: float = 0.01):  
             return value
         await asyncio.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def ready_on(port: int) -> bool:
+    """Whether the service on ``port`` answers ``/readyz`` with 200 (for ``wait_until``)."""
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+async def publish_once_back(js: JetStreamContext, subject: str, payload: bytes,
+                            headers: dict[str, str] | None = None) -> None:
+    """Publish to a server that was just restarted: JetStream answers a moment after the server does."""
+    for _ in range(100):
+        try:
+            await js.publish(subject, payload, headers=headers, timeout=0.5)
+            return
+        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError):
+            continue
+    raise AssertionError(f"JetStream did not take a publish on {subject} after the restart")
 
 
 def stack_env(**extra: str) -> dict[str, str]:

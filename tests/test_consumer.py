@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -18,7 +21,7 @@ from shared.consumer import Consumer, keep_alive
 from shared.names import Names
 from shared.natsserver import NatsServer
 from shared.topology import ensure_streams
-from tests.conftest import until
+from tests.conftest import publish_once_back, until
 
 
 async def test_a_full_consumer_stops_when_told_and_gives_its_messages_back(nc: NATS, names: Names) -> None:
@@ -84,28 +87,43 @@ def durable(js: JetStreamContext, names: Names, name: str, subject: str) -> Awai
                                                                 ack_policy=AckPolicy.EXPLICIT, max_ack_pending=100))
 
 
-async def test_a_message_is_handed_on_as_it_arrives_not_when_its_pull_request_ends(nc: NATS, names: Names) -> None:
-    # The loop's request asks for 8 messages and waits 30 s. nats-py's fetch(8) would keep a first message
-    # until it had all 8 or the 30 s were over.
+@dataclass
+class Loop:
+    js: JetStreamContext
+    subject: str
+    handled: asyncio.Queue[bytes]  # every payload handled, in order (the handler acks it)
+    task: asyncio.Task[None]
+
+
+@contextlib.asynccontextmanager
+async def acking_loop(nc: NATS, names: Names, name: str, **options: Any) -> AsyncIterator[Loop]:
+    """A consumer loop on a new durable ``name`` (up to 100 unacked) whose handler acks and queues each payload;
+    stopped on the way out."""
     js = nc.jetstream()
     await ensure_streams(js, names)
-    subject = names.results("arrives")
-    await durable(js, names, "arrives", subject)
+    subject = names.results(name)
+    await durable(js, names, name, subject)
     handled: asyncio.Queue[bytes] = asyncio.Queue()
 
     async def handle(data: bytes, msg: Msg) -> None:
         handled.put_nowait(data)
         await msg.ack()
 
-    consumer = Consumer(nc, names, names.results_stream, "arrives", lambda data: data, handle, capacity=8,
-                        idle_fetch_s=30)
+    consumer = Consumer(nc, names, names.results_stream, name, lambda data: data, handle, **options)
     stop = asyncio.Event()
-    loop = asyncio.create_task(consumer.run(stop, grace_s=0.2))
-    for body in (b"first", b"second", b"third"):
-        await js.publish(subject, body)
-        assert await asyncio.wait_for(handled.get(), 10) == body
+    task = asyncio.create_task(consumer.run(stop, grace_s=0.2))
+    yield Loop(js, subject, handled, task)
     stop.set()
-    await asyncio.wait_for(loop, 10)
+    await asyncio.wait_for(task, 10)
+
+
+async def test_a_message_is_handed_on_as_it_arrives_not_when_its_pull_request_ends(nc: NATS, names: Names) -> None:
+    # The loop's request asks for 8 messages and waits 30 s. nats-py's fetch(8) would keep a first message
+    # until it had all 8 or the 30 s were over.
+    async with acking_loop(nc, names, "arrives", capacity=8, idle_fetch_s=30) as loop:
+        for body in (b"first", b"second", b"third"):
+            await loop.js.publish(loop.subject, body)
+            assert await asyncio.wait_for(loop.handled.get(), 10) == body
 
 
 async def test_no_more_handlers_run_at_once_than_the_capacity(nc: NATS, names: Names) -> None:
@@ -143,34 +161,20 @@ async def test_no_more_handlers_run_at_once_than_the_capacity(nc: NATS, names: N
 
 async def test_a_refused_pull_request_is_logged_and_asked_again_later(nc: NATS, names: Names,
                                                                        caplog: pytest.LogCaptureFixture) -> None:
-    js = nc.jetstream()
-    await ensure_streams(js, names)
-    subject = names.results("refused")
-    await durable(js, names, "refused", subject)
-    handled: asyncio.Queue[bytes] = asyncio.Queue()
-
-    async def handle(data: bytes, msg: Msg) -> None:
-        handled.put_nowait(data)
-        await msg.ack()
-
-    consumer = Consumer(nc, names, names.results_stream, "refused", lambda data: data, handle, capacity=4,
-                        error_delay_s=0.05)
-    stop = asyncio.Event()
-    loop = asyncio.create_task(consumer.run(stop, grace_s=0.2))
-    for _ in range(1000):
-        if (await js.consumer_info(names.results_stream, "refused")).num_waiting == 1:
-            break
-        await asyncio.sleep(0.01)
-    caplog.set_level(logging.WARNING, "shared.consumer")
-    await js.delete_consumer(names.results_stream, "refused")  # the server ends the waiting request: 409
-    await until(lambda: any("409 Consumer Deleted" in r.getMessage() for r in caplog.records), 10,
-                "the refusal logged")
-    await durable(js, names, "refused", subject)
-    await js.publish(subject, b"back")
-    assert await asyncio.wait_for(handled.get(), 10) == b"back"
-    assert not loop.done()
-    stop.set()
-    await asyncio.wait_for(loop, 10)
+    async with acking_loop(nc, names, "refused", capacity=4, error_delay_s=0.05) as loop:
+        js = loop.js
+        for _ in range(1000):
+            if (await js.consumer_info(names.results_stream, "refused")).num_waiting == 1:
+                break
+            await asyncio.sleep(0.01)
+        caplog.set_level(logging.WARNING, "shared.consumer")
+        await js.delete_consumer(names.results_stream, "refused")  # the server ends the waiting request: 409
+        await until(lambda: any("409 Consumer Deleted" in r.getMessage() for r in caplog.records), 10,
+                    "the refusal logged")
+        await durable(js, names, "refused", loop.subject)
+        await js.publish(loop.subject, b"back")
+        assert await asyncio.wait_for(loop.handled.get(), 10) == b"back"
+        assert not loop.task.done()
 
 
 async def test_the_loop_asks_again_when_its_request_was_lost_with_the_server(tmp_path: Path, names: Names) -> None:
@@ -179,34 +183,15 @@ async def test_the_loop_asks_again_when_its_request_was_lost_with_the_server(tmp
     server = NatsServer(tmp_path / "store").start()
     own = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
     try:
-        js = own.jetstream()
-        await ensure_streams(js, names)
-        subject = names.results("lost")
-        await durable(js, names, "lost", subject)
-        handled: asyncio.Queue[bytes] = asyncio.Queue()
-
-        async def handle(data: bytes, msg: Msg) -> None:
-            handled.put_nowait(data)
-            await msg.ack()
-
-        consumer = Consumer(own, names, names.results_stream, "lost", lambda data: data, handle, capacity=4)
-        stop = asyncio.Event()
-        loop = asyncio.create_task(consumer.run(stop, grace_s=0.2))
-        await js.publish(subject, b"before")
-        assert await asyncio.wait_for(handled.get(), 10) == b"before"
-        assert server.proc is not None
-        server.proc.kill()
-        server.proc.wait()
-        server.start()
-        for _ in range(100):  # JetStream takes a moment to come back after the server does
-            try:
-                await js.publish(subject, b"after", timeout=0.5)
-                break
-            except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError):
-                continue
-        assert await asyncio.wait_for(handled.get(), 15) == b"after"
-        stop.set()
-        await asyncio.wait_for(loop, 10)
+        async with acking_loop(own, names, "lost", capacity=4) as loop:
+            await loop.js.publish(loop.subject, b"before")
+            assert await asyncio.wait_for(loop.handled.get(), 10) == b"before"
+            assert server.proc is not None
+            server.proc.kill()
+            server.proc.wait()
+            server.start()
+            await publish_once_back(loop.js, loop.subject, b"after")
+            assert await asyncio.wait_for(loop.handled.get(), 15) == b"after"
     finally:
         await own.close()
         server.stop()

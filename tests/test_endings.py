@@ -11,7 +11,7 @@ from shared.names import Names
 from shared.natsserver import NatsServer
 from shared.pool import Endings
 from shared.schemas import ExecutionCompleted
-from tests.conftest import service_runtime, until
+from tests.conftest import publish_once_back, service_runtime, until
 
 NAMES = Names(namespace="t")
 
@@ -53,12 +53,7 @@ async def test_following_resumes_where_it_was_after_a_nats_restart_not_from_the_
         server.stop()  # the consumer (in memory on the server) is lost with it
         server.start()
         await until(lambda: nc.is_connected, 15, "the reconnection")
-        for _ in range(100):  # JetStream takes a moment to come back after the server does
-            try:
-                await js.publish(NAMES.completed_event("during-recovery"), b"", headers=cancelled, timeout=0.5)
-                break
-            except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError):
-                continue
+        await publish_once_back(js, NAMES.completed_event("during-recovery"), b"", headers=cancelled)
         await until(lambda: endings.ended("during-recovery"), 15, "the ending published after the restart")
 
         assert not endings.ended("long-ago")  # the recreated consumer did not start from the stream's beginning

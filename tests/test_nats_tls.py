@@ -3,6 +3,7 @@ present a client certificate. Certificates are made here with the openssl comman
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 from shared.errors import ConfigError
 from shared.natsserver import NatsServer, free_port
 from shared.settings import load_settings
-from tests.conftest import ROOT, stack_env, start_stack, stop_stack, wait_until
+from tests.conftest import ROOT, ready_on, stack_env, start_stack, stop_stack, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -73,13 +74,19 @@ def test_an_execution_runs_end_to_end_over_tls(pki: Path, server: NatsServer, tm
         assert stop_stack(stack) == 0, stack.output()[-3000:]
 
 
-def service(server: NatsServer, tmp_path: Path, **env: str) -> subprocess.Popen[str]:
-    """The PM alone, against ``server``, its output in ``tmp_path/pm.log``."""
-    return subprocess.Popen(
+@contextlib.contextmanager
+def pm(server: NatsServer, tmp_path: Path, port: int, **env: str) -> Iterator[subprocess.Popen[str]]:
+    """The PM alone, against ``server``, its output in ``tmp_path/pm.log``; stopped on the way out."""
+    proc = subprocess.Popen(
         [sys.executable, "-m", "services.pm"], cwd=ROOT, text=True, stdout=(tmp_path / "pm.log").open("w"),
         stderr=subprocess.STDOUT,
-        env=stack_env(OPENCLAW_NATS_URL=tls_url(server), OPENCLAW_PORT=str(free_port()), OPENCLAW_LOG_FORMAT="text",
+        env=stack_env(OPENCLAW_NATS_URL=tls_url(server), OPENCLAW_PORT=str(port), OPENCLAW_LOG_FORMAT="text",
                       OPENCLAW_NAMESPACE="tls" + uuid.uuid4().hex[:8], **env))
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def logged(tmp_path: Path, text: str) -> bool:
@@ -88,43 +95,22 @@ def logged(tmp_path: Path, text: str) -> bool:
 
 def test_a_server_certificate_from_another_ca_is_refused_saying_what_to_set(pki: Path, server: NatsServer,
                                                                            tmp_path: Path) -> None:
-    proc = service(server, tmp_path, OPENCLAW_NATS_CA_FILE=str(pki / "other-ca.crt"))
-    try:
+    with pm(server, tmp_path, free_port(), OPENCLAW_NATS_CA_FILE=str(pki / "other-ca.crt")) as proc:
         wait_until(lambda: logged(tmp_path, "certificate verify failed"), 30, "the refused handshake logged")
         assert logged(tmp_path, "check OPENCLAW_NATS_CA_FILE")
         assert proc.poll() is None  # not connected, retrying: it comes up once the CA is fixed
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def test_a_server_that_verifies_clients_takes_the_client_certificate(pki: Path, tmp_path: Path) -> None:
     strict = tls_server(pki, tmp_path, verify_clients=True)
+    ca = str(pki / "ca.crt")
     try:
-        without = service(strict, tmp_path, OPENCLAW_NATS_CA_FILE=str(pki / "ca.crt"))
-        try:
+        with pm(strict, tmp_path, free_port(), OPENCLAW_NATS_CA_FILE=ca):
             wait_until(lambda: logged(tmp_path, "OPENCLAW_NATS_CERT_FILE"), 30, "the refused handshake logged")
-        finally:
-            without.terminate()
-            without.wait(10)
         port = free_port()
-        with_cert = subprocess.Popen(
-            [sys.executable, "-m", "services.pm"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            env=stack_env(OPENCLAW_NATS_URL=tls_url(strict), OPENCLAW_PORT=str(port),
-                          OPENCLAW_NAMESPACE="tls" + uuid.uuid4().hex[:8], OPENCLAW_NATS_CA_FILE=str(pki / "ca.crt"),
-                          OPENCLAW_NATS_CERT_FILE=str(pki / "client.crt"),
-                          OPENCLAW_NATS_KEY_FILE=str(pki / "client.key")))
-        try:
-            def ready() -> bool:
-                try:
-                    return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
-                except httpx.HTTPError:
-                    return False
-
-            wait_until(ready, 30, "the PM ready over mutual TLS")
-        finally:
-            with_cert.terminate()
-            with_cert.wait(10)
+        with pm(strict, tmp_path, port, OPENCLAW_NATS_CA_FILE=ca, OPENCLAW_NATS_CERT_FILE=str(pki / "client.crt"),
+                OPENCLAW_NATS_KEY_FILE=str(pki / "client.key")):
+            wait_until(lambda: ready_on(port), 30, "the PM ready over mutual TLS")
     finally:
         strict.stop()
 
@@ -140,5 +126,5 @@ def test_tls_files_are_checked_at_start_up(pki: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="OPENCLAW_NATS_CERT_FILE / OPENCLAW_NATS_KEY_FILE"):
         load_settings(nats_cert_file=str(pki / "client.crt"), nats_key_file=str(pki / "server.key"))
     settings = load_settings(nats_url="tls://nats:4222", nats_ca_file=str(pki / "ca.crt"))
-    assert settings.nats_tls() is not None
-    assert load_settings(nats_url="nats://nats:4222").nats_tls() is None
+    assert settings.nats_tls is not None
+    assert load_settings(nats_url="nats://nats:4222").nats_tls is None

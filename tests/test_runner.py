@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from shared.natsserver import NatsServer, free_port
-from tests.conftest import ROOT, Stack, stack_env, start_stack, stop_stack, wait_until, write_config
+from tests.conftest import ROOT, Stack, ready_on, stack_env, start_stack, stop_stack, wait_until, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -65,13 +65,7 @@ def test_up_owns_nats_restarts_crashed_children_and_stops_cleanly(tmp_path: Path
         new_pid = wait_until(lambda: (p := stack.pid("codegen-2")) != victim and p, 30, "codegen-2 restarted")
         port = children["codegen-2"]["port"]
 
-        def child_ready() -> bool:
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(child_ready, 30, "the restarted codegen-2 to be ready")
+        wait_until(lambda: ready_on(port), 30, "the restarted codegen-2 to be ready")
         assert "codegen-2 exited with status -9; restart #1" in log.read_text()
 
         # The restarted stack still does work.
