@@ -273,7 +273,12 @@ async def test_deadline_finishes_partial_with_what_is_done(stack_factory, tmp_pa
     assert scheduled.headers["Nats-Schedule"].startswith("@at ")
     doc = wait_until(lambda: (d := get(stack, eid))["status"] == "partial" and d, 20, "the deadline")
     assert time.monotonic() - began < 8  # the deadline (2 s) ended it, not the 10 s tasks
-    checks = await js.consumer_info(names.executions_stream, names.deadlines_consumer)
+    # The aggregator acks the check after the answer is stored and announced: a moment after "partial" shows.
+    for _ in range(1000):
+        checks = await js.consumer_info(names.executions_stream, names.deadlines_consumer)
+        if checks.num_ack_pending == 0:
+            break
+        await asyncio.sleep(0.01)
     await nc.drain()
     assert checks.delivered.consumer_seq == 1 and checks.num_ack_pending == 0  # delivered once: when due
     tasks = {t["id"]: t for t in doc["tasks"]}
