@@ -210,7 +210,9 @@ class _Pulls:
         return max(0.0, min(lost_at for _, lost_at in self._owed.values()) - time.monotonic())
 
     async def _on_msg(self, msg: Msg) -> None:
-        status = (msg.headers or {}).get("Status")
+        # A delivery has an ack subject to reply to; a status has none. Its headers alone cannot tell: nats-py
+        # puts the status line under "Status", where a publisher's own header of that name lands too.
+        status = None if msg.reply else (msg.headers or {}).get("Status")
         if status is None:
             self.dispatch(msg)  # also one that comes after its request was taken as lost
             for token, owed in self._owed.items():

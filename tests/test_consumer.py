@@ -126,6 +126,14 @@ async def test_a_message_is_handed_on_as_it_arrives_not_when_its_pull_request_en
             assert await asyncio.wait_for(loop.handled.get(), 10) == body
 
 
+async def test_a_message_with_a_header_named_status_is_a_message(nc: NATS, names: Names) -> None:
+    # The status line of the server's answers reaches nats-py as a "Status" header; a publisher may send one too.
+    async with acking_loop(nc, names, "status", capacity=4, idle_fetch_s=30) as loop:
+        await loop.js.publish(loop.subject, b"odd", headers={"Status": "409", "Description": "Consumer Deleted"})
+        await loop.js.publish(loop.subject, b"plain")
+        assert [await asyncio.wait_for(loop.handled.get(), 10) for _ in range(2)] == [b"odd", b"plain"]
+
+
 async def test_no_more_handlers_run_at_once_than_the_capacity(nc: NATS, names: Names) -> None:
     # The durable would hand out 100 at once: the loop's own capacity (2) is what limits here.
     js = nc.jetstream()
