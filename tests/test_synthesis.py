@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig
 
 from services.aggregator.aggregate import aggregate
 from services.aggregator.handlers import SUPERSEDED, AggregatorHandlers
@@ -32,7 +33,7 @@ from shared.schemas import (
     now,
 )
 from shared.service import Runtime
-from tests.conftest import delivered, service_runtime
+from tests.conftest import delivered, service_runtime, until
 from tests.fake_anthropic import FakeAnthropic
 
 KEY = "sk-ant-test"
@@ -178,6 +179,41 @@ async def test_two_replicas_finishing_at_once_store_one_answer_and_count_its_cos
     [event] = await sub.fetch(1, timeout=5)
     cost = CostIncurred.model_validate_json(event.data)
     assert (cost.phase, cost.model, cost.cost_usd) == ("synthesis", "claude-sonnet-4-6", synthesis.cost_usd)
+
+
+async def test_a_slow_answer_keeps_the_result_it_waits_on_from_being_redelivered(
+    nc: NATS, names: Names, fake_anthropic: FakeAnthropic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The model writes for longer than ack_wait: the heartbeat keeps the broker from handing the last result to
+    # another replica meanwhile (which would pay for a second answer).
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    cfg = config(fake_anthropic, ack_wait_s=1)
+    cfg["anthropic"]["timeout_s"] = 20
+    rt = await service_runtime(nc, names, tmp_path, cfg)
+    await rt.executions.create(execution(rt.pe, "slow1", last_done=False))
+    last = result("slow1", "audit", "security")
+    await rt.jetstream.publish(names.results("slow1"), last.to_bytes())
+    fake_anthropic.next("synthesis", "slow")  # answers once released
+    provider = AnthropicProvider(rt.pe, KEY)
+    try:
+        aggregator = AggregatorHandlers(rt, provider)
+        sub = await rt.jetstream.pull_subscribe(names.results("slow1"), durable="slow", stream=names.results_stream,
+                                                config=ConsumerConfig(ack_wait=1))
+        [msg] = await sub.fetch(1, timeout=5)
+        handling = asyncio.create_task(aggregator.on_result(last, msg))
+        await until(lambda: fake_anthropic.of("synthesis"), 10, "the synthesis call")
+        with pytest.raises(TimeoutError):  # three times ack_wait: no second delivery
+            await sub.fetch(1, timeout=3)
+        fake_anthropic.release.set()
+        await asyncio.wait_for(handling, 20)
+    finally:
+        fake_anthropic.release.set()
+        await provider.aclose()
+    stored = await rt.executions.get("slow1")
+    assert stored is not None and stored[0].status == "completed"
+    info = await rt.jetstream.consumer_info(names.results_stream, "slow")
+    assert (info.num_redelivered, info.num_ack_pending) == (0, 0)
+    await sub.unsubscribe()
 
 
 async def a_stale_b_moved_on(rt: Runtime, eid: str, a: AggregatorHandlers, b: AggregatorHandlers) -> None:

@@ -384,7 +384,8 @@ class AggregatorHandlers:
         status = outcome(snapshot)
         agg = aggregate(snapshot, self.rt.pe.result_aggregation.conflict_resolution)
         async with contextlib.AsyncExitStack() as alive:
-            for msg in msgs:  # a long model call does not get the messages waiting on it redelivered
+            # A long model call does not get the messages waiting on it redelivered (the template makes no call).
+            for msg in msgs if self.provider.writes else []:
                 await alive.enter_async_context(keep_alive(msg, self.rt.pe.ack_wait_s / 3))
             text, call = await write_answer(snapshot, agg, status, self.rt.pe, self.provider)
         if status == "cancelled" and snapshot.error:
