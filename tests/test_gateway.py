@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -282,5 +283,14 @@ def test_chat_stays_serial_when_parallel_execution_is_disabled(nats_url: str, tm
         r = httpx.post(f"{s.url}/api/chat", json={"message": "Build a restaurant website"}, timeout=60).json()
         assert r["routing"]["parallel"] is False and "disabled" in r["routing"]["reason"]
         assert r["mode"] == "serial" and r["status"] == "completed"
+        # The explicit endpoint still answers, one task at a time.
+        tasks = [{"id": i, "pool": p, "description": i, "context": {"simulate": {"latency_s": 0.2}}}
+                 for i, p in (("api", "codegen"), ("audit", "security"))]
+        doc = httpx.post(f"{s.url}/api/execute-parallel", json={"message": "m", "tasks": tasks, "wait": True},
+                         timeout=60).json()
+        assert doc["mode"] == "serial" and doc["status"] == "completed"
+        api, audit = ([datetime.fromisoformat(a[k]) for k in ("started_at", "finished_at")]
+                      for a in (t["attempts"][0] for t in doc["tasks"]))
+        assert audit[0] >= api[1]
     finally:
         assert stop_stack(s) == 0

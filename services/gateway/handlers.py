@@ -143,7 +143,7 @@ async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_ke
         project=body.project,
         force_parallel=body.force_parallel,
         tasks=body.tasks,
-        mode=body.mode,
+        mode=body.mode if pe.enabled else "serial",  # disabled: every plan runs one task at a time
         tenant=who.tenant,
         requested_at=requested,
         deadline_at=requested + timedelta(seconds=pe.execution_timeout_s),
