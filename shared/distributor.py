@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from shared.names import Pool
+from shared.names import POOLS, Pool
 
 KEYWORDS: dict[Pool, dict[str, float]] = {
     "codegen": {
@@ -62,6 +62,14 @@ class Distribution:
     @property
     def confident(self) -> bool:
         return self.pool != "multi" and self.confidence >= CONFIDENT
+
+    def pools(self, every_match: bool = False) -> list[Pool]:
+        """The pools the text is work for: those that matched at least half as strongly as the best, so a
+        passing mention gets no specialist of its own; with ``every_match``, every pool that matched."""
+        if self.pool == "multi":
+            return []
+        least = 0.0 if every_match else self.scores[self.pool] / 2
+        return [p for p in POOLS if self.scores[p] > 0 and self.scores[p] >= least]
 
 
 def _words(text: str) -> list[str]:
@@ -131,7 +139,7 @@ def should_use_parallel_execution(message: str, *, enabled: bool, force_parallel
     """Parallel when configured and either asked for, a project, or work for more than one specialist."""
     began = time.perf_counter()
     d = distribute(f"{project or ''} {message}")
-    pools: list[str] = [p for p in TIE_BREAK if d.scores[p] > 0]
+    pools: list[str] = list(d.pools())  # the PM's rules give each of these a task
     if not enabled:
         parallel, reason = False, "parallel execution is disabled (parallel_execution.enabled)"
     elif force_parallel:

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from services.pm.planning import make_plan, rules_plan
-from shared.distributor import distribute
+from shared.distributor import distribute, should_use_parallel_execution
 from shared.errors import PlanError
 from shared.schemas import ExecutionRequested, TaskSpec, check_plan, now
 
@@ -115,3 +115,18 @@ def test_a_client_plan_is_revalidated() -> None:
                              requested_at=now(), deadline_at=now())
     with pytest.raises(PlanError, match="cycle"):
         make_plan(req, 6)
+
+
+@pytest.mark.parametrize("text", [
+    "Audit our web shop for security problems before launch",  # "web" is a passing mention of codegen
+    "Design the database schema and audit its access control",
+    "Optimize the SQL queries and fix the login page",
+    "Design the PostgreSQL schema for invoices",
+    "Make it nicer",
+])
+def test_chat_goes_parallel_exactly_when_the_rules_plan_more_than_one_task(text: str) -> None:
+    routing = should_use_parallel_execution(text, enabled=True)
+    tasks, _ = rules_plan(text, False, 6)
+    assert routing.parallel == (len(tasks) > 1), (routing.reason, [t.pool for t in tasks])
+    if routing.parallel:
+        assert routing.pools == [t.pool for t in tasks]

@@ -23,7 +23,7 @@ from shared.config import ParallelExecutionConfig
 from shared.costs import guarded_call, model_call
 from shared.distributor import Distribution, distribute, looks_like_project
 from shared.errors import PlanError
-from shared.names import POOLS, Pool
+from shared.names import Pool
 from shared.providers import ModelProvider
 from shared.schemas import ExecutionRequested, ModelCall, TaskSpec, check_plan
 
@@ -57,10 +57,8 @@ def rules_plan(message: str, force_parallel: bool, max_tasks: int) -> tuple[list
     if d.pool == "multi":
         return [TaskSpec(id="task-1", pool="codegen", description=subject,
                          context={"routing": {"pool": "multi", "score_share": 0.0, "matched": []}})], "serial"
-    pools = [p for p in POOLS if d.scores[p] > 0]
-    if not force_parallel:
-        pools = [p for p in pools if p == d.pool or d.scores[p] >= d.scores[d.pool] / 2]
-    tasks = [TaskSpec(id=f"{p}-1", pool=p, description=subject, context=_routing(d, p)) for p in pools]
+    tasks = [TaskSpec(id=f"{p}-1", pool=p, description=subject, context=_routing(d, p))
+             for p in d.pools(every_match=force_parallel)]
     return tasks[:max_tasks], "rules" if len(tasks) > 1 else "serial"
 
 
