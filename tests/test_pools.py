@@ -157,7 +157,9 @@ def test_hanging_task_times_out_retries_falls_back_then_fails(stack_factory, tmp
     # The last attempt ran on the lighter model because the failures were timeouts.
     assert [a["model"] for a in t["attempts"]] == ["claude-sonnet-4-6", "claude-sonnet-4-6", "claude-haiku-4-5"]
     assert [a["strategy"] for a in t["attempts"]] == ["retry", "fallback", "skip"]
-    assert all(0.5 <= a["duration_s"] < 1.5 for a in t["attempts"])
+    # Cut at the timeout: not before it, and not at the next heartbeat (10 s) or ack_wait (30 s) either. The margin
+    # is for a loaded machine, where a stall of a second has been seen.
+    assert all(0.5 <= a["duration_s"] < 5 for a in t["attempts"])
 
 
 def _wait_running(stack: Stack, eid: str, task_id: str) -> dict[str, Any]:
