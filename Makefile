@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed-stamp
 
-.PHONY: run test lint bench clean
+.PHONY: run test coverage lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,13 @@ run: $(STAMP)
 ## The whole test suite against a real nats-server (NATS_URL=… to use your own; OPENCLAW_TEST_DOCKER=1 for testcontainers).
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+## The same suite with line coverage of shared/, services/ and bench/, the services' own processes included.
+coverage: $(STAMP)
+	rm -f .coverage .coverage.*
+	COVERAGE_FILE=$(CURDIR)/.coverage $(VENV)/bin/coverage run -m pytest -q $(PYTEST_ARGS)
+	COVERAGE_FILE=$(CURDIR)/.coverage $(VENV)/bin/coverage combine -q
+	COVERAGE_FILE=$(CURDIR)/.coverage $(VENV)/bin/coverage report
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check shared services bench tests
@@ -35,4 +42,4 @@ bench: $(BENCH_STAMP)
 	$(VENV)/bin/openclaw bench --readme README.md $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .openclaw .pytest_cache
+	rm -rf $(VENV) .openclaw .pytest_cache .coverage .coverage.*

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -15,7 +16,7 @@ from nats.aio.client import Client as NATS
 from nats.js.api import DeliverPolicy
 
 from shared.natsserver import NatsServer, free_port
-from shared.schemas import DeadLetter
+from shared.schemas import DeadLetter, ExecutionRequested, TaskSpec, now
 from tests.conftest import ROOT, Stack, start_stack, stop_stack, wait_until, write_config
 
 pytestmark = pytest.mark.e2e
@@ -124,6 +125,37 @@ async def test_garbage_on_a_task_subject_is_dead_lettered_and_the_pool_keeps_ser
     r = await asyncio.to_thread(post, stack, {"message": "after garbage", "tasks": plan, "wait": True})
     assert r.json()["status"] == "completed"
     assert r.json()["tasks"][0]["worker"] == "codegen-1"
+
+
+async def test_a_request_published_straight_to_nats_is_stored_planned_and_a_bad_plan_fails_saying_why(
+    stack: Stack,
+) -> None:
+    # Not through the gateway: no document exists yet and the plan was never checked.
+    names = stack.names
+    nc = NATS()
+    await nc.connect(stack.state()["nats_url"])  # type: ignore[arg-type]
+    js = nc.jetstream()
+    good, bad = f"direct-{uuid.uuid4().hex[:8]}", f"cycle-{uuid.uuid4().hex[:8]}"
+    plans = {
+        good: [TaskSpec(id="a", pool="codegen", description="a", context={"simulate": {"latency_s": 0}})],
+        bad: [TaskSpec(id="a", pool="codegen", description="a", depends_on=["b"]),
+              TaskSpec(id="b", pool="security", description="b", depends_on=["a"])],
+    }
+    try:
+        ended = {eid: await js.subscribe(names.completed_event(eid), deliver_policy=DeliverPolicy.ALL,
+                                         ordered_consumer=True) for eid in plans}
+        for eid, tasks in plans.items():
+            req = ExecutionRequested(execution_id=eid, message="straight to NATS", tasks=tasks,
+                                     deadline_at=now() + timedelta(minutes=5))
+            await js.publish(names.execution_requested, req.to_bytes(), headers={"Nats-Msg-Id": eid})
+        for sub in ended.values():
+            await sub.next_msg(timeout=20)
+    finally:
+        await nc.drain()
+    docs = {eid: httpx.get(f"{stack.url}/api/execution/{eid}", timeout=10).json() for eid in plans}
+    assert docs[good]["status"] == "completed" and docs[good]["tasks"][0]["status"] == "completed"
+    assert docs[bad]["status"] == "failed" and docs[bad]["tasks"] == []
+    assert docs[bad]["error"] == "invalid plan: dependency cycle: a -> b -> a"
 
 
 def test_service_without_nats_retries_reports_not_ready_then_recovers(tmp_path: Path) -> None:
