@@ -152,7 +152,8 @@ async def test_a_request_published_straight_to_nats_is_stored_planned_and_a_bad_
             await sub.next_msg(timeout=20)
     finally:
         await nc.drain()
-    docs = {eid: httpx.get(f"{stack.url}/api/execution/{eid}", timeout=10).json() for eid in plans}
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as http:
+        docs = {eid: (await http.get(f"/api/execution/{eid}")).json() for eid in plans}
     assert docs[good]["status"] == "completed" and docs[good]["tasks"][0]["status"] == "completed"
     assert docs[bad]["status"] == "failed" and docs[bad]["tasks"] == []
     assert docs[bad]["error"] == "invalid plan: dependency cycle: a -> b -> a"
