@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 IDLE_FETCH_S = 1.0  # by default a pull request waits this long for a message, then the loop asks again
 LOST_AFTER_S = 1.0  # a request whose end has not come this long after it expired is taken as lost (a crash)
+RECONNECT_POLL_S = 0.1  # while disconnected the loop sends no request, and looks again this often
 
 M = TypeVar("M")
 Handler = Callable[[M, Msg], Awaitable[None]]
@@ -79,6 +80,11 @@ class Consumer(Generic[M]):
                     continue
                 free = self.capacity - len(self._in_flight) - pulls.owed()
                 if free >= self.ask_at:
+                    if not self.nc.is_connected:
+                        # nats-py would keep the request and send it on reconnect, when the loop has taken it as
+                        # lost and asked again: every request of the outage would bring messages, past capacity.
+                        await asyncio.wait({stopping}, timeout=RECONNECT_POLL_S)
+                        continue
                     await pulls.request(free, self.idle_fetch_s)
                     continue
                 # Until a message, a request's end or a handler's end changes that count (or the stop).

@@ -203,3 +203,54 @@ async def test_the_loop_asks_again_when_its_request_was_lost_with_the_server(tmp
     finally:
         await own.close()
         server.stop()
+
+
+async def test_requests_are_not_queued_while_disconnected_to_bring_more_than_the_capacity_after(
+    tmp_path: Path, names: Names,
+) -> None:
+    # While the client knows it is disconnected, nats-py keeps what it publishes and sends it on reconnect. Pull
+    # requests kept like that would all be served then, beside the ones the loop sends after reconnecting.
+    server = NatsServer(tmp_path / "store").start()
+    own = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
+    running: set[bytes] = set()
+    most = 0
+    release = asyncio.Event()
+
+    async def handle(data: bytes, msg: Msg) -> None:
+        nonlocal most
+        running.add(data)
+        most = max(most, len(running))
+        await release.wait()
+        running.discard(data)
+        await msg.ack()
+
+    try:
+        js = own.jetstream()
+        await ensure_streams(js, names)
+        subject = names.results("outage")
+        await durable(js, names, "outage", subject)  # the durable would hand out 100 at once
+        consumer = Consumer(own, names, names.results_stream, "outage", lambda data: data, handle, capacity=2)
+        stop = asyncio.Event()
+        loop = asyncio.create_task(consumer.run(stop, grace_s=0.2))
+        await until(lambda: own.is_connected, 5, "connected")
+        assert server.proc is not None
+        server.proc.kill()
+        server.proc.wait()
+        await until(lambda: not own.is_connected, 5, "the client noticing the outage")
+        # An outage of three lost-request periods: the loop takes its request as lost, and asks again, thrice.
+        await asyncio.sleep(3 * (1 + 1) + 0.5)
+        server.start()
+        for i in range(8):
+            await publish_once_back(js, subject, b"%d" % i)
+        await until(lambda: len(running) >= 2, 10, "two handlers running")
+        # Anything queued during the outage would have been served by now, on top of the two.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(until(lambda: len(running) > 2, 3, "more than the capacity"), 3)
+        assert most == 2
+        release.set()
+        stop.set()
+        await asyncio.wait_for(loop, 10)
+    finally:
+        release.set()
+        await own.close()
+        server.stop()
