@@ -141,6 +141,10 @@ def apply_result(ex: Execution, r: TaskStarted | TaskCompleted | TaskFailed) -> 
         att.outcome, att.finished_at = "completed", r.finished_at
         att.model, att.provider, att.usage, att.cost_usd = r.model, r.provider, r.usage, r.cost_usd
         task.status, task.output, task.error = "completed", r.output, None
+        for later in task.attempts:  # an earlier delivery that reported after all beat a redelivery still running:
+            if later.outcome == "running":  # that one's worker abandons it, or reports late (its cost is counted)
+                later.outcome, later.finished_at = "lost", r.finished_at
+                later.error = f"superseded: attempt {r.attempt} completed the task first"
     elif isinstance(r, TaskFailed):
         att.outcome, att.finished_at, att.error, att.error_kind = "failed", r.finished_at, r.error, r.error_kind
         att.model, att.provider, att.usage, att.cost_usd = r.model, r.provider, r.usage, r.cost_usd
@@ -279,6 +283,8 @@ def lifecycle_events(before: TaskMarks, ex: Execution) -> list[LifecycleEvent]:
         if t.status == "running" or (t.status == status and not new):
             continue
         last = t.attempts[-1] if t.attempts else None
+        if t.status == "completed":  # the attempt that completed it, not a redelivery it superseded
+            last = next((a for a in reversed(t.attempts) if a.outcome == "completed"), last)
         events.append(LifecycleEvent(
             kind=EVENT_KIND.get(t.status, t.status), execution_id=ex.execution_id, at=ex.updated_at,
             task_id=t.id, pool=t.pool, status=t.status, attempt=last.n if last else None,

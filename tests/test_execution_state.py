@@ -113,6 +113,22 @@ def test_late_failure_of_an_earlier_attempt_keeps_the_running_one() -> None:
     assert ex.task("api").status == "running"  # type: ignore[union-attr]
 
 
+def test_an_earlier_attempt_that_completes_after_a_redelivery_started_leaves_nothing_running_or_unpaid() -> None:
+    # Delivery 1's worker went quiet before it announced its start; after ack_wait delivery 2 started elsewhere.
+    ex = execution()
+    assert apply_result(ex, started("api", 2))
+    before = marks(ex)
+    assert apply_result(ex, completed("api", 1, cost=0.7))  # delivery 1 reports after all, and wins
+    # Completed by attempt 1, not by the latest delivery.
+    assert [(e.kind, e.attempt) for e in lifecycle_events(before, ex) if e.task_id == "api"] == [("task_completed", 1)]
+    assert apply_result(ex, completed("api", 2, cost=0.5))  # delivery 2 finishes too: its call was paid for
+    api = ex.task("api")
+    assert api is not None and api.status == "completed"
+    assert [(a.n, a.outcome, a.cost_usd) for a in api.attempts] == [(1, "completed", 0.7), (2, "lost", 0.5)]
+    assert api.attempts[1].error is not None and api.attempts[1].error.startswith("superseded: attempt 1")
+    assert ex.cost.total_usd == 1.2
+
+
 def test_outcomes() -> None:
     ex = execution()
     for t in ("api", "ui", "e2e", "db"):
