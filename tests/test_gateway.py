@@ -89,6 +89,8 @@ def test_a_late_client_gets_every_event_replayed_and_the_stream_closes(stack: St
     # Resuming after an event id replays only what came after it.
     resumed = events(stack, eid, **{"Last-Event-ID": str(ids[2])})
     assert [i for _, i, _ in resumed] == [str(i) for i in ids[3:]]
+    # An id that is not one of ours replays everything, as none would.
+    assert events(stack, eid, **{"Last-Event-ID": b"\xb2"}) == got  # type: ignore[arg-type]
 
 
 def test_a_waited_for_answer_is_the_document_byte_for_byte_as_get_serves_it(stack: Stack) -> None:

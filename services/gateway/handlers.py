@@ -152,10 +152,12 @@ async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_ke
     )
     eid, names = req.execution_id, rt.names
     ex = new_execution(req)
+    replay = False
     try:
         req.revision = await rt.executions.create(ex)
         fresh = True
     except KeyWrongLastSequenceError:
+        replay = True
         existing = await owned(rt, who, eid)
         if existing.request_hash != ex.request_hash:
             raise HTTPException(422, {"field": "Idempotency-Key",
@@ -167,6 +169,8 @@ async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_ke
     # version it stores (never one that lost its compare-and-set), so the answer needs no event and no read.
     sub = await rt.nats.subscribe(names.document(eid))
     try:
+        if replay:  # read again, now that no later version can slip past unseen (it may have ended meanwhile)
+            ex = await owned(rt, who, eid)
         if not ex.terminal:
             # With the request, the aggregator's deadline check, scheduled in the stream for the deadline, so no
             # execution waits forever. A replay schedules it again (its first publish may be the one that failed).
@@ -284,9 +288,14 @@ async def cancel_execution(
     ends ``cancelled`` with the cost spent so far."""
     execution_id = ex.execution_id
     if ex.terminal:
-        raise HTTPException(409, {"field": "execution_id", "message": f"execution already {ex.status}"})
+        raise _already_ended(ex)
     sub = await rt.nats.subscribe(rt.names.document(execution_id))
     try:
+        # Again, now that no later version can slip past: had it ended in between, the cancel would change
+        # nothing, no version would come, and the wait would run out on an execution that is over.
+        ex = await owned(rt, who, execution_id)
+        if ex.terminal:
+            raise _already_ended(ex)
         await publish(rt.jetstream, rt.names.execution_cancel, CancelExecution(execution_id=execution_id),
                       msg_id=f"{execution_id}:cancel")
         final = await _stored(sub, TERMINAL_EXECUTION, wait_s) if wait_s else None
@@ -298,6 +307,10 @@ async def cancel_execution(
     return await owned(rt, who, execution_id)
 
 
+def _already_ended(ex: Execution) -> HTTPException:
+    return HTTPException(409, {"field": "execution_id", "message": f"execution already {ex.status}"})
+
+
 @router.get("/execution/{execution_id}/events", response_class=EventSourceResponse, responses=ERRORS)
 async def execution_events(
     ex: ExecutionDep,
@@ -307,7 +320,8 @@ async def execution_events(
     """Every lifecycle event of the execution as Server-Sent Events, replayed from the start (or after
     ``Last-Event-ID``), live until the terminal ``completed`` event, which closes the stream."""
     js, eid = rt.jetstream, ex.execution_id
-    after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+    # Only ASCII digits: "²" (a latin-1 byte) passes isdigit() but not int().
+    after = int(last_event_id) if last_event_id and last_event_id.isascii() and last_event_id.isdigit() else 0
     start = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1) if after else (
         ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
     sub = await js.subscribe(rt.names.events(eid, "*"), stream=rt.names.events_stream, ordered_consumer=True,
