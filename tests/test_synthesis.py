@@ -21,6 +21,7 @@ from shared.execution import apply_plan, apply_result, expire, new_execution
 from shared.names import Names
 from shared.providers import AnthropicProvider, SimulatedProvider
 from shared.schemas import (
+    CancelExecution,
     CostIncurred,
     Execution,
     ExecutionDeadline,
@@ -164,21 +165,24 @@ async def test_two_replicas_finishing_at_once_store_one_answer_and_count_its_cos
     assert stored is not None
     done = stored[0]
     assert done.status == "completed"
-    [synthesis] = [c for c in done.calls if c.phase == "synthesis"]  # ... one is kept, with its cost
+    # ... one answer is kept; both calls are counted, the other's as superseded
+    kept, lost = [c for c in done.calls if c.phase == "synthesis"]
+    assert (kept.error, lost.error) == (None, SUPERSEDED)
     assert done.final_response is not None
     assert done.final_response.startswith(fake_anthropic.synthesis_text)
     assert done.cost.by_phase == pytest.approx(
-        {"tasks": 2 * TASK_COST, "decomposition": PLAN_ON_OPUS, "synthesis": SYNTHESIS_ON_SONNET}, abs=1e-12)
-    assert done.cost.total_usd == pytest.approx(2 * TASK_COST + PLAN_ON_OPUS + SYNTHESIS_ON_SONNET, abs=1e-8)
+        {"tasks": 2 * TASK_COST, "decomposition": PLAN_ON_OPUS, "synthesis": 2 * SYNTHESIS_ON_SONNET}, abs=1e-12)
+    assert done.cost.total_usd == pytest.approx(2 * TASK_COST + PLAN_ON_OPUS + 2 * SYNTHESIS_ON_SONNET, abs=1e-8)
 
     info = await rt.jetstream.stream_info(names.events_stream, subjects_filter=names.events("race1", "*"))
-    # One of each although both replicas applied the last result: msg-ids made the repeats no-ops.
-    assert info.state.subjects == {names.completed_event("race1"): 1, names.cost_event("race1"): 1,
+    # One of each although both replicas applied the last result (msg-ids made the repeats no-ops); a cost event
+    # for each synthesis call.
+    assert info.state.subjects == {names.completed_event("race1"): 1, names.cost_event("race1"): 2,
                                    names.events("race1", "task_completed"): 1}
     sub = await rt.jetstream.pull_subscribe(names.cost_event("race1"), durable="costs", stream=names.events_stream)
-    [event] = await sub.fetch(1, timeout=5)
-    cost = CostIncurred.model_validate_json(event.data)
-    assert (cost.phase, cost.model, cost.cost_usd) == ("synthesis", "claude-sonnet-4-6", synthesis.cost_usd)
+    events = [CostIncurred.model_validate_json(e.data) for e in await sub.fetch(2, timeout=5)]
+    assert [(e.phase, e.attempt, e.cost_usd) for e in events] == [
+        ("synthesis", 1, kept.cost_usd), ("synthesis", 2, lost.cost_usd)]
 
 
 async def test_a_slow_answer_keeps_the_result_it_waits_on_from_being_redelivered(
@@ -305,6 +309,44 @@ async def test_the_model_call_behind_an_answer_that_lost_its_write_is_still_coun
     final = stored[0]
     assert final.status == "partial"
     assert [c.error for c in final.calls if c.phase == "synthesis"] == [SUPERSEDED, None]
+    assert final.cost.by_phase["synthesis"] == pytest.approx(2 * SYNTHESIS_ON_SONNET, abs=1e-12)
+    info = await rt.jetstream.stream_info(names.events_stream, subjects_filter=names.cost_event(eid))
+    assert info.state.subjects == {names.cost_event(eid): 2}  # a cost event for each synthesis call
+
+
+async def test_the_model_call_behind_an_answer_to_an_execution_another_replica_ended_is_still_counted(
+    nc: NATS, names: Names, fake_anthropic: FakeAnthropic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Replica A last stored "api done, audit running"; replica B then cancels the execution. The audit's result
+    # reaches A, whose version says it ends the execution: A pays for an answer, and its write loses to a
+    # version that has already ended.
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    rt = await service_runtime(nc, names, tmp_path, config(fake_anthropic))
+    eid = "endedelsewhere"
+    ex = execution(rt.settings.pe, eid, last_done=False)
+    api = ex.task("api")
+    assert api is not None and api.status == "completed"
+    await rt.executions.create(ex)
+    providers = [AnthropicProvider(rt.settings.pe, KEY) for _ in range(2)]
+    try:
+        a, b = (AggregatorHandlers(rt, p) for p in providers)
+        again = result(eid, "audit", "security", "started")  # changes nothing: A keeps the version it read
+        await a.on_result(again, await delivered(rt, names.results(eid), again.to_bytes(), names.results_stream))
+        cancel = CancelExecution(execution_id=eid)
+        await b.on_cancel(cancel, await delivered(rt, names.execution_cancel, cancel.to_bytes(),
+                                                  names.executions_stream))
+        last = result(eid, "audit", "security")
+        await a.on_result(last, await delivered(rt, names.results(eid), last.to_bytes(), names.results_stream))
+    finally:
+        for p in providers:
+            await p.aclose()
+
+    assert len(fake_anthropic.of("synthesis")) == 2  # B's answer to the cancel, and A's that lost its write
+    stored = await rt.executions.get(eid)
+    assert stored is not None
+    final = stored[0]
+    assert final.status == "cancelled"
+    assert sorted(c.error or "" for c in final.calls if c.phase == "synthesis") == ["", SUPERSEDED]
     assert final.cost.by_phase["synthesis"] == pytest.approx(2 * SYNTHESIS_ON_SONNET, abs=1e-12)
     info = await rt.jetstream.stream_info(names.events_stream, subjects_filter=names.cost_event(eid))
     assert info.state.subjects == {names.cost_event(eid): 2}  # a cost event for each synthesis call

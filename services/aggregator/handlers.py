@@ -232,6 +232,7 @@ class AggregatorHandlers:
         answer: list[tuple[tuple[TaskMarks, float], _Answer]] = []
         concluded = False
         ended_before = False
+        ended_elsewhere = False  # the write stores calls of answers to a version another replica had ended
 
         def recorded(ex: Execution) -> bool:
             nonlocal ended_before
@@ -246,17 +247,20 @@ class AggregatorHandlers:
             return changed
 
         async def conclude(ex: Execution) -> bool:
-            nonlocal concluded
+            nonlocal concluded, ended_elsewhere
             concluded = all_tasks_terminal(ex) and not ex.terminal  # re-run on every retry: the last run tells
-            if concluded:  # else another replica finished first: its answer and its call stand
+            if concluded:
                 basis = (marks(ex), ex.cost.total_usd)
                 if not answer or answer[-1][0] != basis:
                     answer.append((basis, await self._answer(ex, [c.msg for c in batch])))
-                for _, unused in answer[:-1]:  # answers to versions that lost: their calls were made all the same
-                    if unused.call is not None:
-                        ex.calls.append(unused.call.model_copy(update={"error": SUPERSEDED}))
+            # Answers to versions that lost their write (all of them when another replica ended the execution
+            # first: its answer and its call stand): their calls were made all the same.
+            unused = [a.call for _, a in (answer[:-1] if concluded else answer) if a.call is not None]
+            ex.calls.extend(call.model_copy(update={"error": SUPERSEDED}) for call in unused)
+            if concluded:
                 answer[-1][1].apply(ex)
-            return concluded
+            ended_elsewhere = bool(unused) and not concluded
+            return concluded or ended_elsewhere
 
         js, names = self.rt.jetstream, self.rt.names
 
@@ -275,6 +279,9 @@ class AggregatorHandlers:
             _count_finished(ex)
         if ex.terminal and (not ended_before or await self._unannounced(ex, batch)):
             await self._announce(ex, written)
+        elif ended_elsewhere:  # the announcement was made without these calls: their cost events (repeats are no-ops)
+            for event in call_events(execution_id, ex.calls, "synthesis"):
+                await publish_cost(self.rt.nats, names, event)
         return ex, None if ex.terminal else (ex, revision)
 
     async def _unannounced(self, ex: Execution, batch: list[_Change]) -> bool:
