@@ -140,6 +140,10 @@ class ParallelExecutionConfig(_Strict):
         default=0.1, ge=0, description="a task's result that releases no task while others are still open waits "
         "up to this long for the execution's next change, to be stored with it (one write instead of several); "
         "0 stores each at once")
+    shutdown_grace_s: float = Field(
+        default=10, ge=0, description="on SIGTERM a service takes no new message and gives the running ones this "
+        "long to finish; what still runs then (a model call) is handed back for another replica, which counts as "
+        "a delivery, so as one of the task's attempts. Keep the Deployments' terminationGracePeriodSeconds above it")
     worker_pools: WorkerPools = WorkerPools()
     pm_coordinator: PMCoordinator = PMCoordinator()
     result_aggregation: ResultAggregation = ResultAggregation()

@@ -67,6 +67,7 @@ class Consumer(Generic[M]):
         self._waker: asyncio.Future[None] | None = None
 
     async def run(self, stop: asyncio.Event, grace_s: float = 10.0) -> None:
+        """Serve until ``stop``; then let running handlers finish for ``grace_s`` and hand the rest back."""
         pulls = _Pulls(self.nc, self.stream, self.durable, self._dispatch, self._wake)
         await pulls.open()
         stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())

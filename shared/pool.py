@@ -291,7 +291,7 @@ def pool_start(pool: Pool, format_prompt: FormatPrompt) -> Start:
 
         async def run() -> None:
             try:
-                await consumer.run(rt.stop)
+                await consumer.run(rt.stop, rt.pe.shutdown_grace_s)
             finally:
                 await following.unsubscribe()
                 await provider.aclose()

@@ -199,6 +199,15 @@ def test_one_deployment_per_service_with_probes_resources_and_non_root(overlay: 
         assert "/tmp" in mounts, f"{where}: a read-only root needs a writable /tmp"
 
 
+def test_pods_get_longer_to_stop_than_the_services_give_running_handlers(overlay: tuple[str, list[Obj]],
+                                                                         tmp_path: Path) -> None:
+    # Else the kubelet's SIGKILL cuts the drain short: what was running is redelivered after ack_wait, not at once.
+    name, objs = overlay
+    grace = config_of(objs, tmp_path).shutdown_grace_s
+    for dep in of_kind(objs, "Deployment").values():
+        assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= grace + 5, (name, dep["metadata"])
+
+
 def test_every_deployment_has_a_disruption_budget(overlay: tuple[str, list[Obj]]) -> None:
     name, objs = overlay
     pdbs = of_kind(objs, "PodDisruptionBudget")

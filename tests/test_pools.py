@@ -171,6 +171,21 @@ def _wait_running(stack: Stack, eid: str, task_id: str) -> dict[str, Any]:
     return found
 
 
+def test_a_replica_stopped_mid_task_hands_it_back_once_its_shutdown_grace_is_over(  # type: ignore[no-untyped-def]
+        stack_factory, tmp_path: Path) -> None:
+    # A rollout's SIGTERM. With no grace at all the running attempt is handed back at once, not finished; the
+    # default (10 s) would have let this 3 s task finish.
+    cfg = write_config(tmp_path / "c.json", {"shutdown_grace_s": 0})
+    stack = stack_factory(ns(), "--config", str(cfg))
+    eid = submit(stack, [task("long", latency_s=3)])
+    _wait_running(stack, eid, "long")
+    os.kill(stack.pid("codegen-1"), signal.SIGTERM)  # it drains, exits 0, and the runner starts it again
+    doc = wait_until(lambda: (d := get(stack, eid))["status"] == "completed" and d, 30, "completion")
+    first, second = doc["tasks"][0]["attempts"]
+    assert (first["outcome"], first["cost_usd"]) == ("lost", 0)
+    assert (second["outcome"], second["n"]) == ("completed", 2)
+
+
 def test_killed_replica_mid_task_loses_nothing(stack_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     cfg = write_config(tmp_path / "c.json", {"ack_wait_s": 2})
     stack = stack_factory(ns(), "--config", str(cfg), "--replicas", "codegen=2")

@@ -42,7 +42,7 @@ async def start(rt: Runtime) -> Workers:
 
     async def run() -> None:
         try:
-            await asyncio.gather(*(c.run(rt.stop) for c in consumers))
+            await asyncio.gather(*(c.run(rt.stop, rt.pe.shutdown_grace_s) for c in consumers))
         finally:
             await provider.aclose()
 

@@ -20,7 +20,7 @@ async def start(rt: Runtime) -> Workers:
 
     async def run() -> None:
         try:
-            await consumer.run(rt.stop)
+            await consumer.run(rt.stop, rt.pe.shutdown_grace_s)
         finally:
             await provider.aclose()
 
