@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig
 
 from shared.names import Names
 from shared.natsserver import NatsServer
@@ -35,7 +36,7 @@ from shared.service import Runtime
 from shared.settings import load_settings
 from shared.state import ExecutionStore
 from shared.topology import ensure_streams
-from tests.fake_anthropic import FakeAnthropic
+from tests.fake_anthropic import FakeAnthropic, Kind
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -246,3 +247,31 @@ async def delivered(rt: Runtime, subject: str, payload: bytes, stream: str, time
         await msg.nak()
     [msg] = await sub.fetch(1, timeout=5)
     return msg
+
+
+async def answered_past_ack_wait(rt: Runtime, subject: str, payload: bytes, stream: str,
+                                 fake: FakeAnthropic, kind: Kind, handle: Callable[[Msg], Awaitable[None]]) -> None:
+    """``payload`` delivered to ``handle`` by a durable with a 1 s ack_wait while the fake holds its ``kind`` call
+    for three times that: no second delivery may come meanwhile (the handler's heartbeat), nor anything left
+    unacked after."""
+    await rt.jetstream.publish(subject, payload)
+    fake.next(kind, "slow")  # answers once released
+    durable = f"held{uuid.uuid4().hex[:8]}"
+    sub = await rt.jetstream.pull_subscribe(subject, durable=durable, stream=stream, config=ConsumerConfig(ack_wait=1))
+    try:
+        [msg] = await sub.fetch(1, timeout=5)
+        handling = asyncio.create_task(handle(msg))
+        await until(lambda: fake.of(kind), 10, f"the {kind} call")
+        with pytest.raises(TimeoutError):
+            await sub.fetch(1, timeout=3)
+        fake.release.set()
+        await asyncio.wait_for(handling, 20)
+    finally:
+        fake.release.set()
+        await sub.unsubscribe()
+    for _ in range(500):  # the server takes acks in on its own time
+        info = await rt.jetstream.consumer_info(stream, durable)
+        if info.num_ack_pending == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert (info.num_redelivered, info.num_ack_pending) == (0, 0)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -134,35 +134,41 @@ async def test_a_message_with_a_header_named_status_is_a_message(nc: NATS, names
         assert [await asyncio.wait_for(loop.handled.get(), 10) for _ in range(2)] == [b"odd", b"plain"]
 
 
+@dataclass
+class Holding:
+    """A handler that holds every message until ``go`` is set, then acks it; counts how many it held at once."""
+
+    go: asyncio.Event = field(default_factory=asyncio.Event)
+    running: set[bytes] = field(default_factory=set)
+    most: int = 0
+    done: asyncio.Queue[bytes] = field(default_factory=asyncio.Queue)
+
+    async def handle(self, data: bytes, msg: Msg) -> None:
+        self.running.add(data)
+        self.most = max(self.most, len(self.running))
+        await self.go.wait()
+        self.running.discard(data)
+        await msg.ack()
+        self.done.put_nowait(data)
+
+
 async def test_no_more_handlers_run_at_once_than_the_capacity(nc: NATS, names: Names) -> None:
     # The durable would hand out 100 at once: the loop's own capacity (2) is what limits here.
     js = nc.jetstream()
     await ensure_streams(js, names)
     subject = names.results("capacity")
     await durable(js, names, "capacity", subject)
-    running: set[bytes] = set()
-    most, done = 0, asyncio.Queue[bytes]()
-    go = asyncio.Event()
-
-    async def handle(data: bytes, msg: Msg) -> None:
-        nonlocal most
-        running.add(data)
-        most = max(most, len(running))
-        await go.wait()
-        running.discard(data)
-        await msg.ack()
-        done.put_nowait(data)
-
+    held = Holding()
     for i in range(5):
         await js.publish(subject, b"%d" % i)
-    consumer = Consumer(nc, names, names.results_stream, "capacity", lambda data: data, handle, capacity=2)
+    consumer = Consumer(nc, names, names.results_stream, "capacity", lambda data: data, held.handle, capacity=2)
     stop = asyncio.Event()
     loop = asyncio.create_task(consumer.run(stop, grace_s=0.2))
-    await until(lambda: len(running) == 2, 10, "two handlers running")
+    await until(lambda: len(held.running) == 2, 10, "two handlers running")
     assert (await js.consumer_info(names.results_stream, "capacity")).num_ack_pending == 2
-    go.set()
-    assert sorted([await asyncio.wait_for(done.get(), 10) for _ in range(5)]) == [b"0", b"1", b"2", b"3", b"4"]
-    assert most == 2
+    held.go.set()
+    assert sorted([await asyncio.wait_for(held.done.get(), 10) for _ in range(5)]) == [b"0", b"1", b"2", b"3", b"4"]
+    assert held.most == 2
     stop.set()
     await asyncio.wait_for(loop, 10)
 
@@ -212,24 +218,13 @@ async def test_requests_are_not_queued_while_disconnected_to_bring_more_than_the
     # requests kept like that would all be served then, beside the ones the loop sends after reconnecting.
     server = NatsServer(tmp_path / "store").start()
     own = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
-    running: set[bytes] = set()
-    most = 0
-    release = asyncio.Event()
-
-    async def handle(data: bytes, msg: Msg) -> None:
-        nonlocal most
-        running.add(data)
-        most = max(most, len(running))
-        await release.wait()
-        running.discard(data)
-        await msg.ack()
-
+    held = Holding()
     try:
         js = own.jetstream()
         await ensure_streams(js, names)
         subject = names.results("outage")
         await durable(js, names, "outage", subject)  # the durable would hand out 100 at once
-        consumer = Consumer(own, names, names.results_stream, "outage", lambda data: data, handle, capacity=2)
+        consumer = Consumer(own, names, names.results_stream, "outage", lambda data: data, held.handle, capacity=2)
         stop = asyncio.Event()
         loop = asyncio.create_task(consumer.run(stop, grace_s=0.2))
         await until(lambda: own.is_connected, 5, "connected")
@@ -242,15 +237,15 @@ async def test_requests_are_not_queued_while_disconnected_to_bring_more_than_the
         server.start()
         for i in range(8):
             await publish_once_back(js, subject, b"%d" % i)
-        await until(lambda: len(running) >= 2, 10, "two handlers running")
+        await until(lambda: len(held.running) >= 2, 10, "two handlers running")
         # Anything queued during the outage would have been served by now, on top of the two.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(until(lambda: len(running) > 2, 3, "more than the capacity"), 3)
-        assert most == 2
-        release.set()
+            await asyncio.wait_for(until(lambda: len(held.running) > 2, 10, "more than the capacity"), 3)
+        assert held.most == 2
+        held.go.set()
         stop.set()
         await asyncio.wait_for(loop, 10)
     finally:
-        release.set()
+        held.go.set()
         await own.close()
         server.stop()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -10,7 +9,6 @@ from typing import Any
 
 import pytest
 from nats.aio.client import Client as NATS
-from nats.js.api import ConsumerConfig
 
 from services.pm.handlers import PMHandlers
 from services.pm.planning import plan_request
@@ -21,7 +19,7 @@ from shared.execution import cancel, new_execution
 from shared.names import Names
 from shared.providers import AnthropicProvider, SimulatedProvider
 from shared.schemas import ExecutionRequested, TaskSpec, now
-from tests.conftest import delivered, service_runtime, until
+from tests.conftest import answered_past_ack_wait, delivered, service_runtime
 from tests.fake_anthropic import FakeAnthropic
 
 KEY = "sk-ant-test"
@@ -193,25 +191,13 @@ async def test_a_slow_plan_keeps_its_request_from_being_redelivered(
     req = ExecutionRequested(execution_id="slowplan", message=PROJECT, requested_at=now(),
                              deadline_at=now() + timedelta(hours=1))
     req.revision = await rt.executions.create(new_execution(req))
-    await rt.jetstream.publish(names.execution_requested, req.to_bytes())
-    fake_anthropic.next("plan", "slow")  # answers once released
     provider = AnthropicProvider(rt.settings.pe, KEY)
-    sub = await rt.jetstream.pull_subscribe(names.execution_requested, durable="slowplan",
-                                            stream=names.executions_stream, config=ConsumerConfig(ack_wait=1))
+    pm = PMHandlers(rt, provider)
     try:
-        [msg] = await sub.fetch(1, timeout=5)
-        handling = asyncio.create_task(PMHandlers(rt, provider).on_requested(req, msg))
-        await until(lambda: fake_anthropic.of("plan"), 10, "the plan call")
-        with pytest.raises(TimeoutError):  # three times ack_wait: no second delivery
-            await sub.fetch(1, timeout=3)
-        fake_anthropic.release.set()
-        await asyncio.wait_for(handling, 20)
+        await answered_past_ack_wait(rt, names.execution_requested, req.to_bytes(), names.executions_stream,
+                                     fake_anthropic, "plan", lambda msg: pm.on_requested(req, msg))
     finally:
-        fake_anthropic.release.set()
         await provider.aclose()
-        await sub.unsubscribe()
     assert len(fake_anthropic.of("plan")) == 1
     stored = await rt.executions.get("slowplan")
     assert stored is not None and stored[0].planner == "llm"
-    info = await rt.jetstream.consumer_info(names.executions_stream, "slowplan")
-    assert (info.num_redelivered, info.num_ack_pending) == (0, 0)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,6 @@ from typing import Any
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig
 
 from services.aggregator.aggregate import aggregate
 from services.aggregator.handlers import SUPERSEDED, AggregatorHandlers
@@ -34,7 +35,7 @@ from shared.schemas import (
     now,
 )
 from shared.service import Runtime
-from tests.conftest import delivered, service_runtime, until
+from tests.conftest import answered_past_ack_wait, delivered, service_runtime
 from tests.fake_anthropic import FakeAnthropic
 
 KEY = "sk-ant-test"
@@ -75,6 +76,17 @@ def execution(pe: ParallelExecutionConfig, eid: str = "e1", last_done: bool = Tr
     if last_done:
         apply_result(ex, result(eid, "audit", "security"))
     return ex
+
+
+@contextlib.asynccontextmanager
+async def replicas(rt: Runtime) -> AsyncIterator[tuple[AggregatorHandlers, AggregatorHandlers]]:
+    """Two aggregator replicas on the anthropic provider (each its own client), closed on the way out."""
+    providers = [AnthropicProvider(rt.settings.pe, KEY) for _ in range(2)]
+    try:
+        yield AggregatorHandlers(rt, providers[0]), AggregatorHandlers(rt, providers[1])
+    finally:
+        for p in providers:
+            await p.aclose()
 
 
 async def test_the_model_writes_in_the_persona_and_the_exact_cost_line_and_signature_follow(
@@ -152,13 +164,8 @@ async def test_two_replicas_finishing_at_once_store_one_answer_and_count_its_cos
         sub = await rt.jetstream.pull_subscribe(names.results("race1"), durable=durable, stream=names.results_stream)
         msgs += await sub.fetch(1, timeout=5)
     fake_anthropic.hold("synthesis", 2)  # neither answer comes back before both replicas have asked
-    replicas = [AnthropicProvider(settings.pe, KEY) for _ in range(2)]
-    try:
-        handlers = [AggregatorHandlers(rt, p) for p in replicas]
+    async with replicas(rt) as handlers:
         await asyncio.gather(*(h.on_result(last, m) for h, m in zip(handlers, msgs, strict=True)))
-    finally:
-        for p in replicas:
-            await p.aclose()
 
     assert len(fake_anthropic.of("synthesis")) == 2  # both paid for an answer ...
     stored = await rt.executions.get("race1")
@@ -196,28 +203,15 @@ async def test_a_slow_answer_keeps_the_result_it_waits_on_from_being_redelivered
     rt = await service_runtime(nc, names, tmp_path, cfg)
     await rt.executions.create(execution(rt.pe, "slow1", last_done=False))
     last = result("slow1", "audit", "security")
-    await rt.jetstream.publish(names.results("slow1"), last.to_bytes())
-    fake_anthropic.next("synthesis", "slow")  # answers once released
     provider = AnthropicProvider(rt.pe, KEY)
+    aggregator = AggregatorHandlers(rt, provider)
     try:
-        aggregator = AggregatorHandlers(rt, provider)
-        sub = await rt.jetstream.pull_subscribe(names.results("slow1"), durable="slow", stream=names.results_stream,
-                                                config=ConsumerConfig(ack_wait=1))
-        [msg] = await sub.fetch(1, timeout=5)
-        handling = asyncio.create_task(aggregator.on_result(last, msg))
-        await until(lambda: fake_anthropic.of("synthesis"), 10, "the synthesis call")
-        with pytest.raises(TimeoutError):  # three times ack_wait: no second delivery
-            await sub.fetch(1, timeout=3)
-        fake_anthropic.release.set()
-        await asyncio.wait_for(handling, 20)
+        await answered_past_ack_wait(rt, names.results("slow1"), last.to_bytes(), names.results_stream,
+                                     fake_anthropic, "synthesis", lambda msg: aggregator.on_result(last, msg))
     finally:
-        fake_anthropic.release.set()
         await provider.aclose()
     stored = await rt.executions.get("slow1")
     assert stored is not None and stored[0].status == "completed"
-    info = await rt.jetstream.consumer_info(names.results_stream, "slow")
-    assert (info.num_redelivered, info.num_ack_pending) == (0, 0)
-    await sub.unsubscribe()
 
 
 async def a_stale_b_moved_on(rt: Runtime, eid: str, a: AggregatorHandlers, b: AggregatorHandlers) -> None:
@@ -293,15 +287,10 @@ async def test_the_model_call_behind_an_answer_that_lost_its_write_is_still_coun
     monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
     rt = await service_runtime(nc, names, tmp_path, config(fake_anthropic))
     eid = "superseded"
-    providers = [AnthropicProvider(rt.settings.pe, KEY) for _ in range(2)]
-    try:
-        a, b = (AggregatorHandlers(rt, p) for p in providers)
+    async with replicas(rt) as (a, b):
         await a_stale_b_moved_on(rt, eid, a, b)
         msg = await delivered(rt, names.execution_deadline, b"{}", names.executions_stream)
         await a._apply(eid, lambda ex: expire(ex, "execution deadline exceeded"), msg)  # from A's stale version
-    finally:
-        for p in providers:
-            await p.aclose()
 
     assert len(fake_anthropic.of("synthesis")) == 2  # one answer per version: the stale one's lost its write
     stored = await rt.executions.get(eid)
@@ -327,9 +316,7 @@ async def test_the_model_call_behind_an_answer_to_an_execution_another_replica_e
     api = ex.task("api")
     assert api is not None and api.status == "completed"
     await rt.executions.create(ex)
-    providers = [AnthropicProvider(rt.settings.pe, KEY) for _ in range(2)]
-    try:
-        a, b = (AggregatorHandlers(rt, p) for p in providers)
+    async with replicas(rt) as (a, b):
         again = result(eid, "audit", "security", "started")  # changes nothing: A keeps the version it read
         await a.on_result(again, await delivered(rt, names.results(eid), again.to_bytes(), names.results_stream))
         cancel = CancelExecution(execution_id=eid)
@@ -337,9 +324,6 @@ async def test_the_model_call_behind_an_answer_to_an_execution_another_replica_e
                                                   names.executions_stream))
         last = result(eid, "audit", "security")
         await a.on_result(last, await delivered(rt, names.results(eid), last.to_bytes(), names.results_stream))
-    finally:
-        for p in providers:
-            await p.aclose()
 
     assert len(fake_anthropic.of("synthesis")) == 2  # B's answer to the cancel, and A's that lost its write
     stored = await rt.executions.get(eid)
