@@ -21,11 +21,12 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 ## The same suite with line coverage of shared/, services/ and bench/, the services' own processes included.
+coverage: export COVERAGE_FILE = $(CURDIR)/.coverage
 coverage: $(STAMP)
 	rm -f .coverage .coverage.*
-	COVERAGE_FILE=$(CURDIR)/.coverage $(VENV)/bin/coverage run -m pytest -q $(PYTEST_ARGS)
-	COVERAGE_FILE=$(CURDIR)/.coverage $(VENV)/bin/coverage combine -q
-	COVERAGE_FILE=$(CURDIR)/.coverage $(VENV)/bin/coverage report
+	$(VENV)/bin/coverage run -m pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/coverage combine -q
+	$(VENV)/bin/coverage report
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check shared services bench tests

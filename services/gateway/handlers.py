@@ -287,15 +287,14 @@ async def cancel_execution(
     """Cancel: queued tasks never run, running ones are abandoned at their next heartbeat; the execution
     ends ``cancelled`` with the cost spent so far."""
     execution_id = ex.execution_id
-    if ex.terminal:
-        raise _already_ended(ex)
     sub = await rt.nats.subscribe(rt.names.document(execution_id))
     try:
-        # Again, now that no later version can slip past: had it ended in between, the cancel would change
-        # nothing, no version would come, and the wait would run out on an execution that is over.
+        # Read again, now that no later version can slip past: had it ended after the read that found it, the
+        # cancel would change nothing, no version would come, and the wait would run out on an execution that
+        # is over.
         ex = await owned(rt, who, execution_id)
         if ex.terminal:
-            raise _already_ended(ex)
+            raise HTTPException(409, {"field": "execution_id", "message": f"execution already {ex.status}"})
         await publish(rt.jetstream, rt.names.execution_cancel, CancelExecution(execution_id=execution_id),
                       msg_id=f"{execution_id}:cancel")
         final = await _stored(sub, TERMINAL_EXECUTION, wait_s) if wait_s else None
@@ -305,10 +304,6 @@ async def cancel_execution(
         return Response(final[0], status.HTTP_200_OK, media_type="application/json")
     response.status_code = status.HTTP_202_ACCEPTED
     return await owned(rt, who, execution_id)
-
-
-def _already_ended(ex: Execution) -> HTTPException:
-    return HTTPException(409, {"field": "execution_id", "message": f"execution already {ex.status}"})
 
 
 @router.get("/execution/{execution_id}/events", response_class=EventSourceResponse, responses=ERRORS)
