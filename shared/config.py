@@ -143,7 +143,8 @@ class ParallelExecutionConfig(_Strict):
     shutdown_grace_s: float = Field(
         default=10, ge=0, description="on SIGTERM a service takes no new message and gives the running ones this "
         "long to finish; what still runs then (a model call) is handed back for another replica, which counts as "
-        "a delivery, so as one of the task's attempts. Keep the Deployments' terminationGracePeriodSeconds above it")
+        "a delivery, so as one of the task's attempts. Above the pools' timeout, a rollout never cuts an attempt "
+        "short (the Kubernetes config does so). Keep the Deployments' terminationGracePeriodSeconds above it")
     worker_pools: WorkerPools = WorkerPools()
     pm_coordinator: PMCoordinator = PMCoordinator()
     result_aggregation: ResultAggregation = ResultAggregation()

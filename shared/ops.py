@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 ReadyCheck = Callable[[], Awaitable[str | None]]
+HTTP_GRACE_S = 10  # on stop, open HTTP requests get this long to finish (the gateway's waits end at once)
 
 
 def add_ops_routes(app: FastAPI, service: str, ready: ReadyCheck) -> None:
@@ -47,7 +48,7 @@ async def serve(app: FastAPI, host: str, port: int,
     """Run uvicorn inside the current loop (on ``sock`` when the parent handed one over, else binding
     ``host:port``); the caller sets ``server.should_exit`` to stop it."""
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="off",
-                            http="httptools")
+                            http="httptools", timeout_graceful_shutdown=HTTP_GRACE_S)
     server = _Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock] if sock else None))
     while not server.started and not task.done():  # noqa: ASYNC110 - uvicorn offers no started event

@@ -45,6 +45,7 @@ class Runtime:
     kv: KeyValue | None = None
     store: ExecutionStore | None = None
     started: bool = False
+    _stopping: asyncio.Task[bool] | None = None
 
     @property
     def names(self) -> Names:
@@ -80,8 +81,16 @@ class Runtime:
                                      headers={"Nats-Msg-Id": f"{ex.execution_id}:completed",
                                               ExecutionCompleted.STATUS_HEADER: ex.status})
 
+    def stopping(self) -> asyncio.Task[bool]:
+        """Done once the service is told to stop: for waits that should end then instead of running out."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self.stop.wait())
+        return self._stopping
+
     async def ready(self) -> str | None:
         """None when this service can do its job; otherwise the reason it cannot."""
+        if self.stop.is_set():
+            return "stopping"
         if self.nc is None or not self.nc.is_connected:
             return f"NATS not connected ({self.settings.nats_url})"
         if not self.started:
@@ -143,10 +152,12 @@ async def _main(service: str, start: Start, make_app: MakeApp | None, settings: 
         rt.stop.set()
         if workers:
             await asyncio.gather(*workers, return_exceptions=True)
-        if rt.nc is not None and rt.nc.is_connected:
-            await rt.nc.drain()
+        # HTTP before NATS: the requests still open (a gateway's waits, which end on the stop) answer from the
+        # store on their way out.
         server.should_exit = True
         await server_task
+        if rt.nc is not None and rt.nc.is_connected:
+            await rt.nc.drain()
         log.info("%s stopped", service)
 
 

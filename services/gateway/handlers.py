@@ -13,6 +13,7 @@ from typing import Annotated, Any, get_args
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
 from fastapi.sse import EventSourceResponse, ServerSentEvent
+from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyWrongLastSequenceError
@@ -185,7 +186,7 @@ async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_ke
         if ex.terminal or not (body.wait or plannable(ex)):  # a replay: what was waited for is there already
             return ex, ex.terminal
         until = TERMINAL_EXECUTION if body.wait else PLANNED
-        stored = await _stored(sub, until, wait_s if body.wait else PLAN_WAIT_S)
+        stored = await _stored(rt, sub, until, wait_s if body.wait else PLAN_WAIT_S)
     finally:
         await sub.unsubscribe()
     if stored is not None:
@@ -198,15 +199,32 @@ async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_ke
 PLANNED = frozenset(get_args(ExecutionStatus)) - UNPLANNED  # planned, or ended without a plan
 
 
-async def _stored(sub: Subscription, until: frozenset[str], within: float) -> tuple[bytes, bool] | None:
+async def _next(rt: Runtime, sub: Subscription, timeout: float) -> Msg | None:
+    """The subscription's next message; None once the service is stopping (a wait ends then, answered from the
+    store, rather than being cut off); TimeoutError when ``timeout`` passes first."""
+    stopping = rt.stopping()
+    if stopping.done():
+        return None
+    nxt = asyncio.ensure_future(sub.next_msg(timeout=timeout))
+    await asyncio.wait((nxt, stopping), return_when=asyncio.FIRST_COMPLETED)
+    if not nxt.done():
+        nxt.cancel()
+        return None
+    return nxt.result()
+
+
+async def _stored(rt: Runtime, sub: Subscription, until: frozenset[str], within: float) -> tuple[bytes, bool] | None:
     """The first version of the execution's document stored with a status in ``until``, byte for byte as the
-    bucket republished it, and whether it is terminal; None when none came ``within`` seconds."""
+    bucket republished it, and whether it is terminal; None when none came ``within`` seconds, or the service
+    is stopping."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
     while (left := deadline - loop.time()) > 0:
         try:
-            msg = await sub.next_msg(timeout=left)
+            msg = await _next(rt, sub, left)
         except TimeoutError:
+            return None
+        if msg is None:
             return None
         if not msg.data:  # a delete or purge marker: executions are never deleted, but an operator may purge
             continue
@@ -297,7 +315,7 @@ async def cancel_execution(
             raise HTTPException(409, {"field": "execution_id", "message": f"execution already {ex.status}"})
         await publish(rt.jetstream, rt.names.execution_cancel, CancelExecution(execution_id=execution_id),
                       msg_id=f"{execution_id}:cancel")
-        final = await _stored(sub, TERMINAL_EXECUTION, wait_s) if wait_s else None
+        final = await _stored(rt, sub, TERMINAL_EXECUTION, wait_s) if wait_s else None
     finally:
         await sub.unsubscribe()
     if final is not None:
@@ -313,7 +331,8 @@ async def execution_events(
     last_event_id: Annotated[str | None, Header(description="resume after this event id")] = None,
 ) -> AsyncIterator[ServerSentEvent]:
     """Every lifecycle event of the execution as Server-Sent Events, replayed from the start (or after
-    ``Last-Event-ID``), live until the terminal ``completed`` event, which closes the stream."""
+    ``Last-Event-ID``), live until the terminal ``completed`` event, which closes the stream. A gateway that
+    is stopping closes it too: the client reconnects with ``Last-Event-ID`` to another replica."""
     js, eid = rt.jetstream, ex.execution_id
     # Only ASCII digits: "²" (a latin-1 byte) passes isdigit() but not int().
     after = int(last_event_id) if last_event_id and last_event_id.isascii() and last_event_id.isdigit() else 0
@@ -324,7 +343,7 @@ async def execution_events(
     try:
         while True:
             try:
-                msg = await sub.next_msg(timeout=KEEPALIVE_S)
+                msg = await _next(rt, sub, KEEPALIVE_S)
             except TimeoutError:
                 current = await rt.executions.get(eid)
                 if current is not None and current[0].terminal:
@@ -334,6 +353,8 @@ async def execution_events(
                     return
                 yield ServerSentEvent(comment="keep-alive")
                 continue
+            if msg is None:
+                return
             kind = msg.subject.rsplit(".", 1)[-1]
             seq = msg.metadata.sequence.stream if msg.metadata else None
             yield ServerSentEvent(event=kind, id=str(seq) if seq else None, raw_data=msg.data.decode())
