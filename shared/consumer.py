@@ -126,11 +126,11 @@ class Consumer(Generic[M]):
 
     async def _process(self, msg: Msg) -> None:
         try:
-            decoded = self.decode(msg.data)
-        except (ValidationError, ValueError) as e:
-            await self.dead_letter(msg, f"payload does not validate: {_short(e)}")
-            return
-        try:
+            try:
+                decoded = self.decode(msg.data)
+            except (ValidationError, ValueError) as e:
+                await self.dead_letter(msg, f"payload does not validate: {_short(e)}")
+                return
             await self.handle(decoded, msg)
             metrics.MESSAGES.labels(self.durable, "handled").inc()
         except asyncio.CancelledError:
@@ -138,8 +138,8 @@ class Consumer(Generic[M]):
             await msg.nak()
             metrics.MESSAGES.labels(self.durable, "abandoned").inc()
             raise
-        except Exception:
-            log.exception("handler failed on %s (delivery %s); redelivering", msg.subject, _deliveries(msg))
+        except Exception:  # the handler, or the dead-letter's publish: again after error_delay_s, not ack_wait
+            log.exception("handling %s failed (delivery %s); redelivering", msg.subject, _deliveries(msg))
             metrics.MESSAGES.labels(self.durable, "error").inc()
             await msg.nak(delay=self.error_delay_s)
 

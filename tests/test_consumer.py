@@ -16,9 +16,11 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
+from prometheus_client import REGISTRY
 
 from shared.consumer import Consumer, keep_alive
 from shared.names import Names
+from shared.schemas import DeadLetter
 from shared.natsserver import NatsServer
 from shared.topology import ensure_streams
 from tests.conftest import publish_once_back, until
@@ -249,3 +251,38 @@ async def test_requests_are_not_queued_while_disconnected_to_bring_more_than_the
         held.go.set()
         await own.close()
         server.stop()
+
+
+async def test_a_dead_letter_that_cannot_be_stored_is_tried_again_soon_not_after_ack_wait(nc: NATS,
+                                                                                          names: Names) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js, names)
+    subject = names.results("poison")
+    await js.add_consumer(names.results_stream, ConsumerConfig(durable_name="poison", filter_subject=subject,
+                                                               ack_policy=AckPolicy.EXPLICIT, ack_wait=60))
+    await js.delete_stream(names.dlq_stream)  # the dead letter's publish finds no stream: no responders
+
+    def decode(data: bytes) -> bytes:
+        raise ValueError("not a message")
+
+    async def handle(_: bytes, msg: Msg) -> None:
+        raise AssertionError("a payload that does not decode reached the handler")
+
+    failed = {"consumer": "poison", "outcome": "error"}
+    before = REGISTRY.get_sample_value("openclaw_messages_total", failed) or 0.0
+    consumer = Consumer(nc, names, names.results_stream, "poison", decode, handle, capacity=4,
+                        error_delay_s=0.2)
+    stop = asyncio.Event()
+    loop = asyncio.create_task(consumer.run(stop, grace_s=0.2))
+    try:
+        await js.publish(subject, b"garbage")
+        await until(lambda: (REGISTRY.get_sample_value("openclaw_messages_total", failed) or 0.0) > before, 10,
+                    "the dead letter's publish to fail")
+        await ensure_streams(js, names)  # the DLQ is back
+        letters = await js.subscribe(names.dlq(names.results_stream, "poison"), stream=names.dlq_stream)
+        letter = DeadLetter.model_validate_json((await letters.next_msg(timeout=10)).data)  # ack_wait is 60 s
+        assert (letter.payload, letter.deliveries) == ("garbage", 2)
+        assert letter.reason.startswith("payload does not validate: not a message")
+    finally:
+        stop.set()
+        await asyncio.wait_for(loop, 10)
