@@ -20,8 +20,8 @@ from prometheus_client import REGISTRY
 
 from shared.consumer import Consumer, keep_alive
 from shared.names import Names
-from shared.schemas import DeadLetter
 from shared.natsserver import NatsServer
+from shared.schemas import DeadLetter
 from shared.topology import ensure_streams
 from tests.conftest import publish_once_back, until
 
