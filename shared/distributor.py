@@ -111,16 +111,29 @@ def distribute(text: str) -> Distribution:
     return Distribution(pool, round(best / sum(scores.values()), 4), scores, matched)
 
 
-PROJECT = re.compile(
-    r"\b(build|create|make|develop|launch|ship)\b.*\b(website|site|app|application|platform|store|shop|"
-    r"portal|dashboard|service|system|marketplace)\b",
-    re.IGNORECASE,
-)
+_WHOLE = re.compile(r"\b(website|site|app|application|platform|store|shop|portal|dashboard|service|system|"
+                    r"marketplace)\b", re.IGNORECASE)
+_BUILD = re.compile(r"\b(build|create|make|develop|launch|ship)\b", re.IGNORECASE)
+_AUDIT = re.compile(r"\b(audit|review|assess|pen ?test|penetration test|threat model)\w*\b", re.IGNORECASE)
+
+
+def _then(first: re.Pattern[str], then: re.Pattern[str], text: str) -> bool:
+    """Whether ``first`` occurs somewhere before ``then``. Two scans, so linear in the text: one pattern with
+    ``.*`` between them takes the square of its length (a minute for a 100 kB message)."""
+    m = first.search(text)
+    return m is not None and then.search(text, m.end()) is not None
 
 
 def looks_like_project(text: str) -> bool:
     """"Build a … website/app/…": a project that spans several specialities."""
-    return PROJECT.search(text) is not None
+    return _then(_BUILD, _WHOLE, text)
+
+
+def looks_like_security_audit(text: str, d: Distribution) -> bool:
+    """Security work and nothing else, a review of a whole site or system ("audit our shop before launch"):
+    independent reviews of its areas, which the security pool runs side by side. A narrower one ("audit the
+    login flow") stays one task."""
+    return d.pools() == ["security"] and _then(_AUDIT, _WHOLE, text)
 
 
 @dataclass(frozen=True)
@@ -146,6 +159,8 @@ def should_use_parallel_execution(message: str, *, enabled: bool, force_parallel
         parallel, reason = True, "force_parallel"
     elif looks_like_project(message):
         parallel, reason = True, "a project: the PM splits it across the specialist pools"
+    elif looks_like_security_audit(message, d):
+        parallel, reason = True, "a security audit: the PM splits it into reviews the security pool runs in parallel"
     elif len(pools) > 1:
         parallel, reason = True, f"work for several specialists: {', '.join(pools)}"
     else:

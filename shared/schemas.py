@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, computed_field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, computed_field, field_validator, model_validator
 
 from shared.errors import PlanError
 from shared.names import Pool
@@ -47,15 +47,38 @@ class Wire(BaseModel):
 # ---------------------------------------------------------------- plans
 
 
+DESCRIPTION_MAX = 20_000
+CUT = ' … (cut here: the whole request is in the context, as "request")'
+
+
 class TaskSpec(BaseModel):
     """One task of a plan: what to do, in which pool, after which other tasks."""
 
     model_config = ConfigDict(extra="forbid")
     id: TaskId
     pool: Pool
-    description: str = Field(min_length=1, max_length=20_000)
+    description: str = Field(min_length=1, max_length=DESCRIPTION_MAX)
     context: dict[str, Any] = Field(default_factory=dict)
     depends_on: list[TaskId] = Field(default_factory=list)
+
+    @field_validator("context")
+    @classmethod
+    def _upstream_is_outputs(cls, context: dict[str, Any]) -> dict[str, Any]:
+        # Set when a task is released: its dependencies' outputs by task id; workers and prompts rely on that.
+        upstream = context.get("upstream")
+        if upstream is not None and not (isinstance(upstream, dict) and all(isinstance(k, str) for k in upstream)):
+            raise ValueError("context.upstream must map task ids to their outputs")
+        return context
+
+    @classmethod
+    def for_request(cls, id: str, pool: Pool, lead: str, request: str, **fields: Any) -> TaskSpec:
+        """A task described as ``lead`` followed by the client's request. A request longer than a description
+        may be (a message may be five times longer) is cut there, and given whole in the context."""
+        text = request.strip().rstrip(".")
+        if len(lead) + len(text) > DESCRIPTION_MAX:
+            text = text[: DESCRIPTION_MAX - len(lead) - len(CUT)] + CUT
+            fields["context"] = {**fields.get("context", {}), "request": request.strip()}
+        return cls(id=id, pool=pool, description=lead + text, **fields)
 
 
 def check_plan(tasks: list[TaskSpec], max_tasks: int | None = None) -> None:
@@ -70,6 +93,9 @@ def check_plan(tasks: list[TaskSpec], max_tasks: int | None = None) -> None:
         raise PlanError(f"duplicate task id(s): {', '.join(dupes)}")
     known = set(ids)
     for t in tasks:
+        if "upstream" in t.context:
+            raise PlanError(f"task {t.id!r}: context.upstream is reserved (the outputs of its dependencies, added "
+                            "when it is released)")
         missing = [d for d in t.depends_on if d not in known]
         if missing:
             raise PlanError(f"task {t.id!r} depends on unknown task(s): {', '.join(missing)}")

@@ -92,6 +92,11 @@ def test_unknown_execution_is_404(stack: Stack) -> None:
         ([{"id": "a", "pool": "codegen", "description": "x"}] * 2, "tasks", "duplicate task id(s): a"),
         ([{"id": f"t{i}", "pool": "codegen", "description": "x"} for i in range(4)], "tasks", "at most 3"),
         ([], "tasks", "no tasks"),
+        # Upstream outputs are added when a task is released; a client's would be taken for them.
+        ([{"id": "a", "pool": "codegen", "description": "x", "context": {"upstream": {"b": {}}}}], "tasks",
+         "context.upstream is reserved"),
+        ([{"id": "a", "pool": "codegen", "description": "x", "context": {"upstream": [1, 2]}}], "tasks[0].context",
+         "context.upstream must map task ids to their outputs"),
     ],
 )
 def test_invalid_plan_is_422_saying_which(stack: Stack, tasks: list[object], field: str, says: str) -> None:

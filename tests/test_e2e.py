@@ -11,7 +11,7 @@ import nats
 import pytest
 from nats.js.api import DeliverPolicy
 
-from shared.schemas import ExecutionCompleted
+from shared.schemas import CUT, DESCRIPTION_MAX, ExecutionCompleted
 from tests.conftest import Stack, start_stack, stop_stack
 
 pytestmark = pytest.mark.e2e
@@ -60,6 +60,35 @@ def test_restaurant_website_runs_in_parallel_pools_and_get_matches(stack: Stack)
     got = httpx.get(f"{stack.url}/api/execution/{doc['execution_id']}", timeout=10)
     assert got.status_code == 200
     assert got.json() == doc
+
+
+def test_a_security_audit_of_a_whole_shop_runs_as_reviews_side_by_side_within_the_pool_limit(stack: Stack) -> None:
+    r = httpx.post(f"{stack.url}/api/chat", json={"message": "Audit our web shop for security problems before launch"},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    chat = r.json()
+    assert chat["routing"]["parallel"] is True and "security audit" in chat["routing"]["reason"]
+    doc = httpx.get(f"{stack.url}/api/execution/{chat['execution_id']}", timeout=10).json()
+    assert (doc["status"], doc["planner"]) == ("completed", "rules")
+    assert [(t["pool"], t["depends_on"], t["status"]) for t in doc["tasks"]] == [("security", [], "completed")] * 4
+    assert len({t["description"] for t in doc["tasks"]}) == 4
+    runs = sorted((ts(t["started_at"]), ts(t["finished_at"])) for t in doc["tasks"])
+    live = [sum(1 for s, e in runs if s <= start < e) for start, _ in runs]
+    assert max(live) == 2  # side by side, and never more than security's max_concurrent
+    assert chat["response"] == doc["final_response"] and chat["cost_usd"] == doc["cost"]["total_usd"] > 0
+
+
+def test_a_message_longer_than_a_task_description_reaches_its_agent_whole(stack: Stack) -> None:
+    # The API takes messages five times longer than a task's description may be (the single-agent path of
+    # /api/chat put the message into one and answered 500).
+    message = "Fix the flaky checkout test in the React cart component. " * 600  # 34,800 characters
+    r = httpx.post(f"{stack.url}/api/chat", json={"message": message}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["routing"]["parallel"] is False
+    doc = httpx.get(f"{stack.url}/api/execution/{r.json()['execution_id']}", timeout=10).json()
+    (t,) = doc["tasks"]
+    assert doc["status"] == "completed" and len(t["description"]) == DESCRIPTION_MAX
+    assert t["description"].endswith(CUT) and t["context"]["request"] == message.strip()
 
 
 def test_client_plan_runs_concurrently_and_honours_simulated_latency(stack: Stack) -> None:

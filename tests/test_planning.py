@@ -9,7 +9,7 @@ import pytest
 from services.pm.planning import make_plan, rules_plan
 from shared.distributor import distribute, should_use_parallel_execution
 from shared.errors import PlanError
-from shared.schemas import ExecutionRequested, TaskSpec, check_plan, now
+from shared.schemas import CUT, DESCRIPTION_MAX, ExecutionRequested, TaskSpec, check_plan, now
 
 
 def spec(i: str, *deps: str) -> TaskSpec:
@@ -110,6 +110,19 @@ def test_a_template_cut_by_the_task_limit_falls_back_to_serial() -> None:
     assert planner == "rules" and len(tasks) == 1
 
 
+def test_a_security_audit_of_a_whole_system_becomes_independent_reviews_and_a_narrow_one_stays_one_task() -> None:
+    tasks, planner = rules_plan("Pentest the customer portal before launch", False, 6)
+    assert planner == "rules" and len(tasks) == 4
+    assert {t.pool for t in tasks} == {"security"} and not any(t.depends_on for t in tasks)
+    assert all(t.description.endswith("of: Pentest the customer portal before launch") for t in tasks)
+    tasks, planner = rules_plan("Pentest the customer portal before launch", False, 1)
+    assert planner == "serial" and len(tasks) == 1
+    tasks, planner = rules_plan("Audit the login flow for CSRF and XSS vulnerabilities", False, 6)
+    assert planner == "serial" and [t.pool for t in tasks] == ["security"]
+    tasks, _ = rules_plan("Audit the shop's database schema and its backups", False, 6)  # not security alone
+    assert {t.pool for t in tasks} != {"security"}
+
+
 def test_a_client_plan_is_revalidated() -> None:
     req = ExecutionRequested(execution_id="e", message="m", tasks=[spec("a", "b"), spec("b", "a")],
                              requested_at=now(), deadline_at=now())
@@ -119,6 +132,7 @@ def test_a_client_plan_is_revalidated() -> None:
 
 @pytest.mark.parametrize("text", [
     "Audit our web shop for security problems before launch",  # "web" is a passing mention of codegen
+    "Audit the login flow for CSRF and XSS vulnerabilities",
     "Design the database schema and audit its access control",
     "Optimize the SQL queries and fix the login page",
     "Design the PostgreSQL schema for invoices",
@@ -129,4 +143,18 @@ def test_chat_goes_parallel_exactly_when_the_rules_plan_more_than_one_task(text:
     tasks, _ = rules_plan(text, False, 6)
     assert routing.parallel == (len(tasks) > 1), (routing.reason, [t.pool for t in tasks])
     if routing.parallel:
-        assert routing.pools == [t.pool for t in tasks]
+        assert set(routing.pools) == {t.pool for t in tasks}
+
+
+@pytest.mark.parametrize("word", ["build ", "audit security "])
+def test_routing_and_planning_a_message_as_long_as_the_api_allows_take_linear_time(word: str) -> None:
+    # A verb everywhere and the noun nowhere: a single pattern with ".*" between them backtracked for about a
+    # minute on this (the square of the length), holding the gateway's or the PM's event loop; two scans take ms.
+    text = (word * 20_000)[:100_000]
+    began = time.perf_counter()
+    assert not should_use_parallel_execution(text, enabled=True).parallel
+    (task,), _ = rules_plan(text, False, 6)
+    assert time.perf_counter() - began < 2
+    # Longer than a description may be: cut there, and whole in the context.
+    assert len(task.description) == DESCRIPTION_MAX and task.description.endswith(CUT)
+    assert task.context["request"] == text.strip()

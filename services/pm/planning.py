@@ -7,7 +7,9 @@ was paid for.
 
 The rule-based planner recognises a project ("build a … website/app/…") and lays out the usual
 delivery: database schema, backend API, frontend (after the API) and a security audit — any web
-project stores data and takes input from strangers. Otherwise it creates one task per pool whose
+project stores data and takes input from strangers. A request for a security review and nothing else ("audit
+our shop before launch") becomes four independent reviews: access, input handling, data protection, secrets
+and dependencies. Otherwise it creates one task per pool whose
 keywords matched (only the strong ones unless ``force_parallel``). Nothing matched → a single
 codegen task (planner "serial").
 """
@@ -21,7 +23,7 @@ from typing import Any
 from services.pm.prompts import format_prompt
 from shared.config import ParallelExecutionConfig
 from shared.costs import guarded_call, model_call
-from shared.distributor import Distribution, distribute, looks_like_project
+from shared.distributor import Distribution, distribute, looks_like_project, looks_like_security_audit
 from shared.errors import PlanError
 from shared.names import Pool
 from shared.providers import ModelProvider
@@ -41,24 +43,29 @@ def _routing(d: Distribution, pool: Pool) -> dict[str, Any]:
 def rules_plan(message: str, force_parallel: bool, max_tasks: int) -> tuple[list[TaskSpec], str]:
     """Plan by keywords; returns the tasks and the planner name ("rules" or "serial")."""
     d = distribute(message)
-    subject = message.strip().rstrip(".")
+
+    def task(id: str, pool: Pool, lead: str, **fields: Any) -> TaskSpec:
+        return TaskSpec.for_request(id, pool, lead, message, context=_routing(d, pool), **fields)
+
     if looks_like_project(message):
         tasks = [
-            TaskSpec(id="schema", pool="database", context=_routing(d, "database"),
-                     description=f"Design the database schema and migrations for: {subject}"),
-            TaskSpec(id="backend", pool="codegen", context=_routing(d, "codegen"),
-                     description=f"Build the backend API for: {subject}"),
-            TaskSpec(id="frontend", pool="codegen", context=_routing(d, "codegen"), depends_on=["backend"],
-                     description=f"Build the frontend (pages, forms, API client) for: {subject}"),
-            TaskSpec(id="security-audit", pool="security", context=_routing(d, "security"),
-                     description=f"Audit authentication, payments and data handling for: {subject}"),
+            task("schema", "database", "Design the database schema and migrations for: "),
+            task("backend", "codegen", "Build the backend API for: "),
+            task("frontend", "codegen", "Build the frontend (pages, forms, API client) for: ", depends_on=["backend"]),
+            task("security-audit", "security", "Audit authentication, payments and data handling for: "),
         ]
         return tasks[:max_tasks], "rules"
+    if looks_like_security_audit(message, d):
+        areas = [("auth-review", "authentication, sessions and access control (CSRF, password storage, roles)"),
+                 ("input-review", "input handling for injection and XSS, every form and endpoint"),
+                 ("data-review", "data protection: encryption, personal data, logging, payment flows"),
+                 ("secrets-scan", "exposed secrets and vulnerable dependencies")]
+        tasks = [task(i, "security", f"Review {what}, of: ") for i, what in areas]
+        return tasks[:max_tasks], "rules" if min(len(tasks), max_tasks) > 1 else "serial"
     if d.pool == "multi":
-        return [TaskSpec(id="task-1", pool="codegen", description=subject,
-                         context={"routing": {"pool": "multi", "score_share": 0.0, "matched": []}})], "serial"
-    tasks = [TaskSpec(id=f"{p}-1", pool=p, description=subject, context=_routing(d, p))
-             for p in d.pools(every_match=force_parallel)]
+        multi = {"routing": {"pool": "multi", "score_share": 0.0, "matched": []}}
+        return [TaskSpec.for_request("task-1", "codegen", "", message, context=multi)], "serial"
+    tasks = [task(f"{p}-1", p, "") for p in d.pools(every_match=force_parallel)]
     return tasks[:max_tasks], "rules" if len(tasks) > 1 else "serial"
 
 
@@ -72,7 +79,7 @@ def make_plan(req: ExecutionRequested, max_tasks: int) -> tuple[list[TaskSpec], 
         check_plan(tasks, max_tasks)
     except PlanError:
         # A template cut short by max_tasks can leave a dangling dependency: fall back to serial.
-        return [TaskSpec(id="task-1", pool="codegen", description=req.message.strip())], "serial"
+        return [TaskSpec.for_request("task-1", "codegen", "", req.message)], "serial"
     return tasks, planner
 
 
