@@ -25,7 +25,7 @@ def execution(outputs: dict[str, tuple[str, TaskOutput | None]]) -> Execution:
     t0 = now()
     ex = new_execution(ExecutionRequested(execution_id="e", message="m", requested_at=t0,
                                           deadline_at=t0 + timedelta(hours=1)))
-    apply_plan(ex, [TaskSpec(id=i, pool=pool, description=i) for i, (pool, _) in outputs.items()], "client")  # type: ignore[arg-type]
+    apply_plan(ex, [TaskSpec(id=i, pool=pool, description=i) for i, (pool, _) in outputs.items()], "client")
     for t in ex.tasks:
         out = outputs[t.id][1]
         t.status, t.output = ("completed", out) if out is not None else ("failed", None)
@@ -108,6 +108,44 @@ def test_contradictory_findings_keep_securitys_assessment() -> None:
     assert [f.severity for f in s.findings] == ["critical"]
     [o] = s.audit
     assert (o.overridden.pool, o.overridden.severity, o.by.severity) == ("database", "info", "critical")
+
+
+def test_another_agents_finding_never_replaces_securitys_on_the_same_risk() -> None:
+    def both(other: Finding) -> Execution:
+        return execution({
+            "backend": ("codegen", TaskOutput(summary="api", findings=[other])),
+            "audit": ("security", TaskOutput(summary="audit", findings=[
+                Finding(severity="high", topic="CSRF", detail="forms accept cross-site posts",
+                        recommendation=CSRF_FIX)])),
+        })
+
+    # The same severity (plan order would have kept codegen's), then a more severe one: security's stands.
+    for severity in ("high", "critical"):
+        ex = both(Finding(severity=severity, topic="csrf", detail="x",
+                          recommendation="SameSite=Lax cookies are enough; no CSRF tokens"))
+        s = settle(ex)
+        assert [(f.severity, f.recommendation) for f in s.findings] == [("high", CSRF_FIX)]
+        [c] = s.conflicts
+        assert (c.kind, c.rule) == ("contradictory_findings", "security_first") and CSRF_FIX in c.resolution
+        [o] = s.audit
+        assert (o.overridden.pool, o.by.pool, o.by.says) == ("codegen", "security", CSRF_FIX)
+        assert CSRF_FIX in aggregate(ex, "security_first").model_dump_json()
+        assert "no CSRF tokens" not in json.dumps([f.model_dump() for f in aggregate(ex, "security_first").findings])
+
+    # Agreement is no conflict, and security's wording is the one kept.
+    s = settle(both(Finding(severity="medium", topic="csrf", detail="x", recommendation=CSRF_FIX.lower() + ".")))
+    assert s.conflicts == [] and s.audit == [] and [f.severity for f in s.findings] == ["high"]
+
+
+def test_flag_all_lists_every_option_as_a_decision_and_settles_none() -> None:
+    ex = execution({
+        "backend": ("codegen", TaskOutput(summary="api", recommendations=[rec("csrf", "SameSite=Lax cookies only")])),
+        "audit": ("security", TaskOutput(summary="audit", findings=[
+            Finding(severity="high", topic="csrf", detail="forms accept cross-site posts", recommendation=CSRF_FIX)])),
+    })
+    s = settle(ex, "flag_all")
+    assert sorted((r.choice, r.decision_needed) for r in s.recommendations) == [
+        (CSRF_FIX, True), ("SameSite=Lax cookies only", True)]
 
 
 def test_flag_all_mode_overrides_nothing() -> None:

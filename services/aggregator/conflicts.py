@@ -4,7 +4,8 @@ Detected, per topic (normalised, with a few synonyms):
 - approach vs risk: a codegen/database recommendation on a topic where security reports a finding
   whose recommendation differs (the seed's CSRF example);
 - different tools: two agents recommending different choices for the same topic;
-- contradictory findings: findings on the same topic whose severities are two or more levels apart.
+- contradictory findings: findings on the same topic whose severities are two or more levels apart, or
+  another agent's finding that says to do something other than security's about the same risk.
 
 Settled by rule: 1. security's recommendation always applies (``security_first``); 2. agreeing or
 complementary advice is merged; 3. a disagreement security is not part of is flagged for the PM and
@@ -114,27 +115,39 @@ def settle(ex: Execution, mode: str = "security_first") -> Settlement:
     return out
 
 
+def _norm(text: str | None) -> str:
+    return re.sub(r"[^a-z0-9]", "", (text or "").lower())
+
+
 def _settle_findings(out: Settlement, topic: str, finds: list[_Find], flag_all: bool) -> None:
-    """One finding per topic; severities two or more levels apart are a conflict of their own."""
+    """One finding per topic. Where security reported one, security's stands; another agent's that rates the
+    risk two or more levels apart, or says to do something else about it, is a conflict security wins.
+    Without security the most severe stands, and severities two or more levels apart are flagged."""
     if not finds:
         return
+    security = [f for f in finds if f.pool == "security"]
+    standing = max(security, key=lambda f: f.rank) if security else None
     worst = max(finds, key=lambda f: f.rank)
     mild = min(finds, key=lambda f: f.rank)
-    if worst.rank - mild.rank < 2:
-        out.findings.append(worst.finding)
+    wants = _norm(standing.finding.recommendation) if standing else ""
+    against = [f for f in finds if f.pool != "security" and standing is not None and (
+        abs(f.rank - standing.rank) >= 2 or (wants and f.finding.recommendation
+                                             and _norm(f.finding.recommendation) != wants))]
+    if not against and worst.rank - mild.rank < 2:
+        out.findings.append((standing or worst).finding)
         return
-    security = [f for f in finds if f.pool == "security"]
-    if security and not flag_all:
-        standing = max(security, key=lambda f: f.rank)
+    if standing is not None and not flag_all:
+        fix = f": {standing.finding.recommendation}" if standing.finding.recommendation else ""
         _conflict(out, "contradictory_findings", topic, finds, "security_first",
-                  f"security's assessment stands: {standing.finding.severity}", standing)
+                  f"security's assessment stands: {standing.finding.severity}{fix}", standing)
         out.findings.append(standing.finding)
         return
     _conflict(out, "contradictory_findings", topic, finds, "flag",
               f"assessments differ ({mild.finding.severity} vs {worst.finding.severity}); treated as the more "
               "severe until the PM decides", None)
-    out.decisions.append(f"{topic}: agents disagree on severity "
-                         f"({', '.join(f'{f.pool} {f.finding.severity}' for f in finds)})")
+    out.decisions.append(f"{topic}: agents disagree (" + "; ".join(
+        f"{f.pool} {f.finding.severity}" + (f": {f.finding.recommendation}" if f.finding.recommendation else "")
+        for f in finds) + ")")
     out.findings.append(worst.finding)
 
 
@@ -145,13 +158,25 @@ def _settle_recommendations(out: Settlement, topic: str, recs: list[_Rec], finds
     # Rule 1 against an approach: security found a risk on this topic and says what to do instead.
     fix = next((f for f in finds if f.pool == "security" and f.finding.recommendation), None)
     if fix is not None:
-        wanted = re.sub(r"[^a-z0-9]", "", fix.finding.recommendation.lower())
+        wanted = _norm(fix.finding.recommendation)
         clashing = [r for r in recs if r.pool != "security" and r.choice != wanted]
         if clashing and flag_all:
             _conflict(out, "approach_vs_risk", topic, [*clashing, fix], "flag",
                       "flagged for the PM (conflict_resolution: flag_all)", None)
             out.decisions.append(f"{topic}: {fix.finding.recommendation} (security) or "
                                  f"{clashing[0].rec.choice} ({clashing[0].pool})?")
+            # Every option stays listed, none of them settled.
+            out.recommendations.append(ResolvedRecommendation(
+                topic=topic, choice=fix.finding.recommendation, rationale=fix.finding.detail,
+                sources=[fix.task_id], decision_needed=True))
+            out.recommendations += [
+                ResolvedRecommendation(topic=topic, choice=r.rec.choice, rationale=r.rec.rationale,
+                                       sources=[r.task_id], decision_needed=True)
+                for r in clashing
+            ]
+            recs = [r for r in recs if r not in clashing]
+            if not recs:
+                return
         elif clashing:
             _conflict(out, "approach_vs_risk", topic, [*clashing, fix], "security_first",
                       f"security's recommendation applies: {fix.finding.recommendation}", fix)
