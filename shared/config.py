@@ -125,6 +125,12 @@ class Gateway(_Strict):
     rate_limit_per_minute: int = Field(default=600, ge=1, description="per API key (not in local mode)")
     rate_limit_burst: int = Field(default=60, ge=1)
 
+    @model_validator(mode="after")
+    def _default_within_max(self) -> Gateway:
+        if self.default_wait_s > self.max_wait_s:
+            raise ValueError(f"default_wait_s ({self.default_wait_s:g}) is above max_wait_s ({self.max_wait_s:g})")
+        return self
+
 
 class ParallelExecutionConfig(_Strict):
     enabled: bool = True

@@ -8,6 +8,7 @@ temporary store. Every test isolates itself with its own namespace (stream and s
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import signal
@@ -124,10 +125,12 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):  #
 
 
 async def until(predicate, timeout: float, what: str, interval: float = 0.01):  # type: ignore[no-untyped-def]
-    """``wait_until`` for async tests: the event loop keeps running while it polls."""
+    """``wait_until`` for async tests: the event loop keeps running while it polls (``predicate`` may be async)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         await asyncio.sleep(interval)

@@ -17,7 +17,7 @@ from nats.js.api import DeliverPolicy
 
 from shared.natsserver import NatsServer, free_port
 from shared.schemas import DeadLetter, ExecutionRequested, TaskSpec, now
-from tests.conftest import ROOT, Stack, start_stack, stop_stack, wait_until, write_config
+from tests.conftest import ROOT, Stack, start_stack, stop_stack, until, wait_until, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -118,9 +118,22 @@ async def test_garbage_on_a_task_subject_is_dead_lettered_and_the_pool_keeps_ser
         ack = await js.publish(names.tasks("codegen"), b"\x00\xffnot a task")
         await js.publish(names.tasks("codegen"), b'{"kind": "task.run", "execution_id": "x"}')
         letters = [DeadLetter.model_validate_json((await dlq.next_msg(timeout=20)).data) for _ in range(2)]
+
+        async def advisories_handled() -> bool:  # the server's termination advisories, by the aggregator
+            info = await js.consumer_info(names.advisories_stream, names.dead_letters_consumer)
+            return info.num_pending == 0 and info.num_ack_pending == 0
+
+        await until(advisories_handled, 20, "the aggregator to handle the termination advisories")
     finally:
         await nc.drain()
     first, second = letters
+    # Each one dead letter, counted once: by the pool that terminated it, not again for the server's advisory.
+    async with httpx.AsyncClient(timeout=5) as client:
+        scraped = [(await client.get(f"http://127.0.0.1:{c['port']}/metrics")).text  # type: ignore[index]
+                   for c in stack.state()["children"].values()]  # type: ignore[union-attr]
+    counted = [float(line.rsplit(" ", 1)[1]) for text in scraped for line in text.splitlines()
+               if line.startswith("openclaw_dead_letters_total{") and f'stream="{names.tasks_stream}"' in line]
+    assert sum(counted) == 2, counted
     assert first.stream_seq == ack.seq and first.subject == names.tasks("codegen")
     assert "does not validate" in first.reason and "\ufffd" in first.payload
     assert "task: Field required" in second.reason and "deadline_at: Field required" in second.reason
@@ -201,6 +214,9 @@ def test_service_without_nats_retries_reports_not_ready_then_recovers(tmp_path: 
          "parallel_execution.worker_pools.codegen.max_concurrent"),
         ({"worker_pool": {}}, "parallel_execution.worker_pool: Extra inputs are not permitted"),
         ({"retries": {"max_retries": "many"}}, "parallel_execution.retries.max_retries"),
+        # Else every request without its own timeout_s was refused with a 422 about a field it did not send.
+        ({"gateway": {"max_wait_s": 30}}, "parallel_execution.gateway: Value error, default_wait_s (60) is above "
+                                          "max_wait_s (30)"),
     ],
 )
 def test_invalid_config_fails_fast_naming_the_field(tmp_path: Path, config: dict[str, object], says: str) -> None:

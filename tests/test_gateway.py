@@ -91,6 +91,7 @@ def test_a_late_client_gets_every_event_replayed_and_the_stream_closes(stack: St
     assert [i for _, i, _ in resumed] == [str(i) for i in ids[3:]]
     # An id that is not one of ours replays everything, as none would.
     assert events(stack, eid, **{"Last-Event-ID": b"\xb2"}) == got  # type: ignore[arg-type]
+    assert events(stack, eid, **{"Last-Event-ID": str(2**64 - 1)}) == got
 
 
 def test_a_waited_for_answer_is_the_document_byte_for_byte_as_get_serves_it(stack: Stack) -> None:
@@ -217,12 +218,18 @@ def test_cancel_stops_queued_and_running_tasks_and_keeps_the_cost_so_far(stack: 
 
 def test_the_same_idempotency_key_and_body_return_the_same_execution(stack: Stack) -> None:
     key = {"Idempotency-Key": "order-" + uuid.uuid4().hex}
-    body = {"message": "m", "tasks": [task("one", "security", 0)], "wait": True}
+    body = {"message": "m", "tasks": [{**task("one", "security", 0), "context": {"env": "prod", "simulate": {}}}],
+            "wait": True}
     first = httpx.post(f"{stack.url}/api/execute-parallel", headers={**auth(), **key}, json=body, timeout=30)
     second = httpx.post(f"{stack.url}/api/execute-parallel", headers={**auth(), **key}, json=body, timeout=30)
     assert first.status_code == second.status_code == 200
     assert first.json()["execution_id"] == second.json()["execution_id"]
     assert len(second.json()["tasks"][0]["attempts"]) == 1  # it ran once
+    # The same request with the keys of its free-form objects in another order is the same request.
+    spec = body["tasks"][0]  # type: ignore[index]
+    reordered = {**body, "tasks": [{**spec, "context": dict(reversed(spec["context"].items()))}]}
+    third = httpx.post(f"{stack.url}/api/execute-parallel", headers={**auth(), **key}, json=reordered, timeout=30)
+    assert third.status_code == 200 and third.json()["execution_id"] == first.json()["execution_id"]
     other = httpx.post(f"{stack.url}/api/execute-parallel", headers={**auth(), **key},
                        json={**body, "message": "different"}, timeout=30)
     assert other.status_code == 422 and other.json()["errors"][0]["field"] == "Idempotency-Key"

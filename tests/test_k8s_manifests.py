@@ -269,8 +269,15 @@ def test_gateway_and_aggregator_scale_on_cpu_and_the_gateway_is_reachable(overla
     assert svc["spec"]["selector"].items() <= gw["spec"]["template"]["metadata"]["labels"].items()
     assert svc["spec"]["ports"][0]["targetPort"] == "http"
     ingress = of_kind(objs, "Ingress")["openclaw-gateway"]
-    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
-    assert backend == {"name": "openclaw-gateway", "port": {"name": "http"}}
+    paths = ingress["spec"]["rules"][0]["http"]["paths"]
+    assert all(p["backend"]["service"] == {"name": "openclaw-gateway", "port": {"name": "http"}} for p in paths)
+
+    def public(url: str) -> bool:
+        return any(url == p["path"] or (p["pathType"] == "Prefix" and url.startswith(p["path"].rstrip("/") + "/"))
+                   for p in paths)
+
+    assert all(public(url) for url in ("/api/execute-parallel", "/api/chat", "/docs", "/openapi.json")), name
+    assert not any(public(url) for url in ("/metrics", "/healthz", "/readyz")), name  # cost figures, internals
     (monitor,) = of_kind(objs, "PodMonitor").values()
     assert monitor["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/part-of": "openclaw"}
     assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "http"

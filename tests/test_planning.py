@@ -138,9 +138,10 @@ def test_a_client_plan_is_revalidated() -> None:
     "Design the PostgreSQL schema for invoices",
     "Make it nicer",
 ])
-def test_chat_goes_parallel_exactly_when_the_rules_plan_more_than_one_task(text: str) -> None:
-    routing = should_use_parallel_execution(text, enabled=True)
-    tasks, _ = rules_plan(text, False, 6)
+@pytest.mark.parametrize("project", [None, "security audit of the payments app"])
+def test_chat_goes_parallel_exactly_when_the_rules_plan_more_than_one_task(text: str, project: str | None) -> None:
+    routing = should_use_parallel_execution(text, enabled=True, project=project)
+    tasks, _ = rules_plan(text, False, 6, project)
     assert routing.parallel == (len(tasks) > 1), (routing.reason, [t.pool for t in tasks])
     if routing.parallel:
         assert set(routing.pools) == {t.pool for t in tasks}

@@ -353,9 +353,10 @@ class AggregatorHandlers:
             advisory=adv.type,
             payload=(original.data or b"").decode("utf-8", errors="replace") if original else "",
         )
-        # Same msg-id as the consumer's own copy of a poison message: one dead letter per message.
-        await publish(js, names.dlq(adv.stream, adv.consumer), letter, f"{adv.stream}:{adv.stream_seq}:dead")
-        metrics.DEAD_LETTERS.labels(adv.stream, adv.consumer).inc()
+        # Same msg-id as the consumer's own copy of a poison message: one dead letter per message, counted once.
+        ack = await publish(js, names.dlq(adv.stream, adv.consumer), letter, f"{adv.stream}:{adv.stream_seq}:dead")
+        if not ack.duplicate:
+            metrics.DEAD_LETTERS.labels(adv.stream, adv.consumer).inc()
         if original is not None and original.data and adv.exhausted:
             if adv.stream == names.tasks_stream:
                 await self._task_dead(adv, original.data)

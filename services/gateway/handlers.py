@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import re
 import uuid
@@ -118,8 +119,10 @@ def _execution_id(who: Caller, idempotency_key: str | None) -> str:
 
 
 def _fingerprint(body: ExecuteRequest) -> str:
-    """What makes two requests "the same" for idempotency (waiting is not part of the request)."""
-    return hashlib.sha256(body.model_dump_json(exclude={"wait", "timeout_s"}).encode()).hexdigest()
+    """What makes two requests "the same" for idempotency (waiting is not part of the request; the order of
+    keys in a JSON object is not either)."""
+    canonical = json.dumps(body.model_dump(mode="json", exclude={"wait", "timeout_s"}), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_key: str | None,
@@ -132,9 +135,9 @@ async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_ke
             check_plan(body.tasks, pe.max_tasks_per_execution)
         except PlanError as e:
             raise HTTPException(422, {"field": "tasks", "message": str(e)}) from None
-    wait_s = body.timeout_s if body.timeout_s is not None else pe.gateway.default_wait_s
-    if wait_s > pe.gateway.max_wait_s:
+    if body.timeout_s is not None and body.timeout_s > pe.gateway.max_wait_s:
         raise HTTPException(422, {"field": "timeout_s", "message": f"at most {pe.gateway.max_wait_s:g} seconds"})
+    wait_s = body.timeout_s if body.timeout_s is not None else pe.gateway.default_wait_s
 
     requested = now()
     req = ExecutionRequested(
@@ -334,8 +337,10 @@ async def execution_events(
     ``Last-Event-ID``), live until the terminal ``completed`` event, which closes the stream. A gateway that
     is stopping closes it too: the client reconnects with ``Last-Event-ID`` to another replica."""
     js, eid = rt.jetstream, ex.execution_id
-    # Only ASCII digits: "²" (a latin-1 byte) passes isdigit() but not int().
+    # Only ASCII digits ("²", a latin-1 byte, passes isdigit() but not int()), and a stream sequence (the server
+    # refuses a start beyond 64 bits): anything else replays from the start.
     after = int(last_event_id) if last_event_id and last_event_id.isascii() and last_event_id.isdigit() else 0
+    after = after if after < 2**63 else 0
     start = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1) if after else (
         ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
     sub = await js.subscribe(rt.names.events(eid, "*"), stream=rt.names.events_stream, ordered_consumer=True,

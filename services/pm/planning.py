@@ -40,9 +40,11 @@ def _routing(d: Distribution, pool: Pool) -> dict[str, Any]:
     return {"routing": {"pool": pool, "score_share": share, "matched": d.matched.get(pool, [])}}
 
 
-def rules_plan(message: str, force_parallel: bool, max_tasks: int) -> tuple[list[TaskSpec], str]:
-    """Plan by keywords; returns the tasks and the planner name ("rules" or "serial")."""
-    d = distribute(message)
+def rules_plan(message: str, force_parallel: bool, max_tasks: int,
+               project: str | None = None) -> tuple[list[TaskSpec], str]:
+    """Plan by keywords (of the project's name too, as chat routing reads them); returns the tasks and the
+    planner name ("rules" or "serial")."""
+    d = distribute(f"{project or ''} {message}")
 
     def task(id: str, pool: Pool, lead: str, **fields: Any) -> TaskSpec:
         return TaskSpec.for_request(id, pool, lead, message, context=_routing(d, pool), **fields)
@@ -74,7 +76,7 @@ def make_plan(req: ExecutionRequested, max_tasks: int) -> tuple[list[TaskSpec], 
     if req.tasks is not None:
         check_plan(req.tasks, max_tasks)
         return req.tasks, "client"
-    tasks, planner = rules_plan(req.message, req.force_parallel, max_tasks)
+    tasks, planner = rules_plan(req.message, req.force_parallel, max_tasks, req.project)
     try:
         check_plan(tasks, max_tasks)
     except PlanError:
