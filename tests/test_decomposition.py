@@ -15,10 +15,10 @@ from services.pm.planning import plan_request
 from services.pm.prompts import SYSTEM
 from shared.config import ParallelExecutionConfig
 from shared.errors import PlanError
-from shared.execution import cancel, new_execution
+from shared.execution import cancel, fail_execution, new_execution
 from shared.names import Names
 from shared.providers import AnthropicProvider, SimulatedProvider
-from shared.schemas import ExecutionRequested, TaskSpec, now
+from shared.schemas import ExecutionCompleted, ExecutionRequested, TaskSpec, now
 from tests.conftest import answered_past_ack_wait, delivered, service_runtime
 from tests.fake_anthropic import FakeAnthropic
 
@@ -201,3 +201,18 @@ async def test_a_slow_plan_keeps_its_request_from_being_redelivered(
     assert len(fake_anthropic.of("plan")) == 1
     stored = await rt.executions.get("slowplan")
     assert stored is not None and stored[0].planner == "llm"
+
+
+async def test_a_redelivered_request_announces_an_execution_ended_unannounced(nc: NATS, names: Names,
+                                                                            tmp_path: Path) -> None:
+    # The PM stored the rejection of a plan and died before announcing it: the redelivery announces it.
+    rt = await service_runtime(nc, names, tmp_path, service="pm")
+    req = ExecutionRequested(execution_id="mute", message=PROJECT, requested_at=now(),
+                             deadline_at=now() + timedelta(hours=1))
+    await rt.executions.create(new_execution(req))
+    await rt.executions.mutate("mute", lambda ex: fail_execution(ex, "invalid plan: a cycle"))
+    msg = await delivered(rt, names.execution_requested, req.to_bytes(), names.executions_stream, times=2)
+    await PMHandlers(rt, SimulatedProvider(rt.settings.pe)).on_requested(req, msg)
+    event = await rt.jetstream.get_last_msg(names.events_stream, names.completed_event("mute"))
+    assert ExecutionCompleted.model_validate_json(event.data).execution.error == "invalid plan: a cycle"
+    assert (event.headers or {})[ExecutionCompleted.STATUS_HEADER] == "failed"

@@ -74,6 +74,10 @@ class PMHandlers:
         if ex is not None and emitting:  # the decomposition's cost also when the execution ended meanwhile
             for event in call_events(ex.execution_id, ex.calls, "decomposition"):
                 await publish_cost(self.rt.nats, names, event)
+        if ex is not None and ex.terminal and redelivered(msg):
+            # Whoever ended it (this PM rejecting the plan, say) may have died before announcing it; the event's
+            # msg-id keeps it to one.
+            await self.rt.announce_completed(ex)
         if ex is None or ex.status != "running":
             await msg.ack()  # cancelled or finished meanwhile: nothing to start
             return
