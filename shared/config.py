@@ -118,6 +118,9 @@ class AnthropicConfig(_Strict):
     max_tokens: int = Field(default=16_000, ge=1, le=128_000, description="per call, thinking included")
 
 
+TASK_DEDUP_WINDOW_S = 3600.0  # the tasks stream's duplicate window: a released task's msg-id, remembered
+
+
 class Gateway(_Strict):
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     default_wait_s: float = Field(default=60, gt=0)
@@ -137,7 +140,9 @@ class ParallelExecutionConfig(_Strict):
     max_tasks_per_execution: int = Field(default=6, ge=1, le=100)
     provider: Literal["auto", "simulated", "anthropic"] = "auto"
     anthropic: AnthropicConfig = AnthropicConfig()
-    execution_timeout_s: float = Field(default=1800, gt=0)
+    execution_timeout_s: float = Field(
+        default=1800, gt=0, le=TASK_DEDUP_WINDOW_S, description="an execution still running then fails; at most "
+        "the tasks stream's duplicate window, which keeps a released task from being queued twice while it runs")
     ack_wait_s: float = Field(default=30, gt=0, description="crash-detection window of every durable consumer")
     announce_start_after_s: float = Field(
         default=0.1, gt=0, description="a task attempt still running after this long is announced as started; "

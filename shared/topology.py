@@ -24,7 +24,7 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
-from shared.config import ParallelExecutionConfig
+from shared.config import TASK_DEDUP_WINDOW_S, ParallelExecutionConfig
 from shared.names import Names, Pool
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def stream_configs(names: Names, replicas: int = 1) -> list[StreamConfig]:
         # Message schedules: an execution's deadline check waits in the stream until its deadline.
         cfg(names.executions_stream, names.executions_all, 7 * DAY, 600, limits, schedules=True),
         # A long duplicate window: a released task's msg-id must stay remembered while the execution runs.
-        cfg(names.tasks_stream, names.tasks_all, 7 * DAY, 3600, work),
+        cfg(names.tasks_stream, names.tasks_all, 7 * DAY, TASK_DEDUP_WINDOW_S, work),
         cfg(names.results_stream, names.results_all, 7 * DAY, 600, limits),
         cfg(names.events_stream, names.events_all, 7 * DAY, EVENTS_DUPLICATE_WINDOW_S, limits),
         cfg(names.dlq_stream, names.dlq_all, 30 * DAY, 600, limits),
@@ -158,10 +158,10 @@ def aggregator_consumer_config(names: Names, pe: ParallelExecutionConfig) -> Con
     )
 
 
-def deadlines_consumer_config(names: Names) -> ConsumerConfig:
+def deadlines_consumer_config(names: Names, pe: ParallelExecutionConfig) -> ConsumerConfig:
     """Deadline checks are published by the stream's schedules at each execution's deadline, so this
     durable only sees those due (or, from a clock ahead of the aggregator's, about to be: nak'd until then)."""
-    return _durable(names.deadlines_consumer, names.execution_deadline, max_ack_pending=1_000, ack_wait=30,
+    return _durable(names.deadlines_consumer, names.execution_deadline, max_ack_pending=1_000, ack_wait=pe.ack_wait_s,
                     max_deliver=-1)
 
 
@@ -170,13 +170,14 @@ def cancels_consumer_config(names: Names, pe: ParallelExecutionConfig) -> Consum
                     max_deliver=10)
 
 
-def dead_letters_consumer_config(names: Names) -> ConsumerConfig:
+def dead_letters_consumer_config(names: Names, pe: ParallelExecutionConfig) -> ConsumerConfig:
+    # Every durable's ack_wait is ack_wait_s: handlers that write a final answer heartbeat at a third of it.
     return ConsumerConfig(
         name=names.dead_letters_consumer,
         durable_name=names.dead_letters_consumer,
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=30,
+        ack_wait=pe.ack_wait_s,
         max_deliver=10,
         max_ack_pending=256,
     )

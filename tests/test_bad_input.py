@@ -214,6 +214,9 @@ def test_service_without_nats_retries_reports_not_ready_then_recovers(tmp_path: 
          "parallel_execution.worker_pools.codegen.max_concurrent"),
         ({"worker_pool": {}}, "parallel_execution.worker_pool: Extra inputs are not permitted"),
         ({"retries": {"max_retries": "many"}}, "parallel_execution.retries.max_retries"),
+        # Longer than the tasks stream remembers a released task's msg-id, a task could be queued twice.
+        ({"execution_timeout_s": 7200}, "parallel_execution.execution_timeout_s: Input should be less than or equal "
+                                        "to 3600"),
         # Else every request without its own timeout_s was refused with a 422 about a field it did not send.
         ({"gateway": {"max_wait_s": 30}}, "parallel_execution.gateway: Value error, default_wait_s (60) is above "
                                           "max_wait_s (30)"),

@@ -15,8 +15,13 @@ from shared.config import ParallelExecutionConfig, PoolConfig, WorkerPools
 from shared.names import POOLS, Names
 from shared.topology import (
     KV_TTL,
+    aggregator_consumer_config,
+    cancels_consumer_config,
+    dead_letters_consumer_config,
+    deadlines_consumer_config,
     ensure_consumer,
     ensure_streams,
+    pm_consumer_config,
     pool_consumer_config,
     stream_configs,
     topology_present,
@@ -123,3 +128,22 @@ async def test_a_bucket_left_without_republish_is_not_ready_until_the_owner_upda
     revision = await kv.create("e1", b'{"status": "queued"}')
     republished = await sub.next_msg(timeout=5)
     assert republished.data == b'{"status": "queued"}' and republished.headers["Nats-Sequence"] == str(revision)
+
+
+async def test_every_durable_waits_ack_wait_s_for_an_ack(nc: NATS, names: Names) -> None:
+    # The handlers that may run long heartbeat at a third of ack_wait_s; a durable with its own ack_wait would
+    # redeliver under them (a second billed synthesis call) once ack_wait_s is set above three times it.
+    js = nc.jetstream()
+    await ensure_streams(js, names)
+    pe = ParallelExecutionConfig(ack_wait_s=120)
+    durables = [
+        (names.tasks_stream, pool_consumer_config(names, "codegen", pe)),
+        (names.executions_stream, pm_consumer_config(names, pe)),
+        (names.results_stream, aggregator_consumer_config(names, pe)),
+        (names.executions_stream, cancels_consumer_config(names, pe)),
+        (names.executions_stream, deadlines_consumer_config(names, pe)),
+        (names.advisories_stream, dead_letters_consumer_config(names, pe)),
+    ]
+    for stream, cfg in durables:
+        await ensure_consumer(js, stream, cfg)
+        assert (await js.consumer_info(stream, cfg.durable_name)).config.ack_wait == 120, cfg.durable_name

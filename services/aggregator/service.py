@@ -24,9 +24,9 @@ async def start(rt: Runtime) -> Workers:
     that gave up."""
     js, names, nc = rt.jetstream, rt.names, rt.nats
     await ensure_consumer(js, names.results_stream, aggregator_consumer_config(names, rt.pe))
-    await ensure_consumer(js, names.executions_stream, deadlines_consumer_config(names))
+    await ensure_consumer(js, names.executions_stream, deadlines_consumer_config(names, rt.pe))
     await ensure_consumer(js, names.executions_stream, cancels_consumer_config(names, rt.pe))
-    await ensure_consumer(js, names.advisories_stream, dead_letters_consumer_config(names))
+    await ensure_consumer(js, names.advisories_stream, dead_letters_consumer_config(names, rt.pe))
     provider = make_provider(rt.pe, rt.settings.anthropic_api_key)  # one client for the process
     h = AggregatorHandlers(rt, provider)
     consumers: list[Consumer[Any]] = [
