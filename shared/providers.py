@@ -18,12 +18,12 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from shared.config import MISSING_API_KEY, ParallelExecutionConfig
 from shared.errors import ConfigError, OpenClawError
 from shared.names import Pool
-from shared.schemas import Artifact, ErrorKind, Finding, Plan, Recommendation, TaskOutput, TaskSpec, Usage
+from shared.schemas import Artifact, ErrorKind, Finding, Plan, Recommendation, Simulate, TaskOutput, TaskSpec, Usage
 
 if TYPE_CHECKING:  # the SDK takes seconds to import: only a process that uses it pays for that (at start)
     from anthropic.types import Message, MessageParam, TextBlockParam, ToolChoiceParam, ToolParam
@@ -89,18 +89,6 @@ class ModelProvider(Protocol):
     async def aclose(self) -> None:
         """Release the provider's connections (at process stop)."""
         ...
-
-
-class Simulate(BaseModel):
-    """Per-task shaping of the simulated provider, read from ``context.simulate``."""
-
-    model_config = ConfigDict(extra="forbid")
-    latency_s: float | None = Field(default=None, ge=0)
-    fail_attempts: int = Field(default=0, ge=0, description="attempts 1..N fail with ``error``")
-    hang: bool = False
-    error: ErrorKind = "simulated"
-    crash_attempts: int = Field(default=0, ge=0, description="attempts 1..N kill the worker process")
-    output: TaskOutput | None = Field(default=None, description="answer this instead of the pool's default")
 
 
 def _tokens(text: str) -> int:

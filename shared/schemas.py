@@ -9,7 +9,16 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, computed_field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    computed_field,
+    field_validator,
+    model_validator,
+)
 
 from shared.errors import PlanError
 from shared.names import Pool
@@ -68,6 +77,12 @@ class TaskSpec(BaseModel):
         upstream = context.get("upstream")
         if upstream is not None and not (isinstance(upstream, dict) and all(isinstance(k, str) for k in upstream)):
             raise ValueError("context.upstream must map task ids to their outputs")
+        if "simulate" in context:  # else every attempt would fail on it, as an agent error
+            try:
+                Simulate.model_validate(context["simulate"])
+            except ValidationError as e:
+                raise ValueError("context.simulate: " + "; ".join(
+                    f"{'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']}" for err in e.errors())) from None
         return context
 
     @classmethod
@@ -193,6 +208,18 @@ class TaskOutput(BaseModel):
     findings: list[Finding] = Field(default_factory=list)
     recommendations: list[Recommendation] = Field(default_factory=list)
     simulated: bool = False
+
+
+class Simulate(BaseModel):
+    """Per-task shaping of the simulated provider, read from ``context.simulate``."""
+
+    model_config = ConfigDict(extra="forbid")
+    latency_s: float | None = Field(default=None, ge=0)
+    fail_attempts: int = Field(default=0, ge=0, description="attempts 1..N fail with ``error``")
+    hang: bool = False
+    error: ErrorKind = "simulated"
+    crash_attempts: int = Field(default=0, ge=0, description="attempts 1..N kill the worker process")
+    output: TaskOutput | None = Field(default=None, description="answer this instead of the pool's default")
 
 
 class _TaskResult(Wire):

@@ -97,6 +97,8 @@ def test_unknown_execution_is_404(stack: Stack) -> None:
          "context.upstream is reserved"),
         ([{"id": "a", "pool": "codegen", "description": "x", "context": {"upstream": [1, 2]}}], "tasks[0].context",
          "context.upstream must map task ids to their outputs"),
+        ([{"id": "a", "pool": "codegen", "description": "x", "context": {"simulate": {"bogus": 1}}}],
+         "tasks[0].context", "context.simulate: bogus: Extra inputs are not permitted"),
     ],
 )
 def test_invalid_plan_is_422_saying_which(stack: Stack, tasks: list[object], field: str, says: str) -> None:
