@@ -122,7 +122,8 @@ TASK_DEDUP_WINDOW_S = 3600.0  # the tasks stream's duplicate window: a released 
 
 
 class Gateway(_Strict):
-    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(default=256 * 1024, ge=1024, description="a request's execution lives in one NATS "
+                                "message: with the server's default max_payload (1 MiB) a request may take a quarter")
     default_wait_s: float = Field(default=60, gt=0)
     max_wait_s: float = Field(default=600, gt=0)
     rate_limit_per_minute: int = Field(default=600, ge=1, description="per API key (not in local mode)")

@@ -15,6 +15,8 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import DeliverPolicy
 
+from services.gateway.access import LOCAL_TENANT, Caller
+from services.gateway.handlers import _execution_id
 from shared.natsserver import NatsServer, free_port
 from shared.schemas import DeadLetter, ExecutionRequested, TaskSpec, now
 from tests.conftest import ROOT, Stack, start_stack, stop_stack, until, wait_until, write_config
@@ -73,6 +75,25 @@ def test_streamed_body_over_the_size_is_413(stack: Stack) -> None:
 
     r = httpx.post(f"{stack.url}/api/execute-parallel", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413
+
+
+def test_a_request_too_large_for_its_execution_to_fit_in_a_message_is_413_and_stores_nothing(  # type: ignore[no-untyped-def]
+        stack_factory, tmp_path: Path) -> None:
+    # The body limit raised past the broker's: the request would be stored, then fail to publish (a 500 and an
+    # execution stuck "queued"), or run and leave a document no write could store.
+    config = write_config(tmp_path / "c.json", {"gateway": {"max_body_bytes": 2 * 1024 * 1024}})
+    big = stack_factory("big" + uuid.uuid4().hex[:8], "--config", str(config))
+    key = "big-" + uuid.uuid4().hex
+    task = {"id": "a", "pool": "database", "description": "db", "context": {"blob": "b" * 300_000}}
+    r = httpx.post(f"{big.url}/api/execute-parallel", json={"message": "m", "tasks": [task]}, timeout=30,
+                   headers={"Idempotency-Key": key})
+    assert r.status_code == 413, r.text
+    assert "max_payload, 1048576" in r.json()["message"] and "send less context" in r.json()["message"]
+    eid = _execution_id(Caller(LOCAL_TENANT), key)
+    assert httpx.get(f"{big.url}/api/execution/{eid}", timeout=10).status_code == 404
+    task["context"] = {"blob": "b" * 200_000}  # within a quarter: it runs
+    ok = httpx.post(f"{big.url}/api/execute-parallel", json={"message": "m", "tasks": [task], "wait": True}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["status"] == "completed", ok.text
 
 
 def test_unknown_execution_is_404(stack: Stack) -> None:

@@ -402,6 +402,7 @@ def test_nats_values_ask_for_a_durable_three_node_cluster_with_the_auth_file() -
     assert cfg["monitor"] == {"enabled": True, "port": 8222} and v["service"]["ports"]["monitor"]["enabled"]
     assert v["promExporter"]["enabled"] and v["promExporter"]["podMonitor"]["enabled"]
     assert cfg["merge"]["$include"] == "auth.conf"
+    assert cfg["merge"]["max_payload"] >= 8 * 1024 * 1024  # an execution's document, outputs and answer included
     env = v["container"]["env"]
     for user in natsauth.USERS:
         ref = env[natsauth.password_env(user)]["valueFrom"]["secretKeyRef"]

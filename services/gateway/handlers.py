@@ -155,6 +155,12 @@ async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_ke
         routing=routing,
     )
     eid, names = req.execution_id, rt.names
+    # The execution lives in one NATS message (its document) from now on, and the agents' outputs and the final
+    # answer join it: a request may take a quarter of the server's max_payload.
+    size, budget = len(req.to_bytes()), rt.nats.max_payload // 4
+    if size > budget:
+        raise HTTPException(413, f"the request takes {size} bytes as a message, more than the {budget} it may (a "
+                                 f"quarter of the NATS server's max_payload, {rt.nats.max_payload}): send less context")
     ex = new_execution(req)
     replay = False
     try:
