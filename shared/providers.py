@@ -180,6 +180,8 @@ class SimulatedProvider:
             await asyncio.sleep(delay)
         if attempt <= sim.crash_attempts:
             os._exit(70)  # a worker dying mid-task, as kill -9 would
+        if attempt <= sim.raise_attempts:
+            raise RuntimeError("simulated agent bug")
         output = sim.output.model_copy(update={"simulated": True}) if sim.output else simulated_output(pool, task)
         usage = Usage(
             input_tokens=_tokens(prompt.system) + _tokens(prompt.user),

@@ -72,8 +72,9 @@ class TaskSpec(BaseModel):
 
     @field_validator("context")
     @classmethod
-    def _upstream_is_outputs(cls, context: dict[str, Any]) -> dict[str, Any]:
-        # Set when a task is released: its dependencies' outputs by task id; workers and prompts rely on that.
+    def _reserved_keys(cls, context: dict[str, Any]) -> dict[str, Any]:
+        # upstream is set when a task is released: its dependencies' outputs by task id, which workers and
+        # prompts rely on; simulate shapes the simulated provider.
         upstream = context.get("upstream")
         if upstream is not None and not (isinstance(upstream, dict) and all(isinstance(k, str) for k in upstream)):
             raise ValueError("context.upstream must map task ids to their outputs")
@@ -219,6 +220,7 @@ class Simulate(BaseModel):
     hang: bool = False
     error: ErrorKind = "simulated"
     crash_attempts: int = Field(default=0, ge=0, description="attempts 1..N kill the worker process")
+    raise_attempts: int = Field(default=0, ge=0, description="attempts 1..N raise, as an agent with a bug would")
     output: TaskOutput | None = Field(default=None, description="answer this instead of the pool's default")
 
 

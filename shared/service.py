@@ -45,7 +45,7 @@ class Runtime:
     kv: KeyValue | None = None
     store: ExecutionStore | None = None
     started: bool = False
-    _stopping: asyncio.Task[bool] | None = None
+    _stopping: asyncio.Task[bool] | None = field(default=None, init=False, repr=False)
 
     @property
     def names(self) -> Names:

@@ -118,12 +118,12 @@ def test_failed_attempts_are_retried_and_recorded(stack: Stack) -> None:
 
 
 def test_an_agent_that_raises_is_a_failed_attempt_not_a_lost_task(stack: Stack) -> None:
-    plan = [{"id": "bad", "pool": "security", "description": "x", "context": {"simulate": {"latency_s": -1}}}]
-    doc = post(stack, {"message": "bad simulate", "tasks": plan, "wait": True}).json()
+    plan = [{"id": "bad", "pool": "security", "description": "x", "context": {"simulate": {"raise_attempts": 9}}}]
+    doc = post(stack, {"message": "agent bug", "tasks": plan, "wait": True}).json()
     task = doc["tasks"][0]
     assert doc["status"] == "failed" and task["status"] == "failed"
     assert len(task["attempts"]) == 3
-    assert task["error"].startswith("agent error: ValidationError")
+    assert task["error"] == "agent error: RuntimeError: simulated agent bug"
 
 
 def test_dependency_failure_skips_dependents_and_ends_partial(stack: Stack) -> None:
