@@ -281,6 +281,20 @@ async def test_a_redelivery_announces_an_execution_finished_long_ago_only_if_its
     assert published == ([] if announced else [names.completed_event(eid)])
 
 
+async def both_answers_counted(rt: Runtime, eid: str, status: str) -> list[str | None]:
+    """The execution ended ``status`` with two synthesis calls in its cost, each with its cost event; returns the
+    calls' errors, in the document's order."""
+    stored = await rt.executions.get(eid)
+    assert stored is not None
+    final = stored[0]
+    assert final.status == status
+    assert final.cost.by_phase["synthesis"] == pytest.approx(2 * SYNTHESIS_ON_SONNET, abs=1e-12)
+    names = rt.names
+    info = await rt.jetstream.stream_info(names.events_stream, subjects_filter=names.cost_event(eid))
+    assert info.state.subjects == {names.cost_event(eid): 2}  # a cost event for each synthesis call
+    return [c.error for c in final.calls if c.phase == "synthesis"]
+
+
 async def test_the_model_call_behind_an_answer_that_lost_its_write_is_still_counted(
     nc: NATS, names: Names, fake_anthropic: FakeAnthropic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -293,14 +307,7 @@ async def test_the_model_call_behind_an_answer_that_lost_its_write_is_still_coun
         await a._apply(eid, lambda ex: expire(ex, "execution deadline exceeded"), msg)  # from A's stale version
 
     assert len(fake_anthropic.of("synthesis")) == 2  # one answer per version: the stale one's lost its write
-    stored = await rt.executions.get(eid)
-    assert stored is not None
-    final = stored[0]
-    assert final.status == "partial"
-    assert [c.error for c in final.calls if c.phase == "synthesis"] == [SUPERSEDED, None]
-    assert final.cost.by_phase["synthesis"] == pytest.approx(2 * SYNTHESIS_ON_SONNET, abs=1e-12)
-    info = await rt.jetstream.stream_info(names.events_stream, subjects_filter=names.cost_event(eid))
-    assert info.state.subjects == {names.cost_event(eid): 2}  # a cost event for each synthesis call
+    assert await both_answers_counted(rt, eid, "partial") == [SUPERSEDED, None]
 
 
 async def test_the_model_call_behind_an_answer_to_an_execution_another_replica_ended_is_still_counted(
@@ -326,11 +333,4 @@ async def test_the_model_call_behind_an_answer_to_an_execution_another_replica_e
         await a.on_result(last, await delivered(rt, names.results(eid), last.to_bytes(), names.results_stream))
 
     assert len(fake_anthropic.of("synthesis")) == 2  # B's answer to the cancel, and A's that lost its write
-    stored = await rt.executions.get(eid)
-    assert stored is not None
-    final = stored[0]
-    assert final.status == "cancelled"
-    assert sorted(c.error or "" for c in final.calls if c.phase == "synthesis") == ["", SUPERSEDED]
-    assert final.cost.by_phase["synthesis"] == pytest.approx(2 * SYNTHESIS_ON_SONNET, abs=1e-12)
-    info = await rt.jetstream.stream_info(names.events_stream, subjects_filter=names.cost_event(eid))
-    assert info.state.subjects == {names.cost_event(eid): 2}  # a cost event for each synthesis call
+    assert sorted(e or "" for e in await both_answers_counted(rt, eid, "cancelled")) == ["", SUPERSEDED]
