@@ -111,10 +111,10 @@ async def connect(
         return nc
 
 
-async def publish(js: JetStreamContext, subject: str, msg: Wire, msg_id: str | None = None) -> PubAck:
-    """Publish a wire model; ``msg_id`` makes a repeat within the stream's duplicate window a no-op."""
+async def publish(js: JetStreamContext, subject: str, msg: Wire | bytes, msg_id: str | None = None) -> PubAck:
+    """Publish a wire model (or its bytes); ``msg_id`` makes a repeat within the stream's duplicate window a no-op."""
     headers = {"Nats-Msg-Id": msg_id} if msg_id else None
-    return await js.publish(subject, msg.to_bytes(), headers=headers)
+    return await js.publish(subject, msg if isinstance(msg, bytes) else msg.to_bytes(), headers=headers)
 
 
 async def schedule(js: JetStreamContext, subject: str, target: str, at: datetime, msg: Wire, msg_id: str) -> PubAck:

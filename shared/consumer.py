@@ -13,9 +13,11 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -257,6 +259,33 @@ async def keep_alive(msg: Msg, every_s: float) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+# What a NATS outage, a reconnect or a stream without quorum raise: worth trying again, unlike a refused request.
+UNAVAILABLE = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError,
+               nats.errors.ConnectionReconnectingError, nats.errors.StaleConnectionError,
+               nats.errors.OutboundBufferLimitError, nats.js.errors.ServiceUnavailableError,
+               nats.js.errors.NoStreamResponseError)
+PERSIST_RETRY_S = 1.0  # between tries of persist()
+
+T = TypeVar("T")
+
+
+async def persist(op: Callable[[], Awaitable[T]], msg: Msg, until: datetime, what: str, ctx: dict[str, Any]) -> T:
+    """``op()``, the publish or write that keeps what a paid model call produced, tried again every
+    ``PERSIST_RETRY_S`` while NATS cannot take it, until ``until`` (the execution's deadline), with ``msg`` kept
+    alive meanwhile. Handing ``msg`` back instead would pay for the call again: the result exists only here.
+    ``op`` must be safe to repeat (a msg-id, a compare-and-set from a fresh read)."""
+    while True:
+        try:
+            return await op()
+        except UNAVAILABLE as e:
+            if datetime.now(UTC) >= until:
+                raise
+            log.warning("could not %s (%s: %s); again in %gs", what, type(e).__name__, e, PERSIST_RETRY_S, extra=ctx)
+        await asyncio.sleep(PERSIST_RETRY_S)
+        with contextlib.suppress(Exception):  # best effort: the next round tries again
+            await msg.in_progress()
 
 
 def _deliveries(msg: Msg) -> int | None:

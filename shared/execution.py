@@ -6,8 +6,10 @@ nothing, which is what makes redelivery and racing aggregator replicas harmless.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
+from shared import metrics
 from shared.failures import DEGRADATION, ON_EXHAUSTED
 from shared.schemas import (
     TERMINAL_TASK,
@@ -19,12 +21,16 @@ from shared.schemas import (
     RunTask,
     TaskCompleted,
     TaskFailed,
+    TaskOutput,
     TaskSpec,
     TaskStarted,
     TaskState,
     TaskStatus,
     now,
 )
+from shared.sizes import fit, output_slots
+
+log = logging.getLogger(__name__)
 
 BLOCKING = frozenset({"failed", "skipped", "cancelled"})
 LOST_UNANNOUNCED = "worker lost before it reported (and before its start was announced); redelivered"
@@ -88,15 +94,28 @@ def _in_dependency_order(specs: list[TaskSpec]) -> list[TaskSpec]:
     return ordered
 
 
-def run_command(ex: Execution, task: TaskState) -> RunTask:
-    """The RunTask for ``task``, carrying its dependencies' outputs in ``context.upstream``."""
-    upstream = {}
-    for dep_id in task.depends_on:
-        dep = ex.task(dep_id)
-        if dep is not None and dep.output is not None:
-            upstream[dep_id] = dep.output.model_dump(exclude_defaults=True)
+def run_command(ex: Execution, task: TaskState, outputs: dict[str, TaskOutput] | None = None) -> RunTask:
+    """The RunTask for ``task``, carrying its dependencies' outputs (or ``outputs``) in ``context.upstream``."""
+    if outputs is None:
+        outputs = {d: dep.output for d in task.depends_on if (dep := ex.task(d)) is not None and dep.output}
+    upstream = {d: o.model_dump(exclude_defaults=True) for d, o in outputs.items()}
     spec = task.spec(upstream=upstream) if upstream else task.spec()
     return RunTask(execution_id=ex.execution_id, task=spec, deadline_at=ex.deadline_at)
+
+
+def run_bytes(ex: Execution, task: TaskState, limit: int) -> bytes:
+    """``run_command``'s message, its dependencies' longest texts cut (in a copy) when it exceeds ``limit``."""
+    data = run_command(ex, task).to_bytes()
+    if len(data) <= limit:
+        return data
+    outputs = {d: dep.output.model_copy(deep=True)
+               for d in task.depends_on if (dep := ex.task(d)) is not None and dep.output}
+    slots = [[s for o in outputs.values() for s in output_slots(o)]]
+    data, cut = fit(lambda: run_command(ex, task, outputs).to_bytes(), slots, limit, "a task's message")
+    metrics.TEXTS_CUT.labels("task").inc()
+    log.warning("task %s's message over %d bytes: %d characters of its dependencies' output cut to fit", task.id,
+                limit, cut, extra={"execution_id": ex.execution_id})
+    return data
 
 
 def run_msg_id(execution_id: str, task_id: str) -> str:

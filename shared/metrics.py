@@ -46,4 +46,6 @@ PLANS = Counter("openclaw_plans_total", "Plans made by the PM", ["planner"])
 RESULTS_COALESCING = Gauge(
     "openclaw_results_coalescing", "Task results waiting to be stored with their execution's next change"
 )
+TEXTS_CUT = Counter("openclaw_texts_cut_total", "Messages whose longest texts were cut to fit the NATS server's "
+                    "max_payload (document, result, task)", ["message"])
 KV_CONFLICTS = Counter("openclaw_kv_cas_conflicts_total", "Compare-and-set writes of execution state that lost a race")

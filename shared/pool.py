@@ -26,7 +26,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from shared import metrics
 from shared.bus import emit, publish
-from shared.consumer import Consumer
+from shared.consumer import Consumer, persist
 from shared.costs import attempt_event, observe, publish_cost
 from shared.failures import decide, model_for
 from shared.names import Pool
@@ -45,6 +45,7 @@ from shared.schemas import (
     now,
 )
 from shared.service import Runtime, Start, Workers
+from shared.sizes import fit, output_slots
 from shared.topology import ensure_consumer, pool_consumer_config
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ class PoolWorker:
         done = TaskCompleted(**d.head, started_at=d.started, finished_at=finished, model=reply.model,
                              provider=reply.provider, usage=reply.usage, cost_usd=cost, output=reply.output)
         await publish_cost(self.rt.nats, self.rt.names, attempt_event(done))
-        await self._publish(cmd.execution_id, done)
+        await self._publish(d, done)
         await msg.ack()
         duration = (finished - d.started).total_seconds()
         self._observe("completed", duration, reply.model, cost, reply.usage)
@@ -192,7 +193,7 @@ class PoolWorker:
                             model=model, provider=self.provider.name if model else None, usage=usage, cost_usd=cost)
         if cost:
             await publish_cost(self.rt.nats, self.rt.names, attempt_event(failed))
-        await self._publish(d.cmd.execution_id, failed)
+        await self._publish(d, failed)
         duration = (finished - d.started).total_seconds()
         if decision.final:
             await d.msg.ack()
@@ -219,8 +220,16 @@ class PoolWorker:
             return self.endings.ended(d.cmd.execution_id)
         return await self._state(d.cmd) is None
 
-    async def _publish(self, execution_id: str, result: TaskCompleted | TaskFailed) -> None:
-        await publish(self.rt.jetstream, self.rt.names.results(execution_id), result, result.msg_id())
+    async def _publish(self, d: _Delivery, result: TaskCompleted | TaskFailed) -> None:
+        """Publish the attempt's result, cut to fit a message, and kept through an outage (see ``persist``)."""
+        data, limit = result.to_bytes(), self.rt.executions.limit
+        if len(data) > limit and isinstance(result, TaskCompleted):  # paid for: cut it rather than run it again
+            data, cut = fit(result.to_bytes, [output_slots(result.output)], limit, "a task's result")
+            metrics.TEXTS_CUT.labels("result").inc()
+            log.warning("result over %d bytes: %d characters of the output cut to fit", limit, cut, extra=d.ctx)
+        subject = self.rt.names.results(d.cmd.execution_id)
+        await persist(lambda: publish(self.rt.jetstream, subject, data, result.msg_id()), d.msg, d.cmd.deadline_at,
+                      "publish the result", d.ctx)
 
     def _cost(self, model: str | None, usage: Usage) -> float:
         if model is None:

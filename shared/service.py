@@ -27,6 +27,7 @@ from shared.natsauth import TOPOLOGY_OWNER
 from shared.ops import add_ops_routes, serve
 from shared.schemas import Execution, ExecutionCompleted
 from shared.settings import Settings, load_settings
+from shared.sizes import message_limit
 from shared.state import ExecutionStore
 from shared.topology import ensure_streams, topology_present
 
@@ -136,7 +137,7 @@ async def _main(service: str, start: Start, make_app: MakeApp | None, settings: 
         rt.js = rt.nc.jetstream()
         owner = settings.nats_user is None or settings.nats_user == TOPOLOGY_OWNER
         rt.kv = await ensure_streams(rt.js, rt.names, settings.stream_replicas, update=owner)
-        rt.store = ExecutionStore(rt.kv)
+        rt.store = ExecutionStore(rt.kv, message_limit(rt.nc))
         workers = [asyncio.create_task(c) for c in await start(rt)]
         rt.started = True
         log.info("%s ready (worker %s, namespace %r)", service, settings.worker_id, settings.namespace)

@@ -12,6 +12,7 @@ from nats.js.kv import KeyValue
 
 from shared import metrics
 from shared.schemas import Execution
+from shared.sizes import document_slots, fit
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +23,9 @@ Known = tuple[Execution, int]  # a document as this process last wrote or read i
 class ExecutionStore:
     """Read-modify-write of one execution at a time; concurrent writers re-read and retry."""
 
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, kv: KeyValue, limit: int) -> None:
         self.kv = kv
+        self.limit = limit  # bytes a document may take (shared.sizes.message_limit)
 
     async def create(self, ex: Execution) -> int:
         """Store a new execution; raises KeyWrongLastSequenceError if the id exists."""
@@ -75,6 +77,8 @@ class ExecutionStore:
                     await asyncio.gather(*(sends(ex) if sends else []))
                     return ex, revision, None
                 new = ex.model_dump_json().encode()
+                if len(new) > self.limit:
+                    new = self._cut(ex)
                 write = asyncio.ensure_future(self.kv.update(execution_id, new, last=revision))  # sent first
                 in_flight.extend(asyncio.ensure_future(s) for s in (sends(ex) if sends else []))
                 try:
@@ -89,6 +93,14 @@ class ExecutionStore:
         finally:
             for f in in_flight:
                 f.cancel()  # only those of a failed write are still pending: the retry sends them again
+
+    def _cut(self, ex: Execution) -> bytes:
+        """``ex`` as stored once the agents' longest texts are cut to fit (the released tasks get them cut too)."""
+        new, cut = fit(lambda: ex.model_dump_json().encode(), document_slots(ex), self.limit, "an execution document")
+        metrics.TEXTS_CUT.labels("document").inc()
+        log.warning("execution document over %d bytes: %d characters of the agents' output cut to fit", self.limit,
+                    cut, extra={"execution_id": ex.execution_id})
+        return new
 
     async def read(self, execution_id: str) -> Stored | None:
         """The stored document as bytes, and its revision; None when there is none."""

@@ -35,6 +35,7 @@ from shared.names import Names
 from shared.natsserver import NatsServer
 from shared.service import Runtime
 from shared.settings import load_settings
+from shared.sizes import message_limit
 from shared.state import ExecutionStore
 from shared.topology import ensure_streams
 from tests.fake_anthropic import FakeAnthropic, Kind
@@ -236,7 +237,7 @@ async def service_runtime(nc: NATS, names: Names, tmp_path: Path, cfg: dict[str,
     settings = load_settings(config=str(write_config(tmp_path / "c.json", cfg or {})), namespace=names.namespace)
     rt = Runtime(service, settings, nc=nc, js=nc.jetstream())
     rt.kv = await ensure_streams(rt.jetstream, names)
-    rt.store = ExecutionStore(rt.kv)
+    rt.store = ExecutionStore(rt.kv, message_limit(nc))
     rt.started = True
     return rt
 

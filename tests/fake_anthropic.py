@@ -63,6 +63,7 @@ class FakeAnthropic:
         self.plan: dict[str, Any] = PLAN
         self.usage: dict[Kind, dict[str, int]] = {k: dict(v) for k, v in USAGE.items()}
         self.synthesis_text = "All done! The schema, the ordering API and the security audit are finished."
+        self.task_chars = 0  # when set, each task's answer carries a text this long (its first artifact or finding)
         self._script: dict[Kind, deque[Behaviour]] = {"plan": deque(), "task": deque(), "synthesis": deque()}
         self._lock = threading.Condition()
         self._hold: dict[Kind, int] = {}
@@ -137,6 +138,10 @@ class FakeAnthropic:
                              else {"artifacts": "none"})
             else:
                 data = self.plan if kind == "plan" else task_output(system, user)
+                if kind == "task" and self.task_chars:
+                    text = ('return "é"\n' * (self.task_chars // 11 + 1))[:self.task_chars]
+                    long = data["artifacts"][0] if data.get("artifacts") else data["findings"][0]
+                    long["content" if "content" in long else "detail"] = text
             content = [{"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:20]}", "name": tool, "input": data}]
             stop = "tool_use"
         if kind == "plan":

@@ -7,6 +7,7 @@ the execution's cost, in the document and in the cost events on NATS.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
@@ -179,3 +180,57 @@ def test_rate_limited_and_malformed_task_calls_are_retried_by_the_pool_not_the_s
     assert len(fake.of("task")) - seen == 3  # one request per attempt: no retries inside the SDK
     assert attempts[2]["cost_usd"] == pytest.approx(TASK_ON_SONNET, abs=1e-12)
     assert [c["phase"] for c in doc["calls"]] == ["synthesis"]  # a client plan needs no decomposition
+
+
+@pytest.mark.parametrize("chars", [400_000, 900_000])
+def test_outputs_beyond_max_payload_are_cut_to_fit_and_paid_for_once(
+    env: tuple[Stack, FakeAnthropic], chars: int,
+) -> None:
+    """Each task answers with a text of ``chars`` (≈ 1.4 bytes each as JSON): at 400,000 two of them outgrow the
+    document (1 MiB on the test's server), at 900,000 one outgrows its result message too. The execution still
+    completes, each task on its one paid call, and every message in between fits."""
+    stack, fake = env
+    seen = len(fake.requests)
+    results_cut = texts_cut(stack, "database-1", "result")
+    fake.task_chars = chars
+    try:
+        r = httpx.post(f"{stack.url}/api/execute-parallel",
+                       json={"message": "Build a restaurant website with online ordering", "wait": True}, timeout=60)
+    finally:
+        fake.task_chars = 0
+    assert r.status_code == 200, r.text
+    assert len(r.content) <= 1024 * 1024 - 4096  # the stored document, as served
+    doc = r.json()
+    assert doc["status"] == "completed"
+    assert [(t["id"], t["status"], len(t["attempts"])) for t in doc["tasks"]] == [
+        ("schema", "completed", 1), ("api", "completed", 1), ("audit", "completed", 1)]
+    calls = fake.requests[seen:]
+    assert sorted(c["kind"] for c in calls) == ["plan", "synthesis", "task", "task", "task"]
+    assert doc["cost"]["total_usd"] == pytest.approx(
+        PLAN_ON_OPUS + 2 * TASK_ON_SONNET + TASK_ON_HAIKU + SYNTHESIS_ON_SONNET, abs=1e-8)
+
+    schema, api = (doc["tasks"][i]["output"]["artifacts"][0]["content"] for i in (0, 1))
+    audit = doc["tasks"][2]["output"]["findings"][0]["detail"]
+    cut = "characters cut: an execution document may take 1,044,480 bytes"
+    # Cut to one length, the longest texts first: the finding, equally long, too; the summaries not at all.
+    assert all(cut in text and 100_000 < len(text) < chars for text in (schema, api, audit))
+    assert doc["tasks"][0]["output"]["summary"] == "Schema for: Design the orders and menu schema with migrations"
+    prompts = {t: next(c["body"]["messages"][0]["content"] for c in calls if c["kind"] == "task" and needle in
+                       c["body"]["messages"][0]["content"]) for t, needle in (("api", "ordering REST API"),
+                                                                              ("audit", "Audit checkout"))}
+    # The audit's dependency came to it cut as the document had it then; the api's whole while the document had room.
+    assert "Implemented: Build the ordering REST API" in prompts["audit"] and cut in prompts["audit"]
+    if chars == 400_000:
+        whole = json.dumps('return "é"\n' * (chars // 11))[1:-1]  # as the prompt has it
+        assert whole in prompts["api"] and "characters cut" not in prompts["api"]
+        assert texts_cut(stack, "database-1", "result") == results_cut
+    else:  # the schema's result itself was too long for a message
+        assert texts_cut(stack, "database-1", "result") == results_cut + 1
+
+
+def texts_cut(stack: Stack, child: str, message: str) -> float:
+    """The child's count of messages whose texts it cut to fit."""
+    port = stack.state()["children"][child]["port"]  # type: ignore[index]
+    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    line = f'openclaw_texts_cut_total{{message="{message}"}} '
+    return next((float(x.removeprefix(line)) for x in metrics.splitlines() if x.startswith(line)), 0.0)

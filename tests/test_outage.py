@@ -5,12 +5,15 @@ from __future__ import annotations
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
+import nats
 import pytest
 
 from shared.natsserver import NatsServer
-from tests.conftest import start_stack, stop_stack, wait_until
+from tests.conftest import stack_env, start_stack, stop_stack, until, wait_until, write_config
+from tests.fake_anthropic import FakeAnthropic, Kind
 
 pytestmark = pytest.mark.e2e
 
@@ -50,3 +53,63 @@ def test_executions_complete_again_after_nats_crashes_and_comes_back(tmp_path: P
         code = stop_stack(stack)
         server.stop()
     assert code == 0, stack.output()[-3000:]
+
+
+@pytest.mark.parametrize("kind", ["task", "plan"])
+async def test_what_a_paid_call_produced_waits_for_its_stream_instead_of_being_paid_for_again(
+    tmp_path: Path, kind: Kind,
+) -> None:
+    # The model answers while the stream it goes to takes nothing (as on a cluster that lost its quorum: every
+    # publish fails, none is kept for later): the task's result, or the plan (in the execution's document). It is
+    # kept and stored once the stream is back. Handing the message back instead would run (and bill) the call
+    # again on every delivery.
+    fake = FakeAnthropic().start()
+    fake.next(kind, "slow")  # answers once fake.release is set
+    config = write_config(tmp_path / "config.json", {"provider": "anthropic",
+                                                     "anthropic": {"base_url": fake.url, "timeout_s": 60}})
+    server = NatsServer(tmp_path / "store").start()
+    stack = start_stack(server.url, "paid" + uuid.uuid4().hex[:8], tmp_path, "--config", str(config),
+                        env=stack_env(ANTHROPIC_API_KEY="sk-ant-outage"))
+    stream, what = ((stack.names.results_stream, "publish the result") if kind == "task" else
+                    (stack.names.kv_stream, "store the plan"))
+    nc = await nats.connect(server.url)
+    js = nc.jetstream()
+    try:
+        async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
+            plan = [{"id": "api", "pool": "codegen", "description": "Build the ordering REST API"}]
+            r = await client.post("/api/execute-parallel", json={"message": "Build a restaurant website",
+                                                                 **({"tasks": plan} if kind == "task" else {})})
+            assert r.status_code == 202, r.text
+            eid = r.json()["execution_id"]
+            await until(lambda: len(fake.of(kind)) == 1, 30, "the model's call")
+            config = (await js.stream_info(stream)).config
+            subjects = config.subjects
+            config.subjects = [f"{stack.names.namespace}.parked"]
+            await js.update_stream(config)
+            fake.release.set()
+            await until(lambda: stack.output().count(f"could not {what}") >= 2, 30, "failed tries")
+            config.subjects = subjects
+            await js.update_stream(config)
+
+            async def finished() -> dict[str, Any] | None:
+                got = (await client.get(f"/api/execution/{eid}")).json()
+                return got if got["status"] == "completed" else None
+
+            doc = await until(finished, 30, "the execution to complete")
+    finally:
+        await nc.drain()
+        code = stop_stack(stack)
+        server.stop()
+        fake.stop()
+    assert code == 0, stack.output()[-3000:]
+    assert len(fake.of(kind)) == 1  # one call, paid once
+    if kind == "task":
+        [task] = doc["tasks"]
+        [attempt] = task["attempts"]
+        assert attempt["outcome"] == "completed" and attempt["cost_usd"] > 0
+        assert doc["cost"]["by_phase"]["tasks"] == pytest.approx(attempt["cost_usd"], abs=1e-12)
+    else:
+        assert doc["planner"] == "llm" and [t["id"] for t in doc["tasks"]] == ["schema", "api", "audit"]
+        [decomposition] = [c for c in doc["calls"] if c["phase"] == "decomposition"]
+        assert decomposition["cost_usd"] > 0 and decomposition["error"] is None
+        assert doc["cost"]["by_phase"]["decomposition"] == pytest.approx(decomposition["cost_usd"], abs=1e-12)

@@ -30,7 +30,7 @@ from shared.execution import (
     marks,
     outcome,
     queued,
-    run_command,
+    run_bytes,
     run_msg_id,
 )
 from shared.failures import ON_EXHAUSTED
@@ -262,10 +262,10 @@ class AggregatorHandlers:
             ended_elsewhere = bool(unused) and not concluded
             return concluded or ended_elsewhere
 
-        js, names = self.rt.jetstream, self.rt.names
+        js, names, limit = self.rt.jetstream, self.rt.names, self.rt.executions.limit
 
         def released(ex: Execution) -> list[Awaitable[PubAck]]:  # the PM publishes the first ones
-            return [publish(js, names.tasks(t.pool), run_command(ex, t), run_msg_id(execution_id, t.id))
+            return [publish(js, names.tasks(t.pool), run_bytes(ex, t, limit), run_msg_id(execution_id, t.id))
                     for t in queued(ex) if t.depends_on or ex.mode == "serial"]
 
         result = await self.rt.executions.mutate_from(execution_id, recorded, known, conclude, released)

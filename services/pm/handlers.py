@@ -11,7 +11,7 @@ from nats.js.errors import KeyWrongLastSequenceError
 from services.pm.planning import plan_request
 from shared import metrics
 from shared.bus import emit, publish
-from shared.consumer import keep_alive, redelivered
+from shared.consumer import keep_alive, persist, redelivered
 from shared.costs import call_events, publish_cost
 from shared.errors import PlanError
 from shared.execution import (
@@ -20,7 +20,7 @@ from shared.execution import (
     new_execution,
     plannable,
     queued,
-    run_command,
+    run_bytes,
     run_msg_id,
 )
 from shared.providers import ModelProvider
@@ -63,9 +63,15 @@ class PMHandlers:
                 await msg.ack()
                 return
             # The decomposition call is stored in the same compare-and-set write as the plan: counted once.
-            # It starts from the version read above (no second read); a stale one re-reads.
-            stored = await store.mutate_from(req.execution_id,
-                                             lambda ex: apply_plan(ex, plan.tasks, plan.planner, plan.calls), current)
+            # It starts from the version read above (no second read); a stale one re-reads, and so does a try
+            # after NATS could not take the write (the first may have changed the version in place).
+            start = [current]
+
+            async def write() -> tuple[Execution, int, bytes | None] | None:
+                return await store.mutate_from(req.execution_id, lambda ex: apply_plan(
+                    ex, plan.tasks, plan.planner, plan.calls), start.pop() if start else None)
+
+            stored = await persist(write, msg, req.deadline_at, "store the plan", ctx)
             ex = stored[0] if stored else None
         # The events again only on a redelivery (the first delivery may have died before emitting them). A
         # request stored twice (an idempotent replay past the stream's duplicate window) would otherwise store
@@ -91,8 +97,9 @@ class PMHandlers:
         # sent with the write could finish, and its result reach an aggregator that reads the document, before the
         # plan is stored (on R3 the two streams have different leaders). The task would be unknown to that version
         # and its result dropped.
-        await asyncio.gather(*[publish(js, names.tasks(t.pool), run_command(ex, t), run_msg_id(ex.execution_id, t.id))
-                               for t in queued(ex)])
+        limit = self.rt.executions.limit
+        await asyncio.gather(*[publish(js, names.tasks(t.pool), run_bytes(ex, t, limit),
+                                       run_msg_id(ex.execution_id, t.id)) for t in queued(ex)])
         await msg.ack()
         log.info("planned %d task(s) with %s", len(ex.tasks), ex.planner, extra=ctx)
 
