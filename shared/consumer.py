@@ -28,6 +28,7 @@ from shared import metrics
 from shared.bus import publish
 from shared.names import Names
 from shared.schemas import DeadLetter
+from shared.sizes import fit, message_limit
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +158,8 @@ class Consumer(Generic[M]):
             reason=reason,
             payload=msg.data.decode("utf-8", errors="replace"),
         )
-        await publish(
-            self.js, self.names.dlq(self.stream, self.durable), letter, msg_id=f"{self.stream}:{seq}:dead"
-        )
+        data, _ = fit(letter.to_bytes, [[(letter, "payload")]], message_limit(self.nc), "a dead letter")
+        await publish(self.js, self.names.dlq(self.stream, self.durable), data, msg_id=f"{self.stream}:{seq}:dead")
         await msg.term()
         metrics.DEAD_LETTERS.labels(self.stream, self.durable).inc()
         log.warning("dead-lettered %s seq %s: %s", msg.subject, seq, reason, extra={"subject": msg.subject})
@@ -271,21 +271,22 @@ PERSIST_RETRY_S = 1.0  # between tries of persist()
 T = TypeVar("T")
 
 
-async def persist(op: Callable[[], Awaitable[T]], msg: Msg, until: datetime, what: str, ctx: dict[str, Any]) -> T:
+async def persist(op: Callable[[], Awaitable[T]], msg: Msg, until: datetime, every_s: float, what: str,
+                  ctx: dict[str, Any]) -> T:
     """``op()``, the publish or write that keeps what a paid model call produced, tried again every
     ``PERSIST_RETRY_S`` while NATS cannot take it, until ``until`` (the execution's deadline), with ``msg`` kept
-    alive meanwhile. Handing ``msg`` back instead would pay for the call again: the result exists only here.
-    ``op`` must be safe to repeat (a msg-id, a compare-and-set from a fresh read)."""
-    while True:
-        try:
-            return await op()
-        except UNAVAILABLE as e:
-            if datetime.now(UTC) >= until:
-                raise
-            log.warning("could not %s (%s: %s); again in %gs", what, type(e).__name__, e, PERSIST_RETRY_S, extra=ctx)
-        await asyncio.sleep(PERSIST_RETRY_S)
-        with contextlib.suppress(Exception):  # best effort: the next round tries again
-            await msg.in_progress()
+    alive every ``every_s`` meanwhile. Handing ``msg`` back instead would pay for the call again: the result
+    exists only here. ``op`` must be safe to repeat (a msg-id, a compare-and-set from a fresh read)."""
+    async with keep_alive(msg, every_s):
+        while True:
+            try:
+                return await op()
+            except UNAVAILABLE as e:
+                if datetime.now(UTC) >= until:
+                    raise
+                log.warning("could not %s (%s: %s); again in %gs", what, type(e).__name__, e, PERSIST_RETRY_S,
+                            extra=ctx)
+            await asyncio.sleep(PERSIST_RETRY_S)
 
 
 def _deliveries(msg: Msg) -> int | None:

@@ -28,7 +28,7 @@ from shared.schemas import (
     TaskStatus,
     now,
 )
-from shared.sizes import fit, output_slots
+from shared.sizes import fit, text_slots
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,10 @@ def plannable(ex: Execution) -> bool:
 def apply_plan(ex: Execution, specs: list[TaskSpec], planner: str, calls: Sequence[ModelCall] = ()) -> bool:
     """Install the plan (with the calls that made it) and queue what can start (in serial mode: only the
     first task); only once. A plan that comes too late (the execution ended, or another plan was stored
-    first) changes nothing but the record of the calls that made it: they were billed all the same."""
+    first) changes nothing but the record of the calls that made it: they were billed all the same. A call
+    already recorded (this plan's own write, tried again after its acknowledgement was lost) is not added again."""
+    recorded = {c.id for c in ex.calls}
+    calls = [c for c in calls if c.id not in recorded]
     if not plannable(ex):
         ex.calls.extend(c.model_copy(update={"error": c.error or f"unused: the execution was {ex.status} first"})
                         for c in calls)
@@ -110,7 +113,7 @@ def run_bytes(ex: Execution, task: TaskState, limit: int) -> bytes:
         return data
     outputs = {d: dep.output.model_copy(deep=True)
                for d in task.depends_on if (dep := ex.task(d)) is not None and dep.output}
-    slots = [[s for o in outputs.values() for s in output_slots(o)]]
+    slots = [[s for o in outputs.values() for s in text_slots(o)]]
     data, cut = fit(lambda: run_command(ex, task, outputs).to_bytes(), slots, limit, "a task's message")
     metrics.TEXTS_CUT.labels("task").inc()
     log.warning("task %s's message over %d bytes: %d characters of its dependencies' output cut to fit", task.id,

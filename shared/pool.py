@@ -45,7 +45,7 @@ from shared.schemas import (
     now,
 )
 from shared.service import Runtime, Start, Workers
-from shared.sizes import fit, output_slots
+from shared.sizes import fit, text_slots
 from shared.topology import ensure_consumer, pool_consumer_config
 
 log = logging.getLogger(__name__)
@@ -224,12 +224,12 @@ class PoolWorker:
         """Publish the attempt's result, cut to fit a message, and kept through an outage (see ``persist``)."""
         data, limit = result.to_bytes(), self.rt.executions.limit
         if len(data) > limit and isinstance(result, TaskCompleted):  # paid for: cut it rather than run it again
-            data, cut = fit(result.to_bytes, [output_slots(result.output)], limit, "a task's result")
+            data, cut = fit(result.to_bytes, [text_slots(result.output)], limit, "a task's result")
             metrics.TEXTS_CUT.labels("result").inc()
             log.warning("result over %d bytes: %d characters of the output cut to fit", limit, cut, extra=d.ctx)
         subject = self.rt.names.results(d.cmd.execution_id)
         await persist(lambda: publish(self.rt.jetstream, subject, data, result.msg_id()), d.msg, d.cmd.deadline_at,
-                      "publish the result", d.ctx)
+                      self.rt.pe.ack_wait_s / 3, "publish the result", d.ctx)
 
     def _cost(self, model: str | None, usage: Usage) -> float:
         if model is None:

@@ -6,6 +6,7 @@ unknown fields are ignored so an older reader accepts a newer writer's message.
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -366,6 +367,7 @@ class TaskState(BaseModel):
 class ModelCall(BaseModel):
     """A model call made outside a task (decomposition, synthesis)."""
 
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex, description="this call's record, stored once")
     phase: Literal["decomposition", "synthesis"]
     model: str
     provider: str

@@ -95,8 +95,12 @@ class ExecutionStore:
                 f.cancel()  # only those of a failed write are still pending: the retry sends them again
 
     def _cut(self, ex: Execution) -> bytes:
-        """``ex`` as stored once the agents' longest texts are cut to fit (the released tasks get them cut too)."""
-        new, cut = fit(lambda: ex.model_dump_json().encode(), document_slots(ex), self.limit, "an execution document")
+        """``ex``'s bytes with the agents' longest texts cut to fit. Cut in a copy: ``ex`` keeps them whole, and so
+        do the results and answers it shares objects with, for the next write (which cuts again if it must) and
+        for the tasks it releases (cut to fit their own messages)."""
+        copy = ex.model_copy(deep=True)
+        new, cut = fit(lambda: copy.model_dump_json().encode(), document_slots(copy), self.limit,
+                       "an execution document")
         metrics.TEXTS_CUT.labels("document").inc()
         log.warning("execution document over %d bytes: %d characters of the agents' output cut to fit", self.limit,
                     cut, extra={"execution_id": ex.execution_id})

@@ -140,7 +140,8 @@ async def test_garbage_on_a_task_subject_is_dead_lettered_and_the_pool_keeps_ser
                                  ordered_consumer=True)
         ack = await js.publish(names.tasks("codegen"), b"\x00\xffnot a task")
         await js.publish(names.tasks("codegen"), b'{"kind": "task.run", "execution_id": "x"}')
-        letters = [DeadLetter.model_validate_json((await dlq.next_msg(timeout=20)).data) for _ in range(2)]
+        await js.publish(names.tasks("codegen"), b"\\" * 900_000)  # twice as long once quoted in the letter
+        letters = [DeadLetter.model_validate_json((await dlq.next_msg(timeout=20)).data) for _ in range(3)]
 
         async def advisories_handled() -> bool:  # the server's termination advisories, by the aggregator
             info = await js.consumer_info(names.advisories_stream, names.dead_letters_consumer)
@@ -149,17 +150,18 @@ async def test_garbage_on_a_task_subject_is_dead_lettered_and_the_pool_keeps_ser
         await until(advisories_handled, 20, "the aggregator to handle the termination advisories")
     finally:
         await nc.drain()
-    first, second = letters
+    first, second, third = letters
     # Each one dead letter, counted once: by the pool that terminated it, not again for the server's advisory.
     async with httpx.AsyncClient(timeout=5) as client:
         scraped = [(await client.get(f"http://127.0.0.1:{c['port']}/metrics")).text  # type: ignore[index]
                    for c in stack.state()["children"].values()]  # type: ignore[union-attr]
     counted = [float(line.rsplit(" ", 1)[1]) for text in scraped for line in text.splitlines()
                if line.startswith("openclaw_dead_letters_total{") and f'stream="{names.tasks_stream}"' in line]
-    assert sum(counted) == 2, counted
+    assert sum(counted) == 3, counted
     assert first.stream_seq == ack.seq and first.subject == names.tasks("codegen")
     assert "does not validate" in first.reason and "\ufffd" in first.payload
     assert "task: Field required" in second.reason and "deadline_at: Field required" in second.reason
+    assert third.payload.startswith("\\" * 1000) and "characters cut: a dead letter may take" in third.payload
 
     # The same service still runs real work afterwards.
     plan = [{"id": "after", "pool": "codegen", "description": "still alive", "context": {"simulate": {"latency_s": 0}}}]

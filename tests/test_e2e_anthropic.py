@@ -218,13 +218,15 @@ def test_outputs_beyond_max_payload_are_cut_to_fit_and_paid_for_once(
     prompts = {t: next(c["body"]["messages"][0]["content"] for c in calls if c["kind"] == "task" and needle in
                        c["body"]["messages"][0]["content"]) for t, needle in (("api", "ordering REST API"),
                                                                               ("audit", "Audit checkout"))}
-    # The audit's dependency came to it cut as the document had it then; the api's whole while the document had room.
-    assert "Implemented: Build the ordering REST API" in prompts["audit"] and cut in prompts["audit"]
+    # Each task got its dependency's output as the pool reported it, not as the document had to cut it: whole at
+    # 400,000; at 900,000 cut to fit the result's message (and the task's, which adds the task's own context).
     if chars == 400_000:
         whole = json.dumps('return "é"\n' * (chars // 11))[1:-1]  # as the prompt has it
-        assert whole in prompts["api"] and "characters cut" not in prompts["api"]
+        assert whole in prompts["api"] and "characters cut" not in prompts["api"] + prompts["audit"]
+        assert "Implemented: Build the ordering REST API" in prompts["audit"]
         assert texts_cut(stack, "database-1", "result") == results_cut
-    else:  # the schema's result itself was too long for a message
+    else:
+        assert "characters cut: a task's result may take 1,044,480 bytes" in prompts["api"]
         assert texts_cut(stack, "database-1", "result") == results_cut + 1
 
 

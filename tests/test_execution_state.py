@@ -225,6 +225,19 @@ def test_a_plan_too_late_to_run_still_records_the_calls_that_made_it() -> None:
     assert not apply_plan(ex, [TaskSpec(id="x", pool="codegen", description="x")], "rules")  # nothing to record
 
 
+def test_a_plan_stored_once_already_records_its_call_once() -> None:
+    # Its write was stored but the acknowledgement lost: the PM tries again on the version it reads back.
+    ex = execution()
+    ex.tasks, ex.status = [], "queued"
+    call = ModelCall(phase="decomposition", model="m", provider="anthropic", cost_usd=0.2)
+    plan = [TaskSpec(id="x", pool="codegen", description="x")]
+    assert apply_plan(ex, plan, "llm", [call])
+    assert not apply_plan(ex, plan, "llm", [call])
+    assert [c.error for c in ex.calls] == [None] and ex.cost.total_usd == 0.2
+    other = ModelCall(phase="decomposition", model="m", provider="anthropic", cost_usd=0.2)  # the same, billed again
+    assert apply_plan(ex, plan, "llm", [other]) and ex.cost.total_usd == 0.4
+
+
 async def test_the_tasks_a_write_releases_go_out_with_it_also_from_a_version_that_loses(
     nc: NATS, names: Names, tmp_path: Path,
 ) -> None:

@@ -53,6 +53,7 @@ from shared.schemas import (
     now,
 )
 from shared.service import Runtime
+from shared.sizes import fit
 from shared.state import Known
 from shared.topology import EVENTS_DUPLICATE_WINDOW_S
 
@@ -354,7 +355,8 @@ class AggregatorHandlers:
             payload=(original.data or b"").decode("utf-8", errors="replace") if original else "",
         )
         # Same msg-id as the consumer's own copy of a poison message: one dead letter per message, counted once.
-        ack = await publish(js, names.dlq(adv.stream, adv.consumer), letter, f"{adv.stream}:{adv.stream_seq}:dead")
+        data, _ = fit(letter.to_bytes, [[(letter, "payload")]], self.rt.executions.limit, "a dead letter")
+        ack = await publish(js, names.dlq(adv.stream, adv.consumer), data, f"{adv.stream}:{adv.stream_seq}:dead")
         if not ack.duplicate:
             metrics.DEAD_LETTERS.labels(adv.stream, adv.consumer).inc()
         if original is not None and original.data and adv.exhausted:
