@@ -271,22 +271,31 @@ PERSIST_RETRY_S = 1.0  # between tries of persist()
 T = TypeVar("T")
 
 
-async def persist(op: Callable[[], Awaitable[T]], msg: Msg, until: datetime, every_s: float, what: str,
+async def persist(op: Callable[[], Awaitable[T]], msgs: list[Msg], until: datetime, every_s: float, what: str,
                   ctx: dict[str, Any]) -> T:
     """``op()``, the publish or write that keeps what a paid model call produced, tried again every
-    ``PERSIST_RETRY_S`` while NATS cannot take it, until ``until`` (the execution's deadline), with ``msg`` kept
-    alive every ``every_s`` meanwhile. Handing ``msg`` back instead would pay for the call again: the result
+    ``PERSIST_RETRY_S`` while NATS cannot take it, until ``until`` (the execution's deadline), with ``msgs`` kept
+    alive every ``every_s`` meanwhile. Handing them back instead would pay for the call again: the result
     exists only here. ``op`` must be safe to repeat (a msg-id, a compare-and-set from a fresh read)."""
-    async with keep_alive(msg, every_s):
+
+    def unavailable(e: Exception) -> None:
+        if datetime.now(UTC) >= until:
+            raise e
+        log.warning("could not %s (%s: %s); again in %gs", what, type(e).__name__, e, PERSIST_RETRY_S, extra=ctx)
+
+    try:
+        return await op()
+    except UNAVAILABLE as e:
+        unavailable(e)
+    async with contextlib.AsyncExitStack() as alive:  # only once it failed: no heartbeat task on the way that works
+        for msg in msgs:
+            await alive.enter_async_context(keep_alive(msg, every_s))
         while True:
+            await asyncio.sleep(PERSIST_RETRY_S)
             try:
                 return await op()
             except UNAVAILABLE as e:
-                if datetime.now(UTC) >= until:
-                    raise
-                log.warning("could not %s (%s: %s); again in %gs", what, type(e).__name__, e, PERSIST_RETRY_S,
-                            extra=ctx)
-            await asyncio.sleep(PERSIST_RETRY_S)
+                unavailable(e)
 
 
 def _deliveries(msg: Msg) -> int | None:

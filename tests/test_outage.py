@@ -55,13 +55,13 @@ def test_executions_complete_again_after_nats_crashes_and_comes_back(tmp_path: P
     assert code == 0, stack.output()[-3000:]
 
 
-@pytest.mark.parametrize("kind", ["task", "plan"])
+@pytest.mark.parametrize("kind", ["task", "plan", "synthesis"])
 async def test_what_a_paid_call_produced_waits_for_its_stream_instead_of_being_paid_for_again(
     tmp_path: Path, kind: Kind,
 ) -> None:
     # The model answers while the stream it goes to takes nothing (as on a cluster that lost its quorum: every
-    # publish fails, none is kept for later): the task's result, or the plan (in the execution's document). It is
-    # kept and stored once the stream is back. Handing the message back instead would run (and bill) the call
+    # publish fails, none is kept for later): the task's result, or the plan or the answer (in the execution's
+    # document). It is kept and stored once the stream is back. Handing the message back instead would run (and bill) the call
     # again on every delivery.
     fake = FakeAnthropic().start()
     fake.next(kind, "slow")  # answers once fake.release is set
@@ -70,15 +70,16 @@ async def test_what_a_paid_call_produced_waits_for_its_stream_instead_of_being_p
     server = NatsServer(tmp_path / "store").start()
     stack = start_stack(server.url, "paid" + uuid.uuid4().hex[:8], tmp_path, "--config", str(config),
                         env=stack_env(ANTHROPIC_API_KEY="sk-ant-outage"))
-    stream, what = ((stack.names.results_stream, "publish the result") if kind == "task" else
-                    (stack.names.kv_stream, "store the plan"))
+    stream, what = {"task": (stack.names.results_stream, "publish the result"),
+                    "plan": (stack.names.kv_stream, "store the plan"),
+                    "synthesis": (stack.names.kv_stream, "store the execution")}[kind]
     nc = await nats.connect(server.url)
     js = nc.jetstream()
     try:
         async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
             plan = [{"id": "api", "pool": "codegen", "description": "Build the ordering REST API"}]
             r = await client.post("/api/execute-parallel", json={"message": "Build a restaurant website",
-                                                                 **({"tasks": plan} if kind == "task" else {})})
+                                                                 **({"tasks": plan} if kind != "plan" else {})})
             assert r.status_code == 202, r.text
             eid = r.json()["execution_id"]
             await until(lambda: len(fake.of(kind)) == 1, 30, "the model's call")
@@ -108,6 +109,10 @@ async def test_what_a_paid_call_produced_waits_for_its_stream_instead_of_being_p
         [attempt] = task["attempts"]
         assert attempt["outcome"] == "completed" and attempt["cost_usd"] > 0
         assert doc["cost"]["by_phase"]["tasks"] == pytest.approx(attempt["cost_usd"], abs=1e-12)
+    elif kind == "synthesis":
+        [synthesis] = doc["calls"]
+        assert synthesis["phase"] == "synthesis" and synthesis["error"] is None and synthesis["cost_usd"] > 0
+        assert doc["final_response"].startswith(fake.synthesis_text)
     else:
         assert doc["planner"] == "llm" and [t["id"] for t in doc["tasks"]] == ["schema", "api", "audit"]
         [decomposition] = [c for c in doc["calls"] if c["phase"] == "decomposition"]

@@ -17,7 +17,7 @@ from services.aggregator.aggregate import aggregate
 from services.aggregator.synthesis import write_answer
 from shared import metrics
 from shared.bus import emit, publish
-from shared.consumer import keep_alive, redelivered
+from shared.consumer import keep_alive, persist, redelivered
 from shared.costs import call_events, publish_cost
 from shared.execution import (
     TaskMarks,
@@ -269,7 +269,18 @@ class AggregatorHandlers:
             return [publish(js, names.tasks(t.pool), run_bytes(ex, t, limit), run_msg_id(execution_id, t.id))
                     for t in queued(ex) if t.depends_on or ex.mode == "serial"]
 
-        result = await self.rt.executions.mutate_from(execution_id, recorded, known, conclude, released)
+        # A write NATS cannot take (an outage, no quorum) is tried again rather than handed back: the answer, with
+        # its model call, is reused as long as the version read adds up to the same. A try after a failed one
+        # starts from a read: the failed one may have changed ``known`` in place.
+        start = [known]
+
+        async def write() -> tuple[Execution, int, bytes | None] | None:
+            return await self.rt.executions.mutate_from(execution_id, recorded, start.pop() if start else None,
+                                                        conclude, released)
+
+        until = known[0].deadline_at if known is not None else now()
+        result = await persist(write, [c.msg for c in batch], until, self.rt.pe.ack_wait_s / 3,
+                               "store the execution", {"execution_id": execution_id})
         if result is None:
             return None, None
         ex, revision, written = result

@@ -71,7 +71,7 @@ class PMHandlers:
                 return await store.mutate_from(req.execution_id, lambda ex: apply_plan(
                     ex, plan.tasks, plan.planner, plan.calls), start.pop() if start else None)
 
-            stored = await persist(write, msg, req.deadline_at, self.rt.pe.ack_wait_s / 3, "store the plan", ctx)
+            stored = await persist(write, [msg], req.deadline_at, self.rt.pe.ack_wait_s / 3, "store the plan", ctx)
             ex = stored[0] if stored else None
         # The events again only on a redelivery (the first delivery may have died before emitting them). A
         # request stored twice (an idempotent replay past the stream's duplicate window) would otherwise store
