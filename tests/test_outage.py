@@ -61,8 +61,8 @@ async def test_what_a_paid_call_produced_waits_for_its_stream_instead_of_being_p
 ) -> None:
     # The model answers while the stream it goes to takes nothing (as on a cluster that lost its quorum: every
     # publish fails, none is kept for later): the task's result, or the plan or the answer (in the execution's
-    # document). It is kept and stored once the stream is back. Handing the message back instead would run (and bill) the call
-    # again on every delivery.
+    # document). It is kept and stored once the stream is back. Handing the message back instead would run (and
+    # bill) the call again on every delivery.
     fake = FakeAnthropic().start()
     fake.next(kind, "slow")  # answers once fake.release is set
     config = write_config(tmp_path / "config.json", {"provider": "anthropic",
