@@ -9,6 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import nats.errors
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -334,3 +335,34 @@ async def test_the_model_call_behind_an_answer_to_an_execution_another_replica_e
 
     assert len(fake_anthropic.of("synthesis")) == 2  # B's answer to the cancel, and A's that lost its write
     assert sorted(e or "" for e in await both_answers_counted(rt, eid, "cancelled")) == ["", SUPERSEDED]
+
+
+async def test_an_answer_whose_write_was_stored_but_not_acknowledged_counts_its_call_once(
+    nc: NATS, names: Names, fake_anthropic: FakeAnthropic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The final write reaches the store, but its acknowledgement is lost on the way back (here the client raises
+    # the timeout it would raise): the try after it reads the finished version, which already has the answer's call.
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    rt = await service_runtime(nc, names, tmp_path, config(fake_anthropic))
+    eid = "unacked"
+    await rt.executions.create(execution(rt.settings.pe, eid, last_done=False))
+    kv, lost = rt.executions.kv, []
+    update = kv.update
+
+    async def stored_then_timed_out(key: str, value: bytes, last: int | None = None) -> int:
+        revision = await update(key, value, last=last)
+        if not lost and b'"final_response":null' not in value:
+            lost.append(revision)
+            raise nats.errors.TimeoutError
+        return revision
+
+    monkeypatch.setattr(kv, "update", stored_then_timed_out)
+    last = result(eid, "audit", "security")
+    async with replicas(rt) as (a, _):
+        await a.on_result(last, await delivered(rt, names.results(eid), last.to_bytes(), names.results_stream))
+    assert lost and len(fake_anthropic.of("synthesis")) == 1
+    stored = await rt.executions.get(eid)
+    assert stored is not None and stored[1] == lost[0]  # nothing written after the lost acknowledgement
+    done = stored[0]
+    assert done.status == "completed" and [c.error for c in done.calls if c.phase == "synthesis"] == [None]
+    assert done.cost.by_phase["synthesis"] == pytest.approx(SYNTHESIS_ON_SONNET, abs=1e-12)

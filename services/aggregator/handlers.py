@@ -255,8 +255,11 @@ class AggregatorHandlers:
                 if not answer or answer[-1][0] != basis:
                     answer.append((basis, await self._answer(ex, [c.msg for c in batch])))
             # Answers to versions that lost their write (all of them when another replica ended the execution
-            # first: its answer and its call stand): their calls were made all the same.
-            unused = [a.call for _, a in (answer[:-1] if concluded else answer) if a.call is not None]
+            # first: its answer and its call stand): their calls were made all the same. Not one this version
+            # already has: its own write, stored although NATS failed to acknowledge it.
+            recorded = {c.id for c in ex.calls}
+            unused = [a.call for _, a in (answer[:-1] if concluded else answer)
+                      if a.call is not None and a.call.id not in recorded]
             ex.calls.extend(call.model_copy(update={"error": SUPERSEDED}) for call in unused)
             if concluded:
                 answer[-1][1].apply(ex)
