@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -309,6 +310,12 @@ async def test_the_model_call_behind_an_answer_that_lost_its_write_is_still_coun
 
     assert len(fake_anthropic.of("synthesis")) == 2  # one answer per version: the stale one's lost its write
     assert await both_answers_counted(rt, eid, "partial") == [SUPERSEDED, None]
+    stored = await rt.executions.get(eid)
+    assert stored is not None
+    final = stored[0]
+    # Both calls were made before the answer stored was written: its cost line counts them both.
+    line = re.search(r"Cost: \$([0-9.]+)", final.final_response or "")
+    assert line is not None and line.group(1) == f"{final.cost.total_usd:.4f}", final.final_response
 
 
 async def test_the_model_call_behind_an_answer_to_an_execution_another_replica_ended_is_still_counted(

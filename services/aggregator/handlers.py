@@ -250,18 +250,19 @@ class AggregatorHandlers:
         async def conclude(ex: Execution) -> bool:
             nonlocal concluded, ended_elsewhere
             concluded = all_tasks_terminal(ex) and not ex.terminal  # re-run on every retry: the last run tells
-            if concluded:
-                basis = (marks(ex), ex.cost.total_usd)
-                if not answer or answer[-1][0] != basis:
-                    answer.append((basis, await self._answer(ex, [c.msg for c in batch])))
+            basis = (marks(ex), ex.cost.total_usd)
+            reuse = concluded and bool(answer) and answer[-1][0] == basis
             # Answers to versions that lost their write (all of them when another replica ended the execution
-            # first: its answer and its call stand): their calls were made all the same. Not one this version
-            # already has: its own write, stored although NATS failed to acknowledge it.
+            # first: its answer and its call stand): their calls were made all the same, so they are recorded
+            # before a new answer is written, whose cost line counts them. Not one this version already has: its
+            # own write, stored although NATS failed to acknowledge it.
             recorded = {c.id for c in ex.calls}
-            unused = [a.call for _, a in (answer[:-1] if concluded else answer)
+            unused = [a.call for _, a in (answer[:-1] if reuse else answer)
                       if a.call is not None and a.call.id not in recorded]
             ex.calls.extend(call.model_copy(update={"error": SUPERSEDED}) for call in unused)
             if concluded:
+                if not reuse:
+                    answer.append((basis, await self._answer(ex, [c.msg for c in batch])))
                 answer[-1][1].apply(ex)
             ended_elsewhere = bool(unused) and not concluded
             return concluded or ended_elsewhere
