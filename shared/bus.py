@@ -12,6 +12,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
+from shared import metrics
 from shared.schemas import Wire
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,12 @@ async def emit(nc: NATS, subject: str, msg: Wire, msg_id: str) -> None:
     it like any publish and ``msg_id`` still dedups a repeat, but the sender neither waits a round trip
     nor handles an ack. Publishes from one connection reach the stream in order, so an event emitted
     before an acknowledged publish is stored before it. If the stream cannot take it (no quorum, server
-    gone past the client's reconnect buffer) the event is lost: the execution document in KV, written
-    before any event about it, stays the record.
+    gone past the client's reconnect buffer) the event is lost, and the caller goes on: the execution
+    document in KV, written before any event about it, stays the record. An event must never stop what
+    it reports on (a paid call's result behind its cost event).
     """
-    await nc.publish(subject, msg.to_bytes(), headers={"Nats-Msg-Id": msg_id})
+    try:
+        await nc.publish(subject, msg.to_bytes(), headers={"Nats-Msg-Id": msg_id})
+    except nats.errors.Error as e:
+        metrics.EVENTS_DROPPED.inc()
+        log.warning("event on %s not sent: %s", subject, e or type(e).__name__)

@@ -48,4 +48,6 @@ RESULTS_COALESCING = Gauge(
 )
 TEXTS_CUT = Counter("openclaw_texts_cut_total", "Messages whose longest texts were cut to fit the NATS server's "
                     "max_payload (document, result, task)", ["message"])
+EVENTS_DROPPED = Counter("openclaw_events_dropped_total", "Events not sent because NATS could not take them "
+                         "(disconnected past the client's reconnect buffer, closed)")
 KV_CONFLICTS = Counter("openclaw_kv_cas_conflicts_total", "Compare-and-set writes of execution state that lost a race")

@@ -260,10 +260,7 @@ class PoolWorker:
         interval = max(0.2, self.rt.pe.ack_wait_s / 3)
         with contextlib.suppress(asyncio.CancelledError):
             started = TaskStarted(**d.head, started_at=d.started)
-            try:
-                await emit(self.rt.nats, self.rt.names.results(d.cmd.execution_id), started, started.msg_id())
-            except Exception as e:  # noqa: BLE001 - the attempt is recorded from its result all the same
-                log.warning("could not announce the start: %s", e, extra=d.ctx)
+            await emit(self.rt.nats, self.rt.names.results(d.cmd.execution_id), started, started.msg_id())
             while True:
                 await asyncio.sleep(interval)
                 try:

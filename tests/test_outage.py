@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +13,24 @@ import httpx
 import nats
 import pytest
 
+from services.codegen.prompts import format_prompt
+from shared import metrics
+from shared.execution import apply_plan, new_execution, run_command
+from shared.names import Names
 from shared.natsserver import NatsServer
-from tests.conftest import stack_env, start_stack, stop_stack, until, wait_until, write_config
+from shared.pool import Endings, PoolWorker
+from shared.providers import AnthropicProvider
+from shared.schemas import ExecutionRequested, TaskCompleted, TaskSpec, now
+from tests.conftest import (
+    delivered,
+    service_runtime,
+    stack_env,
+    start_stack,
+    stop_stack,
+    until,
+    wait_until,
+    write_config,
+)
 from tests.fake_anthropic import FakeAnthropic, Kind
 
 pytestmark = pytest.mark.e2e
@@ -118,3 +136,47 @@ async def test_what_a_paid_call_produced_waits_for_its_stream_instead_of_being_p
         [decomposition] = [c for c in doc["calls"] if c["phase"] == "decomposition"]
         assert decomposition["cost_usd"] > 0 and decomposition["error"] is None
         assert doc["cost"]["by_phase"]["decomposition"] == pytest.approx(decomposition["cost_usd"], abs=1e-12)
+
+
+async def test_a_cost_event_that_cannot_be_sent_does_not_cost_its_result(
+    tmp_path: Path, names: Names, fake_anthropic: FakeAnthropic, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The model answers while the worker is cut off from NATS with its reconnect buffer full, so the cost event
+    # cannot even be queued. The event is dropped; the result it reports on waits for the server and is stored
+    # once, from the one call. Raising instead would hand the task back and pay for the call again.
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-outage")
+    server = NatsServer(tmp_path / "store").start()
+    nc = await nats.connect(server.url, pending_size=64, reconnect_time_wait=0.1, max_reconnect_attempts=-1)
+    try:
+        rt = await service_runtime(nc, names, tmp_path, {"provider": "anthropic", "anthropic": {
+            "base_url": fake_anthropic.url, "timeout_s": 60}}, service="codegen")
+        t0 = now()
+        ex = new_execution(ExecutionRequested(execution_id="cut0ff", message="m", requested_at=t0,
+                                              deadline_at=t0 + timedelta(minutes=5)))
+        apply_plan(ex, [TaskSpec(id="api", pool="codegen", description="Build the ordering REST API")], "client")
+        await rt.executions.create(ex)
+        cmd = run_command(ex, ex.tasks[0])
+        fake_anthropic.next("task", "slow")
+        msg = await delivered(rt, names.tasks("codegen"), cmd.to_bytes(), names.tasks_stream)
+        provider = AnthropicProvider(rt.pe, "sk-ant-outage")
+        handled = asyncio.create_task(PoolWorker(rt, "codegen", format_prompt, provider, Endings(300)).handle(cmd, msg))
+        await until(lambda: len(fake_anthropic.of("task")) == 1, 10, "the model's call")
+        dropped = metrics.EVENTS_DROPPED._value.get()
+        assert server.proc is not None
+        server.proc.kill()
+        server.proc.wait()
+        await until(lambda: nc.is_reconnecting, 10, "the client to notice")
+        fake_anthropic.release.set()
+        await until(lambda: metrics.EVENTS_DROPPED._value.get() > dropped, 10, "the cost event to be dropped")
+        server.start()
+        await asyncio.wait_for(handled, 30)  # neither raised (a nak) nor gave up on the result
+        await provider.aclose()
+        results = await rt.jetstream.subscribe(names.results("cut0ff"), stream=names.results_stream,
+                                               ordered_consumer=True)
+        done = TaskCompleted.model_validate_json((await results.next_msg(timeout=5)).data)
+        await results.unsubscribe()
+    finally:
+        await nc.close()
+        server.stop()
+    assert len(fake_anthropic.of("task")) == 1  # one call, paid once
+    assert done.task_id == "api" and done.cost_usd > 0
