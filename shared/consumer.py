@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 import nats.errors
@@ -267,6 +267,7 @@ UNAVAILABLE = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.err
                nats.errors.OutboundBufferLimitError, nats.js.errors.ServiceUnavailableError,
                nats.js.errors.NoStreamResponseError)
 PERSIST_RETRY_S = 1.0  # between tries of persist()
+PERSIST_AT_LEAST_S = 300.0  # how long persist() tries at least, also past the deadline (the deadline's answer)
 
 T = TypeVar("T")
 
@@ -274,9 +275,12 @@ T = TypeVar("T")
 async def persist(op: Callable[[], Awaitable[T]], msgs: list[Msg], until: datetime, every_s: float, what: str,
                   ctx: dict[str, Any]) -> T:
     """``op()``, the publish or write that keeps what a paid model call produced, tried again every
-    ``PERSIST_RETRY_S`` while NATS cannot take it, until ``until`` (the execution's deadline), with ``msgs`` kept
-    alive every ``every_s`` meanwhile. Handing them back instead would pay for the call again: the result
-    exists only here. ``op`` must be safe to repeat (a msg-id, a compare-and-set from a fresh read)."""
+    ``PERSIST_RETRY_S`` while NATS cannot take it, until ``until`` (the execution's deadline) and for at least
+    ``PERSIST_AT_LEAST_S``, with ``msgs`` kept alive every ``every_s`` meanwhile. Handing them back instead would
+    pay for the call again: the result exists only here. ``op`` must be safe to repeat (a msg-id, a
+    compare-and-set from a fresh read). The minimum is for what is due at or after the deadline: the answer to
+    the deadline's own check, a late result."""
+    until = max(until, datetime.now(UTC) + timedelta(seconds=PERSIST_AT_LEAST_S))
 
     def unavailable(e: Exception) -> None:
         if datetime.now(UTC) >= until:

@@ -180,3 +180,52 @@ async def test_a_cost_event_that_cannot_be_sent_does_not_cost_its_result(
         server.stop()
     assert len(fake_anthropic.of("task")) == 1  # one call, paid once
     assert done.task_id == "api" and done.cost_usd > 0
+
+
+async def test_an_answer_due_at_the_deadline_waits_for_its_stream_too(tmp_path: Path) -> None:
+    # The deadline's check ends an execution whose second task still runs, and the aggregator's answer (a paid
+    # synthesis call) cannot be stored: its write is tried again past the deadline, not handed back to be
+    # answered, and paid for, on the next delivery.
+    fake = FakeAnthropic().start()
+    fake.next("task", "ok", "slow")  # the audit's call is still running at the deadline
+    fake.next("synthesis", "slow")  # and the answer comes once the store has gone
+    config = write_config(tmp_path / "config.json", {"provider": "anthropic", "execution_timeout_s": 3,
+                                                     "anthropic": {"base_url": fake.url, "timeout_s": 60}})
+    server = NatsServer(tmp_path / "store").start()
+    stack = start_stack(server.url, "due" + uuid.uuid4().hex[:8], tmp_path, "--config", str(config),
+                        env=stack_env(ANTHROPIC_API_KEY="sk-ant-outage"))
+    nc = await nats.connect(server.url)
+    js = nc.jetstream()
+    try:
+        async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
+            plan = [{"id": "api", "pool": "codegen", "description": "Build the ordering REST API"},
+                    {"id": "audit", "pool": "security", "description": "Audit the payment flow",
+                     "depends_on": ["api"]}]
+            r = await client.post("/api/execute-parallel", json={"message": "Build a website", "tasks": plan})
+            assert r.status_code == 202, r.text
+            eid = r.json()["execution_id"]
+            await until(lambda: len(fake.of("synthesis")) == 1, 30, "the answer to the deadline's check")
+            config = (await js.stream_info(stack.names.kv_stream)).config
+            subjects = config.subjects
+            config.subjects = [f"{stack.names.namespace}.parked"]
+            await js.update_stream(config)
+            fake.release.set()
+            await until(lambda: stack.output().count("could not store the execution") >= 2, 30, "failed tries")
+            config.subjects = subjects
+            await js.update_stream(config)
+
+            async def finished() -> dict[str, Any] | None:
+                got = (await client.get(f"/api/execution/{eid}")).json()
+                return got if got["status"] == "partial" else None
+
+            doc = await until(finished, 30, "the execution to end at its deadline")
+    finally:
+        await nc.drain()
+        code = stop_stack(stack)
+        server.stop()
+        fake.stop()
+    assert code == 0, stack.output()[-3000:]
+    assert len(fake.of("synthesis")) == 1  # one answer, paid once
+    [synthesis] = doc["calls"]
+    assert synthesis["phase"] == "synthesis" and synthesis["error"] is None
+    assert [t["status"] for t in doc["tasks"]] == ["completed", "failed"]
