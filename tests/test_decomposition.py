@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -19,7 +20,7 @@ from shared.execution import cancel, fail_execution, new_execution
 from shared.names import Names
 from shared.providers import AnthropicProvider, SimulatedProvider
 from shared.schemas import ExecutionCompleted, ExecutionRequested, TaskSpec, now
-from tests.conftest import answered_past_ack_wait, delivered, service_runtime
+from tests.conftest import answered_past_ack_wait, delivered, service_runtime, until
 from tests.fake_anthropic import FakeAnthropic
 
 KEY = "sk-ant-test"
@@ -158,12 +159,16 @@ async def test_a_plan_that_comes_after_a_cancel_keeps_its_call_in_the_cost_and_s
     req = ExecutionRequested(execution_id="late", message=PROJECT, requested_at=now(),
                              deadline_at=now() + timedelta(hours=1))
     req.revision = await rt.executions.create(new_execution(req))
-    # Cancelled after the gateway stored it: the PM plans on the version the request names, and its write loses.
-    await rt.executions.mutate("late", lambda ex: cancel(ex, "client cancelled"))
+    fake_anthropic.next("plan", "slow")
     provider = AnthropicProvider(rt.settings.pe, KEY)
     try:
         msg = await delivered(rt, names.execution_requested, req.to_bytes(), names.executions_stream)
-        await PMHandlers(rt, provider).on_requested(req, msg)
+        planning = asyncio.create_task(PMHandlers(rt, provider).on_requested(req, msg))
+        await until(lambda: len(fake_anthropic.of("plan")) == 1, 10, "the decomposition call")
+        # Cancelled while the model plans: the plan's write loses to the cancel.
+        await rt.executions.mutate("late", lambda ex: cancel(ex, "client cancelled"))
+        fake_anthropic.release.set()
+        await planning
     finally:
         await provider.aclose()
 
@@ -177,6 +182,36 @@ async def test_a_plan_that_comes_after_a_cancel_keeps_its_call_in_the_cost_and_s
     assert ex.cost.total_usd == pytest.approx(PLAN_ON_OPUS, abs=1e-12)
     costs = await rt.jetstream.stream_info(names.events_stream, subjects_filter=names.cost_event("late"))
     assert costs.state.subjects == {names.cost_event("late"): 1}
+    assert (await rt.jetstream.stream_info(names.tasks_stream)).state.messages == 0
+
+
+@pytest.mark.parametrize("ended", ["cancelled", "past its deadline"])
+async def test_a_request_that_ended_before_the_pm_took_it_costs_no_plan(
+    nc: NATS, names: Names, fake_anthropic: FakeAnthropic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    ended: str,
+) -> None:
+    # The PM was down or behind: by the time it takes the request, the client has cancelled it, or its deadline
+    # has passed (its check ends it). Either way a paid decomposition would be thrown away.
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    rt = await service_runtime(nc, names, tmp_path, service="pm", cfg={
+        "provider": "anthropic", "anthropic": {"base_url": fake_anthropic.url, "timeout_s": 5}})
+    deadline = now() + (timedelta(hours=1) if ended == "cancelled" else timedelta(0))
+    req = ExecutionRequested(execution_id="gone", message=PROJECT, requested_at=now(), deadline_at=deadline)
+    req.revision = await rt.executions.create(new_execution(req))
+    if ended == "cancelled":
+        await rt.executions.mutate("gone", lambda ex: cancel(ex, "client cancelled"))
+    provider = AnthropicProvider(rt.settings.pe, KEY)
+    try:
+        msg = await delivered(rt, names.execution_requested, req.to_bytes(), names.executions_stream)
+        await PMHandlers(rt, provider).on_requested(req, msg)
+    finally:
+        await provider.aclose()
+
+    assert fake_anthropic.of("plan") == []
+    stored = await rt.executions.get("gone")
+    assert stored is not None
+    assert stored[0].tasks == [] and stored[0].calls == []
+    assert stored[0].status == ("cancelled" if ended == "cancelled" else "queued")  # the deadline's check ends it
     assert (await rt.jetstream.stream_info(names.tasks_stream)).state.messages == 0
 
 

@@ -24,7 +24,7 @@ from shared.execution import (
     run_msg_id,
 )
 from shared.providers import ModelProvider
-from shared.schemas import Execution, ExecutionPlanned, ExecutionRequested
+from shared.schemas import Execution, ExecutionPlanned, ExecutionRequested, now
 from shared.service import Runtime
 from shared.state import Known
 
@@ -40,9 +40,10 @@ class PMHandlers:
         """Plan the execution (once) and publish its ready tasks; safe to redeliver."""
         ctx = {"execution_id": req.execution_id}
         store, js, names = self.rt.executions, self.rt.jetstream, self.rt.names
-        if req.revision is not None and not redelivered(msg):
+        if req.revision is not None and not redelivered(msg) and (req.tasks is not None or not self.provider.writes):
             # The gateway stored new_execution(req) at this revision: plan on it without a read. Should the
             # document have changed since (cancelled already), the plan's compare-and-set fails and re-reads.
+            # Not before a paid decomposition call: one read first tells whether it was cancelled meanwhile.
             current: Known | None = (new_execution(req), req.revision)
         else:
             current = await store.get(req.execution_id)
@@ -54,6 +55,10 @@ class PMHandlers:
                 pass
         ex: Execution | None = current[0] if current is not None else None
         replanned = ex is not None and not plannable(ex)
+        if not replanned and now() >= req.deadline_at:  # its deadline's check ends it: no plan, no model call for one
+            log.warning("not planned: its deadline has passed", extra=ctx)
+            await msg.ack()
+            return
         if not replanned:
             try:
                 async with keep_alive(msg, self.rt.pe.ack_wait_s / 3):  # a long model call is not redelivered
