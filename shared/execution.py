@@ -184,9 +184,9 @@ def apply_result(ex: Execution, r: TaskStarted | TaskCompleted | TaskFailed) -> 
 
 
 def _late_cost(task: TaskState, r: TaskStarted | TaskCompleted | TaskFailed) -> bool:
-    """A report too late to change anything (its attempt was given up as lost, or its task or execution
-    ended meanwhile) still says what its model call cost: that goes on its attempt, once, so the execution's
-    cost stays the sum of every call made for it. Statuses, and so events, stay as they are."""
+    """A report too late to change anything (its attempt was given up as lost or dead-lettered, or its task
+    or execution ended meanwhile) still says what its model call cost: that goes on its attempt, once, so the
+    execution's cost stays the sum of every call made for it. Statuses, and so events, stay as they are."""
     if isinstance(r, TaskStarted) or not r.cost_usd:
         return False
     att = task.attempt(r.attempt)
@@ -196,7 +196,7 @@ def _late_cost(task: TaskState, r: TaskStarted | TaskCompleted | TaskFailed) -> 
                       outcome="lost", error=f"{REPORTED_LATE}: {late}")
         task.attempts.append(att)
         task.attempts.sort(key=lambda a: a.n)
-    elif att.outcome == "lost" and not att.model:
+    elif not att.model and (att.outcome == "lost" or att.error_kind == "dead_letter"):  # a worker given up on
         att.error = "; ".join(filter(None, [att.error, late]))
     else:
         return False

@@ -213,6 +213,20 @@ def test_a_report_too_late_to_count_still_adds_its_cost_once_and_changes_nothing
     assert [(a.n, a.outcome, a.cost_usd) for a in api.attempts] == [(1, "lost", 0.4)]
     assert ex.cost.total_usd == 0.4 and lifecycle_events(before, ex) == []
     assert not apply_result(ex, completed("api", cost=0.4))
+    # Its last delivery was dead-lettered (its heartbeats could not reach NATS for ack_wait), but the worker lived
+    # and reports its paid call: the task stays failed, the call counts.
+    ex = execution()
+    apply_result(ex, started("api", 1))
+    assert apply_result(ex, TaskFailed(execution_id="e1", task_id="api", pool="codegen", attempt=1,
+                                       worker="dead-letter", started_at=T0, finished_at=T0, error="dead-lettered: …",
+                                       error_kind="dead_letter", final=True))
+    before = marks(ex)
+    assert apply_result(ex, completed("api", cost=0.3))
+    api = ex.task("api")
+    assert api is not None and api.status == "failed" and api.output is None
+    assert [(a.outcome, a.cost_usd) for a in api.attempts] == [("failed", 0.3)]
+    assert ex.cost.total_usd == 0.3 and lifecycle_events(before, ex) == []
+    assert not apply_result(ex, completed("api", cost=0.3))
 
 
 def test_a_plan_too_late_to_run_still_records_the_calls_that_made_it() -> None:

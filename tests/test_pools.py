@@ -23,7 +23,8 @@ from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from shared.schemas import DeadLetter
+from shared.bus import publish
+from shared.schemas import DeadLetter, TaskFailed, now
 from tests.conftest import Stack, wait_until, write_config
 
 pytestmark = pytest.mark.e2e
@@ -268,8 +269,19 @@ async def test_a_task_whose_worker_always_dies_is_dead_lettered_and_the_executio
     assert eid in letter.payload and letter.subject == names.tasks("security")
     # The work queue no longer holds the message that ran out of deliveries.
     info = await js.stream_info(names.tasks_stream)
-    await nc.drain()
     assert info.state.messages == 0
+    # Had the last delivery's worker been alive (its heartbeats unable to reach NATS), it would report that
+    # attempt after all, with its own msg-id and a billed call: not a repeat of the dead letter's report.
+    at = now()
+    late = TaskFailed(execution_id=eid, task_id="doomed", pool="security", attempt=2, worker="security-1",
+                      started_at=at, finished_at=at, error="invalid output", error_kind="invalid_output", final=True,
+                      model="claude-sonnet-4-6", provider="anthropic", cost_usd=0.3)
+    await publish(js, names.results(eid), late, late.msg_id())
+    await nc.drain()
+    doc = wait_until(lambda: (d := get(stack, eid))["tasks"][0]["attempts"][1]["cost_usd"] and d, 30, "its cost")
+    t = next(t for t in doc["tasks"] if t["id"] == "doomed")
+    assert t["status"] == "failed" and t["error"].startswith("dead-lettered")
+    assert t["attempts"][1]["cost_usd"] == 0.3 and doc["cost"]["by_pool"]["security"] == pytest.approx(0.3)
 
 
 async def test_deadline_finishes_partial_with_what_is_done(stack_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -394,7 +394,9 @@ class AggregatorHandlers:
                             attempt=max(1, adv.deliveries), worker="dead-letter", started_at=at, finished_at=at,
                             error=f"dead-lettered: {adv.describe()}", error_kind="dead_letter", final=True,
                             strategy=ON_EXHAUSTED[cmd.task.pool].value)
-        await publish(self.rt.jetstream, self.rt.names.results(cmd.execution_id), failed, failed.msg_id())
+        # Its own msg-id: the worker may be alive after all (heartbeats that could not reach NATS) and report its
+        # attempt, paid, with the attempt's msg-id. Dropped as a repeat of this one, its cost would be lost.
+        await publish(self.rt.jetstream, self.rt.names.results(cmd.execution_id), failed, f"{failed.msg_id()}:dead")
 
     async def _request_dead(self, adv: ConsumerAdvisory, data: bytes, msg: Msg) -> None:
         try:
