@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from shared import metrics
 from shared.failures import DEGRADATION, ON_EXHAUSTED
@@ -98,11 +99,18 @@ def _in_dependency_order(specs: list[TaskSpec]) -> list[TaskSpec]:
 
 
 def run_command(ex: Execution, task: TaskState, outputs: dict[str, TaskOutput] | None = None) -> RunTask:
-    """The RunTask for ``task``, carrying its dependencies' outputs (or ``outputs``) in ``context.upstream``."""
+    """The RunTask for ``task``, carrying its dependencies' outputs (or ``outputs``) in ``context.upstream``, and
+    the client's whole request in ``context.request`` when its description had to cut it short."""
     if outputs is None:
         outputs = {d: dep.output for d in task.depends_on if (dep := ex.task(d)) is not None and dep.output}
-    upstream = {d: o.model_dump(exclude_defaults=True) for d, o in outputs.items()}
-    spec = task.spec(upstream=upstream) if upstream else task.spec()
+    spec = task.spec()
+    added: dict[str, Any] = {}
+    if outputs:
+        added["upstream"] = {d: o.model_dump(exclude_defaults=True) for d, o in outputs.items()}
+    if spec.needs_request():
+        added["request"] = ex.message.strip()
+    if added:
+        spec = task.spec(**added)
     return RunTask(execution_id=ex.execution_id, task=spec, deadline_at=ex.deadline_at)
 
 

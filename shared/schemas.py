@@ -90,12 +90,16 @@ class TaskSpec(BaseModel):
     @classmethod
     def for_request(cls, id: str, pool: Pool, lead: str, request: str, **fields: Any) -> TaskSpec:
         """A task described as ``lead`` followed by the client's request. A request longer than a description
-        may be (a message may be five times longer) is cut there, and given whole in the context."""
+        may be (a message may be five times longer) is cut there; its message gives the agent the whole request
+        in the context (``run_command``), from the execution, which stores it once for all its tasks."""
         text = request.strip().rstrip(".")
         if len(lead) + len(text) > DESCRIPTION_MAX:
             text = text[: DESCRIPTION_MAX - len(lead) - len(CUT)] + CUT
-            fields["context"] = {**fields.get("context", {}), "request": request.strip()}
         return cls(id=id, pool=pool, description=lead + text, **fields)
+
+    def needs_request(self) -> bool:
+        """Whether its description was cut short of the client's request (``for_request``)."""
+        return self.description.endswith(CUT) and "request" not in self.context
 
 
 def check_plan(tasks: list[TaskSpec], max_tasks: int | None = None) -> None:

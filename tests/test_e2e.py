@@ -11,7 +11,7 @@ import nats
 import pytest
 from nats.js.api import DeliverPolicy
 
-from shared.schemas import CUT, DESCRIPTION_MAX, ExecutionCompleted
+from shared.schemas import CUT, DESCRIPTION_MAX, ExecutionCompleted, RunTask
 from tests.conftest import Stack, start_stack, stop_stack
 
 pytestmark = pytest.mark.e2e
@@ -78,17 +78,30 @@ def test_a_security_audit_of_a_whole_shop_runs_as_reviews_side_by_side_within_th
     assert chat["response"] == doc["final_response"] and chat["cost_usd"] == doc["cost"]["total_usd"] > 0
 
 
-def test_a_message_longer_than_a_task_description_reaches_its_agent_whole(stack: Stack) -> None:
+@pytest.mark.parametrize("route", ["chat", "project"])
+async def test_a_message_longer_than_a_task_description_reaches_its_agents_whole(stack: Stack, route: str) -> None:
     # The API takes messages five times longer than a task's description may be (the single-agent path of
-    # /api/chat put the message into one and answered 500).
-    message = "Fix the flaky checkout test in the React cart component. " * 600  # 34,800 characters
-    r = httpx.post(f"{stack.url}/api/chat", json={"message": message}, timeout=60)
-    assert r.status_code == 200, r.text
-    assert r.json()["routing"]["parallel"] is False
-    doc = httpx.get(f"{stack.url}/api/execution/{r.json()['execution_id']}", timeout=10).json()
-    (t,) = doc["tasks"]
-    assert doc["status"] == "completed" and len(t["description"]) == DESCRIPTION_MAX
-    assert t["description"].endswith(CUT) and t["context"]["request"] == message.strip()
+    # /api/chat put the message into one and answered 500). The execution stores it once, however many tasks
+    # work on it: a copy in each task's context made a project's document too big to store, and its plan failed.
+    lead = {"chat": "Fix the flaky checkout test in the React cart component. ",
+            "project": "Build a restaurant website with online ordering. "}[route]
+    message = lead + "é" * 99_000  # 198 kB: well over a description, and near what a request may take
+    nc = await nats.connect(str(stack.state()["nats_url"]))
+    sent = await nc.subscribe(stack.names.tasks("*"))  # core: sees every task message as it is published
+    try:
+        async with httpx.AsyncClient(base_url=stack.url, timeout=60) as client:
+            path, body = ("/api/chat", {"message": message}) if route == "chat" else (
+                "/api/execute-parallel", {"message": message, "wait": True})
+            r = await client.post(path, json=body)
+            assert r.status_code == 200, r.text
+            doc = (await client.get(f"/api/execution/{r.json()['execution_id']}")).json()
+        tasks = [RunTask.model_validate_json((await sent.next_msg(timeout=5)).data) for _ in doc["tasks"]]
+    finally:
+        await nc.drain()
+    assert doc["status"] == "completed" and len(doc["tasks"]) == (1 if route == "chat" else 4)
+    for t, cmd in zip(sorted(doc["tasks"], key=lambda t: t["id"]), sorted(tasks, key=lambda c: c.task.id), strict=True):
+        assert len(t["description"]) == DESCRIPTION_MAX and t["description"].endswith(CUT)
+        assert "request" not in t["context"] and cmd.task.context["request"] == message.strip()
 
 
 def test_client_plan_runs_concurrently_and_honours_simulated_latency(stack: Stack) -> None:

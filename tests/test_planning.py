@@ -9,6 +9,7 @@ import pytest
 from services.pm.planning import make_plan, rules_plan
 from shared.distributor import distribute, should_use_parallel_execution
 from shared.errors import PlanError
+from shared.execution import apply_plan, new_execution, run_command
 from shared.schemas import CUT, DESCRIPTION_MAX, ExecutionRequested, TaskSpec, check_plan, now
 
 
@@ -79,7 +80,7 @@ def test_routing_decision_is_fast() -> None:
 
 
 def test_restaurant_website_plan_spans_three_pools_with_the_api_before_the_frontend() -> None:
-    tasks, planner = rules_plan("Build a restaurant website with online ordering", False, 6)
+    tasks, planner = rules_plan("Build a restaurant website with online ordering", False)
     assert planner == "rules"
     assert {t.pool for t in tasks} == {"codegen", "security", "database"}
     by_id = {t.id: t for t in tasks}
@@ -88,38 +89,39 @@ def test_restaurant_website_plan_spans_three_pools_with_the_api_before_the_front
 
 
 def test_single_pool_request_is_serial_and_nothing_matched_falls_back_to_codegen() -> None:
-    tasks, planner = rules_plan("Design the PostgreSQL schema for invoices", False, 6)
+    tasks, planner = rules_plan("Design the PostgreSQL schema for invoices", False)
     assert planner == "serial" and [t.pool for t in tasks] == ["database"]
-    tasks, planner = rules_plan("Make it nicer", False, 6)
+    tasks, planner = rules_plan("Make it nicer", False)
     assert planner == "serial" and [t.pool for t in tasks] == ["codegen"]
 
 
 def test_force_parallel_keeps_every_matched_pool() -> None:
     text = "Optimize the SQL queries and fix the login page"
-    strict, _ = rules_plan(text, False, 6)
-    forced, planner = rules_plan(text, True, 6)
+    strict, _ = rules_plan(text, False)
+    forced, planner = rules_plan(text, True)
     assert {t.pool for t in forced} == {"codegen", "security", "database"} and planner == "rules"
     assert len(strict) <= len(forced)
 
 
-def test_a_template_cut_by_the_task_limit_falls_back_to_serial() -> None:
-    req = ExecutionRequested(execution_id="e", message="Build a shop app", requested_at=now(), deadline_at=now())
-    tasks, planner = make_plan(req, 2)
-    assert planner == "rules" and [t.id for t in tasks] == ["schema", "backend"]
-    tasks, planner = make_plan(req, 1)
-    assert planner == "rules" and len(tasks) == 1
+@pytest.mark.parametrize(("message", "pool"), [("Build a shop app", "codegen"),
+                                                ("Pentest the customer portal before launch", "security")])
+def test_a_template_over_the_task_limit_becomes_one_task_for_the_whole_request(message: str, pool: str) -> None:
+    # Not the first tasks of the template: that would drop the rest of the work and still report it all done.
+    req = ExecutionRequested(execution_id="e", message=message, requested_at=now(), deadline_at=now())
+    assert len(make_plan(req, 4)[0]) == 4
+    for limit in (3, 2, 1):
+        (task,), planner = make_plan(req, limit)
+        assert planner == "serial" and task.pool == pool and task.description == message
 
 
 def test_a_security_audit_of_a_whole_system_becomes_independent_reviews_and_a_narrow_one_stays_one_task() -> None:
-    tasks, planner = rules_plan("Pentest the customer portal before launch", False, 6)
+    tasks, planner = rules_plan("Pentest the customer portal before launch", False)
     assert planner == "rules" and len(tasks) == 4
     assert {t.pool for t in tasks} == {"security"} and not any(t.depends_on for t in tasks)
     assert all(t.description.endswith("of: Pentest the customer portal before launch") for t in tasks)
-    tasks, planner = rules_plan("Pentest the customer portal before launch", False, 1)
-    assert planner == "serial" and len(tasks) == 1
-    tasks, planner = rules_plan("Audit the login flow for CSRF and XSS vulnerabilities", False, 6)
+    tasks, planner = rules_plan("Audit the login flow for CSRF and XSS vulnerabilities", False)
     assert planner == "serial" and [t.pool for t in tasks] == ["security"]
-    tasks, _ = rules_plan("Audit the shop's database schema and its backups", False, 6)  # not security alone
+    tasks, _ = rules_plan("Audit the shop's database schema and its backups", False)  # not security alone
     assert {t.pool for t in tasks} != {"security"}
 
 
@@ -141,7 +143,7 @@ def test_a_client_plan_is_revalidated() -> None:
 @pytest.mark.parametrize("project", [None, "security audit of the payments app"])
 def test_chat_goes_parallel_exactly_when_the_rules_plan_more_than_one_task(text: str, project: str | None) -> None:
     routing = should_use_parallel_execution(text, enabled=True, project=project)
-    tasks, _ = rules_plan(text, False, 6, project)
+    tasks, _ = rules_plan(text, False, project)
     assert routing.parallel == (len(tasks) > 1), (routing.reason, [t.pool for t in tasks])
     if routing.parallel:
         assert set(routing.pools) == {t.pool for t in tasks}
@@ -154,8 +156,13 @@ def test_routing_and_planning_a_message_as_long_as_the_api_allows_take_linear_ti
     text = (word * 20_000)[:100_000]
     began = time.perf_counter()
     assert not should_use_parallel_execution(text, enabled=True).parallel
-    (task,), _ = rules_plan(text, False, 6)
+    (task,), _ = rules_plan(text, False)
     assert time.perf_counter() - began < 2
-    # Longer than a description may be: cut there, and whole in the context.
+    # Longer than a description may be: cut there, and whole in the context of the task's message (the
+    # execution stores it once, not once per task).
     assert len(task.description) == DESCRIPTION_MAX and task.description.endswith(CUT)
-    assert task.context["request"] == text.strip()
+    assert "request" not in task.context
+    req = ExecutionRequested(execution_id="e", message=text, requested_at=now(), deadline_at=now())
+    ex = new_execution(req)
+    apply_plan(ex, [task], "serial")
+    assert run_command(ex, ex.tasks[0]).task.context["request"] == text.strip()

@@ -160,7 +160,8 @@ async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_ke
     size, budget = len(req.to_bytes()), rt.nats.max_payload // 4
     if size > budget:
         raise HTTPException(413, f"the request takes {size} bytes as a message, more than the {budget} it may (a "
-                                 f"quarter of the NATS server's max_payload, {rt.nats.max_payload}): send less context")
+                                 f"quarter of the NATS server's max_payload, {rt.nats.max_payload}): send a shorter "
+                                 "message, or less context")
     ex = new_execution(req)
     replay = False
     try:

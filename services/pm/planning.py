@@ -40,8 +40,7 @@ def _routing(d: Distribution, pool: Pool) -> dict[str, Any]:
     return {"routing": {"pool": pool, "score_share": share, "matched": d.matched.get(pool, [])}}
 
 
-def rules_plan(message: str, force_parallel: bool, max_tasks: int,
-               project: str | None = None) -> tuple[list[TaskSpec], str]:
+def rules_plan(message: str, force_parallel: bool, project: str | None = None) -> tuple[list[TaskSpec], str]:
     """Plan by keywords (of the project's name too, as chat routing reads them); returns the tasks and the
     planner name ("rules" or "serial")."""
     d = distribute(f"{project or ''} {message}")
@@ -56,19 +55,18 @@ def rules_plan(message: str, force_parallel: bool, max_tasks: int,
             task("frontend", "codegen", "Build the frontend (pages, forms, API client) for: ", depends_on=["backend"]),
             task("security-audit", "security", "Audit authentication, payments and data handling for: "),
         ]
-        return tasks[:max_tasks], "rules"
+        return tasks, "rules"
     if looks_like_security_audit(message, d):
         areas = [("auth-review", "authentication, sessions and access control (CSRF, password storage, roles)"),
                  ("input-review", "input handling for injection and XSS, every form and endpoint"),
                  ("data-review", "data protection: encryption, personal data, logging, payment flows"),
                  ("secrets-scan", "exposed secrets and vulnerable dependencies")]
-        tasks = [task(i, "security", f"Review {what}, of: ") for i, what in areas]
-        return tasks[:max_tasks], "rules" if min(len(tasks), max_tasks) > 1 else "serial"
+        return [task(i, "security", f"Review {what}, of: ") for i, what in areas], "rules"
     if d.pool == "multi":
         multi = {"routing": {"pool": "multi", "score_share": 0.0, "matched": []}}
         return [TaskSpec.for_request("task-1", "codegen", "", message, context=multi)], "serial"
     tasks = [task(f"{p}-1", p, "") for p in d.pools(every_match=force_parallel)]
-    return tasks[:max_tasks], "rules" if len(tasks) > 1 else "serial"
+    return tasks, "rules" if len(tasks) > 1 else "serial"
 
 
 def make_plan(req: ExecutionRequested, max_tasks: int) -> tuple[list[TaskSpec], str]:
@@ -76,12 +74,15 @@ def make_plan(req: ExecutionRequested, max_tasks: int) -> tuple[list[TaskSpec], 
     if req.tasks is not None:
         check_plan(req.tasks, max_tasks)
         return req.tasks, "client"
-    tasks, planner = rules_plan(req.message, req.force_parallel, max_tasks, req.project)
+    tasks, planner = rules_plan(req.message, req.force_parallel, req.project)
     try:
         check_plan(tasks, max_tasks)
     except PlanError:
-        # A template cut short by max_tasks can leave a dangling dependency: fall back to serial.
-        return [TaskSpec.for_request("task-1", "codegen", "", req.message)], "serial"
+        # More tasks than max_tasks_per_execution allows: the whole request as one task rather than a plan with
+        # parts of the work dropped. In the template's pool when it has only one (a security audit's reviews).
+        pools = {t.pool for t in tasks}
+        pool = pools.pop() if len(pools) == 1 else "codegen"
+        return [TaskSpec.for_request("task-1", pool, "", req.message)], "serial"
     return tasks, planner
 
 
