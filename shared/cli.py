@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -20,7 +21,7 @@ import httpx
 from shared import natsauth
 from shared.errors import ConfigError
 from shared.runner import SERVICES, Stack, StackOptions, parse_replicas
-from shared.settings import load_settings
+from shared.settings import LOG_LEVELS, load_settings
 
 EXAMPLE = (
     "Build a restaurant website with online ordering: menu browsing, a cart and checkout with card "
@@ -113,7 +114,10 @@ async def _up(args: argparse.Namespace) -> int:
             code = 0 if doc["status"] in ("completed", "partial") else 1
         if not args.once:
             await stack.stopping.wait()
-    except (RuntimeError, TimeoutError, ConfigError) as e:
+    except ConfigError as e:  # what to set: exit 2, like a bad config
+        logging.getLogger("openclaw").error("%s", e)
+        code = 2
+    except (RuntimeError, TimeoutError) as e:
         logging.getLogger("openclaw").error("%s", e)
         code = 1
     finally:
@@ -167,6 +171,12 @@ def _nats_auth_conf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _namespace(value: str) -> str:
+    if not re.fullmatch(r"[a-z0-9]*", value):
+        raise argparse.ArgumentTypeError(f"{value!r}: lower-case letters and digits only")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="openclaw", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -176,15 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--data-dir", default=".openclaw", help="JetStream store and runner state (default .openclaw)")
     up.add_argument("--gateway-port", type=int, default=8080)
     nats = up.add_mutually_exclusive_group()
-    nats.add_argument("--nats-port", type=int, help="port of the local nats-server (default 4222)")
+    nats.add_argument("--nats-port", type=int, help="port of the local nats-server (default 4222; 0: any free port)")
     nats.add_argument("--nats-url", help="use this NATS server instead of starting one")
     up.add_argument("--replicas", default="", help=f"e.g. codegen=2,security=2 (services: {', '.join(SERVICES)})")
-    up.add_argument("--namespace", default="", help="prefix of every stream and subject (lower-case letters, digits)")
+    up.add_argument("--namespace", default="", type=_namespace,
+                    help="prefix of every stream and subject (lower-case letters, digits)")
     up.add_argument("--nats-auth", nargs="?", const="", metavar="FILE",
                     help="one NATS user per service with least privilege, from FILE (default deploy/nats/auth.conf); "
                          "passwords from OPENCLAW_NATS_PASSWORD_<SERVICE> or fixed dev defaults")
     up.add_argument("--log-format", choices=("text", "json"), default="text")
-    up.add_argument("--log-level", default="INFO")
+    up.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
     up.add_argument("--example", action="store_true", help="submit the restaurant-website example once ready")
     up.add_argument("--once", action="store_true", help="stop after the example instead of serving until Ctrl-C")
     up.set_defaults(func=_up)

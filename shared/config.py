@@ -8,21 +8,24 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from shared.errors import ConfigError
 from shared.names import POOLS, Pool
 
+DAY_S = 86_400.0  # no duration in the configuration may be longer (nor infinite, nor NaN)
+Seconds = Annotated[float, Field(ge=0, le=DAY_S)]
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class PoolConfig(_Strict):
     max_concurrent: int = Field(ge=1, le=1000)
-    timeout: float = Field(gt=0, description="seconds one attempt of a task may run")
+    timeout: float = Field(gt=0, le=DAY_S, description="seconds one attempt of a task may run")
     model: str = "claude-sonnet-4-6"
     fallback_model: str = "claude-haiku-4-5"
 
@@ -55,7 +58,7 @@ class ResultAggregation(_Strict):
 
 class Retries(_Strict):
     max_retries: int = Field(default=2, ge=0, le=10)
-    backoff_s: tuple[float, ...] = (1.0, 3.0, 9.0)
+    backoff_s: tuple[Seconds, ...] = (1.0, 3.0, 9.0)
 
     @model_validator(mode="after")
     def _enough_delays(self) -> Retries:
@@ -71,7 +74,7 @@ class Retries(_Strict):
 class Simulated(_Strict):
     """Timings of the offline provider, per pool and for the PM's own calls."""
 
-    latency_s: dict[str, float] = Field(
+    latency_s: dict[str, Seconds] = Field(
         default_factory=lambda: {"codegen": 1.2, "security": 0.9, "database": 0.7, "pm": 0.0}
     )
 
@@ -114,7 +117,7 @@ class AnthropicConfig(_Strict):
     base_url: str | None = Field(
         default=None, pattern=r"^https?://", description="any Messages-API-compatible endpoint; default: the SDK's"
     )
-    timeout_s: float = Field(default=600, gt=0, description="per request; a timeout is a failed attempt")
+    timeout_s: float = Field(default=600, gt=0, le=DAY_S, description="per request; a timeout is a failed attempt")
     max_tokens: int = Field(default=16_000, ge=1, le=128_000, description="per call, thinking included")
 
 
@@ -124,8 +127,8 @@ TASK_DEDUP_WINDOW_S = 3600.0  # the tasks stream's duplicate window: a released 
 class Gateway(_Strict):
     max_body_bytes: int = Field(default=256 * 1024, ge=1024, description="a request's execution lives in one NATS "
                                 "message: with the server's default max_payload (1 MiB) a request may take a quarter")
-    default_wait_s: float = Field(default=60, gt=0)
-    max_wait_s: float = Field(default=600, gt=0)
+    default_wait_s: float = Field(default=60, gt=0, le=DAY_S)
+    max_wait_s: float = Field(default=600, gt=0, le=DAY_S)
     rate_limit_per_minute: int = Field(default=600, ge=1, description="per API key (not in local mode)")
     rate_limit_burst: int = Field(default=60, ge=1)
 
@@ -144,17 +147,18 @@ class ParallelExecutionConfig(_Strict):
     execution_timeout_s: float = Field(
         default=1800, gt=0, le=TASK_DEDUP_WINDOW_S, description="an execution still running then fails; at most "
         "the tasks stream's duplicate window, which keeps a released task from being queued twice while it runs")
-    ack_wait_s: float = Field(default=30, gt=0, description="crash-detection window of every durable consumer")
+    ack_wait_s: float = Field(default=30, gt=0, le=DAY_S,
+                              description="crash-detection window of every durable consumer")
     announce_start_after_s: float = Field(
-        default=0.1, gt=0, description="a task attempt still running after this long is announced as started; "
-        "a quicker one is recorded from its result alone")
+        default=0.1, gt=0, le=DAY_S, description="a task attempt still running after this long is announced as "
+        "started; a quicker one is recorded from its result alone")
     coalesce_results_s: float = Field(
-        default=0.1, ge=0, description="a task's result that releases no task while others are still open waits "
-        "up to this long for the execution's next change, to be stored with it (one write instead of several); "
+        default=0.1, ge=0, le=DAY_S, description="a task's result that releases no task while others are still open "
+        "waits up to this long for the execution's next change, to be stored with it (one write instead of several); "
         "0 stores each at once")
     shutdown_grace_s: float = Field(
-        default=10, ge=0, description="on SIGTERM a service takes no new message and gives the running ones this "
-        "long to finish; what still runs then (a model call) is handed back for another replica, which counts as "
+        default=10, ge=0, le=DAY_S, description="on SIGTERM a service takes no new message and gives the running ones "
+        "this long to finish; what still runs then (a model call) is handed back for another replica, which counts as "
         "a delivery, so as one of the task's attempts. Above the pools' timeout, a rollout never cuts an attempt "
         "short (the Kubernetes config does so). Keep the Deployments' terminationGracePeriodSeconds above it")
     worker_pools: WorkerPools = WorkerPools()
@@ -227,6 +231,10 @@ def load_config(path: str | Path | None) -> ParallelExecutionConfig:
         raise ConfigError(f"config file {p} does not exist (set --config or OPENCLAW_CONFIG)") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"config file {p} is not valid JSON: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not UTF-8 text: {e}") from None
+    except OSError as e:  # a directory, no permission
+        raise ConfigError(f"config file {p} cannot be read: {e.strerror or e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {p} must hold a JSON object")
     try:

@@ -62,7 +62,17 @@ class NatsServer:
         return f"nats://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 15.0, log: Path | None = None) -> NatsServer:
+        """Start it and wait for its port. Refused when something already listens there: waiting for the port
+        would take that for this server (a second local stack would join the first one's)."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed server's connections do not count
+            try:
+                probe.bind(("127.0.0.1", self.port))
+            except OSError as e:
+                raise ConfigError(f"cannot start nats-server on 127.0.0.1:{self.port}: {e.strerror} (another "
+                                  "nats-server?); choose another --nats-port, or use that server with "
+                                  "--nats-url") from None
         cmd = [binary(), "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store_dir)]
         if self.monitor_port:
             cmd += ["-m", str(self.monitor_port)]
@@ -70,7 +80,9 @@ class NatsServer:
             cmd += ["-c", str(self.config_file)]
         out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
         env = {"GOMAXPROCS": "1", **os.environ, **(self.env or {})}
-        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        # Its own session, as the services have: a Ctrl-C in the terminal reaches the runner, which stops the services
+        # (they drain through NATS) and only then the server.
+        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         wait_for_port(self.port, timeout, self.proc)
         return self
 

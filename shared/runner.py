@@ -21,7 +21,7 @@ import httpx
 
 from shared import natsauth
 from shared.errors import ConfigError
-from shared.natsserver import NatsServer
+from shared.natsserver import NatsServer, free_port
 
 log = logging.getLogger("openclaw.runner")
 
@@ -118,7 +118,7 @@ class Stack:
             auth = self.opts.nats_auth
             self.server = NatsServer(
                 self.opts.data_dir / "jetstream",
-                port=self.opts.nats_port or 4222,
+                port=4222 if self.opts.nats_port is None else self.opts.nats_port or free_port(),
                 config_file=auth,
                 env=natsauth.server_env(self.passwords) if auth else None,
             )
@@ -236,7 +236,7 @@ class Stack:
                     proc.kill()
             await asyncio.gather(*(p.wait() for p in running))
         await asyncio.gather(*self._supervisors, return_exceptions=True)
-        if self.server is not None:
+        if self.server is not None and self.server.proc is not None:
             await asyncio.to_thread(self.server.stop)
             log.info("nats-server stopped")
         for c in self.children:

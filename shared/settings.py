@@ -14,6 +14,8 @@ from shared.config import MISSING_API_KEY, ParallelExecutionConfig, load_config
 from shared.errors import ConfigError
 from shared.names import Names
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 
 class Settings(BaseSettings):
     """Where to find NATS, the config file and the port to serve on."""
@@ -41,11 +43,18 @@ class Settings(BaseSettings):
     slots: int | None = Field(default=None, ge=1, description="tasks one pool replica runs at once "
                               "(default: the pool's max_concurrent; the broker caps the pool as a whole)")
     worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-    log_level: str = "INFO"
+    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
     log_format: str = Field(default="json", pattern=r"^(json|text)$")
     anthropic_api_key: str | None = Field(
         default=None, validation_alias=AliasChoices("ANTHROPIC_API_KEY", "OPENCLAW_ANTHROPIC_API_KEY")
     )
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        if v.upper() not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return v.upper()
 
     @field_validator("nats_url")
     @classmethod
@@ -98,14 +107,18 @@ class Settings(BaseSettings):
         return load_config(self.config)
 
 
+def _variable(loc: tuple[int | str, ...]) -> str:
+    """The environment variable behind an error's location (an aliased field's is its variable already)."""
+    name = ".".join(map(str, loc)).upper()
+    return name if name.startswith("OPENCLAW_") else f"OPENCLAW_{name}"
+
+
 def load_settings(**overrides: object) -> Settings:
     """Settings from env plus overrides; config errors surface here, at start-up."""
     try:
         s = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as e:
-        bad = "; ".join(
-            f"OPENCLAW_{'.'.join(map(str, x['loc'])).upper()}: {x['msg']}" if x["loc"] else x["msg"] for x in e.errors()
-        )
+        bad = "; ".join(f"{_variable(x['loc'])}: {x['msg']}" if x["loc"] else x["msg"] for x in e.errors())
         raise ConfigError(f"invalid environment: {bad}") from None
     if s.pe.provider == "anthropic" and not s.anthropic_api_key:  # also loads and validates config.json now
         raise ConfigError(MISSING_API_KEY)

@@ -47,6 +47,10 @@ def test_file_overrides_and_ignores_other_sections(tmp_path: Path) -> None:
         ({"ack_wait_s": 30, "announce_start_after_s": 20}, "announce_start_after_s (20) must be at most ack_wait_s"),
         ({"ack_wait_s": 3, "coalesce_results_s": 2}, "coalesce_results_s (2) must be at most ack_wait_s / 3 (1)"),
         ({"coalesce_results_s": -1}, "parallel_execution.coalesce_results_s: Input should be greater than or equal"),
+        # Valid JSON numbers that no consumer could be made with: every service crash-looped on them.
+        ({"ack_wait_s": 1e300}, "parallel_execution.ack_wait_s: Input should be less than or equal to 86400"),
+        ({"shutdown_grace_s": float("inf")}, "parallel_execution.shutdown_grace_s: Input should be a finite number"),
+        ({"retries": {"backoff_s": [-5]}}, "parallel_execution.retries.backoff_s.0: Input should be greater than or"),
     ],
 )
 def test_invalid_values_name_the_field(tmp_path: Path, section: dict[str, object], says: str) -> None:
@@ -56,10 +60,15 @@ def test_invalid_values_name_the_field(tmp_path: Path, section: dict[str, object
     assert str(tmp_path / "c.json") in str(err.value)
 
 
-def test_not_json_is_reported(tmp_path: Path) -> None:
+def test_a_file_that_is_not_json_text_is_reported(tmp_path: Path) -> None:
     (tmp_path / "c.json").write_text("{")
     with pytest.raises(ConfigError, match="is not valid JSON"):
         load_config(tmp_path / "c.json")
+    (tmp_path / "c.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_config(tmp_path / "c.json")
+    with pytest.raises(ConfigError, match=f"config file {tmp_path} cannot be read: Is a directory"):
+        load_config(tmp_path)
 
 
 def test_settings_read_openclaw_config_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -73,5 +82,9 @@ def test_settings_read_openclaw_config_from_env(tmp_path: Path, monkeypatch: pyt
 
 def test_bad_environment_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENCLAW_NATS_URL", "http://nats:4222")
-    with pytest.raises(ConfigError, match="OPENCLAW_NATS_URL: Value error, must start with nats://"):
+    with pytest.raises(ConfigError, match="environment: OPENCLAW_NATS_URL: Value error, must start with nats://"):
+        load_settings()
+    monkeypatch.delenv("OPENCLAW_NATS_URL")
+    monkeypatch.setenv("OPENCLAW_LOG_LEVEL", "loud")  # every service crash-looped on it
+    with pytest.raises(ConfigError, match="environment: OPENCLAW_LOG_LEVEL: Value error, must be one of DEBUG"):
         load_settings()

@@ -40,7 +40,7 @@ def test_up_owns_nats_restarts_crashed_children_and_stops_cleanly(tmp_path: Path
     proc = subprocess.Popen(
         [sys.executable, "-m", "shared.cli", "up", "--nats-port", str(nats_port), "--gateway-port", str(gw),
          "--data-dir", str(tmp_path / "data"), "--replicas", "codegen=2"],
-        cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=stack_env(),
+        cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=stack_env(), start_new_session=True,
     )
     stack = Stack(proc, f"http://127.0.0.1:{gw}", tmp_path / "data", log, names=None)  # type: ignore[arg-type]
 
@@ -75,9 +75,12 @@ def test_up_owns_nats_restarts_crashed_children_and_stops_cleanly(tmp_path: Path
         assert r.json()["status"] == "completed"
         pids = [stack.pid(name) for name in children]
     finally:
+        if proc.poll() is None:  # Ctrl-C in its terminal: SIGINT to its whole process group
+            os.killpg(proc.pid, signal.SIGINT)
         code = stop_stack(stack)
     out = log.read_text()
     assert code == 0, out[-3000:]
+    assert "NATS error" not in out, out[-3000:]  # the services drained before the server stopped
     assert new_pid not in (victim,)
     assert not [p for p in pids if alive(p)], "orphaned children"
     assert not port_open(nats_port), "nats-server left running"
@@ -96,6 +99,30 @@ def test_up_refuses_a_bad_config_before_starting_anything(tmp_path: Path) -> Non
     assert r.returncode == 2
     assert "parallel_execution.worker_pools.database.max_concurrent" in r.stderr
     assert not port_open(nats_port)
+
+
+def test_up_will_not_take_a_port_someone_else_listens_on_for_its_nats_server(tmp_path: Path) -> None:
+    # Waiting for the port would have found the other listener, and the services would have joined its streams.
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "shared.cli", "up", "--nats-port", str(port), "--gateway-port", "0",
+                            "--data-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert f"cannot start nats-server on 127.0.0.1:{port}: Address already in use" in r.stderr
+    assert "gateway" not in r.stderr and "nats-server stopped" not in r.stderr  # nothing was started
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--namespace", "Bad-NS"], "argument --namespace: 'Bad-NS': lower-case letters and digits only"),
+    (["--log-level", "loud"], "argument --log-level: invalid choice: 'LOUD'"),
+])
+def test_up_refuses_bad_arguments_before_starting_anything(tmp_path: Path, args: list[str], says: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "shared.cli", "up", *args, "--data-dir", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and says in r.stderr, r.stderr
+    assert not (tmp_path / "jetstream").exists()
 
 
 def test_bad_replicas_spec_is_rejected(tmp_path: Path) -> None:
