@@ -54,10 +54,17 @@ def test_unknown_field_is_named(stack: Stack) -> None:
     ]
 
 
-def test_malformed_json_is_422(stack: Stack) -> None:
+def test_malformed_json_is_422_saying_where_and_why(stack: Stack) -> None:
     r = httpx.post(f"{stack.url}/api/execute-parallel", content=b"{not json",
                    headers={"content-type": "application/json"})
-    assert r.status_code == 422 and "JSON" in r.json()["message"]
+    assert r.status_code == 422 and r.json()["errors"] == [
+        {"field": "body", "message": "not valid JSON (at character 1): Expecting property name enclosed in double "
+                                     "quotes"}]
+
+
+def test_an_empty_idempotency_key_is_422_not_a_key_every_such_client_shares(stack: Stack) -> None:
+    r = httpx.post(f"{stack.url}/api/execute-parallel", json={"message": "m"}, headers={"Idempotency-Key": ""})
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "Idempotency-Key", r.text
 
 
 def test_body_over_the_configured_size_is_413(stack: Stack) -> None:

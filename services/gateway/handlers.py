@@ -255,7 +255,7 @@ async def execute_parallel(
     rt: RuntimeDep,
     who: CallerDep,
     response: Response,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=200)] = None,
 ) -> Execution | Response:
     """Accept a request; 202 with the planned execution, or 200 with the terminal one when ``wait``."""
     ex, final = await _submit(rt, who, body, idempotency_key)
@@ -273,7 +273,7 @@ async def chat(
     rt: RuntimeDep,
     who: CallerDep,
     response: Response,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=200)] = None,
 ) -> ChatResponse:
     """The single-agent chat endpoint: routed to parallel execution when it pays, else one specialist."""
     r = should_use_parallel_execution(body.message, enabled=rt.pe.enabled, force_parallel=body.force_parallel,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Mapping
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -30,6 +32,15 @@ def _field(loc: tuple[object, ...]) -> str:
     return out or "body"
 
 
+def _error(e: Mapping[str, Any]) -> dict[str, str]:
+    if e["type"] == "json_invalid":  # its location is the character where decoding failed, not a field
+        where = e["loc"][-1]
+        return {"field": "body", "message": f"not valid JSON (at character {where}): {e.get('ctx', {}).get('error')}"}
+    if e["loc"][0] == "header":  # as HTTP spells it, not as the ASGI scope lower-cases it
+        return {"field": "-".join(w.capitalize() for w in str(e["loc"][-1]).split("-")), "message": e["msg"]}
+    return {"field": _field(tuple(e["loc"])), "message": e["msg"]}
+
+
 def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(
         title="OpenClaw Parallel Execution",
@@ -48,7 +59,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"field": _field(tuple(e["loc"])), "message": e["msg"]} for e in exc.errors()]
+        errors = [_error(e) for e in exc.errors()]
         summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
         return JSONResponse({"error": "invalid_request", "message": summary, "errors": errors}, status_code=422)
 
