@@ -20,7 +20,7 @@ from services.aggregator.handlers import SUPERSEDED, AggregatorHandlers
 from services.aggregator.synthesis import write_answer
 from shared.config import ParallelExecutionConfig
 from shared.costs import model_call
-from shared.execution import apply_plan, apply_result, expire, new_execution
+from shared.execution import apply_plan, apply_result, cancel, expire, new_execution
 from shared.names import Names
 from shared.providers import AnthropicProvider, SimulatedProvider
 from shared.schemas import (
@@ -120,6 +120,24 @@ async def test_the_model_writes_in_the_persona_and_the_exact_cost_line_and_signa
     assert signature == "— Ada, delivery lead"
 
 
+async def test_an_execution_that_ended_with_nothing_done_is_answered_without_a_model_call(
+    fake_anthropic: FakeAnthropic,
+) -> None:
+    pe = ParallelExecutionConfig.model_validate(config(fake_anthropic))
+    ex = new_execution(ExecutionRequested(execution_id="none", message="Build a shop", requested_at=T0,
+                                          deadline_at=T0 + timedelta(hours=1)))
+    apply_plan(ex, [TaskSpec(id="api", pool="codegen", description="API")], "client")
+    apply_result(ex, result("none", "api", "codegen", "started"))
+    assert cancel(ex, "client cancelled")
+    provider = AnthropicProvider(pe, KEY)
+    try:
+        text, call = await write_answer(ex, aggregate(ex), "cancelled", pe, provider)
+    finally:
+        await provider.aclose()
+    assert fake_anthropic.of("synthesis") == [] and call is None  # nothing to summarise: nothing paid for it
+    assert text.startswith("Hi! Ada here. This execution was cancelled.") and "api: cancelled" in text
+
+
 async def test_a_failed_synthesis_call_falls_back_to_the_template_and_is_recorded(
     fake_anthropic: FakeAnthropic,
 ) -> None:
@@ -216,14 +234,19 @@ async def test_a_slow_answer_keeps_the_result_it_waits_on_from_being_redelivered
     assert stored is not None and stored[0].status == "completed"
 
 
-async def a_stale_b_moved_on(rt: Runtime, eid: str, a: AggregatorHandlers, b: AggregatorHandlers) -> None:
-    """Two tasks running; replica A keeps the version it read, then replica B stores the first one completed."""
+async def a_stale_b_moved_on(rt: Runtime, eid: str, a: AggregatorHandlers, b: AggregatorHandlers,
+                             done: bool = False) -> None:
+    """Two tasks running; replica A keeps the version it read, then replica B stores the first one completed.
+    ``done``: a third task had completed before (so that every version has an output to answer on)."""
     ex = new_execution(ExecutionRequested(execution_id=eid, message="Build a shop", requested_at=T0,
                                           deadline_at=T0 + timedelta(hours=1)))
-    apply_plan(ex, [TaskSpec(id="api", pool="codegen", description="API"),
-                    TaskSpec(id="audit", pool="security", description="audit")], "rules", [])
+    specs = [TaskSpec(id="api", pool="codegen", description="API"),
+             TaskSpec(id="audit", pool="security", description="audit")]
+    apply_plan(ex, specs + ([TaskSpec(id="docs", pool="codegen", description="docs")] if done else []), "rules", [])
     for r in (result(eid, "api", "codegen", "started"), result(eid, "audit", "security", "started")):
         apply_result(ex, r)
+    if done:
+        apply_result(ex, result(eid, "docs", "codegen"))
     await rt.executions.create(ex)
     names = rt.names
     again = result(eid, "api", "codegen", "started")  # changes nothing: A keeps the version it read
@@ -304,7 +327,7 @@ async def test_the_model_call_behind_an_answer_that_lost_its_write_is_still_coun
     rt = await service_runtime(nc, names, tmp_path, config(fake_anthropic))
     eid = "superseded"
     async with replicas(rt) as (a, b):
-        await a_stale_b_moved_on(rt, eid, a, b)
+        await a_stale_b_moved_on(rt, eid, a, b, done=True)
         msg = await delivered(rt, names.execution_deadline, b"{}", names.executions_stream)
         await a._apply(eid, lambda ex: expire(ex, "execution deadline exceeded"), msg)  # from A's stale version
 

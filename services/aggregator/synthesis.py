@@ -2,7 +2,8 @@
 
 With a provider that writes (anthropic), the synthesis model writes the answer in the configured
 persona and the exact cost line and the signature are appended to it; with one that does not
-(simulated), or when the call fails, the deterministic template below writes it.
+(simulated), when no task produced an output, or when the call fails, the deterministic template below
+writes it.
 """
 
 from __future__ import annotations
@@ -91,7 +92,9 @@ async def write_answer(
 ) -> tuple[str, ModelCall | None]:
     """The final answer and the synthesis call behind it (None when the provider made no call)."""
     pm = pe.pm_coordinator
-    if not provider.writes:  # the template writes it, at no cost
+    # The template writes it, at no cost: with a provider that does not write, and when no agent produced
+    # anything (cancelled or failed before any task completed), where a paid answer would have nothing to say.
+    if not provider.writes or not any(t.output is not None for t in ex.tasks):
         return synthesize(ex, agg, status, pm), None
     model, ctx = pm.synthesis_model, {"execution_id": ex.execution_id}
     reply, call = await guarded_call(
