@@ -51,13 +51,23 @@ def attempts_allowed(pe: ParallelExecutionConfig) -> int:
     return pe.retries.max_retries + 1
 
 
-def decide(pe: ParallelExecutionConfig, pool: Pool, attempt: int, kind: str, seconds_left: float) -> Decision:
-    """After attempt ``attempt`` failed with ``kind``: retry (maybe on the fallback model) or give up."""
+RETRY_AFTER_MAX_S = 60.0  # an endpoint's Retry-After is honoured up to this
+
+
+def decide(pe: ParallelExecutionConfig, pool: Pool, attempt: int, kind: str, seconds_left: float,
+           retry_after_s: float | None = None) -> Decision:
+    """After attempt ``attempt`` failed with ``kind``: retry (maybe on the fallback model) or give up.
+
+    A retry on the same model waits at least what the endpoint asked for (Retry-After, at most
+    ``RETRY_AFTER_MAX_S``): sooner would only be refused again, and burn an attempt. The fallback model has
+    its own limits, so its attempt keeps the backoff's delay."""
     delay = pe.retries.delay(attempt) if pe.retries.max_retries else 0.0
-    if attempt >= attempts_allowed(pe) or seconds_left <= delay:
-        return Decision(ON_EXHAUSTED[pool], final=True)
     last_next = attempt + 1 == attempts_allowed(pe)
     strategy = Strategy.FALLBACK if last_next and kind in FALLBACK_KINDS else Strategy.RETRY
+    if strategy is Strategy.RETRY and retry_after_s:
+        delay = max(delay, min(retry_after_s, RETRY_AFTER_MAX_S))
+    if attempt >= attempts_allowed(pe) or seconds_left <= delay:
+        return Decision(ON_EXHAUSTED[pool], final=True)
     return Decision(strategy, final=False, delay_s=delay)
 
 

@@ -161,7 +161,7 @@ class PoolWorker:
             await self._failed(d, "timeout", f"timed out after {timeout:g}s", model, Usage())
             return
         except ProviderError as e:
-            await self._failed(d, e.kind, str(e), model, e.usage or Usage())
+            await self._failed(d, e.kind, str(e), model, e.usage or Usage(), e.retry_after_s)
             return
         except Exception as e:  # noqa: BLE001 - an agent that crashes is a failed attempt, not a lost task
             log.exception("agent raised", extra=d.ctx)
@@ -182,11 +182,12 @@ class PoolWorker:
         self._observe("completed", duration, reply.model, cost, reply.usage)
         log.info("task completed in %.3fs", duration, extra=d.ctx)
 
-    async def _failed(self, d: _Delivery, kind: ErrorKind, error: str, model: str | None, usage: Usage) -> None:
+    async def _failed(self, d: _Delivery, kind: ErrorKind, error: str, model: str | None, usage: Usage,
+                      retry_after_s: float | None = None) -> None:
         """Report a failed attempt with the failure handler's decision; nak for a retry or ack for good."""
         finished = now()
         seconds_left = (d.cmd.deadline_at - finished).total_seconds()
-        decision = decide(self.rt.pe, self.pool, d.attempt, kind, seconds_left)
+        decision = decide(self.rt.pe, self.pool, d.attempt, kind, seconds_left, retry_after_s)
         cost = self._cost(model, usage)
         failed = TaskFailed(**d.head, started_at=d.started, finished_at=finished, error=error, error_kind=kind,
                             final=decision.final, strategy=decision.strategy.value, retry_in_s=decision.delay_s,

@@ -37,10 +37,12 @@ class ProviderError(OpenClawError):
     ``usage`` is set when the call itself went through (and was billed) but its output was unusable.
     """
 
-    def __init__(self, message: str, kind: ErrorKind = "server", usage: Usage | None = None) -> None:
+    def __init__(self, message: str, kind: ErrorKind = "server", usage: Usage | None = None,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.kind = kind
         self.usage = usage
+        self.retry_after_s = retry_after_s  # how long the endpoint asked us to wait (Retry-After), if it did
 
 
 @dataclass(frozen=True)
@@ -254,6 +256,15 @@ def _status_kind(status: int) -> ErrorKind:
     return "server" if status >= 500 else "request"
 
 
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds (the Messages API sends seconds; an HTTP date is not worth parsing here)."""
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and 0 <= seconds < float("inf") else None
+
+
 def _usage(msg: Message) -> Usage:
     u = msg.usage
     if not isinstance(getattr(u, "input_tokens", None), int) or not isinstance(msg.content, list):
@@ -315,7 +326,8 @@ class AnthropicProvider:
         except anthropic.APITimeoutError:
             raise ProviderError(f"{model} did not answer within {self.cfg.timeout_s:g}s", "timeout") from None
         except anthropic.APIStatusError as e:
-            raise ProviderError(f"{model}: HTTP {e.status_code}: {e.message}", _status_kind(e.status_code)) from None
+            raise ProviderError(f"{model}: HTTP {e.status_code}: {e.message}", _status_kind(e.status_code),
+                                retry_after_s=_retry_after(e.response.headers.get("retry-after"))) from None
         except anthropic.APIConnectionError as e:
             raise ProviderError(f"{model}: cannot reach the Messages API: {e}", "server") from None
         except (anthropic.APIResponseValidationError, ValueError) as e:  # ValueError: a body that is not JSON

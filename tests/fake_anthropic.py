@@ -68,6 +68,7 @@ class FakeAnthropic:
         self._lock = threading.Condition()
         self._hold: dict[Kind, int] = {}
         self.release = threading.Event()  # a "slow" answer waits for this (set at stop)
+        self.retry_after_s = 2  # what a 429 asks the client to wait
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -177,6 +178,8 @@ class FakeAnthropic:
                     self.send_response(code)
                     self.send_header("content-type", "application/json")
                     self.send_header("content-length", str(len(data)))
+                    if code == 429:  # as the Messages API does: how long until the limit lets a request through
+                        self.send_header("retry-after", str(fake.retry_after_s))
                     self.end_headers()
                     self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):

@@ -176,6 +176,8 @@ def test_rate_limited_and_malformed_task_calls_are_retried_by_the_pool_not_the_s
     attempts = doc["tasks"][0]["attempts"]
     assert [a["outcome"] for a in attempts] == ["failed", "failed", "completed"]
     assert "HTTP 429" in attempts[0]["error"]
+    # The endpoint's Retry-After (2 s) over the backoff's 1 s: sooner would be refused again, and burn an attempt.
+    assert (ts(attempts[1]["started_at"]) - ts(attempts[0]["finished_at"])).total_seconds() >= fake.retry_after_s
     assert "invalid submit_result input" in attempts[1]["error"]
     assert len(fake.of("task")) - seen == 3  # one request per attempt: no retries inside the SDK
     assert attempts[2]["cost_usd"] == pytest.approx(TASK_ON_SONNET, abs=1e-12)

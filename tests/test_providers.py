@@ -16,6 +16,7 @@ from services.database.prompts import format_prompt as database_prompt
 from shared.config import ParallelExecutionConfig
 from shared.costs import usd
 from shared.errors import ConfigError
+from shared.failures import RETRY_AFTER_MAX_S, Strategy, decide
 from shared.providers import AnthropicProvider, Prompt, ProviderError, SimulatedProvider, make_provider
 from shared.schemas import TaskSpec, Usage
 from shared.settings import load_settings
@@ -138,6 +139,7 @@ async def test_failures_map_to_error_kinds_and_the_sdk_does_not_retry(
     assert says in str(err.value)
     # Billed output that was unusable keeps its usage, so its cost can still be counted.
     assert (err.value.usage is not None) == billed
+    assert err.value.retry_after_s == (fake_anthropic.retry_after_s if behaviour == "429" else None)
     assert len(fake_anthropic.requests) == 1  # max_retries=0: retrying is the pool worker's job
 
 
@@ -183,3 +185,14 @@ def test_anthropic_settings_are_validated(tmp_path: Path) -> None:
         load_config(write_config(tmp_path / "c.json", {"anthropic": {"timeout_s": 0}}))
     pe = load_config(write_config(tmp_path / "c.json", {"pm_coordinator": {"tone": "formal", "emoji": False}}))
     assert pe.pm_coordinator.tone == "formal" and pe.anthropic.base_url is None
+
+
+def test_a_retry_waits_as_long_as_the_endpoint_asked_and_the_fallback_keeps_the_backoff() -> None:
+    pe = ParallelExecutionConfig()  # 2 retries, backoff 1 s, 3 s
+    first = decide(pe, "codegen", 1, "rate_limit", 1000, retry_after_s=7)
+    assert first.strategy is Strategy.RETRY and first.delay_s == 7
+    assert decide(pe, "codegen", 1, "rate_limit", 1000, retry_after_s=0.2).delay_s == 1  # never under the backoff
+    assert decide(pe, "codegen", 1, "rate_limit", 1000, retry_after_s=3600).delay_s == RETRY_AFTER_MAX_S
+    last = decide(pe, "codegen", 2, "rate_limit", 1000, retry_after_s=7)  # on the lighter model: its own limits
+    assert last.strategy is Strategy.FALLBACK and last.delay_s == 3
+    assert decide(pe, "codegen", 1, "rate_limit", 5, retry_after_s=7).final  # past the deadline by then
