@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,21 @@ TERMINAL = {"completed", "partial", "failed", "cancelled"}
 TASK_EVENTS = {"started", "retrying", "task_completed", "task_failed", "skipped", "task_cancelled"}
 
 
-def _line(t0: float, pool: str, task_id: str, status: str, attempt: int | None, cost: float | None,
+def _line(at_s: float, pool: str, task_id: str, status: str, attempt: int | None, cost: float | None,
           error: str | None) -> str:
+    """One task's state, ``at_s`` seconds into the execution."""
     extra = f" attempt {attempt}" if attempt else ""
     err = f" — {error}" if error and status != "completed" else ""
-    return (f"  {time.monotonic() - t0:6.1f}s  [{pool:<8}] {task_id:<16} {status:<9}{extra:<10}"
+    return (f"  {at_s:6.1f}s  [{pool:<8}] {task_id:<16} {status:<9}{extra:<10}"
             f"  ${cost or 0.0:.4f}{err}")
+
+
+def _message(r: httpx.Response) -> str:
+    """The API's error message (its JSON shape), else the body as text."""
+    try:
+        return str(r.json()["message"])
+    except (ValueError, KeyError, TypeError):
+        return r.text
 
 
 async def sse(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
@@ -61,12 +71,12 @@ async def submit_and_follow(base_url: str, message: str, *, force_parallel: bool
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=httpx.Timeout(30, read=None)) as client:
         r = await client.post("/api/execute-parallel", json={"message": message, "force_parallel": force_parallel})
         if r.status_code >= 400:
-            raise RuntimeError(f"gateway refused the request ({r.status_code}): {r.text}")
+            raise RuntimeError(f"gateway refused the request ({r.status_code}): {_message(r)}")
         doc = r.json()
         print(f"execution {doc['execution_id']}: {doc['status']}, {len(doc['tasks'])} task(s) planned by "
               f"{doc.get('planner')}")
         for t in doc["tasks"]:
-            print(_line(t0, t["pool"], t["id"], t["status"], None, None, None))
+            print(_line(time.monotonic() - t0, t["pool"], t["id"], t["status"], None, None, None))
         async with client.stream("GET", f"/api/execution/{doc['execution_id']}/events") as events:
             async for kind, data in sse(events):
                 body = json.loads(data)
@@ -74,8 +84,8 @@ async def submit_and_follow(base_url: str, message: str, *, force_parallel: bool
                     final: dict[str, Any] = body["execution"]
                     return final
                 if kind in TASK_EVENTS:
-                    print(_line(t0, body["pool"], body["task_id"], body["status"], body.get("attempt"),
-                                body.get("cost_usd"), body.get("error")))
+                    print(_line(time.monotonic() - t0, body["pool"], body["task_id"], body["status"],
+                                body.get("attempt"), body.get("cost_usd"), body.get("error")))
     raise RuntimeError("the event stream ended before the execution did")
 
 
@@ -136,14 +146,15 @@ async def _status(args: argparse.Namespace) -> int:
     async with httpx.AsyncClient(base_url=args.url, timeout=10, headers=headers) as client:
         r = await client.get(f"/api/execution/{args.execution_id}")
     if r.status_code != 200:
-        print(r.json().get("message", r.text), file=sys.stderr)
-        return 1
+        raise RuntimeError(f"gateway answered {r.status_code}: {_message(r)}")
     doc = r.json()
     print(f"execution {doc['execution_id']}: {doc['status']} (planner {doc.get('planner')})")
-    t0 = time.monotonic()
+    created = datetime.fromisoformat(doc["created_at"])
     for t in doc["tasks"]:
         last = t["attempts"][-1] if t["attempts"] else {}
-        print(_line(t0, t["pool"], t["id"], t["status"], last.get("n"), t["cost_usd"], t.get("error")))
+        when = last.get("finished_at") or last.get("started_at")  # the task's last news, or its creation
+        at_s = (datetime.fromisoformat(when) - created).total_seconds() if when else 0.0
+        print(_line(at_s, t["pool"], t["id"], t["status"], last.get("n"), t["cost_usd"], t.get("error")))
     if doc["status"] in TERMINAL:
         print_final(doc)
     return 0
@@ -244,6 +255,9 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         print(f"openclaw: {e}", file=sys.stderr)
         sys.exit(2)
+    except (RuntimeError, httpx.HTTPError) as e:  # run / status: the gateway unreachable or refusing
+        print(f"openclaw: {e or type(e).__name__}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

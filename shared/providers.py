@@ -192,7 +192,8 @@ class SimulatedProvider:
         if attempt <= sim.fail_attempts:
             # Busy or failed calls bill nothing; a model that answered unusably bills the tokens.
             billed = usage if sim.error in ("simulated", "invalid_output") else None
-            raise ProviderError(f"simulated {sim.error} failure on attempt {attempt}", sim.error, billed)
+            kind = "" if sim.error == "simulated" else f" {sim.error}"
+            raise ProviderError(f"simulated{kind} failure on attempt {attempt}", sim.error, billed)
         return TaskReply(output=output, usage=usage, model=model, provider=self.name)
 
     async def decompose(self, prompt: Prompt, model: str, effort: Effort) -> PlanReply:

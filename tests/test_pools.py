@@ -95,7 +95,7 @@ def test_retries_are_spaced_1s_then_3s_and_recorded(stack_factory) -> None:  # t
     assert [a["n"] for a in (a1, a2, a3)] == [1, 2, 3]
     assert [a["outcome"] for a in (a1, a2, a3)] == ["failed", "failed", "completed"]
     assert [a["strategy"] for a in (a1, a2)] == ["retry", "retry"]  # a model error, not busy/slow: no fallback
-    assert a1["error"] == "simulated simulated failure on attempt 1" and a1["error_kind"] == "simulated"
+    assert a1["error"] == "simulated failure on attempt 1" and a1["error_kind"] == "simulated"
     assert all(a["model"] == "claude-sonnet-4-6" and a["duration_s"] is not None for a in (a1, a2, a3))
     gap1 = (ts(a2["started_at"]) - ts(a1["finished_at"])).total_seconds()
     gap2 = (ts(a3["started_at"]) - ts(a2["finished_at"])).total_seconds()
@@ -158,9 +158,11 @@ def test_hanging_task_times_out_retries_falls_back_then_fails(stack_factory, tmp
     # The last attempt ran on the lighter model because the failures were timeouts.
     assert [a["model"] for a in t["attempts"]] == ["claude-sonnet-4-6", "claude-sonnet-4-6", "claude-haiku-4-5"]
     assert [a["strategy"] for a in t["attempts"]] == ["retry", "fallback", "skip"]
-    # Cut at the timeout: not before it, and not at the next heartbeat (10 s) or ack_wait (30 s) either. The margin
-    # is for a loaded machine, where a stall of a second has been seen.
-    assert all(0.5 <= a["duration_s"] < 5 for a in t["attempts"])
+    # Cut at the timeout: not before it, and not at the next heartbeat (10 s) or ack_wait (30 s) either. The margins
+    # are for the two clocks (the timeout runs on the event loop's, the recorded times are wall clock, rounded) and
+    # for a loaded machine, where a stall of a second has been seen.
+    durations = [a["duration_s"] for a in t["attempts"]]
+    assert all(0.49 <= d < 5 for d in durations), durations
 
 
 def _wait_running(stack: Stack, eid: str, task_id: str) -> dict[str, Any]:

@@ -147,8 +147,13 @@ def test_run_and_status_against_a_running_gateway(nats_url: str, tmp_path: Path)
         missing = subprocess.run([sys.executable, "-m", "shared.cli", "status", "nope", "--url", stack.url],
                                  cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert missing.returncode == 1 and "no execution with id 'nope'" in missing.stderr
+        assert "Traceback" not in missing.stderr
     finally:
         assert stop_stack(stack) == 0
+    # The gateway gone: a message saying so, not a traceback.
+    gone = subprocess.run([sys.executable, "-m", "shared.cli", "run", "anything", "--url", stack.url], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert gone.returncode == 1 and gone.stderr.startswith("openclaw: ") and "Traceback" not in gone.stderr
 
 
 @pytest.mark.parametrize(("environment", "expected"), [({}, "1"), ({"GOMAXPROCS": "2"}, "2")])

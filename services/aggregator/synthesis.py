@@ -57,7 +57,8 @@ def synthesize(ex: Execution, agg: AggregatedResult, status: str, pm: PMCoordina
 
     wall = (ex.updated_at - ex.created_at).total_seconds()
     work = sum(a.duration_s or 0.0 for t in ex.tasks for a in t.attempts)
-    lines += ["", f"Timeline: {_fmt_s(wall)} end to end; {_fmt_s(work)} of agent work ran in parallel pools."]
+    how = "in parallel pools" if ex.mode == "parallel" else "one task at a time"
+    lines += ["", f"Timeline: {_fmt_s(wall)} end to end; {_fmt_s(work)} of agent work ran {how}."]
     lines.append(cost_line(ex))
     if ex.refund_usd > 0:
         lines.append(f"Refund due: ${ex.refund_usd:.4f} for work that failed or was skipped.")
