@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from nats.aio.msg import Msg
 from nats.js.errors import KeyWrongLastSequenceError
 
+from services.gateway.handlers import KEEPALIVE_S
 from shared.schemas import Execution, now
 from tests.conftest import Stack, stack_env, start_stack, stop_stack, wait_until, write_config
 
@@ -89,6 +91,11 @@ def test_a_late_client_gets_every_event_replayed_and_the_stream_closes(stack: St
     # Resuming after an event id replays only what came after it.
     resumed = events(stack, eid, **{"Last-Event-ID": str(ids[2])})
     assert [i for _, i, _ in resumed] == [str(i) for i in ids[3:]]
+    # After the final event itself: the stored state says how it ended, at once (not after a keep-alive's 15 s).
+    began = time.monotonic()
+    [(kind, _, body)] = events(stack, eid, **{"Last-Event-ID": str(ids[-1])})
+    assert kind == "completed" and body["execution"]["status"] == "completed"
+    assert time.monotonic() - began < KEEPALIVE_S / 2
     # An id that is not one of ours replays everything, as none would.
     assert events(stack, eid, **{"Last-Event-ID": b"\xb2"}) == got  # type: ignore[arg-type]
     assert events(stack, eid, **{"Last-Event-ID": str(2**64 - 1)}) == got

@@ -46,6 +46,7 @@ router = APIRouter(prefix="/api", tags=["executions"])
 EXECUTION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 PLAN_WAIT_S = 2.0  # a 202 waits this long for the plan so it can list the tasks
 KEEPALIVE_S = 15.0  # an idle event stream sends a comment this often, so proxies keep it open
+REPLAY_IDLE_S = 1.0  # an ended execution's replay that brings nothing for this long has nothing more to bring
 
 
 async def runtime(request: Request) -> Runtime:
@@ -352,10 +353,14 @@ async def execution_events(
         ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
     sub = await js.subscribe(rt.names.events(eid, "*"), stream=rt.names.events_stream, ordered_consumer=True,
                              config=start)
+    # Ended already: its events are all in the stream, and replay brings them at once. A pause then means there is
+    # nothing after the resume point (it was the final event): the stored state closes the stream, without waiting
+    # out a keep-alive.
+    idle_s = REPLAY_IDLE_S if ex.terminal else KEEPALIVE_S
     try:
         while True:
             try:
-                msg = await _next(rt, sub, KEEPALIVE_S)
+                msg = await _next(rt, sub, idle_s)
             except TimeoutError:
                 current = await rt.executions.get(eid)
                 if current is not None and current[0].terminal:
