@@ -47,6 +47,14 @@ def test_missing_or_empty_message_is_422_naming_the_field(stack: Stack, body: di
     assert err["message"].startswith("message: ")
 
 
+@pytest.mark.parametrize(("field", "value"), [("wait", "yes"), ("wait", 1), ("force_parallel", "off"),
+                                            ("timeout_s", "5")])
+def test_a_flag_or_a_number_sent_as_something_else_is_422_not_guessed_at(stack: Stack, field: str,
+                                                                        value: object) -> None:
+    r = post(stack, {"message": "x", field: value})
+    assert r.status_code == 422 and [e["field"] for e in r.json()["errors"]] == [field], r.text
+
+
 def test_unknown_field_is_named(stack: Stack) -> None:
     r = post(stack, {"message": "x", "fast": True})
     assert r.status_code == 422 and r.json()["errors"] == [

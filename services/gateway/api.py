@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StringConstraints
 
 from shared.schemas import ExecutionMode, TaskSpec
 
 Message = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100_000)]
+# A flag or a number given as a string ("yes", "5") is refused, not guessed at: a client that sends one has a bug.
+Seconds = Annotated[float, Strict()]
 
 
 class ExecuteRequest(BaseModel):
@@ -18,13 +20,13 @@ class ExecuteRequest(BaseModel):
     message: Message = Field(description="what the client wants built")
     session_key: str | None = Field(default=None, alias="sessionKey", max_length=256)
     project: str | None = Field(default=None, max_length=256)
-    force_parallel: bool = False
+    force_parallel: StrictBool = False
     tasks: list[TaskSpec] | None = Field(
         default=None, description="your own plan; skips decomposition (validated like the PM's)"
     )
     mode: ExecutionMode = Field(default="parallel", description="serial: one task at a time, in plan order")
-    wait: bool = Field(default=False, description="answer only when the execution is terminal (bounded)")
-    timeout_s: float | None = Field(default=None, gt=0, description="how long to wait when wait=true")
+    wait: StrictBool = Field(default=False, description="answer only when the execution is terminal (bounded)")
+    timeout_s: Seconds | None = Field(default=None, gt=0, description="how long to wait when wait=true")
 
 
 class ChatRequest(BaseModel):
@@ -34,9 +36,9 @@ class ChatRequest(BaseModel):
     message: Message
     session_key: str | None = Field(default=None, alias="sessionKey", max_length=256)
     project: str | None = Field(default=None, max_length=256)
-    force_parallel: bool = False
-    wait: bool = Field(default=True, description="answer when done (bounded by timeout_s); false: 202 at once")
-    timeout_s: float | None = Field(default=None, gt=0)
+    force_parallel: StrictBool = False
+    wait: StrictBool = Field(default=True, description="answer when done (bounded by timeout_s); false: 202 at once")
+    timeout_s: Seconds | None = Field(default=None, gt=0)
 
 
 class ChatResponse(BaseModel):
