@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -30,10 +30,24 @@ class PoolConfig(_Strict):
     fallback_model: str = "claude-haiku-4-5"
 
 
+POOL_DEFAULTS: dict[str, dict[str, Any]] = {"codegen": {"max_concurrent": 3, "timeout": 300},
+                                            "security": {"max_concurrent": 2, "timeout": 300},
+                                            "database": {"max_concurrent": 2, "timeout": 180}}
+
+
 class WorkerPools(_Strict):
-    codegen: PoolConfig = PoolConfig(max_concurrent=3, timeout=300)
-    security: PoolConfig = PoolConfig(max_concurrent=2, timeout=300)
-    database: PoolConfig = PoolConfig(max_concurrent=2, timeout=180)
+    codegen: PoolConfig = PoolConfig(**POOL_DEFAULTS["codegen"])
+    security: PoolConfig = PoolConfig(**POOL_DEFAULTS["security"])
+    database: PoolConfig = PoolConfig(**POOL_DEFAULTS["database"])
+
+    @model_validator(mode="before")
+    @classmethod
+    def _over_the_defaults(cls, data: Any) -> Any:
+        """A pool's section changes what it names: ``{"codegen": {"max_concurrent": 5}}`` keeps its timeout."""
+        if not isinstance(data, dict):
+            return data
+        return {pool: {**POOL_DEFAULTS[pool], **section} if pool in POOL_DEFAULTS and isinstance(section, dict)
+                else section for pool, section in data.items()}
 
     def get(self, pool: Pool) -> PoolConfig:
         cfg: PoolConfig = getattr(self, pool)

@@ -32,14 +32,19 @@ def test_file_overrides_and_ignores_other_sections(tmp_path: Path) -> None:
     pe = load_config(path)
     assert pe.worker_pools.codegen.max_concurrent == 5 and pe.worker_pools.codegen.timeout == 60
     assert pe.worker_pools.security.max_concurrent == 2
+    # A pool's section changes what it names, the rest of that pool keeps its defaults.
+    path.write_text('{"parallel_execution": {"worker_pools": {"database": {"max_concurrent": 4}}}}')
+    pools = load_config(path).worker_pools
+    assert pools.database.max_concurrent == 4 and pools.database.timeout == 180
+    assert pools.database.model == "claude-sonnet-4-6" and pools.codegen.max_concurrent == 3
 
 
 @pytest.mark.parametrize(
     ("section", "says"),
     [
         ({"max_tasks_per_execution": 0}, "parallel_execution.max_tasks_per_execution: Input should be greater"),
-        ({"worker_pools": {"codegen": {"max_concurrent": 3}}}, "parallel_execution.worker_pools.codegen.timeout: "
-                                                               "Field required"),
+        ({"worker_pools": {"codegen": {"max_concurrent": 3, "timeout": "long"}}},
+         "parallel_execution.worker_pools.codegen.timeout: Input should be a valid number"),
         ({"pm_coordinator": {"reasoning_effort": "extreme"}}, "parallel_execution.pm_coordinator.reasoning_effort"),
         ({"worker_pools": {"codegen": {"max_concurrent": 1, "timeout": 1, "model": "gpt"}}},
          "pricing has no entry for model(s) ['gpt']"),
