@@ -142,8 +142,8 @@ class Routing:
 
     parallel: bool
     reason: str
-    pool: Pool | Literal["multi"]
-    pools: list[str]
+    pool: Pool  # the specialist a single-agent answer goes to
+    pools: list[str]  # the pools the PM's rules would give work
     decision_ms: float
 
 
@@ -159,10 +159,16 @@ def should_use_parallel_execution(message: str, *, enabled: bool, force_parallel
         parallel, reason = True, "force_parallel"
     elif looks_like_project(message):
         parallel, reason = True, "a project: the PM splits it across the specialist pools"
+        pools = ["database", "codegen", "security"]  # the rules' project layout
     elif looks_like_security_audit(message, d):
         parallel, reason = True, "a security audit: the PM splits it into reviews the security pool runs in parallel"
+        pools = ["security"]
     elif len(pools) > 1:
         parallel, reason = True, f"work for several specialists: {', '.join(pools)}"
+    elif d.pool == "multi":  # nothing matched
+        parallel, reason = False, "no specialist stands out: codegen takes it"
+        pools = ["codegen"]
     else:
         parallel, reason = False, f"one specialist suffices: {d.pool} (confidence {d.confidence:.2f})"
-    return Routing(parallel, reason, d.pool, pools, round((time.perf_counter() - began) * 1000, 4))
+    pool: Pool = "codegen" if d.pool == "multi" else d.pool
+    return Routing(parallel, reason, pool, pools, round((time.perf_counter() - began) * 1000, 4))

@@ -166,3 +166,16 @@ def test_routing_and_planning_a_message_as_long_as_the_api_allows_take_linear_ti
     ex = new_execution(req)
     apply_plan(ex, [task], "serial")
     assert run_command(ex, ex.tasks[0]).task.context["request"] == text.strip()
+
+
+@pytest.mark.parametrize(("text", "parallel", "pools", "reason"), [
+    ("Build a restaurant website with online ordering", True, ["database", "codegen", "security"], "a project"),
+    ("Make it nicer", False, ["codegen"], "no specialist stands out: codegen takes it"),
+])
+def test_chat_routing_names_the_pools_the_work_goes_to(text: str, parallel: bool, pools: list[str],
+                                                       reason: str) -> None:
+    routing = should_use_parallel_execution(text, enabled=True)
+    assert routing.parallel is parallel and routing.reason.startswith(reason)
+    assert routing.pools == pools
+    assert sorted({t.pool for t in make_plan(ExecutionRequested(execution_id="e", message=text, requested_at=now(),
+                                                                deadline_at=now()), 6)[0]}) == sorted(pools)

@@ -286,9 +286,8 @@ async def chat(
                              force_parallel=body.force_parallel, wait=body.wait, timeout_s=body.timeout_s)
     else:
         # The backward-compatible path: one agent — the pool the router picked — answers the whole message.
-        pool = r.pool if r.pool != "multi" else "codegen"
         req = ExecuteRequest(message=body.message, session_key=body.session_key, project=body.project,
-                             tasks=[TaskSpec.for_request("chat", pool, "", body.message)], mode="serial",
+                             tasks=[TaskSpec.for_request("chat", r.pool, "", body.message)], mode="serial",
                              wait=body.wait, timeout_s=body.timeout_s)
     submitted, final = await _submit(rt, who, req, idempotency_key, routing)
     ex = Execution.model_validate_json(submitted) if isinstance(submitted, bytes) else submitted
