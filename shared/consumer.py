@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
@@ -237,20 +237,23 @@ class _Pulls:
 
 
 @contextlib.asynccontextmanager
-async def keep_alive(msg: Msg, every_s: float) -> AsyncIterator[None]:
-    """Tell the broker ``msg`` is still being worked on (``in_progress``) every ``every_s`` while the block runs.
+async def keep_alive(msgs: Callable[[], Iterable[Msg]], every_s: float) -> AsyncIterator[None]:
+    """Tell the broker each message ``msgs()`` returns is still being worked on (``in_progress``), every
+    ``every_s`` while the block runs; asked again at each beat, so messages that came to wait on the same
+    work meanwhile are kept too.
 
-    For handlers that wait on something slower than their durable's ``ack_wait`` (a model call), so the
-    message is not redelivered to another replica meanwhile.
+    For handlers that wait on something slower than their durable's ``ack_wait`` (a model call, a write
+    through an outage), so the messages are not redelivered to another replica meanwhile.
     """
 
     async def beat() -> None:
         while True:
             await asyncio.sleep(every_s)
-            try:
-                await msg.in_progress()
-            except Exception as e:  # noqa: BLE001 - one missed beat is made up by the next; stopping is not
-                log.warning("heartbeat on %s failed, next in %gs: %s", msg.subject, every_s, e)
+            for msg in msgs():
+                try:
+                    await msg.in_progress()
+                except Exception as e:  # noqa: BLE001 - one missed beat is made up by the next; stopping is not
+                    log.warning("heartbeat on %s failed, next in %gs: %s", msg.subject, every_s, e)
 
     task = asyncio.create_task(beat())
     try:
@@ -272,14 +275,14 @@ PERSIST_AT_LEAST_S = 300.0  # how long persist() tries at least, also past the d
 T = TypeVar("T")
 
 
-async def persist(op: Callable[[], Awaitable[T]], msgs: list[Msg], until: datetime, every_s: float, what: str,
-                  ctx: dict[str, Any]) -> T:
+async def persist(op: Callable[[], Awaitable[T]], msgs: Callable[[], Iterable[Msg]], until: datetime, every_s: float,
+                  what: str, ctx: dict[str, Any]) -> T:
     """``op()``, the publish or write that keeps what a paid model call produced, tried again every
     ``PERSIST_RETRY_S`` while NATS cannot take it, until ``until`` (the execution's deadline) and for at least
-    ``PERSIST_AT_LEAST_S``, with ``msgs`` kept alive every ``every_s`` meanwhile. Handing them back instead would
-    pay for the call again: the result exists only here. ``op`` must be safe to repeat (a msg-id, a
-    compare-and-set from a fresh read). The minimum is for what is due at or after the deadline: the answer to
-    the deadline's own check, a late result."""
+    ``PERSIST_AT_LEAST_S``, with ``msgs()`` kept alive every ``every_s`` meanwhile (see ``keep_alive``). Handing
+    them back instead would pay for the call again: the result exists only here. ``op`` must be safe to repeat
+    (a msg-id, a compare-and-set from a fresh read). The minimum is for what is due at or after the deadline:
+    the answer to the deadline's own check, a late result."""
     until = max(until, datetime.now(UTC) + timedelta(seconds=PERSIST_AT_LEAST_S))
 
     def unavailable(e: Exception) -> None:
@@ -291,9 +294,7 @@ async def persist(op: Callable[[], Awaitable[T]], msgs: list[Msg], until: dateti
         return await op()
     except UNAVAILABLE as e:
         unavailable(e)
-    async with contextlib.AsyncExitStack() as alive:  # only once it failed: no heartbeat task on the way that works
-        for msg in msgs:
-            await alive.enter_async_context(keep_alive(msg, every_s))
+    async with keep_alive(msgs, every_s):  # only once it failed: no heartbeat task on the way that works
         while True:
             await asyncio.sleep(PERSIST_RETRY_S)
             try:

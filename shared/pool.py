@@ -229,8 +229,8 @@ class PoolWorker:
             metrics.TEXTS_CUT.labels("result").inc()
             log.warning("result over %d bytes: %d characters of the output cut to fit", limit, cut, extra=d.ctx)
         subject = self.rt.names.results(d.cmd.execution_id)
-        await persist(lambda: publish(self.rt.jetstream, subject, data, result.msg_id()), [d.msg], d.cmd.deadline_at,
-                      self.rt.pe.ack_wait_s / 3, "publish the result", d.ctx)
+        await persist(lambda: publish(self.rt.jetstream, subject, data, result.msg_id()), lambda: [d.msg],
+                      d.cmd.deadline_at, self.rt.pe.ack_wait_s / 3, "publish the result", d.ctx)
 
     def _cost(self, model: str | None, usage: Usage) -> float:
         if model is None:

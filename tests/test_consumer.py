@@ -77,7 +77,7 @@ async def test_a_failed_heartbeat_does_not_stop_the_next(nats_url: str, names: N
     beats, log = _Beats(), logging.getLogger("shared.consumer")
     log.addHandler(beats)
     try:
-        async with keep_alive(msg, 0.02):
+        async with keep_alive(lambda: [msg], 0.02):
             await asyncio.wait_for(beats.third.wait(), 5)  # a beat that fails is followed by the next
     finally:
         log.removeHandler(beats)

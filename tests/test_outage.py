@@ -11,16 +11,20 @@ from typing import Any
 
 import httpx
 import nats
+import nats.errors
 import pytest
+from nats.aio.client import Client as NATS
+from nats.js.api import ConsumerConfig
 
+from services.aggregator.handlers import AggregatorHandlers
 from services.codegen.prompts import format_prompt
 from shared import metrics
 from shared.execution import apply_plan, new_execution, run_command
 from shared.names import Names
 from shared.natsserver import NatsServer
 from shared.pool import Endings, PoolWorker
-from shared.providers import AnthropicProvider
-from shared.schemas import ExecutionRequested, TaskCompleted, TaskSpec, now
+from shared.providers import AnthropicProvider, SimulatedProvider
+from shared.schemas import ExecutionRequested, TaskCompleted, TaskOutput, TaskSpec, now
 from tests.conftest import (
     delivered,
     service_runtime,
@@ -229,3 +233,42 @@ async def test_an_answer_due_at_the_deadline_waits_for_its_stream_too(tmp_path: 
     [synthesis] = doc["calls"]
     assert synthesis["phase"] == "synthesis" and synthesis["error"] is None
     assert [t["status"] for t in doc["tasks"]] == ["completed", "failed"]
+
+
+async def test_results_waiting_behind_a_write_that_waits_for_its_stream_are_not_redelivered(
+    nc: NATS, names: Names, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The first result's write waits for the store (parked, as on a cluster without quorum); a second result of
+    # the same execution waits for the write after it. Both messages are kept alive meanwhile: redelivered every
+    # ack_wait, the second would pile up handlers and, after max_deliver, be dead-lettered although it is applied.
+    rt = await service_runtime(nc, names, tmp_path, {"ack_wait_s": 1, "coalesce_results_s": 0})
+    t0 = now()
+    ex = new_execution(ExecutionRequested(execution_id="queued", message="m", requested_at=t0,
+                                          deadline_at=t0 + timedelta(minutes=5)))
+    apply_plan(ex, [TaskSpec(id="api", pool="codegen", description="api"),
+                    TaskSpec(id="audit", pool="security", description="audit")], "client")
+    await rt.executions.create(ex)
+    results = [TaskCompleted(execution_id="queued", task_id=t.id, pool=t.pool, attempt=1, worker="w", started_at=t0,
+                             finished_at=t0, model="m", provider="simulated", output=TaskOutput(summary="done"))
+               for t in ex.tasks]
+    for r in results:
+        await rt.jetstream.publish(names.results("queued"), r.to_bytes())
+    sub = await rt.jetstream.pull_subscribe(names.results("queued"), durable="queued", stream=names.results_stream,
+                                            config=ConsumerConfig(ack_wait=1))
+    msgs = await sub.fetch(2, timeout=5)
+    kv = (await rt.jetstream.stream_info(names.kv_stream)).config
+    subjects, kv.subjects = kv.subjects, [f"{names.namespace}.parked"]
+    await rt.jetstream.update_stream(kv)
+    agg = AggregatorHandlers(rt, SimulatedProvider(rt.pe))
+    first = asyncio.create_task(agg.on_result(results[0], msgs[0]))
+    await until(lambda: "could not store the execution" in caplog.text, 10, "the write to fail")
+    second = asyncio.create_task(agg.on_result(results[1], msgs[1]))
+    with pytest.raises(nats.errors.TimeoutError):  # three times ack_wait: neither message comes again
+        await sub.fetch(1, timeout=3)
+    kv.subjects = subjects
+    await rt.jetstream.update_stream(kv)
+    await asyncio.wait_for(asyncio.gather(first, second), 10)
+    await sub.unsubscribe()
+    stored = await rt.executions.get("queued")
+    assert stored is not None and stored[0].status == "completed"
+    assert all(m.metadata.num_delivered == 1 for m in msgs)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from nats.aio.msg import Msg
@@ -262,12 +262,18 @@ class AggregatorHandlers:
             ex.calls.extend(call.model_copy(update={"error": SUPERSEDED}) for call in unused)
             if concluded:
                 if not reuse:
-                    answer.append((basis, await self._answer(ex, [c.msg for c in batch])))
+                    answer.append((basis, await self._answer(ex, held)))
                 answer[-1][1].apply(ex)
             ended_elsewhere = bool(unused) and not concluded
             return concluded or ended_elsewhere
 
         js, names, limit = self.rt.jetstream, self.rt.names, self.rt.executions.limit
+        queue = self._waiting.get(execution_id)
+
+        def held() -> list[Msg]:
+            """The batch's messages, and those that came to wait for the next write meanwhile: while a long
+            synthesis call or a write through an outage holds this one, none of them may be redelivered."""
+            return [c.msg for c in batch] + [c.msg for c in queue.changes] if queue else [c.msg for c in batch]
 
         def released(ex: Execution) -> list[Awaitable[PubAck]]:  # the PM publishes the first ones
             return [publish(js, names.tasks(t.pool), run_bytes(ex, t, limit), run_msg_id(execution_id, t.id))
@@ -283,8 +289,8 @@ class AggregatorHandlers:
                                                         conclude, released)
 
         until = known[0].deadline_at if known is not None else now()
-        result = await persist(write, [c.msg for c in batch], until, self.rt.pe.ack_wait_s / 3,
-                               "store the execution", {"execution_id": execution_id})
+        result = await persist(write, held, until, self.rt.pe.ack_wait_s / 3, "store the execution",
+                               {"execution_id": execution_id})
         if result is None:
             return None, None
         ex, revision, written = result
@@ -406,14 +412,13 @@ class AggregatorHandlers:
         reason = f"could not be planned: {adv.describe()}"
         await self._apply(req.execution_id, lambda ex: fail_execution(ex, reason), msg, fresh=True)
 
-    async def _answer(self, snapshot: Execution, msgs: list[Msg]) -> _Answer:
+    async def _answer(self, snapshot: Execution, msgs: Callable[[], Iterable[Msg]]) -> _Answer:
         """Aggregate and synthesize the final answer of ``snapshot``, whose tasks are all terminal."""
         status = outcome(snapshot)
         agg = aggregate(snapshot, self.rt.pe.result_aggregation.conflict_resolution)
-        async with contextlib.AsyncExitStack() as alive:
-            # A long model call does not get the messages waiting on it redelivered (the template makes no call).
-            for msg in msgs if self.provider.writes else []:
-                await alive.enter_async_context(keep_alive(msg, self.rt.pe.ack_wait_s / 3))
+        # A long model call does not get the messages waiting on it redelivered (the template makes no call).
+        alive = keep_alive(msgs, self.rt.pe.ack_wait_s / 3) if self.provider.writes else contextlib.nullcontext()
+        async with alive:
             text, call = await write_answer(snapshot, agg, status, self.rt.pe, self.provider)
         if status == "cancelled" and snapshot.error:
             text = f"{text}\n\n(Cancelled: {snapshot.error}.)"

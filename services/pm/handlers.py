@@ -61,7 +61,7 @@ class PMHandlers:
             return
         if not replanned:
             try:
-                async with keep_alive(msg, self.rt.pe.ack_wait_s / 3):  # a long model call is not redelivered
+                async with keep_alive(lambda: [msg], self.rt.pe.ack_wait_s / 3):  # a long model call: not redelivered
                     plan = await plan_request(req, self.rt.pe, self.provider)
             except PlanError as e:
                 await self._reject(req, str(e))
@@ -76,7 +76,8 @@ class PMHandlers:
                 return await store.mutate_from(req.execution_id, lambda ex: apply_plan(
                     ex, plan.tasks, plan.planner, plan.calls), start.pop() if start else None)
 
-            stored = await persist(write, [msg], req.deadline_at, self.rt.pe.ack_wait_s / 3, "store the plan", ctx)
+            stored = await persist(write, lambda: [msg], req.deadline_at, self.rt.pe.ack_wait_s / 3, "store the plan",
+                                   ctx)
             ex = stored[0] if stored else None
         # The events again only on a redelivery (the first delivery may have died before emitting them). A
         # request stored twice (an idempotent replay past the stream's duplicate window) would otherwise store
