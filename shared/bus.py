@@ -142,4 +142,4 @@ async def emit(nc: NATS, subject: str, msg: Wire, msg_id: str) -> None:
         await nc.publish(subject, msg.to_bytes(), headers={"Nats-Msg-Id": msg_id})
     except nats.errors.Error as e:
         metrics.EVENTS_DROPPED.inc()
-        log.warning("event on %s not sent: %s", subject, e or type(e).__name__)
+        log.warning("event on %s not sent: %s", subject, str(e) or type(e).__name__)

@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"openclaw: {e}", file=sys.stderr)
         sys.exit(2)
     except (RuntimeError, httpx.HTTPError) as e:  # run / status: the gateway unreachable or refusing
-        print(f"openclaw: {e or type(e).__name__}", file=sys.stderr)
+        print(f"openclaw: {str(e) or type(e).__name__}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -240,7 +240,7 @@ def load_config(path: str | Path | None) -> ParallelExecutionConfig:
         return ParallelExecutionConfig()
     p = Path(path)
     try:
-        raw = json.loads(p.read_text())
+        raw = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {p} does not exist (set --config or OPENCLAW_CONFIG)") from None
     except json.JSONDecodeError as e:

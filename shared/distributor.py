@@ -152,23 +152,28 @@ def should_use_parallel_execution(message: str, *, enabled: bool, force_parallel
     """Parallel when configured and either asked for, a project, or work for more than one specialist."""
     began = time.perf_counter()
     d = distribute(f"{project or ''} {message}")
-    pools: list[str] = list(d.pools())  # the PM's rules give each of these a task
+    pool: Pool = "codegen" if d.pool == "multi" else d.pool
+    # The pools the PM's rules give work to (services/pm/planning.rules_plan), in the same order of checks.
+    is_project, audit = looks_like_project(message), looks_like_security_audit(message, d)
+    if is_project:
+        pools: list[str] = ["database", "codegen", "security"]
+    elif audit:
+        pools = ["security"]
+    else:
+        pools = list(d.pools(every_match=force_parallel)) or ["codegen"]
     if not enabled:
         parallel, reason = False, "parallel execution is disabled (parallel_execution.enabled)"
+        pools = [pool]  # one specialist answers
     elif force_parallel:
         parallel, reason = True, "force_parallel"
-    elif looks_like_project(message):
+    elif is_project:
         parallel, reason = True, "a project: the PM splits it across the specialist pools"
-        pools = ["database", "codegen", "security"]  # the rules' project layout
-    elif looks_like_security_audit(message, d):
+    elif audit:
         parallel, reason = True, "a security audit: the PM splits it into reviews the security pool runs in parallel"
-        pools = ["security"]
     elif len(pools) > 1:
         parallel, reason = True, f"work for several specialists: {', '.join(pools)}"
     elif d.pool == "multi":  # nothing matched
         parallel, reason = False, "no specialist stands out: codegen takes it"
-        pools = ["codegen"]
     else:
         parallel, reason = False, f"one specialist suffices: {d.pool} (confidence {d.confidence:.2f})"
-    pool: Pool = "codegen" if d.pool == "multi" else d.pool
     return Routing(parallel, reason, pool, pools, round((time.perf_counter() - began) * 1000, 4))

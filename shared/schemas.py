@@ -58,7 +58,7 @@ class Wire(BaseModel):
 
 
 DESCRIPTION_MAX = 20_000
-CUT = ' … (cut here: the whole request is in the context, as "request")'
+CUT = " … (cut here: the whole request is in the context of the task's message, as \"request\")"
 
 
 class TaskSpec(BaseModel):

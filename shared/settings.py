@@ -52,9 +52,10 @@ class Settings(BaseSettings):
     @field_validator("log_level")
     @classmethod
     def _level(cls, v: str) -> str:
-        if v.upper() not in LOG_LEVELS:
+        level = {"WARN": "WARNING"}.get(v.upper(), v.upper())
+        if level not in LOG_LEVELS:
             raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
-        return v.upper()
+        return level
 
     @field_validator("nats_url")
     @classmethod

@@ -103,13 +103,17 @@ def test_force_parallel_keeps_every_matched_pool() -> None:
     assert len(strict) <= len(forced)
 
 
-@pytest.mark.parametrize(("message", "pool"), [("Build a shop app", "codegen"),
-                                                ("Pentest the customer portal before launch", "security")])
-def test_a_template_over_the_task_limit_becomes_one_task_for_the_whole_request(message: str, pool: str) -> None:
-    # Not the first tasks of the template: that would drop the rest of the work and still report it all done.
+@pytest.mark.parametrize(("message", "pool"), [
+    ("Build a shop app", "codegen"),  # a project: codegen builds it
+    ("Pentest the customer portal before launch", "security"),  # the layout's only pool
+    ("Optimize the slow SQL queries and indexes, and audit the login for XSS and CSRF", "security"),  # the best match
+])
+def test_a_layout_over_the_task_limit_becomes_one_task_for_the_whole_request(message: str, pool: str) -> None:
+    # Not the first tasks of the layout: that would drop the rest of the work and still report it all done.
     req = ExecutionRequested(execution_id="e", message=message, requested_at=now(), deadline_at=now())
-    assert len(make_plan(req, 4)[0]) == 4
-    for limit in (3, 2, 1):
+    full, _ = make_plan(req, 6)
+    assert len(full) > 1
+    for limit in range(1, len(full)):
         (task,), planner = make_plan(req, limit)
         assert planner == "serial" and task.pool == pool and task.description == message
 
@@ -139,14 +143,16 @@ def test_a_client_plan_is_revalidated() -> None:
     "Optimize the SQL queries and fix the login page",
     "Design the PostgreSQL schema for invoices",
     "Make it nicer",
+    "Build a restaurant website with online ordering",
 ])
 @pytest.mark.parametrize("project", [None, "security audit of the payments app"])
-def test_chat_goes_parallel_exactly_when_the_rules_plan_more_than_one_task(text: str, project: str | None) -> None:
-    routing = should_use_parallel_execution(text, enabled=True, project=project)
-    tasks, _ = rules_plan(text, False, project)
-    assert routing.parallel == (len(tasks) > 1), (routing.reason, [t.pool for t in tasks])
-    if routing.parallel:
-        assert set(routing.pools) == {t.pool for t in tasks}
+@pytest.mark.parametrize("force", [False, True])
+def test_chat_goes_parallel_exactly_when_the_rules_plan_more_than_one_task(text: str, project: str | None,
+                                                                           force: bool) -> None:
+    routing = should_use_parallel_execution(text, enabled=True, project=project, force_parallel=force)
+    tasks, _ = rules_plan(text, force, project)
+    assert routing.parallel == (force or len(tasks) > 1), (routing.reason, [t.pool for t in tasks])
+    assert set(routing.pools) == {t.pool for t in tasks}  # the pools the work goes to, either way
 
 
 @pytest.mark.parametrize("word", ["build ", "audit security "])

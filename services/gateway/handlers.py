@@ -46,7 +46,7 @@ router = APIRouter(prefix="/api", tags=["executions"])
 EXECUTION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 PLAN_WAIT_S = 2.0  # a 202 waits this long for the plan so it can list the tasks
 KEEPALIVE_S = 15.0  # an idle event stream sends a comment this often, so proxies keep it open
-REPLAY_IDLE_S = 1.0  # an ended execution's replay that brings nothing for this long has nothing more to bring
+REPLAY_IDLE_S = 2.0  # an ended execution's replay that brings nothing for this long has nothing more to bring
 
 
 async def runtime(request: Request) -> Runtime:

@@ -55,8 +55,9 @@ class PMHandlers:
                 pass
         ex: Execution | None = current[0] if current is not None else None
         replanned = ex is not None and not plannable(ex)
-        if not replanned and now() >= req.deadline_at:  # its deadline's check ends it: no plan, no model call for one
-            log.warning("not planned: its deadline has passed", extra=ctx)
+        if not replanned and now() >= req.deadline_at:  # no plan, and no model call for one
+            # Ended here, not left to the deadline's check: a request sent straight to NATS has none scheduled.
+            await self._end(req.execution_id, "execution deadline passed before it was planned")
             await msg.ack()
             return
         if not replanned:
@@ -110,14 +111,18 @@ class PMHandlers:
         log.info("planned %d task(s) with %s", len(ex.tasks), ex.planner, extra=ctx)
 
     async def _reject(self, req: ExecutionRequested, reason: str) -> None:
+        await self._end(req.execution_id, f"invalid plan: {reason}")
+
+    async def _end(self, execution_id: str, reason: str) -> None:
+        """Fail the execution, unplanned, with ``reason`` (nothing changes if it has ended already)."""
         failed = False
 
         def fail(ex: Execution) -> bool:
             nonlocal failed
-            failed = fail_execution(ex, f"invalid plan: {reason}")
+            failed = fail_execution(ex, reason)
             return failed
 
-        ex = await self.rt.executions.mutate(req.execution_id, fail)
+        ex = await self.rt.executions.mutate(execution_id, fail)
         if ex is not None and failed:  # announced by whoever ended it, if it had ended already
             await self.rt.announce_completed(ex)
-        log.warning("rejected plan: %s", reason, extra={"execution_id": req.execution_id})
+        log.warning("not planned: %s", reason, extra={"execution_id": execution_id})

@@ -79,10 +79,13 @@ def make_plan(req: ExecutionRequested, max_tasks: int) -> tuple[list[TaskSpec], 
         check_plan(tasks, max_tasks)
     except PlanError:
         # More tasks than max_tasks_per_execution allows: the whole request as one task rather than a plan with
-        # parts of the work dropped. In the template's pool when it has only one (a security audit's reviews).
+        # parts of the work dropped. In the layout's pool when it has only one (a security audit's reviews), else
+        # the best-matching one; a project's goes to codegen, which builds it.
         pools = {t.pool for t in tasks}
-        pool = pools.pop() if len(pools) == 1 else "codegen"
-        return [TaskSpec.for_request("task-1", pool, "", req.message)], "serial"
+        d = distribute(f"{req.project or ''} {req.message}")
+        pool: Pool = pools.pop() if len(pools) == 1 else (
+            "codegen" if looks_like_project(req.message) or d.pool == "multi" else d.pool)
+        return [TaskSpec.for_request("task-1", pool, "", req.message, context=_routing(d, pool))], "serial"
     return tasks, planner
 
 
