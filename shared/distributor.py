@@ -137,6 +137,35 @@ def looks_like_security_audit(text: str, d: Distribution) -> bool:
 
 
 @dataclass(frozen=True)
+class Layout:
+    """How the PM's rules lay out a request (``rules_layout``): a project's delivery, a security audit's
+    reviews, or a task per pool whose keywords matched."""
+
+    kind: Literal["project", "audit", "pools"]
+    pools: list[Pool]  # the pools they give work to
+    d: Distribution
+
+    @property
+    def pool(self) -> Pool:
+        """The pool of one task for the whole request: codegen builds a project, security audits, else the best
+        match (codegen when nothing matched)."""
+        if self.kind != "pools":
+            return "codegen" if self.kind == "project" else "security"
+        return "codegen" if self.d.pool == "multi" else self.d.pool
+
+
+def rules_layout(message: str, force_parallel: bool = False, project: str | None = None) -> Layout:
+    """The layout the PM's rules give ``message`` (keywords of the ``project``'s name count too); with
+    ``force_parallel``, every pool that matched gets a task, not only the strong ones."""
+    d = distribute(f"{project or ''} {message}")
+    if looks_like_project(message):
+        return Layout("project", ["database", "codegen", "security"], d)
+    if looks_like_security_audit(message, d):
+        return Layout("audit", ["security"], d)
+    return Layout("pools", d.pools(every_match=force_parallel) or ["codegen"], d)
+
+
+@dataclass(frozen=True)
 class Routing:
     """The agent router's decision for one chat message, and how long it took to make."""
 
@@ -151,29 +180,21 @@ def should_use_parallel_execution(message: str, *, enabled: bool, force_parallel
                                   project: str | None = None) -> Routing:
     """Parallel when configured and either asked for, a project, or work for more than one specialist."""
     began = time.perf_counter()
-    d = distribute(f"{project or ''} {message}")
-    pool: Pool = "codegen" if d.pool == "multi" else d.pool
-    # The pools the PM's rules give work to (services/pm/planning.rules_plan), in the same order of checks.
-    is_project, audit = looks_like_project(message), looks_like_security_audit(message, d)
-    if is_project:
-        pools: list[str] = ["database", "codegen", "security"]
-    elif audit:
-        pools = ["security"]
-    else:
-        pools = list(d.pools(every_match=force_parallel)) or ["codegen"]
+    lay = rules_layout(message, force_parallel, project)
+    pool, pools = lay.pool, list[str](lay.pools)
     if not enabled:
         parallel, reason = False, "parallel execution is disabled (parallel_execution.enabled)"
         pools = [pool]  # one specialist answers
     elif force_parallel:
         parallel, reason = True, "force_parallel"
-    elif is_project:
+    elif lay.kind == "project":
         parallel, reason = True, "a project: the PM splits it across the specialist pools"
-    elif audit:
+    elif lay.kind == "audit":
         parallel, reason = True, "a security audit: the PM splits it into reviews the security pool runs in parallel"
     elif len(pools) > 1:
         parallel, reason = True, f"work for several specialists: {', '.join(pools)}"
-    elif d.pool == "multi":  # nothing matched
+    elif lay.d.pool == "multi":  # nothing matched
         parallel, reason = False, "no specialist stands out: codegen takes it"
     else:
-        parallel, reason = False, f"one specialist suffices: {d.pool} (confidence {d.confidence:.2f})"
+        parallel, reason = False, f"one specialist suffices: {pool} (confidence {lay.d.confidence:.2f})"
     return Routing(parallel, reason, pool, pools, round((time.perf_counter() - began) * 1000, 4))

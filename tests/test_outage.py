@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ import nats
 import nats.errors
 import pytest
 from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
 
 from services.aggregator.handlers import AggregatorHandlers
@@ -77,6 +80,30 @@ def test_executions_complete_again_after_nats_crashes_and_comes_back(tmp_path: P
     assert code == 0, stack.output()[-3000:]
 
 
+@contextlib.asynccontextmanager
+async def parked(js: JetStreamContext, stream: str, names: Names) -> AsyncIterator[None]:
+    """``stream`` takes no publish while the block runs (its subjects moved aside), as on a cluster that lost
+    its quorum; what it holds can still be read."""
+    config = (await js.stream_info(stream)).config
+    subjects, config.subjects = config.subjects, [f"{names.namespace}.parked"]
+    await js.update_stream(config)
+    try:
+        yield
+    finally:
+        config.subjects = subjects
+        await js.update_stream(config)
+
+
+async def ended(client: httpx.AsyncClient, eid: str, status: str) -> dict[str, Any]:
+    """The execution's document once it has ``status``."""
+
+    async def got() -> dict[str, Any] | None:
+        doc: dict[str, Any] = (await client.get(f"/api/execution/{eid}")).json()
+        return doc if doc["status"] == status else None
+
+    return await until(got, 30, f"the execution to end {status}")
+
+
 @pytest.mark.parametrize("kind", ["task", "plan", "synthesis"])
 async def test_what_a_paid_call_produced_waits_for_its_stream_instead_of_being_paid_for_again(
     tmp_path: Path, kind: Kind,
@@ -105,20 +132,10 @@ async def test_what_a_paid_call_produced_waits_for_its_stream_instead_of_being_p
             assert r.status_code == 202, r.text
             eid = r.json()["execution_id"]
             await until(lambda: len(fake.of(kind)) == 1, 30, "the model's call")
-            config = (await js.stream_info(stream)).config
-            subjects = config.subjects
-            config.subjects = [f"{stack.names.namespace}.parked"]
-            await js.update_stream(config)
-            fake.release.set()
-            await until(lambda: stack.output().count(f"could not {what}") >= 2, 30, "failed tries")
-            config.subjects = subjects
-            await js.update_stream(config)
-
-            async def finished() -> dict[str, Any] | None:
-                got = (await client.get(f"/api/execution/{eid}")).json()
-                return got if got["status"] == "completed" else None
-
-            doc = await until(finished, 30, "the execution to complete")
+            async with parked(js, stream, stack.names):
+                fake.release.set()
+                await until(lambda: stack.output().count(f"could not {what}") >= 2, 30, "failed tries")
+            doc = await ended(client, eid, "completed")
     finally:
         await nc.drain()
         code = stop_stack(stack)
@@ -209,20 +226,10 @@ async def test_an_answer_due_at_the_deadline_waits_for_its_stream_too(tmp_path: 
             assert r.status_code == 202, r.text
             eid = r.json()["execution_id"]
             await until(lambda: len(fake.of("synthesis")) == 1, 30, "the answer to the deadline's check")
-            config = (await js.stream_info(stack.names.kv_stream)).config
-            subjects = config.subjects
-            config.subjects = [f"{stack.names.namespace}.parked"]
-            await js.update_stream(config)
-            fake.release.set()
-            await until(lambda: stack.output().count("could not store the execution") >= 2, 30, "failed tries")
-            config.subjects = subjects
-            await js.update_stream(config)
-
-            async def finished() -> dict[str, Any] | None:
-                got = (await client.get(f"/api/execution/{eid}")).json()
-                return got if got["status"] == "partial" else None
-
-            doc = await until(finished, 30, "the execution to end at its deadline")
+            async with parked(js, stack.names.kv_stream, stack.names):
+                fake.release.set()
+                await until(lambda: stack.output().count("could not store the execution") >= 2, 30, "failed tries")
+            doc = await ended(client, eid, "partial")
     finally:
         await nc.drain()
         code = stop_stack(stack)
@@ -256,17 +263,13 @@ async def test_results_waiting_behind_a_write_that_waits_for_its_stream_are_not_
     sub = await rt.jetstream.pull_subscribe(names.results("queued"), durable="queued", stream=names.results_stream,
                                             config=ConsumerConfig(ack_wait=1))
     msgs = await sub.fetch(2, timeout=5)
-    kv = (await rt.jetstream.stream_info(names.kv_stream)).config
-    subjects, kv.subjects = kv.subjects, [f"{names.namespace}.parked"]
-    await rt.jetstream.update_stream(kv)
     agg = AggregatorHandlers(rt, SimulatedProvider(rt.pe))
-    first = asyncio.create_task(agg.on_result(results[0], msgs[0]))
-    await until(lambda: "could not store the execution" in caplog.text, 10, "the write to fail")
-    second = asyncio.create_task(agg.on_result(results[1], msgs[1]))
-    with pytest.raises(nats.errors.TimeoutError):  # three times ack_wait: neither message comes again
-        await sub.fetch(1, timeout=3)
-    kv.subjects = subjects
-    await rt.jetstream.update_stream(kv)
+    async with parked(rt.jetstream, names.kv_stream, names):
+        first = asyncio.create_task(agg.on_result(results[0], msgs[0]))
+        await until(lambda: "could not store the execution" in caplog.text, 10, "the write to fail")
+        second = asyncio.create_task(agg.on_result(results[1], msgs[1]))
+        with pytest.raises(nats.errors.TimeoutError):  # three times ack_wait: neither message comes again
+            await sub.fetch(1, timeout=3)
     await asyncio.wait_for(asyncio.gather(first, second), 10)
     await sub.unsubscribe()
     stored = await rt.executions.get("queued")

@@ -268,12 +268,12 @@ class AggregatorHandlers:
             return concluded or ended_elsewhere
 
         js, names, limit = self.rt.jetstream, self.rt.names, self.rt.executions.limit
-        queue = self._waiting.get(execution_id)
+        queue = self._waiting[execution_id]  # _apply's, whose write this is
 
         def held() -> list[Msg]:
             """The batch's messages, and those that came to wait for the next write meanwhile: while a long
             synthesis call or a write through an outage holds this one, none of them may be redelivered."""
-            return [c.msg for c in batch] + [c.msg for c in queue.changes] if queue else [c.msg for c in batch]
+            return [c.msg for c in (*batch, *queue.changes)]
 
         def released(ex: Execution) -> list[Awaitable[PubAck]]:  # the PM publishes the first ones
             return [publish(js, names.tasks(t.pool), run_bytes(ex, t, limit), run_msg_id(execution_id, t.id))

@@ -65,7 +65,7 @@ class PMHandlers:
                 async with keep_alive(lambda: [msg], self.rt.pe.ack_wait_s / 3):  # a long model call: not redelivered
                     plan = await plan_request(req, self.rt.pe, self.provider)
             except PlanError as e:
-                await self._reject(req, str(e))
+                await self._end(req.execution_id, f"invalid plan: {e}")
                 await msg.ack()
                 return
             # The decomposition call is stored in the same compare-and-set write as the plan: counted once.
@@ -109,9 +109,6 @@ class PMHandlers:
                                        run_msg_id(ex.execution_id, t.id)) for t in queued(ex)])
         await msg.ack()
         log.info("planned %d task(s) with %s", len(ex.tasks), ex.planner, extra=ctx)
-
-    async def _reject(self, req: ExecutionRequested, reason: str) -> None:
-        await self._end(req.execution_id, f"invalid plan: {reason}")
 
     async def _end(self, execution_id: str, reason: str) -> None:
         """Fail the execution, unplanned, with ``reason`` (nothing changes if it has ended already)."""

@@ -23,7 +23,7 @@ from typing import Any
 from services.pm.prompts import format_prompt
 from shared.config import ParallelExecutionConfig
 from shared.costs import guarded_call, model_call
-from shared.distributor import Distribution, distribute, looks_like_project, looks_like_security_audit
+from shared.distributor import Distribution, rules_layout
 from shared.errors import PlanError
 from shared.names import Pool
 from shared.providers import ModelProvider
@@ -40,32 +40,33 @@ def _routing(d: Distribution, pool: Pool) -> dict[str, Any]:
     return {"routing": {"pool": pool, "score_share": share, "matched": d.matched.get(pool, [])}}
 
 
-def rules_plan(message: str, force_parallel: bool, project: str | None = None) -> tuple[list[TaskSpec], str]:
-    """Plan by keywords (of the project's name too, as chat routing reads them); returns the tasks and the
-    planner name ("rules" or "serial")."""
-    d = distribute(f"{project or ''} {message}")
+def rules_plan(message: str, force_parallel: bool, project: str | None = None,
+               max_tasks: int | None = None) -> tuple[list[TaskSpec], str]:
+    """Plan by keywords (``rules_layout``); returns the tasks and the planner name ("rules" or "serial"). A
+    layout with more tasks than ``max_tasks`` becomes one task for the whole request, in the layout's pool,
+    rather than a plan with parts of the work dropped."""
+    lay = rules_layout(message, force_parallel, project)
 
     def task(id: str, pool: Pool, lead: str, **fields: Any) -> TaskSpec:
-        return TaskSpec.for_request(id, pool, lead, message, context=_routing(d, pool), **fields)
+        return TaskSpec.for_request(id, pool, lead, message, context=_routing(lay.d, pool), **fields)
 
-    if looks_like_project(message):
+    if lay.kind == "project":
         tasks = [
             task("schema", "database", "Design the database schema and migrations for: "),
             task("backend", "codegen", "Build the backend API for: "),
             task("frontend", "codegen", "Build the frontend (pages, forms, API client) for: ", depends_on=["backend"]),
             task("security-audit", "security", "Audit authentication, payments and data handling for: "),
         ]
-        return tasks, "rules"
-    if looks_like_security_audit(message, d):
+    elif lay.kind == "audit":
         areas = [("auth-review", "authentication, sessions and access control (CSRF, password storage, roles)"),
                  ("input-review", "input handling for injection and XSS, every form and endpoint"),
                  ("data-review", "data protection: encryption, personal data, logging, payment flows"),
                  ("secrets-scan", "exposed secrets and vulnerable dependencies")]
-        return [task(i, "security", f"Review {what}, of: ") for i, what in areas], "rules"
-    if d.pool == "multi":
-        multi = {"routing": {"pool": "multi", "score_share": 0.0, "matched": []}}
-        return [TaskSpec.for_request("task-1", "codegen", "", message, context=multi)], "serial"
-    tasks = [task(f"{p}-1", p, "") for p in d.pools(every_match=force_parallel)]
+        tasks = [task(i, "security", f"Review {what}, of: ") for i, what in areas]
+    else:  # nothing matched: no pool's own task
+        tasks = [] if lay.d.pool == "multi" else [task(f"{p}-1", p, "") for p in lay.pools]
+    if not tasks or (max_tasks is not None and len(tasks) > max_tasks):
+        return [task("task-1", lay.pool, "")], "serial"
     return tasks, "rules" if len(tasks) > 1 else "serial"
 
 
@@ -74,19 +75,7 @@ def make_plan(req: ExecutionRequested, max_tasks: int) -> tuple[list[TaskSpec], 
     if req.tasks is not None:
         check_plan(req.tasks, max_tasks)
         return req.tasks, "client"
-    tasks, planner = rules_plan(req.message, req.force_parallel, req.project)
-    try:
-        check_plan(tasks, max_tasks)
-    except PlanError:
-        # More tasks than max_tasks_per_execution allows: the whole request as one task rather than a plan with
-        # parts of the work dropped. In the layout's pool when it has only one (a security audit's reviews), else
-        # the best-matching one; a project's goes to codegen, which builds it.
-        pools = {t.pool for t in tasks}
-        d = distribute(f"{req.project or ''} {req.message}")
-        pool: Pool = pools.pop() if len(pools) == 1 else (
-            "codegen" if looks_like_project(req.message) or d.pool == "multi" else d.pool)
-        return [TaskSpec.for_request("task-1", pool, "", req.message, context=_routing(d, pool))], "serial"
-    return tasks, planner
+    return rules_plan(req.message, req.force_parallel, req.project, max_tasks)
 
 
 @dataclass(frozen=True)
