@@ -252,6 +252,13 @@ def test_keys_tenants_and_rate_limits(stack: Stack) -> None:
     assert missing.headers["www-authenticate"] == "Bearer"
     wrong = httpx.post(f"{stack.url}/api/execute-parallel", headers=auth("nope-" * 5), json=body)
     assert wrong.status_code == 401 and wrong.json()["message"] == "invalid API key"
+    # The key comes first even when the body does not decode: a caller without one learns nothing about it.
+    for content, why in ((b'{"message": ', "Expecting value"), (b'{"message": "caf\xe9"}', "can't decode byte 0xe9")):
+        for headers, code in (({}, 401), (auth("nope-" * 5), 401), (auth(), 422)):
+            r = httpx.post(f"{stack.url}/api/chat", content=content,
+                           headers={"Content-Type": "application/json", **headers})
+            assert r.status_code == code, (content, headers, r.text)
+        assert r.json()["errors"][0]["field"] == "body" and why in r.json()["message"]  # says what is wrong
 
     eid = httpx.post(f"{stack.url}/api/execute-parallel", headers={"X-API-Key": ACME}, json=body,
                      timeout=30).json()["execution_id"]

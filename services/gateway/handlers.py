@@ -56,13 +56,9 @@ async def runtime(request: Request) -> Runtime:
     return rt
 
 
-async def caller(
-    request: Request,
-    authorization: Annotated[str | None, Header(description="Bearer <API key>")] = None,
-    x_api_key: Annotated[str | None, Header()] = None,
-) -> Caller:
-    """The calling tenant (API key → tenant; local mode without keys), within its rate limit."""
-    keys, limiter = request.app.state.api_keys, request.app.state.rate_limiter
+def identify(request: Request, authorization: str | None, x_api_key: str | None) -> Caller:
+    """The tenant whose API key the request carries (local mode: the one tenant); 401 without a valid one."""
+    keys = request.app.state.api_keys
     if keys.local_mode:
         return Caller(LOCAL_TENANT)
     key = x_api_key or (authorization[7:].strip() if authorization and authorization[:7].lower() == "bearer " else None)
@@ -72,6 +68,19 @@ async def caller(
     who = keys.identify(key)
     if who is None:
         raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+    return who
+
+
+async def caller(
+    request: Request,
+    authorization: Annotated[str | None, Header(description="Bearer <API key>")] = None,
+    x_api_key: Annotated[str | None, Header()] = None,
+) -> Caller:
+    """The calling tenant (API key → tenant; local mode without keys), within its rate limit."""
+    who = identify(request, authorization, x_api_key)
+    if who.key_id is None:
+        return who
+    limiter = request.app.state.rate_limiter
     wait = limiter.take(who.key_id)
     if wait is not None:
         raise HTTPException(429, f"rate limit of {limiter.per_minute}/min for this key exceeded; retry in {wait:g}s",

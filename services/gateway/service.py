@@ -7,13 +7,13 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway.access import LOCAL_TENANT, ApiKeys, RateLimiter
-from services.gateway.handlers import router
+from services.gateway.handlers import identify, router
 from services.gateway.limits import BodySizeLimit, RequestMetrics
 from shared.service import Runtime, Workers, run_service
 from shared.settings import Settings
@@ -57,14 +57,31 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.pe.gateway.max_body_bytes)
     app.add_middleware(RequestMetrics)
 
+    async def key_first(request: Request) -> JSONResponse | None:
+        """FastAPI decodes the body before it runs any dependency, so a body that does not decode is answered
+        only after the key is checked here: a caller without a valid one hears 401 whatever it sent."""
+        if not request.url.path.startswith(router.prefix):
+            return None
+        try:
+            identify(request, request.headers.get("authorization"), request.headers.get("x-api-key"))
+        except StarletteHTTPException as e:
+            return await http_error(request, e)
+        return None
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if any(e["type"] == "json_invalid" for e in exc.errors()) and (refused := await key_first(request)):
+            return refused
         errors = [_error(e) for e in exc.errors()]
         summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
         return JSONResponse({"error": "invalid_request", "message": summary, "errors": errors}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's 400 "error parsing the body" says no more
+            if refused := await key_first(request):
+                return refused
+            exc = HTTPException(422, {"field": "body", "message": f"not valid JSON: {exc.__cause__}"})
         detail = exc.detail
         errors: list[object] = []
         if isinstance(detail, dict):
