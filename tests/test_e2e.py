@@ -196,6 +196,11 @@ def test_ops_endpoints_on_gateway(stack: Stack) -> None:
     assert "# TYPE openclaw_http_requests_total counter" in metrics
     spec = httpx.get(f"{stack.url}/openapi.json").json()
     assert "/api/execute-parallel" in spec["paths"] and "/api/execution/{execution_id}" in spec["paths"]
+    assert httpx.get(f"{stack.url}/docs").status_code == 200
+    httpx.get(f"{stack.url}/no/such/page")
+    counted = httpx.get(f"{stack.url}/metrics").text
+    for route in ("/openapi.json", "/docs", "unmatched"):  # a label per route, as the API's routes have
+        assert f'openclaw_http_requests_total{{method="GET",route="{route}"' in counted, route
 
 
 def test_every_service_serves_health_and_metrics(stack: Stack) -> None:

@@ -88,6 +88,15 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, recording_send)
         finally:
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            route = _template(scope)
             metrics.REQUESTS.labels(route, scope["method"], str(status)).inc()
             metrics.REQUEST_DURATION.labels(route, scope["method"]).observe(time.perf_counter() - began)
+
+
+def _template(scope: Scope) -> str:
+    """The path template of the route that answered (one label per route, not per id), or "unmatched". FastAPI
+    names its own routes in the scope; Starlette's (the docs, the OpenAPI document) leave only the endpoint."""
+    route = scope.get("route")
+    if route is None and (endpoint := scope.get("endpoint")) is not None:
+        route = next((r for r in scope["app"].routes if getattr(r, "endpoint", None) is endpoint), None)
+    return getattr(route, "path", None) or "unmatched"
