@@ -161,8 +161,9 @@ class ParallelExecutionConfig(_Strict):
     execution_timeout_s: float = Field(
         default=1800, gt=0, le=TASK_DEDUP_WINDOW_S, description="an execution still running then fails; at most "
         "the tasks stream's duplicate window, which keeps a released task from being queued twice while it runs")
-    ack_wait_s: float = Field(default=30, gt=0, le=DAY_S,
-                              description="crash-detection window of every durable consumer")
+    ack_wait_s: float = Field(default=30, ge=1, le=DAY_S,
+                              description="crash-detection window of every durable consumer; heartbeats come "
+                              "three times in it, so at least a second")
     announce_start_after_s: float = Field(
         default=0.1, gt=0, le=DAY_S, description="a task attempt still running after this long is announced as "
         "started; a quicker one is recorded from its result alone")

@@ -63,9 +63,12 @@ class _Delivery:
         self.head: dict[str, Any] = {**self.ctx, "worker": worker,
                                      "upstream": sorted(cmd.task.context.get("upstream") or {})}
         self.abandoned = False
+        self.given_up = False  # abandoned because the broker has handed the task to another delivery
+        self.beat_at = time.monotonic()  # when the broker last heard this delivery is alive (its start, a beat)
         self.watch: asyncio.TimerHandle | asyncio.Task[None] | None = None  # see PoolWorker._watch
 
 
+GIVEN_UP_AFTER = 0.9  # of ack_wait without a heartbeat: the broker has handed the task on, or is about to
 FOLLOW_HEARTBEAT_S = 1.0  # the server's heartbeat on the endings' consumer; two missed and it is recreated
 
 
@@ -153,8 +156,12 @@ class PoolWorker:
         except asyncio.CancelledError:
             if not d.abandoned:
                 raise  # the service is stopping: the consumer gives the message back
-            await msg.ack()
             self._observe("abandoned", (now() - d.started).total_seconds(), None, 0.0, Usage())
+            if d.given_up:
+                log.warning("abandoned: the broker handed the task on after %.1fs without a heartbeat (this "
+                            "process was paused, or cut off); its redelivery runs it", self._silent_s(d), extra=d.ctx)
+                return
+            await msg.ack()
             log.info("abandoned: its execution has ended", extra=d.ctx)
             return
         except TimeoutError:
@@ -171,13 +178,15 @@ class PoolWorker:
             d.watch.cancel()
             metrics.TASKS_IN_FLIGHT.labels(self.pool).dec()
 
+        given_up = self._given_up(d)  # before the result's publish, which keeps the message alive itself
         finished = now()
         cost = self._cost(reply.model, reply.usage)
         done = TaskCompleted(**d.head, started_at=d.started, finished_at=finished, model=reply.model,
                              provider=reply.provider, usage=reply.usage, cost_usd=cost, output=reply.output)
         await publish_cost(self.rt.nats, self.rt.names, attempt_event(done))
         await self._publish(d, done)
-        await msg.ack()
+        if not self._handed_on(d, given_up):
+            await msg.ack()
         duration = (finished - d.started).total_seconds()
         self._observe("completed", duration, reply.model, cost, reply.usage)
         log.info("task completed in %.3fs", duration, extra=d.ctx)
@@ -185,6 +194,7 @@ class PoolWorker:
     async def _failed(self, d: _Delivery, kind: ErrorKind, error: str, model: str | None, usage: Usage,
                       retry_after_s: float | None = None) -> None:
         """Report a failed attempt with the failure handler's decision; nak for a retry or ack for good."""
+        given_up = self._given_up(d)
         finished = now()
         seconds_left = (d.cmd.deadline_at - finished).total_seconds()
         decision = decide(self.rt.pe, self.pool, d.attempt, kind, seconds_left, retry_after_s)
@@ -196,7 +206,9 @@ class PoolWorker:
             await publish_cost(self.rt.nats, self.rt.names, attempt_event(failed))
         await self._publish(d, failed)
         duration = (finished - d.started).total_seconds()
-        if decision.final:
+        if self._handed_on(d, given_up):
+            self._observe("failed" if decision.final else "retried", duration, model, cost, usage)
+        elif decision.final:
             await d.msg.ack()
             self._observe("failed", duration, model, cost, usage)
             log.warning("attempt %d failed (%s): %s; giving up: %s", d.attempt, kind, error, decision.strategy,
@@ -206,6 +218,25 @@ class PoolWorker:
             self._observe("retried", duration, model, cost, usage)
             log.warning("attempt %d failed (%s): %s; %s in %gs", d.attempt, kind, error, decision.strategy,
                         decision.delay_s, extra=d.ctx)
+
+    def _silent_s(self, d: _Delivery) -> float:
+        return time.monotonic() - d.beat_at
+
+    def _given_up(self, d: _Delivery) -> bool:
+        """Whether the broker has handed the task to another delivery, or is about to: it has not heard that
+        this one is alive for nearly ``ack_wait`` (the process was paused, its loop blocked, its connection
+        down). That delivery may be running already, so this one must neither go on nor ack or nak: either
+        would act on the task's message, which now stands for the other. An ack would free its pool slot while
+        it runs, and the pool would run more than its limit."""
+        return self._silent_s(d) >= GIVEN_UP_AFTER * self.rt.pe.ack_wait_s
+
+    @staticmethod
+    def _handed_on(d: _Delivery, given_up: bool) -> bool:
+        """``given_up`` (see ``_given_up``), logged: the attempt's report is published, the message left alone."""
+        if given_up:
+            log.warning("the broker handed the task on before this attempt ended (no heartbeat for %s of "
+                        "ack_wait): reported, not acknowledged", f"{GIVEN_UP_AFTER:.0%}", extra=d.ctx)
+        return given_up
 
     async def _state(self, cmd: RunTask) -> TaskState | None:
         """The task as the execution state has it; None when there is nothing left to run it for."""
@@ -256,16 +287,23 @@ class PoolWorker:
         """For an attempt that has run ``announce_start_after_s``: announce its start (the state shows it
         running, and records it should its worker be lost); then a few times per ``ack_wait`` tell the
         broker this delivery is alive, and abandon the run if its execution has ended meanwhile
-        (cancelled, past its deadline). A quicker attempt is recorded from its result alone, which carries
-        its start: one message instead of two."""
-        interval = max(0.2, self.rt.pe.ack_wait_s / 3)
+        (cancelled, past its deadline) or the broker has handed the task on (``_given_up``). A quicker
+        attempt is recorded from its result alone, which carries its start: one message instead of two."""
+        interval = self.rt.pe.ack_wait_s / 3
         with contextlib.suppress(asyncio.CancelledError):
             started = TaskStarted(**d.head, started_at=d.started)
             await emit(self.rt.nats, self.rt.names.results(d.cmd.execution_id), started, started.msg_id())
             while True:
                 await asyncio.sleep(interval)
+                if self._given_up(d):  # a pause longer than the beats allow: another delivery has the task
+                    d.abandoned = d.given_up = True
+                    run.cancel()
+                    return
                 try:
+                    sent, connected = time.monotonic(), self.rt.nats.is_connected
                     await d.msg.in_progress()
+                    if connected:  # one kept through a reconnect reaches the broker who knows when
+                        d.beat_at = sent
                     ended = await self._ended(d)
                 except Exception as e:  # noqa: BLE001 - without beats the broker would hand the task to a second worker
                     log.warning("heartbeat failed, next in %gs: %s", interval, e, extra=d.ctx)

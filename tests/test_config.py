@@ -54,6 +54,7 @@ def test_file_overrides_and_ignores_other_sections(tmp_path: Path) -> None:
         ({"coalesce_results_s": -1}, "parallel_execution.coalesce_results_s: Input should be greater than or equal"),
         # Valid JSON numbers that no consumer could be made with: every service crash-looped on them.
         ({"ack_wait_s": 1e300}, "parallel_execution.ack_wait_s: Input should be less than or equal to 86400"),
+        ({"ack_wait_s": 0.5}, "parallel_execution.ack_wait_s: Input should be greater than or equal to 1"),
         ({"shutdown_grace_s": float("inf")}, "parallel_execution.shutdown_grace_s: Input should be a finite number"),
         ({"retries": {"backoff_s": [-5]}}, "parallel_execution.retries.backoff_s.0: Input should be greater than or"),
     ],

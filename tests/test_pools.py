@@ -205,6 +205,34 @@ def test_killed_replica_mid_task_loses_nothing(stack_factory, tmp_path: Path) ->
     assert t["cost_usd"] == done["cost_usd"] and doc["cost"]["total_usd"] == done["cost_usd"]  # counted once
 
 
+def test_a_paused_replica_leaves_its_task_to_the_redelivery(stack_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # A replica paused (SIGSTOP: a frozen VM, a stalled loop) past ack_wait: the broker hands its task to the
+    # other replica. Resumed, it must neither run on beside the redelivery nor ack the task's message, which now
+    # stands for the redelivery: that would free the pool's only slot while the redelivery still runs.
+    cfg = write_config(tmp_path / "c.json", {"ack_wait_s": 2,
+                                             "worker_pools": {"codegen": {"max_concurrent": 1, "timeout": 60}}})
+    stack = stack_factory(ns(), "--config", str(cfg), "--replicas", "codegen=2")
+    eid = submit(stack, [task("a", latency_s=4), task("b", latency_s=4)])
+    first = wait_until(lambda: next((t for t in get(stack, eid)["tasks"] if t["status"] == "running"), None), 30,
+                       "a task to be running")
+    victim = first["worker"]
+    os.kill(stack.pid(victim), signal.SIGSTOP)
+    try:
+        def redelivered() -> bool:
+            t = next(t for t in get(stack, eid)["tasks"] if t["id"] == first["id"])
+            return len(t["attempts"]) == 2 and t["attempts"][1]["outcome"] == "running"
+
+        wait_until(redelivered, 30, "the broker to hand the task to the other replica")
+    finally:
+        os.kill(stack.pid(victim), signal.SIGCONT)
+    doc = wait_until(lambda: (d := get(stack, eid))["status"] == "completed" and d, 60, "completion")
+    attempts = [a for t in doc["tasks"] for a in t["attempts"]]
+    assert max_overlap([(ts(a["started_at"]), ts(a["finished_at"])) for a in attempts]) == 1  # the pool's limit
+    paused = next(t for t in doc["tasks"] if t["id"] == first["id"])["attempts"][0]
+    assert (paused["worker"], paused["outcome"], paused["cost_usd"]) == (victim, "lost", 0)  # abandoned, not run on
+    wait_until(lambda: "the broker handed the task on after" in stack.output(), 10, "the resumed replica's log")
+
+
 def test_a_restarted_pool_starts_no_task_of_an_execution_that_ended_while_it_was_down(  # type: ignore[no-untyped-def]
         stack_factory, tmp_path: Path) -> None:
     # A pool learns endings from the completed events it follows from start-up; what was queued before
