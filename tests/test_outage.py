@@ -275,3 +275,29 @@ async def test_results_waiting_behind_a_write_that_waits_for_its_stream_are_not_
     stored = await rt.executions.get("queued")
     assert stored is not None and stored[0].status == "completed"
     assert all(m.metadata.num_delivered == 1 for m in msgs)
+
+
+async def test_a_request_the_stream_cannot_take_leaves_nothing_stored_and_can_be_sent_again(tmp_path: Path) -> None:
+    # The requests' stream takes nothing (a cluster that lost its quorum): the gateway says so, and stores no
+    # execution that nothing would ever plan or end. Sent again once the stream is back, the request runs.
+    server = NatsServer(tmp_path / "store").start()
+    stack = start_stack(server.url, "queue" + uuid.uuid4().hex[:8], tmp_path)
+    nc = await nats.connect(server.url)
+    js = nc.jetstream()
+    key = {"Idempotency-Key": "order-" + uuid.uuid4().hex}
+    body = {"message": "m", "tasks": PLAN, "wait": True}
+    try:
+        async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
+            async with parked(js, stack.names.executions_stream, stack.names):
+                refused = await client.post("/api/execute-parallel", json=body, headers=key)
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"] == "unavailable" and "retry" in refused.json()["message"]
+            with pytest.raises(nats.js.errors.NoKeysError):
+                await (await js.key_value(stack.names.kv_bucket)).keys()  # no execution stored, queued forever
+            again = await client.post("/api/execute-parallel", json=body, headers=key)
+            assert again.status_code == 200 and again.json()["status"] == "completed", again.text
+    finally:
+        await nc.drain()
+        code = stop_stack(stack)
+        server.stop()
+    assert code == 0, stack.output()[-3000:]

@@ -8,8 +8,8 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator
-from datetime import timedelta
+from collections.abc import AsyncIterator, Awaitable
+from datetime import datetime, timedelta
 from typing import Annotated, Any, get_args
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
@@ -174,12 +174,23 @@ async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_ke
                                  "message, or less context")
     ex = new_execution(req)
     replay = False
+
+    def check(at: datetime, msg_id: str) -> Awaitable[object]:
+        """The aggregator's deadline check, scheduled in the stream for ``at``, so no execution waits forever."""
+        return schedule(rt.jetstream, names.execution_deadline_schedule(eid), names.execution_deadline, at,
+                        ExecutionDeadline(execution_id=eid, deadline_at=at), msg_id)
+
+    # Scheduled before the document is stored: a stored execution always has a check that ends it, even if this
+    # gateway dies, or the request cannot be published, before the PM hears of it.
+    await check(req.deadline_at, f"{eid}:deadline")
     try:
         req.revision = await rt.executions.create(ex)
         fresh = True
     except KeyWrongLastSequenceError:
         replay = True
         existing = await owned(rt, who, eid)
+        if not existing.terminal:  # a replay past the duplicate window replaced its check: the first deadline holds
+            await check(existing.deadline_at, f"{eid}:deadline:{existing.deadline_at.timestamp()}")
         if existing.request_hash != ex.request_hash:
             raise HTTPException(422, {"field": "Idempotency-Key",
                                       "message": "this key was used with a different request"}) from None
@@ -193,15 +204,8 @@ async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_ke
         if replay:  # read again, now that no later version can slip past unseen (it may have ended meanwhile)
             ex = await owned(rt, who, eid)
         if not ex.terminal:
-            # With the request, the aggregator's deadline check, scheduled in the stream for the deadline, so no
-            # execution waits forever. A replay schedules it again (its first publish may be the one that failed).
-            # The request goes first: the PM starts on it while the server stores the schedule.
-            sends = [publish(rt.jetstream, names.execution_requested, req, msg_id=eid)] if fresh else []
-            deadline = ExecutionDeadline(execution_id=eid, deadline_at=req.deadline_at)
-            sends.append(schedule(rt.jetstream, names.execution_deadline_schedule(eid), names.execution_deadline,
-                                  req.deadline_at, deadline, f"{eid}:deadline"))
-            await asyncio.gather(*sends)
             if fresh:
+                await publish(rt.jetstream, names.execution_requested, req, msg_id=eid)
                 log.info("accepted execution", extra={"execution_id": eid})
         if ex.terminal or not (body.wait or plannable(ex)):  # a replay: what was waited for is there already
             return ex, ex.terminal

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from services.gateway.access import LOCAL_TENANT, ApiKeys, RateLimiter
 from services.gateway.handlers import identify, router
 from services.gateway.limits import BodySizeLimit, RequestMetrics
+from shared.consumer import UNAVAILABLE
 from shared.service import Runtime, Workers, run_service
 from shared.settings import Settings
 
@@ -89,6 +90,16 @@ def create_app(settings: Settings) -> FastAPI:
             detail = f"{detail['field']}: {detail['message']}"
         body = {"error": ERROR_NAMES.get(exc.status_code, "error"), "message": str(detail), "errors": errors}
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    async def unavailable(request: Request, exc: Exception) -> JSONResponse:
+        # A stream without quorum, a reconnect under way: what the request needed was not stored, and it may be sent
+        # again (with an Idempotency-Key, safely so).
+        message = f"NATS cannot take the request now ({type(exc).__name__}); retry shortly"
+        return JSONResponse({"error": "unavailable", "message": message, "errors": []}, status_code=503,
+                            headers={"Retry-After": "1"})
+
+    for error in UNAVAILABLE:
+        app.add_exception_handler(error, unavailable)
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, exc: Exception) -> JSONResponse:
