@@ -8,6 +8,7 @@ temporary store. Every test isolates itself with its own namespace (stream and s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import os
@@ -138,6 +139,20 @@ async def until(predicate, timeout: float, what: str, interval: float = 0.01):  
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+async def stream_holds(js: JetStreamContext, stream: str, subjects: str, want: dict[str, int]) -> None:
+    """Until ``stream`` holds ``want`` messages per subject of ``subjects``. An emitted event (no ack awaited)
+    is stored through the server's queue a moment after its publish returns; more than wanted fails too."""
+    async def counts() -> dict[str, int]:
+        return (await js.stream_info(stream, subjects_filter=subjects)).state.subjects or {}
+
+    async def holds() -> bool:
+        return await counts() == want
+
+    with contextlib.suppress(AssertionError):
+        await until(holds, 10, f"{want} in {stream}")
+    assert await counts() == want
+
+
 def ready_on(port: int) -> bool:
     """Whether the service on ``port`` answers ``/readyz`` with 200 (for ``wait_until``)."""
     try:
@@ -183,6 +198,10 @@ def start_stack(nats_url: str | None, namespace: str, tmp: Path, *extra: str,
 
     def ready() -> str | None:
         assert proc.poll() is None, f"openclaw up exited early:\n{log.read_text()}"
+        # Ready when the runner says so, not merely when the gateway does: the runner checks for itself a moment
+        # later, and a stack stopped (or whose NATS went away) before that would end as failed to start.
+        if "OpenClaw is up:" not in log.read_text(errors="replace"):
+            return None
         try:
             url = str(json.loads((data / "stack.json").read_text())["gateway_url"])
             r = httpx.get(f"{url}/readyz", timeout=1)

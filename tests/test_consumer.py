@@ -177,7 +177,8 @@ async def test_no_more_handlers_run_at_once_than_the_capacity(nc: NATS, names: N
 
 async def test_a_refused_pull_request_is_logged_and_asked_again_later(nc: NATS, names: Names,
                                                                        caplog: pytest.LogCaptureFixture) -> None:
-    async with acking_loop(nc, names, "refused", capacity=4, error_delay_s=0.05) as loop:
+    # The loop's request waits 30 s: one renewed meanwhile would find no consumer, not be ended by its deletion.
+    async with acking_loop(nc, names, "refused", capacity=4, error_delay_s=0.05, idle_fetch_s=30) as loop:
         js = loop.js
         for _ in range(1000):
             if (await js.consumer_info(names.results_stream, "refused")).num_waiting == 1:
@@ -276,7 +277,7 @@ async def test_a_dead_letter_that_cannot_be_stored_is_tried_again_soon_not_after
     failed = {"consumer": "poison", "outcome": "error"}
     before = REGISTRY.get_sample_value("openclaw_messages_total", failed) or 0.0
     consumer = Consumer(nc, names, names.results_stream, "poison", decode, handle, capacity=4,
-                        error_delay_s=0.2)
+                        error_delay_s=2)  # time to put the DLQ back before the second delivery
     stop = asyncio.Event()
     loop = asyncio.create_task(consumer.run(stop, grace_s=0.2))
     try:

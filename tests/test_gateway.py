@@ -29,7 +29,7 @@ ACME, GLOBEX = "acme-key-0123456789abcdef", "globex-key-0123456789abcdef"
 def stack(nats_url: str, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     tmp = tmp_path_factory.mktemp("gw")
     cfg = write_config(tmp / "c.json", {
-        "ack_wait_s": 1.5,
+        "ack_wait_s": 6,  # a cancel reaches a running task at its next heartbeat, every 2 s
         "worker_pools": {"database": {"max_concurrent": 1, "timeout": 60}},
         "gateway": {"rate_limit_per_minute": 60, "rate_limit_burst": 40},
     })
@@ -214,9 +214,12 @@ def test_cancel_stops_queued_and_running_tasks_and_keeps_the_cost_so_far(stack: 
                       for n, c in stack.state()["children"].items() if n.startswith(("codegen", "database")))  # type: ignore[union-attr]
     assert 'outcome="abandoned"' in metrics
     # "waiting" was delivered after the cancel, to a worker following the executions' endings: not started.
-    lines = [line for line in stack.output().splitlines() if f"execution_id={eid} task_id=waiting" in line]
-    assert any("not started: its execution has ended" in line for line in lines), lines
-    assert not any("task started" in line for line in lines), lines
+    def lines() -> list[str]:
+        return [line for line in stack.output().splitlines() if f"execution_id={eid} task_id=waiting" in line]
+
+    wait_until(lambda: any("not started: its execution has ended" in line for line in lines()), 10,
+               "the worker's log line (written after its ack)")
+    assert not any("task started" in line for line in lines()), lines()
 
     again = httpx.delete(f"{stack.url}/api/execution/{eid}", headers=auth())
     assert again.status_code == 409 and "already cancelled" in again.json()["message"]
