@@ -69,6 +69,7 @@ class _Delivery:
 
 
 GIVEN_UP_AFTER = 0.9  # of ack_wait without a heartbeat: the broker has handed the task on, or is about to
+BEAT_RETRY_S = 1.0  # after a heartbeat that failed, the next comes this soon (at most ack_wait / 3)
 FOLLOW_HEARTBEAT_S = 1.0  # the server's heartbeat on the endings' consumer; two missed and it is recreated
 
 
@@ -149,8 +150,16 @@ class PoolWorker:
         timeout = min(self.cfg.timeout, seconds_left)
         metrics.TASKS_IN_FLIGHT.labels(self.pool).inc()
         run = asyncio.create_task(self._run(cmd, model, d.attempt, timeout))
-        # Nothing more for an attempt quicker than announce_start_after_s: then _watch takes over.
+        # Nothing more for an attempt quicker than announce_start_after_s: then _watch takes over, and beats until
+        # the attempt is acked or nak'ed (a result's publish may wait out an outage).
         d.watch = asyncio.get_running_loop().call_later(self.rt.pe.announce_start_after_s, self._watch, d, run)
+        try:
+            await self._attempt(d, run, model, timeout)
+        finally:
+            d.watch.cancel()
+
+    async def _attempt(self, d: _Delivery, run: asyncio.Task[TaskReply], model: str, timeout: float) -> None:
+        msg = d.msg
         try:
             reply = await run
         except asyncio.CancelledError:
@@ -175,17 +184,15 @@ class PoolWorker:
             await self._failed(d, "agent_error", f"agent error: {type(e).__name__}: {e}", model, Usage())
             return
         finally:
-            d.watch.cancel()
             metrics.TASKS_IN_FLIGHT.labels(self.pool).dec()
 
-        given_up = self._given_up(d)  # before the result's publish, which keeps the message alive itself
         finished = now()
         cost = self._cost(reply.model, reply.usage)
         done = TaskCompleted(**d.head, started_at=d.started, finished_at=finished, model=reply.model,
                              provider=reply.provider, usage=reply.usage, cost_usd=cost, output=reply.output)
         await publish_cost(self.rt.nats, self.rt.names, attempt_event(done))
         await self._publish(d, done)
-        if not self._handed_on(d, given_up):
+        if not self._handed_on(d):
             await msg.ack()
         duration = (finished - d.started).total_seconds()
         self._observe("completed", duration, reply.model, cost, reply.usage)
@@ -194,7 +201,6 @@ class PoolWorker:
     async def _failed(self, d: _Delivery, kind: ErrorKind, error: str, model: str | None, usage: Usage,
                       retry_after_s: float | None = None) -> None:
         """Report a failed attempt with the failure handler's decision; nak for a retry or ack for good."""
-        given_up = self._given_up(d)
         finished = now()
         seconds_left = (d.cmd.deadline_at - finished).total_seconds()
         decision = decide(self.rt.pe, self.pool, d.attempt, kind, seconds_left, retry_after_s)
@@ -206,7 +212,7 @@ class PoolWorker:
             await publish_cost(self.rt.nats, self.rt.names, attempt_event(failed))
         await self._publish(d, failed)
         duration = (finished - d.started).total_seconds()
-        if self._handed_on(d, given_up):
+        if self._handed_on(d):
             self._observe("failed" if decision.final else "retried", duration, model, cost, usage)
         elif decision.final:
             await d.msg.ack()
@@ -219,20 +225,21 @@ class PoolWorker:
             log.warning("attempt %d failed (%s): %s; %s in %gs", d.attempt, kind, error, decision.strategy,
                         decision.delay_s, extra=d.ctx)
 
-    def _silent_s(self, d: _Delivery) -> float:
-        return time.monotonic() - d.beat_at
+    def _silent_s(self, d: _Delivery, at: float | None = None) -> float:
+        return (time.monotonic() if at is None else at) - d.beat_at
 
-    def _given_up(self, d: _Delivery) -> bool:
+    def _given_up(self, d: _Delivery, at: float | None = None) -> bool:
         """Whether the broker has handed the task to another delivery, or is about to: it has not heard that
         this one is alive for nearly ``ack_wait`` (the process was paused, its loop blocked, its connection
         down). That delivery may be running already, so this one must neither go on nor ack or nak: either
         would act on the task's message, which now stands for the other. An ack would free its pool slot while
         it runs, and the pool would run more than its limit."""
-        return self._silent_s(d) >= GIVEN_UP_AFTER * self.rt.pe.ack_wait_s
+        return self._silent_s(d, at) >= GIVEN_UP_AFTER * self.rt.pe.ack_wait_s
 
-    @staticmethod
-    def _handed_on(d: _Delivery, given_up: bool) -> bool:
-        """``given_up`` (see ``_given_up``), logged: the attempt's report is published, the message left alone."""
+    def _handed_on(self, d: _Delivery) -> bool:
+        """Whether the broker has handed the task on (``_given_up``), logged: the attempt's report is published,
+        the message left alone."""
+        given_up = d.given_up or self._given_up(d)
         if given_up:
             log.warning("the broker handed the task on before this attempt ended (no heartbeat for %s of "
                         "ack_wait): reported, not acknowledged", f"{GIVEN_UP_AFTER:.0%}", extra=d.ctx)
@@ -289,24 +296,27 @@ class PoolWorker:
         broker this delivery is alive, and abandon the run if its execution has ended meanwhile
         (cancelled, past its deadline) or the broker has handed the task on (``_given_up``). A quicker
         attempt is recorded from its result alone, which carries its start: one message instead of two."""
-        interval = self.rt.pe.ack_wait_s / 3
+        interval = every = self.rt.pe.ack_wait_s / 3
         with contextlib.suppress(asyncio.CancelledError):
-            started = TaskStarted(**d.head, started_at=d.started)
-            await emit(self.rt.nats, self.rt.names.results(d.cmd.execution_id), started, started.msg_id())
+            if not run.done():  # else its result, which carries its start, is out or on its way
+                started = TaskStarted(**d.head, started_at=d.started)
+                await emit(self.rt.nats, self.rt.names.results(d.cmd.execution_id), started, started.msg_id())
             while True:
-                await asyncio.sleep(interval)
-                if self._given_up(d):  # a pause longer than the beats allow: another delivery has the task
+                await asyncio.sleep(every)
+                sent = time.monotonic()
+                if self._given_up(d, sent):  # a pause longer than the beats allow: another delivery has the task
                     d.abandoned = d.given_up = True
                     run.cancel()
                     return
+                every = min(interval, BEAT_RETRY_S)  # unless it counts: the first beat after a reconnect does
                 try:
-                    sent, connected = time.monotonic(), self.rt.nats.is_connected
-                    await d.msg.in_progress()
-                    if connected:  # one kept through a reconnect reaches the broker who knows when
-                        d.beat_at = sent
+                    connected = self.rt.nats.is_connected
+                    await d.msg.in_progress()  # while reconnecting, kept and sent then: when, nobody can say
+                    if connected:
+                        d.beat_at, every = sent, interval
                     ended = await self._ended(d)
                 except Exception as e:  # noqa: BLE001 - without beats the broker would hand the task to a second worker
-                    log.warning("heartbeat failed, next in %gs: %s", interval, e, extra=d.ctx)
+                    log.warning("heartbeat failed, next in %gs: %s", every, e, extra=d.ctx)
                     continue
                 if ended:
                     d.abandoned = True

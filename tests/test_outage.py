@@ -7,7 +7,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from shared.names import Names
 from shared.natsserver import NatsServer
 from shared.pool import Endings, PoolWorker
 from shared.providers import AnthropicProvider, SimulatedProvider
-from shared.schemas import ExecutionRequested, TaskCompleted, TaskOutput, TaskSpec, now
+from shared.schemas import ExecutionDeadline, ExecutionRequested, TaskCompleted, TaskOutput, TaskSpec, now
 from tests.conftest import (
     delivered,
     service_runtime,
@@ -299,6 +299,38 @@ async def test_a_request_the_stream_cannot_take_leaves_nothing_stored_and_can_be
                 await (await js.key_value(stack.names.kv_bucket)).keys()  # no execution stored, queued forever
             again = await client.post("/api/execute-parallel", json=body, headers=key)
             assert again.status_code == 200 and again.json()["status"] == "completed", again.text
+    finally:
+        await nc.drain()
+        code = stop_stack(stack)
+        server.stop()
+    assert code == 0, stack.output()[-3000:]
+
+
+async def test_a_request_sent_again_after_its_execution_could_not_be_stored_keeps_the_new_deadline(
+    tmp_path: Path,
+) -> None:
+    # The first try stored its deadline check, then not the execution (the store took nothing). The second try's
+    # check is dropped as a repeat of the first (its msg-id): the check must still be due at the deadline the
+    # stored execution has, not at the first try's.
+    server = NatsServer(tmp_path / "store").start()
+    stack = start_stack(server.url, "again" + uuid.uuid4().hex[:8], tmp_path)
+    nc = await nats.connect(server.url)
+    js = nc.jetstream()
+    key = {"Idempotency-Key": "order-" + uuid.uuid4().hex}
+    body = {"message": "m", "tasks": [{**PLAN[0], "context": {"simulate": {"latency_s": 30}}}]}
+    try:
+        async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
+            async with parked(js, stack.names.kv_stream, stack.names):
+                refused = await client.post("/api/execute-parallel", json=body, headers=key)
+            assert refused.status_code == 503, refused.text
+            accepted = await client.post("/api/execute-parallel", json=body, headers=key)
+            assert accepted.status_code == 202, accepted.text
+            doc = accepted.json()
+        check = await js.get_last_msg(stack.names.executions_stream,
+                                      stack.names.execution_deadline_schedule(doc["execution_id"]))
+        assert check.data is not None
+        assert ExecutionDeadline.model_validate_json(check.data).deadline_at == datetime.fromisoformat(
+            doc["deadline_at"])
     finally:
         await nc.drain()
         code = stop_stack(stack)

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, R
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy, PubAck
 from nats.js.errors import KeyWrongLastSequenceError
 from pydantic import BaseModel
 
@@ -175,17 +175,19 @@ async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_ke
     ex = new_execution(req)
     replay = False
 
-    def check(at: datetime, msg_id: str) -> Awaitable[object]:
+    def check(at: datetime, msg_id: str) -> Awaitable[PubAck]:
         """The aggregator's deadline check, scheduled in the stream for ``at``, so no execution waits forever."""
         return schedule(rt.jetstream, names.execution_deadline_schedule(eid), names.execution_deadline, at,
                         ExecutionDeadline(execution_id=eid, deadline_at=at), msg_id)
 
     # Scheduled before the document is stored: a stored execution always has a check that ends it, even if this
     # gateway dies, or the request cannot be published, before the PM hears of it.
-    await check(req.deadline_at, f"{eid}:deadline")
+    scheduled = await check(req.deadline_at, f"{eid}:deadline")
     try:
         req.revision = await rt.executions.create(ex)
         fresh = True
+        if scheduled.duplicate:  # an earlier try of this key stored its check, then not the execution: this deadline
+            await check(req.deadline_at, f"{eid}:deadline:{req.deadline_at.timestamp()}")
     except KeyWrongLastSequenceError:
         replay = True
         existing = await owned(rt, who, eid)
