@@ -7,6 +7,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from shared.pool import Endings, PoolWorker
 from shared.providers import AnthropicProvider, SimulatedProvider
 from shared.schemas import ExecutionDeadline, ExecutionRequested, TaskCompleted, TaskOutput, TaskSpec, now
 from tests.conftest import (
+    Stack,
     delivered,
     service_runtime,
     stack_env,
@@ -104,44 +106,64 @@ async def ended(client: httpx.AsyncClient, eid: str, status: str) -> dict[str, A
     return await until(got, 30, f"the execution to end {status}")
 
 
+@dataclass
+class Running:
+    stack: Stack
+    js: JetStreamContext
+    client: httpx.AsyncClient  # to the stack's gateway
+
+
+@contextlib.asynccontextmanager
+async def running(tmp_path: Path, prefix: str, *args: str, env: dict[str, str] | None = None
+                  ) -> AsyncIterator[Running]:
+    """A stack on a nats-server of its own (which a test may park streams of); it must exit 0 when stopped."""
+    server = NatsServer(tmp_path / "store").start()
+    stack = start_stack(server.url, prefix + uuid.uuid4().hex[:8], tmp_path, *args, env=env)
+    nc = await nats.connect(server.url)
+    try:
+        async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
+            yield Running(stack, nc.jetstream(), client)
+    finally:
+        await nc.drain()
+        code = stop_stack(stack)
+        server.stop()
+    assert code == 0, stack.output()[-3000:]
+
+
+async def paid_while_parked(run: Running, fake: FakeAnthropic, body: dict[str, Any], kind: Kind, stream: str,
+                            what: str, status: str) -> dict[str, Any]:
+    """Submit ``body``; once the model's ``kind`` call is under way, park ``stream`` and let the call answer;
+    after two failed tries to ``what``, bring the stream back. Returns the document once it ends ``status``."""
+    r = await run.client.post("/api/execute-parallel", json=body)
+    assert r.status_code == 202, r.text
+    await until(lambda: len(fake.of(kind)) == 1, 30, f"the model's {kind} call")
+    async with parked(run.js, stream, run.stack.names):
+        fake.release.set()
+        await until(lambda: run.stack.output().count(f"could not {what}") >= 2, 30, "failed tries")
+    return await ended(run.client, r.json()["execution_id"], status)
+
+
 @pytest.mark.parametrize("kind", ["task", "plan", "synthesis"])
 async def test_what_a_paid_call_produced_waits_for_its_stream_instead_of_being_paid_for_again(
-    tmp_path: Path, kind: Kind,
+    tmp_path: Path, kind: Kind, fake_anthropic: FakeAnthropic,
 ) -> None:
     # The model answers while the stream it goes to takes nothing (as on a cluster that lost its quorum: every
     # publish fails, none is kept for later): the task's result, or the plan or the answer (in the execution's
     # document). It is kept and stored once the stream is back. Handing the message back instead would run (and
     # bill) the call again on every delivery.
-    fake = FakeAnthropic().start()
+    fake = fake_anthropic
     fake.next(kind, "slow")  # answers once fake.release is set
     config = write_config(tmp_path / "config.json", {"provider": "anthropic",
                                                      "anthropic": {"base_url": fake.url, "timeout_s": 60}})
-    server = NatsServer(tmp_path / "store").start()
-    stack = start_stack(server.url, "paid" + uuid.uuid4().hex[:8], tmp_path, "--config", str(config),
-                        env=stack_env(ANTHROPIC_API_KEY="sk-ant-outage"))
-    stream, what = {"task": (stack.names.results_stream, "publish the result"),
-                    "plan": (stack.names.kv_stream, "store the plan"),
-                    "synthesis": (stack.names.kv_stream, "store the execution")}[kind]
-    nc = await nats.connect(server.url)
-    js = nc.jetstream()
-    try:
-        async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
-            plan = [{"id": "api", "pool": "codegen", "description": "Build the ordering REST API"}]
-            r = await client.post("/api/execute-parallel", json={"message": "Build a restaurant website",
-                                                                 **({"tasks": plan} if kind != "plan" else {})})
-            assert r.status_code == 202, r.text
-            eid = r.json()["execution_id"]
-            await until(lambda: len(fake.of(kind)) == 1, 30, "the model's call")
-            async with parked(js, stream, stack.names):
-                fake.release.set()
-                await until(lambda: stack.output().count(f"could not {what}") >= 2, 30, "failed tries")
-            doc = await ended(client, eid, "completed")
-    finally:
-        await nc.drain()
-        code = stop_stack(stack)
-        server.stop()
-        fake.stop()
-    assert code == 0, stack.output()[-3000:]
+    async with running(tmp_path, "paid", "--config", str(config),
+                       env=stack_env(ANTHROPIC_API_KEY="sk-ant-outage")) as run:
+        names = run.stack.names
+        stream, what = {"task": (names.results_stream, "publish the result"),
+                        "plan": (names.kv_stream, "store the plan"),
+                        "synthesis": (names.kv_stream, "store the execution")}[kind]
+        plan = [{"id": "api", "pool": "codegen", "description": "Build the ordering REST API"}]
+        body = {"message": "Build a restaurant website", **({"tasks": plan} if kind != "plan" else {})}
+        doc = await paid_while_parked(run, fake, body, kind, stream, what, "completed")
     assert len(fake.of(kind)) == 1  # one call, paid once
     if kind == "task":
         [task] = doc["tasks"]
@@ -206,39 +228,22 @@ async def test_a_cost_event_that_cannot_be_sent_does_not_cost_its_result(
     assert done.task_id == "api" and done.cost_usd > 0
 
 
-async def test_an_answer_due_at_the_deadline_waits_for_its_stream_too(tmp_path: Path) -> None:
+async def test_an_answer_due_at_the_deadline_waits_for_its_stream_too(tmp_path: Path,
+                                                                     fake_anthropic: FakeAnthropic) -> None:
     # The deadline's check ends an execution whose second task still runs, and the aggregator's answer (a paid
     # synthesis call) cannot be stored: its write is tried again past the deadline, not handed back to be
     # answered, and paid for, on the next delivery.
-    fake = FakeAnthropic().start()
+    fake = fake_anthropic
     fake.next("task", "ok", "slow")  # the audit's call is still running at the deadline
     fake.next("synthesis", "slow")  # and the answer comes once the store has gone
     config = write_config(tmp_path / "config.json", {"provider": "anthropic", "execution_timeout_s": 3,
                                                      "anthropic": {"base_url": fake.url, "timeout_s": 60}})
-    server = NatsServer(tmp_path / "store").start()
-    stack = start_stack(server.url, "due" + uuid.uuid4().hex[:8], tmp_path, "--config", str(config),
-                        env=stack_env(ANTHROPIC_API_KEY="sk-ant-outage"))
-    nc = await nats.connect(server.url)
-    js = nc.jetstream()
-    try:
-        async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
-            plan = [{"id": "api", "pool": "codegen", "description": "Build the ordering REST API"},
-                    {"id": "audit", "pool": "security", "description": "Audit the payment flow",
-                     "depends_on": ["api"]}]
-            r = await client.post("/api/execute-parallel", json={"message": "Build a website", "tasks": plan})
-            assert r.status_code == 202, r.text
-            eid = r.json()["execution_id"]
-            await until(lambda: len(fake.of("synthesis")) == 1, 30, "the answer to the deadline's check")
-            async with parked(js, stack.names.kv_stream, stack.names):
-                fake.release.set()
-                await until(lambda: stack.output().count("could not store the execution") >= 2, 30, "failed tries")
-            doc = await ended(client, eid, "partial")
-    finally:
-        await nc.drain()
-        code = stop_stack(stack)
-        server.stop()
-        fake.stop()
-    assert code == 0, stack.output()[-3000:]
+    async with running(tmp_path, "due", "--config", str(config),
+                       env=stack_env(ANTHROPIC_API_KEY="sk-ant-outage")) as run:
+        plan = [{"id": "api", "pool": "codegen", "description": "Build the ordering REST API"},
+                {"id": "audit", "pool": "security", "description": "Audit the payment flow", "depends_on": ["api"]}]
+        doc = await paid_while_parked(run, fake, {"message": "Build a website", "tasks": plan}, "synthesis",
+                                      run.stack.names.kv_stream, "store the execution", "partial")
     assert len(fake.of("synthesis")) == 1  # one answer, paid once
     [synthesis] = doc["calls"]
     assert synthesis["phase"] == "synthesis" and synthesis["error"] is None
@@ -283,27 +288,17 @@ async def test_results_waiting_behind_a_write_that_waits_for_its_stream_are_not_
 async def test_a_request_the_stream_cannot_take_leaves_nothing_stored_and_can_be_sent_again(tmp_path: Path) -> None:
     # The requests' stream takes nothing (a cluster that lost its quorum): the gateway says so, and stores no
     # execution that nothing would ever plan or end. Sent again once the stream is back, the request runs.
-    server = NatsServer(tmp_path / "store").start()
-    stack = start_stack(server.url, "queue" + uuid.uuid4().hex[:8], tmp_path)
-    nc = await nats.connect(server.url)
-    js = nc.jetstream()
     key = {"Idempotency-Key": "order-" + uuid.uuid4().hex}
     body = {"message": "m", "tasks": PLAN, "wait": True}
-    try:
-        async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
-            async with parked(js, stack.names.executions_stream, stack.names):
-                refused = await client.post("/api/execute-parallel", json=body, headers=key)
-            assert refused.status_code == 503, refused.text
-            assert refused.json()["error"] == "unavailable" and "retry" in refused.json()["message"]
-            with pytest.raises(nats.js.errors.NoKeysError):
-                await (await js.key_value(stack.names.kv_bucket)).keys()  # no execution stored, queued forever
-            again = await client.post("/api/execute-parallel", json=body, headers=key)
-            assert again.status_code == 200 and again.json()["status"] == "completed", again.text
-    finally:
-        await nc.drain()
-        code = stop_stack(stack)
-        server.stop()
-    assert code == 0, stack.output()[-3000:]
+    async with running(tmp_path, "queue") as run:
+        async with parked(run.js, run.stack.names.executions_stream, run.stack.names):
+            refused = await run.client.post("/api/execute-parallel", json=body, headers=key)
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"] == "unavailable" and "retry" in refused.json()["message"]
+        with pytest.raises(nats.js.errors.NoKeysError):
+            await (await run.js.key_value(run.stack.names.kv_bucket)).keys()  # no execution stored, queued forever
+        again = await run.client.post("/api/execute-parallel", json=body, headers=key)
+        assert again.status_code == 200 and again.json()["status"] == "completed", again.text
 
 
 async def test_a_request_sent_again_after_its_execution_could_not_be_stored_keeps_the_new_deadline(
@@ -312,27 +307,18 @@ async def test_a_request_sent_again_after_its_execution_could_not_be_stored_keep
     # The first try stored its deadline check, then not the execution (the store took nothing). The second try's
     # check is dropped as a repeat of the first (its msg-id): the check must still be due at the deadline the
     # stored execution has, not at the first try's.
-    server = NatsServer(tmp_path / "store").start()
-    stack = start_stack(server.url, "again" + uuid.uuid4().hex[:8], tmp_path)
-    nc = await nats.connect(server.url)
-    js = nc.jetstream()
     key = {"Idempotency-Key": "order-" + uuid.uuid4().hex}
     body = {"message": "m", "tasks": [{**PLAN[0], "context": {"simulate": {"latency_s": 30}}}]}
-    try:
-        async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
-            async with parked(js, stack.names.kv_stream, stack.names):
-                refused = await client.post("/api/execute-parallel", json=body, headers=key)
-            assert refused.status_code == 503, refused.text
-            accepted = await client.post("/api/execute-parallel", json=body, headers=key)
-            assert accepted.status_code == 202, accepted.text
-            doc = accepted.json()
-        check = await js.get_last_msg(stack.names.executions_stream,
-                                      stack.names.execution_deadline_schedule(doc["execution_id"]))
+    async with running(tmp_path, "again") as run:
+        names = run.stack.names
+        async with parked(run.js, names.kv_stream, names):
+            refused = await run.client.post("/api/execute-parallel", json=body, headers=key)
+        assert refused.status_code == 503, refused.text
+        accepted = await run.client.post("/api/execute-parallel", json=body, headers=key)
+        assert accepted.status_code == 202, accepted.text
+        doc = accepted.json()
+        schedule = names.execution_deadline_schedule(doc["execution_id"])
+        check = await run.js.get_last_msg(names.executions_stream, schedule)
         assert check.data is not None
         assert ExecutionDeadline.model_validate_json(check.data).deadline_at == datetime.fromisoformat(
             doc["deadline_at"])
-    finally:
-        await nc.drain()
-        code = stop_stack(stack)
-        server.stop()
-    assert code == 0, stack.output()[-3000:]
