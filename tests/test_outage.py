@@ -101,13 +101,14 @@ async def ended(client: httpx.AsyncClient, eid: str, status: str) -> dict[str, A
 
     async def got() -> dict[str, Any] | None:
         doc: dict[str, Any] = (await client.get(f"/api/execution/{eid}")).json()
-        return doc if doc["status"] == status else None
+        return doc if doc.get("status") == status else None  # not a 503 while the gateway reconnects
 
     return await until(got, 30, f"the execution to end {status}")
 
 
 @dataclass
 class Running:
+    server: NatsServer
     stack: Stack
     js: JetStreamContext
     client: httpx.AsyncClient  # to the stack's gateway
@@ -122,7 +123,7 @@ async def running(tmp_path: Path, prefix: str, *args: str, env: dict[str, str] |
     nc = await nats.connect(server.url)
     try:
         async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
-            yield Running(stack, nc.jetstream(), client)
+            yield Running(server, stack, nc.jetstream(), client)
     finally:
         await nc.drain()
         code = stop_stack(stack)
@@ -322,3 +323,25 @@ async def test_a_request_sent_again_after_its_execution_could_not_be_stored_keep
         assert check.data is not None
         assert ExecutionDeadline.model_validate_json(check.data).deadline_at == datetime.fromisoformat(
             doc["deadline_at"])
+
+
+async def test_a_task_longer_than_ack_wait_runs_once_through_a_nats_restart(tmp_path: Path) -> None:
+    # While the pool reconnects its heartbeats cannot reach the broker; the first one after does. So the broker
+    # never hands the task on, the worker does not take itself for given up, and the result it publishes
+    # after the restart is the task's only attempt: run and paid for once. The task outlasts ack_wait, so
+    # without beats that count after the restart it would be redelivered.
+    cfg = write_config(tmp_path / "c.json", {"ack_wait_s": 6})
+    body = {"message": "m", "tasks": [{**PLAN[0], "context": {"simulate": {"latency_s": 9}}}]}
+    async with running(tmp_path, "blip", "--config", str(cfg)) as run:
+        eid = (await run.client.post("/api/execute-parallel", json=body)).json()["execution_id"]
+
+        async def started() -> bool:
+            return bool((await run.client.get(f"/api/execution/{eid}")).json()["tasks"][0]["status"] == "running")
+
+        await until(started, 30, "the task to be running")
+        run.server.stop()  # gracefully: what the broker knows (the delivery, its ack wait) is kept
+        run.server.start()
+        doc = await ended(run.client, eid, "completed")
+    [attempt] = doc["tasks"][0]["attempts"]
+    assert (attempt["outcome"], attempt["n"]) == ("completed", 1)
+    assert doc["cost"]["total_usd"] == attempt["cost_usd"] > 0
