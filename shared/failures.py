@@ -2,9 +2,11 @@
 
 RETRY while attempts remain (the broker spaces them: ``nak(delay=1, 3, 9 s)``). FALLBACK: when the
 failure says the model was busy or slow (rate limit, overloaded, timeout), the last attempt runs on
-the pool's lighter model. Exhausted: SKIP (deliver the rest without this result) or ESCALATE (the
-client must decide) by pool, with the seed's degradation labels; REFUND is reported per execution
-as the cost of the work that failed or was skipped.
+the pool's lighter model; when the model declined the task (refusal), the next one does. A request the
+endpoint refused (4xx) or an answer cut off at ``max_tokens`` would fail the same way again, paid again:
+no retry. Exhausted: SKIP (deliver the rest without this result) or ESCALATE (the client must decide) by
+pool, with the seed's degradation labels; REFUND is reported per execution as the cost of the work that
+failed or was skipped.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class Strategy(StrEnum):
 
 
 FALLBACK_KINDS = frozenset({"rate_limit", "overloaded", "timeout"})
+FINAL_KINDS = frozenset({"request", "truncated"})  # the same call again would fail the same way
 
 # What the client gets when a pool cannot deliver (seed: graceful degradation).
 DEGRADATION: dict[Pool, str] = {
@@ -55,15 +58,18 @@ RETRY_AFTER_MAX_S = 60.0  # an endpoint's Retry-After is honoured up to this
 
 
 def decide(pe: ParallelExecutionConfig, pool: Pool, attempt: int, kind: str, seconds_left: float,
-           retry_after_s: float | None = None) -> Decision:
-    """After attempt ``attempt`` failed with ``kind``: retry (maybe on the fallback model) or give up.
+           retry_after_s: float | None = None, model: str | None = None) -> Decision:
+    """After attempt ``attempt`` (on ``model``) failed with ``kind``: retry (maybe on the fallback model) or give up.
 
     A retry on the same model waits at least what the endpoint asked for (Retry-After, at most
     ``RETRY_AFTER_MAX_S``): sooner would only be refused again, and burn an attempt. The fallback model has
     its own limits, so its attempt keeps the backoff's delay."""
+    if kind in FINAL_KINDS or (kind == "refusal" and model == pe.worker_pools.get(pool).fallback_model):
+        return Decision(ON_EXHAUSTED[pool], final=True)
     delay = pe.retries.delay(attempt) if pe.retries.max_retries else 0.0
     last_next = attempt + 1 == attempts_allowed(pe)
-    strategy = Strategy.FALLBACK if last_next and kind in FALLBACK_KINDS else Strategy.RETRY
+    fallback = kind == "refusal" or (last_next and kind in FALLBACK_KINDS)
+    strategy = Strategy.FALLBACK if fallback else Strategy.RETRY
     if strategy is Strategy.RETRY and retry_after_s:
         delay = max(delay, min(retry_after_s, RETRY_AFTER_MAX_S))
     if attempt >= attempts_allowed(pe) or seconds_left <= delay:
@@ -72,8 +78,10 @@ def decide(pe: ParallelExecutionConfig, pool: Pool, attempt: int, kind: str, sec
 
 
 def model_for(pe: ParallelExecutionConfig, pool: Pool, attempt: int, previous_kind: str | None) -> str:
-    """The model attempt ``attempt`` runs on: the fallback model on a last attempt after a busy/slow failure."""
+    """The model attempt ``attempt`` runs on: the fallback model after a refusal, and on a last attempt after a
+    busy/slow failure."""
     cfg = pe.worker_pools.get(pool)
-    if attempt >= attempts_allowed(pe) and attempt > 1 and previous_kind in FALLBACK_KINDS:
+    last = attempt >= attempts_allowed(pe)
+    if attempt > 1 and (previous_kind == "refusal" or (last and previous_kind in FALLBACK_KINDS)):
         return cfg.fallback_model
     return cfg.model

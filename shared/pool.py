@@ -203,7 +203,7 @@ class PoolWorker:
         """Report a failed attempt with the failure handler's decision; nak for a retry or ack for good."""
         finished = now()
         seconds_left = (d.cmd.deadline_at - finished).total_seconds()
-        decision = decide(self.rt.pe, self.pool, d.attempt, kind, seconds_left, retry_after_s)
+        decision = decide(self.rt.pe, self.pool, d.attempt, kind, seconds_left, retry_after_s, model)
         cost = self._cost(model, usage)
         failed = TaskFailed(**d.head, started_at=d.started, finished_at=finished, error=error, error_kind=kind,
                             final=decision.final, strategy=decision.strategy.value, retry_in_s=decision.delay_s,

@@ -191,7 +191,7 @@ class SimulatedProvider:
         )
         if attempt <= sim.fail_attempts:
             # Busy or failed calls bill nothing; a model that answered unusably bills the tokens.
-            billed = usage if sim.error in ("simulated", "invalid_output") else None
+            billed = usage if sim.error in ("simulated", "invalid_output", "truncated", "refusal") else None
             kind = "" if sim.error == "simulated" else f" {sim.error}"
             raise ProviderError(f"simulated{kind} failure on attempt {attempt}", sim.error, billed)
         return TaskReply(output=output, usage=usage, model=model, provider=self.name)
@@ -315,6 +315,21 @@ class AnthropicProvider:
         # The system prompts are static per role, so they (and the tools before them) are a cacheable prefix.
         return [{"type": "text", "text": text, "cache_control": {"type": "ephemeral"}}]
 
+    async def _call(self, model: str, prompt: Prompt, **extra: Any) -> tuple[Message, Usage]:
+        """One Messages API call that ran to its end: the message and its (billed) usage. A reply the model
+        declined (``refusal``) or that ran out of room (``max_tokens``, ``model_context_window_exceeded``) is a
+        failure that carries its usage: whatever it holds is not the whole answer, even when it validates."""
+        msg = await self._create(model, prompt, **extra)
+        usage = _usage(msg)
+        if msg.stop_reason == "refusal":
+            raise ProviderError(f"{model} declined to answer (stop_reason refusal)", "refusal", usage)
+        if msg.stop_reason in ("max_tokens", "model_context_window_exceeded"):
+            raise ProviderError(
+                f"{model} was cut off after {usage.output_tokens} output tokens (stop_reason {msg.stop_reason}): "
+                f"the answer is incomplete; raise anthropic.max_tokens (now {self.cfg.max_tokens}) or ask for less",
+                "truncated", usage)
+        return msg, usage
+
     async def _create(self, model: str, prompt: Prompt, **extra: Any) -> Message:
         import anthropic  # already loaded by __init__
 
@@ -336,8 +351,7 @@ class AnthropicProvider:
 
     async def run_task(self, pool: Pool, task: TaskSpec, prompt: Prompt, model: str, attempt: int) -> TaskReply:
         tool_choice: ToolChoiceParam = {"type": "tool", "name": RESULT_TOOL}
-        msg = await self._create(model, prompt, tools=[RESULT_TOOL_PARAM], tool_choice=tool_choice)
-        usage = _usage(msg)
+        msg, usage = await self._call(model, prompt, tools=[RESULT_TOOL_PARAM], tool_choice=tool_choice)
         try:
             output = TaskOutput.model_validate(_tool_input(msg, RESULT_TOOL, usage))
         except ValidationError as e:
@@ -350,11 +364,10 @@ class AnthropicProvider:
         # Thinking does not combine with a forced tool choice, so the plan tool is offered with "auto" and
         # the system prompt asks for it; an answer without the tool call is invalid output.
         tool_choice: ToolChoiceParam = {"type": "auto"}
-        msg = await self._create(
+        msg, usage = await self._call(
             model, prompt, tools=[PLAN_TOOL_PARAM], tool_choice=tool_choice,
             thinking={"type": "adaptive"}, output_config={"effort": effort},
         )
-        usage = _usage(msg)
         try:
             plan = Plan.model_validate(_tool_input(msg, PLAN_TOOL, usage))
         except ValidationError as e:
@@ -362,8 +375,7 @@ class AnthropicProvider:
         return PlanReply(plan=plan, usage=usage, model=model, provider=self.name)
 
     async def synthesize(self, prompt: Prompt, model: str) -> TextReply:
-        msg = await self._create(model, prompt)
-        usage = _usage(msg)
+        msg, usage = await self._call(model, prompt)
         text = "".join(b.text for b in msg.content if b.type == "text").strip()
         if not text:
             raise ProviderError(f"{model} wrote no answer (stop_reason {msg.stop_reason})", "invalid_output", usage)

@@ -3,8 +3,8 @@
 The real ``anthropic`` SDK talks to it through ``base_url``. It tells the three kinds of call apart
 by the tool offered (``submit_plan`` → plan, ``submit_result`` → task, none → synthesis), answers
 them with tool_use blocks (a thinking block first for the plan), text, and usage with cache tokens,
-records every request, and can be told to answer the next call(s) of a kind with 429, 529, 500, a
-response slower than any client timeout, or malformed output.
+records every request, and can be told to answer the next call(s) of a kind with 400, 429, 529, 500, a
+response slower than any client timeout, malformed output, an answer cut off at ``max_tokens``, or a refusal.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 
 Kind = Literal["plan", "task", "synthesis"]
-Behaviour = Literal["ok", "429", "529", "500", "slow", "no_tool", "bad_input", "not_json"]
+Behaviour = Literal["ok", "400", "429", "529", "500", "slow", "no_tool", "bad_input", "not_json", "max_tokens",
+                    "refusal"]
 
 USAGE: dict[Kind, dict[str, int]] = {
     "plan": {"input_tokens": 1850, "output_tokens": 2600, "cache_read_input_tokens": 0,
@@ -35,7 +36,7 @@ PLAN: dict[str, Any] = {"tasks": [
     {"id": "audit", "pool": "security", "description": "Audit checkout and payments", "depends_on": ["api"]},
 ]}
 
-ERRORS = {429: "rate_limit_error", 529: "overloaded_error", 500: "api_error"}
+ERRORS = {400: "invalid_request_error", 429: "rate_limit_error", 529: "overloaded_error", 500: "api_error"}
 
 
 def task_output(system: str, user: str) -> dict[str, Any]:
@@ -117,7 +118,7 @@ class FakeAnthropic:
             return behaviour, n
 
     def _answer(self, kind: Kind, behaviour: Behaviour, body: dict[str, Any], n: int) -> tuple[int, Any]:
-        if behaviour in ("429", "529", "500"):
+        if behaviour in ("400", "429", "529", "500"):
             code = int(behaviour)
             return code, {"type": "error", "error": {"type": ERRORS[code], "message": f"scripted {code}"}}
         if behaviour == "slow":
@@ -126,7 +127,9 @@ class FakeAnthropic:
         system = "".join(b["text"] for b in body.get("system", []))
         user = body["messages"][0]["content"]
         content: list[dict[str, Any]]
-        if kind == "synthesis":
+        if behaviour == "refusal":  # what comes before the model stops is not an answer, whatever it holds
+            content, stop = [{"type": "text", "text": "I can't help with that."}], "refusal"
+        elif kind == "synthesis":
             text = "" if behaviour == "no_tool" else f"{self.synthesis_text} (answer #{n})"
             content = [{"type": "text", "text": text}] if text else []
             stop = "end_turn"
@@ -145,6 +148,8 @@ class FakeAnthropic:
                     long["content" if "content" in long else "detail"] = text
             content = [{"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:20]}", "name": tool, "input": data}]
             stop = "tool_use"
+        if behaviour == "max_tokens":  # cut off: the input so far still validates, which must not make it whole
+            stop = "max_tokens"
         if kind == "plan":
             content.insert(0, {"type": "thinking", "thinking": "Schema first, then the API, then the audit.",
                                "signature": "c2lnbmF0dXJl"})

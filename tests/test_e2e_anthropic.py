@@ -238,3 +238,26 @@ def texts_cut(stack: Stack, child: str, message: str) -> float:
     metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     line = f'openclaw_texts_cut_total{{message="{message}"}} '
     return next((float(x.removeprefix(line)) for x in metrics.splitlines() if x.startswith(line)), 0.0)
+
+
+def test_a_declined_task_is_asked_of_the_lighter_model_and_a_refused_request_is_not_sent_again(
+    env: tuple[Stack, FakeAnthropic],
+) -> None:
+    stack, fake = env
+    seen = len(fake.of("task"))
+    fake.next("task", "refusal")
+    doc = run(stack, {"message": "index", "tasks": [
+        {"id": "migrate", "pool": "database", "description": "Add an index on orders.created_at"}]})
+    attempts = doc["tasks"][0]["attempts"]
+    assert doc["status"] == "completed"
+    assert [(a["outcome"], a["model"]) for a in attempts] == [
+        ("failed", "claude-sonnet-4-6"), ("completed", "claude-haiku-4-5")]  # the next attempt, not the last
+    assert "declined to answer" in attempts[0]["error"] and attempts[0]["cost_usd"] > 0  # billed, and counted
+
+    fake.next("task", "400")
+    doc = run(stack, {"message": "audit", "tasks": [
+        {"id": "audit", "pool": "security", "description": "Audit checkout and payments"}]})
+    [task] = doc["tasks"]
+    assert [a["outcome"] for a in task["attempts"]] == ["failed"]  # the same request would be refused again
+    assert "HTTP 400" in task["error"] and task["degradation"] == "unaudited"
+    assert len(fake.of("task")) - seen == 3

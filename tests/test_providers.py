@@ -16,7 +16,7 @@ from services.database.prompts import format_prompt as database_prompt
 from shared.config import ParallelExecutionConfig
 from shared.costs import usd
 from shared.errors import ConfigError
-from shared.failures import RETRY_AFTER_MAX_S, Strategy, decide
+from shared.failures import RETRY_AFTER_MAX_S, Strategy, decide, model_for
 from shared.providers import AnthropicProvider, Prompt, ProviderError, SimulatedProvider, make_provider
 from shared.schemas import TaskSpec, Usage
 from shared.settings import load_settings
@@ -119,6 +119,9 @@ async def test_synthesis_is_a_plain_text_call(provider: AnthropicProvider, fake_
         ("429", "rate_limit", "HTTP 429", False),
         ("529", "overloaded", "HTTP 529", False),
         ("500", "server", "HTTP 500", False),
+        ("400", "request", "HTTP 400", False),
+        ("max_tokens", "truncated", "cut off after 940 output tokens (stop_reason max_tokens)", True),
+        ("refusal", "refusal", "declined to answer (stop_reason refusal)", True),
         ("slow", "timeout", "did not answer within 0.5s", False),
         ("no_tool", "invalid_output", "did not call submit_result (stop_reason end_turn)", True),
         ("bad_input", "invalid_output", "invalid submit_result input: summary: Field required", True),
@@ -185,6 +188,44 @@ def test_anthropic_settings_are_validated(tmp_path: Path) -> None:
         load_config(write_config(tmp_path / "c.json", {"anthropic": {"timeout_s": 0}}))
     pe = load_config(write_config(tmp_path / "c.json", {"pm_coordinator": {"tone": "formal", "emoji": False}}))
     assert pe.pm_coordinator.tone == "formal" and pe.anthropic.base_url is None
+
+
+@pytest.mark.parametrize("behaviour", ["max_tokens", "refusal"])
+async def test_a_plan_or_an_answer_that_was_cut_off_or_declined_is_not_used(
+    fake_anthropic: FakeAnthropic, behaviour: Any
+) -> None:
+    # The plan cut off still validates (its tasks so far), and so does the answer's text: neither is whole.
+    p = AnthropicProvider(anthropic_config(fake_anthropic), KEY)
+    fake_anthropic.next("plan", behaviour)
+    fake_anthropic.next("synthesis", behaviour)
+    try:
+        with pytest.raises(ProviderError) as plan:
+            await p.decompose(Prompt("plan", "Build a shop"), "claude-opus-4-6", "high")
+        with pytest.raises(ProviderError) as answer:
+            await p.synthesize(Prompt("persona", "facts"), "claude-sonnet-4-6")
+    finally:
+        await p.aclose()
+    kind = "truncated" if behaviour == "max_tokens" else "refusal"
+    assert (plan.value.kind, answer.value.kind) == (kind, kind)
+    assert plan.value.usage is not None and answer.value.usage is not None  # billed all the same
+
+
+def test_a_call_that_would_fail_the_same_way_again_is_not_retried() -> None:
+    pe = ParallelExecutionConfig()  # 2 retries
+    for kind in ("request", "truncated"):
+        first = decide(pe, "codegen", 1, kind, 1000, model="claude-sonnet-4-6")
+        assert first.final and first.strategy is Strategy.ESCALATE, kind
+        assert decide(pe, "security", 1, kind, 1000).strategy is Strategy.SKIP
+    assert decide(pe, "codegen", 1, "invalid_output", 1000).strategy is Strategy.RETRY  # a model may answer better
+
+
+def test_a_declined_task_is_asked_of_the_other_model_once() -> None:
+    pe = ParallelExecutionConfig()  # codegen: claude-sonnet-4-6, falling back to claude-haiku-4-5
+    declined = decide(pe, "codegen", 1, "refusal", 1000, model="claude-sonnet-4-6")
+    assert declined.strategy is Strategy.FALLBACK and not declined.final and declined.delay_s == 1
+    assert model_for(pe, "codegen", 2, "refusal") == "claude-haiku-4-5"  # the next attempt, not only the last
+    assert model_for(pe, "codegen", 2, "timeout") == "claude-sonnet-4-6"
+    assert decide(pe, "codegen", 2, "refusal", 1000, model="claude-haiku-4-5").final  # declined by both
 
 
 def test_a_retry_waits_as_long_as_the_endpoint_asked_and_the_fallback_keeps_the_backoff() -> None:
