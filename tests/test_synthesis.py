@@ -30,6 +30,7 @@ from shared.schemas import (
     ExecutionDeadline,
     ExecutionRequested,
     TaskCompleted,
+    TaskFailed,
     TaskOutput,
     TaskSpec,
     TaskStarted,
@@ -118,6 +119,28 @@ async def test_the_model_writes_in_the_persona_and_the_exact_cost_line_and_signa
     assert cost == (f"Cost: ${total:.4f} — planning ${PLAN_ON_OPUS:.4f}; agents ${2 * TASK_COST:.4f} "
                     f"(codegen ${TASK_COST:.4f}, security ${TASK_COST:.4f}); this summary ${SYNTHESIS_ON_SONNET:.4f}.")
     assert signature == "— Ada, delivery lead"
+
+
+async def test_the_refund_due_follows_the_models_answer_as_it_follows_the_templates(
+    fake_anthropic: FakeAnthropic,
+) -> None:
+    pe = ParallelExecutionConfig.model_validate(config(fake_anthropic))
+    ex = execution(pe, last_done=False)
+    apply_result(ex, TaskFailed(execution_id="e1", task_id="audit", pool="security", attempt=1, worker="w",
+                                started_at=T0, finished_at=T0 + timedelta(seconds=1), error="cut off",
+                                error_kind="truncated", final=True, model="claude-sonnet-4-6", provider="anthropic",
+                                usage=Usage(input_tokens=1000, output_tokens=1000), cost_usd=0.018))
+    refund = "Refund due: $0.0180 for work that failed or was skipped."
+    provider = AnthropicProvider(pe, KEY)
+    try:
+        text, call = await write_answer(ex, aggregate(ex), "partial", pe, provider)
+    finally:
+        await provider.aclose()
+    assert call is not None and call.error is None
+    answer, money, signature = text.split("\n\n")
+    assert money.splitlines()[1] == refund and signature == "— Ada, delivery lead"
+    template, _ = await write_answer(ex, aggregate(ex), "partial", pe, SimulatedProvider(pe))
+    assert refund in template.splitlines()
 
 
 async def test_an_execution_that_ended_with_nothing_done_is_answered_without_a_model_call(

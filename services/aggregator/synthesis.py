@@ -1,7 +1,7 @@
 """The client-facing answer, in the PM's voice: what was done, timeline, cost, next steps.
 
 With a provider that writes (anthropic), the synthesis model writes the answer in the configured
-persona and the exact cost line and the signature are appended to it; with one that does not
+persona and the exact cost (and the refund due, if any) and the signature are appended to it; with one that does not
 (simulated), when no task produced an output, or when the call fails, the deterministic template below
 writes it.
 """
@@ -59,9 +59,7 @@ def synthesize(ex: Execution, agg: AggregatedResult, status: str, pm: PMCoordina
     work = sum(a.duration_s or 0.0 for t in ex.tasks for a in t.attempts)
     how = "in parallel pools" if ex.mode == "parallel" else "one task at a time"
     lines += ["", f"Timeline: {_fmt_s(wall)} end to end; {_fmt_s(work)} of agent work ran {how}."]
-    lines.append(cost_line(ex))
-    if ex.refund_usd > 0:
-        lines.append(f"Refund due: ${ex.refund_usd:.4f} for work that failed or was skipped.")
+    lines += money_lines(ex)
     decisions = [f"{t.id} ({t.pool}) is {t.degradation}: retry it, give it more time, or drop it from scope?"
                  for t in ex.tasks if t.resolution == "escalate"] + agg.decisions
     if decisions:
@@ -73,6 +71,15 @@ def synthesize(ex: Execution, agg: AggregatedResult, status: str, pm: PMCoordina
         lines += ["", "Next steps:"] + [f"  {i}. {s}" for i, s in enumerate(steps, 1)]
     lines += ["", pm.signature]
     return "\n".join(lines)
+
+
+def money_lines(ex: Execution) -> list[str]:
+    """The exact cost, and the refund due when work failed or was skipped: figures the answer states as they
+    are, whoever writes the rest."""
+    lines = [cost_line(ex)]
+    if ex.refund_usd > 0:
+        lines.append(f"Refund due: ${ex.refund_usd:.4f} for work that failed or was skipped.")
+    return lines
 
 
 def cost_line(ex: Execution) -> str:
@@ -104,7 +111,7 @@ async def write_answer(
     if reply is not None:
         call = model_call(pe, "synthesis", reply.model, reply.provider, reply.usage)
         with_call = ex.model_copy(update={"calls": [*ex.calls, call]})
-        return "\n\n".join([reply.text, cost_line(with_call), pm.signature]), call
+        return "\n\n".join([reply.text, "\n".join(money_lines(with_call)), pm.signature]), call
     assert call is not None  # no reply comes with the failed call
     log.warning("synthesis call failed (%s); using the template", call.error, extra=ctx)
     return synthesize(ex.model_copy(update={"calls": [*ex.calls, call]}), agg, status, pm), call
