@@ -591,9 +591,10 @@ class CostIncurred(Wire):
     incurred_at: datetime = Field(default_factory=now)
 
     def msg_id(self) -> str:
+        # The phase's n-th call is "#n": no task id has a "#", so a task named "synthesis" has ids of its own.
         if self.phase == "task":
             return f"{self.execution_id}:{self.task_id}:{self.attempt}:cost"
-        return f"{self.execution_id}:{self.phase}:{self.attempt or 1}:cost"  # attempt: the phase's n-th call
+        return f"{self.execution_id}:{self.phase}#{self.attempt or 1}:cost"
 
 
 class ExecutionPlanned(Wire):

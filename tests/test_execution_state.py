@@ -21,6 +21,7 @@ from shared.execution import (
 )
 from shared.names import Names
 from shared.schemas import (
+    CostIncurred,
     Execution,
     ExecutionCompleted,
     ExecutionRequested,
@@ -280,3 +281,12 @@ async def test_the_tasks_a_write_releases_go_out_with_it_also_from_a_version_tha
     again = await store.mutate_from("e1", complete, stored, sends=lambda d: [send(d)])
     assert again is not None and again[2] is None and again[1] == revision
     assert sent == [["ui"], ["ui"], ["ui"]]
+
+
+def test_the_cost_event_of_a_task_named_like_a_phase_is_not_taken_for_that_phases_call() -> None:
+    # Events are deduplicated by msg-id: two calls sharing one would leave one of them out of the stream.
+    task = {"execution_id": "e", "model": "m", "provider": "p", "cost_usd": 1.0, "pool": "codegen", "attempt": 1}
+    phases = {CostIncurred(execution_id="e", phase=phase, attempt=1, model="m", provider="p", cost_usd=2.0).msg_id()
+              for phase in ("decomposition", "synthesis")}
+    tasks = {CostIncurred(**task, phase="task", task_id=tid).msg_id() for tid in ("decomposition", "synthesis")}
+    assert len(phases | tasks) == 4
