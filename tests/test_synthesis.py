@@ -417,3 +417,6 @@ async def test_an_answer_whose_write_was_stored_but_not_acknowledged_counts_its_
     done = stored[0]
     assert done.status == "completed" and [c.error for c in done.calls if c.phase == "synthesis"] == [None]
     assert done.cost.by_phase["synthesis"] == pytest.approx(SYNTHESIS_ON_SONNET, abs=1e-12)
+    # What that write was to announce went out all the same: the task's ending, the answer's cost, the final event.
+    await stream_holds(rt.jetstream, names.events_stream, names.events(eid, "*"), {
+        names.events(eid, "task_completed"): 1, names.cost_event(eid): 1, names.completed_event(eid): 1})

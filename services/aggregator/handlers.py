@@ -8,6 +8,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime
 
 from nats.aio.msg import Msg
 from nats.js.api import PubAck
@@ -234,6 +235,8 @@ class AggregatorHandlers:
         concluded = False
         ended_before = False
         ended_elsewhere = False  # the write stores calls of answers to a version another replica had ended
+        tried: list[Execution] = []  # the version of the latest try (the retries of persist re-run the closures)
+        unacknowledged: list[tuple[datetime, list[LifecycleEvent], bool, bool]] = []  # tries that failed: stored?
 
         def recorded(ex: Execution) -> bool:
             nonlocal ended_before
@@ -249,6 +252,7 @@ class AggregatorHandlers:
 
         async def conclude(ex: Execution) -> bool:
             nonlocal concluded, ended_elsewhere
+            tried[:] = [ex]
             concluded = all_tasks_terminal(ex) and not ex.terminal  # re-run on every retry: the last run tells
             basis = (marks(ex), ex.cost.total_usd)
             reuse = concluded and bool(answer) and answer[-1][0] == basis
@@ -285,8 +289,13 @@ class AggregatorHandlers:
         start = [known]
 
         async def write() -> tuple[Execution, int, bytes | None] | None:
-            return await self.rt.executions.mutate_from(execution_id, recorded, start.pop() if start else None,
-                                                        conclude, released)
+            try:
+                return await self.rt.executions.mutate_from(execution_id, recorded, start.pop() if start else None,
+                                                            conclude, released)
+            except Exception:
+                if tried:  # its write may have been stored, and only the acknowledgement lost
+                    unacknowledged.append((tried[0].updated_at, list(events), concluded, ended_before))
+                raise
 
         until = known[0].deadline_at if known is not None else now()
         result = await persist(write, held, until, self.rt.pe.ack_wait_s / 3, "store the execution",
@@ -294,6 +303,11 @@ class AggregatorHandlers:
         if result is None:
             return None, None
         ex, revision, written = result
+        if written is None and unacknowledged and unacknowledged[-1][0] == ex.updated_at:
+            # The version read is the one a failed try wrote (NATS stored it, and lost the acknowledgement): what
+            # that write was to announce is still due. Whatever of it did go out, its msg-ids drop as repeats.
+            _, told, concluded, ended_before = unacknowledged[-1]
+            events[:] = told
         for e in events:
             await emit(self.rt.nats, names.events(execution_id, e.kind), e,
                        f"{execution_id}:{e.task_id}:{e.kind}:{e.attempt}")
