@@ -14,11 +14,11 @@ import httpx
 import nats
 import pytest
 from nats.aio.msg import Msg
-from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 
 from services.gateway.handlers import KEEPALIVE_S
 from shared.schemas import Execution, now
-from tests.conftest import Stack, stack_env, start_stack, stop_stack, wait_until, write_config
+from tests.conftest import Stack, stack_env, start_stack, stop_stack, until, wait_until, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -169,6 +169,80 @@ def test_a_live_client_sees_events_as_they_happen(stack: Stack) -> None:
     assert r.status_code == 202
     got = events(stack, r.json()["execution_id"])
     assert [k for k, _, _ in got if k != "cost"] == ["planned", "started", "task_completed", "completed"]
+
+
+async def test_a_resumed_stream_sends_nothing_the_client_had_even_when_nats_loses_its_consumer(stack: Stack) -> None:
+    # nats-py makes a lost ordered consumer (a NATS restart, a deleted consumer) again from the last message it
+    # delivered: before the resume point when nothing came since, so what the client had would come again.
+    r = httpx.post(f"{stack.url}/api/execute-parallel", headers=auth(),
+                   json={"message": "m", "tasks": [task("slow", "security", 60)]}, timeout=30)
+    eid, names = r.json()["execution_id"], stack.names
+    nc = await nats.connect(str(stack.state()["nats_url"]))
+    js = nc.jetstream()
+    try:
+        async def started() -> int | None:
+            try:
+                return (await js.get_last_msg(names.events_stream, names.events(eid, "started"))).seq
+            except NotFoundError:
+                return None
+
+        resume = await until(started, 30, "the task's start event")
+
+        async def consumers() -> set[str]:
+            return {c.name for c in await js.consumers_info(names.events_stream)
+                    if c.config.filter_subject == names.events(eid, "*")}
+
+        got: list[tuple[str, int]] = []
+
+        async def follow() -> None:
+            async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=60)) as client, client.stream(
+                    "GET", f"{stack.url}/api/execution/{eid}/events",
+                    headers={**auth(), "Last-Event-ID": str(resume)}) as stream:
+                kind = ""
+                async for line in stream.aiter_lines():
+                    if line.startswith("event:"):
+                        kind = line[6:].strip()
+                    elif line.startswith("id:"):
+                        got.append((kind, int(line[3:])))
+
+        following = asyncio.ensure_future(follow())
+        lost = await until(consumers, 10, "the stream's consumer")
+        for name in lost:
+            await js.delete_consumer(names.events_stream, name)
+
+        async def made_again() -> bool:
+            return bool((now := await consumers()) and not now & lost)
+
+        await until(made_again, 30, "the client to make the consumer again")
+        async with httpx.AsyncClient(timeout=30) as client:
+            cancelled = await client.delete(f"{stack.url}/api/execution/{eid}", headers=auth())
+        assert cancelled.status_code == 200, cancelled.text
+        await asyncio.wait_for(following, 30)  # the stream closes with the final event
+    finally:
+        await nc.close()
+    assert got and got[-1][0] == "completed"
+    assert min(seq for _, seq in got) > resume, got  # nothing the client had, nothing twice
+
+
+async def test_a_waiting_request_stops_waiting_once_its_client_has_gone(stack: Stack) -> None:
+    body = {"message": "m", "tasks": [task("slow", "codegen", 60)], "timeout_s": 300}
+    key = {**auth(), "Idempotency-Key": uuid.uuid4().hex}
+
+    def posts() -> float:  # POSTs the gateway has answered (counted once the handler returns)
+        return sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(f"{stack.url}/metrics").text.splitlines()
+                   if line.startswith("openclaw_http_requests_total{")
+                   and 'route="/api/execute-parallel"' in line and 'method="POST"' in line)
+
+    async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
+        eid = (await client.post("/api/execute-parallel", headers=key, json=body)).json()["execution_id"]
+        answered = posts()
+        async with httpx.AsyncClient(base_url=stack.url, timeout=httpx.Timeout(10, read=1)) as impatient:
+            with pytest.raises(httpx.ReadTimeout):  # the same execution, waited for; the client gives up
+                await impatient.post("/api/execute-parallel", headers=key, json={**body, "wait": True})
+        await until(lambda: posts() > answered, 10, "the waiting request to end", interval=0.1)
+        doc = (await client.get(f"/api/execution/{eid}", headers=auth())).json()
+        assert doc["status"] == "running"  # it ended because its client went, not because the execution did
+        assert (await client.delete(f"/api/execution/{eid}", headers=auth())).status_code == 200
 
 
 def test_cancel_stops_queued_and_running_tasks_and_keeps_the_cost_so_far(stack: Stack) -> None:

@@ -24,6 +24,7 @@ from services.gateway.access import LOCAL_TENANT, Caller
 from services.gateway.api import ChatRequest, ChatResponse, ErrorBody, ExecuteRequest
 from shared import metrics
 from shared.bus import publish, schedule
+from shared.consumer import UNAVAILABLE
 from shared.distributor import should_use_parallel_execution
 from shared.errors import PlanError
 from shared.execution import UNPLANNED, new_execution, plannable
@@ -52,7 +53,8 @@ REPLAY_IDLE_S = 2.0  # an ended execution's replay that brings nothing for this 
 async def runtime(request: Request) -> Runtime:
     rt: Runtime = request.app.state.runtime
     if rt.store is None or rt.nc is None or not rt.nc.is_connected:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "not connected to NATS yet; retry shortly")
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "not connected to NATS yet; retry shortly",
+                            headers={"Retry-After": "1"})
     return rt
 
 
@@ -95,7 +97,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code i
 
 async def owned(rt: Runtime, who: Caller, execution_id: str) -> Execution:
     """The caller's execution, or 404 — another tenant's execution does not exist for them."""
-    return Execution.model_validate_json(await owned_document(execution_id, rt, who))
+    return Execution.model_validate_json(await owned_document(execution_id, who, rt))
 
 
 class _Head(BaseModel):
@@ -106,7 +108,7 @@ class _Head(BaseModel):
     status: str
 
 
-async def owned_document(execution_id: str, rt: RuntimeDep, who: CallerDep) -> bytes:
+async def owned_document(execution_id: str, who: CallerDep, rt: RuntimeDep) -> bytes:
     """The caller's execution as stored, or 404; only its tenant is parsed."""
     stored = await rt.executions.read(execution_id) if EXECUTION_ID.match(execution_id) else None
     if stored is None or _Head.model_validate_json(stored[0]).tenant != who.tenant:
@@ -114,7 +116,7 @@ async def owned_document(execution_id: str, rt: RuntimeDep, who: CallerDep) -> b
     return stored[0]
 
 
-async def owned_execution(execution_id: str, rt: RuntimeDep, who: CallerDep) -> Execution:
+async def owned_execution(execution_id: str, who: CallerDep, rt: RuntimeDep) -> Execution:
     return await owned(rt, who, execution_id)
 
 
@@ -135,7 +137,7 @@ def _fingerprint(body: ExecuteRequest) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_key: str | None,
+async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_key: str | None, request: Request,
                   routing: dict[str, Any] | None = None) -> tuple[Execution | bytes, bool]:
     """Store and publish a request (once per Idempotency-Key); return it and whether it is terminal. A
     version that came as the bucket republished it stays bytes, as stored."""
@@ -212,7 +214,7 @@ async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_ke
         if ex.terminal or not (body.wait or plannable(ex)):  # a replay: what was waited for is there already
             return ex, ex.terminal
         until = TERMINAL_EXECUTION if body.wait else PLANNED
-        stored = await _stored(rt, sub, until, wait_s if body.wait else PLAN_WAIT_S)
+        stored = await _stored(rt, sub, until, wait_s if body.wait else PLAN_WAIT_S, request)
     finally:
         await sub.unsubscribe()
     if stored is not None:
@@ -225,39 +227,52 @@ async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_ke
 PLANNED = frozenset(get_args(ExecutionStatus)) - UNPLANNED  # planned, or ended without a plan
 
 
-async def _next(rt: Runtime, sub: Subscription, timeout: float) -> Msg | None:
+async def _next(rt: Runtime, sub: Subscription, timeout: float, gone: asyncio.Future[None] | None = None
+                ) -> Msg | None:
     """The subscription's next message; None once the service is stopping (a wait ends then, answered from the
-    store, rather than being cut off); TimeoutError when ``timeout`` passes first."""
+    store, rather than being cut off) or the client is ``gone``; TimeoutError when ``timeout`` passes first."""
     stopping = rt.stopping()
-    if stopping.done():
+    if stopping.done() or (gone is not None and gone.done()):
         return None
     nxt = asyncio.ensure_future(sub.next_msg(timeout=timeout))
-    await asyncio.wait((nxt, stopping), return_when=asyncio.FIRST_COMPLETED)
+    ends: list[asyncio.Future[Any]] = [nxt, stopping] if gone is None else [nxt, stopping, gone]
+    await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
     if not nxt.done():
         nxt.cancel()
         return None
     return nxt.result()
 
 
-async def _stored(rt: Runtime, sub: Subscription, until: frozenset[str], within: float) -> tuple[bytes, bool] | None:
+async def _gone(request: Request) -> None:
+    """Until the client has closed its connection (the request's body has been read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _stored(rt: Runtime, sub: Subscription, until: frozenset[str], within: float,
+                  request: Request) -> tuple[bytes, bool] | None:
     """The first version of the execution's document stored with a status in ``until``, byte for byte as the
-    bucket republished it, and whether it is terminal; None when none came ``within`` seconds, or the service
-    is stopping."""
+    bucket republished it, and whether it is terminal; None when none came ``within`` seconds, the service
+    is stopping, or the client of ``request`` has gone (nobody is waiting any more)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
-    while (left := deadline - loop.time()) > 0:
-        try:
-            msg = await _next(rt, sub, left)
-        except TimeoutError:
-            return None
-        if msg is None:
-            return None
-        if not msg.data:  # a delete or purge marker: executions are never deleted, but an operator may purge
-            continue
-        status = _Head.model_validate_json(msg.data).status
-        if status in until:
-            return msg.data, status in TERMINAL_EXECUTION
-    return None
+    gone = asyncio.ensure_future(_gone(request))
+    try:
+        while (left := deadline - loop.time()) > 0:
+            try:
+                msg = await _next(rt, sub, left, gone)
+            except TimeoutError:
+                return None
+            if msg is None:
+                return None
+            if not msg.data:  # a delete or purge marker: executions are never deleted, but an operator may purge
+                continue
+            status = _Head.model_validate_json(msg.data).status
+            if status in until:
+                return msg.data, status in TERMINAL_EXECUTION
+        return None
+    finally:
+        gone.cancel()
 
 
 @router.post(
@@ -268,13 +283,14 @@ async def _stored(rt: Runtime, sub: Subscription, until: frozenset[str], within:
 )
 async def execute_parallel(
     body: ExecuteRequest,
-    rt: RuntimeDep,
     who: CallerDep,
+    rt: RuntimeDep,
+    request: Request,
     response: Response,
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=200)] = None,
 ) -> Execution | Response:
     """Accept a request; 202 with the planned execution, or 200 with the terminal one when ``wait``."""
-    ex, final = await _submit(rt, who, body, idempotency_key)
+    ex, final = await _submit(rt, who, body, idempotency_key, request)
     code = status.HTTP_200_OK if final else status.HTTP_202_ACCEPTED
     if isinstance(ex, bytes):  # the stored document is the response: no need to parse and re-serialise it
         return Response(ex, code, media_type="application/json")
@@ -286,8 +302,9 @@ async def execute_parallel(
              tags=["chat"])
 async def chat(
     body: ChatRequest,
-    rt: RuntimeDep,
     who: CallerDep,
+    rt: RuntimeDep,
+    request: Request,
     response: Response,
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=200)] = None,
 ) -> ChatResponse:
@@ -304,7 +321,7 @@ async def chat(
         req = ExecuteRequest(message=body.message, session_key=body.session_key, project=body.project,
                              tasks=[TaskSpec.for_request("chat", r.pool, "", body.message)], mode="serial",
                              wait=body.wait, timeout_s=body.timeout_s)
-    submitted, final = await _submit(rt, who, req, idempotency_key, routing)
+    submitted, final = await _submit(rt, who, req, idempotency_key, request, routing)
     ex = Execution.model_validate_json(submitted) if isinstance(submitted, bytes) else submitted
     response.status_code = status.HTTP_200_OK if final else status.HTTP_202_ACCEPTED
     return ChatResponse(execution_id=ex.execution_id, status=ex.status, mode=ex.mode, routing=routing,
@@ -322,8 +339,9 @@ async def get_execution(document: Annotated[bytes, Depends(owned_document)]) -> 
                           409: {"model": ErrorBody}, **ERRORS})
 async def cancel_execution(
     ex: ExecutionDep,
-    rt: RuntimeDep,
     who: CallerDep,
+    rt: RuntimeDep,
+    request: Request,
     response: Response,
     wait_s: Annotated[float, Query(ge=0, le=60, description="how long to wait for the cancellation")] = 10,
 ) -> Execution | Response:
@@ -340,7 +358,7 @@ async def cancel_execution(
             raise HTTPException(409, {"field": "execution_id", "message": f"execution already {ex.status}"})
         await publish(rt.jetstream, rt.names.execution_cancel, CancelExecution(execution_id=execution_id),
                       msg_id=f"{execution_id}:cancel")
-        final = await _stored(rt, sub, TERMINAL_EXECUTION, wait_s) if wait_s else None
+        final = await _stored(rt, sub, TERMINAL_EXECUTION, wait_s, request) if wait_s else None
     finally:
         await sub.unsubscribe()
     if final is not None:
@@ -349,47 +367,65 @@ async def cancel_execution(
     return await owned(rt, who, execution_id)
 
 
-@router.get("/execution/{execution_id}/events", response_class=EventSourceResponse, responses=ERRORS)
-async def execution_events(
+async def event_subscription(
     ex: ExecutionDep,
     rt: RuntimeDep,
     last_event_id: Annotated[str | None, Header(description="resume after this event id")] = None,
-) -> AsyncIterator[ServerSentEvent]:
-    """Every lifecycle event of the execution as Server-Sent Events, replayed from the start (or after
-    ``Last-Event-ID``), live until the terminal ``completed`` event, which closes the stream. A gateway that
-    is stopping closes it too: the client reconnects with ``Last-Event-ID`` to another replica."""
-    js, eid = rt.jetstream, ex.execution_id
+) -> AsyncIterator[tuple[Subscription, int]]:
+    """The execution's events from the start (or after ``Last-Event-ID``), subscribed before the response starts,
+    so NATS being unavailable is a 503 rather than a stream cut off after its 200; closed after the response."""
     # Only ASCII digits ("²", a latin-1 byte, passes isdigit() but not int()), and a stream sequence (the server
     # refuses a start beyond 64 bits): anything else replays from the start.
     after = int(last_event_id) if last_event_id and last_event_id.isascii() and last_event_id.isdigit() else 0
     after = after if after < 2**63 else 0
     start = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1) if after else (
         ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
-    sub = await js.subscribe(rt.names.events(eid, "*"), stream=rt.names.events_stream, ordered_consumer=True,
-                             config=start)
+    sub = await rt.jetstream.subscribe(rt.names.events(ex.execution_id, "*"), stream=rt.names.events_stream,
+                                       ordered_consumer=True, config=start)
+    try:
+        yield sub, after
+    finally:
+        await sub.unsubscribe()
+
+
+@router.get("/execution/{execution_id}/events", response_class=EventSourceResponse, responses=ERRORS)
+async def execution_events(
+    ex: ExecutionDep,
+    rt: RuntimeDep,
+    events: Annotated[tuple[Subscription, int], Depends(event_subscription)],
+) -> AsyncIterator[ServerSentEvent]:
+    """Every lifecycle event of the execution as Server-Sent Events, replayed from the start (or after
+    ``Last-Event-ID``), live until the terminal ``completed`` event, which closes the stream. A gateway that
+    is stopping closes it too: the client reconnects with ``Last-Event-ID`` to another replica."""
+    (sub, sent), eid = events, ex.execution_id
     # Ended already: its events are all in the stream, and replay brings them at once. A pause then means there is
     # nothing after the resume point (it was the final event): the stored state closes the stream, without waiting
     # out a keep-alive.
     idle_s = REPLAY_IDLE_S if ex.terminal else KEEPALIVE_S
-    try:
-        while True:
+    while True:
+        try:
+            msg = await _next(rt, sub, idle_s)
+        except TimeoutError:
             try:
-                msg = await _next(rt, sub, idle_s)
-            except TimeoutError:
                 current = await rt.executions.get(eid)
-                if current is not None and current[0].terminal:
-                    # Idle, and over: its events aged out of the stream, the stored state says how it ended.
-                    yield ServerSentEvent(event="completed",
-                                          raw_data=ExecutionCompleted(execution=current[0]).model_dump_json())
-                    return
-                yield ServerSentEvent(comment="keep-alive")
-                continue
-            if msg is None:
+            except UNAVAILABLE:  # NATS away for now: the subscription carries on once it is back
+                current = None
+            if current is not None and current[0].terminal:
+                # Idle, and over: its events aged out of the stream, the stored state says how it ended.
+                yield ServerSentEvent(event="completed",
+                                      raw_data=ExecutionCompleted(execution=current[0]).model_dump_json())
                 return
-            kind = msg.subject.rsplit(".", 1)[-1]
-            seq = msg.metadata.sequence.stream if msg.metadata else None
-            yield ServerSentEvent(event=kind, id=str(seq) if seq else None, raw_data=msg.data.decode())
-            if kind == "completed":
-                return
-    finally:
-        await sub.unsubscribe()
+            yield ServerSentEvent(comment="keep-alive")
+            continue
+        if msg is None:
+            return
+        seq = msg.metadata.sequence.stream if msg.metadata else 0
+        if seq and seq <= sent:
+            # An ordered consumer that NATS lost (a restart) is made again from the last message it delivered, which
+            # is before the resume point when nothing came since: what the client has is not sent again.
+            continue
+        sent = seq or sent
+        kind = msg.subject.rsplit(".", 1)[-1]
+        yield ServerSentEvent(event=kind, id=str(seq) if seq else None, raw_data=msg.data.decode())
+        if kind == "completed":
+            return
