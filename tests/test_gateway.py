@@ -174,8 +174,9 @@ def test_a_live_client_sees_events_as_they_happen(stack: Stack) -> None:
 async def test_a_resumed_stream_sends_nothing_the_client_had_even_when_nats_loses_its_consumer(stack: Stack) -> None:
     # nats-py makes a lost ordered consumer (a NATS restart, a deleted consumer) again from the last message it
     # delivered: before the resume point when nothing came since, so what the client had would come again.
-    r = httpx.post(f"{stack.url}/api/execute-parallel", headers=auth(),
-                   json={"message": "m", "tasks": [task("slow", "security", 60)]}, timeout=30)
+    async with httpx.AsyncClient(timeout=30) as client:
+        r = await client.post(f"{stack.url}/api/execute-parallel", headers=auth(),
+                              json={"message": "m", "tasks": [task("slow", "security", 60)]})
     eid, names = r.json()["execution_id"], stack.names
     nc = await nats.connect(str(stack.state()["nats_url"]))
     js = nc.jetstream()
