@@ -74,6 +74,11 @@ def create_app(settings: Settings) -> FastAPI:
         if any(e["type"] == "json_invalid" for e in exc.errors()) and (refused := await key_first(request)):
             return refused
         errors = [_error(e) for e in exc.errors()]
+        ctype = request.headers.get("content-type", "").split(";")[0].strip()
+        if ctype and "json" not in ctype.lower():  # FastAPI reads JSON only when the request says it is JSON
+            for error, e in zip(errors, exc.errors(), strict=True):
+                if tuple(e["loc"]) == ("body",):
+                    error["message"] = f"send a JSON object with Content-Type: application/json (not {ctype})"
         summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
         return JSONResponse({"error": "invalid_request", "message": summary, "errors": errors}, status_code=422)
 
