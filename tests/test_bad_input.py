@@ -73,7 +73,8 @@ def test_malformed_json_is_422_saying_where_and_why(stack: Stack) -> None:
 def test_json_sent_as_something_else_is_422_saying_which_content_type_to_send(stack: Stack) -> None:
     # curl -d without -H sends application/x-www-form-urlencoded: FastAPI then does not read the body as JSON.
     for ctype in ("application/x-www-form-urlencoded", "text/plain; charset=utf-8"):
-        r = httpx.post(f"{stack.url}/api/execute-parallel", content=b'{"message": "m"}', headers={"content-type": ctype})
+        r = httpx.post(f"{stack.url}/api/execute-parallel", content=b'{"message": "m"}',
+                       headers={"content-type": ctype})
         assert r.status_code == 422 and r.json()["errors"] == [{"field": "body", "message": (
             f"send a JSON object with Content-Type: application/json (not {ctype.split(';')[0]})")}], r.text
 
