@@ -11,6 +11,7 @@ failed or was skipped.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -63,12 +64,14 @@ def decide(pe: ParallelExecutionConfig, pool: Pool, attempt: int, kind: str, sec
 
     A retry on the same model waits at least what the endpoint asked for (Retry-After, at most
     ``RETRY_AFTER_MAX_S``): sooner would only be refused again, and burn an attempt. The fallback model has
-    its own limits, so its attempt keeps the backoff's delay."""
-    if kind in FINAL_KINDS or (kind == "refusal" and model == pe.worker_pools.get(pool).fallback_model):
+    its own limits, so its attempt keeps the backoff's delay. An attempt that ran on the fallback model already
+    (after a refusal) has no other model to go to: what follows it is a retry on that model."""
+    on_fallback = model == pe.worker_pools.get(pool).fallback_model
+    if kind in FINAL_KINDS or (kind == "refusal" and on_fallback):
         return Decision(ON_EXHAUSTED[pool], final=True)
     delay = pe.retries.delay(attempt) if pe.retries.max_retries else 0.0
     last_next = attempt + 1 == attempts_allowed(pe)
-    fallback = kind == "refusal" or (last_next and kind in FALLBACK_KINDS)
+    fallback = not on_fallback and (kind == "refusal" or (last_next and kind in FALLBACK_KINDS))
     strategy = Strategy.FALLBACK if fallback else Strategy.RETRY
     if strategy is Strategy.RETRY and retry_after_s:
         delay = max(delay, min(retry_after_s, RETRY_AFTER_MAX_S))
@@ -77,11 +80,12 @@ def decide(pe: ParallelExecutionConfig, pool: Pool, attempt: int, kind: str, sec
     return Decision(strategy, final=False, delay_s=delay)
 
 
-def model_for(pe: ParallelExecutionConfig, pool: Pool, attempt: int, previous_kind: str | None) -> str:
-    """The model attempt ``attempt`` runs on: the fallback model after a refusal, and on a last attempt after a
-    busy/slow failure."""
+def model_for(pe: ParallelExecutionConfig, pool: Pool, attempt: int, failed: Sequence[str | None]) -> str:
+    """The model attempt ``attempt`` runs on, given how the attempts before it failed (their error kinds, in order):
+    the fallback model once the pool's model has declined the task, and on a last attempt after a busy/slow
+    failure."""
     cfg = pe.worker_pools.get(pool)
     last = attempt >= attempts_allowed(pe)
-    if attempt > 1 and (previous_kind == "refusal" or (last and previous_kind in FALLBACK_KINDS)):
+    if attempt > 1 and ("refusal" in failed or (last and failed and failed[-1] in FALLBACK_KINDS)):
         return cfg.fallback_model
     return cfg.model

@@ -133,17 +133,19 @@ class PoolWorker:
         if seconds_left <= 0:
             await self._failed(d, "deadline", "execution deadline passed before the task started", None, Usage())
             return
-        previous = None
+        failed: list[str | None] = []
         if d.attempt == 1:
             ended = await self._ended(d)
-        else:  # a retry: its model depends on how the last attempt failed, which the document has
+        else:  # a retry: its model depends on how the attempts before it failed, which the document has
             state = await self._state(cmd)
-            ended, previous = state is None, state.attempt(d.attempt - 1) if state else None
+            ended = state is None
+            before = sorted((a for a in state.attempts if a.n < d.attempt), key=lambda a: a.n) if state else []
+            failed = [a.error_kind for a in before]
         if ended:
             await msg.ack()  # the execution ended (cancelled, deadline) or the task was settled: nothing to do
             log.info("not started: its execution has ended", extra=d.ctx)
             return
-        model = model_for(self.rt.pe, self.pool, d.attempt, previous.error_kind if previous else None)
+        model = model_for(self.rt.pe, self.pool, d.attempt, failed)
         metrics.TASKS.labels(self.pool, "started").inc()
         log.info("task started on %s", model, extra=d.ctx)
 

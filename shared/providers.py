@@ -247,14 +247,18 @@ PLAN_TOOL_PARAM: ToolParam = {
 }
 
 
-def _status_kind(status: int) -> ErrorKind:
+def _status_kind(status: int, should_retry: str | None = None) -> ErrorKind:
+    """What an HTTP error says about trying again. ``x-should-retry`` is the API's own word on it, as the SDK
+    takes it; a 409 (a lock that timed out) is worth another try, as it is to the SDK."""
+    if should_retry == "false":
+        return "request"
     if status == 429:
         return "rate_limit"
     if status == 529:
         return "overloaded"
     if status == 408:
         return "timeout"
-    return "server" if status >= 500 else "request"
+    return "server" if status >= 500 or status == 409 or should_retry == "true" else "request"
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -342,7 +346,8 @@ class AnthropicProvider:
         except anthropic.APITimeoutError:
             raise ProviderError(f"{model} did not answer within {self.cfg.timeout_s:g}s", "timeout") from None
         except anthropic.APIStatusError as e:
-            raise ProviderError(f"{model}: HTTP {e.status_code}: {e.message}", _status_kind(e.status_code),
+            kind = _status_kind(e.status_code, e.response.headers.get("x-should-retry"))
+            raise ProviderError(f"{model}: HTTP {e.status_code}: {e.message}", kind,
                                 retry_after_s=_retry_after(e.response.headers.get("retry-after"))) from None
         except anthropic.APIConnectionError as e:
             raise ProviderError(f"{model}: cannot reach the Messages API: {e}", "server") from None

@@ -3,8 +3,9 @@
 The real ``anthropic`` SDK talks to it through ``base_url``. It tells the three kinds of call apart
 by the tool offered (``submit_plan`` → plan, ``submit_result`` → task, none → synthesis), answers
 them with tool_use blocks (a thinking block first for the plan), text, and usage with cache tokens,
-records every request, and can be told to answer the next call(s) of a kind with 400, 429, 529, 500, a
-response slower than any client timeout, malformed output, an answer cut off at ``max_tokens``, or a refusal.
+records every request, and can be told to answer the next call(s) of a kind with 400, 409, 429, 529, 500 (also
+one that says ``x-should-retry: false``), a response slower than any client timeout, malformed output, an
+answer cut off at ``max_tokens``, or a refusal.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 
 Kind = Literal["plan", "task", "synthesis"]
-Behaviour = Literal["ok", "400", "429", "529", "500", "slow", "no_tool", "bad_input", "not_json", "max_tokens",
-                    "refusal"]
+Behaviour = Literal["ok", "400", "409", "429", "529", "500", "no_retry", "slow", "no_tool", "bad_input", "not_json",
+                    "max_tokens", "refusal"]
 
 USAGE: dict[Kind, dict[str, int]] = {
     "plan": {"input_tokens": 1850, "output_tokens": 2600, "cache_read_input_tokens": 0,
@@ -36,7 +37,8 @@ PLAN: dict[str, Any] = {"tasks": [
     {"id": "audit", "pool": "security", "description": "Audit checkout and payments", "depends_on": ["api"]},
 ]}
 
-ERRORS = {400: "invalid_request_error", 429: "rate_limit_error", 529: "overloaded_error", 500: "api_error"}
+ERRORS = {400: "invalid_request_error", 409: "api_error", 429: "rate_limit_error", 529: "overloaded_error",
+          500: "api_error"}
 
 
 def task_output(system: str, user: str) -> dict[str, Any]:
@@ -118,7 +120,7 @@ class FakeAnthropic:
             return behaviour, n
 
     def _answer(self, kind: Kind, behaviour: Behaviour, body: dict[str, Any], n: int) -> tuple[int, Any]:
-        if behaviour in ("400", "429", "529", "500"):
+        if behaviour in ("400", "409", "429", "529", "500"):
             code = int(behaviour)
             return code, {"type": "error", "error": {"type": ERRORS[code], "message": f"scripted {code}"}}
         if behaviour == "slow":
@@ -175,14 +177,20 @@ class FakeAnthropic:
                 if behaviour == "not_json":
                     self._send(200, None, raw=b'{"id": "msg_1", "content": [')
                     return
+                if behaviour == "no_retry":  # the API's own word that another try would fail too
+                    self._send(*fake._answer(kind, "500", body, n), headers={"x-should-retry": "false"})
+                    return
                 self._send(*fake._answer(kind, behaviour, body, n))
 
-            def _send(self, code: int, payload: Any, raw: bytes | None = None) -> None:
+            def _send(self, code: int, payload: Any, raw: bytes | None = None,
+                      headers: dict[str, str] | None = None) -> None:
                 data = raw if raw is not None else json.dumps(payload).encode()
                 try:
                     self.send_response(code)
                     self.send_header("content-type", "application/json")
                     self.send_header("content-length", str(len(data)))
+                    for name, value in (headers or {}).items():
+                        self.send_header(name, value)
                     if code == 429:  # as the Messages API does: how long until the limit lets a request through
                         self.send_header("retry-after", str(fake.retry_after_s))
                     self.end_headers()

@@ -120,6 +120,8 @@ async def test_synthesis_is_a_plain_text_call(provider: AnthropicProvider, fake_
         ("529", "overloaded", "HTTP 529", False),
         ("500", "server", "HTTP 500", False),
         ("400", "request", "HTTP 400", False),
+        ("409", "server", "HTTP 409", False),  # a lock that timed out: retried, as the SDK would
+        ("no_retry", "request", "HTTP 500", False),  # x-should-retry: false
         ("max_tokens", "truncated", "cut off after 940 output tokens (stop_reason max_tokens)", True),
         ("refusal", "refusal", "declined to answer (stop_reason refusal)", True),
         ("slow", "timeout", "did not answer within 0.5s", False),
@@ -219,13 +221,21 @@ def test_a_call_that_would_fail_the_same_way_again_is_not_retried() -> None:
     assert decide(pe, "codegen", 1, "invalid_output", 1000).strategy is Strategy.RETRY  # a model may answer better
 
 
-def test_a_declined_task_is_asked_of_the_other_model_once() -> None:
+def test_a_declined_task_goes_to_the_other_model_and_never_back() -> None:
     pe = ParallelExecutionConfig()  # codegen: claude-sonnet-4-6, falling back to claude-haiku-4-5
-    declined = decide(pe, "codegen", 1, "refusal", 1000, model="claude-sonnet-4-6")
+    sonnet, haiku = "claude-sonnet-4-6", "claude-haiku-4-5"
+    declined = decide(pe, "codegen", 1, "refusal", 1000, model=sonnet)
     assert declined.strategy is Strategy.FALLBACK and not declined.final and declined.delay_s == 1
-    assert model_for(pe, "codegen", 2, "refusal") == "claude-haiku-4-5"  # the next attempt, not only the last
-    assert model_for(pe, "codegen", 2, "timeout") == "claude-sonnet-4-6"
-    assert decide(pe, "codegen", 2, "refusal", 1000, model="claude-haiku-4-5").final  # declined by both
+    assert model_for(pe, "codegen", 2, ["refusal"]) == haiku  # the next attempt, not only the last
+    assert model_for(pe, "codegen", 2, ["timeout"]) == sonnet
+    assert decide(pe, "codegen", 2, "refusal", 1000, model=haiku).final  # declined by both
+    # The fallback model fails otherwise: the last attempt stays on it, and waits what its endpoint asked for.
+    assert model_for(pe, "codegen", 3, ["refusal", "server"]) == haiku
+    busy = decide(pe, "codegen", 2, "rate_limit", 1000, retry_after_s=7, model=haiku)
+    assert busy.strategy is Strategy.RETRY and busy.delay_s == 7
+    longer = ParallelExecutionConfig.model_validate({"retries": {"max_retries": 4}})
+    assert [model_for(longer, "codegen", n, ["refusal", "server", "timeout", "invalid_output"][:n - 1])
+            for n in range(2, 6)] == [haiku] * 4
 
 
 def test_a_retry_waits_as_long_as_the_endpoint_asked_and_the_fallback_keeps_the_backoff() -> None:
