@@ -397,17 +397,7 @@ async def test_an_answer_whose_write_was_stored_but_not_acknowledged_counts_its_
     rt = await service_runtime(nc, names, tmp_path, config(fake_anthropic))
     eid = "unacked"
     await rt.executions.create(execution(rt.settings.pe, eid, last_done=False))
-    kv, lost = rt.executions.kv, []
-    update = kv.update
-
-    async def stored_then_timed_out(key: str, value: bytes, last: int | None = None) -> int:
-        revision = await update(key, value, last=last)
-        if not lost and b'"final_response":null' not in value:
-            lost.append(revision)
-            raise nats.errors.TimeoutError
-        return revision
-
-    monkeypatch.setattr(kv, "update", stored_then_timed_out)
+    lost = stored_then_lost(rt, monkeypatch, when=lambda value: b'"final_response":null' not in value)
     last = result(eid, "audit", "security")
     async with replicas(rt) as (a, _):
         await a.on_result(last, await delivered(rt, names.results(eid), last.to_bytes(), names.results_stream))
@@ -420,3 +410,104 @@ async def test_an_answer_whose_write_was_stored_but_not_acknowledged_counts_its_
     # What that write was to announce went out all the same: the task's ending, the answer's cost, the final event.
     await stream_holds(rt.jetstream, names.events_stream, names.events(eid, "*"), {
         names.events(eid, "task_completed"): 1, names.cost_event(eid): 1, names.completed_event(eid): 1})
+
+
+def stored_then_lost(rt: Runtime, monkeypatch: pytest.MonkeyPatch, when: Any = lambda value: True,
+                     meanwhile: Any = None) -> list[int]:
+    """The execution bucket's first write for which ``when(value)`` holds is stored, but its acknowledgement is lost
+    (the client raises the timeout it would raise), after ``meanwhile()`` (another writer) has run; the revisions of
+    the writes lost so."""
+    kv, lost = rt.executions.kv, []
+    update = kv.update
+
+    async def stored_then_timed_out(key: str, value: bytes, last: int | None = None) -> int:
+        revision = await update(key, value, last=last)
+        if not lost and when(value):
+            lost.append(revision)
+            if meanwhile is not None:
+                await meanwhile()
+            raise nats.errors.TimeoutError
+        return revision
+
+    monkeypatch.setattr(kv, "update", stored_then_timed_out)
+    return lost
+
+
+def two_running(eid: str, audit_after_api: bool = False) -> Execution:
+    ex = new_execution(ExecutionRequested(execution_id=eid, message="m", requested_at=T0,
+                                          deadline_at=T0 + timedelta(hours=1)))
+    apply_plan(ex, [TaskSpec(id="api", pool="codegen", description="API"),
+                    TaskSpec(id="audit", pool="security", description="audit",
+                             depends_on=["api"] if audit_after_api else [])], "rules", [])
+    apply_result(ex, result(eid, "api", "codegen", "started"))
+    if not audit_after_api:
+        apply_result(ex, result(eid, "audit", "security", "started"))
+    return ex
+
+
+async def test_what_an_unacknowledged_write_announces_goes_out_when_another_replica_wrote_on_top_of_it(
+    nc: NATS, names: Names, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rt = await service_runtime(nc, names, tmp_path)
+    eid = "written-over"
+    await rt.executions.create(two_running(eid))
+    other = TaskFailed(execution_id=eid, task_id="audit", pool="security", attempt=1, worker="w2", started_at=T0,
+                       finished_at=T0 + timedelta(seconds=1), error="boom", error_kind="server", final=False,
+                       strategy="retry", retry_in_s=1)
+    lost = stored_then_lost(rt, monkeypatch, meanwhile=lambda: rt.executions.mutate(
+        eid, lambda ex: apply_result(ex, other)))  # another replica stores the other task's failure meanwhile
+    done = result(eid, "api", "codegen")
+    aggregator = AggregatorHandlers(rt, SimulatedProvider(rt.settings.pe))
+    await aggregator.on_result(done, await delivered(rt, names.results(eid), done.to_bytes(), names.results_stream))
+    stored = await rt.executions.get(eid)
+    assert lost and stored is not None and stored[0].task("api").status == "completed"  # type: ignore[union-attr]
+    await stream_holds(rt.jetstream, names.events_stream, names.events(eid, "task_completed"),
+                       {names.events(eid, "task_completed"): 1})
+
+
+async def test_what_an_unacknowledged_write_announces_outlives_a_next_try_that_had_nothing_to_write(
+    nc: NATS, names: Names, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The try after the lost acknowledgement finds nothing to change, and the task it releases cannot be sent
+    # either (NATS still coming back): the try after that must still announce the first one's events.
+    import services.aggregator.handlers as handlers
+
+    rt = await service_runtime(nc, names, tmp_path)
+    eid = "nothing-to-write"
+    await rt.executions.create(two_running(eid, audit_after_api=True))
+    lost = stored_then_lost(rt, monkeypatch)
+    sent: list[str] = []
+    publish = handlers.publish
+
+    async def second_send_fails(*args: Any, **kwargs: Any) -> Any:
+        sent.append(args[1])
+        if len(sent) == 2:
+            raise nats.errors.TimeoutError
+        return await publish(*args, **kwargs)
+
+    monkeypatch.setattr(handlers, "publish", second_send_fails)
+    done = result(eid, "api", "codegen")
+    aggregator = AggregatorHandlers(rt, SimulatedProvider(rt.settings.pe))
+    await aggregator.on_result(done, await delivered(rt, names.results(eid), done.to_bytes(), names.results_stream))
+    assert lost and len(sent) == 3, sent
+    await stream_holds(rt.jetstream, names.events_stream, names.events(eid, "*"),
+                       {names.events(eid, "task_completed"): 1, names.events(eid, "released"): 1})
+
+
+async def test_the_calls_an_unacknowledged_write_records_as_superseded_get_their_cost_events(
+    nc: NATS, names: Names, fake_anthropic: FakeAnthropic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    rt = await service_runtime(nc, names, tmp_path, config(fake_anthropic))
+    eid = "superseded-unacked"
+    await rt.executions.create(execution(rt.settings.pe, eid, last_done=False))
+    lost = stored_then_lost(rt, monkeypatch, when=lambda value: SUPERSEDED.encode() in value)
+    async with replicas(rt) as (a, b):
+        again = result(eid, "audit", "security", "started")  # A learns the version B then moves past
+        await a.on_result(again, await delivered(rt, names.results(eid), again.to_bytes(), names.results_stream))
+        stop = CancelExecution(execution_id=eid)
+        await b.on_cancel(stop, await delivered(rt, names.execution_cancel, stop.to_bytes(), names.executions_stream))
+        last = result(eid, "audit", "security")  # A answers on its stale version; its call is superseded
+        await a.on_result(last, await delivered(rt, names.results(eid), last.to_bytes(), names.results_stream))
+    assert lost
+    assert sorted(e or "" for e in await both_answers_counted(rt, eid, "cancelled")) == ["", SUPERSEDED]

@@ -83,6 +83,17 @@ class _Queue:
 
 
 @dataclass
+class _Unacknowledged:
+    """A try of a write that failed after sending it, and what that write was to announce."""
+
+    updated_at: datetime  # its version's: the same on the version read next if it was stored and nothing since
+    events: list[LifecycleEvent]
+    concluded: bool
+    ended_before: bool
+    ended_elsewhere: bool
+
+
+@dataclass
 class _Answer:
     """The end of an execution: status, aggregated results, the PM's answer and the call that wrote it."""
 
@@ -235,11 +246,14 @@ class AggregatorHandlers:
         concluded = False
         ended_before = False
         ended_elsewhere = False  # the write stores calls of answers to a version another replica had ended
-        tried: list[Execution] = []  # the version of the latest try (the retries of persist re-run the closures)
-        unacknowledged: list[tuple[datetime, list[LifecycleEvent], bool, bool]] = []  # tries that failed: stored?
+        # A try whose write failed may have been stored all the same (NATS lost the acknowledgement): what it was to
+        # announce, kept for the try that then finds nothing left to change. The retries of persist re-run the closures.
+        tried: list[Execution] = []  # the version of the latest try
+        writing = False  # whether the latest try had anything to write
+        unacknowledged: list[_Unacknowledged] = []
 
         def recorded(ex: Execution) -> bool:
-            nonlocal ended_before
+            nonlocal ended_before, writing
             events.clear()
             ended_before = ex.terminal
             changed = False
@@ -248,10 +262,11 @@ class AggregatorHandlers:
                 if c.apply(ex):
                     changed = True
                     events.extend(lifecycle_events(before, ex))
+            writing = changed
             return changed
 
         async def conclude(ex: Execution) -> bool:
-            nonlocal concluded, ended_elsewhere
+            nonlocal concluded, ended_elsewhere, writing
             tried[:] = [ex]
             concluded = all_tasks_terminal(ex) and not ex.terminal  # re-run on every retry: the last run tells
             basis = (marks(ex), ex.cost.total_usd)
@@ -269,6 +284,7 @@ class AggregatorHandlers:
                     answer.append((basis, await self._answer(ex, held)))
                 answer[-1][1].apply(ex)
             ended_elsewhere = bool(unused) and not concluded
+            writing = writing or concluded or ended_elsewhere
             return concluded or ended_elsewhere
 
         js, names, limit = self.rt.jetstream, self.rt.names, self.rt.executions.limit
@@ -293,8 +309,9 @@ class AggregatorHandlers:
                 return await self.rt.executions.mutate_from(execution_id, recorded, start.pop() if start else None,
                                                             conclude, released)
             except Exception:
-                if tried:  # its write may have been stored, and only the acknowledgement lost
-                    unacknowledged.append((tried[0].updated_at, list(events), concluded, ended_before))
+                if tried and writing:  # not a try that had nothing to write (its sends failed, or its read)
+                    unacknowledged.append(_Unacknowledged(tried[0].updated_at, list(events), concluded, ended_before,
+                                                          ended_elsewhere))
                 raise
 
         until = known[0].deadline_at if known is not None else now()
@@ -303,32 +320,37 @@ class AggregatorHandlers:
         if result is None:
             return None, None
         ex, revision, written = result
-        if written is None and unacknowledged and unacknowledged[-1][0] == ex.updated_at:
-            # The version read is the one a failed try wrote (NATS stored it, and lost the acknowledgement): what
-            # that write was to announce is still due. Whatever of it did go out, its msg-ids drop as repeats.
-            _, told, concluded, ended_before = unacknowledged[-1]
-            events[:] = told
+        stored_unseen = written is None and bool(unacknowledged)
+        if stored_unseen:
+            # Nothing was left to change: the last write that failed was stored after all (or another replica stored
+            # the same changes). What it was to announce is announced now; what did go out, its msg-ids drop.
+            last = unacknowledged[-1]
+            events[:] = last.events
+            ended_elsewhere = ended_elsewhere or last.ended_elsewhere
+            if last.updated_at == ex.updated_at:  # its own version, not one written on top of it: it ended it if it
+                concluded, ended_before = last.concluded, last.ended_before  # concluded (counted once, here)
         for e in events:
             await emit(self.rt.nats, names.events(execution_id, e.kind), e,
                        f"{execution_id}:{e.task_id}:{e.kind}:{e.attempt}")
         if concluded:
             _count_finished(ex)
-        if ex.terminal and (not ended_before or await self._unannounced(ex, batch)):
+        if ex.terminal and (not ended_before or await self._unannounced(ex, batch, stored_unseen)):
             await self._announce(ex, written)
         elif ended_elsewhere:  # the announcement was made without these calls: their cost events (repeats are no-ops)
             for event in call_events(execution_id, ex.calls, "synthesis"):
                 await publish_cost(self.rt.nats, names, event)
         return ex, None if ex.terminal else (ex, revision)
 
-    async def _unannounced(self, ex: Execution, batch: list[_Change]) -> bool:
+    async def _unannounced(self, ex: Execution, batch: list[_Change], stored_unseen: bool = False) -> bool:
         """Whether the final event of ``ex``, finished before this write, may never have been published.
 
-        Only a redelivery can tell: the message that finished it is handed back when the announcement
-        failed. A first delivery that finds it finished (its deadline check, 30 minutes on) announces
-        nothing. Within the events stream's duplicate window a repeat is harmless (dropped); past it, it
+        Only a redelivery can tell, or a write of this batch that failed and may have been stored
+        (``stored_unseen``): the message that finished it is handed back when the announcement failed. A first
+        delivery that finds it finished (its deadline check, 30 minutes on) announces nothing. Within the events
+        stream's duplicate window a repeat is harmless (dropped); past it, it
         would be stored as a second final event, so the stream is asked whether the first one is there.
         """
-        if not any(redelivered(c.msg) for c in batch):
+        if not stored_unseen and not any(redelivered(c.msg) for c in batch):
             return False
         if ex.finished_at is not None and (now() - ex.finished_at).total_seconds() < EVENTS_DUPLICATE_WINDOW_S / 2:
             return True
