@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -244,9 +245,11 @@ async def _next(rt: Runtime, sub: Subscription, timeout: float, gone: asyncio.Fu
 
 
 async def _gone(request: Request) -> None:
-    """Until the client has closed its connection (the request's body has been read by then)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+    """Until the client has closed its connection (what it still sends of a body is passed over). A body that
+    breaks the size limit on the way ends the wait too."""
+    with contextlib.suppress(Exception):
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
 
 async def _stored(rt: Runtime, sub: Subscription, until: frozenset[str], within: float,

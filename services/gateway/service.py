@@ -74,11 +74,14 @@ def create_app(settings: Settings) -> FastAPI:
         if any(e["type"] == "json_invalid" for e in exc.errors()) and (refused := await key_first(request)):
             return refused
         errors = [_error(e) for e in exc.errors()]
+        # FastAPI reads the body as JSON only when the request says it is (application/json or application/*+json).
         ctype = request.headers.get("content-type", "").split(";")[0].strip()
-        if ctype and "json" not in ctype.lower():  # FastAPI reads JSON only when the request says it is JSON
+        main, _, sub = ctype.lower().partition("/")
+        if not (main == "application" and (sub == "json" or sub.endswith("+json"))):
+            sent = f"not {ctype}" if ctype else "the request has none"
             for error, e in zip(errors, exc.errors(), strict=True):
                 if tuple(e["loc"]) == ("body",):
-                    error["message"] = f"send a JSON object with Content-Type: application/json (not {ctype})"
+                    error["message"] = f"send a JSON object with Content-Type: application/json ({sent})"
         summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
         return JSONResponse({"error": "invalid_request", "message": summary, "errors": errors}, status_code=422)
 
