@@ -94,7 +94,8 @@ class TaskSpec(BaseModel):
         """A task described as ``lead`` followed by the client's request. A request longer than a description
         may be (a message may be five times longer) is cut there; its message gives the agent the whole request
         in the context (``run_command``), from the execution, which stores it once for all its tasks."""
-        text = request.strip().rstrip(".")
+        text = request.strip()
+        text = text.rstrip(".") or text  # "Build a shop." reads on after a lead; "..." stays what it was
         if len(lead) + len(text) > DESCRIPTION_MAX:
             text = text[: DESCRIPTION_MAX - len(lead) - len(CUT)] + CUT
         return cls(id=id, pool=pool, description=lead + text, **fields)

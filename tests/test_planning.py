@@ -95,6 +95,14 @@ def test_single_pool_request_is_serial_and_nothing_matched_falls_back_to_codegen
     assert planner == "serial" and [t.pool for t in tasks] == ["codegen"]
 
 
+@pytest.mark.parametrize("message", [".", "...", " .. "])
+def test_a_message_of_dots_is_planned_as_it_is(message: str) -> None:
+    # A request's trailing full stop is dropped after a task's lead; a message with nothing else is kept whole.
+    [task], planner = rules_plan(message, False)
+    assert planner == "serial" and task.description == message.strip()
+    assert TaskSpec.for_request("chat", "codegen", "", message).description == message.strip()  # chat's one task
+
+
 def test_force_parallel_keeps_every_matched_pool() -> None:
     text = "Optimize the SQL queries and fix the login page"
     strict, _ = rules_plan(text, False)

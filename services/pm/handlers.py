@@ -7,6 +7,7 @@ import logging
 
 from nats.aio.msg import Msg
 from nats.js.errors import KeyWrongLastSequenceError
+from pydantic import ValidationError
 
 from services.pm.planning import plan_request
 from shared import metrics
@@ -64,7 +65,7 @@ class PMHandlers:
             try:
                 async with keep_alive(lambda: [msg], self.rt.pe.ack_wait_s / 3):  # a long model call: not redelivered
                     plan = await plan_request(req, self.rt.pe, self.provider)
-            except PlanError as e:
+            except (PlanError, ValidationError) as e:  # a plan that cannot be made fails now, not after redeliveries
                 await self._end(req.execution_id, f"invalid plan: {e}")
                 await msg.ack()
                 return
