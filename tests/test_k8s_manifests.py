@@ -47,7 +47,7 @@ CRDS = {("keda.sh/v1alpha1", "ScaledObject"), ("monitoring.coreos.com/v1", "PodM
         ("cert-manager.io/v1", "Issuer"),
         ("cert-manager.io/v1", "Certificate")}
 # Secrets an overlay expects to exist before it is applied (created out of band, never committed).
-EXTERNAL_SECRETS = {"prod": {"openclaw-nats-credentials"}}
+EXTERNAL_SECRETS = {"prod": {"openclaw-nats-credentials", "openclaw-anthropic", "openclaw-api-keys"}}
 PROD = Names("")
 Obj = dict[str, Any]
 
@@ -144,7 +144,7 @@ def test_every_object_validates_against_the_kubernetes_schemas(overlay: tuple[st
             assert obj["metadata"].get("namespace") == NAMESPACE, where
         checked += 1
     # 3 ScaledObjects + 1 PodMonitor + 1 PrometheusRule; prod also 2 Issuers + 2 Certificates (TLS to NATS)
-    assert checked >= 20 and crds == (9 if name == "prod" else 5), (checked, crds)
+    assert checked >= 19 and crds == (9 if name == "prod" else 5), (checked, crds)
 
 
 def test_the_schema_check_catches_a_mistake() -> None:
@@ -182,7 +182,6 @@ def test_one_deployment_per_service_with_probes_resources_and_non_root(overlay: 
         assert env["OPENCLAW_NATS_USER"]["value"] == service, where
         password = env["OPENCLAW_NATS_PASSWORD"]["valueFrom"]["secretKeyRef"]
         assert password == {"name": "openclaw-nats-credentials", "key": natsauth.password_env(service)}, where
-        assert env["ANTHROPIC_API_KEY"]["valueFrom"]["secretKeyRef"]["optional"] is True, where
         mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
         volumes = {v["name"]: v for v in pod["volumes"]}
         assert volumes[mounts["/etc/openclaw"]]["configMap"]["name"].startswith("openclaw-config"), where
@@ -205,8 +204,10 @@ def test_pods_get_longer_to_stop_than_the_services_take_to_drain(overlay: tuple[
     # Else the kubelet's SIGKILL cuts the drain short: what was running is redelivered after ack_wait, not at once.
     name, objs = overlay
     pe = config_of(objs, tmp_path)
-    # A rollout lets every running attempt end on its own: handing one back pays for its model call twice.
+    # A rollout lets every running attempt end on its own: handing one back pays for its model call twice. The PM's
+    # and the aggregator's calls (a decomposition, a synthesis) end within the model's own timeout.
     assert pe.shutdown_grace_s >= max(pe.worker_pools.get(pool).timeout for pool in POOLS), name
+    assert pe.shutdown_grace_s >= pe.anthropic.timeout_s, name
     for dep in of_kind(objs, "Deployment").values():
         pod = dep["spec"]["template"]["spec"]
         if dep["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] != "gateway":
@@ -307,6 +308,29 @@ def test_config_and_environment_validate_with_the_services_own_models(
         s = load_settings(config=str(tmp_path / "config.json"))
         assert s.stream_replicas == int(settings_env["OPENCLAW_STREAM_REPLICAS"])
         assert s.nats_user == env["OPENCLAW_NATS_USER"] and s.namespace == ""
+
+
+def test_each_overlay_runs_the_image_it_names(overlay: tuple[str, list[Obj]]) -> None:
+    name, objs = overlay
+    [image] = yaml.safe_load((K8S / "overlays" / name / "kustomization.yaml").read_text())["images"]
+    for dep in of_kind(objs, "Deployment").values():
+        assert container(dep)["image"] == f"{image['newName']}:{image['newTag']}", (name, dep["metadata"]["name"])
+
+
+def test_prod_starts_only_with_the_model_key_and_the_tenants_keys_and_no_secret_is_a_placeholder(
+    overlay: tuple[str, list[Obj]],
+) -> None:
+    # Optional, a missing key would run prod on the simulated provider and open its API to anyone (local mode). And a
+    # Secret in the render would be applied over the one made out of band: an empty one would wipe the key.
+    name, objs = overlay
+    required = {"ANTHROPIC_API_KEY"}
+    for dep in of_kind(objs, "Deployment").values():
+        refs = {k: e["valueFrom"]["secretKeyRef"] for k, e in env_of(container(dep)).items()
+                if "secretKeyRef" in e.get("valueFrom", {})}
+        wanted = required | ({"OPENCLAW_API_KEYS"} if dep["metadata"]["name"] == "openclaw-gateway" else set())
+        assert wanted <= set(refs), (name, dep["metadata"]["name"])
+        assert all(bool(refs[k].get("optional")) == (name == "dev") for k in wanted), (name, dep["metadata"]["name"])
+    assert not {"openclaw-anthropic", "openclaw-api-keys"} & set(of_kind(objs, "Secret")), name
 
 
 def test_every_reference_resolves(overlay: tuple[str, list[Obj]]) -> None:
