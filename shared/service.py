@@ -20,6 +20,7 @@ from nats.js.kv import KeyValue
 
 from shared.bus import connect
 from shared.config import ParallelExecutionConfig
+from shared.consumer import UNAVAILABLE
 from shared.errors import ConfigError
 from shared.logs import setup_logging
 from shared.names import Names
@@ -46,6 +47,7 @@ class Runtime:
     kv: KeyValue | None = None
     store: ExecutionStore | None = None
     started: bool = False
+    waiting: str | None = None  # why it is not started yet, while it waits for JetStream
     _stopping: asyncio.Task[bool] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -95,7 +97,7 @@ class Runtime:
         if self.nc is None or not self.nc.is_connected:
             return f"NATS not connected ({self.settings.nats_url})"
         if not self.started:
-            return "starting"
+            return self.waiting or "starting"
         try:
             return await topology_present(self.jetstream, self.names)
         except Exception as e:  # noqa: BLE001 - readiness reports any failure as a reason
@@ -135,11 +137,11 @@ async def _main(service: str, start: Start, make_app: MakeApp | None, settings: 
         except asyncio.CancelledError:
             return
         rt.js = rt.nc.jetstream()
-        owner = settings.nats_user is None or settings.nats_user == TOPOLOGY_OWNER
-        rt.kv = await ensure_streams(rt.js, rt.names, settings.stream_replicas, update=owner)
-        rt.store = ExecutionStore(rt.kv, message_limit(rt.nc))
-        workers = [asyncio.create_task(c) for c in await start(rt)]
-        rt.started = True
+        started = await _set_up(rt, start)
+        if started is None:
+            return
+        workers = [asyncio.create_task(c) for c in started]
+        rt.started, rt.waiting = True, None
         log.info("%s ready (worker %s, namespace %r)", service, settings.worker_id, settings.namespace)
         stopped = asyncio.create_task(rt.stop.wait())
         done, _ = await asyncio.wait([stopped, *workers], return_when=asyncio.FIRST_COMPLETED)
@@ -160,6 +162,30 @@ async def _main(service: str, start: Start, make_app: MakeApp | None, settings: 
         if rt.nc is not None and rt.nc.is_connected:
             await rt.nc.drain()
         log.info("%s stopped", service)
+
+
+SET_UP_RETRY_MAX_S = 30.0
+
+
+async def _set_up(rt: Runtime, start: Start) -> Workers | None:
+    """The topology and the service's own consumers, ready to run; None if told to stop first. While JetStream
+    cannot answer (not enabled yet, a stream without quorum, a server restarting) it waits, unready, and tries
+    again: a pod started before its JetStream would otherwise exit and crash-loop."""
+    owner = rt.settings.nats_user is None or rt.settings.nats_user == TOPOLOGY_OWNER
+    delay = 1.0
+    while True:
+        try:
+            rt.kv = await ensure_streams(rt.jetstream, rt.names, rt.settings.stream_replicas, update=owner)
+            rt.store = ExecutionStore(rt.kv, message_limit(rt.nats))
+            return await start(rt)
+        except UNAVAILABLE as e:
+            rt.waiting = f"JetStream not available ({type(e).__name__}: {e})"
+            log.warning("%s; trying again in %gs", rt.waiting, delay)
+        try:
+            await asyncio.wait_for(rt.stop.wait(), delay)
+            return None
+        except TimeoutError:
+            delay = min(delay * 2, SET_UP_RETRY_MAX_S)
 
 
 def run_service(service: str, start: Start, make_app: MakeApp | None = None) -> None:

@@ -17,7 +17,7 @@ from nats.js.api import DeliverPolicy
 
 from services.gateway.access import LOCAL_TENANT, Caller
 from services.gateway.handlers import _execution_id
-from shared.natsserver import NatsServer, free_port
+from shared.natsserver import NatsServer, binary, free_port
 from shared.schemas import DeadLetter, ExecutionRequested, TaskSpec, now
 from tests.conftest import ROOT, Stack, start_stack, stop_stack, until, wait_until, write_config
 
@@ -255,6 +255,41 @@ def test_service_without_nats_retries_reports_not_ready_then_recovers(tmp_path: 
         assert proc.wait(15) == 0, log.read_text()
         server.stop()
     assert "retrying in" in log.read_text()
+
+
+def test_service_on_a_nats_without_jetstream_waits_unready_then_sets_up_once_it_is_there(tmp_path: Path) -> None:
+    # A pod that starts while its JetStream cannot answer (not enabled yet, no quorum) must not exit: it would
+    # crash-loop. It stays up, unready, says why, and sets up its streams and consumers once JetStream answers.
+    nats_port, http_port = free_port(), free_port()
+    env = {**os.environ, "OPENCLAW_NATS_URL": f"nats://127.0.0.1:{nats_port}", "OPENCLAW_PORT": str(http_port),
+           "OPENCLAW_LOG_FORMAT": "text", "OPENCLAW_NAMESPACE": "nojs"}
+    plain = subprocess.Popen([binary(), "-a", "127.0.0.1", "-p", str(nats_port)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.STDOUT)  # core NATS only
+    log = tmp_path / "codegen.log"
+    proc = subprocess.Popen([sys.executable, "-m", "services.codegen"], cwd=ROOT, env=env,
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    server = NatsServer(tmp_path / "store", port=nats_port)
+
+    def readiness() -> httpx.Response | None:
+        try:
+            return httpx.get(f"http://127.0.0.1:{http_port}/readyz")
+        except httpx.HTTPError:
+            return None
+
+    try:
+        wait_until(lambda: log.read_text().count("JetStream not available") >= 2, 20, "two retry log lines")
+        r = readiness()
+        assert r is not None and r.status_code == 503 and "JetStream not available" in r.json()["reason"]
+        assert proc.poll() is None
+        plain.terminate()
+        plain.wait(10)
+        server.start()  # the same port, with JetStream: the service reconnects and sets up
+        wait_until(lambda: (r := readiness()) is not None and r.status_code == 200, 60, "the service to set up")
+    finally:
+        plain.kill()
+        proc.terminate()
+        assert proc.wait(15) == 0, log.read_text()
+        server.stop()
 
 
 @pytest.mark.parametrize(
