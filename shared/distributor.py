@@ -23,6 +23,8 @@ KEYWORDS: dict[Pool, dict[str, float]] = {
         "component": 2, "components": 2, "react": 3, "vue": 3, "javascript": 2, "typescript": 2,
         "python": 2, "refactor": 3, "feature": 1, "features": 1, "integration": 1, "integrate": 1,
         "deploy": 1, "cart": 1, "ordering": 1, "booking": 1, "dashboard": 2, "form": 1, "forms": 1,
+        # A change to make is code to write, whatever it is about ("fix the SQL injection in search").
+        "fix": 2, "bug": 2, "add": 1, "write": 1, "tests": 2, "test": 1, "rename": 2, "upgrade": 1,
     },
     "security": {
         "security": 3, "secure": 2, "audit": 3, "vulnerability": 3, "vulnerabilities": 3, "auth": 2,
@@ -113,20 +115,25 @@ def distribute(text: str) -> Distribution:
 
 _WHOLE = re.compile(r"\b(website|site|app|application|platform|store|shop|portal|dashboard|service|system|"
                     r"marketplace)\b", re.IGNORECASE)
-_BUILD = re.compile(r"\b(build|create|make|develop|launch|ship)\b", re.IGNORECASE)
+# "Build a …", "create me an …", "develop our new …": a verb that makes something new, then its object. Not "make the
+# button blue", "the build of our app fails" or "don't build a website".
+_BUILD = re.compile(r"(?<!n't )(?<!not )\b(build|create|make|develop|launch|ship)\s+(me\s+|us\s+)?(a|an|new|my|our)\b",
+                    re.IGNORECASE)
 _AUDIT = re.compile(r"\b(audit|review|assess|pen ?test|penetration test|threat model)\w*\b", re.IGNORECASE)
 
 
-def _then(first: re.Pattern[str], then: re.Pattern[str], text: str) -> bool:
-    """Whether ``first`` occurs somewhere before ``then``. Two scans, so linear in the text: one pattern with
-    ``.*`` between them takes the square of its length (a minute for a 100 kB message)."""
+def _then(first: re.Pattern[str], then: re.Pattern[str], text: str, within: int | None = None) -> bool:
+    """Whether ``first`` occurs before ``then`` (at most ``within`` characters before it). Two scans, so linear in
+    the text: one pattern with ``.*`` between them takes the square of its length (a minute for a 100 kB message)."""
     m = first.search(text)
-    return m is not None and then.search(text, m.end()) is not None
+    end = len(text) if within is None else m.end() + within if m else 0
+    return m is not None and then.search(text, m.end(), end) is not None
 
 
 def looks_like_project(text: str) -> bool:
-    """"Build a … website/app/…": a project that spans several specialities."""
-    return _then(_BUILD, _WHOLE, text)
+    """"Build a … website/app/…": a project that spans several specialities, the thing built named within a few
+    words ("create a SQL query that lists the shop's customers" builds a query, not the shop)."""
+    return _then(_BUILD, _WHOLE, text, within=40)
 
 
 def looks_like_security_audit(text: str, d: Distribution) -> bool:

@@ -103,6 +103,36 @@ def test_a_message_of_dots_is_planned_as_it_is(message: str) -> None:
     assert TaskSpec.for_request("chat", "codegen", "", message).description == message.strip()  # chat's one task
 
 
+PROJECT = ["schema", "backend", "frontend", "security-audit"]
+
+
+@pytest.mark.parametrize("message", [
+    "Build a restaurant website with online ordering", "build a todo app", "Create me a new e-commerce platform",
+    "We want to develop our new booking site"])
+def test_a_request_to_build_something_whole_is_a_project(message: str) -> None:
+    assert [t.id for t in rules_plan(message, False)[0]] == PROJECT
+
+
+@pytest.mark.parametrize("message", [
+    "make the login button on the site blue", "Why does the build of our app fail?", "make the app faster",
+    "create a sql query that lists top customers of the shop", "Make sure the website's login is secure",
+    "don't build a website, just review our database schema"])
+def test_a_change_to_something_is_not_a_whole_project(message: str) -> None:
+    assert [t.id for t in rules_plan(message, False)[0]] != PROJECT
+
+
+@pytest.mark.parametrize("message", [
+    "fix SQL injection in the search endpoint", "fix the bug where users can't reset their password",
+    "write unit tests for the payment service", "add a login page"])
+def test_a_change_to_make_gets_someone_who_writes_code(message: str) -> None:
+    # The security pool reviews and reports; it writes no code.
+    assert "codegen" in {t.pool for t in rules_plan(message, False)[0]}
+
+
+def test_one_specialist_for_a_page_to_add_is_a_coder() -> None:
+    assert should_use_parallel_execution("add a login page", enabled=False).pool == "codegen"  # not a reviewer
+
+
 def test_force_parallel_keeps_every_matched_pool() -> None:
     text = "Optimize the SQL queries and fix the login page"
     strict, _ = rules_plan(text, False)
