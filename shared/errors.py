@@ -1,5 +1,9 @@
 """One exception base for the project; each message says what to do about it."""
 
+from __future__ import annotations
+
+from typing import Any
+
 
 class OpenClawError(Exception):
     """Base of every error the project raises on purpose."""
@@ -10,4 +14,9 @@ class ConfigError(OpenClawError):
 
 
 class PlanError(OpenClawError):
-    """A plan of tasks is not runnable (unknown pool, duplicate id, missing dependency, cycle)."""
+    """A plan of tasks is not runnable (unknown pool, duplicate id, missing dependency, cycle). ``calls``: the model
+    calls made for it (a decomposition), paid all the same, for the execution's cost."""
+
+    def __init__(self, message: str, calls: list[Any] | None = None) -> None:
+        super().__init__(message)
+        self.calls = calls or []

@@ -252,3 +252,40 @@ async def test_a_redelivered_request_announces_an_execution_ended_unannounced(nc
     event = await rt.jetstream.get_last_msg(names.events_stream, names.completed_event("mute"))
     assert ExecutionCompleted.model_validate_json(event.data).execution.error == "invalid plan: a cycle"
     assert (event.headers or {})[ExecutionCompleted.STATUS_HEADER] == "failed"
+
+
+async def test_a_plan_that_cannot_be_made_after_a_paid_call_ends_the_execution_with_the_call_in_its_cost(
+    nc: NATS, names: Names, fake_anthropic: FakeAnthropic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The model's answer is unusable (billed all the same), and the rules cannot plan the request either: the
+    # execution fails at once, saying why, with the call in its cost and its cost event out, not paid for again
+    # on a redelivery.
+    import services.pm.planning as planning
+
+    def unplannable(req: ExecutionRequested, max_tasks: int) -> Any:
+        raise PlanError("nothing here can be planned")
+
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    monkeypatch.setattr(planning, "make_plan", unplannable)
+    rt = await service_runtime(nc, names, tmp_path, service="pm", cfg={
+        "provider": "anthropic", "anthropic": {"base_url": fake_anthropic.url, "timeout_s": 20}})
+    fake_anthropic.next("plan", "no_tool")
+    req = ExecutionRequested(execution_id="unplannable", message=PROJECT, requested_at=now(),
+                             deadline_at=now() + timedelta(hours=1))
+    req.revision = await rt.executions.create(new_execution(req))
+    provider = AnthropicProvider(rt.settings.pe, KEY)
+    try:
+        msg = await delivered(rt, names.execution_requested, req.to_bytes(), names.executions_stream)
+        await PMHandlers(rt, provider).on_requested(req, msg)
+    finally:
+        await provider.aclose()
+    stored = await rt.executions.get("unplannable")
+    assert stored is not None
+    ex = stored[0]
+    assert ex.status == "failed" and ex.error == "invalid plan: nothing here can be planned"
+    [call] = ex.calls
+    assert call.phase == "decomposition" and call.error and call.error.startswith("invalid_output")
+    assert ex.cost.total_usd == pytest.approx(PLAN_ON_OPUS, abs=1e-12)
+    await stream_holds(rt.jetstream, names.events_stream, names.cost_event("unplannable"),
+                       {names.cost_event("unplannable"): 1})
+    assert len(fake_anthropic.of("plan")) == 1

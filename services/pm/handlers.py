@@ -25,7 +25,7 @@ from shared.execution import (
     run_msg_id,
 )
 from shared.providers import ModelProvider
-from shared.schemas import Execution, ExecutionPlanned, ExecutionRequested, now
+from shared.schemas import Execution, ExecutionPlanned, ExecutionRequested, ModelCall, now
 from shared.service import Runtime
 from shared.state import Known
 
@@ -66,7 +66,7 @@ class PMHandlers:
                 async with keep_alive(lambda: [msg], self.rt.pe.ack_wait_s / 3):  # a long model call: not redelivered
                     plan = await plan_request(req, self.rt.pe, self.provider)
             except (PlanError, ValidationError) as e:  # a plan that cannot be made fails now, not after redeliveries
-                await self._end(req.execution_id, f"invalid plan: {e}")
+                await self._end(req.execution_id, f"invalid plan: {e}", e.calls if isinstance(e, PlanError) else [])
                 await msg.ack()
                 return
             # The decomposition call is stored in the same compare-and-set write as the plan: counted once.
@@ -111,16 +111,23 @@ class PMHandlers:
         await msg.ack()
         log.info("planned %d task(s) with %s", len(ex.tasks), ex.planner, extra=ctx)
 
-    async def _end(self, execution_id: str, reason: str) -> None:
-        """Fail the execution, unplanned, with ``reason`` (nothing changes if it has ended already)."""
+    async def _end(self, execution_id: str, reason: str, calls: list[ModelCall] | None = None) -> None:
+        """Fail the execution, unplanned, with ``reason`` (it stays as it is if it has ended already). The model
+        calls made for its plan are recorded in the same write (paid all the same), and their cost events sent."""
         failed = False
 
         def fail(ex: Execution) -> bool:
             nonlocal failed
+            recorded = {c.id for c in ex.calls}
+            paid = [c for c in calls or [] if c.id not in recorded]
+            ex.calls.extend(paid)
             failed = fail_execution(ex, reason)
-            return failed
+            return failed or bool(paid)
 
         ex = await self.rt.executions.mutate(execution_id, fail)
+        if ex is not None and calls:
+            for event in call_events(execution_id, ex.calls, "decomposition"):
+                await publish_cost(self.rt.nats, self.rt.names, event)
         if ex is not None and failed:  # announced by whoever ended it, if it had ended already
             await self.rt.announce_completed(ex)
         log.warning("not planned: %s", reason, extra={"execution_id": execution_id})

@@ -20,6 +20,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
 from services.pm.prompts import format_prompt
 from shared.config import ParallelExecutionConfig
 from shared.costs import guarded_call, model_call
@@ -105,4 +107,7 @@ async def plan_request(req: ExecutionRequested, pe: ParallelExecutionConfig, pro
             return PlanOutcome(reply.plan.tasks, "llm", [call])
     assert failed is not None  # no reply comes with the failed call
     log.warning("decomposition not used (%s); planning by rules", failed.error, extra=ctx)
-    return PlanOutcome(*make_plan(req, max_tasks), calls=[failed])
+    try:
+        return PlanOutcome(*make_plan(req, max_tasks), calls=[failed])
+    except (PlanError, ValidationError) as e:  # the call was paid: it goes with the failure, into the execution's cost
+        raise PlanError(str(e), calls=[failed]) from e
