@@ -18,11 +18,26 @@ from shared.schemas import Wire
 log = logging.getLogger(__name__)
 
 
+RETRY_MAX_S = 10.0  # the longest wait between tries, at start-up, of what needs NATS
+
+
+async def stopped_within(stop: asyncio.Event | None, seconds: float) -> bool:
+    """Wait ``seconds``, less if ``stop`` is set meanwhile; whether it was (a start-up's backoff ends on a stop)."""
+    if stop is None:
+        await asyncio.sleep(seconds)
+        return False
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
 async def connect(
     url: str,
     name: str,
     stop: asyncio.Event | None = None,
-    max_delay: float = 10.0,
+    max_delay: float = RETRY_MAX_S,
     *,
     user: str | None = None,
     password: str | None = None,
@@ -93,15 +108,8 @@ async def connect(
                     "NATS not reachable at %s (attempt %d: %s); retrying in %.1fs",
                     url, attempt, str(cause) or type(cause).__name__, delay,
                 )
-            if stop is not None:
-                try:
-                    await asyncio.wait_for(stop.wait(), delay)
-                except TimeoutError:
-                    pass
-                else:
-                    raise asyncio.CancelledError("stopped before NATS was reachable")
-            else:
-                await asyncio.sleep(delay)
+            if await stopped_within(stop, delay):
+                raise asyncio.CancelledError("stopped before NATS was reachable") from None
             delay = min(delay * 2, max_delay)
             continue
         nc.options["allow_reconnect"] = True

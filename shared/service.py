@@ -18,7 +18,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from shared.bus import connect
+from shared.bus import RETRY_MAX_S, connect, stopped_within
 from shared.config import ParallelExecutionConfig
 from shared.consumer import UNAVAILABLE
 from shared.errors import ConfigError
@@ -164,9 +164,6 @@ async def _main(service: str, start: Start, make_app: MakeApp | None, settings: 
         log.info("%s stopped", service)
 
 
-SET_UP_RETRY_MAX_S = 30.0
-
-
 async def _set_up(rt: Runtime, start: Start) -> Workers | None:
     """The topology and the service's own consumers, ready to run; None if told to stop first. While JetStream
     cannot answer (not enabled yet, a stream without quorum, a server restarting) it waits, unready, and tries
@@ -181,11 +178,9 @@ async def _set_up(rt: Runtime, start: Start) -> Workers | None:
         except UNAVAILABLE as e:
             rt.waiting = f"JetStream not available ({type(e).__name__}: {e})"
             log.warning("%s; trying again in %gs", rt.waiting, delay)
-        try:
-            await asyncio.wait_for(rt.stop.wait(), delay)
+        if await stopped_within(rt.stop, delay):
             return None
-        except TimeoutError:
-            delay = min(delay * 2, SET_UP_RETRY_MAX_S)
+        delay = min(delay * 2, RETRY_MAX_S)
 
 
 def run_service(service: str, start: Start, make_app: MakeApp | None = None) -> None:
