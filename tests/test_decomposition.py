@@ -20,6 +20,7 @@ from shared.execution import cancel, fail_execution, new_execution
 from shared.names import Names
 from shared.providers import AnthropicProvider, SimulatedProvider
 from shared.schemas import ExecutionCompleted, ExecutionRequested, TaskSpec, now
+from shared.service import Runtime
 from tests.conftest import answered_past_ack_wait, delivered, service_runtime, stream_holds, until
 from tests.fake_anthropic import FakeAnthropic
 
@@ -30,6 +31,16 @@ PROJECT = "Build a restaurant website with online ordering"
 
 def request(message: str = PROJECT, **kw: Any) -> ExecutionRequested:
     return ExecutionRequested(execution_id="e1", message=message, requested_at=now(), deadline_at=now(), **kw)
+
+
+async def planned_once(rt: Runtime, req: ExecutionRequested) -> None:
+    """One delivery of ``req`` to a PM on the anthropic provider (a client of its own, closed after)."""
+    provider = AnthropicProvider(rt.settings.pe, KEY)
+    try:
+        msg = await delivered(rt, rt.names.execution_requested, req.to_bytes(), rt.names.executions_stream)
+        await PMHandlers(rt, provider).on_requested(req, msg)
+    finally:
+        await provider.aclose()
 
 
 @pytest.fixture
@@ -199,12 +210,7 @@ async def test_a_request_that_ended_before_the_pm_took_it_costs_no_plan(
     req.revision = await rt.executions.create(new_execution(req))
     if ended == "cancelled":
         await rt.executions.mutate("gone", lambda ex: cancel(ex, "client cancelled"))
-    provider = AnthropicProvider(rt.settings.pe, KEY)
-    try:
-        msg = await delivered(rt, names.execution_requested, req.to_bytes(), names.executions_stream)
-        await PMHandlers(rt, provider).on_requested(req, msg)
-    finally:
-        await provider.aclose()
+    await planned_once(rt, req)
 
     assert fake_anthropic.of("plan") == []
     stored = await rt.executions.get("gone")
@@ -273,12 +279,7 @@ async def test_a_plan_that_cannot_be_made_after_a_paid_call_ends_the_execution_w
     req = ExecutionRequested(execution_id="unplannable", message=PROJECT, requested_at=now(),
                              deadline_at=now() + timedelta(hours=1))
     req.revision = await rt.executions.create(new_execution(req))
-    provider = AnthropicProvider(rt.settings.pe, KEY)
-    try:
-        msg = await delivered(rt, names.execution_requested, req.to_bytes(), names.executions_stream)
-        await PMHandlers(rt, provider).on_requested(req, msg)
-    finally:
-        await provider.aclose()
+    await planned_once(rt, req)
     stored = await rt.executions.get("unplannable")
     assert stored is not None
     ex = stored[0]

@@ -362,6 +362,19 @@ async def test_the_model_call_behind_an_answer_that_lost_its_write_is_still_coun
     assert line is not None and line.group(1) == f"{final.cost.total_usd:.4f}", final.final_response
 
 
+async def a_answers_after_b_cancelled(rt: Runtime, eid: str) -> None:
+    """Replica A reads the execution (its audit still running), replica B cancels it, then the audit's result
+    reaches A, whose version says it ends the execution: A pays for an answer to a version B has ended."""
+    names = rt.names
+    async with replicas(rt) as (a, b):
+        again = result(eid, "audit", "security", "started")  # changes nothing: A keeps the version it read
+        await a.on_result(again, await delivered(rt, names.results(eid), again.to_bytes(), names.results_stream))
+        stop = CancelExecution(execution_id=eid)
+        await b.on_cancel(stop, await delivered(rt, names.execution_cancel, stop.to_bytes(), names.executions_stream))
+        last = result(eid, "audit", "security")
+        await a.on_result(last, await delivered(rt, names.results(eid), last.to_bytes(), names.results_stream))
+
+
 async def test_the_model_call_behind_an_answer_to_an_execution_another_replica_ended_is_still_counted(
     nc: NATS, names: Names, fake_anthropic: FakeAnthropic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -375,14 +388,7 @@ async def test_the_model_call_behind_an_answer_to_an_execution_another_replica_e
     api = ex.task("api")
     assert api is not None and api.status == "completed"
     await rt.executions.create(ex)
-    async with replicas(rt) as (a, b):
-        again = result(eid, "audit", "security", "started")  # changes nothing: A keeps the version it read
-        await a.on_result(again, await delivered(rt, names.results(eid), again.to_bytes(), names.results_stream))
-        cancel = CancelExecution(execution_id=eid)
-        await b.on_cancel(cancel, await delivered(rt, names.execution_cancel, cancel.to_bytes(),
-                                                  names.executions_stream))
-        last = result(eid, "audit", "security")
-        await a.on_result(last, await delivered(rt, names.results(eid), last.to_bytes(), names.results_stream))
+    await a_answers_after_b_cancelled(rt, eid)
 
     assert len(fake_anthropic.of("synthesis")) == 2  # B's answer to the cancel, and A's that lost its write
     assert sorted(e or "" for e in await both_answers_counted(rt, eid, "cancelled")) == ["", SUPERSEDED]
@@ -502,12 +508,6 @@ async def test_the_calls_an_unacknowledged_write_records_as_superseded_get_their
     eid = "superseded-unacked"
     await rt.executions.create(execution(rt.settings.pe, eid, last_done=False))
     lost = stored_then_lost(rt, monkeypatch, when=lambda value: SUPERSEDED.encode() in value)
-    async with replicas(rt) as (a, b):
-        again = result(eid, "audit", "security", "started")  # A learns the version B then moves past
-        await a.on_result(again, await delivered(rt, names.results(eid), again.to_bytes(), names.results_stream))
-        stop = CancelExecution(execution_id=eid)
-        await b.on_cancel(stop, await delivered(rt, names.execution_cancel, stop.to_bytes(), names.executions_stream))
-        last = result(eid, "audit", "security")  # A answers on its stale version; its call is superseded
-        await a.on_result(last, await delivered(rt, names.results(eid), last.to_bytes(), names.results_stream))
+    await a_answers_after_b_cancelled(rt, eid)
     assert lost
     assert sorted(e or "" for e in await both_answers_counted(rt, eid, "cancelled")) == ["", SUPERSEDED]

@@ -248,7 +248,7 @@ class AggregatorHandlers:
         ended_elsewhere = False  # the write stores calls of answers to a version another replica had ended
         # A try whose write failed may have been stored all the same (NATS lost the acknowledgement): what it was to
         # announce, kept for the try that then finds nothing left to change. The retries of persist re-run the closures.
-        tried: list[Execution] = []  # the version of the latest try
+        latest: Execution | None = None  # the version of the latest try
         writing = False  # whether the latest try had anything to write
         unacknowledged: list[_Unacknowledged] = []
 
@@ -266,8 +266,8 @@ class AggregatorHandlers:
             return changed
 
         async def conclude(ex: Execution) -> bool:
-            nonlocal concluded, ended_elsewhere, writing
-            tried[:] = [ex]
+            nonlocal concluded, ended_elsewhere, writing, latest
+            latest = ex
             concluded = all_tasks_terminal(ex) and not ex.terminal  # re-run on every retry: the last run tells
             basis = (marks(ex), ex.cost.total_usd)
             reuse = concluded and bool(answer) and answer[-1][0] == basis
@@ -309,8 +309,8 @@ class AggregatorHandlers:
                 return await self.rt.executions.mutate_from(execution_id, recorded, start.pop() if start else None,
                                                             conclude, released)
             except Exception:
-                if tried and writing:  # not a try that had nothing to write (its sends failed, or its read)
-                    unacknowledged.append(_Unacknowledged(tried[0].updated_at, list(events), concluded, ended_before,
+                if latest is not None and writing:  # not a try that had nothing to write (its sends or read failed)
+                    unacknowledged.append(_Unacknowledged(latest.updated_at, list(events), concluded, ended_before,
                                                           ended_elsewhere))
                 raise
 

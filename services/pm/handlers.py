@@ -86,8 +86,7 @@ class PMHandlers:
         # them twice; its tasks are published again either way, and the tasks stream's msg-ids absorb them.
         emitting = not replanned or redelivered(msg)
         if ex is not None and emitting:  # the decomposition's cost also when the execution ended meanwhile
-            for event in call_events(ex.execution_id, ex.calls, "decomposition"):
-                await publish_cost(self.rt.nats, names, event)
+            await self._costs(ex)
         if ex is not None and ex.terminal and redelivered(msg):
             # Whoever ended it (this PM rejecting the plan, say) may have died before announcing it; the event's
             # msg-id keeps it to one.
@@ -111,6 +110,11 @@ class PMHandlers:
         await msg.ack()
         log.info("planned %d task(s) with %s", len(ex.tasks), ex.planner, extra=ctx)
 
+    async def _costs(self, ex: Execution) -> None:
+        """The cost events of the execution's decomposition calls (a repeat within the window is a no-op)."""
+        for event in call_events(ex.execution_id, ex.calls, "decomposition"):
+            await publish_cost(self.rt.nats, self.rt.names, event)
+
     async def _end(self, execution_id: str, reason: str, calls: list[ModelCall] | None = None) -> None:
         """Fail the execution, unplanned, with ``reason`` (it stays as it is if it has ended already). The model
         calls made for its plan are recorded in the same write (paid all the same), and their cost events sent."""
@@ -126,8 +130,7 @@ class PMHandlers:
 
         ex = await self.rt.executions.mutate(execution_id, fail)
         if ex is not None and calls:
-            for event in call_events(execution_id, ex.calls, "decomposition"):
-                await publish_cost(self.rt.nats, self.rt.names, event)
+            await self._costs(ex)
         if ex is not None and failed:  # announced by whoever ended it, if it had ended already
             await self.rt.announce_completed(ex)
         log.warning("not planned: %s", reason, extra={"execution_id": execution_id})
