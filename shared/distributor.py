@@ -126,8 +126,9 @@ def _then(first: re.Pattern[str], then: re.Pattern[str], text: str, within: int 
     """Whether ``first`` occurs before ``then`` (at most ``within`` characters before it). Two scans, so linear in
     the text: one pattern with ``.*`` between them takes the square of its length (a minute for a 100 kB message)."""
     m = first.search(text)
-    end = len(text) if within is None else m.end() + within if m else 0
-    return m is not None and then.search(text, m.end(), end) is not None
+    if m is None:
+        return False
+    return then.search(text, m.end(), len(text) if within is None else m.end() + within) is not None
 
 
 def looks_like_project(text: str) -> bool:
