@@ -2,7 +2,8 @@
 
 RETRY while attempts remain (the broker spaces them: ``nak(delay=1, 3, 9 s)``). FALLBACK: when the
 failure says the model was busy or slow (rate limit, overloaded, timeout), the last attempt runs on
-the pool's lighter model; when the model declined the task (refusal), the next one does. A request the
+the pool's lighter model; when the model declined the task (refusal) or the endpoint does not know it
+(model_unavailable), the next one does, and every one after it. A request the
 endpoint refused (4xx) or an answer cut off at ``max_tokens`` would fail the same way again, paid again:
 no retry. Exhausted: SKIP (deliver the rest without this result) or ESCALATE (the client must decide) by
 pool, with the seed's degradation labels; REFUND is reported per execution as the cost of the work that
@@ -28,6 +29,7 @@ class Strategy(StrEnum):
 
 FALLBACK_KINDS = frozenset({"rate_limit", "overloaded", "timeout"})
 FINAL_KINDS = frozenset({"request", "truncated"})  # the same call again would fail the same way
+SWITCH_KINDS = frozenset({"refusal", "model_unavailable"})  # the same call on the other model may not
 
 # What the client gets when a pool cannot deliver (seed: graceful degradation).
 DEGRADATION: dict[Pool, str] = {
@@ -65,13 +67,13 @@ def decide(pe: ParallelExecutionConfig, pool: Pool, attempt: int, kind: str, sec
     A retry on the same model waits at least what the endpoint asked for (Retry-After, at most
     ``RETRY_AFTER_MAX_S``): sooner would only be refused again, and burn an attempt. The fallback model has
     its own limits, so its attempt keeps the backoff's delay. An attempt that ran on the fallback model already
-    (after a refusal) has no other model to go to: what follows it is a retry on that model."""
+    (after a refusal, or an unknown model) has no other model to go to: what follows it is a retry on that model."""
     on_fallback = model == pe.worker_pools.get(pool).fallback_model
-    if kind in FINAL_KINDS or (kind == "refusal" and on_fallback):
+    if kind in FINAL_KINDS or (kind in SWITCH_KINDS and on_fallback):
         return Decision(ON_EXHAUSTED[pool], final=True)
     delay = pe.retries.delay(attempt) if pe.retries.max_retries else 0.0
     last_next = attempt + 1 == attempts_allowed(pe)
-    fallback = not on_fallback and (kind == "refusal" or (last_next and kind in FALLBACK_KINDS))
+    fallback = not on_fallback and (kind in SWITCH_KINDS or (last_next and kind in FALLBACK_KINDS))
     strategy = Strategy.FALLBACK if fallback else Strategy.RETRY
     if strategy is Strategy.RETRY and retry_after_s:
         delay = max(delay, min(retry_after_s, RETRY_AFTER_MAX_S))
@@ -82,10 +84,10 @@ def decide(pe: ParallelExecutionConfig, pool: Pool, attempt: int, kind: str, sec
 
 def model_for(pe: ParallelExecutionConfig, pool: Pool, attempt: int, failed: Sequence[str | None]) -> str:
     """The model attempt ``attempt`` runs on, given how the attempts before it failed (their error kinds, in order):
-    the fallback model once the pool's model has declined the task, and on a last attempt after a busy/slow
-    failure."""
+    the fallback model once the pool's model has declined the task or been unknown to the endpoint, and on a
+    last attempt after a busy/slow failure."""
     cfg = pe.worker_pools.get(pool)
     last = attempt >= attempts_allowed(pe)
-    if attempt > 1 and ("refusal" in failed or (last and failed and failed[-1] in FALLBACK_KINDS)):
+    if attempt > 1 and (SWITCH_KINDS.intersection(failed) or (last and failed and failed[-1] in FALLBACK_KINDS)):
         return cfg.fallback_model
     return cfg.model

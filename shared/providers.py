@@ -249,7 +249,11 @@ PLAN_TOOL_PARAM: ToolParam = {
 
 def _status_kind(status: int, should_retry: str | None = None) -> ErrorKind:
     """What an HTTP error says about trying again. ``x-should-retry`` is the API's own word on it, as the SDK
-    takes it; a 409 (a lock that timed out) is worth another try, as it is to the SDK."""
+    takes it; a 409 (a lock that timed out) is worth another try, as it is to the SDK. A 404 on the Messages API
+    is a model the endpoint does not know (retired, misspelt, not open to this key): worth asking the other model,
+    whatever the header says about asking this one again."""
+    if status == 404:
+        return "model_unavailable"
     if should_retry == "false":
         return "request"
     if status == 429:

@@ -33,12 +33,13 @@ TERMINAL_EXECUTION: frozenset[str] = frozenset({"completed", "partial", "failed"
 TaskStatus = Literal["pending", "queued", "running", "retrying", "completed", "failed", "skipped", "cancelled"]
 TERMINAL_TASK: frozenset[str] = frozenset({"completed", "failed", "skipped", "cancelled"})
 # Why an attempt failed: the failure handler picks its strategy from this.
-# "request": the endpoint refused the request itself (400, 401, 403, 404, ...): a retry will not help.
+# "request": the endpoint refused the request itself (400, 401, 403, ...): a retry will not help.
 # "truncated": the answer ran out of max_tokens (or context window); the same call would be cut again.
 # "refusal": the model declined; the pool's other model is asked instead.
+# "model_unavailable": the endpoint does not know the model (404: retired, misspelt, not for this key); likewise.
 ErrorKind = Literal[
     "rate_limit", "overloaded", "timeout", "server", "invalid_output", "request", "truncated", "refusal",
-    "simulated", "agent_error", "deadline", "dead_letter",
+    "model_unavailable", "simulated", "agent_error", "deadline", "dead_letter",
 ]
 
 

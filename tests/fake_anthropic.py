@@ -5,7 +5,7 @@ by the tool offered (``submit_plan`` → plan, ``submit_result`` → task, none 
 them with tool_use blocks (a thinking block first for the plan), text, and usage with cache tokens,
 records every request, and can be told to answer the next call(s) of a kind with 400, 409, 429, 529, 500 (also
 one that says ``x-should-retry: false``), a response slower than any client timeout, malformed output, an
-answer cut off at ``max_tokens``, or a refusal.
+answer cut off at ``max_tokens``, or a refusal. A call naming a model in ``retired`` gets the API's 404.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 Kind = Literal["plan", "task", "synthesis"]
 Behaviour = Literal["ok", "400", "409", "429", "529", "500", "no_retry", "slow", "no_tool", "bad_input", "not_json",
-                    "max_tokens", "refusal"]
+                    "max_tokens", "refusal", "retired"]
 
 USAGE: dict[Kind, dict[str, int]] = {
     "plan": {"input_tokens": 1850, "output_tokens": 2600, "cache_read_input_tokens": 0,
@@ -72,6 +72,7 @@ class FakeAnthropic:
         self._hold: dict[Kind, int] = {}
         self.release = threading.Event()  # a "slow" answer waits for this (set at stop)
         self.retry_after_s = 2  # what a 429 asks the client to wait
+        self.retired: set[str] = set()  # models this endpoint no longer knows: 404, whatever was scripted
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -113,7 +114,10 @@ class FakeAnthropic:
         with self._lock:
             self.requests.append({"kind": kind, "body": body, "headers": headers})
             n = sum(r["kind"] == kind for r in self.requests)
-            behaviour = self._script[kind].popleft() if self._script[kind] else "ok"
+            if body.get("model") in self.retired:
+                behaviour: Behaviour = "retired"  # the script is for calls that reach a model
+            else:
+                behaviour = self._script[kind].popleft() if self._script[kind] else "ok"
             self._lock.notify_all()
             self._lock.wait_for(lambda: sum(r["kind"] == kind for r in self.requests) >= self._hold.get(kind, 0),
                                 timeout=30)
@@ -176,6 +180,11 @@ class FakeAnthropic:
                 behaviour, n = fake._arrive(kind, body, {k.lower(): v for k, v in self.headers.items()})
                 if behaviour == "not_json":
                     self._send(200, None, raw=b'{"id": "msg_1", "content": [')
+                    return
+                if behaviour == "retired":
+                    self._send(404, {"type": "error", "error": {"type": "not_found_error",
+                                                                "message": f"model: {body['model']}"}},
+                               headers={"x-should-retry": "false"})
                     return
                 if behaviour == "no_retry":  # the API's own word that another try would fail too
                     self._send(*fake._answer(kind, "500", body, n), headers={"x-should-retry": "false"})

@@ -240,6 +240,27 @@ def texts_cut(stack: Stack, child: str, message: str) -> float:
     return next((float(x.removeprefix(line)) for x in metrics.splitlines() if x.startswith(line)), 0.0)
 
 
+def test_a_retired_model_degrades_to_the_lighter_one_task_by_task(env: tuple[Stack, FakeAnthropic]) -> None:
+    stack, fake = env
+    fake.retired.add("claude-sonnet-4-6")  # database's and codegen's model, and the synthesis model
+    try:
+        doc = run(stack, {"message": "index", "tasks": [
+            {"id": "migrate", "pool": "database", "description": "Add an index on orders.created_at"},
+            {"id": "api", "pool": "codegen", "description": "Expose the orders by date", "depends_on": ["migrate"]}]})
+    finally:
+        fake.retired.clear()
+    assert doc["status"] == "completed"
+    for task in doc["tasks"]:
+        assert [(a["outcome"], a["model"], a["error_kind"], a["cost_usd"]) for a in task["attempts"]] == [
+            ("failed", "claude-sonnet-4-6", "model_unavailable", 0),
+            ("completed", "claude-haiku-4-5", None, pytest.approx(TASK_ON_HAIKU))], task["id"]
+        assert "HTTP 404" in task["attempts"][0]["error"]
+    # The answer falls back to the template, unbilled; the total is the two calls that answered.
+    [synthesis] = doc["calls"]
+    assert synthesis["model"] == "claude-sonnet-4-6" and "HTTP 404" in synthesis["error"]
+    assert doc["cost"]["total_usd"] == pytest.approx(2 * TASK_ON_HAIKU, abs=1e-12)
+
+
 def test_a_declined_task_is_asked_of_the_lighter_model_and_a_refused_request_is_not_sent_again(
     env: tuple[Stack, FakeAnthropic],
 ) -> None:

@@ -148,6 +148,18 @@ async def test_failures_map_to_error_kinds_and_the_sdk_does_not_retry(
     assert len(fake_anthropic.requests) == 1  # max_retries=0: retrying is the pool worker's job
 
 
+async def test_a_model_the_endpoint_does_not_know_is_its_own_kind_whatever_the_retry_header_says(
+    provider: AnthropicProvider, fake_anthropic: FakeAnthropic
+) -> None:
+    fake_anthropic.retired.add("claude-sonnet-4-6")  # answered 404 not_found_error with x-should-retry: false
+    with pytest.raises(ProviderError) as err:
+        await provider.run_task("codegen", SPEC, codegen_prompt(SPEC), "claude-sonnet-4-6", 1)
+    assert (err.value.kind, err.value.usage) == ("model_unavailable", None)  # nothing billed
+    assert "HTTP 404" in str(err.value) and "claude-sonnet-4-6" in str(err.value)
+    reply = await provider.run_task("codegen", SPEC, codegen_prompt(SPEC), "claude-haiku-4-5", 2)
+    assert reply.model.startswith("claude-haiku-4-5")
+
+
 async def test_upstream_outputs_reach_the_prompt(provider: AnthropicProvider, fake_anthropic: FakeAnthropic) -> None:
     spec = TaskSpec(id="db", pool="database", description="Index the orders table",
                     context={"upstream": {"api": {"summary": "orders API"}}})
@@ -221,20 +233,21 @@ def test_a_call_that_would_fail_the_same_way_again_is_not_retried() -> None:
     assert decide(pe, "codegen", 1, "invalid_output", 1000).strategy is Strategy.RETRY  # a model may answer better
 
 
-def test_a_declined_task_goes_to_the_other_model_and_never_back() -> None:
+@pytest.mark.parametrize("switch", ["refusal", "model_unavailable"])
+def test_a_declined_task_or_an_unknown_model_goes_to_the_other_model_and_never_back(switch: str) -> None:
     pe = ParallelExecutionConfig()  # codegen: claude-sonnet-4-6, falling back to claude-haiku-4-5
     sonnet, haiku = "claude-sonnet-4-6", "claude-haiku-4-5"
-    declined = decide(pe, "codegen", 1, "refusal", 1000, model=sonnet)
+    declined = decide(pe, "codegen", 1, switch, 1000, model=sonnet)
     assert declined.strategy is Strategy.FALLBACK and not declined.final and declined.delay_s == 1
-    assert model_for(pe, "codegen", 2, ["refusal"]) == haiku  # the next attempt, not only the last
+    assert model_for(pe, "codegen", 2, [switch]) == haiku  # the next attempt, not only the last
     assert model_for(pe, "codegen", 2, ["timeout"]) == sonnet
-    assert decide(pe, "codegen", 2, "refusal", 1000, model=haiku).final  # declined by both
+    assert decide(pe, "codegen", 2, switch, 1000, model=haiku).final  # declined by both, or unknown to both
     # The fallback model fails otherwise: the last attempt stays on it, and waits what its endpoint asked for.
-    assert model_for(pe, "codegen", 3, ["refusal", "server"]) == haiku
+    assert model_for(pe, "codegen", 3, [switch, "server"]) == haiku
     busy = decide(pe, "codegen", 2, "rate_limit", 1000, retry_after_s=7, model=haiku)
     assert busy.strategy is Strategy.RETRY and busy.delay_s == 7
     longer = ParallelExecutionConfig.model_validate({"retries": {"max_retries": 4}})
-    assert [model_for(longer, "codegen", n, ["refusal", "server", "timeout", "invalid_output"][:n - 1])
+    assert [model_for(longer, "codegen", n, [switch, "server", "timeout", "invalid_output"][:n - 1])
             for n in range(2, 6)] == [haiku] * 4
 
 
