@@ -145,6 +145,8 @@ class Gateway(_Strict):
     max_wait_s: float = Field(default=600, gt=0, le=DAY_S)
     rate_limit_per_minute: int = Field(default=600, ge=1, description="per API key (not in local mode)")
     rate_limit_burst: int = Field(default=60, ge=1)
+    max_open_per_key: int = Field(default=100, ge=1, description="event streams and waiting requests one API key "
+                                  "may hold open at once, per gateway replica (not in local mode)")
 
     @model_validator(mode="after")
     def _default_within_max(self) -> Gateway:

@@ -38,6 +38,7 @@ REQUEST_DURATION = Histogram(
     "openclaw_http_request_duration_seconds", "Gateway API request time (streams: until the stream ends)",
     ["route", "method"], buckets=DURATION_BUCKETS,
 )
+OPEN_REQUESTS = Gauge("openclaw_http_open_requests", "Event streams and waiting requests the gateway holds open")
 ROUTING_SECONDS = Histogram(
     "openclaw_routing_decision_seconds", "Time the chat router takes to choose parallel or single-agent",
     buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.1),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -23,6 +24,7 @@ from tests.conftest import Stack, stack_env, start_stack, stop_stack, until, wai
 pytestmark = pytest.mark.e2e
 
 ACME, GLOBEX = "acme-key-0123456789abcdef", "globex-key-0123456789abcdef"
+INITECH = "initech-key-0123456789abcdef"  # only test_a_key_holds_a_limited_number_of_streams_and_waits_open uses it
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +33,10 @@ def stack(nats_url: str, tmp_path_factory: pytest.TempPathFactory):  # type: ign
     cfg = write_config(tmp / "c.json", {
         "ack_wait_s": 6,  # a cancel reaches a running task at its next heartbeat, every 2 s
         "worker_pools": {"database": {"max_concurrent": 1, "timeout": 60}},
-        "gateway": {"rate_limit_per_minute": 60, "rate_limit_burst": 40},
+        "gateway": {"rate_limit_per_minute": 60, "rate_limit_burst": 40, "max_open_per_key": 3},
     })
     s = start_stack(nats_url, "gw" + uuid.uuid4().hex[:8], tmp, "--config", str(cfg),
-                    env=stack_env(OPENCLAW_API_KEYS=f"acme={ACME},globex={GLOBEX}"))
+                    env=stack_env(OPENCLAW_API_KEYS=f"acme={ACME},globex={GLOBEX},initech={INITECH}"))
     yield s
     assert stop_stack(s) == 0, s.output()[-3000:]
 
@@ -352,6 +354,49 @@ def test_keys_tenants_and_rate_limits(stack: Stack) -> None:
     assert int(limited.headers["retry-after"]) >= 1
     assert "rate limit of 60/min" in limited.json()["message"]
     assert httpx.get(f"{stack.url}/api/execution/{eid}", headers=auth()).status_code == 200  # per key
+
+
+async def test_a_key_holds_a_limited_number_of_streams_and_waits_open(stack: Stack) -> None:
+    slow = {"message": "m", "tasks": [task("slow", "codegen", 60)]}
+    quick = {"message": "m", "tasks": [task("quick", "codegen", 0)]}
+
+    def held_open() -> float:
+        line = next(x for x in httpx.get(f"{stack.url}/metrics").text.splitlines()
+                    if x.startswith("openclaw_http_open_requests "))
+        return float(line.rsplit(" ", 1)[1])
+
+    async with httpx.AsyncClient(base_url=stack.url, timeout=httpx.Timeout(10, read=60)) as client:
+        eid = (await client.post("/api/execute-parallel", headers=auth(INITECH), json=slow)).json()["execution_id"]
+        idem = {**auth(INITECH), "Idempotency-Key": uuid.uuid4().hex}
+        async with contextlib.AsyncExitStack() as streams:
+            opened = [await streams.enter_async_context(
+                client.stream("GET", f"/api/execution/{eid}/events", headers=auth(INITECH))) for _ in range(3)]
+            assert [r.status_code for r in opened] == [200] * 3
+            assert held_open() == 3
+            # A fourth stream, a wait and a waiting cancel are refused, saying why; the wait stored nothing.
+            refused = [await client.get(f"/api/execution/{eid}/events", headers=auth(INITECH)),
+                       await client.post("/api/execute-parallel", headers=idem, json={**quick, "wait": True}),
+                       await client.post("/api/chat", headers=auth(INITECH), json={"message": "hi", "wait": True}),
+                       await client.delete(f"/api/execution/{eid}", headers=auth(INITECH))]
+            assert [r.status_code for r in refused] == [429] * 4
+            assert all("gateway.max_open_per_key" in r.json()["message"] for r in refused)
+            # What does not wait is not counted, and another key has a limit of its own.
+            assert (await client.post("/api/execute-parallel", headers=auth(INITECH), json=quick)).status_code == 202
+            done = await client.post("/api/execute-parallel", headers=auth(), json={**quick, "wait": True})
+            assert done.status_code == 200 and held_open() == 3
+            # A client that goes away gives its place back.
+            await opened.pop().aclose()
+            await until(lambda: held_open() == 2, 10, "the closed stream's place to be given back")
+            opened.append(await streams.enter_async_context(
+                client.stream("GET", f"/api/execution/{eid}/events", headers=auth(INITECH))))
+            assert opened[-1].status_code == 200
+            assert (await client.delete(f"/api/execution/{eid}?wait_s=0", headers=auth(INITECH))).status_code == 202
+            # The cancel ends the execution, its final event closes every stream, and each gives its place back.
+            for r in opened:
+                assert [line async for line in r.aiter_lines() if line.startswith("event:")][-1] == "event: completed"
+        await until(lambda: held_open() == 0, 10, "the streams to be given back")
+        again = await client.post("/api/execute-parallel", headers=idem, json={**quick, "message": "n", "wait": True})
+        assert again.status_code == 200, again.text  # not 422: the refused request with this key stored nothing
 
 
 def test_chat_routes_between_one_specialist_and_parallel_execution(stack: Stack) -> None:

@@ -1,4 +1,5 @@
-"""Who is calling, and whether they may call now: API keys → tenants, and a per-key rate limit."""
+"""Who is calling, and whether they may call now: API keys → tenants, a per-key rate limit, and a per-key limit on
+the requests held open (event streams, waits)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import hashlib
 import hmac
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from shared.errors import ConfigError
@@ -74,3 +76,25 @@ class RateLimiter:
             b.tokens -= 1.0
             return None
         return math.ceil((1.0 - b.tokens) / rate) if rate > 0 else 60.0
+
+
+@dataclass
+class OpenLimit:
+    """How many long-lived requests (event streams, waits) each key holds open at once. Per gateway replica: each
+    holds a subscription (an event stream, a consumer on the server) for as long as it lasts, which the rate limit,
+    counting only arrivals, does not bound."""
+
+    per_key: int
+    _open: Counter[str] = field(default_factory=Counter)
+
+    def open(self, key_id: str) -> bool:
+        """Whether the key may hold one more; if so, it now does (until ``close``)."""
+        if self._open[key_id] >= self.per_key:
+            return False
+        self._open[key_id] += 1
+        return True
+
+    def close(self, key_id: str) -> None:
+        self._open[key_id] -= 1
+        if self._open[key_id] <= 0:
+            del self._open[key_id]

@@ -9,7 +9,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from datetime import datetime, timedelta
 from typing import Annotated, Any, get_args
 
@@ -21,7 +21,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, PubAck
 from nats.js.errors import KeyWrongLastSequenceError
 from pydantic import BaseModel
 
-from services.gateway.access import LOCAL_TENANT, Caller
+from services.gateway.access import LOCAL_TENANT, Caller, OpenLimit
 from services.gateway.api import ChatRequest, ChatResponse, ErrorBody, ExecuteRequest
 from shared import metrics
 from shared.bus import publish, schedule
@@ -89,6 +89,28 @@ async def caller(
         raise HTTPException(429, f"rate limit of {limiter.per_minute}/min for this key exceeded; retry in {wait:g}s",
                             headers={"Retry-After": str(int(wait))})
     return who
+
+
+@contextlib.contextmanager
+def held(request: Request, who: Caller, holds: bool = True) -> Iterator[None]:
+    """While the block runs, one of the requests the caller's key holds open (an event stream, a wait); 429 when it
+    holds ``gateway.max_open_per_key`` on this replica already. Nothing is counted in local mode, or when ``holds``
+    is false (a request that does not wait)."""
+    limit: OpenLimit = request.app.state.open_limit
+    key = who.key_id if holds else None
+    if key is not None and not limit.open(key):
+        raise HTTPException(429, f"this key holds {limit.per_key} event streams and waiting requests open on this "
+                                 "gateway already (gateway.max_open_per_key): close one first, or poll "
+                                 "GET /api/execution/{id} instead of waiting")
+    if holds:
+        metrics.OPEN_REQUESTS.inc()
+    try:
+        yield
+    finally:
+        if holds:
+            metrics.OPEN_REQUESTS.dec()
+        if key is not None:
+            limit.close(key)
 
 
 RuntimeDep = Annotated[Runtime, Depends(runtime)]
@@ -293,7 +315,8 @@ async def execute_parallel(
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=200)] = None,
 ) -> Execution | Response:
     """Accept a request; 202 with the planned execution, or 200 with the terminal one when ``wait``."""
-    ex, final = await _submit(rt, who, body, idempotency_key, request)
+    with held(request, who, body.wait):
+        ex, final = await _submit(rt, who, body, idempotency_key, request)
     code = status.HTTP_200_OK if final else status.HTTP_202_ACCEPTED
     if isinstance(ex, bytes):  # the stored document is the response: no need to parse and re-serialise it
         return Response(ex, code, media_type="application/json")
@@ -324,7 +347,8 @@ async def chat(
         req = ExecuteRequest(message=body.message, session_key=body.session_key, project=body.project,
                              tasks=[TaskSpec.for_request("chat", r.pool, "", body.message)], mode="serial",
                              wait=body.wait, timeout_s=body.timeout_s)
-    submitted, final = await _submit(rt, who, req, idempotency_key, request, routing)
+    with held(request, who, req.wait):
+        submitted, final = await _submit(rt, who, req, idempotency_key, request, routing)
     ex = Execution.model_validate_json(submitted) if isinstance(submitted, bytes) else submitted
     response.status_code = status.HTTP_200_OK if final else status.HTTP_202_ACCEPTED
     return ChatResponse(execution_id=ex.execution_id, status=ex.status, mode=ex.mode, routing=routing,
@@ -351,6 +375,17 @@ async def cancel_execution(
     """Cancel: queued tasks never run, running ones are abandoned at their next heartbeat; the execution
     ends ``cancelled`` with the cost spent so far."""
     execution_id = ex.execution_id
+    with held(request, who, wait_s > 0):
+        final = await _cancel(rt, who, execution_id, wait_s, request)
+    if final is not None:
+        return Response(final[0], status.HTTP_200_OK, media_type="application/json")
+    response.status_code = status.HTTP_202_ACCEPTED
+    return await owned(rt, who, execution_id)
+
+
+async def _cancel(rt: Runtime, who: Caller, execution_id: str, wait_s: float, request: Request
+                  ) -> tuple[bytes, bool] | None:
+    """Publish the cancel; the terminal version of the document if one is stored within ``wait_s``."""
     sub = await rt.nats.subscribe(rt.names.document(execution_id))
     try:
         # Read again, now that no later version can slip past: had it ended after the read that found it, the
@@ -361,34 +396,34 @@ async def cancel_execution(
             raise HTTPException(409, {"field": "execution_id", "message": f"execution already {ex.status}"})
         await publish(rt.jetstream, rt.names.execution_cancel, CancelExecution(execution_id=execution_id),
                       msg_id=f"{execution_id}:cancel")
-        final = await _stored(rt, sub, TERMINAL_EXECUTION, wait_s, request) if wait_s else None
+        return await _stored(rt, sub, TERMINAL_EXECUTION, wait_s, request) if wait_s else None
     finally:
         await sub.unsubscribe()
-    if final is not None:
-        return Response(final[0], status.HTTP_200_OK, media_type="application/json")
-    response.status_code = status.HTTP_202_ACCEPTED
-    return await owned(rt, who, execution_id)
 
 
 async def event_subscription(
     ex: ExecutionDep,
+    who: CallerDep,
     rt: RuntimeDep,
+    request: Request,
     last_event_id: Annotated[str | None, Header(description="resume after this event id")] = None,
 ) -> AsyncIterator[tuple[Subscription, int]]:
     """The execution's events from the start (or after ``Last-Event-ID``), subscribed before the response starts,
-    so NATS being unavailable is a 503 rather than a stream cut off after its 200; closed after the response."""
+    so NATS being unavailable is a 503 rather than a stream cut off after its 200; closed after the response, which
+    holds one of the key's open requests (``held``) until then."""
     # Only ASCII digits ("²", a latin-1 byte, passes isdigit() but not int()), and a stream sequence (the server
     # refuses a start beyond 64 bits): anything else replays from the start.
     after = int(last_event_id) if last_event_id and last_event_id.isascii() and last_event_id.isdigit() else 0
     after = after if after < 2**63 else 0
     start = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1) if after else (
         ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
-    sub = await rt.jetstream.subscribe(rt.names.events(ex.execution_id, "*"), stream=rt.names.events_stream,
-                                       ordered_consumer=True, config=start)
-    try:
-        yield sub, after
-    finally:
-        await sub.unsubscribe()
+    with held(request, who):
+        sub = await rt.jetstream.subscribe(rt.names.events(ex.execution_id, "*"), stream=rt.names.events_stream,
+                                           ordered_consumer=True, config=start)
+        try:
+            yield sub, after
+        finally:
+            await sub.unsubscribe()
 
 
 @router.get("/execution/{execution_id}/events", response_class=EventSourceResponse, responses=ERRORS)

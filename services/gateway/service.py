@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.gateway.access import LOCAL_TENANT, ApiKeys, RateLimiter
+from services.gateway.access import LOCAL_TENANT, ApiKeys, OpenLimit, RateLimiter
 from services.gateway.handlers import identify, router
 from services.gateway.limits import BodySizeLimit, RequestMetrics
 from shared.consumer import UNAVAILABLE
@@ -52,6 +52,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.api_keys = ApiKeys(settings.api_keys.get_secret_value() if settings.api_keys else None)
     gw = settings.pe.gateway
     app.state.rate_limiter = RateLimiter(gw.rate_limit_per_minute, gw.rate_limit_burst)
+    app.state.open_limit = OpenLimit(gw.max_open_per_key)
     if app.state.api_keys.local_mode:
         log.warning("no API keys configured (OPENCLAW_API_KEYS): local mode, every caller is tenant %r and "
                     "unlimited", LOCAL_TENANT)
