@@ -268,7 +268,8 @@ def cancel(ex: Execution, reason: str) -> bool:
         return False
     for t in ex.tasks:
         if t.status not in TERMINAL_TASK:
-            t.status, t.error = "cancelled", reason
+            # What the client gets without it, as for work given up on (a cancelled review: unaudited).
+            t.status, t.error, t.degradation = "cancelled", reason, DEGRADATION[t.pool]
             for a in t.attempts:
                 if a.outcome == "running":
                     a.outcome, a.finished_at, a.error = "lost", now(), f"abandoned: {reason}"

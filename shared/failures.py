@@ -7,7 +7,7 @@ the pool's lighter model; when the model declined the task (refusal) or the endp
 endpoint refused (4xx) or an answer cut off at ``max_tokens`` would fail the same way again, paid again:
 no retry. Exhausted: SKIP (deliver the rest without this result) or ESCALATE (the client must decide) by
 pool, with the seed's degradation labels; REFUND is reported per execution as the cost of the work that
-failed or was skipped.
+failed, was skipped or was cancelled.
 """
 
 from __future__ import annotations

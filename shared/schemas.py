@@ -491,7 +491,7 @@ class Execution(BaseModel):
     @computed_field  # type: ignore[prop-decorator]
     @property
     def refund_usd(self) -> float:
-        """What the work that failed or was skipped cost: the partial refund figure."""
+        """What the work that failed, was skipped or was cancelled cost: the partial refund figure."""
         return round(sum(t.cost_usd for t in self.tasks if t.status in ("failed", "skipped", "cancelled")), 8)
 
     @model_validator(mode="after")

@@ -182,3 +182,151 @@ def test_released_task_carries_its_dependencies_outputs() -> None:
     ex.task("schema").output = TaskOutput(summary="tables: orders")  # type: ignore[union-attr]
     cmd = run_command(ex, ex.task("api"))  # type: ignore[arg-type]
     assert cmd.task.context == {"stack": "fastapi", "upstream": {"schema": {"summary": "tables: orders"}}}
+
+
+def answer(ex: Execution, mode: str = "security_first") -> str:
+    """The template's answer (what the simulated provider, or a failed synthesis call, gives the client)."""
+    from services.aggregator.synthesis import synthesize
+    from shared.execution import outcome
+
+    return synthesize(ex, aggregate(ex, mode), outcome(ex), PMCoordinator(emoji=False))
+
+
+def test_every_security_finding_stands_whatever_its_script_or_spelling() -> None:
+    ex = execution({"audit": ("security", TaskOutput(summary="audit", findings=[
+        Finding(severity="critical", topic="Инъекция", recommendation="Параметризуйте запросы"),
+        Finding(severity="high", topic="Межсайтовый скриптинг", recommendation="Экранируйте вывод"),
+        Finding(severity="high", topic="XSS", recommendation="Escape output in search"),
+        Finding(severity="low", topic="xss", recommendation="Add a Content-Security-Policy header"),
+        Finding(severity="low", topic="X.S.S.", recommendation="add a content-security-policy header")]))})
+    s = settle(ex)
+    assert [(f.topic, f.severity) for f in s.findings] == [
+        ("Инъекция", "critical"), ("Межсайтовый скриптинг", "high"), ("XSS", "high"), ("xss", "low")]
+    assert s.conflicts == [] and s.audit == []  # security does not overrule itself
+    text = answer(ex)
+    assert "Экранируйте вывод" in text and "Content-Security-Policy" in text and "(over )" not in text
+
+
+def test_security_first_applies_the_advice_of_securitys_most_severe_finding() -> None:
+    ex = execution({
+        "backend": ("codegen", TaskOutput(summary="api", recommendations=[rec("CSRF", "SameSite=Lax only")])),
+        "audit": ("security", TaskOutput(summary="audit", findings=[
+            Finding(severity="low", topic="CSRF", recommendation="Consider SameSite=Strict"),
+            Finding(severity="critical", topic="CSRF", recommendation=CSRF_FIX)])),
+    })
+    s = settle(ex)
+    assert [r.choice for r in s.recommendations] == [CSRF_FIX]
+    assert [o.by.says for o in s.audit] == [CSRF_FIX]
+
+
+def test_advice_is_compared_in_any_script_and_the_symbols_that_name_things_count() -> None:
+    opposite = execution({
+        "backend": ("codegen", TaskOutput(summary="api", recommendations=[rec("CSRF", "不需要 CSRF 令牌")])),
+        "audit": ("security", TaskOutput(summary="audit", findings=[
+            Finding(severity="high", topic="CSRF", recommendation="必须使用 CSRF 令牌")])),
+    })
+    assert [c.kind for c in settle(opposite).conflicts] == ["approach_vs_risk"]
+    languages = execution({
+        "api": ("codegen", TaskOutput(summary="api", recommendations=[rec("language", "C#")])),
+        "db": ("database", TaskOutput(summary="db", recommendations=[rec("language", "C++")])),
+    })
+    assert settle(languages).decisions == ["language: C# (codegen) or C++ (database)?"]
+    assert topic_key("Сессии") != topic_key("Платежи")
+
+
+def test_two_security_tasks_that_disagree_leave_the_choice_to_the_client() -> None:
+    ex = execution({
+        "review_a": ("security", TaskOutput(summary="a", recommendations=[rec("sessions", "server-side sessions")])),
+        "review_b": ("security", TaskOutput(summary="b", recommendations=[rec("sessions", "JWT in a cookie")])),
+        "api": ("codegen", TaskOutput(summary="api", recommendations=[rec("sessions", "server-side sessions")])),
+    })
+    s = settle(ex)
+    assert s.audit == [] and [c.rule for c in s.conflicts] == ["flag"]
+    assert s.decisions == ["sessions: server-side sessions (security, codegen) or JWT in a cookie (security)?"]
+
+
+def test_each_option_is_listed_once_with_everyone_who_gave_it() -> None:
+    agree = execution({
+        "backend": ("codegen", TaskOutput(summary="api", recommendations=[rec("CSRF", "SameSite=Lax only")])),
+        "schema": ("database", TaskOutput(summary="db", recommendations=[rec("CSRF", CSRF_FIX)])),
+        "audit": ("security", TaskOutput(summary="audit", findings=[
+            Finding(severity="high", topic="CSRF", recommendation=CSRF_FIX)])),
+    })
+    [settled] = settle(agree).recommendations
+    assert (settled.choice, settled.sources, settled.decision_needed) == (CSRF_FIX, ["audit", "schema"], False)
+    three = execution({
+        "api": ("codegen", TaskOutput(summary="a", recommendations=[rec("database", "PostgreSQL")])),
+        "db": ("database", TaskOutput(summary="d", recommendations=[rec("database", "postgresql")])),
+        "web": ("codegen", TaskOutput(summary="w", recommendations=[rec("database", "MongoDB")])),
+    })
+    s = settle(three)
+    assert s.decisions == ["database: PostgreSQL (codegen, database) or MongoDB (codegen)?"]
+    assert [(r.choice, r.sources) for r in s.recommendations] == [("PostgreSQL", ["api", "db"]),
+                                                                  ("MongoDB", ["web"])]
+
+
+def test_flag_all_names_every_option_settles_none_and_keeps_securitys_side_of_a_tie() -> None:
+    ex = execution({
+        "backend": ("codegen", TaskOutput(summary="api", recommendations=[rec("CSRF", "SameSite=Lax only")])),
+        "schema": ("database", TaskOutput(summary="db", recommendations=[rec("CSRF", "nothing needed")])),
+        "seed": ("database", TaskOutput(summary="seed", recommendations=[rec("CSRF", CSRF_FIX)])),
+        "audit": ("security", TaskOutput(summary="audit", findings=[
+            Finding(severity="high", topic="CSRF", recommendation=CSRF_FIX)])),
+    })
+    s = settle(ex, "flag_all")
+    assert s.decisions == [f"CSRF: {CSRF_FIX} (security) or SameSite=Lax only (codegen) or nothing needed (database)?"]
+    assert [(r.choice, r.decision_needed) for r in s.recommendations] == [
+        (CSRF_FIX, True), ("SameSite=Lax only", True), ("nothing needed", True)]
+    tie = execution({
+        "backend": ("codegen", TaskOutput(summary="api", findings=[
+            Finding(severity="high", topic="CSRF", recommendation="SameSite is enough; skip CSRF tokens")])),
+        "audit": ("security", TaskOutput(summary="audit", findings=[
+            Finding(severity="high", topic="CSRF", recommendation=CSRF_FIX)])),
+    })
+    s = settle(tie, "flag_all")
+    assert [f.recommendation for f in s.findings] == [CSRF_FIX] and len(s.decisions) == 1
+    assert "the advice differs" in s.conflicts[0].resolution
+    assert "skip CSRF tokens" not in answer(tie, "flag_all").split("Next steps:")[1]
+
+
+def test_the_answer_names_every_finding_and_recommendation_and_counts_what_is_done() -> None:
+    ex = execution({
+        "audit": ("security", TaskOutput(summary="audit", findings=[
+            Finding(severity="critical", topic="Hardcoded AWS key", detail="config.py holds a live secret")],
+            recommendations=[rec("password hashing", "argon2id")])),
+        **{f"t{i}": ("database", None) for i in range(4)},
+    })
+    text = answer(ex)
+    assert "Address [critical] Hardcoded AWS key: config.py holds a live secret" in text
+    assert "  • password hashing: argon2id" in text.split("Recommendations:")[1]
+    assert "1 of 5 pieces are done; the rest needs another pass." in text
+
+
+def test_a_model_writing_the_answer_is_told_what_the_template_says() -> None:
+    from shared.execution import _give_up
+
+    ex = execution({
+        "api": ("codegen", None),
+        "web": ("codegen", TaskOutput(summary="w", recommendations=[rec("database", "MongoDB")])),
+        "db": ("database", TaskOutput(summary="d", recommendations=[rec("database", "PostgreSQL")])),
+        "sec": ("security", None),
+    })
+    for tid in ("api", "sec"):
+        _give_up(ex.task(tid), "timed out")  # type: ignore[arg-type]
+    facts = json.loads(format_prompt(ex, aggregate(ex), "partial", PMCoordinator()).user.split("\n\n", 1)[1])
+    assert {t["id"]: t.get("degradation") for t in facts["tasks"]} == {
+        "api": "pending", "web": None, "db": None, "sec": "unaudited"}
+    assert facts["decisions_for_the_client"] == [
+        "api (codegen) is pending: retry it, give it more time, or drop it from scope?",
+        "database: MongoDB (codegen) or PostgreSQL (database)?"]
+
+
+def test_a_cancelled_security_review_leaves_the_results_unaudited() -> None:
+    from shared.execution import cancel
+
+    ex = execution({"api": ("codegen", TaskOutput(summary="api done")), "sec": ("security", None)})
+    ex.task("sec").status = "running"  # type: ignore[union-attr]
+    cancel(ex, "cancelled by the client")
+    assert ex.task("sec").degradation == "unaudited"  # type: ignore[union-attr]
+    assert aggregate(ex).quality_score == round(1 / 2 * 0.9, 3)
+    assert "treat these results as unaudited" in answer(ex)

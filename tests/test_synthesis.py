@@ -130,7 +130,7 @@ async def test_the_refund_due_follows_the_models_answer_as_it_follows_the_templa
                                 started_at=T0, finished_at=T0 + timedelta(seconds=1), error="cut off",
                                 error_kind="truncated", final=True, model="claude-sonnet-4-6", provider="anthropic",
                                 usage=Usage(input_tokens=1000, output_tokens=1000), cost_usd=0.018))
-    refund = "Refund due: $0.0180 for work that failed or was skipped."
+    refund = "Refund due: $0.0180 for work that failed, was skipped or was cancelled."
     provider = AnthropicProvider(pe, KEY)
     try:
         text, call = await write_answer(ex, aggregate(ex), "partial", pe, provider)

@@ -1,16 +1,18 @@
 """Conflicts between agents, and how they are settled.
 
-Detected, per topic (normalised, with a few synonyms):
+Detected, per topic (case, spacing and punctuation aside, in any script, with a few synonyms):
 - approach vs risk: a codegen/database recommendation on a topic where security reports a finding
   whose recommendation differs (the seed's CSRF example);
 - different tools: two agents recommending different choices for the same topic;
 - contradictory findings: findings on the same topic whose severities are two or more levels apart, or
   another agent's finding that says to do something other than security's about the same risk.
 
-Settled by rule: 1. security's recommendation always applies (``security_first``); 2. agreeing or
-complementary advice is merged; 3. a disagreement security is not part of is flagged for the PM and
-becomes a decision for the client. With ``conflict_resolution: flag_all`` every conflict is flagged.
-Every override is recorded in the audit trail.
+Settled by rule: 1. security's recommendation always applies (``security_first``; where security
+reported several findings on a topic, its most severe one's); 2. agreeing or complementary advice is
+merged; 3. a disagreement security is not part of, or one between two security tasks, is flagged for the
+PM and becomes a decision for the client, each option listed once. With ``conflict_resolution: flag_all``
+every conflict is flagged. Every override is recorded in the audit trail. Security's findings are never
+dropped: each distinct one stands.
 """
 
 from __future__ import annotations
@@ -47,8 +49,14 @@ SYNONYMS = {
 
 
 def topic_key(topic: str) -> str:
-    key = re.sub(r"[^a-z0-9]", "", topic.lower())
+    """A topic as compared: case, spacing and punctuation aside, in any script; a few synonyms merged."""
+    key = re.sub(r"[\W_]+", "", topic.casefold()) or topic.strip().casefold()
     return SYNONYMS.get(key, key)
+
+
+def _norm(text: str | None) -> str:
+    """Advice as compared: case, spacing and punctuation aside, in any script ("C#" and "C++" stay apart)."""
+    return re.sub(r"[^\w#+]+|_", "", (text or "").casefold())
 
 
 @dataclass
@@ -68,7 +76,7 @@ class _Rec:
 
     @property
     def choice(self) -> str:
-        return re.sub(r"[^a-z0-9]", "", self.rec.choice.lower())
+        return _norm(self.rec.choice)
 
     def position(self) -> Position:
         return Position(task_id=self.task_id, pool=self.pool, says=self.rec.choice)
@@ -115,103 +123,126 @@ def settle(ex: Execution, mode: str = "security_first") -> Settlement:
     return out
 
 
-def _norm(text: str | None) -> str:
-    return re.sub(r"[^a-z0-9]", "", (text or "").lower())
-
-
 def _settle_findings(out: Settlement, topic: str, finds: list[_Find], flag_all: bool) -> None:
-    """One finding per topic. Where security reported one, security's stands; another agent's that rates the
-    risk two or more levels apart, or says to do something else about it, is a conflict security wins.
-    Without security the most severe stands, and severities two or more levels apart are flagged."""
+    """Security's findings all stand (the same one reported twice, once). Another agent's finding that rates the
+    risk two or more levels apart from security's most severe, or says to do something else about it, is a
+    conflict security wins; one that agrees adds nothing. Without security the most severe stands, and
+    severities two or more levels apart are flagged."""
     if not finds:
         return
     security = [f for f in finds if f.pool == "security"]
-    standing = max(security, key=lambda f: f.rank) if security else None
-    worst = max(finds, key=lambda f: f.rank)
-    mild = min(finds, key=lambda f: f.rank)
-    wants = _norm(standing.finding.recommendation) if standing else ""
-    against = [f for f in finds if f.pool != "security" and standing is not None and (
-        abs(f.rank - standing.rank) >= 2 or (wants and f.finding.recommendation
-                                             and _norm(f.finding.recommendation) != wants))]
-    if not against and worst.rank - mild.rank < 2:
-        out.findings.append((standing or worst).finding)
+    if not security:
+        worst, mild = max(finds, key=lambda f: f.rank), min(finds, key=lambda f: f.rank)
+        if worst.rank - mild.rank >= 2:
+            _flag_findings(out, topic, finds)
+        out.findings.append(worst.finding)
         return
-    if standing is not None and not flag_all:
-        fix = f": {standing.finding.recommendation}" if standing.finding.recommendation else ""
-        _conflict(out, "contradictory_findings", topic, finds, "security_first",
-                  f"security's assessment stands: {standing.finding.severity}{fix}", standing)
-        out.findings.append(standing.finding)
+    out.findings += [f.finding for f in _distinct(security)]
+    standing = max(security, key=lambda f: f.rank)
+    wants = _norm(standing.finding.recommendation)
+    against = [f for f in finds if f.pool != "security" and (
+        abs(f.rank - standing.rank) >= 2
+        or (wants and f.finding.recommendation and _norm(f.finding.recommendation) != wants))]
+    if not against:
         return
+    if flag_all:
+        _flag_findings(out, topic, [standing, *against])
+        worst = max(against, key=lambda f: f.rank)
+        if worst.rank > standing.rank:
+            out.findings.append(worst.finding)  # treated as the more severe until the PM decides
+        return
+    fix = f": {standing.finding.recommendation}" if standing.finding.recommendation else ""
+    _conflict(out, "contradictory_findings", topic, [standing, *against], "security_first",
+              f"security's assessment stands: {standing.finding.severity}{fix}", standing)
+
+
+def _distinct(finds: list[_Find]) -> list[_Find]:
+    """Each finding once: the same severity and advice reported twice (two security tasks) is one finding."""
+    seen: dict[tuple[int, str], _Find] = {}
+    for f in finds:
+        seen.setdefault((f.rank, _norm(f.finding.recommendation or f.finding.detail)), f)
+    return list(seen.values())
+
+
+def _flag_findings(out: Settlement, topic: str, finds: list[_Find]) -> None:
+    worst, mild = max(finds, key=lambda f: f.rank), min(finds, key=lambda f: f.rank)
+    differ = (f"assessments differ ({mild.finding.severity} vs {worst.finding.severity})" if worst.rank > mild.rank
+              else "the advice differs")
     _conflict(out, "contradictory_findings", topic, finds, "flag",
-              f"assessments differ ({mild.finding.severity} vs {worst.finding.severity}); treated as the more "
-              "severe until the PM decides", None)
+              f"{differ}; treated as the more severe until the PM decides", None)
     out.decisions.append(f"{topic}: agents disagree (" + "; ".join(
         f"{f.pool} {f.finding.severity}" + (f": {f.finding.recommendation}" if f.finding.recommendation else "")
         for f in finds) + ")")
-    out.findings.append(worst.finding)
 
 
 def _settle_recommendations(out: Settlement, topic: str, recs: list[_Rec], finds: list[_Find],
                             flag_all: bool) -> None:
     if not recs:
         return
-    # Rule 1 against an approach: security found a risk on this topic and says what to do instead.
-    fix = next((f for f in finds if f.pool == "security" and f.finding.recommendation), None)
-    if fix is not None:
+    # Rule 1 against an approach: security found a risk on this topic and says what to do instead (its most
+    # severe finding's advice, the one its assessment stands on).
+    fixes = [f for f in finds if f.pool == "security" and f.finding.recommendation]
+    fix = max(fixes, key=lambda f: f.rank) if fixes else None
+    if fix is not None and fix.finding.recommendation:
         wanted = _norm(fix.finding.recommendation)
         clashing = [r for r in recs if r.pool != "security" and r.choice != wanted]
+        agreeing = [r for r in recs if r.choice == wanted]
+        if clashing or agreeing:
+            settled = ResolvedRecommendation(
+                topic=topic, choice=fix.finding.recommendation, rationale=fix.finding.detail,
+                sources=list(dict.fromkeys([fix.task_id, *(r.task_id for r in agreeing)])),
+                decision_needed=bool(clashing) and flag_all)
+            out.recommendations.append(settled)
         if clashing and flag_all:
             _conflict(out, "approach_vs_risk", topic, [*clashing, fix], "flag",
                       "flagged for the PM (conflict_resolution: flag_all)", None)
+            options = _options(clashing)
             out.decisions.append(f"{topic}: {fix.finding.recommendation} (security) or "
-                                 f"{clashing[0].rec.choice} ({clashing[0].pool})?")
-            # Every option stays listed, none of them settled.
-            out.recommendations.append(ResolvedRecommendation(
-                topic=topic, choice=fix.finding.recommendation, rationale=fix.finding.detail,
-                sources=[fix.task_id], decision_needed=True))
-            out.recommendations += [
-                ResolvedRecommendation(topic=topic, choice=r.rec.choice, rationale=r.rec.rationale,
-                                       sources=[r.task_id], decision_needed=True)
-                for r in clashing
-            ]
-            recs = [r for r in recs if r not in clashing]
-            if not recs:
-                return
+                                 + " or ".join(_option(rs) for rs in options) + "?")
+            out.recommendations += [_merged(topic, rs, decision_needed=True) for rs in options]
         elif clashing:
             _conflict(out, "approach_vs_risk", topic, [*clashing, fix], "security_first",
                       f"security's recommendation applies: {fix.finding.recommendation}", fix)
-            out.recommendations.append(ResolvedRecommendation(
-                topic=topic, choice=fix.finding.recommendation, rationale=fix.finding.detail,
-                sources=[fix.task_id]))
-            recs = [r for r in recs if r not in clashing]
-            if not recs:
-                return
+        recs = [r for r in recs if r not in clashing and r not in agreeing]  # security's own other advice
+        if not recs:
+            return
 
+    options = _options(recs)
+    if len(options) == 1:
+        # Rule 2: agreeing advice merges into one recommendation carrying every rationale.
+        out.recommendations.append(_merged(topic, recs))
+        return
+    security = [rs for rs in options if any(r.pool == "security" for r in rs)]
+    if len(security) == 1 and not flag_all:
+        winner = next(r for r in security[0] if r.pool == "security")
+        _conflict(out, "different_tools", topic, recs, "security_first",
+                  f"security's choice applies: {winner.rec.choice}", winner)
+        out.recommendations.append(_merged(topic, security[0]))
+        return
+    # Rule 3: irreconcilable without one word from security (none, or two security tasks that differ): the client
+    # decides; every option stays listed, once.
+    _conflict(out, "different_tools", topic, recs, "flag", "flagged for the PM: a decision for the client", None)
+    out.decisions.append(f"{topic}: " + " or ".join(_option(rs) for rs in options) + "?")
+    out.recommendations += [_merged(topic, rs, decision_needed=True) for rs in options]
+
+
+def _options(recs: list[_Rec]) -> list[list[_Rec]]:
+    """The recommendations grouped by what they advise, in the order first given."""
     by_choice: dict[str, list[_Rec]] = {}
     for r in recs:
         by_choice.setdefault(r.choice, []).append(r)
-    if len(by_choice) == 1:
-        # Rule 2: agreeing advice merges into one recommendation carrying every rationale.
-        rationale = " / ".join(dict.fromkeys(r.rec.rationale for r in recs if r.rec.rationale))
-        out.recommendations.append(ResolvedRecommendation(
-            topic=topic, choice=recs[0].rec.choice, rationale=rationale, sources=[r.task_id for r in recs]))
-        return
-    security = [r for r in recs if r.pool == "security"]
-    if security and not flag_all:
-        winner = security[0]
-        _conflict(out, "different_tools", topic, recs, "security_first",
-                  f"security's choice applies: {winner.rec.choice}", winner)
-        out.recommendations.append(ResolvedRecommendation(
-            topic=topic, choice=winner.rec.choice, rationale=winner.rec.rationale, sources=[winner.task_id]))
-        return
-    # Rule 3: irreconcilable without security's say: the client decides; every option stays listed.
-    _conflict(out, "different_tools", topic, recs, "flag", "flagged for the PM: a decision for the client", None)
-    out.decisions.append(f"{topic}: " + " or ".join(f"{r.rec.choice} ({r.pool})" for r in recs) + "?")
-    out.recommendations += [
-        ResolvedRecommendation(topic=topic, choice=r.rec.choice, rationale=r.rec.rationale, sources=[r.task_id],
-                               decision_needed=True)
-        for r in recs
-    ]
+    return list(by_choice.values())
+
+
+def _option(recs: list[_Rec]) -> str:
+    return f"{recs[0].rec.choice} ({', '.join(dict.fromkeys(r.pool for r in recs))})"
+
+
+def _merged(topic: str, recs: list[_Rec], decision_needed: bool = False) -> ResolvedRecommendation:
+    return ResolvedRecommendation(
+        topic=topic, choice=recs[0].rec.choice,
+        rationale=" / ".join(dict.fromkeys(r.rec.rationale for r in recs if r.rec.rationale)),
+        sources=list(dict.fromkeys(r.task_id for r in recs)), decision_needed=decision_needed)
 
 
 def _conflict(out: Settlement, kind: ConflictKind, topic: str, parties: Sequence[Said],

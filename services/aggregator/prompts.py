@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from services.aggregator.aggregate import open_decisions
 from shared.config import PMCoordinator
 from shared.providers import Prompt
 from shared.schemas import AggregatedResult, Execution
@@ -18,9 +19,10 @@ def system_prompt(pm: PMCoordinator) -> str:
         "security, database) have worked on a client's request; you write the one message the client reads.\n\n"
         f"Tone: {pm.tone}. {emoji}\n\n"
         "Write, in this order: a one-line headline of the outcome; what was done, task by task, naming the "
-        "pool and the files or SQL produced; what did not get done and why; the timeline; the decisions the "
-        "team made (when agents disagreed, the security agent's recommendation wins — say so); next steps, "
-        "critical and high findings first.\n\n"
+        "pool and the files or SQL produced; what did not get done and why, and what the client gets without it "
+        "(its degradation); the timeline; where agents disagreed, how it was settled (rule security_first: the "
+        "security agent's recommendation won — say so; rule flag: nothing was settled); every decision the client "
+        "must make, as given; next steps, critical and high findings first.\n\n"
         "Use only the facts you are given; never invent work, files or findings. Plain text, short paragraphs "
         "and bullet lists, no markdown headings. Do not state costs and do not sign: the exact cost line and "
         "your signature are appended after your text."
@@ -40,6 +42,8 @@ def format_prompt(ex: Execution, agg: AggregatedResult, status: str, pm: PMCoord
             entry["artifacts"] = [a.path for a in t.output.artifacts]
         if t.error and t.status != "completed":
             entry["error"] = t.error
+        if t.degradation:
+            entry["degradation"] = t.degradation
         tasks.append(entry)
     wall = (ex.updated_at - ex.created_at).total_seconds()
     work = sum(a.duration_s or 0.0 for t in ex.tasks for a in t.attempts)
@@ -50,6 +54,7 @@ def format_prompt(ex: Execution, agg: AggregatedResult, status: str, pm: PMCoord
         "findings": [f.model_dump() for f in agg.findings],
         "recommendations": [r.model_dump() for r in agg.recommendations],
         "conflicts": [c.model_dump(mode="json", exclude_none=True) for c in agg.conflicts_detected],
+        "decisions_for_the_client": open_decisions(ex, agg),
         "timeline": {"end_to_end_s": round(wall, 1), "agent_work_s": round(work, 1)},
     }
     user = "The results of the execution, as JSON:\n\n" + json.dumps(facts, default=str)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from services.aggregator.aggregate import open_decisions
 from services.aggregator.prompts import format_prompt
 from shared.config import ParallelExecutionConfig, PMCoordinator
 from shared.costs import guarded_call, model_call
@@ -27,9 +28,10 @@ def synthesize(ex: Execution, agg: AggregatedResult, status: str, pm: PMCoordina
     """Render the final response from the aggregated result (deterministic, no model call)."""
     e = (lambda s: s) if pm.emoji else (lambda s: "")
     simulated = any(t.output is not None and t.output.simulated for t in ex.tasks)
+    done = sum(t.status == "completed" for t in ex.tasks)
     headline = {
         "completed": f"{e('✅ ')}All done!",
-        "partial": f"{e('⚠️ ')}Most of it is done — a few pieces need another pass.",
+        "partial": f"{e('⚠️ ')}{done} of {len(ex.tasks)} pieces are done; the rest needs another pass.",
         "failed": f"{e('❌ ')}I couldn't get this one over the line.",
         "cancelled": "This execution was cancelled.",
     }[status]
@@ -60,12 +62,15 @@ def synthesize(ex: Execution, agg: AggregatedResult, status: str, pm: PMCoordina
     how = "in parallel pools" if ex.mode == "parallel" else "one task at a time"
     lines += ["", f"Timeline: {_fmt_s(wall)} end to end; {_fmt_s(work)} of agent work ran {how}."]
     lines += money_lines(ex)
-    decisions = [f"{t.id} ({t.pool}) is {t.degradation}: retry it, give it more time, or drop it from scope?"
-                 for t in ex.tasks if t.resolution == "escalate"] + agg.decisions
+    settled = [r for r in agg.recommendations if not r.decision_needed]
+    if settled:
+        lines += ["", "Recommendations:"] + [f"  • {r.topic}: {r.choice}" for r in settled]
+    decisions = open_decisions(ex, agg)
     if decisions:
         lines += ["", "Decisions for you:"] + [f"  • {d}" for d in decisions]
 
-    steps = [f"Address [{f.severity}] {f.topic}: {f.recommendation}" for f in agg.findings if f.recommendation]
+    steps = [f"Address [{f.severity}] {f.topic}" + (f": {advice}" if (advice := f.recommendation or f.detail) else "")
+             for f in agg.findings]
     steps += [f"Re-run {t.id} ({t.pool}): {t.error}" for t in ex.tasks if t.status in ("failed", "skipped")]
     if steps:
         lines += ["", "Next steps:"] + [f"  {i}. {s}" for i, s in enumerate(steps, 1)]
@@ -74,11 +79,11 @@ def synthesize(ex: Execution, agg: AggregatedResult, status: str, pm: PMCoordina
 
 
 def money_lines(ex: Execution) -> list[str]:
-    """The exact cost, and the refund due when work failed or was skipped: figures the answer states as they
-    are, whoever writes the rest."""
+    """The exact cost, and the refund due when work failed, was skipped or was cancelled: figures the answer states
+    as they are, whoever writes the rest."""
     lines = [cost_line(ex)]
     if ex.refund_usd > 0:
-        lines.append(f"Refund due: ${ex.refund_usd:.4f} for work that failed or was skipped.")
+        lines.append(f"Refund due: ${ex.refund_usd:.4f} for work that failed, was skipped or was cancelled.")
     return lines
 
 
