@@ -250,9 +250,14 @@ def test_every_pool_scales_on_the_durable_topology_creates(overlay: tuple[str, l
         assert meta["consumer"] == durable.durable_name and durable.filter_subject == PROD.tasks(pool), where
         assert meta["account"] == natsauth.ACCOUNT, where
         assert meta["natsServerMonitoringEndpoint"] == f"nats-headless.{NAMESPACE}.svc.cluster.local:8222", where
-        assert int(meta["lagThreshold"]) >= 1 and int(meta["activationLagThreshold"]) >= 0, where
+        # A pod per `slots` tasks in hand or waiting, up to as many pods as the pool's limit takes, and no more.
+        env = {e["name"]: e.get("value") for e in deployments[f"openclaw-{pool}"]["spec"]["template"]["spec"][
+            "containers"][0]["env"]}
+        slots = int(env["OPENCLAW_SLOTS"])
+        assert int(meta["lagThreshold"]) == slots and int(meta["activationLagThreshold"]) >= 0, where
         lo, hi = obj["spec"]["minReplicaCount"], obj["spec"]["maxReplicaCount"]
-        assert 1 <= lo <= hi <= pe.worker_pools.get(pool).max_concurrent, f"{where}: {lo}..{hi}"
+        assert 1 <= lo <= hi and (hi - 1) * slots < pe.worker_pools.get(pool).max_concurrent <= hi * slots, (
+            f"{where}: {lo}..{hi} pods of {slots} slot(s)")
         assert "replicas" not in deployments[f"openclaw-{pool}"]["spec"], f"{where}: KEDA owns replicas"
 
 
