@@ -67,6 +67,7 @@ class Consumer(Generic[M]):
         self.idle_fetch_s = idle_fetch_s
         self._in_flight: set[asyncio.Task[None]] = set()
         self._stopping = False
+        metrics.prime(metrics.DEAD_LETTERS, [(stream, durable)])
         self._waker: asyncio.Future[None] | None = None
 
     async def run(self, stop: asyncio.Event, grace_s: float = 10.0) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import Counter, Gauge, Histogram
 
-DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# Up to execution_timeout_s's default (30 min): an execution, or an event stream, may last that long.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 900, 1200, 1800)
 
 MESSAGES = Counter(
     "openclaw_messages_total", "Messages handled by a durable consumer", ["consumer", "outcome"]
@@ -52,3 +55,21 @@ TEXTS_CUT = Counter("openclaw_texts_cut_total", "Messages whose longest texts we
 EVENTS_DROPPED = Counter("openclaw_events_dropped_total", "Events not sent because NATS could not take them "
                          "(disconnected past the client's reconnect buffer, closed)")
 KV_CONFLICTS = Counter("openclaw_kv_cas_conflicts_total", "Compare-and-set writes of execution state that lost a race")
+
+
+def prime(counter: Counter, label_sets: Sequence[Sequence[str]]) -> None:
+    """Export these series at 0 from the start. ``increase()`` and ``rate()`` take a series' first sample as its
+    start, so a series that first appears at 1 hides its first event from every alert: a process's first dead
+    letter, say, which is often its only one."""
+    for labels in label_sets:
+        counter.labels(*labels)
+
+
+def execution_ended(mode: str, status: str, seconds: float | None) -> None:
+    """An execution reached ``status``: counted once, by the service whose write ended it."""
+    EXECUTIONS.labels(mode, status).inc()
+    if seconds is not None:
+        EXECUTION_DURATION.labels(mode, status).observe(seconds)
+
+
+prime(TEXTS_CUT, [("document",), ("result",), ("task",)])

@@ -147,6 +147,14 @@ class Names:
     def dlq(self, stream: str, consumer: str) -> str:
         return self._subject(f"dlq.{stream}.{consumer}")
 
+    @property
+    def durables(self) -> tuple[tuple[str, str], ...]:
+        """Every durable consumer, as (stream, durable): what a message can be dead-lettered from."""
+        return ((self.executions_stream, self.pm_consumer), (self.executions_stream, self.cancels_consumer),
+                (self.executions_stream, self.deadlines_consumer), (self.results_stream, self.aggregator_consumer),
+                (self.advisories_stream, self.dead_letters_consumer),
+                *((self.tasks_stream, self.pool_consumer(p)) for p in POOLS))
+
     # durable consumers, named after their job
     @property
     def pm_consumer(self) -> str:

@@ -332,6 +332,7 @@ def pool_start(pool: Pool, format_prompt: FormatPrompt) -> Start:
     async def start(rt: Runtime) -> Workers:
         js, names = rt.jetstream, rt.names
         await ensure_consumer(js, names.tasks_stream, pool_consumer_config(names, pool, rt.pe))
+        metrics.prime(metrics.TASKS, [(pool, o) for o in ("started", "completed", "retried", "failed", "abandoned")])
         endings = Endings(rt.pe.execution_timeout_s)
         following = await endings.follow(rt)
         provider = make_provider(rt.pe, rt.settings.anthropic_api_key)  # one client for the process

@@ -209,6 +209,14 @@ async def test_a_request_published_straight_to_nats_is_stored_planned_and_a_bad_
         bad: [TaskSpec(id="a", pool="codegen", description="a", depends_on=["b"]),
               TaskSpec(id="b", pool="security", description="b", depends_on=["a"])],
     }
+    pm_port = stack.state()["children"]["pm-1"]["port"]  # type: ignore[index]
+
+    def failed_count() -> float:  # the PM's count of executions that ended failed (a series exported from the start)
+        line = 'openclaw_executions_total{mode="parallel",status="failed"} '
+        text = httpx.get(f"http://127.0.0.1:{pm_port}/metrics", timeout=5).text
+        return next(float(x.removeprefix(line)) for x in text.splitlines() if x.startswith(line))
+
+    failed_before = failed_count()
     try:
         ended = {eid: await js.subscribe(names.completed_event(eid), deliver_policy=DeliverPolicy.ALL,
                                          ordered_consumer=True) for eid in plans}
@@ -225,6 +233,7 @@ async def test_a_request_published_straight_to_nats_is_stored_planned_and_a_bad_
     assert docs[good]["status"] == "completed" and docs[good]["tasks"][0]["status"] == "completed"
     assert docs[bad]["status"] == "failed" and docs[bad]["tasks"] == []
     assert docs[bad]["error"] == "invalid plan: dependency cycle: a -> b -> a"
+    assert failed_count() == failed_before + 1  # the PM ended it: counted where the error-rate alert looks
 
 
 def test_service_without_nats_retries_reports_not_ready_then_recovers(tmp_path: Path) -> None:

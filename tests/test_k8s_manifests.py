@@ -551,7 +551,7 @@ def test_alerts_read_only_series_and_labels_the_services_expose(overlay: tuple[s
     name, objs = overlay
     names = exported()
     rules = alert_rules(objs)
-    assert len(rules) == 8, name
+    assert len(rules) == 9, name
     for rule in rules:
         read = selectors(rule["expr"])
         assert read, rule["alert"]

@@ -37,6 +37,19 @@ def exported(stack: Stack) -> dict[str, set[str]]:
 def test_every_dashboard_metric_is_exported_after_real_work(stack_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     stack: Stack = stack_factory("o" + uuid.uuid4().hex[:10], "--log-format", "json")
     post = lambda body: httpx.post(f"{stack.url}/api/execute-parallel", json=body, timeout=60)  # noqa: E731
+
+    # Before any work, the counters the alerts take increase() of are exported at 0: a series that first appeared at
+    # 1 would hide its first event (a process's first dead letter, its first failed execution) from the alert.
+    def samples(child: str) -> dict[str, float]:
+        text = httpx.get(f"http://127.0.0.1:{stack.state()['children'][child]['port']}/metrics").text  # type: ignore[index]
+        return {k: float(v) for k, _, v in (x.rpartition(" ") for x in text.splitlines() if x.startswith("openclaw_"))}
+
+    aggregator, tasks = samples("aggregator-1"), stack.names.tasks_stream
+    assert aggregator[f'openclaw_dead_letters_total{{consumer="codegen",stream="{tasks}"}}'] == 0
+    assert aggregator['openclaw_executions_total{mode="parallel",status="failed"}'] == 0
+    assert samples("pm-1")['openclaw_executions_total{mode="serial",status="failed"}'] == 0
+    assert samples("security-1")[f'openclaw_dead_letters_total{{consumer="security",stream="{tasks}"}}'] == 0
+    assert samples("security-1")['openclaw_tasks_total{outcome="failed",pool="security"}'] == 0
     # a plan with a retry, the seed's conflict, a serial run, a routed chat and a poison message
     doc = post({"message": "Build a restaurant website with online ordering", "wait": True}).json()
     assert doc["status"] == "completed" and doc["aggregated"]["conflicts_detected"]

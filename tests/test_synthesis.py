@@ -511,3 +511,34 @@ async def test_the_calls_an_unacknowledged_write_records_as_superseded_get_their
     await a_answers_after_b_cancelled(rt, eid)
     assert lost
     assert sorted(e or "" for e in await both_answers_counted(rt, eid, "cancelled")) == ["", SUPERSEDED]
+
+
+@pytest.mark.parametrize("end", ["cancel", "deadline"])
+async def test_an_execution_ended_before_its_plan_is_counted_once_as_it_ended(
+    nc: NATS, names: Names, tmp_path: Path, end: str,
+) -> None:
+    from prometheus_client import REGISTRY
+
+    rt = await service_runtime(nc, names, tmp_path)
+    eid = f"unplanned{end}"
+    await rt.executions.create(new_execution(ExecutionRequested(execution_id=eid, message="m", requested_at=T0,
+                                                                deadline_at=T0)))
+    status = "cancelled" if end == "cancel" else "failed"
+
+    def counted() -> float:
+        return REGISTRY.get_sample_value("openclaw_executions_total", {"mode": "parallel", "status": status}) or 0.0
+
+    before = counted()
+    h = AggregatorHandlers(rt, SimulatedProvider(rt.settings.pe))
+    for times in (1, 2):  # the second delivery finds it ended: not counted again
+        if end == "cancel":
+            stop = CancelExecution(execution_id=eid, reason="changed my mind")
+            await h.on_cancel(stop, await delivered(rt, names.execution_cancel, stop.to_bytes(),
+                                                    names.executions_stream, times=times))
+        else:
+            check = ExecutionDeadline(execution_id=eid, deadline_at=T0)
+            await h.on_deadline(check, await delivered(rt, names.execution_deadline, check.to_bytes(),
+                                                       names.executions_stream, times=times))
+        stored = await rt.executions.get(eid)
+        assert stored is not None and stored[0].status == status
+        assert counted() == before + 1

@@ -127,9 +127,7 @@ def _can_wait(ex: Execution, changes: list[_Change]) -> bool:
 
 
 def _count_finished(ex: Execution) -> None:
-    metrics.EXECUTIONS.labels(ex.mode, ex.status).inc()
-    if ex.finished_at:
-        metrics.EXECUTION_DURATION.labels(ex.mode, ex.status).observe((ex.finished_at - ex.created_at).total_seconds())
+    metrics.execution_ended(ex.mode, ex.status, (ex.updated_at - ex.created_at).total_seconds())
     for c in ex.aggregated.conflicts_detected if ex.aggregated else []:
         metrics.CONFLICTS.labels(c.rule, c.kind).inc()
     log.info("execution %s: %s, $%.4f", ex.status, ex.aggregated.summary if ex.aggregated else "",
@@ -332,7 +330,7 @@ class AggregatorHandlers:
         for e in events:
             await emit(self.rt.nats, names.events(execution_id, e.kind), e,
                        f"{execution_id}:{e.task_id}:{e.kind}:{e.attempt}")
-        if concluded:
+        if ex.terminal and not ended_before:  # this write ended it: concluded, cancelled or failed before a plan
             _count_finished(ex)
         if ex.terminal and (not ended_before or await self._unannounced(ex, batch, stored_unseen)):
             await self._announce(ex, written)

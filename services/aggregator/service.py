@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, get_args
 
 from services.aggregator.handlers import AggregatorHandlers
+from shared import metrics
 from shared.consumer import Consumer
 from shared.providers import make_provider
-from shared.schemas import CancelExecution, ConsumerAdvisory, ExecutionDeadline, TaskResultAdapter
+from shared.schemas import (
+    TERMINAL_EXECUTION,
+    CancelExecution,
+    ConsumerAdvisory,
+    ExecutionDeadline,
+    ExecutionMode,
+    TaskResultAdapter,
+)
 from shared.service import Runtime, Workers, run_service
 from shared.topology import (
     aggregator_consumer_config,
@@ -27,6 +35,9 @@ async def start(rt: Runtime) -> Workers:
     await ensure_consumer(js, names.executions_stream, deadlines_consumer_config(names, rt.pe))
     await ensure_consumer(js, names.executions_stream, cancels_consumer_config(names, rt.pe))
     await ensure_consumer(js, names.advisories_stream, dead_letters_consumer_config(names, rt.pe))
+    # Its dead letters come from every durable's advisories; its writes end executions in every way.
+    metrics.prime(metrics.DEAD_LETTERS, names.durables)
+    metrics.prime(metrics.EXECUTIONS, [(m, s) for m in get_args(ExecutionMode) for s in TERMINAL_EXECUTION])
     provider = make_provider(rt.pe, rt.settings.anthropic_api_key)  # one client for the process
     h = AggregatorHandlers(rt, provider)
     consumers: list[Consumer[Any]] = [

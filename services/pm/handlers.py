@@ -131,6 +131,7 @@ class PMHandlers:
         ex = await self.rt.executions.mutate(execution_id, fail)
         if ex is not None and calls:
             await self._costs(ex)
-        if ex is not None and failed:  # announced by whoever ended it, if it had ended already
+        if ex is not None and failed:  # counted and announced by whoever ended it, if it had ended already
+            metrics.execution_ended(ex.mode, ex.status, (ex.updated_at - ex.created_at).total_seconds())
             await self.rt.announce_completed(ex)
         log.warning("not planned: %s", reason, extra={"execution_id": execution_id})

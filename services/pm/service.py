@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 from services.pm.handlers import PMHandlers
+from shared import metrics
 from shared.consumer import Consumer
 from shared.providers import make_provider
-from shared.schemas import ExecutionRequested
+from shared.schemas import ExecutionMode, ExecutionRequested
 from shared.service import Runtime, Workers, run_service
 from shared.topology import ensure_consumer, pm_consumer_config
 
@@ -13,6 +16,7 @@ from shared.topology import ensure_consumer, pm_consumer_config
 async def start(rt: Runtime) -> Workers:
     js, names = rt.jetstream, rt.names
     await ensure_consumer(js, names.executions_stream, pm_consumer_config(names, rt.pe))
+    metrics.prime(metrics.EXECUTIONS, [(m, "failed") for m in get_args(ExecutionMode)])  # ended without a plan
     provider = make_provider(rt.pe, rt.settings.anthropic_api_key)  # one client for the process
     handlers = PMHandlers(rt, provider)
     consumer = Consumer(rt.nats, names, names.executions_stream, names.pm_consumer,
