@@ -1,7 +1,8 @@
 """The ``parallel_execution`` section of config.json, as a validated model.
 
-Defaults follow the seed (codegen 3/300 s, security 2/300 s, database 2/180 s); unknown keys are
-rejected so a typo fails at start-up instead of silently using a default.
+Defaults follow the seed (codegen 3/300 s, security 2/300 s, database 2/180 s); unknown keys, values of
+another JSON type ("yes" for a boolean) and a file without the section are rejected, so a typo fails at
+start-up instead of silently using a default.
 """
 
 from __future__ import annotations
@@ -243,7 +244,8 @@ def load_config(path: str | Path | None) -> ParallelExecutionConfig:
         return ParallelExecutionConfig()
     p = Path(path)
     try:
-        raw = json.loads(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
+        raw = json.loads(text)
     except FileNotFoundError:
         raise ConfigError(f"config file {p} does not exist (set --config or OPENCLAW_CONFIG)") from None
     except json.JSONDecodeError as e:
@@ -254,7 +256,11 @@ def load_config(path: str | Path | None) -> ParallelExecutionConfig:
         raise ConfigError(f"config file {p} cannot be read: {e.strerror or e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {p} must hold a JSON object")
+    if "parallel_execution" not in raw:  # a misspelt section would leave every setting at its default, silently
+        raise ConfigError(f"config file {p} has no parallel_execution section (its top-level keys: "
+                          f"{', '.join(map(repr, raw)) or 'none'}); add one, {{}} for the defaults")
     try:
-        return ConfigFile.model_validate(raw).parallel_execution
+        # Strict: JSON's own types only, so "yes" is no boolean and true no number of tasks.
+        return ConfigFile.model_validate_json(text, strict=True).parallel_execution
     except ValidationError as e:
         raise ConfigError(f"invalid config {p}: {_describe(e)}") from None

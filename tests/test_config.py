@@ -57,6 +57,9 @@ def test_file_overrides_and_ignores_other_sections(tmp_path: Path) -> None:
         ({"ack_wait_s": 0.5}, "parallel_execution.ack_wait_s: Input should be greater than or equal to 1"),
         ({"shutdown_grace_s": float("inf")}, "parallel_execution.shutdown_grace_s: Input should be a finite number"),
         ({"retries": {"backoff_s": [-5]}}, "parallel_execution.retries.backoff_s.0: Input should be greater than or"),
+        # JSON's own types only: a string is no boolean, a boolean no count.
+        ({"enabled": "yes"}, "parallel_execution.enabled: Input should be a valid boolean"),
+        ({"max_tasks_per_execution": True}, "parallel_execution.max_tasks_per_execution: Input should be a valid int"),
     ],
 )
 def test_invalid_values_name_the_field(tmp_path: Path, section: dict[str, object], says: str) -> None:
@@ -64,6 +67,15 @@ def test_invalid_values_name_the_field(tmp_path: Path, section: dict[str, object
         load_config(write_config(tmp_path / "c.json", section))
     assert says in str(err.value)
     assert str(tmp_path / "c.json") in str(err.value)
+
+
+def test_a_file_without_the_section_is_reported_not_taken_for_the_defaults(tmp_path: Path) -> None:
+    (tmp_path / "c.json").write_text('{"parallel_executon": {"max_tasks_per_execution": 2}}')
+    with pytest.raises(ConfigError, match="has no parallel_execution section \\(its top-level keys: "
+                                          "'parallel_executon'\\); add one, \\{\\} for the defaults"):
+        load_config(tmp_path / "c.json")
+    (tmp_path / "c.json").write_text('{"parallel_execution": {}, "gateway_ui": {"theme": "dark"}}')
+    assert load_config(tmp_path / "c.json") == load_config(None)  # other programs' sections are theirs
 
 
 def test_a_file_that_is_not_json_text_is_reported(tmp_path: Path) -> None:
@@ -94,3 +106,12 @@ def test_bad_environment_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("OPENCLAW_LOG_LEVEL", "loud")  # every service crash-looped on it
     with pytest.raises(ConfigError, match="environment: OPENCLAW_LOG_LEVEL: Value error, must be one of DEBUG"):
         load_settings()
+
+
+def test_one_key_for_two_tenants_stops_the_gateway_at_start_up() -> None:
+    from services.gateway.access import ApiKeys
+
+    key = "shared-key-0123456789"
+    with pytest.raises(ConfigError, match="gives tenant 'globex' a key another tenant has already"):
+        ApiKeys(f"acme={key}, globex={key}")
+    assert ApiKeys(f"acme={key}, globex={key}x").identify(key).tenant == "acme"  # type: ignore[union-attr]

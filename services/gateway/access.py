@@ -35,7 +35,11 @@ class ApiKeys:
             if not sep or not tenant.strip() or len(key.strip()) < 16:
                 raise ConfigError("OPENCLAW_API_KEYS must be tenant=key pairs separated by commas, keys of at "
                                   "least 16 characters")
-            self._keys.append((_digest(key.strip()), tenant.strip()))
+            digest = _digest(key.strip())
+            if any(d == digest for d, _ in self._keys):  # two tenants' callers would see one tenant's executions
+                raise ConfigError(f"OPENCLAW_API_KEYS gives tenant {tenant.strip()!r} a key another tenant has "
+                                  "already: every key must be different")
+            self._keys.append((digest, tenant.strip()))
 
     @property
     def local_mode(self) -> bool:
