@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from pydantic import SecretStr
 
 from shared import natsauth
 from shared.errors import ConfigError
+from shared.ops import HTTP_GRACE_S
 from shared.runner import SERVICES, Stack, StackOptions, parse_replicas
 from shared.settings import LOG_LEVELS, load_settings
 
@@ -96,7 +98,7 @@ def print_final(doc: dict[str, Any]) -> None:
 
 
 async def _up(args: argparse.Namespace) -> int:
-    load_settings(config=args.config)  # a bad config stops us here, before anything starts
+    settings = load_settings(config=args.config)  # a bad config stops us here, before anything starts
     opts = StackOptions(
         data_dir=Path(args.data_dir),
         config=Path(args.config) if args.config else None,
@@ -108,18 +110,40 @@ async def _up(args: argparse.Namespace) -> int:
         nats_auth=natsauth.resolve_auth_file(args.nats_auth) if args.nats_auth is not None else None,
         log_format=args.log_format,
         log_level=args.log_level,
+        stop_grace_s=settings.pe.shutdown_grace_s + HTTP_GRACE_S + 5,
     )
     stack = Stack(opts)
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stack.stopping.set)
+    signalled: list[int] = []
+
+    def stop(sig: int) -> None:
+        signalled.append(sig)
+        stack.stopping.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal closed
+        loop.add_signal_handler(sig, stop, sig)
     code = 0
     try:
         await stack.start()
         await stack.wait_ready()
         print(f"OpenClaw is up: {stack.gateway_url}  (API docs: {stack.gateway_url}/docs; Ctrl-C stops)", flush=True)
         if args.example:
-            doc = await submit_and_follow(stack.gateway_url, EXAMPLE, force_parallel=True)
+            # The key a client of this gateway sends: $OPENCLAW_API_KEY, else the first of the keys it was given.
+            key = os.environ.get("OPENCLAW_API_KEY") or first_key(settings.api_keys)
+            following = asyncio.ensure_future(submit_and_follow(stack.gateway_url, EXAMPLE, force_parallel=True,
+                                                                api_key=key))
+            stopping = asyncio.ensure_future(stack.stopping.wait())
+            await asyncio.wait({following, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if not following.done():  # Ctrl-C, or the stack stopping under it: the example is not waited for
+                following.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await following
+                if signalled:
+                    logging.getLogger("openclaw").warning("interrupted before the example finished")
+                    return 128 + signalled[0]
+                raise RuntimeError("the stack stopped before the example finished (a service's log above says why)")
+            doc = following.result()
             print_final(doc)
             code = 0 if doc["status"] in ("completed", "partial") else 1
         if not args.once:
@@ -182,6 +206,12 @@ def _nats_auth_conf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _port(value: str) -> int:
+    if not value.isdigit() or int(value) > 65535:
+        raise argparse.ArgumentTypeError(f"{value!r}: a port number, 0 to 65535 (0: any free one)")
+    return int(value)
+
+
 def _namespace(value: str) -> str:
     if not re.fullmatch(r"[a-z0-9]*", value):
         raise argparse.ArgumentTypeError(f"{value!r}: lower-case letters and digits only")
@@ -195,9 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start nats-server and every service locally")
     up.add_argument("--config", help="config.json with a parallel_execution section")
     up.add_argument("--data-dir", default=".openclaw", help="JetStream store and runner state (default .openclaw)")
-    up.add_argument("--gateway-port", type=int, default=8080)
+    up.add_argument("--gateway-port", type=_port, default=8080)
     nats = up.add_mutually_exclusive_group()
-    nats.add_argument("--nats-port", type=int, help="port of the local nats-server (default 4222; 0: any free port)")
+    nats.add_argument("--nats-port", type=_port,
+                      help="port of the local nats-server (default 4222; 0: any free port)")
     nats.add_argument("--nats-url", help="use this NATS server instead of starting one")
     up.add_argument("--replicas", default="", help=f"e.g. codegen=2,security=2 (services: {', '.join(SERVICES)})")
     up.add_argument("--namespace", default="", type=_namespace,
@@ -243,6 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def first_key(spec: SecretStr | None) -> str | None:
+    """The first key of an ``OPENCLAW_API_KEYS`` value (``tenant=key,…``), if any."""
+    for part in (spec.get_secret_value() if spec else "").split(","):
+        if "=" in part:
+            return part.split("=", 1)[1].strip()
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)-7s %(message)s", stream=sys.stderr)
@@ -250,14 +289,27 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.func in (_check_config, _nats_auth_conf):
             sys.exit(args.func(args))
-        with contextlib.suppress(KeyboardInterrupt):
-            sys.exit(asyncio.run(args.func(args)))
+        sys.exit(asyncio.run(args.func(args)))
+    except KeyboardInterrupt:  # run, status, bench: interrupted, which is not success
+        sys.exit(128 + signal.SIGINT)
     except ConfigError as e:
         print(f"openclaw: {e}", file=sys.stderr)
         sys.exit(2)
-    except (RuntimeError, httpx.HTTPError) as e:  # run / status: the gateway unreachable or refusing
+    except httpx.HTTPError as e:  # run / status: the gateway unreachable, or not speaking HTTP
+        where = f" ({e.request.url})" if _has_request(e) else ""
+        print(f"openclaw: {str(e) or type(e).__name__}{where}", file=sys.stderr)
+        sys.exit(1)
+    except RuntimeError as e:  # the gateway refusing
         print(f"openclaw: {str(e) or type(e).__name__}", file=sys.stderr)
         sys.exit(1)
+
+
+def _has_request(e: httpx.HTTPError) -> bool:
+    try:
+        e.request  # noqa: B018 - raises when the error carries none
+    except RuntimeError:
+        return False
+    return True
 
 
 if __name__ == "__main__":

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -41,6 +44,16 @@ def wait_for_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | Non
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def stop_with_parent() -> None:
+    """In a child before it runs (``preexec_fn``): have it sent SIGTERM when the thread that started it ends, as
+    when the runner is killed outright (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class NatsServer:
     """One nats-server process with a file store under ``store_dir``.
 
@@ -61,9 +74,10 @@ class NatsServer:
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 15.0, log: Path | None = None) -> NatsServer:
+    def start(self, timeout: float = 15.0, log: Path | None = None, die_with_parent: bool = False) -> NatsServer:
         """Start it and wait for its port. Refused when something already listens there: waiting for the port
-        would take that for this server (a second local stack would join the first one's)."""
+        would take that for this server (a second local stack would join the first one's). ``die_with_parent``:
+        it is stopped when the thread that started it ends (the runner's main thread)."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
         with socket.socket() as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed server's connections do not count
@@ -82,7 +96,8 @@ class NatsServer:
         env = {"GOMAXPROCS": "1", **os.environ, **(self.env or {})}
         # Its own session, as the services have: a Ctrl-C in the terminal reaches the runner, which stops the services
         # (they drain through NATS) and only then the server.
-        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                     preexec_fn=stop_with_parent if die_with_parent else None)
         wait_for_port(self.port, timeout, self.proc)
         return self
 

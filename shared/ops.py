@@ -12,6 +12,8 @@ from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from shared.errors import ConfigError
+
 ReadyCheck = Callable[[], Awaitable[str | None]]
 HTTP_GRACE_S = 10  # on stop, open HTTP requests get this long to finish (the gateway's waits end at once)
 
@@ -47,12 +49,21 @@ async def serve(app: FastAPI, host: str, port: int,
                 sock: socket.socket | None = None) -> tuple[uvicorn.Server, asyncio.Task[None]]:
     """Run uvicorn inside the current loop (on ``sock`` when the parent handed one over, else binding
     ``host:port``); the caller sets ``server.should_exit`` to stop it."""
+    if sock is None:  # bound here, not by uvicorn, whose failure to bind ends the process with a traceback
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            sock.close()
+            raise ConfigError(f"cannot serve HTTP on {host}:{port}: {e.strerror or e}; set OPENCLAW_PORT to a free "
+                              "port (OPENCLAW_HOST to an address of this machine)") from None
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="off",
                             http="httptools", timeout_graceful_shutdown=HTTP_GRACE_S)
     server = _Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock] if sock else None))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():  # noqa: ASYNC110 - uvicorn offers no started event
         await asyncio.sleep(0.01)
     if task.done():
-        task.result()  # re-raise a bind error
+        task.result()
     return server, task

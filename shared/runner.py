@@ -20,10 +20,12 @@ from pathlib import Path
 import httpx
 
 from shared import natsauth
+from shared.bus import stopped_within
 from shared.errors import ConfigError
-from shared.natsserver import NatsServer, free_port
+from shared.natsserver import NatsServer, free_port, stop_with_parent
 
 log = logging.getLogger("openclaw.runner")
+
 
 SERVICES = ("pm", "codegen", "security", "database", "aggregator", "gateway")
 RESTART_MAX_DELAY_S = 10.0
@@ -48,10 +50,13 @@ class Child:
         return int(self.sock.getsockname()[1])
 
 
-def listen(port: int) -> socket.socket:
-    """A listening TCP socket on 127.0.0.1 (``port`` 0: any free one) that children can inherit."""
+def listen(port: int, shared: bool = False) -> socket.socket:
+    """A listening TCP socket on 127.0.0.1 (``port`` 0: any free one) that children can inherit. ``shared``: one of
+    several on the same port (replicas of the gateway), between which the kernel spreads the connections."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if shared:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind(("127.0.0.1", port))
     except OSError as e:
@@ -74,6 +79,9 @@ class StackOptions:
     nats_auth: Path | None = None  # auth file: one NATS user per service (see shared/natsauth.py)
     log_format: str = "text"
     log_level: str = "INFO"
+    # How long a stopping child may take before it is killed: the config's shutdown_grace_s and the HTTP grace,
+    # with a margin, so a task that finishes within the drain is not killed in it (openclaw up sets it).
+    stop_grace_s: float = 15.0
 
 
 def parse_replicas(text: str) -> dict[str, int]:
@@ -96,6 +104,7 @@ class Stack:
         self.children: list[Child] = []
         self.stopping = asyncio.Event()
         self._supervisors: list[asyncio.Task[None]] = []
+        self._server_watch: asyncio.Task[None] | None = None
         self.passwords = natsauth.passwords(os.environ) if opts.nats_auth else {}
         if opts.nats_auth and opts.namespace:
             raise ConfigError("--nats-auth uses the production names: it cannot be combined with --namespace")
@@ -113,7 +122,11 @@ class Stack:
         return f"http://127.0.0.1:{gateway.port if gateway else self.opts.gateway_port}"
 
     async def start(self) -> None:
-        self.opts.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.opts.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot use {self.opts.data_dir} as the data directory: {e.strerror or e}; choose "
+                              "another --data-dir") from None
         if not self.opts.nats_url:
             auth = self.opts.nats_auth
             self.server = NatsServer(
@@ -122,13 +135,16 @@ class Stack:
                 config_file=auth,
                 env=natsauth.server_env(self.passwords) if auth else None,
             )
-            await asyncio.to_thread(self.server.start, 15.0, self.opts.data_dir / "nats-server.log")
+            # In this thread, not a worker's: the server is told to stop when the thread that started it ends.
+            self.server.start(15.0, self.opts.data_dir / "nats-server.log", die_with_parent=True)
             log.info("nats-server (JetStream, store %s%s) listening on %s", self.server.store_dir,
                      f", users from {auth}" if auth else "", self.server.url)
+            self._server_watch = asyncio.create_task(self._supervise_server())
         for service in SERVICES:
-            for i in range(1, self.opts.replicas.get(service, 1) + 1):
+            count = self.opts.replicas.get(service, 1)
+            for i in range(1, count + 1):
                 port = self.opts.gateway_port if service == "gateway" else 0
-                self.children.append(Child(service, i, listen(port)))
+                self.children.append(Child(service, i, listen(port, shared=count > 1 and port != 0)))
         for child in self.children:
             self._supervisors.append(asyncio.create_task(self._supervise(child)))
         self._write_state()
@@ -137,6 +153,7 @@ class Stack:
         """Who runs where, for operators (and tests) that need a child's pid."""
         state = {
             "nats_url": self.nats_url,
+            "nats_pid": self.server.proc.pid if self.server and self.server.proc else None,
             "gateway_url": self.gateway_url,
             "children": {c.name: {"pid": c.proc.pid if c.proc else None, "port": c.port} for c in self.children},
         }
@@ -171,6 +188,7 @@ class Stack:
             stderr=asyncio.subprocess.STDOUT,
             pass_fds=(child.sock.fileno(),),
             start_new_session=True,  # Ctrl-C reaches the runner only; it stops children in order
+            preexec_fn=stop_with_parent,  # a runner killed outright leaves nothing running
         )
         child.pumps = [asyncio.create_task(self._pump(child, child.proc.stdout))]  # type: ignore[arg-type]
         self._write_state()
@@ -206,24 +224,50 @@ class Stack:
                 pass
             delay = min(delay * 2, RESTART_MAX_DELAY_S)
 
+    async def _supervise_server(self) -> None:
+        """The nats-server started here: should it exit, it is started again on its port and store (the services
+        reconnect on their own); should it not start, the stack stops."""
+        assert self.server is not None and self.server.proc is not None
+        delay = 0.5
+        while not self.stopping.is_set():
+            code = await asyncio.to_thread(self.server.proc.wait)
+            if self.stopping.is_set():
+                return
+            log.warning("nats-server exited with status %s; starting it again in %.1fs", code, delay)
+            if await stopped_within(self.stopping, delay):
+                return
+            try:
+                self.server.start(15.0, self.opts.data_dir / "nats-server.log", die_with_parent=True)
+            except (ConfigError, TimeoutError, RuntimeError) as e:
+                log.error("nats-server could not be started again (%s); stopping", e)
+                self.stopping.set()
+                return
+            log.info("nats-server listening on %s again", self.server.url)
+            self._write_state()
+            delay = min(delay * 2, RESTART_MAX_DELAY_S)
+
     async def wait_ready(self, timeout: float = 60.0) -> None:
         """Until the gateway says it is ready (NATS connected, topology present)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        why = "it does not answer"
         async with httpx.AsyncClient(timeout=2.0) as client:
             while loop.time() < deadline:
                 if self.stopping.is_set():
-                    raise RuntimeError("stack stopped during start-up")
+                    raise RuntimeError("stack stopped during start-up (a service's log above says why)")
                 try:
-                    if (await client.get(f"{self.gateway_url}/readyz")).status_code == 200:
+                    r = await client.get(f"{self.gateway_url}/readyz")
+                    if r.status_code == 200:
                         return
+                    why = r.text
                 except httpx.HTTPError:
                     pass
                 await asyncio.sleep(0.1)
-        raise TimeoutError(f"gateway not ready at {self.gateway_url} after {timeout:g}s")
+        raise TimeoutError(f"gateway not ready at {self.gateway_url} after {timeout:g}s: {why}")
 
-    async def stop(self, grace_s: float = 15.0) -> None:
-        """SIGTERM every child (they drain), SIGKILL what is left after ``grace_s``, then the server."""
+    async def stop(self) -> None:
+        """SIGTERM every child (they drain), SIGKILL what is left after the grace period, then the server."""
+        grace_s = self.opts.stop_grace_s
         self.stopping.set()
         running = [c.proc for c in self.children if c.proc and c.proc.returncode is None]
         for proc in running:
@@ -239,5 +283,7 @@ class Stack:
         if self.server is not None and self.server.proc is not None:
             await asyncio.to_thread(self.server.stop)
             log.info("nats-server stopped")
+        if self._server_watch is not None:
+            await asyncio.gather(self._server_watch, return_exceptions=True)
         for c in self.children:
             c.sock.close()

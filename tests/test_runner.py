@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -39,7 +40,7 @@ def test_up_owns_nats_restarts_crashed_children_and_stops_cleanly(tmp_path: Path
     log = tmp_path / "up.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "shared.cli", "up", "--nats-port", str(nats_port), "--gateway-port", str(gw),
-         "--data-dir", str(tmp_path / "data"), "--replicas", "codegen=2"],
+         "--data-dir", str(tmp_path / "data"), "--replicas", "codegen=2,gateway=2"],
         cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=stack_env(), start_new_session=True,
     )
     stack = Stack(proc, f"http://127.0.0.1:{gw}", tmp_path / "data", log, names=None)  # type: ignore[arg-type]
@@ -58,7 +59,8 @@ def test_up_owns_nats_restarts_crashed_children_and_stops_cleanly(tmp_path: Path
         children = stack.state()["children"]
         assert isinstance(children, dict)
         assert set(children) == {"pm-1", "codegen-1", "codegen-2", "security-1", "database-1", "aggregator-1",
-                                 "gateway-1"}
+                                 "gateway-1", "gateway-2"}
+        assert children["gateway-1"]["port"] == children["gateway-2"]["port"] == gw  # both serve the one port
 
         victim = stack.pid("codegen-2")
         os.kill(victim, signal.SIGKILL)
@@ -73,19 +75,89 @@ def test_up_owns_nats_restarts_crashed_children_and_stops_cleanly(tmp_path: Path
         r = httpx.post(f"{stack.url}/api/execute-parallel", json={"message": "m", "tasks": plan, "wait": True},
                        timeout=30)
         assert r.json()["status"] == "completed"
-        pids = [stack.pid(name) for name in children]
+
+        # The nats-server dies too: started again on its port and store, the services reconnect, work goes on.
+        server = stack.state()["nats_pid"]
+        assert isinstance(server, int) and alive(server)
+        os.kill(server, signal.SIGKILL)
+        wait_until(lambda: stack.state()["nats_pid"] not in (server, None), 30, "nats-server started again")
+        assert "nats-server exited with status -9; starting it again" in log.read_text()
+        wait_until(ready, 60, "the stack to be ready again")
+        r = httpx.post(f"{stack.url}/api/execute-parallel", json={"message": "again", "tasks": plan, "wait": True},
+                       timeout=30)
+        assert r.json()["status"] == "completed"
+        pids = [stack.pid(name) for name in children] + [stack.state()["nats_pid"]]
     finally:
+        stopped_at = len(log.read_bytes())
         if proc.poll() is None:  # Ctrl-C in its terminal: SIGINT to its whole process group
             os.killpg(proc.pid, signal.SIGINT)
         code = stop_stack(stack)
     out = log.read_text()
     assert code == 0, out[-3000:]
-    assert "NATS error" not in out, out[-3000:]  # the services drained before the server stopped
+    assert "NATS error" not in log.read_bytes()[stopped_at:].decode(), out[-3000:]  # drained before the server stopped
     assert new_pid not in (victim,)
     assert not [p for p in pids if alive(p)], "orphaned children"
     assert not port_open(nats_port), "nats-server left running"
     assert "[codegen-2]" in out and "[gateway-1]" in out and "nats-server stopped" in out
     assert "codegen stopped" in out and "gateway stopped" in out  # children drained, not killed
+
+
+def test_a_runner_killed_outright_leaves_nothing_running(tmp_path: Path) -> None:
+    log = tmp_path / "up.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", "up", "--nats-port", "0", "--gateway-port", "0",
+         "--data-dir", str(tmp_path / "data")],
+        cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=stack_env(), start_new_session=True,
+    )
+    state = tmp_path / "data" / "stack.json"
+
+    def started() -> list[int] | None:
+        assert proc.poll() is None, log.read_text()
+        if "OpenClaw is up" not in log.read_text():
+            return None
+        s = json.loads(state.read_text())
+        return [c["pid"] for c in s["children"].values()] + [s["nats_pid"]]
+
+    try:
+        pids = wait_until(started, 60, "the stack to be up")
+        proc.kill()  # the runner alone, as an OOM kill or a closed session might
+        proc.wait()
+        wait_until(lambda: not [p for p in pids if alive(p)], 30, "the children and nats-server to stop")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        left = json.loads(state.read_text()) if state.exists() else {"children": {}}
+        for p in [c["pid"] for c in left["children"].values()] + [left.get("nats_pid")]:
+            if p and alive(p):
+                os.kill(p, signal.SIGKILL)
+
+
+def test_ctrl_c_stops_the_example_at_once_and_the_example_sends_the_gateways_key(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.json", {"simulated": {"latency_s": {"codegen": 120, "security": 120,
+                                                                           "database": 120, "pm": 0}}})
+    log = tmp_path / "up.log"
+    keys = "acme=acme-key-0123456789abcdef"  # the example must send it to be let in
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", "up", "--example", "--once", "--config", str(cfg), "--nats-port", "0",
+         "--gateway-port", "0", "--data-dir", str(tmp_path / "data")],
+        cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=stack_env(OPENCLAW_API_KEYS=keys),
+        start_new_session=True,
+    )
+    try:
+        wait_until(lambda: proc.poll() is not None or "task(s) planned by" in log.read_text(), 60,
+                   "the example to be planned")
+        assert proc.poll() is None, log.read_text()
+        s = json.loads((tmp_path / "data" / "stack.json").read_text())
+        pids = [c["pid"] for c in s["children"].values()] + [s["nats_pid"]]
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in its terminal
+        code = proc.wait(timeout=60)  # not the example's two minutes
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = log.read_text()
+    assert code == 128 + signal.SIGINT, out[-3000:]
+    assert "interrupted before the example finished" in out
+    assert not [p for p in pids if alive(p)], "orphaned children"
 
 
 def test_up_refuses_a_bad_config_before_starting_anything(tmp_path: Path) -> None:
@@ -117,6 +189,8 @@ def test_up_will_not_take_a_port_someone_else_listens_on_for_its_nats_server(tmp
 @pytest.mark.parametrize(("args", "says"), [
     (["--namespace", "Bad-NS"], "argument --namespace: 'Bad-NS': lower-case letters and digits only"),
     (["--log-level", "loud"], "argument --log-level: invalid choice: 'LOUD'"),
+    (["--gateway-port", "70000"], "argument --gateway-port: '70000': a port number, 0 to 65535"),
+    (["--nats-port", "-3"], "argument --nats-port: '-3': a port number, 0 to 65535"),
 ])
 def test_up_refuses_bad_arguments_before_starting_anything(tmp_path: Path, args: list[str], says: str) -> None:
     r = subprocess.run([sys.executable, "-m", "shared.cli", "up", *args, "--data-dir", str(tmp_path)], cwd=ROOT,
@@ -169,3 +243,16 @@ def test_embedded_nats_server_runs_on_one_go_processor_unless_told_otherwise(
         assert f"GOMAXPROCS={expected}".encode() in environ
     finally:
         server.stop()
+
+
+def test_a_service_whose_port_is_taken_says_what_to_set_and_exits_2() -> None:
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "services.pm"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=60, env=stack_env(OPENCLAW_PORT=str(port), OPENCLAW_HOST="127.0.0.1",
+                                                     OPENCLAW_LOG_FORMAT="text"))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"cannot serve HTTP on 127.0.0.1:{port}: Address already in use; set OPENCLAW_PORT" in r.stdout + r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
