@@ -212,6 +212,12 @@ def _port(value: str) -> int:
     return int(value)
 
 
+def _nats_url(value: str) -> str:
+    if not value.startswith(("nats://", "tls://", "ws://", "wss://")):
+        raise argparse.ArgumentTypeError(f"{value!r}: must start with nats://, tls://, ws:// or wss://")
+    return value
+
+
 def _namespace(value: str) -> str:
     if not re.fullmatch(r"[a-z0-9]*", value):
         raise argparse.ArgumentTypeError(f"{value!r}: lower-case letters and digits only")
@@ -229,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     nats = up.add_mutually_exclusive_group()
     nats.add_argument("--nats-port", type=_port,
                       help="port of the local nats-server (default 4222; 0: any free port)")
-    nats.add_argument("--nats-url", help="use this NATS server instead of starting one")
+    nats.add_argument("--nats-url", type=_nats_url, help="use this NATS server instead of starting one")
     up.add_argument("--replicas", default="", help=f"e.g. codegen=2,security=2 (services: {', '.join(SERVICES)})")
     up.add_argument("--namespace", default="", type=_namespace,
                     help="prefix of every stream and subject (lower-case letters, digits)")

@@ -191,6 +191,7 @@ def test_up_will_not_take_a_port_someone_else_listens_on_for_its_nats_server(tmp
     (["--log-level", "loud"], "argument --log-level: invalid choice: 'LOUD'"),
     (["--gateway-port", "70000"], "argument --gateway-port: '70000': a port number, 0 to 65535"),
     (["--nats-port", "-3"], "argument --nats-port: '-3': a port number, 0 to 65535"),
+    (["--nats-url", "http://x:4222"], "argument --nats-url: 'http://x:4222': must start with nats://"),
 ])
 def test_up_refuses_bad_arguments_before_starting_anything(tmp_path: Path, args: list[str], says: str) -> None:
     r = subprocess.run([sys.executable, "-m", "shared.cli", "up", *args, "--data-dir", str(tmp_path)], cwd=ROOT,
