@@ -274,7 +274,8 @@ def test_flag_all_names_every_option_settles_none_and_keeps_securitys_side_of_a_
             Finding(severity="high", topic="CSRF", recommendation=CSRF_FIX)])),
     })
     s = settle(ex, "flag_all")
-    assert s.decisions == [f"CSRF: {CSRF_FIX} (security) or SameSite=Lax only (codegen) or nothing needed (database)?"]
+    assert s.decisions == [f"CSRF: {CSRF_FIX} (security, database) or SameSite=Lax only (codegen) or nothing needed "
+                           "(database)?"]
     assert [(r.choice, r.decision_needed) for r in s.recommendations] == [
         (CSRF_FIX, True), ("SameSite=Lax only", True), ("nothing needed", True)]
     tie = execution({
@@ -330,3 +331,35 @@ def test_a_cancelled_security_review_leaves_the_results_unaudited() -> None:
     assert ex.task("sec").degradation == "unaudited"  # type: ignore[union-attr]
     assert aggregate(ex).quality_score == round(1 / 2 * 0.9, 3)
     assert "treat these results as unaudited" in answer(ex)
+
+
+def test_two_security_reviews_advising_differently_on_a_risk_leave_the_choice_to_the_client() -> None:
+    ex = execution({
+        "sec_a": ("security", TaskOutput(summary="a", findings=[
+            Finding(severity="high", topic="CSRF", recommendation=CSRF_FIX)])),
+        "sec_b": ("security", TaskOutput(summary="b", findings=[
+            Finding(severity="high", topic="CSRF", recommendation="SameSite=Strict cookies")])),
+        "api": ("codegen", TaskOutput(summary="api", recommendations=[rec("CSRF", "SameSite=Strict cookies")],
+                                      findings=[Finding(severity="high", topic="CSRF",
+                                                        recommendation="SameSite=Strict cookies")])),
+    })
+    s = settle(ex)
+    assert s.audit == [] and {c.rule for c in s.conflicts} == {"flag"}  # neither review overrules the other
+    assert s.decisions == [f"CSRF: {CSRF_FIX} (security) or SameSite=Strict cookies (security, codegen)?"]
+    assert [(r.choice, r.sources, r.decision_needed) for r in s.recommendations] == [
+        (CSRF_FIX, ["sec_a"], True), ("SameSite=Strict cookies", ["sec_b", "api"], True)]
+    assert sorted(f.recommendation for f in s.findings) == [CSRF_FIX, "SameSite=Strict cookies"]
+
+
+def test_findings_that_differ_only_in_what_they_found_are_two_findings() -> None:
+    ex = execution({"audit": ("security", TaskOutput(summary="audit", findings=[
+        Finding(severity="high", topic="SQL injection", detail="/login concatenates the e-mail",
+                recommendation="Use bound parameters"),
+        Finding(severity="high", topic="SQL injection", detail="/search concatenates the query",
+                recommendation="Use bound parameters")]))})
+    assert [f.detail for f in settle(ex).findings] == ["/login concatenates the e-mail", "/search concatenates the query"]
+
+
+def test_topics_keep_their_vowel_signs_and_match_in_either_unicode_form() -> None:
+    assert topic_key("रोल") != topic_key("रूल") and topic_key("पोर्ट") != topic_key("पार्ट")
+    assert topic_key("sécurité") == topic_key("se\u0301curite\u0301") != topic_key("securite")

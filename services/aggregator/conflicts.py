@@ -17,7 +17,7 @@ dropped: each distinct one stands.
 
 from __future__ import annotations
 
-import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -48,15 +48,22 @@ SYNONYMS = {
 }
 
 
+def _letters(text: str, keep: str = "") -> str:
+    """``text`` as compared: its letters (with their marks) and digits, in any script and either Unicode form,
+    case aside; spacing and punctuation dropped but for the characters in ``keep``."""
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    return "".join(ch for ch in folded if unicodedata.category(ch)[0] in "LMN" or ch in keep)
+
+
 def topic_key(topic: str) -> str:
-    """A topic as compared: case, spacing and punctuation aside, in any script; a few synonyms merged."""
-    key = re.sub(r"[\W_]+", "", topic.casefold()) or topic.strip().casefold()
+    """A topic as compared (see ``_letters``), a few synonyms merged; one of punctuation alone as written."""
+    key = _letters(topic) or topic.strip().casefold()
     return SYNONYMS.get(key, key)
 
 
 def _norm(text: str | None) -> str:
-    """Advice as compared: case, spacing and punctuation aside, in any script ("C#" and "C++" stay apart)."""
-    return re.sub(r"[^\w#+]+|_", "", (text or "").casefold())
+    """Advice as compared (see ``_letters``): "C#" and "C++" stay apart."""
+    return _letters(text or "", keep="#+")
 
 
 @dataclass
@@ -139,10 +146,11 @@ def _settle_findings(out: Settlement, topic: str, finds: list[_Find], flag_all: 
         return
     out.findings += [f.finding for f in _distinct(security)]
     standing = max(security, key=lambda f: f.rank)
-    wants = _norm(standing.finding.recommendation)
+    # What security advises on its most severe findings (two security tasks may advise differently: either counts).
+    wants = {_norm(f.finding.recommendation) for f in security if f.rank == standing.rank and f.finding.recommendation}
     against = [f for f in finds if f.pool != "security" and (
         abs(f.rank - standing.rank) >= 2
-        or (wants and f.finding.recommendation and _norm(f.finding.recommendation) != wants))]
+        or (wants and f.finding.recommendation and _norm(f.finding.recommendation) not in wants))]
     if not against:
         return
     if flag_all:
@@ -158,9 +166,9 @@ def _settle_findings(out: Settlement, topic: str, finds: list[_Find], flag_all: 
 
 def _distinct(finds: list[_Find]) -> list[_Find]:
     """Each finding once: the same severity and advice reported twice (two security tasks) is one finding."""
-    seen: dict[tuple[int, str], _Find] = {}
+    seen: dict[tuple[int, str, str], _Find] = {}
     for f in finds:
-        seen.setdefault((f.rank, _norm(f.finding.recommendation or f.finding.detail)), f)
+        seen.setdefault((f.rank, _norm(f.finding.recommendation), _norm(f.finding.detail)), f)
     return list(seen.values())
 
 
@@ -179,30 +187,27 @@ def _settle_recommendations(out: Settlement, topic: str, recs: list[_Rec], finds
                             flag_all: bool) -> None:
     if not recs:
         return
-    # Rule 1 against an approach: security found a risk on this topic and says what to do instead (its most
-    # severe finding's advice, the one its assessment stands on).
+    # Rule 1 against an approach: security found a risk on this topic and says what to do instead (the advice of
+    # its most severe finding, the one its assessment stands on).
     fixes = [f for f in finds if f.pool == "security" and f.finding.recommendation]
-    fix = max(fixes, key=lambda f: f.rank) if fixes else None
-    if fix is not None and fix.finding.recommendation:
+    if fixes:
+        top = [f for f in fixes if f.rank == max(g.rank for g in fixes)]
+        if len(_options([_advice(f) for f in top])) > 1:  # two security tasks advise differently: the client decides
+            _flag_options(out, topic, [*(_advice(f) for f in top), *recs], [*top, *recs])
+            return
+        fix = top[0]
         wanted = _norm(fix.finding.recommendation)
         clashing = [r for r in recs if r.pool != "security" and r.choice != wanted]
         agreeing = [r for r in recs if r.choice == wanted]
-        if clashing or agreeing:
-            settled = ResolvedRecommendation(
-                topic=topic, choice=fix.finding.recommendation, rationale=fix.finding.detail,
-                sources=list(dict.fromkeys([fix.task_id, *(r.task_id for r in agreeing)])),
-                decision_needed=bool(clashing) and flag_all)
-            out.recommendations.append(settled)
         if clashing and flag_all:
-            _conflict(out, "approach_vs_risk", topic, [*clashing, fix], "flag",
-                      "flagged for the PM (conflict_resolution: flag_all)", None)
-            options = _options(clashing)
-            out.decisions.append(f"{topic}: {fix.finding.recommendation} (security) or "
-                                 + " or ".join(_option(rs) for rs in options) + "?")
-            out.recommendations += [_merged(topic, rs, decision_needed=True) for rs in options]
-        elif clashing:
+            _flag_options(out, topic, [_advice(fix), *agreeing, *clashing], [*clashing, fix],
+                          "flagged for the PM (conflict_resolution: flag_all)")
+            return
+        if clashing:
             _conflict(out, "approach_vs_risk", topic, [*clashing, fix], "security_first",
                       f"security's recommendation applies: {fix.finding.recommendation}", fix)
+        if clashing or agreeing:
+            out.recommendations.append(_merged(topic, [_advice(fix), *agreeing]))
         recs = [r for r in recs if r not in clashing and r not in agreeing]  # security's own other advice
         if not recs:
             return
@@ -219,11 +224,25 @@ def _settle_recommendations(out: Settlement, topic: str, recs: list[_Rec], finds
                   f"security's choice applies: {winner.rec.choice}", winner)
         out.recommendations.append(_merged(topic, security[0]))
         return
-    # Rule 3: irreconcilable without one word from security (none, or two security tasks that differ): the client
-    # decides; every option stays listed, once.
-    _conflict(out, "different_tools", topic, recs, "flag", "flagged for the PM: a decision for the client", None)
+    # Rule 3: irreconcilable without one word from security (none, or two security tasks that differ).
+    _flag_options(out, topic, recs, recs)
+
+
+def _flag_options(out: Settlement, topic: str, recs: list[_Rec], parties: Sequence[Said],
+                  resolution: str = "flagged for the PM: a decision for the client") -> None:
+    """A disagreement no rule settles: the client decides; every option stays listed, once, with everyone who gave
+    it, none of them settled."""
+    options = _options(recs)
+    kind: ConflictKind = "approach_vs_risk" if any(isinstance(p, _Find) for p in parties) else "different_tools"
+    _conflict(out, kind, topic, parties, "flag", resolution, None)
     out.decisions.append(f"{topic}: " + " or ".join(_option(rs) for rs in options) + "?")
     out.recommendations += [_merged(topic, rs, decision_needed=True) for rs in options]
+
+
+def _advice(f: _Find) -> _Rec:
+    """A finding's advice, as a recommendation from its task (its detail the rationale)."""
+    return _Rec(f.task_id, f.pool, Recommendation(topic=f.finding.topic, choice=f.finding.recommendation,
+                                                  rationale=f.finding.detail))
 
 
 def _options(recs: list[_Rec]) -> list[list[_Rec]]:
