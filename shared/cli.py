@@ -152,8 +152,12 @@ async def _up(args: argparse.Namespace) -> int:
         logging.getLogger("openclaw").error("%s", e)
         code = 2
     except (RuntimeError, TimeoutError) as e:
-        logging.getLogger("openclaw").error("%s", e)
-        code = 1
+        if signalled:  # Ctrl-C during start-up: interrupted, not broken
+            logging.getLogger("openclaw").warning("interrupted during start-up")
+            code = 128 + signalled[0]
+        else:
+            logging.getLogger("openclaw").error("%s", e)
+            code = 1
     finally:
         await stack.stop()
     return code

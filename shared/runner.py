@@ -50,13 +50,10 @@ class Child:
         return int(self.sock.getsockname()[1])
 
 
-def listen(port: int, shared: bool = False) -> socket.socket:
-    """A listening TCP socket on 127.0.0.1 (``port`` 0: any free one) that children can inherit. ``shared``: one of
-    several on the same port (replicas of the gateway), between which the kernel spreads the connections."""
+def listen(port: int) -> socket.socket:
+    """A listening TCP socket on 127.0.0.1 (``port`` 0: any free one) that children can inherit."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if shared:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind(("127.0.0.1", port))
     except OSError as e:
@@ -140,11 +137,10 @@ class Stack:
             log.info("nats-server (JetStream, store %s%s) listening on %s", self.server.store_dir,
                      f", users from {auth}" if auth else "", self.server.url)
             self._server_watch = asyncio.create_task(self._supervise_server())
+        gateway = listen(self.opts.gateway_port)  # one socket, which every gateway replica accepts on
         for service in SERVICES:
-            count = self.opts.replicas.get(service, 1)
-            for i in range(1, count + 1):
-                port = self.opts.gateway_port if service == "gateway" else 0
-                self.children.append(Child(service, i, listen(port, shared=count > 1 and port != 0)))
+            for i in range(1, self.opts.replicas.get(service, 1) + 1):
+                self.children.append(Child(service, i, gateway if service == "gateway" else listen(0)))
         for child in self.children:
             self._supervisors.append(asyncio.create_task(self._supervise(child)))
         self._write_state()

@@ -257,3 +257,23 @@ def test_a_service_whose_port_is_taken_says_what_to_set_and_exits_2() -> None:
     assert r.returncode == 2, r.stdout + r.stderr
     assert f"cannot serve HTTP on 127.0.0.1:{port}: Address already in use; set OPENCLAW_PORT" in r.stdout + r.stderr
     assert "Traceback" not in r.stdout + r.stderr
+
+
+def test_ctrl_c_while_the_stack_starts_is_an_interruption_not_a_failure(tmp_path: Path) -> None:
+    log = tmp_path / "up.log"
+    nowhere = f"nats://127.0.0.1:{free_port()}"  # nothing listens: the stack never gets ready
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", "up", "--nats-url", nowhere, "--gateway-port", "0",
+         "--data-dir", str(tmp_path / "data")],
+        cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=stack_env(), start_new_session=True,
+    )
+    try:
+        wait_until(lambda: "NATS" in log.read_text(), 60, "the services to try NATS")  # starting, not ready
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = log.read_text()
+    assert code == 128 + signal.SIGINT, out[-3000:]
+    assert "interrupted during start-up" in out and "ERROR" not in out, out[-3000:]
