@@ -357,7 +357,8 @@ def test_findings_that_differ_only_in_what_they_found_are_two_findings() -> None
                 recommendation="Use bound parameters"),
         Finding(severity="high", topic="SQL injection", detail="/search concatenates the query",
                 recommendation="Use bound parameters")]))})
-    assert [f.detail for f in settle(ex).findings] == ["/login concatenates the e-mail", "/search concatenates the query"]
+    assert [f.detail for f in settle(ex).findings] == ["/login concatenates the e-mail",
+                                                       "/search concatenates the query"]
 
 
 def test_topics_keep_their_vowel_signs_and_match_in_either_unicode_form() -> None:
