@@ -64,6 +64,22 @@ DESCRIPTION_MAX = 20_000
 CUT = " … (cut here: the whole request is in the context of the task's message, as \"request\")"
 
 
+CONTEXT_DEPTH_MAX = 32  # a task's context, and what its upstream outputs add, stay well within JSON parsers' limits
+
+
+def _depth(value: Any) -> int:
+    """How deeply ``value`` nests lists and dicts (a scalar: 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
 class TaskSpec(BaseModel):
     """One task of a plan: what to do, in which pool, after which other tasks."""
 
@@ -79,6 +95,8 @@ class TaskSpec(BaseModel):
     def _reserved_keys(cls, context: dict[str, Any]) -> dict[str, Any]:
         # upstream is set when a task is released: its dependencies' outputs by task id, which workers and
         # prompts rely on; simulate shapes the simulated provider.
+        if _depth(context) > CONTEXT_DEPTH_MAX:  # every service parses it again, and their parsers stop deeper
+            raise ValueError(f"nested deeper than {CONTEXT_DEPTH_MAX} levels")
         upstream = context.get("upstream")
         if upstream is not None and not (isinstance(upstream, dict) and all(isinstance(k, str) for k in upstream)):
             raise ValueError("context.upstream must map task ids to their outputs")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -68,6 +69,11 @@ def test_malformed_json_is_422_saying_where_and_why(stack: Stack) -> None:
     assert r.status_code == 422 and r.json()["errors"] == [
         {"field": "body", "message": "not valid JSON (at character 1): Expecting property name enclosed in double "
                                      "quotes"}]
+    # JSON the parser gives up on was a 400 that said only "There was an error parsing the body".
+    r = httpx.post(f"{stack.url}/api/execute-parallel", content=b'{"message": ' + b"[" * 1900 + b"]" * 1900 + b"}",
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["errors"] == [
+        {"field": "body", "message": "not valid JSON: nested too deeply"}], r.text
 
 
 def test_json_sent_as_something_else_is_422_saying_which_content_type_to_send(stack: Stack) -> None:
@@ -145,6 +151,9 @@ def test_unknown_execution_is_404(stack: Stack) -> None:
          "context.upstream must map task ids to their outputs"),
         ([{"id": "a", "pool": "codegen", "description": "x", "context": {"simulate": {"bogus": 1}}}],
          "tasks[0].context", "context.simulate: bogus: Extra inputs are not permitted"),
+        # Deeper than the services' own parsers go: a 500 at 256 levels, and from 200 a request the PM dead-lettered.
+        ([{"id": "a", "pool": "codegen", "description": "x", "context": {"k": json.loads("[" * 200 + "]" * 200)}}],
+         "tasks[0].context", "nested deeper than 32 levels"),
     ],
 )
 def test_invalid_plan_is_422_saying_which(stack: Stack, tasks: list[object], field: str, says: str) -> None:

@@ -88,10 +88,12 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's 400 "error parsing the body" says no more
+        cause = exc.__cause__
+        if exc.status_code == 400 and cause is not None:  # FastAPI's "error parsing the body" says no more
             if refused := await key_first(request):
                 return refused
-            exc = HTTPException(422, {"field": "body", "message": f"not valid JSON: {exc.__cause__}"})
+            why = "nested too deeply" if isinstance(cause, RecursionError) else str(cause)
+            exc = HTTPException(422, {"field": "body", "message": f"not valid JSON: {why}"})
         detail = exc.detail
         errors: list[object] = []
         if isinstance(detail, dict):
