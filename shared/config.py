@@ -92,6 +92,9 @@ class Simulated(_Strict):
     latency_s: dict[str, Seconds] = Field(
         default_factory=lambda: {"codegen": 1.2, "security": 0.9, "database": 0.7, "pm": 0.0}
     )
+    faults: bool = Field(default=True, description="whether a client's context.simulate may ask for faults (a worker "
+                         "that dies, hangs, raises or fails): for tests and demonstrations; off where clients are not "
+                         "trusted, as one tenant's directive would kill the workers every tenant shares")
 
     @model_validator(mode="after")
     def _known_roles(self) -> Simulated:

@@ -250,6 +250,12 @@ class Simulate(BaseModel):
     raise_attempts: int = Field(default=0, ge=0, description="attempts 1..N raise, as an agent with a bug would")
     output: TaskOutput | None = Field(default=None, description="answer this instead of the pool's default")
 
+    def faults(self) -> list[str]:
+        """The fault directives asked for: what ``simulated.faults`` off refuses."""
+        asked = {"fail_attempts": self.fail_attempts, "hang": self.hang, "crash_attempts": self.crash_attempts,
+                 "raise_attempts": self.raise_attempts}
+        return [name for name, value in asked.items() if value]
+
 
 class _TaskResult(Wire):
     execution_id: str

@@ -339,3 +339,21 @@ def test_missing_config_file_fails_fast_saying_what_to_set(tmp_path: Path) -> No
     r = subprocess.run([sys.executable, "-m", "services.pm"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=30)
     assert r.returncode == 2 and "does not exist (set --config or OPENCLAW_CONFIG)" in r.stderr
+
+
+def test_fault_directives_are_refused_where_the_config_turns_them_off(stack_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # One tenant's crash_attempts would kill the pool workers every tenant shares.
+    cfg = write_config(tmp_path / "c.json", {"simulated": {"faults": False}})
+    stack: Stack = stack_factory("nf" + uuid.uuid4().hex[:8], "--config", str(cfg))
+    for i, simulate in enumerate(({"crash_attempts": 1}, {"hang": True, "latency_s": 1},
+                                  {"fail_attempts": 2, "raise_attempts": 1})):
+        tasks = [{"id": "ok", "pool": "codegen", "description": "x"},
+                 {"id": "bad", "pool": "codegen", "description": "x", "context": {"simulate": simulate}}]
+        r = post(stack, {"message": f"faults {i}", "tasks": tasks})
+        assert r.status_code == 422, r.text
+        assert r.json()["errors"] == [{"field": "tasks[1].context", "message": (
+            f"context.simulate: {', '.join(k for k in simulate if k != 'latency_s')} not allowed here "
+            "(parallel_execution.simulated.faults is off)")}]
+    # What shapes a run without breaking anything still goes.
+    plan = [{"id": "slow", "pool": "codegen", "description": "x", "context": {"simulate": {"latency_s": 0.1}}}]
+    assert post(stack, {"message": "latency", "tasks": plan, "wait": True}).json()["status"] == "completed"

@@ -37,6 +37,7 @@ from shared.schemas import (
     ExecutionDeadline,
     ExecutionRequested,
     ExecutionStatus,
+    Simulate,
     TaskSpec,
     check_plan,
     now,
@@ -170,6 +171,13 @@ async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_ke
             check_plan(body.tasks, pe.max_tasks_per_execution)
         except PlanError as e:
             raise HTTPException(422, {"field": "tasks", "message": str(e)}) from None
+        if not pe.simulated.faults:
+            for i, t in enumerate(body.tasks):
+                asked = Simulate.model_validate(t.context.get("simulate") or {}).faults()
+                if asked:
+                    raise HTTPException(422, {"field": f"tasks[{i}].context", "message": (
+                        f"context.simulate: {', '.join(asked)} not allowed here (parallel_execution.simulated.faults "
+                        "is off)")})
     if body.timeout_s is not None and body.timeout_s > pe.gateway.max_wait_s:
         raise HTTPException(422, {"field": "timeout_s", "message": f"at most {pe.gateway.max_wait_s:g} seconds"})
     wait_s = body.timeout_s if body.timeout_s is not None else pe.gateway.default_wait_s
