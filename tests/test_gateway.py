@@ -14,10 +14,12 @@ from typing import Any
 import httpx
 import nats
 import pytest
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 
 from services.gateway.handlers import KEEPALIVE_S
+from shared.names import Names
 from shared.schemas import Execution, now
 from tests.conftest import Stack, stack_env, start_stack, stop_stack, until, wait_until, write_config
 
@@ -442,3 +444,26 @@ def test_chat_stays_serial_when_parallel_execution_is_disabled(nats_url: str, tm
         assert audit[0] >= api[1]
     finally:
         assert stop_stack(s) == 0
+
+
+async def test_a_wait_cancelled_with_its_request_takes_its_nats_request_with_it(nc: NATS, names: Names,
+                                                                                tmp_path: Path) -> None:
+    # An event stream's generator is cancelled when its client goes; the subscription's pending next_msg used to
+    # live on until its timeout and end as "Task exception was never retrieved" in the gateway's log.
+    from services.gateway.handlers import _next
+    from tests.conftest import service_runtime
+
+    rt = await service_runtime(nc, names, tmp_path, service="gateway")
+    sub = await nc.subscribe(f"{names.namespace}.nothing")
+    waiting = asyncio.create_task(_next(rt, sub, 60))
+    await until(lambda: any(_waits_for_next_msg(t) for t in asyncio.all_tasks()), 5, "the wait to start")
+    waiting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
+    left = [t for t in asyncio.all_tasks() if _waits_for_next_msg(t)]
+    assert all(t.done() or t.cancelling() for t in left), left
+    await sub.unsubscribe()
+
+
+def _waits_for_next_msg(task: asyncio.Task[Any]) -> bool:
+    return getattr(task.get_coro(), "__qualname__", "").endswith("next_msg") and not task.done()

@@ -267,7 +267,12 @@ async def _next(rt: Runtime, sub: Subscription, timeout: float, gone: asyncio.Fu
         return None
     nxt = asyncio.ensure_future(sub.next_msg(timeout=timeout))
     ends: list[asyncio.Future[Any]] = [nxt, stopping] if gone is None else [nxt, stopping, gone]
-    await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+    try:
+        await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # an event stream whose client went: its wait goes with it, not on to a timeout
+        if not nxt.cancel() and not nxt.cancelled():
+            nxt.exception()  # done meanwhile: seen, so not reported as never retrieved
+        raise
     if not nxt.done():
         nxt.cancel()
         return None
