@@ -14,7 +14,9 @@ using one unit of its pool.
   generates every *active* schedule, and for makespan some active schedule is optimal, so the search
   is exact; it prunes with the partial makespan and heads + tails, and is instant for plans of the
   size the system accepts (≤ 12 tasks here). When the greedy schedule already meets the lower bound it
-is returned at once: it is then provably optimal.
+is returned at once: it is then provably optimal. Exact for tasks of positive duration: a task of zero
+duration is taken to hold a slot of its pool for that instant, which can delay another start there, so
+with such tasks ``optimum`` may exceed the true minimum (the benchmark's plans have none).
 """
 
 from __future__ import annotations

@@ -39,6 +39,9 @@ def caption(res: Results, runs: str) -> str:
     return f"{machine_line(res)} · `{res.options.command or 'openclaw bench'}` · {runs}"
 
 
+SERVER = "nats-server"  # the soak's name for the broker's process, beside the services'
+
+
 def _met(ok: bool) -> str:
     return OK if ok else MISS
 
@@ -61,13 +64,15 @@ def summary_rows(res: Results) -> list[tuple[str, str, str, str]]:
                      _met(r.vs_bound <= TARGETS["bound"])))
         if r.scenario.large:
             target, ok = "≥ 1.5× (large project)", r.speedup >= TARGETS["large"]
-        elif r.bound_speedup >= TARGETS["allows"] + 0.05:
-            target, ok = f"≥ 2.0× (the plan allows {r.bound_speedup:.2f}×)", r.speedup >= TARGETS["allows"]
+        elif r.bound_speedup >= TARGETS["allows"]:
+            exactly = " exactly: only zero overhead reaches it" if r.bound_speedup < TARGETS["allows"] + 5e-4 else ""
+            target = f"≥ 2.0× (the plan allows {r.bound_speedup:.3f}×{exactly})"
+            ok = r.speedup >= TARGETS["allows"]
         else:
-            target = f"the plan allows {r.bound_speedup:.2f}×"
+            target = f"the plan allows {r.bound_speedup:.3f}× (under 2.0×): within 1 % of it"
             ok = r.speedup >= r.bound_speedup / (1 + TARGETS["bound"])
         rows.append((f"{name}: speedup over serial", target,
-                     f"{r.speedup:.2f}× ({_s(r.serial)} → {_s(r.parallel)})", _met(ok)))
+                     f"{r.speedup:.3f}× ({_s(r.serial)} → {_s(r.parallel)})", _met(ok)))
     if res.overhead:
         o = res.overhead
         p50, p99 = o.stat(50), o.stat(99)
@@ -76,7 +81,8 @@ def summary_rows(res: Results) -> list[tuple[str, str, str, str]]:
         rows.append((f"{what}: p99", "≤ 30 ms", f"{p99:.1f} ms", _met(p99 <= TARGETS["overhead_p99"])))
     if res.throughput:
         t = res.throughput
-        rows.append((f"Throughput, 6-task zero-latency executions, {t.concurrency} in flight", "≥ 200 executions/s",
+        rows.append((f"Throughput, 6-task zero-latency executions, {t.concurrency} in flight (pool limits 128)",
+                     "≥ 200 executions/s",
                      f"{t.per_s:.0f} executions/s = {t.tasks_per_s:.0f} tasks/s ({t.errors} errors); "
                      f"median of {_runs(res.throughput_rates)}",
                      _met(t.per_s >= TARGETS["throughput"] and t.errors == 0)))
@@ -86,12 +92,12 @@ def summary_rows(res: Results) -> list[tuple[str, str, str, str]]:
                      f"{p99 * 1000:.0f} µs (p50 {percentile(res.routing_ms, 50) * 1000:.0f} µs)",
                      _met(p99 < TARGETS["routing_p99"])))
     if res.scenarios:
+        # Not a measurement on this provider: it plans by rules and answers by template, at no cost (see the section).
         costs = [cost_overhead(r) for r in res.scenarios]
         worst = max(c["extra_share"] for c in costs)
-        diff = max(abs(c["difference"]) for c in costs)
         rows.append(("Cost overhead of parallel over serial (decomposition + synthesis)", "≤ 2 %",
-                     f"{worst * 100:.1f} % extra; totals differ by {diff * 100:.1f} %",
-                     _met(worst <= TARGETS["cost"])))
+                     f"not measurable on the simulated provider: {worst * 100:.1f} % by construction (no "
+                     "decomposition or synthesis call is made)", "n/a"))
     if res.load:
         ld = res.load
         rows.append((f"Load: {ld.executions} concurrent executions, {ld.tasks} concurrent tasks", "no error",
@@ -101,10 +107,13 @@ def summary_rows(res: Results) -> list[tuple[str, str, str, str]]:
     if res.soak:
         sk = res.soak
         growth = sk.growth()
-        worst_service = max(growth, key=lambda s: growth[s])
-        rows.append((f"Soak: {sk.executions} executions, RSS growth of every service after warm-up", "< 5 %",
-                     f"max {growth[worst_service] * 100:+.1f} % ({worst_service}); {sk.errors} errors",
-                     _met(growth[worst_service] < TARGETS["rss"] and sk.errors == 0)))
+        services = {name: g for name, g in growth.items() if name != SERVER}
+        worst_service = max(services, key=lambda s: services[s])
+        server = f"; nats-server {growth[SERVER] * 100:+.0f} % (the messages it keeps)" if SERVER in growth else ""
+        rows.append((f"Soak: {sk.executions} executions on a fresh stack, RSS growth of every service after "
+                     f"{res.options.soak_warmup} of warm-up", "< 5 %",
+                     f"max {services[worst_service] * 100:+.1f} % ({worst_service}); {sk.errors} errors{server}",
+                     _met(services[worst_service] < TARGETS["rss"] and sk.errors == 0)))
     return rows
 
 
@@ -125,7 +134,7 @@ def scenario_table(results: list[ScenarioResult]) -> str:
         lines.append(
             f"| {r.scenario.title} | {len(r.scenario.steps)} | {_s(r.work_s)} | {_s(b['critical_path'])} "
             f"| {_s(b['lower_bound'])} | **{_s(b['optimum'])}** | {_s(r.parallel)} | {_s(r.serial)} "
-            f"| {r.speedup:.2f}× | {r.bound_speedup:.2f}× | {(r.parallel - b['optimum']) * 1000:+.0f} ms "
+            f"| {r.speedup:.3f}× | {r.bound_speedup:.3f}× | {(r.parallel - b['optimum']) * 1000:+.0f} ms "
             f"({r.vs_bound * 100:+.1f} %) |"
         )
     return "\n".join(lines)
@@ -286,16 +295,20 @@ def results_markdown(res: Results, figures: dict[str, str]) -> str:
         sk = res.soak
         growth = sk.growth()
         first, last = sk.rss_kib[0][1], sk.rss_kib[-1][1]
-        lines = ["| service | RSS after warm-up | RSS at the end | growth |", "|---|---|---|---|"]
-        for s in sorted(first):
+        lines = ["| process | RSS after warm-up | RSS at the end | growth |", "|---|---|---|---|"]
+        for s in sorted(first, key=lambda name: (name == SERVER, name)):
             lines.append(f"| {s} | {first[s] / 1024:.1f} MiB | {last[s] / 1024:.1f} MiB | {growth[s] * 100:+.1f} % |")
         out += [
-            f"{sk.executions} executions ({sk.executions // 10} per slice, {res.options.concurrency} in flight) after "
-            f"{res.options.soak_warmup} of warm-up, in {sk.seconds:.1f} s, {sk.errors} errors. Resident memory "
-            "(VmRSS in /proc/<pid>/status of every service process; pids from the runner's stack.json) after "
-            "the warm-up and at the end:",
+            f"{sk.executions} executions ({sk.executions // 10} per slice, {res.options.concurrency} in flight) on a "
+            f"stack of their own, after {res.options.soak_warmup} of warm-up, in {sk.seconds:.1f} s, {sk.errors} "
+            "errors. Resident memory (VmRSS in /proc/<pid>/status of every service process, and of the nats-server; "
+            "pids from the runner's stack.json) after the warm-up and at the end:",
             "",
             "\n".join(lines),
+            "",
+            "The target is the services'. The nats-server's memory grows with what it is asked to keep: every "
+            "execution's document (the KV bucket keeps them 30 days), its results and events (the streams keep "
+            "them 7 days), which the file store caches in memory as it writes them; it is shown, not judged.",
             "",
         ]
         if "soak" in figures:

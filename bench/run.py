@@ -69,7 +69,8 @@ def _scenarios(names: tuple[str, ...]) -> list[Scenario]:
 
 
 async def measure_all(opts: Options) -> Results:
-    """Every part asked for, on two stacks: the default pool limits, then wide ones for the load parts."""
+    """Every part asked for: on a stack with the default pool limits, then on one with wide limits (load,
+    throughput), and the soak on a fresh one of its own."""
     res = Results(opts, measure.machine(), load_before=measure.load_average())
     t0 = time.monotonic()
     if "routing" in opts.parts:
@@ -86,8 +87,8 @@ async def measure_all(opts: Options) -> Results:
                 log.info("overhead: %d sequential zero-latency fan-outs", opts.overhead_n)
                 res.overhead = await measure.run_overhead(stack, opts.overhead_n)
                 res.primitives = await measure.run_primitives(stack, document=res.overhead.document)
-    if {"throughput", "load", "soak"} & set(opts.parts):
-        wide = config_section(worker_pools=WIDE_POOLS, max_tasks_per_execution=max(10, opts.load_tasks))
+    wide = config_section(worker_pools=WIDE_POOLS, max_tasks_per_execution=max(10, opts.load_tasks))
+    if {"throughput", "load"} & set(opts.parts):
         async with running_stack(wide) as stack:
             if "load" in opts.parts:
                 log.info("load: %d executions × %d tasks at once", opts.load_executions, opts.load_tasks)
@@ -99,9 +100,10 @@ async def measure_all(opts: Options) -> Results:
                                for _ in range(opts.throughput_runs)], key=lambda t: t.per_s)
                 res.throughput, res.throughput_rates = runs[len(runs) // 2], [t.per_s for t in runs]
                 res.throughput.errors = sum(t.errors for t in runs)
-            if "soak" in opts.parts:
-                log.info("soak: %d executions after %d of warm-up", opts.soak_n, opts.soak_warmup)
-                res.soak = await measure.run_soak(stack, opts.soak_n, opts.concurrency, opts.soak_warmup)
+    if "soak" in opts.parts:  # a stack of its own: its warm-up is the only work before it
+        async with running_stack(wide) as stack:
+            log.info("soak: %d executions after %d of warm-up", opts.soak_n, opts.soak_warmup)
+            res.soak = await measure.run_soak(stack, opts.soak_n, opts.concurrency, opts.soak_warmup)
     res.seconds = time.monotonic() - t0
     res.load_after = measure.load_average()
     return res

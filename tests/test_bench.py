@@ -70,8 +70,8 @@ def test_a_tiny_real_run_writes_the_report_and_the_readme_table(tmp_path: Path) 
     # CPU time comes from /proc in clock ticks (10 ms): 40 probes give the gateway several ticks even on a quick
     # machine (about 1.5 ms an execution), where 5 could give it none.
     opts = Options(time_factor=0.002, runs=1, overhead_n=40, scenarios=("security_audit",),
-                   parts=("speedup", "overhead", "routing", "load", "throughput"), throughput_n=4, throughput_runs=3,
-                   concurrency=2, load_executions=2, load_tasks=3,
+                   parts=("speedup", "overhead", "routing", "load", "throughput", "soak"), throughput_n=4,
+                   throughput_runs=3, concurrency=2, load_executions=2, load_tasks=3, soak_n=10, soak_warmup=2,
                    load_latency_s=0.2, routing_n=200, out=tmp_path / "out", readme=readme, charts=False,
                    command="pytest")
     res = asyncio.run(measure_all(opts))
@@ -104,6 +104,16 @@ def test_a_tiny_real_run_writes_the_report_and_the_readme_table(tmp_path: Path) 
     assert len(res.throughput_rates) == 3 and res.throughput_rates == sorted(res.throughput_rates)
     assert t.per_s == res.throughput_rates[1]
     assert f"median of 3 runs ({res.throughput_rates[0]:.0f}–{res.throughput_rates[2]:.0f})" in text
+    # The soak reports the nats-server's memory beside the services', judged apart; the cost row says it measured
+    # nothing here, rather than "met".
+    sk = res.soak
+    assert sk is not None and sk.errors == 0 and len(sk.rss_kib) == 11
+    assert set(sk.rss_kib[0][1]) == {"nats-server", "pm-1", "codegen-1", "security-1", "database-1", "aggregator-1",
+                                     "gateway-1"}
+    assert "on a stack of their own, after 2 of warm-up" in text and "| nats-server |" in text
+    cost_row = next(line for line in text.splitlines() if line.startswith("| Cost overhead"))
+    assert cost_row.endswith("| n/a |") and "not measurable on the simulated provider" in cost_row
+    assert f"| {sc.speedup:.3f}× ({sc.serial:.3f} s → {sc.parallel:.3f} s) |" in text
     updated = readme.read_text()
     assert "old" not in updated and "Security-only audit: speedup over serial" in updated
     assert updated.endswith("## After\n")
