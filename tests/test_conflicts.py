@@ -364,3 +364,29 @@ def test_findings_that_differ_only_in_what_they_found_are_two_findings() -> None
 def test_topics_keep_their_vowel_signs_and_match_in_either_unicode_form() -> None:
     assert topic_key("रोल") != topic_key("रूल") and topic_key("पोर्ट") != topic_key("पार्ट")
     assert topic_key("sécurité") == topic_key("se\u0301curite\u0301") != topic_key("securite")
+
+
+def test_security_reviews_split_on_a_risk_with_no_recommendation_are_still_a_decision() -> None:
+    ex = execution({
+        "sec_a": ("security", TaskOutput(summary="a", findings=[
+            Finding(severity="high", topic="CSRF", recommendation=CSRF_FIX)])),
+        "sec_b": ("security", TaskOutput(summary="b", findings=[
+            Finding(severity="high", topic="CSRF", recommendation="SameSite=Strict")])),
+        "api": ("codegen", TaskOutput(summary="api", findings=[
+            Finding(severity="low", topic="CSRF", recommendation="SameSite=Strict")])),
+    })
+    s = settle(ex)
+    assert s.audit == [] and [c.rule for c in s.conflicts] == ["flag"]  # not settled by plan order
+    assert s.decisions == [f"CSRF: agents disagree (security high: {CSRF_FIX}; security high: SameSite=Strict; "
+                           "codegen low: SameSite=Strict)"]
+
+
+def test_flag_all_keeps_securitys_own_other_advice_on_the_topic() -> None:
+    ex = execution({
+        "audit": ("security", TaskOutput(summary="audit", findings=[
+            Finding(severity="high", topic="CSRF", recommendation=CSRF_FIX)],
+            recommendations=[rec("CSRF", "Use double-submit cookies")])),
+        "api": ("codegen", TaskOutput(summary="api", recommendations=[rec("CSRF", "SameSite=Lax only")])),
+    })
+    for mode in ("flag_all", "security_first"):
+        assert "Use double-submit cookies" in [r.choice for r in settle(ex, mode).recommendations], mode

@@ -153,8 +153,9 @@ def _settle_findings(out: Settlement, topic: str, finds: list[_Find], flag_all: 
         or (wants and f.finding.recommendation and _norm(f.finding.recommendation) not in wants))]
     if not against:
         return
-    if flag_all:
-        _flag_findings(out, topic, [standing, *against])
+    top = [f for f in security if f.rank == standing.rank]
+    if flag_all or len(wants) > 1:  # flag_all; or security's reviews advise differently: no one advice stands
+        _flag_findings(out, topic, [*(top if len(wants) > 1 else [standing]), *against])
         worst = max(against, key=lambda f: f.rank)
         if worst.rank > standing.rank:
             out.findings.append(worst.finding)  # treated as the more severe until the PM decides
@@ -199,15 +200,16 @@ def _settle_recommendations(out: Settlement, topic: str, recs: list[_Rec], finds
         wanted = _norm(fix.finding.recommendation)
         clashing = [r for r in recs if r.pool != "security" and r.choice != wanted]
         agreeing = [r for r in recs if r.choice == wanted]
+        given = [*(_advice(f) for f in top), *agreeing]  # security's advice, with everyone who gave it
         if clashing and flag_all:
-            _flag_options(out, topic, [_advice(fix), *agreeing, *clashing], [*clashing, fix],
+            _flag_options(out, topic, [*given, *clashing], [*clashing, fix],
                           "flagged for the PM (conflict_resolution: flag_all)")
-            return
-        if clashing:
+        elif clashing:
             _conflict(out, "approach_vs_risk", topic, [*clashing, fix], "security_first",
                       f"security's recommendation applies: {fix.finding.recommendation}", fix)
-        if clashing or agreeing:
-            out.recommendations.append(_merged(topic, [_advice(fix), *agreeing]))
+            out.recommendations.append(_merged(topic, given))
+        elif agreeing:
+            out.recommendations.append(_merged(topic, given))
         recs = [r for r in recs if r not in clashing and r not in agreeing]  # security's own other advice
         if not recs:
             return
