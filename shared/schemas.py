@@ -241,7 +241,7 @@ class TaskOutput(BaseModel):
 class Simulate(BaseModel):
     """Per-task shaping of the simulated provider, read from ``context.simulate``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     latency_s: float | None = Field(default=None, ge=0)
     fail_attempts: int = Field(default=0, ge=0, description="attempts 1..N fail with ``error``")
     hang: bool = False

@@ -341,19 +341,29 @@ def test_missing_config_file_fails_fast_saying_what_to_set(tmp_path: Path) -> No
     assert r.returncode == 2 and "does not exist (set --config or OPENCLAW_CONFIG)" in r.stderr
 
 
+def test_an_infinite_simulated_latency_is_422(stack: Stack) -> None:
+    # Python's JSON reads Infinity; the simulated agent would then hold its slot until the pool's timeout, every try.
+    body = (b'{"message": "m", "tasks": [{"id": "a", "pool": "codegen", "description": "x", '
+            b'"context": {"simulate": {"latency_s": Infinity}}}]}')
+    r = httpx.post(f"{stack.url}/api/execute-parallel", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "tasks[0].context", r.text
+    assert "context.simulate: latency_s: Input should be a finite number" in r.json()["message"]
+
+
 def test_fault_directives_are_refused_where_the_config_turns_them_off(stack_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     # One tenant's crash_attempts would kill the pool workers every tenant shares.
     cfg = write_config(tmp_path / "c.json", {"simulated": {"faults": False}})
     stack: Stack = stack_factory("nf" + uuid.uuid4().hex[:8], "--config", str(cfg))
-    for i, simulate in enumerate(({"crash_attempts": 1}, {"hang": True, "latency_s": 1},
-                                  {"fail_attempts": 2, "raise_attempts": 1})):
+    for i, (simulate, asked) in enumerate((({"crash_attempts": 1}, "crash_attempts"),
+                                           ({"hang": True, "latency_s": 1}, "hang"),
+                                           ({"fail_attempts": 2, "raise_attempts": 1}, "fail_attempts, raise_attempts"),
+                                           ({"latency_s": 1e9}, "latency_s 1e+09 (the pool times out at 300 s)"))):
         tasks = [{"id": "ok", "pool": "codegen", "description": "x"},
                  {"id": "bad", "pool": "codegen", "description": "x", "context": {"simulate": simulate}}]
         r = post(stack, {"message": f"faults {i}", "tasks": tasks})
         assert r.status_code == 422, r.text
         assert r.json()["errors"] == [{"field": "tasks[1].context", "message": (
-            f"context.simulate: {', '.join(k for k in simulate if k != 'latency_s')} not allowed here "
-            "(parallel_execution.simulated.faults is off)")}]
+            f"context.simulate: {asked} not allowed here (parallel_execution.simulated.faults is off)")}]
     # What shapes a run without breaking anything still goes.
     plan = [{"id": "slow", "pool": "codegen", "description": "x", "context": {"simulate": {"latency_s": 0.1}}}]
     assert post(stack, {"message": "latency", "tasks": plan, "wait": True}).json()["status"] == "completed"

@@ -173,7 +173,10 @@ async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_ke
             raise HTTPException(422, {"field": "tasks", "message": str(e)}) from None
         if not pe.simulated.faults:
             for i, t in enumerate(body.tasks):
-                asked = Simulate.model_validate(t.context.get("simulate") or {}).faults()
+                sim = Simulate.model_validate(t.context.get("simulate") or {})
+                asked, timeout = sim.faults(), pe.worker_pools.get(t.pool).timeout
+                if sim.latency_s is not None and sim.latency_s >= timeout:  # a hang by another name
+                    asked.append(f"latency_s {sim.latency_s:g} (the pool times out at {timeout:g} s)")
                 if asked:
                     raise HTTPException(422, {"field": f"tasks[{i}].context", "message": (
                         f"context.simulate: {', '.join(asked)} not allowed here (parallel_execution.simulated.faults "

@@ -92,7 +92,8 @@ def create_app(settings: Settings) -> FastAPI:
         if exc.status_code == 400 and cause is not None:  # FastAPI's "error parsing the body" says no more
             if refused := await key_first(request):
                 return refused
-            why = "nested too deeply" if isinstance(cause, RecursionError) else str(cause)
+            # Python's own advice on its limits (sys.set_int_max_str_digits) is not the client's to follow.
+            why = "nested too deeply" if isinstance(cause, RecursionError) else str(cause).partition("; use sys.")[0]
             exc = HTTPException(422, {"field": "body", "message": f"not valid JSON: {why}"})
         detail = exc.detail
         errors: list[object] = []
