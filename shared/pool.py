@@ -25,7 +25,7 @@ from nats.aio.subscription import Subscription
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from shared import metrics
-from shared.bus import emit, publish
+from shared.bus import emit, publish, stopped_within
 from shared.consumer import Consumer, persist
 from shared.costs import attempt_event, observe, publish_cost
 from shared.failures import decide, model_for
@@ -69,6 +69,7 @@ class _Delivery:
 
 
 GIVEN_UP_AFTER = 0.9  # of ack_wait without a heartbeat: the broker has handed the task on, or is about to
+RECORDED_POLL_S = 0.1  # a retry reads the task's state this often until the attempt before it is recorded
 BEAT_RETRY_S = 1.0  # after a heartbeat that failed, the next comes this soon (at most ack_wait / 3)
 FOLLOW_HEARTBEAT_S = 1.0  # the server's heartbeat on the endings' consumer; two missed and it is recreated
 
@@ -137,7 +138,7 @@ class PoolWorker:
         if d.attempt == 1:
             ended = await self._ended(d)
         else:  # a retry: its model depends on how the attempts before it failed, which the document has
-            state = await self._state(cmd)
+            state = await self._recorded(cmd, d.attempt - 1)
             ended = state is None
             before = sorted((a for a in state.attempts if a.n < d.attempt), key=lambda a: a.n) if state else []
             failed = [a.error_kind for a in before]
@@ -246,6 +247,19 @@ class PoolWorker:
             log.warning("the broker handed the task on before this attempt ended (no heartbeat for %s of "
                         "ack_wait): reported, not acknowledged", f"{GIVEN_UP_AFTER:.0%}", extra=d.ctx)
         return given_up
+
+    async def _recorded(self, cmd: RunTask, attempt: int) -> TaskState | None:
+        """The task's state once it records how ``attempt`` ended: the aggregator stores a failure moments after it
+        is reported, but a retry nak'ed for less time (or an aggregator that lags: a restart, a rollout) would find
+        it missing and choose its model without it, the pool's own after a refusal. Read again for up to a third of
+        ack_wait; a delivery whose attempt before ended unreported (its worker died) goes on with what is known."""
+        deadline = time.monotonic() + self.rt.pe.ack_wait_s / 3
+        while True:
+            state = await self._state(cmd)
+            if state is None or any(a.n == attempt and a.outcome != "running" for a in state.attempts):
+                return state
+            if time.monotonic() >= deadline or await stopped_within(self.rt.stop, RECORDED_POLL_S):
+                return state
 
     async def _state(self, cmd: RunTask) -> TaskState | None:
         """The task as the execution state has it; None when there is nothing left to run it for."""

@@ -165,6 +165,18 @@ def test_hanging_task_times_out_retries_falls_back_then_fails(stack_factory, tmp
     assert all(0.49 <= d < 5 for d in durations), durations
 
 
+def test_a_retry_sooner_than_the_aggregator_still_knows_how_the_attempt_before_failed(stack_factory,  # type: ignore[no-untyped-def]
+                                                                                       tmp_path: Path) -> None:
+    # No backoff: the redelivery comes before the aggregator has stored the refusal, and used to choose its model
+    # without it — the pool's own, which had just declined, paid for again.
+    cfg = write_config(tmp_path / "c.json", {"retries": {"max_retries": 2, "backoff_s": [0, 0]}})
+    stack = stack_factory(ns(), "--config", str(cfg))
+    doc = run(stack, [task(f"r{i}", "codegen", latency_s=0, fail_attempts=1, error="refusal") for i in range(3)])
+    for t in doc["tasks"]:
+        assert [(a["model"], a["error_kind"]) for a in t["attempts"]] == [
+            ("claude-sonnet-4-6", "refusal"), ("claude-haiku-4-5", None)], t["id"]
+
+
 def _wait_running(stack: Stack, eid: str, task_id: str) -> dict[str, Any]:
     def running() -> dict[str, Any] | None:
         t = next(t for t in get(stack, eid)["tasks"] if t["id"] == task_id)
