@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bench.measure import attempts, percentile  # noqa: E402
+from bench.measure import SERVER, attempts, percentile  # noqa: E402
 from bench.report import TARGETS, caption  # noqa: E402
 
 if TYPE_CHECKING:
@@ -124,7 +124,7 @@ def soak(res: Results, path: Path) -> None:
     sk = res.soak
     assert sk is not None
     fig, ax = plt.subplots(figsize=(9, 3.8))
-    services = sorted(s for s in sk.rss_kib[0][1] if s != "nats-server")  # its growth is data kept (results.md)
+    services = sorted(s for s in sk.rss_kib[0][1] if s != SERVER)  # its growth is data kept (results.md)
     xs = [n for n, _ in sk.rss_kib]
     for s in services:
         ax.plot(xs, [rss[s] / 1024 for _, rss in sk.rss_kib], marker="o", markersize=3, label=s)

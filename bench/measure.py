@@ -192,12 +192,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def stack_pids(stack: Stack) -> dict[str, int]:
-    """Every service process, the nats-server and this (client) process."""
+SERVER = "nats-server"  # the broker's process, named beside the services'
+
+
+def stack_pids(stack: Stack, client: bool = True) -> dict[str, int]:
+    """Every service process, the nats-server (when the stack started one) and, with ``client``, this process."""
     pids = service_pids(stack)
     if stack.server is not None and stack.server.proc is not None:
-        pids["nats-server"] = stack.server.proc.pid
-    pids["client"] = os.getpid()
+        pids[SERVER] = stack.server.proc.pid
+    if client:
+        pids["client"] = os.getpid()
     return pids
 
 
@@ -343,9 +347,7 @@ class Soak:
 async def run_soak(stack: Stack, n: int, concurrency: int, warmup: int, samples: int = 10) -> Soak:
     """``warmup`` executions, then ``n`` more in ``samples`` slices, RSS of every service (and of the nats-server
     the stack started, if it did) after each slice."""
-    pids = service_pids(stack)
-    if stack.server is not None and stack.server.proc is not None:
-        pids["nats-server"] = stack.server.proc.pid
+    pids = stack_pids(stack, client=False)
     plan = fan_out(FAN_OUT_6, 0.0)
     await run_concurrent(stack, warmup, concurrency, plan, "soak warm-up")
     series = [(0, {name: rss_kib(pid) for name, pid in pids.items()})]

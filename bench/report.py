@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bench.measure import ASLEEP_S, Overhead, Primitives, ScenarioResult, cost_overhead, percentile
+from bench.measure import ASLEEP_S, SERVER, Overhead, Primitives, ScenarioResult, cost_overhead, percentile
 
 if TYPE_CHECKING:
     from bench.run import Results
@@ -37,9 +37,6 @@ def machine_line(res: Results) -> str:
 def caption(res: Results, runs: str) -> str:
     """What every figure states: the machine, the command, the run count."""
     return f"{machine_line(res)} · `{res.options.command or 'openclaw bench'}` · {runs}"
-
-
-SERVER = "nats-server"  # the soak's name for the broker's process, beside the services'
 
 
 def _met(ok: bool) -> str:

@@ -24,7 +24,7 @@ from shared import natsauth
 from shared.errors import ConfigError
 from shared.ops import HTTP_GRACE_S
 from shared.runner import SERVICES, Stack, StackOptions, parse_replicas
-from shared.settings import LOG_LEVELS, load_settings
+from shared.settings import LOG_LEVELS, NATS_SCHEMES, SCHEME_RULE, load_settings
 
 EXAMPLE = (
     "Build a restaurant website with online ordering: menu browsing, a cart and checkout with card "
@@ -217,8 +217,8 @@ def _port(value: str) -> int:
 
 
 def _nats_url(value: str) -> str:
-    if not value.startswith(("nats://", "tls://", "ws://", "wss://")):
-        raise argparse.ArgumentTypeError(f"{value!r}: must start with nats://, tls://, ws:// or wss://")
+    if not value.startswith(NATS_SCHEMES):
+        raise argparse.ArgumentTypeError(f"{value!r}: {SCHEME_RULE}")
     return value
 
 

@@ -15,6 +15,8 @@ from shared.errors import ConfigError
 from shared.names import Names
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+NATS_SCHEMES = ("nats://", "tls://", "ws://", "wss://")
+SCHEME_RULE = "must start with nats://, tls://, ws:// or wss://"
 
 
 class Settings(BaseSettings):
@@ -60,8 +62,8 @@ class Settings(BaseSettings):
     @field_validator("nats_url")
     @classmethod
     def _nats_scheme(cls, v: str) -> str:
-        if not v.startswith(("nats://", "tls://", "ws://", "wss://")):
-            raise ValueError("must start with nats://, tls://, ws:// or wss://")
+        if not v.startswith(NATS_SCHEMES):
+            raise ValueError(SCHEME_RULE)
         return v
 
     @model_validator(mode="after")
