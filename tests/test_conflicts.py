@@ -333,16 +333,21 @@ def test_a_cancelled_security_review_leaves_the_results_unaudited() -> None:
     assert "treat these results as unaudited" in answer(ex)
 
 
-def test_two_security_reviews_advising_differently_on_a_risk_leave_the_choice_to_the_client() -> None:
-    ex = execution({
+def split_reviews(other: str, api: TaskOutput) -> Execution:
+    """Two security reviews rating CSRF high, one advising CSRF_FIX and one ``other``, beside codegen's ``api``."""
+    return execution({
         "sec_a": ("security", TaskOutput(summary="a", findings=[
             Finding(severity="high", topic="CSRF", recommendation=CSRF_FIX)])),
         "sec_b": ("security", TaskOutput(summary="b", findings=[
-            Finding(severity="high", topic="CSRF", recommendation="SameSite=Strict cookies")])),
-        "api": ("codegen", TaskOutput(summary="api", recommendations=[rec("CSRF", "SameSite=Strict cookies")],
-                                      findings=[Finding(severity="high", topic="CSRF",
-                                                        recommendation="SameSite=Strict cookies")])),
+            Finding(severity="high", topic="CSRF", recommendation=other)])),
+        "api": ("codegen", api),
     })
+
+
+def test_two_security_reviews_advising_differently_on_a_risk_leave_the_choice_to_the_client() -> None:
+    ex = split_reviews("SameSite=Strict cookies", TaskOutput(
+        summary="api", recommendations=[rec("CSRF", "SameSite=Strict cookies")],
+        findings=[Finding(severity="high", topic="CSRF", recommendation="SameSite=Strict cookies")]))
     s = settle(ex)
     assert s.audit == [] and {c.rule for c in s.conflicts} == {"flag"}  # neither review overrules the other
     assert s.decisions == [f"CSRF: {CSRF_FIX} (security) or SameSite=Strict cookies (security, codegen)?"]
@@ -367,14 +372,8 @@ def test_topics_keep_their_vowel_signs_and_match_in_either_unicode_form() -> Non
 
 
 def test_security_reviews_split_on_a_risk_with_no_recommendation_are_still_a_decision() -> None:
-    ex = execution({
-        "sec_a": ("security", TaskOutput(summary="a", findings=[
-            Finding(severity="high", topic="CSRF", recommendation=CSRF_FIX)])),
-        "sec_b": ("security", TaskOutput(summary="b", findings=[
-            Finding(severity="high", topic="CSRF", recommendation="SameSite=Strict")])),
-        "api": ("codegen", TaskOutput(summary="api", findings=[
-            Finding(severity="low", topic="CSRF", recommendation="SameSite=Strict")])),
-    })
+    ex = split_reviews("SameSite=Strict", TaskOutput(
+        summary="api", findings=[Finding(severity="low", topic="CSRF", recommendation="SameSite=Strict")]))
     s = settle(ex)
     assert s.audit == [] and [c.rule for c in s.conflicts] == ["flag"]  # not settled by plan order
     assert s.decisions == [f"CSRF: agents disagree (security high: {CSRF_FIX}; security high: SameSite=Strict; "

@@ -81,6 +81,13 @@ def execution(pe: ParallelExecutionConfig, eid: str = "e1", last_done: bool = Tr
     return ex
 
 
+async def anthropic_runtime(nc: NATS, names: Names, tmp_path: Path, fake: FakeAnthropic,
+                            monkeypatch: pytest.MonkeyPatch) -> Runtime:
+    """An aggregator's runtime on the anthropic provider, pointed at ``fake``."""
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    return await service_runtime(nc, names, tmp_path, config(fake))
+
+
 @contextlib.asynccontextmanager
 async def replicas(rt: Runtime) -> AsyncIterator[tuple[AggregatorHandlers, AggregatorHandlers]]:
     """Two aggregator replicas on the anthropic provider (each its own client), closed on the way out."""
@@ -193,8 +200,7 @@ async def test_the_simulated_provider_keeps_the_deterministic_template() -> None
 async def test_two_replicas_finishing_at_once_store_one_answer_and_count_its_cost_once(
     nc: NATS, names: Names, fake_anthropic: FakeAnthropic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
-    rt = await service_runtime(nc, names, tmp_path, config(fake_anthropic))
+    rt = await anthropic_runtime(nc, names, tmp_path, fake_anthropic, monkeypatch)
     settings = rt.settings
     ex = execution(settings.pe, "race1", last_done=False)
     await rt.executions.create(ex)
@@ -344,8 +350,7 @@ async def both_answers_counted(rt: Runtime, eid: str, status: str) -> list[str |
 async def test_the_model_call_behind_an_answer_that_lost_its_write_is_still_counted(
     nc: NATS, names: Names, fake_anthropic: FakeAnthropic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
-    rt = await service_runtime(nc, names, tmp_path, config(fake_anthropic))
+    rt = await anthropic_runtime(nc, names, tmp_path, fake_anthropic, monkeypatch)
     eid = "superseded"
     async with replicas(rt) as (a, b):
         await a_stale_b_moved_on(rt, eid, a, b, done=True)
@@ -381,8 +386,7 @@ async def test_the_model_call_behind_an_answer_to_an_execution_another_replica_e
     # Replica A last stored "api done, audit running"; replica B then cancels the execution. The audit's result
     # reaches A, whose version says it ends the execution: A pays for an answer, and its write loses to a
     # version that has already ended.
-    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
-    rt = await service_runtime(nc, names, tmp_path, config(fake_anthropic))
+    rt = await anthropic_runtime(nc, names, tmp_path, fake_anthropic, monkeypatch)
     eid = "endedelsewhere"
     ex = execution(rt.settings.pe, eid, last_done=False)
     api = ex.task("api")
@@ -399,8 +403,7 @@ async def test_an_answer_whose_write_was_stored_but_not_acknowledged_counts_its_
 ) -> None:
     # The final write reaches the store, but its acknowledgement is lost on the way back (here the client raises
     # the timeout it would raise): the try after it reads the finished version, which already has the answer's call.
-    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
-    rt = await service_runtime(nc, names, tmp_path, config(fake_anthropic))
+    rt = await anthropic_runtime(nc, names, tmp_path, fake_anthropic, monkeypatch)
     eid = "unacked"
     await rt.executions.create(execution(rt.settings.pe, eid, last_done=False))
     lost = stored_then_lost(rt, monkeypatch, when=lambda value: b'"final_response":null' not in value)
@@ -503,8 +506,7 @@ async def test_what_an_unacknowledged_write_announces_outlives_a_next_try_that_h
 async def test_the_calls_an_unacknowledged_write_records_as_superseded_get_their_cost_events(
     nc: NATS, names: Names, fake_anthropic: FakeAnthropic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
-    rt = await service_runtime(nc, names, tmp_path, config(fake_anthropic))
+    rt = await anthropic_runtime(nc, names, tmp_path, fake_anthropic, monkeypatch)
     eid = "superseded-unacked"
     await rt.executions.create(execution(rt.settings.pe, eid, last_done=False))
     lost = stored_then_lost(rt, monkeypatch, when=lambda value: SUPERSEDED.encode() in value)
