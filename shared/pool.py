@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -46,6 +46,7 @@ from shared.schemas import (
 )
 from shared.service import Runtime, Start, Workers
 from shared.sizes import fit, text_slots
+from shared.state import Known
 from shared.topology import ensure_consumer, pool_consumer_config
 
 log = logging.getLogger(__name__)
@@ -130,21 +131,21 @@ class PoolWorker:
     async def handle(self, cmd: RunTask, msg: Msg) -> None:
         """Run one delivery of a task and publish what happened, then ack it or nak it for a retry."""
         d = _Delivery(cmd, msg, self.pool, self.rt.settings.worker_id)
-        seconds_left = (cmd.deadline_at - d.started).total_seconds()
-        if seconds_left <= 0:
-            await self._failed(d, "deadline", "execution deadline passed before the task started", None, Usage())
-            return
         failed: list[str | None] = []
         if d.attempt == 1:
-            ended = await self._ended(d)
+            ended = await self._ended(d, kept=True)
         else:  # a retry: its model depends on how the attempts before it failed, which the document has
-            state = await self._recorded(cmd, d.attempt - 1)
+            state = await self._recorded(d)
             ended = state is None
             before = sorted((a for a in state.attempts if a.n < d.attempt), key=lambda a: a.n) if state else []
             failed = [a.error_kind for a in before]
         if ended:
             await msg.ack()  # the execution ended (cancelled, deadline) or the task was settled: nothing to do
             log.info("not started: its execution has ended", extra=d.ctx)
+            return
+        seconds_left = (cmd.deadline_at - now()).total_seconds()  # after the reads, which may have waited
+        if seconds_left <= 0:
+            await self._failed(d, "deadline", "execution deadline passed before the task started", None, Usage())
             return
         model = model_for(self.rt.pe, self.pool, d.attempt, failed)
         metrics.TASKS.labels(self.pool, "started").inc()
@@ -248,32 +249,44 @@ class PoolWorker:
                         "ack_wait): reported, not acknowledged", f"{GIVEN_UP_AFTER:.0%}", extra=d.ctx)
         return given_up
 
-    async def _recorded(self, cmd: RunTask, attempt: int) -> TaskState | None:
-        """The task's state once it records how ``attempt`` ended: the aggregator stores a failure moments after it
-        is reported, but a retry nak'ed for less time (or an aggregator that lags: a restart, a rollout) would find
-        it missing and choose its model without it, the pool's own after a refusal. Read again for up to a third of
-        ack_wait; a delivery whose attempt before ended unreported (its worker died) goes on with what is known."""
+    async def _recorded(self, d: _Delivery) -> TaskState | None:
+        """The task's state once it records how the attempt before ``d`` ended: the aggregator stores a failure
+        moments after it is reported, but a retry nak'ed for less time (or an aggregator that lags: a restart, a
+        rollout) would find it missing and choose its model without it, the pool's own after a refusal. Read again
+        for up to a third of ack_wait; a delivery whose attempt before ended unreported (its worker died) goes on
+        with what is known."""
         deadline = time.monotonic() + self.rt.pe.ack_wait_s / 3
         while True:
-            state = await self._state(cmd)
-            if state is None or any(a.n == attempt and a.outcome != "running" for a in state.attempts):
+            state = await self._state(d, kept=True)
+            if state is None or any(a.n == d.attempt - 1 and a.outcome != "running" for a in state.attempts):
                 return state
             if time.monotonic() >= deadline or await stopped_within(self.rt.stop, RECORDED_POLL_S):
                 return state
 
-    async def _state(self, cmd: RunTask) -> TaskState | None:
-        """The task as the execution state has it; None when there is nothing left to run it for."""
-        current = await self.rt.executions.get(cmd.execution_id)
+    async def _state(self, d: _Delivery, kept: bool = False) -> TaskState | None:
+        """The task as the execution state has it; None when there is nothing left to run it for.
+
+        ``kept``: a read before the attempt starts, which NATS cannot answer (an outage, a leader election), is tried
+        again with the message kept (see ``persist``). Handed back, the delivery would count as one of the task's
+        attempts, without one having run, and on the last the broker would dead-letter the task."""
+        cmd = d.cmd
+
+        def read() -> Awaitable[Known | None]:
+            return self.rt.executions.get(cmd.execution_id)
+
+        current = await (persist(read, lambda: [d.msg], cmd.deadline_at, self.rt.pe.ack_wait_s / 3,
+                                 "read the task's state", d.ctx) if kept else read())
         if current is None or current[0].terminal:
             return None
         task = current[0].task(cmd.task.id)
         return None if task is None or task.status in TERMINAL_TASK else task
 
-    async def _ended(self, d: _Delivery) -> bool:
-        """Whether the delivery's execution has ended (or its task been settled) since it was queued."""
+    async def _ended(self, d: _Delivery, kept: bool = False) -> bool:
+        """Whether the delivery's execution has ended (or its task been settled) since it was queued (``kept``: see
+        ``_state``)."""
         if self.endings.covers(d.msg):
             return self.endings.ended(d.cmd.execution_id)
-        return await self._state(d.cmd) is None
+        return await self._state(d, kept) is None
 
     async def _publish(self, d: _Delivery, result: TaskCompleted | TaskFailed) -> None:
         """Publish the attempt's result, cut to fit a message, and kept through an outage (see ``persist``)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,12 +24,20 @@ from nats.js.api import ConsumerConfig
 from services.aggregator.handlers import AggregatorHandlers
 from services.codegen.prompts import format_prompt
 from shared import metrics
-from shared.execution import apply_plan, new_execution, run_command
+from shared.execution import apply_plan, apply_result, new_execution, run_command
 from shared.names import Names
 from shared.natsserver import NatsServer
 from shared.pool import Endings, PoolWorker
 from shared.providers import AnthropicProvider, SimulatedProvider
-from shared.schemas import ExecutionDeadline, ExecutionRequested, TaskCompleted, TaskOutput, TaskSpec, now
+from shared.schemas import (
+    ExecutionDeadline,
+    ExecutionRequested,
+    TaskCompleted,
+    TaskFailed,
+    TaskOutput,
+    TaskSpec,
+    now,
+)
 from tests.conftest import (
     Stack,
     delivered,
@@ -227,6 +236,48 @@ async def test_a_cost_event_that_cannot_be_sent_does_not_cost_its_result(
         server.stop()
     assert len(fake_anthropic.of("task")) == 1  # one call, paid once
     assert done.task_id == "api" and done.cost_usd > 0
+
+
+async def test_a_retry_that_cannot_read_the_store_waits_for_it_instead_of_using_up_an_attempt(
+    tmp_path: Path, names: Names, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A retry reads the task's state before it starts (its model depends on how the attempt before it failed), and
+    # NATS is gone when it does. The delivery waits for NATS and then runs. Handed back, it would count as one of the
+    # task's attempts with none run, and on the last one the broker would dead-letter the task.
+    caplog.set_level(logging.WARNING, "shared.consumer")
+    server = NatsServer(tmp_path / "store").start()
+    nc = await nats.connect(server.url, reconnect_time_wait=0.1, max_reconnect_attempts=-1)
+    try:
+        rt = await service_runtime(nc, names, tmp_path, service="codegen")
+        t0 = now()
+        ex = new_execution(ExecutionRequested(execution_id="unread", message="m", requested_at=t0,
+                                              deadline_at=t0 + timedelta(minutes=5)))
+        apply_plan(ex, [TaskSpec(id="api", pool="codegen", description="Build the ordering REST API",
+                                 context={"simulate": {"latency_s": 0}})], "client")
+        apply_result(ex, TaskFailed(execution_id="unread", task_id="api", pool="codegen", attempt=1, worker="w",
+                                    started_at=t0, finished_at=t0, error="busy", error_kind="overloaded", final=False,
+                                    strategy="retry"))
+        await rt.executions.create(ex)
+        cmd = run_command(ex, ex.tasks[0])
+        msg = await delivered(rt, names.tasks("codegen"), cmd.to_bytes(), names.tasks_stream, times=2)
+        server.stop()
+        await until(lambda: nc.is_reconnecting, 10, "the client to notice")
+        worker = PoolWorker(rt, "codegen", format_prompt, SimulatedProvider(rt.pe), Endings(300))
+        handled = asyncio.create_task(worker.handle(cmd, msg))
+        await until(lambda: handled.done() or "could not read the task's state" in caplog.text, 30, "a failed read")
+        server.start()
+        await asyncio.wait_for(handled, 30)  # neither raised (the message handed back) nor gave up
+        results = await rt.jetstream.subscribe(names.results("unread"), stream=names.results_stream,
+                                               ordered_consumer=True)
+        done = TaskCompleted.model_validate_json((await results.next_msg(timeout=5)).data)
+        await results.unsubscribe()
+        assert msg.metadata.consumer is not None
+        info = await rt.jetstream.consumer_info(names.tasks_stream, msg.metadata.consumer)
+    finally:
+        await nc.close()
+        server.stop()
+    assert (done.task_id, done.attempt) == ("api", 2)
+    assert info.num_ack_pending == 0 and info.delivered.consumer_seq == 2  # acknowledged, not delivered again
 
 
 async def test_an_answer_due_at_the_deadline_waits_for_its_stream_too(tmp_path: Path,
