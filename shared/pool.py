@@ -139,6 +139,10 @@ class PoolWorker:
             ended = state is None
             before = sorted((a for a in state.attempts if a.n < d.attempt), key=lambda a: a.n) if state else []
             failed = [a.error_kind for a in before]
+        if self._given_up(d):  # its reads waited out an outage (see _state) for longer than the broker waits to hear
+            log.warning("not started: its reads waited %.1fs for NATS, and the broker has handed the task on by now; "
+                        "its redelivery runs it", self._silent_s(d), extra=d.ctx)
+            return
         if ended:
             await msg.ack()  # the execution ended (cancelled, deadline) or the task was settled: nothing to do
             log.info("not started: its execution has ended", extra=d.ctx)

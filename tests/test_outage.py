@@ -18,6 +18,7 @@ import nats
 import nats.errors
 import pytest
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
 
@@ -38,6 +39,7 @@ from shared.schemas import (
     TaskSpec,
     now,
 )
+from shared.service import Runtime
 from tests.conftest import (
     Stack,
     delivered,
@@ -238,35 +240,44 @@ async def test_a_cost_event_that_cannot_be_sent_does_not_cost_its_result(
     assert done.task_id == "api" and done.cost_usd > 0
 
 
+async def retried_during_an_outage(server: NatsServer, rt: Runtime, names: Names,
+                                   caplog: pytest.LogCaptureFixture) -> Msg:
+    """A task's second delivery (its first attempt stored as failed) handed to a pool worker once NATS is gone, and
+    NATS started again after the worker's first read of the task's state failed; returns the delivery's message once
+    the worker is done with it."""
+    caplog.set_level(logging.WARNING, "shared.consumer")
+    t0 = now()
+    ex = new_execution(ExecutionRequested(execution_id="unread", message="m", requested_at=t0,
+                                          deadline_at=t0 + timedelta(minutes=5)))
+    apply_plan(ex, [TaskSpec(id="api", pool="codegen", description="Build the ordering REST API",
+                             context={"simulate": {"latency_s": 0}})], "client")
+    apply_result(ex, TaskFailed(execution_id="unread", task_id="api", pool="codegen", attempt=1, worker="w",
+                                started_at=t0, finished_at=t0, error="busy", error_kind="overloaded", final=False,
+                                strategy="retry"))
+    await rt.executions.create(ex)
+    cmd = run_command(ex, ex.tasks[0])
+    msg = await delivered(rt, names.tasks("codegen"), cmd.to_bytes(), names.tasks_stream, times=2)
+    server.stop()
+    await until(lambda: rt.nats.is_reconnecting, 10, "the client to notice")
+    worker = PoolWorker(rt, "codegen", format_prompt, SimulatedProvider(rt.pe), Endings(300))
+    handled = asyncio.create_task(worker.handle(cmd, msg))
+    await until(lambda: handled.done() or "could not read the task's state" in caplog.text, 30, "a failed read")
+    server.start()
+    await asyncio.wait_for(handled, 30)  # did not raise, which would hand the message back
+    return msg
+
+
 async def test_a_retry_that_cannot_read_the_store_waits_for_it_instead_of_using_up_an_attempt(
     tmp_path: Path, names: Names, caplog: pytest.LogCaptureFixture,
 ) -> None:
     # A retry reads the task's state before it starts (its model depends on how the attempt before it failed), and
     # NATS is gone when it does. The delivery waits for NATS and then runs. Handed back, it would count as one of the
     # task's attempts with none run, and on the last one the broker would dead-letter the task.
-    caplog.set_level(logging.WARNING, "shared.consumer")
     server = NatsServer(tmp_path / "store").start()
     nc = await nats.connect(server.url, reconnect_time_wait=0.1, max_reconnect_attempts=-1)
     try:
         rt = await service_runtime(nc, names, tmp_path, service="codegen")
-        t0 = now()
-        ex = new_execution(ExecutionRequested(execution_id="unread", message="m", requested_at=t0,
-                                              deadline_at=t0 + timedelta(minutes=5)))
-        apply_plan(ex, [TaskSpec(id="api", pool="codegen", description="Build the ordering REST API",
-                                 context={"simulate": {"latency_s": 0}})], "client")
-        apply_result(ex, TaskFailed(execution_id="unread", task_id="api", pool="codegen", attempt=1, worker="w",
-                                    started_at=t0, finished_at=t0, error="busy", error_kind="overloaded", final=False,
-                                    strategy="retry"))
-        await rt.executions.create(ex)
-        cmd = run_command(ex, ex.tasks[0])
-        msg = await delivered(rt, names.tasks("codegen"), cmd.to_bytes(), names.tasks_stream, times=2)
-        server.stop()
-        await until(lambda: nc.is_reconnecting, 10, "the client to notice")
-        worker = PoolWorker(rt, "codegen", format_prompt, SimulatedProvider(rt.pe), Endings(300))
-        handled = asyncio.create_task(worker.handle(cmd, msg))
-        await until(lambda: handled.done() or "could not read the task's state" in caplog.text, 30, "a failed read")
-        server.start()
-        await asyncio.wait_for(handled, 30)  # neither raised (the message handed back) nor gave up
+        msg = await retried_during_an_outage(server, rt, names, caplog)
         results = await rt.jetstream.subscribe(names.results("unread"), stream=names.results_stream,
                                                ordered_consumer=True)
         done = TaskCompleted.model_validate_json((await results.next_msg(timeout=5)).data)
@@ -278,6 +289,26 @@ async def test_a_retry_that_cannot_read_the_store_waits_for_it_instead_of_using_
         server.stop()
     assert (done.task_id, done.attempt) == ("api", 2)
     assert info.num_ack_pending == 0 and info.delivered.consumer_seq == 2  # acknowledged, not delivered again
+
+
+async def test_a_retry_whose_reads_outlast_ack_wait_leaves_the_task_to_its_redelivery(
+    tmp_path: Path, names: Names, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The same, but the broker waits 3 s to hear from a delivery, and the failed read alone took longer (its request
+    # times out after 5 s) with nothing heard meanwhile: the broker has handed the task on. The delivery neither runs
+    # it (the first heartbeat would abandon the run, paid for) nor acknowledges the message, which now stands for
+    # the redelivery.
+    server = NatsServer(tmp_path / "store").start()
+    nc = await nats.connect(server.url, reconnect_time_wait=0.1, max_reconnect_attempts=-1)
+    started = metrics.TASKS.labels("codegen", "started")._value.get()
+    try:
+        rt = await service_runtime(nc, names, tmp_path, {"ack_wait_s": 3}, service="codegen")
+        msg = await retried_during_an_outage(server, rt, names, caplog)
+    finally:
+        await nc.close()
+        server.stop()
+    assert metrics.TASKS.labels("codegen", "started")._value.get() == started  # not run
+    assert not msg.is_acked  # neither acknowledged nor handed back
 
 
 async def test_an_answer_due_at_the_deadline_waits_for_its_stream_too(tmp_path: Path,
