@@ -139,7 +139,7 @@ class PoolWorker:
             ended = state is None
             before = sorted((a for a in state.attempts if a.n < d.attempt), key=lambda a: a.n) if state else []
             failed = [a.error_kind for a in before]
-        if self._given_up(d):  # its reads waited out an outage (see _state) for longer than the broker waits to hear
+        if self._given_up(d):  # its reads waited out an outage (see _state) for longer than the broker may wait to hear
             log.warning("not started: its reads waited %.1fs for NATS, and the broker has handed the task on by now; "
                         "its redelivery runs it", self._silent_s(d), extra=d.ctx)
             return
