@@ -10,7 +10,7 @@ execution (``Execution.cost``). Each call is also published as a ``CostIncurred`
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal, TypeVar
 
 from nats.aio.client import Client as NATS
@@ -30,15 +30,26 @@ def usd(pe: ParallelExecutionConfig, model: str, usage: Usage) -> float:
     )
 
 
+TOKEN_KINDS = ("input", "output", "cache_read", "cache_write")
+
+
 def observe(label: str, model: str, usage: Usage, cost: float) -> None:
     """Count a billed call in the cost and token metrics (``label``: the pool, or the PM's phase)."""
     if not cost and not usage.input_tokens:
         return
     metrics.COST.labels(label, model).inc(cost)
-    for kind, n in (("input", usage.input_tokens), ("output", usage.output_tokens),
-                    ("cache_read", usage.cache_read_tokens), ("cache_write", usage.cache_write_tokens)):
+    counts = (usage.input_tokens, usage.output_tokens, usage.cache_read_tokens, usage.cache_write_tokens)
+    for kind, n in zip(TOKEN_KINDS, counts, strict=True):
         if n:
             metrics.TOKENS.labels(label, model, kind).inc(n)
+
+
+def prime_costs(label: str, models: Iterable[str]) -> None:
+    """The cost and token series ``observe`` counts for ``label`` on each of ``models``, exported at 0 from the start
+    (see ``metrics.prime``): the first call of a series would otherwise be hidden from the cost alert's increase()."""
+    for model in models:
+        metrics.prime(metrics.COST, [(label, model)])
+        metrics.prime(metrics.TOKENS, [(label, model, kind) for kind in TOKEN_KINDS])
 
 
 def model_call(

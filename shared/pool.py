@@ -27,7 +27,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from shared import metrics
 from shared.bus import emit, publish, stopped_within
 from shared.consumer import Consumer, persist
-from shared.costs import attempt_event, observe, publish_cost
+from shared.costs import attempt_event, observe, prime_costs, publish_cost
 from shared.failures import decide, model_for
 from shared.names import Pool
 from shared.providers import ModelProvider, Prompt, ProviderError, TaskReply, make_provider
@@ -364,6 +364,8 @@ def pool_start(pool: Pool, format_prompt: FormatPrompt) -> Start:
         js, names = rt.jetstream, rt.names
         await ensure_consumer(js, names.tasks_stream, pool_consumer_config(names, pool, rt.pe))
         metrics.prime(metrics.TASKS, [(pool, o) for o in ("started", "completed", "retried", "failed", "abandoned")])
+        cfg = rt.pe.worker_pools.get(pool)
+        prime_costs(pool, sorted({cfg.model, cfg.fallback_model}))
         endings = Endings(rt.pe.execution_timeout_s)
         following = await endings.follow(rt)
         provider = make_provider(rt.pe, rt.settings.anthropic_api_key)  # one client for the process

@@ -12,7 +12,8 @@ import httpx
 import nats
 import pytest
 
-from tests.conftest import ROOT, Stack, wait_until
+from shared.config import ParallelExecutionConfig
+from tests.conftest import ROOT, Stack, stack_env, start_stack, stop_stack, wait_until, write_config
 
 pytestmark = pytest.mark.e2e
 DASHBOARD = ROOT / "deploy" / "grafana" / "openclaw-dashboard.json"
@@ -34,6 +35,14 @@ def exported(stack: Stack) -> dict[str, set[str]]:
     return out
 
 
+def all_ready(stack: Stack) -> None:
+    """Until every service answers /readyz: started, its consumers bound and its metrics primed (the stack is up once
+    its gateway is)."""
+    for child in stack.state()["children"].values():  # type: ignore[union-attr]
+        url = f"http://127.0.0.1:{child['port']}/readyz"
+        wait_until(lambda u=url: httpx.get(u).status_code == 200, 30, f"{url} to answer 200")
+
+
 def test_every_dashboard_metric_is_exported_after_real_work(stack_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     stack: Stack = stack_factory("o" + uuid.uuid4().hex[:10], "--log-format", "json")
     post = lambda body: httpx.post(f"{stack.url}/api/execute-parallel", json=body, timeout=60)  # noqa: E731
@@ -44,12 +53,17 @@ def test_every_dashboard_metric_is_exported_after_real_work(stack_factory, tmp_p
         text = httpx.get(f"http://127.0.0.1:{stack.state()['children'][child]['port']}/metrics").text  # type: ignore[index]
         return {k: float(v) for k, _, v in (x.rpartition(" ") for x in text.splitlines() if x.startswith("openclaw_"))}
 
+    all_ready(stack)
     aggregator, tasks = samples("aggregator-1"), stack.names.tasks_stream
     assert aggregator[f'openclaw_dead_letters_total{{consumer="codegen",stream="{tasks}"}}'] == 0
     assert aggregator['openclaw_executions_total{mode="parallel",status="failed"}'] == 0
     assert samples("pm-1")['openclaw_executions_total{mode="serial",status="failed"}'] == 0
     assert samples("security-1")[f'openclaw_dead_letters_total{{consumer="security",stream="{tasks}"}}'] == 0
     assert samples("security-1")['openclaw_tasks_total{outcome="failed",pool="security"}'] == 0
+    codegen = ParallelExecutionConfig().worker_pools.get("codegen")  # the cost alert's increase() too, for each model
+    for model in (codegen.model, codegen.fallback_model):
+        assert samples("codegen-1")[f'openclaw_cost_usd_total{{model="{model}",pool="codegen"}}'] == 0
+        assert samples("codegen-1")[f'openclaw_tokens_total{{model="{model}",pool="codegen",type="output"}}'] == 0
     # a plan with a retry, the seed's conflict, a serial run, a routed chat and a poison message
     doc = post({"message": "Build a restaurant website with online ordering", "wait": True}).json()
     assert doc["status"] == "completed" and doc["aggregated"]["conflicts_detected"]
@@ -93,3 +107,22 @@ def test_every_dashboard_metric_is_exported_after_real_work(stack_factory, tmp_p
     assert {r["service"] for r in mine} >= {"gateway", "pm", "codegen", "security", "database", "aggregator"}
     started = [r for r in mine if r["msg"].startswith("task started")]
     assert started and all({"task_id", "pool", "attempt"} <= r.keys() for r in started)
+
+
+def test_the_pm_and_the_aggregator_export_their_model_costs_at_0_before_any_call(nats_url: str,
+                                                                                  tmp_path: Path) -> None:
+    # With a provider that plans and answers, the decomposition's and the synthesis' cost series exist from the start,
+    # so the cost alert's increase() counts their first call. (The simulated provider makes neither call.)
+    config = write_config(tmp_path / "config.json", {"provider": "anthropic", "anthropic": {
+        "base_url": "http://127.0.0.1:9", "timeout_s": 1}})
+    stack = start_stack(nats_url, "c" + uuid.uuid4().hex[:10], tmp_path, "--config", str(config),
+                        env=stack_env(ANTHROPIC_API_KEY="sk-ant-unused"))
+    try:
+        all_ready(stack)
+        pe = ParallelExecutionConfig()
+        for child, phase, model in (("pm-1", "decomposition", pe.pm_coordinator.decomposition_model),
+                                    ("aggregator-1", "synthesis", pe.pm_coordinator.synthesis_model)):
+            text = httpx.get(f"http://127.0.0.1:{stack.state()['children'][child]['port']}/metrics").text  # type: ignore[index]
+            assert f'openclaw_cost_usd_total{{model="{model}",pool="{phase}"}} 0.0' in text.splitlines()
+    finally:
+        assert stop_stack(stack) == 0, stack.output()[-3000:]

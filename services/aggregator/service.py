@@ -8,6 +8,7 @@ from typing import Any, get_args
 from services.aggregator.handlers import AggregatorHandlers
 from shared import metrics
 from shared.consumer import Consumer
+from shared.costs import prime_costs
 from shared.providers import make_provider
 from shared.schemas import (
     TERMINAL_EXECUTION,
@@ -39,6 +40,8 @@ async def start(rt: Runtime) -> Workers:
     metrics.prime(metrics.DEAD_LETTERS, names.durables)
     metrics.prime(metrics.EXECUTIONS, [(m, s) for m in get_args(ExecutionMode) for s in TERMINAL_EXECUTION])
     provider = make_provider(rt.pe, rt.settings.anthropic_api_key)  # one client for the process
+    if provider.writes:
+        prime_costs("synthesis", [rt.pe.pm_coordinator.synthesis_model])
     h = AggregatorHandlers(rt, provider)
     consumers: list[Consumer[Any]] = [
         Consumer(nc, names, names.results_stream, names.aggregator_consumer, TaskResultAdapter.validate_json,

@@ -7,6 +7,7 @@ from typing import get_args
 from services.pm.handlers import PMHandlers
 from shared import metrics
 from shared.consumer import Consumer
+from shared.costs import prime_costs
 from shared.providers import make_provider
 from shared.schemas import ExecutionMode, ExecutionRequested
 from shared.service import Runtime, Workers, run_service
@@ -18,6 +19,8 @@ async def start(rt: Runtime) -> Workers:
     await ensure_consumer(js, names.executions_stream, pm_consumer_config(names, rt.pe))
     metrics.prime(metrics.EXECUTIONS, [(m, "failed") for m in get_args(ExecutionMode)])  # ended without a plan
     provider = make_provider(rt.pe, rt.settings.anthropic_api_key)  # one client for the process
+    if provider.writes:
+        prime_costs("decomposition", [rt.pe.pm_coordinator.decomposition_model])
     handlers = PMHandlers(rt, provider)
     consumer = Consumer(rt.nats, names, names.executions_stream, names.pm_consumer,
                         ExecutionRequested.model_validate_json, handlers.on_requested, capacity=64)
