@@ -397,11 +397,10 @@ class Primitives:
     document_bytes: int = 0
 
     def floor_ms(self) -> float:
-        """An execution of a client's plan, its critical path in primitives: 3 hops (request → PM, task → pool,
-        result → aggregator) and 2 document writes in sequence (the gateway's create, which holds the plan, and the
-        final one; the gateway hears of that as the bucket republishes it, as its writer hears the
-        acknowledgement)."""
-        return (3 * self.hop_us + 2 * self.kv_write_us) / 1000
+        """An execution's critical path in primitives: 3 hops (request → PM, task → pool, result →
+        aggregator) and 3 document writes in sequence (create, plan, final; the gateway hears of the final one
+        as the bucket republishes it, as its writer hears the acknowledgement)."""
+        return (3 * self.hop_us + 3 * self.kv_write_us) / 1000
 
 
 def wakeup_round_trip_us(n: int = 2000) -> float:

@@ -54,17 +54,6 @@ def new_execution(req: ExecutionRequested) -> Execution:
     )
 
 
-def accepted(req: ExecutionRequested) -> Execution:
-    """The execution as the gateway stores it: with the client's plan installed when the request brings one. That
-    plan needs no decision (the gateway has checked it as the PM does), so the PM starts it without a write of its
-    own: one write and one round trip fewer before the first task runs."""
-    ex = new_execution(req)
-    if req.tasks is not None:
-        apply_plan(ex, req.tasks, CLIENT_PLANNER)
-    return ex
-
-
-CLIENT_PLANNER = "client"
 UNPLANNED: frozenset[str] = frozenset({"queued", "planning"})  # no plan stored yet, and not ended
 
 
@@ -292,13 +281,9 @@ def cancel(ex: Execution, reason: str) -> bool:
 
 
 def fail_execution(ex: Execution, error: str) -> bool:
-    """End an execution that cannot run at all (no valid plan, never planned, never started); a task it has is given
-    up with the same error."""
+    """End an execution that cannot run at all (no valid plan, never planned)."""
     if ex.terminal:
         return False
-    for t in ex.tasks:
-        if t.status not in TERMINAL_TASK:
-            _give_up(t, error)
     ex.status, ex.error = "failed", error
     ex.finished_at = ex.updated_at = now()
     return True

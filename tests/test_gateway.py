@@ -167,34 +167,6 @@ async def test_a_waiting_client_gets_the_version_stored_and_never_one_that_lost_
         await nc.drain()
 
 
-async def test_a_clients_plan_is_stored_with_the_execution_and_started_without_another_write(stack: Stack) -> None:
-    # The gateway checks a client's plan as the PM does, and stores it with the execution it accepts: the PM then
-    # publishes the first tasks without writing the document again (one write, and one round trip, fewer before the
-    # first task runs). The bucket republishes every version it stores: the first already holds the plan.
-    nc = await nats.connect(str(stack.state()["nats_url"]))
-    message = f"planned by its client {uuid.uuid4().hex}"
-    versions: list[Execution] = []
-
-    async def republished(msg: Msg) -> None:
-        if message.encode() in msg.data:
-            versions.append(Execution.model_validate_json(msg.data))
-
-    await nc.subscribe(stack.names.document("*"), cb=republished)
-    try:
-        async with httpx.AsyncClient(base_url=stack.url, headers=auth(), timeout=60) as client:
-            r = await client.post("/api/execute-parallel", json={
-                "message": message, "tasks": [task("api", "codegen", 0), task("audit", "security", 0, "api")],
-                "wait": True})
-        assert r.status_code == 200 and r.json()["status"] == "completed", r.text
-        await until(lambda: versions and versions[-1].status == "completed", 10, "the last version")
-    finally:
-        await nc.drain()
-    first = versions[0]
-    assert (first.status, first.planner) == ("running", "client")
-    assert [(t.id, t.status) for t in first.tasks] == [("api", "queued"), ("audit", "pending")]
-    assert not [v for v in versions if v.status == "queued"]  # never stored unplanned
-
-
 def test_a_live_client_sees_events_as_they_happen(stack: Stack) -> None:
     r = httpx.post(f"{stack.url}/api/execute-parallel", headers=auth(),
                    json={"message": "m", "tasks": [task("slow", "security", 1.0)]}, timeout=30)

@@ -384,29 +384,6 @@ async def test_a_request_the_stream_cannot_take_leaves_nothing_stored_and_can_be
         assert again.status_code == 200 and again.json()["status"] == "completed", again.text
 
 
-async def test_an_execution_stored_without_its_request_runs_when_the_request_is_sent_again(tmp_path: Path) -> None:
-    # The first try stored the deadline check and the execution (with the client's plan), then could not publish the
-    # request: the stream took nothing on its subject. Sent again with the same key, the request goes out now and the
-    # execution runs. That it was stored with a plan does not mean the PM ever heard of it.
-    key = {"Idempotency-Key": "order-" + uuid.uuid4().hex}
-    body = {"message": "m", "tasks": PLAN, "wait": True, "timeout_s": 20}
-    async with running(tmp_path, "unsent") as run:
-        names = run.stack.names
-        config = (await run.js.stream_info(names.executions_stream)).config
-        subjects, config.subjects = config.subjects, [names.execution_deadline_schedules, names.execution_deadline]
-        await run.js.update_stream(config)  # every subject of the stream but the requests'
-        try:
-            refused = await run.client.post("/api/execute-parallel", json=body, headers=key)
-        finally:
-            config.subjects = subjects
-            await run.js.update_stream(config)
-        assert refused.status_code == 503, refused.text
-        [eid] = await (await run.js.key_value(names.kv_bucket)).keys()  # stored, with its plan
-        again = await run.client.post("/api/execute-parallel", json=body, headers=key)
-    assert again.status_code == 200 and again.json()["status"] == "completed", again.text
-    assert again.json()["execution_id"] == eid
-
-
 async def test_a_request_sent_again_after_its_execution_could_not_be_stored_keeps_the_new_deadline(
     tmp_path: Path,
 ) -> None:

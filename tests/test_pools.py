@@ -401,21 +401,18 @@ async def test_the_deadline_check_of_a_finished_execution_publishes_nothing(stac
 
 def test_an_unplanned_execution_is_announced_when_cancelled_or_at_its_deadline(  # type: ignore[no-untyped-def]
         stack_factory, tmp_path: Path) -> None:
-    # Requests the PM is to plan (no plan of their own), with the PM paused: nothing is planned. The aggregator
-    # ends the execution itself, and the final event it announces is what the gateway's waiting DELETE and POST
-    # return.
+    # With the PM paused nothing is planned: the aggregator ends the execution itself, and the final event
+    # it announces is what the gateway's waiting DELETE and POST return.
     cfg = write_config(tmp_path / "c.json", {"execution_timeout_s": 3})
     stack = stack_factory(ns(), "--config", str(cfg))
     os.kill(stack.pid("pm-1"), signal.SIGSTOP)
     try:
-        r = httpx.post(f"{stack.url}/api/execute-parallel", json={"message": "m"}, timeout=30)
-        assert r.status_code == 202 and r.json()["status"] == "queued", r.text
-        cancelled = r.json()["execution_id"]
+        cancelled = submit(stack, [task("a")])
         r = httpx.delete(f"{stack.url}/api/execution/{cancelled}", params={"wait_s": 10}, timeout=20)
         assert r.status_code == 200, r.text
         assert r.json()["status"] == "cancelled" and r.json()["tasks"] == []
         r = httpx.post(f"{stack.url}/api/execute-parallel", timeout=30,
-                       json={"message": "m", "wait": True, "timeout_s": 15})
+                       json={"message": "m", "tasks": [task("a")], "wait": True, "timeout_s": 15})
         assert r.status_code == 200, r.text
         assert r.json()["status"] == "failed"
         assert r.json()["error"] == "no plan was made before the execution deadline"

@@ -28,7 +28,7 @@ from shared.bus import publish, schedule
 from shared.consumer import UNAVAILABLE
 from shared.distributor import should_use_parallel_execution
 from shared.errors import PlanError
-from shared.execution import UNPLANNED, accepted, plannable
+from shared.execution import UNPLANNED, new_execution, plannable
 from shared.schemas import (
     TERMINAL_EXECUTION,
     CancelExecution,
@@ -208,7 +208,7 @@ async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_ke
         raise HTTPException(413, f"the request takes {size} bytes as a message, more than the {budget} it may (a "
                                  f"quarter of the NATS server's max_payload, {rt.nats.max_payload}): send a shorter "
                                  "message, or less context")
-    ex = accepted(req)
+    ex = new_execution(req)
     replay = False
 
     def check(at: datetime, msg_id: str) -> Awaitable[PubAck]:
@@ -232,10 +232,7 @@ async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_ke
         if existing.request_hash != ex.request_hash:
             raise HTTPException(422, {"field": "Idempotency-Key",
                                       "message": "this key was used with a different request"}) from None
-        # Published again unless it has ended: the first try may have stored the execution and not published its
-        # request. A repeat within the stream's duplicate window is dropped; past it, the PM starts only what has not
-        # started (a plan stored already stands, and the tasks' msg-ids drop repeats).
-        ex, fresh = existing, not existing.terminal
+        ex, fresh = existing, existing.status == "queued"  # never planned: publishing again is harmless
         req.deadline_at = existing.deadline_at  # the deadline set when it was accepted, not one from now
         log.info("idempotent replay", extra={"execution_id": eid})
     # Subscribe before publishing, so the version waited for cannot slip past: the bucket republishes every

@@ -41,12 +41,10 @@ class PMHandlers:
         """Plan the execution (once) and publish its ready tasks; safe to redeliver."""
         ctx = {"execution_id": req.execution_id}
         store, js, names = self.rt.executions, self.rt.jetstream, self.rt.names
-        # The gateway stored accepted(req) at req.revision: with the client's plan, when it sent one.
-        planned_by_gateway = req.revision is not None and not redelivered(msg) and req.tasks is not None
         if req.revision is not None and not redelivered(msg) and (req.tasks is not None or not self.provider.writes):
-            # Plan on that version without a read. Should the document have changed since (cancelled already), the
-            # plan's compare-and-set fails and re-reads. Not before a paid decomposition call: one read first tells
-            # whether it was cancelled meanwhile.
+            # The gateway stored new_execution(req) at this revision: plan on it without a read. Should the
+            # document have changed since (cancelled already), the plan's compare-and-set fails and re-reads.
+            # Not before a paid decomposition call: one read first tells whether it was cancelled meanwhile.
             current: Known | None = (new_execution(req), req.revision)
         else:
             current = await store.get(req.execution_id)
@@ -59,10 +57,8 @@ class PMHandlers:
         ex: Execution | None = current[0] if current is not None else None
         replanned = ex is not None and not plannable(ex)
         if not replanned and now() >= req.deadline_at:  # no plan, and no model call for one
-            # Ended here, not left to the deadline's check: a request sent straight to NATS has none scheduled. One the
-            # gateway stored with its plan has, and that check ends it as any execution with tasks.
-            if not planned_by_gateway:
-                await self._end(req.execution_id, "execution deadline passed before it was planned")
+            # Ended here, not left to the deadline's check: a request sent straight to NATS has none scheduled.
+            await self._end(req.execution_id, "execution deadline passed before it was planned")
             await msg.ack()
             return
         if not replanned:
@@ -82,14 +78,9 @@ class PMHandlers:
                 return await store.mutate_from(req.execution_id, lambda ex: apply_plan(
                     ex, plan.tasks, plan.planner, plan.calls), start.pop() if start else None)
 
-            if planned_by_gateway and ex is not None:
-                # Stored so already: no write, and no round trip. A cancel stored since goes unseen here, as one stored
-                # between a plan's write and its tasks does: a pool skips a task whose execution it knows has ended.
-                apply_plan(ex, plan.tasks, plan.planner, plan.calls)
-            else:
-                stored = await persist(write, lambda: [msg], req.deadline_at, self.rt.pe.ack_wait_s / 3,
-                                       "store the plan", ctx)
-                ex = stored[0] if stored else None
+            stored = await persist(write, lambda: [msg], req.deadline_at, self.rt.pe.ack_wait_s / 3, "store the plan",
+                                   ctx)
+            ex = stored[0] if stored else None
         # The events again only on a redelivery (the first delivery may have died before emitting them). A
         # request stored twice (an idempotent replay past the stream's duplicate window) would otherwise store
         # them twice; its tasks are published again either way, and the tasks stream's msg-ids absorb them.
@@ -109,10 +100,10 @@ class PMHandlers:
             planned = ExecutionPlanned(execution_id=ex.execution_id, planner=planner,
                                        tasks=[t.spec() for t in ex.tasks])
             await emit(self.rt.nats, names.events(ex.execution_id, "planned"), planned, f"{ex.execution_id}:planned")
-        # After the plan's write is acknowledged (the gateway's, for a client's plan), not right behind it as the
-        # aggregator sends what it releases: a task sent with the write could finish, and its result reach an
-        # aggregator that reads the document, before the plan is stored (on R3 the two streams have different
-        # leaders). The task would be unknown to that version and its result dropped.
+        # After the plan's write is acknowledged, not right behind it as the aggregator sends what it releases: a task
+        # sent with the write could finish, and its result reach an aggregator that reads the document, before the
+        # plan is stored (on R3 the two streams have different leaders). The task would be unknown to that version
+        # and its result dropped.
         limit = self.rt.executions.limit
         await asyncio.gather(*[publish(js, names.tasks(t.pool), run_bytes(ex, t, limit),
                                        run_msg_id(ex.execution_id, t.id)) for t in queued(ex)])

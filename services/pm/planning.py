@@ -27,7 +27,6 @@ from shared.config import ParallelExecutionConfig
 from shared.costs import guarded_call, model_call
 from shared.distributor import Distribution, rules_layout
 from shared.errors import PlanError
-from shared.execution import CLIENT_PLANNER
 from shared.names import Pool
 from shared.providers import ModelProvider
 from shared.schemas import ExecutionRequested, ModelCall, TaskSpec, check_plan
@@ -77,7 +76,7 @@ def make_plan(req: ExecutionRequested, max_tasks: int) -> tuple[list[TaskSpec], 
     """The plan to run and who made it; a client plan is re-validated, never trusted blindly."""
     if req.tasks is not None:
         check_plan(req.tasks, max_tasks)
-        return req.tasks, CLIENT_PLANNER
+        return req.tasks, "client"
     return rules_plan(req.message, req.force_parallel, req.project, max_tasks)
 
 
