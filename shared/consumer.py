@@ -281,10 +281,9 @@ async def persist(op: Callable[[], Awaitable[T]], msgs: Callable[[], Iterable[Ms
     """``op()``, the publish or write that keeps what a paid model call produced, tried again every
     ``PERSIST_RETRY_S`` while NATS cannot take it, until ``until`` (the execution's deadline) and for at least
     ``PERSIST_AT_LEAST_S``, with ``msgs()`` kept alive every ``every_s`` meanwhile (see ``keep_alive``). Handing
-    them back instead would pay for the call again: the result exists only here. (Or a read a delivery must make
-    before it may start, when a redelivery would cost something of its own: see ``PoolWorker._state``.) ``op``
-    must be safe to repeat (a msg-id, a compare-and-set from a fresh read). The minimum is for what is due at or
-    after the deadline: the answer to the deadline's own check, a late result."""
+    them back instead would pay for the call again: the result exists only here. ``op`` must be safe to repeat
+    (a msg-id, a compare-and-set from a fresh read). The minimum is for what is due at or after the deadline:
+    the answer to the deadline's own check, a late result."""
     until = max(until, datetime.now(UTC) + timedelta(seconds=PERSIST_AT_LEAST_S))
 
     def unavailable(e: Exception) -> None:

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -26,7 +26,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from shared import metrics
 from shared.bus import emit, publish, stopped_within
-from shared.consumer import Consumer, persist
+from shared.consumer import UNAVAILABLE, Consumer, persist
 from shared.costs import attempt_event, observe, prime_costs, publish_cost
 from shared.failures import decide, model_for
 from shared.names import Pool
@@ -46,7 +46,6 @@ from shared.schemas import (
 )
 from shared.service import Runtime, Start, Workers
 from shared.sizes import fit, text_slots
-from shared.state import Known
 from shared.topology import ensure_consumer, pool_consumer_config
 
 log = logging.getLogger(__name__)
@@ -71,6 +70,7 @@ class _Delivery:
 
 GIVEN_UP_AFTER = 0.9  # of ack_wait without a heartbeat: the broker has handed the task on, or is about to
 RECORDED_POLL_S = 0.1  # a retry reads the task's state this often until the attempt before it is recorded
+READ_RETRY_S = 1.0  # after a read of the task's state that NATS could not answer, the next comes this soon
 BEAT_RETRY_S = 1.0  # after a heartbeat that failed, the next comes this soon (at most ack_wait / 3)
 FOLLOW_HEARTBEAT_S = 1.0  # the server's heartbeat on the endings' consumer; two missed and it is recreated
 
@@ -131,18 +131,20 @@ class PoolWorker:
     async def handle(self, cmd: RunTask, msg: Msg) -> None:
         """Run one delivery of a task and publish what happened, then ack it or nak it for a retry."""
         d = _Delivery(cmd, msg, self.pool, self.rt.settings.worker_id)
-        failed: list[str | None] = []
-        if d.attempt == 1:
-            ended = await self._ended(d, kept=True)
-        else:  # a retry: its model depends on how the attempts before it failed, which the document has
-            state = await self._recorded(d)
-            ended = state is None
-            before = sorted((a for a in state.attempts if a.n < d.attempt), key=lambda a: a.n) if state else []
-            failed = [a.error_kind for a in before]
-        if self._given_up(d):  # its reads waited out an outage (see _state) for longer than the broker may wait to hear
-            log.warning("not started: its reads waited %.1fs for NATS, and the broker has handed the task on by now; "
-                        "its redelivery runs it", self._silent_s(d), extra=d.ctx)
+        covered = d.attempt == 1 and self.endings.covers(msg)  # queued since following the endings: no read
+        try:
+            ended, failed = (self.endings.ended(cmd.execution_id), []) if covered else await self._before(d)
+        except UNAVAILABLE:
+            if not self._given_up(d):
+                raise  # handed back: its redelivery counts as one of the task's attempts
+            ended, failed = False, []
+        if self._given_up(d):  # the reads outlasted what the broker waits to hear (a paused process, or the reads
+            # themselves with a short ack_wait): it may have handed the task on; neither run it nor act on the message
+            log.warning("not started: nothing from this delivery reached the broker for %.1fs; its redelivery runs "
+                        "the task", self._silent_s(d), extra=d.ctx)
             return
+        if not covered:  # the reads may have taken up to a third of ack_wait: the broker hears from it now
+            await self._beat(d, time.monotonic())
         if ended:
             await msg.ack()  # the execution ended (cancelled, deadline) or the task was settled: nothing to do
             log.info("not started: its execution has ended", extra=d.ctx)
@@ -253,44 +255,58 @@ class PoolWorker:
                         "ack_wait): reported, not acknowledged", f"{GIVEN_UP_AFTER:.0%}", extra=d.ctx)
         return given_up
 
-    async def _recorded(self, d: _Delivery) -> TaskState | None:
-        """The task's state once it records how the attempt before ``d`` ended: the aggregator stores a failure
+    async def _before(self, d: _Delivery) -> tuple[bool, list[str | None]]:
+        """Before the attempt, from the execution state: whether its execution has ended (or its task been settled), and
+        how the attempts before it failed (the error kinds, in order), which its model depends on.
+
+        The store is read again for up to a third of ack_wait (from the first read): while NATS cannot answer (an
+        outage, a leader election), which would otherwise hand the message back and use up one of the task's attempts
+        with none run; and on a retry until it records how the attempt before ended. The aggregator stores a failure
         moments after it is reported, but a retry nak'ed for less time (or an aggregator that lags: a restart, a
-        rollout) would find it missing and choose its model without it, the pool's own after a refusal. Read again
-        for up to a third of ack_wait; a delivery whose attempt before ended unreported (its worker died) goes on
-        with what is known."""
+        rollout, the same outage) would find it missing and choose its model without it, the pool's own after a
+        refusal. A read still unanswered then raises; a retry whose attempt before stays unrecorded (its worker died)
+        goes on with what is known."""
         deadline = time.monotonic() + self.rt.pe.ack_wait_s / 3
         while True:
-            state = await self._state(d, kept=True)
-            if state is None or any(a.n == d.attempt - 1 and a.outcome != "running" for a in state.attempts):
-                return state
-            if time.monotonic() >= deadline or await stopped_within(self.rt.stop, RECORDED_POLL_S):
-                return state
+            try:
+                state = await self._state(d.cmd)
+            except UNAVAILABLE as e:
+                if time.monotonic() >= deadline:
+                    raise
+                log.warning("could not read the task's state (%s: %s); again in %gs", type(e).__name__, e,
+                            READ_RETRY_S, extra=d.ctx)
+                if await stopped_within(self.rt.stop, READ_RETRY_S):
+                    raise
+                continue
+            if state is None:
+                return True, []
+            if (d.attempt == 1 or any(a.n == d.attempt - 1 and a.outcome != "running" for a in state.attempts)
+                    or time.monotonic() >= deadline or await stopped_within(self.rt.stop, RECORDED_POLL_S)):
+                before = sorted((a for a in state.attempts if a.n < d.attempt), key=lambda a: a.n)
+                return False, [a.error_kind for a in before]
 
-    async def _state(self, d: _Delivery, kept: bool = False) -> TaskState | None:
-        """The task as the execution state has it; None when there is nothing left to run it for.
-
-        ``kept``: a read before the attempt starts, which NATS cannot answer (an outage, a leader election), is tried
-        again with the message kept (see ``persist``). Handed back, the delivery would count as one of the task's
-        attempts, without one having run, and on the last the broker would dead-letter the task."""
-        cmd = d.cmd
-
-        def read() -> Awaitable[Known | None]:
-            return self.rt.executions.get(cmd.execution_id)
-
-        current = await (persist(read, lambda: [d.msg], cmd.deadline_at, self.rt.pe.ack_wait_s / 3,
-                                 "read the task's state", d.ctx) if kept else read())
+    async def _state(self, cmd: RunTask) -> TaskState | None:
+        """The task as the execution state has it; None when there is nothing left to run it for."""
+        current = await self.rt.executions.get(cmd.execution_id)
         if current is None or current[0].terminal:
             return None
         task = current[0].task(cmd.task.id)
         return None if task is None or task.status in TERMINAL_TASK else task
 
-    async def _ended(self, d: _Delivery, kept: bool = False) -> bool:
-        """Whether the delivery's execution has ended (or its task been settled) since it was queued (``kept``: see
-        ``_state``)."""
+    async def _ended(self, d: _Delivery) -> bool:
+        """Whether the delivery's execution has ended (or its task been settled) since it was queued."""
         if self.endings.covers(d.msg):
             return self.endings.ended(d.cmd.execution_id)
-        return await self._state(d, kept) is None
+        return await self._state(d.cmd) is None
+
+    async def _beat(self, d: _Delivery, sent: float) -> bool:
+        """Tell the broker the delivery is alive; whether it counts (see ``_given_up``): sent on a live connection.
+        One sent while reconnecting is kept and sent then, when nobody can say."""
+        connected = self.rt.nats.is_connected
+        await d.msg.in_progress()
+        if connected:
+            d.beat_at = sent
+        return connected
 
     async def _publish(self, d: _Delivery, result: TaskCompleted | TaskFailed) -> None:
         """Publish the attempt's result, cut to fit a message, and kept through an outage (see ``persist``)."""
@@ -343,10 +359,8 @@ class PoolWorker:
                     return
                 every = min(interval, BEAT_RETRY_S)  # unless it counts: the first beat after a reconnect does
                 try:
-                    connected = self.rt.nats.is_connected
-                    await d.msg.in_progress()  # while reconnecting, kept and sent then: when, nobody can say
-                    if connected:
-                        d.beat_at, every = sent, interval
+                    if await self._beat(d, sent):
+                        every = interval
                     ended = await self._ended(d)
                 except Exception as e:  # noqa: BLE001 - without beats the broker would hand the task to a second worker
                     log.warning("heartbeat failed, next in %gs: %s", every, e, extra=d.ctx)

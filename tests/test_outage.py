@@ -264,6 +264,7 @@ async def retried_during_an_outage(server: NatsServer, rt: Runtime, names: Names
     await until(lambda: handled.done() or "could not read the task's state" in caplog.text, 30, "a failed read")
     server.start()
     await asyncio.wait_for(handled, 30)  # did not raise, which would hand the message back
+    await until(lambda: rt.nats.is_connected, 10, "the client to reconnect")
     return msg
 
 
@@ -294,10 +295,10 @@ async def test_a_retry_that_cannot_read_the_store_waits_for_it_instead_of_using_
 async def test_a_retry_whose_reads_outlast_ack_wait_leaves_the_task_to_its_redelivery(
     tmp_path: Path, names: Names, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # The same, but the broker waits 3 s to hear from a delivery, and the failed read alone took longer (its request
-    # times out after 5 s) with nothing heard meanwhile: the broker has handed the task on. The delivery neither runs
-    # it (the first heartbeat would abandon the run, paid for) nor acknowledges the message, which now stands for
-    # the redelivery.
+    # The same, but with an ack_wait of 3 s, and the failed read alone took longer (its request times out after 5 s)
+    # with nothing heard from the delivery meanwhile: the broker may have handed the task on. The delivery neither runs
+    # it (its first heartbeat would abandon the run, paid for) nor acts on the message (which may stand for the
+    # redelivery by now), handing it back included.
     server = NatsServer(tmp_path / "store").start()
     nc = await nats.connect(server.url, reconnect_time_wait=0.1, max_reconnect_attempts=-1)
     started = metrics.TASKS.labels("codegen", "started")._value.get()
@@ -309,6 +310,23 @@ async def test_a_retry_whose_reads_outlast_ack_wait_leaves_the_task_to_its_redel
         server.stop()
     assert metrics.TASKS.labels("codegen", "started")._value.get() == started  # not run
     assert not msg.is_acked  # neither acknowledged nor handed back
+
+
+async def test_a_retry_that_cannot_read_the_store_for_a_third_of_ack_wait_is_handed_back(
+    tmp_path: Path, names: Names, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # With an ack_wait of 8 s the reads wait for NATS for up to 2.7 s; the first alone takes 5 s (its request times
+    # out), with the broker not yet past 0.9 × ack_wait: the message is handed back (the consumer naks what raises).
+    server = NatsServer(tmp_path / "store").start()
+    nc = await nats.connect(server.url, reconnect_time_wait=0.1, max_reconnect_attempts=-1)
+    try:
+        rt = await service_runtime(nc, names, tmp_path, {"ack_wait_s": 8}, service="codegen")
+        with pytest.raises(nats.errors.TimeoutError):
+            await retried_during_an_outage(server, rt, names, caplog)
+    finally:
+        await until(lambda: nc.is_connected, 10, "the client to reconnect")
+        await nc.close()
+        server.stop()
 
 
 async def test_an_answer_due_at_the_deadline_waits_for_its_stream_too(tmp_path: Path,
