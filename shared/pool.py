@@ -134,17 +134,23 @@ class PoolWorker:
         covered = d.attempt == 1 and self.endings.covers(msg)  # queued since following the endings: no read
         try:
             ended, failed = (self.endings.ended(cmd.execution_id), []) if covered else await self._before(d)
-        except UNAVAILABLE:
-            if not self._given_up(d):
+        except Exception:
+            if self.rt.nats.is_connected and not self._given_up(d):
                 raise  # handed back: its redelivery counts as one of the task's attempts
-            ended, failed = False, []
-        if self._given_up(d):  # the reads outlasted what the broker waits to hear (a paused process, or the reads
-            # themselves with a short ack_wait): it may have handed the task on; neither run it nor act on the message
-            log.warning("not started: nothing from this delivery reached the broker for %.1fs; its redelivery runs "
-                        "the task", self._silent_s(d), extra=d.ctx)
+            ended, failed = False, []  # a nak would go out on reconnect, maybe past ack_wait: as below
+        if self._given_up(d) or not self.rt.nats.is_connected:
+            # The reads outlasted what the broker waits to hear (a paused process, or the reads themselves with a short
+            # ack_wait), or NATS is out of reach: the broker may have handed the task on, or will. An ack or a nak
+            # would act on the message all the same (and a third delivery run beside the second): neither.
+            log.warning("not started: nothing from this delivery reached the broker for %.1fs; left to the broker "
+                        "(it redelivers the task after ack_wait, or dead-letters it after its last delivery)",
+                        self._silent_s(d), extra=d.ctx)
             return
         if not covered:  # the reads may have taken up to a third of ack_wait: the broker hears from it now
-            await self._beat(d, time.monotonic())
+            try:
+                await self._beat(d, time.monotonic())
+            except Exception as e:  # noqa: BLE001 - the run's own heartbeats follow; a missed one is not a reason to stop
+                log.warning("heartbeat failed: %s", e, extra=d.ctx)
         if ended:
             await msg.ack()  # the execution ended (cancelled, deadline) or the task was settled: nothing to do
             log.info("not started: its execution has ended", extra=d.ctx)
