@@ -286,8 +286,10 @@ async def test_a_retry_that_cannot_read_the_store_waits_for_it_instead_of_using_
         assert msg.metadata.consumer is not None
         info = await rt.jetstream.consumer_info(names.tasks_stream, msg.metadata.consumer)
     finally:
-        await nc.close()
-        server.stop()
+        try:
+            await nc.close()
+        finally:
+            server.stop()  # also when the client's close fails (mid-reconnect): no server left behind
     assert (done.task_id, done.attempt) == ("api", 2)
     assert info.num_ack_pending == 0 and info.delivered.consumer_seq == 2  # acknowledged, not delivered again
 
@@ -309,8 +311,10 @@ async def test_a_retry_whose_reads_outlast_their_window_leaves_the_task_to_its_r
         rt = await service_runtime(nc, names, tmp_path, {"ack_wait_s": ack_wait_s}, service="codegen")
         msg = await retried_during_an_outage(server, rt, names, caplog)
     finally:
-        await nc.close()
-        server.stop()
+        try:
+            await nc.close()
+        finally:
+            server.stop()
     assert metrics.TASKS.labels("codegen", "started")._value.get() == started  # not run
     assert not msg.is_acked  # neither acknowledged nor handed back
 
