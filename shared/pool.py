@@ -132,16 +132,18 @@ class PoolWorker:
         """Run one delivery of a task and publish what happened, then ack it or nak it for a retry."""
         d = _Delivery(cmd, msg, self.pool, self.rt.settings.worker_id)
         covered = d.attempt == 1 and self.endings.covers(msg)  # queued since following the endings: no read
+        out_of_reach = False
         try:
             ended, failed = (self.endings.ended(cmd.execution_id), []) if covered else await self._before(d)
         except Exception:
-            if self.rt.nats.is_connected and not self._given_up(d):
+            out_of_reach = not self.rt.nats.is_connected  # a nak would go out on reconnect, maybe past ack_wait
+            if not (out_of_reach or self._given_up(d)):
                 raise  # handed back: its redelivery counts as one of the task's attempts
-            ended, failed = False, []  # a nak would go out on reconnect, maybe past ack_wait: as below
-        if self._given_up(d) or not self.rt.nats.is_connected:
+            ended, failed = False, []
+        if out_of_reach or self._given_up(d):
             # The reads outlasted what the broker waits to hear (a paused process, or the reads themselves with a short
-            # ack_wait), or NATS is out of reach: the broker may have handed the task on, or will. An ack or a nak
-            # would act on the message all the same (and a third delivery run beside the second): neither.
+            # ack_wait), or failed with NATS out of reach: the broker may have handed the task on, or will. An ack or a
+            # nak would act on the message all the same (and a third delivery run beside the second): neither.
             log.warning("not started: nothing from this delivery reached the broker for %.1fs; left to the broker "
                         "(it redelivers the task after ack_wait, or dead-letters it after its last delivery)",
                         self._silent_s(d), extra=d.ctx)
