@@ -13,7 +13,7 @@ import nats
 import pytest
 
 from shared.config import ParallelExecutionConfig
-from tests.conftest import ROOT, Stack, stack_env, start_stack, stop_stack, wait_until, write_config
+from tests.conftest import ROOT, Stack, ready_on, stack_env, start_stack, stop_stack, wait_until, write_config
 
 pytestmark = pytest.mark.e2e
 DASHBOARD = ROOT / "deploy" / "grafana" / "openclaw-dashboard.json"
@@ -38,9 +38,8 @@ def exported(stack: Stack) -> dict[str, set[str]]:
 def all_ready(stack: Stack) -> None:
     """Until every service answers /readyz: started, its consumers bound and its metrics primed (the stack is up once
     its gateway is)."""
-    for child in stack.state()["children"].values():  # type: ignore[union-attr]
-        url = f"http://127.0.0.1:{child['port']}/readyz"
-        wait_until(lambda u=url: httpx.get(u).status_code == 200, 30, f"{url} to answer 200")
+    for name, child in stack.state()["children"].items():  # type: ignore[union-attr]
+        wait_until(lambda port=child["port"]: ready_on(port), 30, f"{name} to be ready")
 
 
 def test_every_dashboard_metric_is_exported_after_real_work(stack_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -240,32 +240,42 @@ async def test_a_cost_event_that_cannot_be_sent_does_not_cost_its_result(
     assert done.task_id == "api" and done.cost_usd > 0
 
 
-async def retried_during_an_outage(server: NatsServer, rt: Runtime, names: Names,
-                                   caplog: pytest.LogCaptureFixture) -> Msg:
-    """A task's second delivery (its first attempt stored as failed) handed to a pool worker once NATS is gone, and
-    NATS started again after the worker's first read of the task's state failed; returns the delivery's message once
-    the worker is done with it."""
+@contextlib.asynccontextmanager
+async def retried_during_an_outage(tmp_path: Path, names: Names, caplog: pytest.LogCaptureFixture,
+                                   cfg: dict[str, Any] | None = None) -> AsyncIterator[tuple[Runtime, Msg]]:
+    """A task's second delivery (its first attempt stored as failed) handed to a pool worker (configured with ``cfg``)
+    once its nats-server is gone, and the server started again after the worker's first read of the task's state
+    failed; yields the runtime and the delivery's message once the worker is done with it."""
     caplog.set_level(logging.WARNING, "shared.consumer")
-    t0 = now()
-    ex = new_execution(ExecutionRequested(execution_id="unread", message="m", requested_at=t0,
-                                          deadline_at=t0 + timedelta(minutes=5)))
-    apply_plan(ex, [TaskSpec(id="api", pool="codegen", description="Build the ordering REST API",
-                             context={"simulate": {"latency_s": 0}})], "client")
-    apply_result(ex, TaskFailed(execution_id="unread", task_id="api", pool="codegen", attempt=1, worker="w",
-                                started_at=t0, finished_at=t0, error="busy", error_kind="overloaded", final=False,
-                                strategy="retry"))
-    await rt.executions.create(ex)
-    cmd = run_command(ex, ex.tasks[0])
-    msg = await delivered(rt, names.tasks("codegen"), cmd.to_bytes(), names.tasks_stream, times=2)
-    server.stop()
-    await until(lambda: rt.nats.is_reconnecting, 10, "the client to notice")
-    worker = PoolWorker(rt, "codegen", format_prompt, SimulatedProvider(rt.pe), Endings(300))
-    handled = asyncio.create_task(worker.handle(cmd, msg))
-    await until(lambda: handled.done() or "could not read the task's state" in caplog.text, 30, "a failed read")
-    server.start()
-    await asyncio.wait_for(handled, 30)  # did not raise, which would hand the message back
-    await until(lambda: rt.nats.is_connected, 10, "the client to reconnect")
-    return msg
+    server = NatsServer(tmp_path / "store").start()
+    nc = await nats.connect(server.url, reconnect_time_wait=0.1, max_reconnect_attempts=-1)
+    try:
+        rt = await service_runtime(nc, names, tmp_path, cfg, service="codegen")
+        t0 = now()
+        ex = new_execution(ExecutionRequested(execution_id="unread", message="m", requested_at=t0,
+                                              deadline_at=t0 + timedelta(minutes=5)))
+        apply_plan(ex, [TaskSpec(id="api", pool="codegen", description="Build the ordering REST API",
+                                 context={"simulate": {"latency_s": 0}})], "client")
+        apply_result(ex, TaskFailed(execution_id="unread", task_id="api", pool="codegen", attempt=1, worker="w",
+                                    started_at=t0, finished_at=t0, error="busy", error_kind="overloaded", final=False,
+                                    strategy="retry"))
+        await rt.executions.create(ex)
+        cmd = run_command(ex, ex.tasks[0])
+        msg = await delivered(rt, names.tasks("codegen"), cmd.to_bytes(), names.tasks_stream, times=2)
+        server.stop()
+        await until(lambda: nc.is_reconnecting, 10, "the client to notice")
+        worker = PoolWorker(rt, "codegen", format_prompt, SimulatedProvider(rt.pe), Endings(300))
+        handled = asyncio.create_task(worker.handle(cmd, msg))
+        await until(lambda: handled.done() or "could not read the task's state" in caplog.text, 30, "a failed read")
+        server.start()
+        await asyncio.wait_for(handled, 30)  # did not raise, which would hand the message back
+        await until(lambda: nc.is_connected, 10, "the client to reconnect")
+        yield rt, msg
+    finally:
+        try:
+            await nc.close()
+        finally:
+            server.stop()  # also when the client's close fails (mid-reconnect): no server left behind
 
 
 async def test_a_retry_that_cannot_read_the_store_waits_for_it_instead_of_using_up_an_attempt(
@@ -274,22 +284,13 @@ async def test_a_retry_that_cannot_read_the_store_waits_for_it_instead_of_using_
     # A retry reads the task's state before it starts (its model depends on how the attempt before it failed), and
     # NATS is gone when it does. The delivery waits for NATS and then runs. Handed back, it would count as one of the
     # task's attempts with none run, and on the last one the broker would dead-letter the task.
-    server = NatsServer(tmp_path / "store").start()
-    nc = await nats.connect(server.url, reconnect_time_wait=0.1, max_reconnect_attempts=-1)
-    try:
-        rt = await service_runtime(nc, names, tmp_path, service="codegen")
-        msg = await retried_during_an_outage(server, rt, names, caplog)
+    async with retried_during_an_outage(tmp_path, names, caplog) as (rt, msg):
         results = await rt.jetstream.subscribe(names.results("unread"), stream=names.results_stream,
                                                ordered_consumer=True)
         done = TaskCompleted.model_validate_json((await results.next_msg(timeout=5)).data)
         await results.unsubscribe()
         assert msg.metadata.consumer is not None
         info = await rt.jetstream.consumer_info(names.tasks_stream, msg.metadata.consumer)
-    finally:
-        try:
-            await nc.close()
-        finally:
-            server.stop()  # also when the client's close fails (mid-reconnect): no server left behind
     assert (done.task_id, done.attempt) == ("api", 2)
     assert info.num_ack_pending == 0 and info.delivered.consumer_seq == 2  # acknowledged, not delivered again
 
@@ -304,17 +305,9 @@ async def test_a_retry_whose_reads_outlast_their_window_leaves_the_task_to_its_r
     # sent on reconnect, maybe once the broker has handed the task on, which would act on it all the same. Either way
     # the delivery neither runs the task (its first heartbeat could abandon the run, paid for) nor acts on the message:
     # the broker redelivers it after ack_wait.
-    server = NatsServer(tmp_path / "store").start()
-    nc = await nats.connect(server.url, reconnect_time_wait=0.1, max_reconnect_attempts=-1)
     started = metrics.TASKS.labels("codegen", "started")._value.get()
-    try:
-        rt = await service_runtime(nc, names, tmp_path, {"ack_wait_s": ack_wait_s}, service="codegen")
-        msg = await retried_during_an_outage(server, rt, names, caplog)
-    finally:
-        try:
-            await nc.close()
-        finally:
-            server.stop()
+    async with retried_during_an_outage(tmp_path, names, caplog, {"ack_wait_s": ack_wait_s}) as (_, msg):
+        pass
     assert metrics.TASKS.labels("codegen", "started")._value.get() == started  # not run
     assert not msg.is_acked  # neither acknowledged nor handed back
 
