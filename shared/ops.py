@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import uvicorn
 from fastapi import FastAPI, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from shared.errors import ConfigError
@@ -32,7 +32,7 @@ def add_ops_routes(app: FastAPI, service: str, ready: ReadyCheck) -> None:
             return JSONResponse({"ready": True, "service": service})
         return JSONResponse({"ready": False, "service": service, "reason": reason}, status_code=503)
 
-    @app.get("/metrics", tags=["ops"])
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 

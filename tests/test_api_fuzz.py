@@ -1,4 +1,5 @@
-"""Property-based requests generated from the gateway's own OpenAPI document: none may end in a 5xx."""
+"""Property-based requests generated from the gateway's own OpenAPI document: none may end in a 5xx, and every
+answer has a status code and a content type the document gives for it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import uuid
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
-from schemathesis.checks import not_a_server_error
+from schemathesis.checks import content_type_conformance, not_a_server_error, status_code_conformance
 
 from tests.conftest import Stack, start_stack, stop_stack, write_config
 
@@ -37,6 +38,7 @@ def test_no_generated_request_makes_the_gateway_fail(fuzz_stack: Stack) -> None:
         @given(case=op.as_strategy())
         @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def no_server_error(case) -> None:  # type: ignore[no-untyped-def]
-            case.call_and_validate(checks=[not_a_server_error], timeout=15)
+            case.call_and_validate(checks=[not_a_server_error, status_code_conformance, content_type_conformance],
+                                  timeout=15)
 
         no_server_error()

@@ -341,13 +341,41 @@ def test_missing_config_file_fails_fast_saying_what_to_set(tmp_path: Path) -> No
     assert r.returncode == 2 and "does not exist (set --config or OPENCLAW_CONFIG)" in r.stderr
 
 
-def test_an_infinite_simulated_latency_is_422(stack: Stack) -> None:
-    # Python's JSON reads Infinity; the simulated agent would then hold its slot until the pool's timeout, every try.
-    body = (b'{"message": "m", "tasks": [{"id": "a", "pool": "codegen", "description": "x", '
-            b'"context": {"simulate": {"latency_s": Infinity}}}]}')
-    r = httpx.post(f"{stack.url}/api/execute-parallel", content=body, headers={"content-type": "application/json"})
-    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "tasks[0].context", r.text
-    assert "context.simulate: latency_s: Input should be a finite number" in r.json()["message"]
+@pytest.mark.parametrize(("body", "constant"), [
+    # Python's parser reads these; stored, a client's own value came back as null, and an infinite simulated latency
+    # held its slot until the pool's timeout, every try.
+    (b'{"message": "m", "tasks": [{"id": "a", "pool": "codegen", "description": "x", "context": {"v": NaN}}]}', "NaN"),
+    (b'{"message": "m", "tasks": [{"id": "a", "pool": "codegen", "description": "x", '
+     b'"context": {"simulate": {"latency_s": Infinity}}}]}', "Infinity"),
+    (b'{"message": "m", "wait": true, "timeout_s": -Infinity}', "-Infinity"),
+], ids=["context", "simulate", "timeout_s"])
+def test_nan_or_infinity_in_a_body_is_422_not_json(stack: Stack, body: bytes, constant: str) -> None:
+    key = "nan-" + uuid.uuid4().hex
+    r = httpx.post(f"{stack.url}/api/execute-parallel", content=body,
+                   headers={"content-type": "application/json", "Idempotency-Key": key})
+    says = f"not valid JSON: {constant} is not a JSON value (a JSON number is finite)"
+    assert r.status_code == 422 and r.json()["errors"] == [{"field": "body", "message": says}], r.text
+    assert httpx.get(f"{stack.url}/api/execution/{_execution_id(Caller(LOCAL_TENANT), key)}").status_code == 404
+
+
+def test_a_method_a_path_does_not_have_is_405_naming_every_one_it_has(stack: Stack) -> None:
+    # Starlette named the methods of the first route on the path: "GET" for an execution, which DELETE cancels too.
+    for method in ("PUT", "POST", "PATCH"):
+        r = httpx.request(method, f"{stack.url}/api/execution/abc")
+        assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET", (method, r.headers)
+        assert r.json()["message"] == f"{method} is not allowed here: use DELETE, GET"
+    r = httpx.get(f"{stack.url}/api/execute-parallel")
+    assert r.status_code == 405 and r.headers["allow"] == "POST", r.headers
+
+
+def test_a_cancel_wait_that_is_not_a_finite_number_is_422_saying_so(stack: Stack) -> None:
+    r = post(stack, {"message": "m", "tasks": [{"id": "a", "pool": "codegen", "description": "x"}]})
+    assert r.status_code in (200, 202), r.text
+    eid = r.json()["execution_id"]
+    for value in ("nan", "inf"):
+        r = httpx.delete(f"{stack.url}/api/execution/{eid}", params={"wait_s": value})
+        assert r.status_code == 422 and r.json()["errors"] == [
+            {"field": "wait_s", "message": "Input should be a finite number"}], r.text
 
 
 def test_fault_directives_are_refused_where_the_config_turns_them_off(stack_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -8,9 +8,12 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StringCon
 
 from shared.schemas import ExecutionMode, TaskSpec
 
-Message = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100_000)]
+# Not only whitespace (stripped, it would be empty): the schema says so with a pattern, validation with its own message.
+Message = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100_000),
+                    Field(json_schema_extra={"pattern": r"\S"})]
 # A flag or a number given as a string ("yes", "5") is refused, not guessed at: a client that sends one has a bug.
 Seconds = Annotated[float, Strict()]
+SESSION_KEY = "the client's session, kept with the execution (also accepted as session_key; send one of the two)"
 
 
 class ExecuteRequest(BaseModel):
@@ -18,11 +21,12 @@ class ExecuteRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     message: Message = Field(description="what the client wants built")
-    session_key: str | None = Field(default=None, alias="sessionKey", max_length=256)
+    session_key: str | None = Field(default=None, alias="sessionKey", max_length=256, description=SESSION_KEY)
     project: str | None = Field(default=None, max_length=256)
     force_parallel: StrictBool = False
     tasks: list[TaskSpec] | None = Field(
-        default=None, description="your own plan; skips decomposition (validated like the PM's)"
+        default=None, description="your own plan; skips decomposition (validated like the PM's)",
+        json_schema_extra={"minItems": 1},  # an empty plan is refused with a message of its own (check_plan)
     )
     mode: ExecutionMode = Field(default="parallel", description="serial: one task at a time, in plan order")
     wait: StrictBool = Field(default=False, description="answer only when the execution is terminal (bounded)")
@@ -34,7 +38,7 @@ class ChatRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     message: Message
-    session_key: str | None = Field(default=None, alias="sessionKey", max_length=256)
+    session_key: str | None = Field(default=None, alias="sessionKey", max_length=256, description=SESSION_KEY)
     project: str | None = Field(default=None, max_length=256)
     force_parallel: StrictBool = False
     wait: StrictBool = Field(default=True, description="answer when done (bounded by timeout_s); false: 202 at once")

@@ -9,11 +9,12 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from datetime import datetime, timedelta
-from typing import Annotated, Any, get_args
+from typing import Annotated, Any, NoReturn, get_args
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
+from fastapi.routing import APIRoute
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -45,7 +46,33 @@ from shared.schemas import (
 from shared.service import Runtime
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/api", tags=["executions"])
+
+
+def _not_json(constant: str) -> NoReturn:
+    raise ValueError(f"{constant} is not a JSON value (a JSON number is finite)")
+
+
+class _JSONRequest(Request):
+    """A request whose JSON body is JSON: Python's parser also takes NaN and Infinity, which a client's own data
+    would then lose (stored, they come back as null)."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = json.loads(await self.body(), parse_constant=_not_json)
+        return self._json
+
+
+class _Route(APIRoute):
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handle = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            return await handle(_JSONRequest(request.scope, request.receive))
+
+        return route
+
+
+router = APIRouter(prefix="/api", tags=["executions"], route_class=_Route)
 EXECUTION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 PLAN_WAIT_S = 2.0  # a 202 waits this long for the plan so it can list the tasks
 KEEPALIVE_S = 15.0  # an idle event stream sends a comment this often, so proxies keep it open
@@ -67,7 +94,8 @@ def identify(request: Request, authorization: str | None, x_api_key: str | None)
         return Caller(LOCAL_TENANT)
     key = x_api_key or (authorization[7:].strip() if authorization and authorization[:7].lower() == "bearer " else None)
     if not key:
-        raise HTTPException(401, "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+        sent = f" (the Authorization header says {authorization.split(' ', 1)[0][:20]!r})" if authorization else ""
+        raise HTTPException(401, f"missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'{sent}",
                             headers={"WWW-Authenticate": "Bearer"})
     who = keys.identify(key)
     if who is None:
@@ -117,6 +145,9 @@ def held(request: Request, who: Caller, holds: bool = True) -> Iterator[None]:
 RuntimeDep = Annotated[Runtime, Depends(runtime)]
 CallerDep = Annotated[Caller, Depends(caller)]
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 404, 413, 422, 429, 503)}
+# The same, for a route whose own answers are not JSON (FastAPI would give these its media type): errors still are.
+JSON_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}} for code in ERRORS}
 
 
 async def owned(rt: Runtime, who: Caller, execution_id: str) -> Execution:
@@ -386,7 +417,8 @@ async def cancel_execution(
     rt: RuntimeDep,
     request: Request,
     response: Response,
-    wait_s: Annotated[float, Query(ge=0, le=60, description="how long to wait for the cancellation")] = 10,
+    wait_s: Annotated[float, Query(ge=0, le=60, allow_inf_nan=False,
+                                   description="how long to wait for the cancellation")] = 10,
 ) -> Execution | Response:
     """Cancel: queued tasks never run, running ones are abandoned at their next heartbeat; the execution
     ends ``cancelled`` with the cost spent so far."""
@@ -442,7 +474,7 @@ async def event_subscription(
             await sub.unsubscribe()
 
 
-@router.get("/execution/{execution_id}/events", response_class=EventSourceResponse, responses=ERRORS)
+@router.get("/execution/{execution_id}/events", response_class=EventSourceResponse, responses=JSON_ERRORS)
 async def execution_events(
     ex: ExecutionDep,
     rt: RuntimeDep,

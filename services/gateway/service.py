@@ -11,6 +11,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from services.gateway.access import LOCAL_TENANT, ApiKeys, OpenLimit, RateLimiter
 from services.gateway.handlers import identify, router
@@ -95,17 +96,24 @@ def create_app(settings: Settings) -> FastAPI:
             # Python's own advice on its limits (sys.set_int_max_str_digits) is not the client's to follow.
             why = "nested too deeply" if isinstance(cause, RecursionError) else str(cause).partition("; use sys.")[0]
             exc = HTTPException(422, {"field": "body", "message": f"not valid JSON: {why}"})
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # Starlette names the methods of the first route on the path; a resource has all
+            allowed = sorted({m for route in (*router.routes, *request.app.router.routes) if isinstance(route, Route)
+                              and route.matches(request.scope)[0] is not Match.NONE for m in route.methods or ()})
+            if allowed:
+                exc = HTTPException(405, f"{request.method} is not allowed here: use {', '.join(allowed)}")
+                headers = {"Allow": ", ".join(allowed)}
         detail = exc.detail
         errors: list[object] = []
         if isinstance(detail, dict):
             errors = [detail]
             detail = f"{detail['field']}: {detail['message']}"
         body = {"error": ERROR_NAMES.get(exc.status_code, "error"), "message": str(detail), "errors": errors}
-        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
     async def unavailable(request: Request, exc: Exception) -> JSONResponse:
-        # A stream without quorum, a reconnect under way: what the request needed was not stored, and it may be sent
-        # again (with an Idempotency-Key, safely so).
+        # A stream without quorum, a reconnect under way: the request may be sent again. With its Idempotency-Key that
+        # is safe, and starts an execution stored before its request could be published (see _submit).
         message = f"NATS cannot take the request now ({type(exc).__name__}); retry shortly"
         return JSONResponse({"error": "unavailable", "message": message, "errors": []}, status_code=503,
                             headers={"Retry-After": "1"})
