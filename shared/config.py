@@ -221,8 +221,8 @@ class ParallelExecutionConfig(_Strict):
 
 
 MISSING_API_KEY = (
-    "parallel_execution.provider is 'anthropic' but ANTHROPIC_API_KEY is not set: set ANTHROPIC_API_KEY "
-    "(or use provider 'auto' to fall back to the simulated provider)"
+    "the provider is 'anthropic' (parallel_execution.provider, or OPENCLAW_PROVIDER) but ANTHROPIC_API_KEY is not "
+    "set, or empty: set ANTHROPIC_API_KEY (or use provider 'auto' to fall back to the simulated provider)"
 )
 
 

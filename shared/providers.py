@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from shared.schemas import Artifact, ErrorKind, Finding, Plan, Recommendation, S
 if TYPE_CHECKING:  # the SDK takes seconds to import: only a process that uses it pays for that (at start)
     from anthropic.types import Message, MessageParam, TextBlockParam, ToolChoiceParam, ToolParam
 
+log = logging.getLogger(__name__)
 Effort = Literal["low", "medium", "high", "max"]
 
 
@@ -399,5 +401,9 @@ def make_provider(pe: ParallelExecutionConfig, api_key: str | None) -> ModelProv
     if pe.provider == "anthropic" and not api_key:
         raise ConfigError(MISSING_API_KEY)
     if pe.provider == "simulated" or not api_key:
+        log.log(logging.INFO if pe.provider == "simulated" else logging.WARNING,
+                "model provider: simulated (%s): answers are labelled [simulated], no model is called",
+                "configured" if pe.provider == "simulated" else "provider 'auto' and no ANTHROPIC_API_KEY")
         return SimulatedProvider(pe)
+    log.info("model provider: anthropic (%s)", pe.anthropic.base_url or "api.anthropic.com")
     return AnthropicProvider(pe, api_key)

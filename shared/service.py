@@ -183,10 +183,11 @@ async def _set_up(rt: Runtime, start: Start) -> Workers | None:
         delay = min(delay * 2, RETRY_MAX_S)
 
 
-def run_service(service: str, start: Start, make_app: MakeApp | None = None) -> None:
-    """Entry point of ``python -m services.<name>``: exit 2 with a clear message on bad configuration."""
+def run_service(service: str, start: Start, make_app: MakeApp | None = None, models: bool = True) -> None:
+    """Entry point of ``python -m services.<name>``: exit 2 with a clear message on bad configuration. ``models``:
+    whether the service calls models (see ``load_settings``)."""
     try:
-        settings = load_settings()
+        settings = load_settings(models)
     except ConfigError as e:
         setup_logging(service)
         log.error("cannot start %s: %s", service, e)

@@ -6,6 +6,7 @@ import os
 import socket
 import ssl
 from functools import cached_property
+from typing import Literal
 
 from pydantic import AliasChoices, Field, FilePath, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,6 +42,9 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"
     port: int | None = Field(default=None, ge=0, le=65535, description="HTTP port (default: per service)")
     api_keys: SecretStr | None = Field(default=None, description="tenant=key,tenant=key; unset: local mode")
+    provider: Literal["auto", "simulated", "anthropic"] | None = Field(
+        default=None, description="replaces parallel_execution.provider of config.json (prod: anthropic, so that a "
+        "missing or empty ANTHROPIC_API_KEY stops the services rather than running them on the simulated provider)")
     listen_fd: int | None = Field(default=None, ge=0, description="a listening socket inherited from the runner")
     slots: int | None = Field(default=None, ge=1, description="tasks one pool replica runs at once "
                               "(default: the pool's max_concurrent; the broker caps the pool as a whole)")
@@ -66,10 +70,22 @@ class Settings(BaseSettings):
             raise ValueError(SCHEME_RULE)
         return v
 
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_given(cls, v: SecretStr | None) -> SecretStr | None:
+        # Empty (a Secret made from an unset variable) it would be local mode: every caller one tenant, unlimited.
+        if v is not None and not v.get_secret_value().strip(" ,"):
+            raise ValueError("set but empty: give tenant=key pairs, or leave it unset for local mode (one tenant, "
+                             "no limits)")
+        return v
+
     @model_validator(mode="after")
     def _user_and_password(self) -> Settings:
         if (self.nats_user is None) != (self.nats_password is None):
             raise ValueError("set OPENCLAW_NATS_USER and OPENCLAW_NATS_PASSWORD together (or neither)")
+        if self.nats_user is not None and self.namespace:
+            raise ValueError("OPENCLAW_NAMESPACE cannot be combined with OPENCLAW_NATS_USER: the NATS users' "
+                             "permissions name the production subjects and streams (unset one of them)")
         return self
 
     @model_validator(mode="after")
@@ -107,7 +123,8 @@ class Settings(BaseSettings):
 
     @cached_property
     def pe(self) -> ParallelExecutionConfig:
-        return load_config(self.config)
+        pe = load_config(self.config)
+        return pe.model_copy(update={"provider": self.provider}) if self.provider else pe
 
 
 def _variable(loc: tuple[int | str, ...]) -> str:
@@ -116,13 +133,15 @@ def _variable(loc: tuple[int | str, ...]) -> str:
     return name if name.startswith("OPENCLAW_") else f"OPENCLAW_{name}"
 
 
-def load_settings(**overrides: object) -> Settings:
-    """Settings from env plus overrides; config errors surface here, at start-up."""
+def load_settings(models: bool = True, **overrides: object) -> Settings:
+    """Settings from env plus overrides; config errors surface here, at start-up. ``models``: for a process that
+    calls models, which needs ANTHROPIC_API_KEY when the provider is ``anthropic`` (the gateway calls none)."""
     try:
         s = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as e:
         bad = "; ".join(f"{_variable(x['loc'])}: {x['msg']}" if x["loc"] else x["msg"] for x in e.errors())
         raise ConfigError(f"invalid environment: {bad}") from None
-    if s.pe.provider == "anthropic" and not s.anthropic_api_key:  # also loads and validates config.json now
+    _ = s.pe  # loads and validates config.json now
+    if models and s.pe.provider == "anthropic" and not s.anthropic_api_key:
         raise ConfigError(MISSING_API_KEY)
     return s

@@ -310,8 +310,12 @@ def test_config_and_environment_validate_with_the_services_own_models(
             env["OPENCLAW_NATS_CA_FILE"] = certifi.where()
         for key, value in env.items():
             monkeypatch.setenv(key, value)
-        s = load_settings(config=str(tmp_path / "config.json"))
+        gateway = dep["metadata"]["name"] == "openclaw-gateway"
+        s = load_settings(models=not gateway, config=str(tmp_path / "config.json"))
         assert s.stream_replicas == int(settings_env["OPENCLAW_STREAM_REPLICAS"])
+        # Prod calls the model or does not start (an empty key stops it); the gateway calls none and holds no key.
+        assert s.pe.provider == ("anthropic" if name == "prod" else "auto"), (name, dep["metadata"]["name"])
+        assert ("ANTHROPIC_API_KEY" in env) != gateway, (name, dep["metadata"]["name"])
         assert s.nats_user == env["OPENCLAW_NATS_USER"] and s.namespace == ""
 
 
@@ -328,11 +332,10 @@ def test_prod_starts_only_with_the_model_key_and_the_tenants_keys_and_no_secret_
     # Optional, a missing key would run prod on the simulated provider and open its API to anyone (local mode). And a
     # Secret in the render would be applied over the one made out of band: an empty one would wipe the key.
     name, objs = overlay
-    required = {"ANTHROPIC_API_KEY"}
     for dep in of_kind(objs, "Deployment").values():
         refs = {k: e["valueFrom"]["secretKeyRef"] for k, e in env_of(container(dep)).items()
                 if "secretKeyRef" in e.get("valueFrom", {})}
-        wanted = required | ({"OPENCLAW_API_KEYS"} if dep["metadata"]["name"] == "openclaw-gateway" else set())
+        wanted = {"OPENCLAW_API_KEYS"} if dep["metadata"]["name"] == "openclaw-gateway" else {"ANTHROPIC_API_KEY"}
         assert wanted <= set(refs), (name, dep["metadata"]["name"])
         assert all(bool(refs[k].get("optional")) == (name == "dev") for k in wanted), (name, dep["metadata"]["name"])
     assert not {"openclaw-anthropic", "openclaw-api-keys"} & set(of_kind(objs, "Secret")), name

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,10 +19,11 @@ from shared.config import ParallelExecutionConfig
 from shared.costs import usd
 from shared.errors import ConfigError
 from shared.failures import RETRY_AFTER_MAX_S, Strategy, decide, model_for
+from shared.natsserver import free_port
 from shared.providers import AnthropicProvider, Prompt, ProviderError, SimulatedProvider, make_provider
 from shared.schemas import TaskSpec, Usage
 from shared.settings import load_settings
-from tests.conftest import ROOT, stack_env, write_config
+from tests.conftest import ROOT, ready_on, stack_env, wait_until, write_config
 from tests.fake_anthropic import FakeAnthropic
 
 KEY = "sk-ant-test-0123"
@@ -168,9 +171,17 @@ async def test_upstream_outputs_reach_the_prompt(provider: AnthropicProvider, fa
     assert "orders API" in body["messages"][0]["content"] and body["model"] == "claude-haiku-4-5"
 
 
-def test_auto_uses_anthropic_only_with_a_key(fake_anthropic: FakeAnthropic) -> None:
+def test_auto_uses_anthropic_only_with_a_key_and_says_which_it_runs(fake_anthropic: FakeAnthropic,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "shared.providers")
     assert isinstance(make_provider(ParallelExecutionConfig(), None), SimulatedProvider)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "model provider: simulated (provider 'auto' and no ANTHROPIC_API_KEY): answers are labelled "
+                    "[simulated], no model is called")]
     assert isinstance(make_provider(ParallelExecutionConfig(), ""), SimulatedProvider)
+    caplog.clear()
+    assert isinstance(make_provider(anthropic_config(fake_anthropic), KEY), AnthropicProvider)
+    assert caplog.messages == [f"model provider: anthropic ({fake_anthropic.url})"]
     assert isinstance(make_provider(ParallelExecutionConfig(), KEY), AnthropicProvider)
     assert isinstance(make_provider(ParallelExecutionConfig(provider="simulated"), KEY), SimulatedProvider)
     with pytest.raises(ConfigError, match="set ANTHROPIC_API_KEY"):
@@ -191,6 +202,36 @@ def test_provider_anthropic_without_a_key_fails_at_start_up(tmp_path: Path, monk
                        env=stack_env(OPENCLAW_CONFIG=str(cfg), OPENCLAW_PORT="0", OPENCLAW_LOG_FORMAT="text"))
     assert r.returncode == 2
     assert "set ANTHROPIC_API_KEY" in r.stdout + r.stderr
+
+
+def test_openclaw_provider_anthropic_stops_every_model_caller_whose_key_is_empty_but_not_the_gateway(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nats_url: str,
+) -> None:
+    # Prod's overlay: config.json says "auto", the environment says anthropic. A Secret made from an unset variable
+    # holds an empty key: under "auto" that ran the agents on the simulated provider, for paying clients.
+    cfg = write_config(tmp_path / "c.json", {"provider": "auto"})
+    monkeypatch.setenv("OPENCLAW_PROVIDER", "anthropic")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "")
+    with pytest.raises(ConfigError, match="ANTHROPIC_API_KEY is not set, or empty"):
+        load_settings(config=str(cfg))
+    assert load_settings(models=False, config=str(cfg)).pe.provider == "anthropic"
+    env = stack_env(OPENCLAW_CONFIG=str(cfg), OPENCLAW_PROVIDER="anthropic", ANTHROPIC_API_KEY="",
+                    OPENCLAW_NATS_URL=nats_url, OPENCLAW_NAMESPACE="pk" + uuid.uuid4().hex[:8], OPENCLAW_PORT="0",
+                    OPENCLAW_LOG_FORMAT="text")
+    for service in ("pm", "codegen", "aggregator"):
+        r = subprocess.run([sys.executable, "-m", f"services.{service}"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=60, env=env)
+        assert r.returncode == 2 and "set ANTHROPIC_API_KEY" in r.stdout + r.stderr, (service, r.stderr[-500:])
+    port = free_port()
+    gateway = subprocess.Popen([sys.executable, "-m", "services.gateway"], cwd=ROOT,
+                               env={**env, "OPENCLAW_PORT": str(port)}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: gateway.poll() is not None or ready_on(port), 60, "the gateway to be ready or to exit")
+        assert gateway.poll() is None  # it calls no model: it needs no key
+    finally:
+        gateway.terminate()
+        assert gateway.wait(30) == 0
 
 
 def test_anthropic_settings_are_validated(tmp_path: Path) -> None:

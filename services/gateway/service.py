@@ -139,4 +139,4 @@ async def start(rt: Runtime) -> Workers:
 
 
 def main() -> None:
-    run_service("gateway", start, create_app)
+    run_service("gateway", start, create_app, models=False)  # it calls no model: it needs no ANTHROPIC_API_KEY
