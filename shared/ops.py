@@ -16,6 +16,10 @@ from shared.errors import ConfigError
 
 ReadyCheck = Callable[[], Awaitable[str | None]]
 HTTP_GRACE_S = 10  # on stop, open HTTP requests get this long to finish (the gateway's waits end at once)
+# An idle client connection is kept this long: longer than a proxy keeps its idle upstream connections (ingress-nginx:
+# 60 s), so that the proxy closes one, never the service as the proxy sends a request on it (a 502 for a POST, which
+# nginx does not retry). uvicorn's default is 5 s.
+KEEP_ALIVE_S = 75
 
 
 def add_ops_routes(app: FastAPI, service: str, ready: ReadyCheck) -> None:
@@ -59,7 +63,7 @@ async def serve(app: FastAPI, host: str, port: int,
             raise ConfigError(f"cannot serve HTTP on {host}:{port}: {e.strerror or e}; set OPENCLAW_PORT to a free "
                               "port (OPENCLAW_HOST to an address of this machine)") from None
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="off",
-                            http="httptools", timeout_graceful_shutdown=HTTP_GRACE_S)
+                            http="httptools", timeout_graceful_shutdown=HTTP_GRACE_S, timeout_keep_alive=KEEP_ALIVE_S)
     server = _Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():  # noqa: ASYNC110 - uvicorn offers no started event

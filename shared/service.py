@@ -18,6 +18,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
+from shared import metrics
 from shared.bus import RETRY_MAX_S, connect, stopped_within
 from shared.config import ParallelExecutionConfig
 from shared.consumer import UNAVAILABLE
@@ -121,6 +122,9 @@ async def _main(service: str, start: Start, make_app: MakeApp | None, settings: 
     app = make_app(settings) if make_app else FastAPI(title=f"openclaw {service}", docs_url=None, redoc_url=None)
     app.state.runtime = rt
     add_ops_routes(app, service, rt.ready)
+    # What /readyz answers, but what Prometheus sees too (the OpenClawServiceNotReady alert): without its read of the
+    # topology, and still 1 while a stopping service finishes its work.
+    metrics.READY.set_function(lambda: float(rt.started and rt.nc is not None and rt.nc.is_connected))
     port = settings.port if settings.port is not None else DEFAULT_PORTS.get(service, 0)
     # Under the runner the socket is already bound (no port race between processes); else bind here.
     sock = socket.socket(fileno=settings.listen_fd) if settings.listen_fd is not None else None

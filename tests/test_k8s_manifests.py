@@ -554,7 +554,7 @@ def test_alerts_read_only_series_and_labels_the_services_expose(overlay: tuple[s
     name, objs = overlay
     names = exported()
     rules = alert_rules(objs)
-    assert len(rules) == 10, name
+    assert len(rules) == 11, name
     for rule in rules:
         read = selectors(rule["expr"])
         assert read, rule["alert"]
