@@ -1,7 +1,7 @@
 """What every pool service does with a task: run it under its timeout, heartbeat, retry, report.
 
 The broker holds the limits: ``max_ack_pending`` caps the pool across replicas, ``nak(delay=…)``
-spaces retries (1 s, 3 s, 9 s), ``ack_wait`` redelivers the task of a worker that died. The
+spaces retries (``retries.backoff_s``: 1 s, 3 s, 9 s), ``ack_wait`` redelivers the task of a worker that died. The
 worker enforces the task's own timeout and heartbeats with ``in_progress()`` while it runs.
 
 Whether a task's execution has ended (cancelled, past its deadline) the worker learns from the

@@ -164,6 +164,28 @@ def test_a_malformed_plan_falls_back_to_the_rules_and_its_cost_still_counts(
     assert doc["cost"]["by_phase"]["decomposition"] == pytest.approx(PLAN_ON_OPUS, abs=1e-12)
 
 
+def test_a_chat_message_one_specialist_answers_alone_gets_its_answer_and_pays_for_no_summary(
+    env: tuple[Stack, FakeAnthropic],
+) -> None:
+    # The router gave it one specialist; the answer was the synthesis model's summary of that one answer, a second
+    # paid call (nearly half the cost) for what the specialist had said already.
+    stack, fake = env
+    summaries = len(fake.of("synthesis"))
+    r = httpx.post(f"{stack.url}/api/chat", json={"message": "Design the PostgreSQL schema for invoices"}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["routing"]["parallel"] is False and body["status"] == "completed"
+    assert len(fake.of("synthesis")) == summaries
+    doc = httpx.get(f"{stack.url}/api/execution/{body['execution_id']}").json()
+    [task] = doc["tasks"]
+    out = task["output"]
+    assert body["response"].startswith(out["summary"] + "\n")
+    assert all(a["content"] in body["response"] for a in out["artifacts"]) and out["artifacts"]
+    assert "synthesis" not in doc["cost"]["by_phase"] and body["cost_usd"] == pytest.approx(task["cost_usd"])
+    assert body["response"].endswith(f"Cost: ${doc['cost']['total_usd']:.4f} — agents ${task['cost_usd']:.4f} "
+                                     f"(database ${task['cost_usd']:.4f}).")
+
+
 def test_rate_limited_and_malformed_task_calls_are_retried_by_the_pool_not_the_sdk(
     env: tuple[Stack, FakeAnthropic],
 ) -> None:

@@ -3,7 +3,7 @@
 With a provider that writes (anthropic), the synthesis model writes the answer in the configured
 persona and the exact cost (and the refund due, if any) and the signature are appended to it; with one that does not
 (simulated), when no task produced an output, or when the call fails, the deterministic template below
-writes it.
+writes it. A /api/chat message the router gave one specialist is answered by that specialist's output itself.
 """
 
 from __future__ import annotations
@@ -78,6 +78,31 @@ def synthesize(ex: Execution, agg: AggregatedResult, status: str, pm: PMCoordina
     return "\n".join(lines)
 
 
+def alone(ex: Execution) -> bool:
+    """A /api/chat message the router gave one specialist: its answer is the client's, not the PM's summary of it."""
+    return ex.routing is not None and not ex.routing.get("parallel") and len(ex.tasks) == 1
+
+
+def specialist_answer(ex: Execution) -> str:
+    """The one specialist's output as the answer (no model call): what it says, the files it wrote, its findings and
+    recommendations, and the exact cost."""
+    [task] = ex.tasks
+    out = task.output
+    assert out is not None
+    lines = [out.summary]
+    if out.simulated:
+        lines += ["", "(Answered on the simulated model provider: a placeholder, not real work.)"]
+    for a in out.artifacts:
+        lines += ["", f"{a.path} ({a.kind}):", a.content]
+    if out.findings:
+        lines += ["", "Findings:"] + [f"  • [{f.severity}] {f.topic}" + (f": {f.detail}" if f.detail else "")
+                                     + (f" — {f.recommendation}" if f.recommendation else "") for f in out.findings]
+    if out.recommendations:
+        lines += ["", "Recommendations:"] + [f"  • {r.topic}: {r.choice}" + (f" ({r.rationale})" if r.rationale else "")
+                                            for r in out.recommendations]
+    return "\n".join([*lines, "", *money_lines(ex)])
+
+
 def money_lines(ex: Execution) -> list[str]:
     """The exact cost, and the refund due when work failed, was skipped or was cancelled: figures the answer states
     as they are, whoever writes the rest."""
@@ -105,6 +130,8 @@ async def write_answer(
 ) -> tuple[str, ModelCall | None]:
     """The final answer and the synthesis call behind it (None when the provider made no call)."""
     pm = pe.pm_coordinator
+    if alone(ex) and ex.tasks[0].output is not None:  # the specialist answered alone: its answer, not a summary of it
+        return specialist_answer(ex), None
     # The template writes it, at no cost: with a provider that does not write, and when no agent produced
     # anything (cancelled or failed before any task completed), where a paid answer would have nothing to say.
     if not provider.writes or not any(t.output is not None for t in ex.tasks):
