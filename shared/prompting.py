@@ -6,10 +6,17 @@ import json
 
 from shared.schemas import TaskSpec
 
+# Topics the agents share, so that the aggregator can tell when two of them speak of the same thing (a security
+# finding and another agent's approach to it): what each agent is told to name a topic with, where one fits.
+TOPICS = ("authentication", "session-handling", "csrf", "xss", "sql-injection", "access-control", "password-storage",
+          "secrets", "encryption", "input-validation", "rate-limiting", "payments", "database", "orm", "migrations",
+          "api", "frontend", "hosting", "logging", "dependencies")
+
 RESULT_CONTRACT = (
     "Answer with a structured result: a short summary; artifacts (path, kind, content) for any file or SQL "
     "you produce; findings (severity, topic, detail, recommendation) for risks; recommendations (topic, "
-    "choice, rationale) for every technology or approach you choose."
+    "choice, rationale) for every technology or approach you choose. Name each topic with one of these keys when "
+    f"one fits, as the other agents do: {', '.join(TOPICS)}; else with a short lowercase key of your own."
 )
 
 

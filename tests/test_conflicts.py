@@ -389,3 +389,53 @@ def test_flag_all_keeps_securitys_own_other_advice_on_the_topic() -> None:
     })
     for mode in ("flag_all", "security_first"):
         assert "Use double-submit cookies" in [r.choice for r in settle(ex, mode).recommendations], mode
+
+
+def test_a_topic_that_names_one_known_risk_is_that_risk_however_it_is_spelt() -> None:
+    # Models name a topic as they please: security's "Cross-site request forgery (CSRF)" and codegen's "csrf" were two
+    # topics, so codegen's approach stood as settled beside the finding that contradicted it.
+    assert {topic_key(t) for t in ("csrf", "CSRF tokens", "Cross-site request forgery (CSRF)", "XSRF protection",
+                                   "Cross-Site Request Forgery")} == {"csrf"}
+    assert {topic_key(t) for t in ("XSS in the search form", "Cross-site scripting", "xss")} == {"xss"}
+    assert {topic_key(t) for t in ("SQL/injection", "SQLi", "sql-injection")} == {"sqlinjection"}
+    assert topic_key("CSRF and XSS") not in ("csrf", "xss")  # two risks: neither alone
+    assert topic_key("database encryption") != topic_key("database")  # only a risk's name absorbs a topic
+    ex = execution({
+        "backend": ("codegen", TaskOutput(summary="api", recommendations=[
+            rec("csrf", "SameSite=Lax cookies only, no CSRF tokens")])),
+        "audit": ("security", TaskOutput(summary="audit", findings=[
+            Finding(severity="high", topic="Cross-site request forgery (CSRF)", detail="forms accept cross-site posts",
+                    recommendation=CSRF_FIX)])),
+    })
+    s = settle(ex)
+    assert [(c.kind, c.rule) for c in s.conflicts] == [("approach_vs_risk", "security_first")]
+    assert [(r.choice, r.decision_needed) for r in s.recommendations] == [(CSRF_FIX, False)]
+
+
+def test_an_approach_to_a_risk_security_names_no_fix_for_waits_for_the_client() -> None:
+    # Security found a high risk and named no fix: codegen's approach to that topic stood as settled, as if nothing
+    # had been found. It is now a decision: does it address the risk? A low finding keeps nothing from standing.
+    def with_finding(severity: str) -> Execution:
+        return execution({
+            "backend": ("codegen", TaskOutput(summary="api", recommendations=[rec("csrf", "SameSite=Lax cookies")])),
+            "audit": ("security", TaskOutput(summary="audit", findings=[
+                Finding(severity=severity, topic="CSRF", detail="forms accept cross-site posts")])),  # type: ignore[arg-type]
+        })
+
+    s = settle(with_finding("high"))
+    [c] = s.conflicts
+    assert (c.kind, c.rule, c.topic) == ("approach_vs_risk", "security_first", "csrf")
+    assert c.resolution.startswith("security's finding stands (high: forms accept cross-site posts)")
+    [o] = s.audit
+    assert (o.overridden.pool, o.overridden.says, o.by.pool) == ("codegen", "SameSite=Lax cookies", "security")
+    assert [(r.choice, r.decision_needed) for r in s.recommendations] == [("SameSite=Lax cookies", True)]
+    assert s.decisions == ["csrf: security reports a high: forms accept cross-site posts; does SameSite=Lax cookies "
+                           "(codegen) address it?"]
+    assert [f.severity for f in s.findings] == ["high"]  # the finding itself stands
+
+    flagged = settle(with_finding("high"), "flag_all")
+    assert [c.rule for c in flagged.conflicts] == ["flag"] and flagged.audit == []
+
+    low = settle(with_finding("low"))
+    assert low.conflicts == [] and low.decisions == []
+    assert [(r.choice, r.decision_needed) for r in low.recommendations] == [("SameSite=Lax cookies", False)]

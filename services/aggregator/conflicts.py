@@ -1,14 +1,17 @@
 """Conflicts between agents, and how they are settled.
 
-Detected, per topic (case, spacing and punctuation aside, in any script, with a few synonyms):
+Detected, per topic (case, spacing and punctuation aside, in any script, with a few synonyms; a topic that names
+one well-known risk, "Cross-site request forgery (CSRF)", "XSS in the search form", is that risk's):
 - approach vs risk: a codegen/database recommendation on a topic where security reports a finding
-  whose recommendation differs (the seed's CSRF example);
+  whose recommendation differs (the seed's CSRF example), or a finding of medium severity or worse that says
+  no fix;
 - different tools: two agents recommending different choices for the same topic;
 - contradictory findings: findings on the same topic whose severities are two or more levels apart, or
   another agent's finding that says to do something other than security's about the same risk.
 
 Settled by rule: 1. security's recommendation always applies (``security_first``; where security
-reported several findings on a topic, its most severe one's); 2. agreeing or complementary advice is
+reported several findings on a topic, its most severe one's); an approach security found a risk in, with no fix
+named, stands only once the client confirms it addresses the risk (a decision); 2. agreeing or complementary advice is
 merged; 3. a disagreement security is not part of, or one between two security tasks, is flagged for the
 PM and becomes a decision for the client, each option listed once. With ``conflict_resolution: flag_all``
 every conflict is flagged. Every override is recorded in the audit trail. Security's findings are never
@@ -45,20 +48,39 @@ SYNONYMS = {
     "primarydatabase": "database",
     "payment": "payments",
     "paymentprocessing": "payments",
+    "sqli": "sqlinjection",
+    "crosssitescripting": "xss",
 }
+# Risks with one name each, spelt out or not: a topic whose words name one of them (and no other) is about it.
+RISKS = {
+    ("csrf",): "csrf", ("xsrf",): "csrf", ("cross", "site", "request", "forgery"): "csrf",
+    ("xss",): "xss", ("cross", "site", "scripting"): "xss",
+    ("sql", "injection"): "sqlinjection", ("sqli",): "sqlinjection",
+    ("ssrf",): "ssrf", ("server", "side", "request", "forgery"): "ssrf",
+    ("clickjacking",): "clickjacking", ("idor",): "idor",
+}
+BLOCKING = SEVERITY_RANK["medium"]  # a finding this severe, without a fix, keeps an approach to its topic unsettled
 
 
-def _letters(text: str, keep: str = "") -> str:
+def _letters(text: str, keep: str = "", apart: bool = False) -> str:
     """``text`` as compared: its letters (with their marks) and digits, in any script and either Unicode form,
-    case aside; spacing and punctuation dropped but for the characters in ``keep``."""
+    case aside; spacing and punctuation dropped but for the characters in ``keep`` (``apart``: each of them a
+    space, so that the words stay apart)."""
     folded = unicodedata.normalize("NFKC", text).casefold()
-    return "".join(ch for ch in folded if unicodedata.category(ch)[0] in "LMN" or ch in keep)
+    return "".join(ch if unicodedata.category(ch)[0] in "LMN" or ch in keep else " " if apart else ""
+                   for ch in folded)
 
 
 def topic_key(topic: str) -> str:
-    """A topic as compared (see ``_letters``), a few synonyms merged; one of punctuation alone as written."""
+    """A topic as compared (see ``_letters``), a few synonyms merged, one that names a single known risk as that
+    risk; one of punctuation alone as written."""
     key = _letters(topic) or topic.strip().casefold()
-    return SYNONYMS.get(key, key)
+    if key in SYNONYMS:
+        return SYNONYMS[key]
+    words = tuple(w for w in _letters(topic, keep=" ", apart=True).split())
+    named = {risk for phrase, risk in RISKS.items()
+             if any(words[i:i + len(phrase)] == phrase for i in range(len(words) - len(phrase) + 1))}
+    return named.pop() if len(named) == 1 else key
 
 
 def _norm(text: str | None) -> str:
@@ -191,6 +213,12 @@ def _settle_recommendations(out: Settlement, topic: str, recs: list[_Rec], finds
     # Rule 1 against an approach: security found a risk on this topic and says what to do instead (the advice of
     # its most severe finding, the one its assessment stands on).
     fixes = [f for f in finds if f.pool == "security" and f.finding.recommendation]
+    risks = [f for f in finds if f.pool == "security" and f.rank >= BLOCKING]
+    if risks and not fixes:  # a risk with no fix named: the approach does not stand until it is shown to address it
+        _unsettled(out, topic, [r for r in recs if r.pool != "security"], max(risks, key=lambda f: f.rank), flag_all)
+        recs = [r for r in recs if r.pool == "security"]
+        if not recs:
+            return
     if fixes:
         top = [f for f in fixes if f.rank == max(g.rank for g in fixes)]
         if len(_options([_advice(f) for f in top])) > 1:  # two security tasks advise differently: the client decides
@@ -228,6 +256,21 @@ def _settle_recommendations(out: Settlement, topic: str, recs: list[_Rec], finds
         return
     # Rule 3: irreconcilable without one word from security (none, or two security tasks that differ).
     _flag_options(out, topic, recs, recs)
+
+
+def _unsettled(out: Settlement, topic: str, recs: list[_Rec], risk: _Find, flag_all: bool) -> None:
+    """Approaches to a topic security reports a risk on without naming a fix: security's finding stands, and each
+    approach waits for the client to confirm that it addresses the risk."""
+    if not recs:
+        return
+    finding = risk.finding
+    said = f"{finding.severity}" + (f": {finding.detail}" if finding.detail else "")
+    _conflict(out, "approach_vs_risk", topic, [*recs, risk], "flag" if flag_all else "security_first",
+              f"security's finding stands ({said}); the approach is not settled until it is shown to address it",
+              None if flag_all else risk)
+    for rs in _options(recs):
+        out.decisions.append(f"{topic}: security reports a {said}; does {_option(rs)} address it?")
+        out.recommendations.append(_merged(topic, rs, decision_needed=True))
 
 
 def _flag_options(out: Settlement, topic: str, recs: list[_Rec], parties: Sequence[Said],
