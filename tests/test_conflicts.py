@@ -425,16 +425,22 @@ def test_an_approach_to_a_risk_security_names_no_fix_for_waits_for_the_client() 
     s = settle(with_finding("high"))
     [c] = s.conflicts
     assert (c.kind, c.rule, c.topic) == ("approach_vs_risk", "security_first", "csrf")
-    assert c.resolution.startswith("security's finding stands (high: forms accept cross-site posts)")
+    assert c.resolution.startswith("security's finding stands (high risk: forms accept cross-site posts)")
     [o] = s.audit
     assert (o.overridden.pool, o.overridden.says, o.by.pool) == ("codegen", "SameSite=Lax cookies", "security")
     assert [(r.choice, r.decision_needed) for r in s.recommendations] == [("SameSite=Lax cookies", True)]
-    assert s.decisions == ["csrf: security reports a high: forms accept cross-site posts; does SameSite=Lax cookies "
-                           "(codegen) address it?"]
+    assert s.decisions == ["csrf: security reports a high risk: forms accept cross-site posts; does SameSite=Lax "
+                           "cookies (codegen) address it?"]
     assert [f.severity for f in s.findings] == ["high"]  # the finding itself stands
 
     flagged = settle(with_finding("high"), "flag_all")
     assert [c.rule for c in flagged.conflicts] == ["flag"] and flagged.audit == []
+
+    advised = with_finding("high")  # security names its choice among its recommendations: that choice applies
+    advised.tasks[1].output.recommendations.append(rec("csrf", "Synchronizer tokens"))  # type: ignore[union-attr]
+    s = settle(advised)
+    assert [(c.kind, c.rule) for c in s.conflicts] == [("different_tools", "security_first")]
+    assert [(r.choice, r.decision_needed) for r in s.recommendations] == [("Synchronizer tokens", False)]
 
     low = settle(with_finding("low"))
     assert low.conflicts == [] and low.decisions == []

@@ -48,8 +48,6 @@ SYNONYMS = {
     "primarydatabase": "database",
     "payment": "payments",
     "paymentprocessing": "payments",
-    "sqli": "sqlinjection",
-    "crosssitescripting": "xss",
 }
 # Risks with one name each, spelt out or not: a topic whose words name one of them (and no other) is about it.
 RISKS = {
@@ -214,11 +212,10 @@ def _settle_recommendations(out: Settlement, topic: str, recs: list[_Rec], finds
     # its most severe finding, the one its assessment stands on).
     fixes = [f for f in finds if f.pool == "security" and f.finding.recommendation]
     risks = [f for f in finds if f.pool == "security" and f.rank >= BLOCKING]
-    if risks and not fixes:  # a risk with no fix named: the approach does not stand until it is shown to address it
-        _unsettled(out, topic, [r for r in recs if r.pool != "security"], max(risks, key=lambda f: f.rank), flag_all)
-        recs = [r for r in recs if r.pool == "security"]
-        if not recs:
-            return
+    if risks and not fixes and not any(r.pool == "security" for r in recs):
+        # A risk, and no word from security on what to do: the approaches do not stand until shown to address it.
+        _unsettled(out, topic, recs, max(risks, key=lambda f: f.rank), flag_all)
+        return
     if fixes:
         top = [f for f in fixes if f.rank == max(g.rank for g in fixes)]
         if len(_options([_advice(f) for f in top])) > 1:  # two security tasks advise differently: the client decides
@@ -261,10 +258,8 @@ def _settle_recommendations(out: Settlement, topic: str, recs: list[_Rec], finds
 def _unsettled(out: Settlement, topic: str, recs: list[_Rec], risk: _Find, flag_all: bool) -> None:
     """Approaches to a topic security reports a risk on without naming a fix: security's finding stands, and each
     approach waits for the client to confirm that it addresses the risk."""
-    if not recs:
-        return
     finding = risk.finding
-    said = f"{finding.severity}" + (f": {finding.detail}" if finding.detail else "")
+    said = f"{finding.severity} risk" + (f": {finding.detail}" if finding.detail else "")
     _conflict(out, "approach_vs_risk", topic, [*recs, risk], "flag" if flag_all else "security_first",
               f"security's finding stands ({said}); the approach is not settled until it is shown to address it",
               None if flag_all else risk)
