@@ -148,10 +148,6 @@ class PoolWorker:
                         "(it redelivers the task after ack_wait, or dead-letters it after its last delivery)",
                         self._silent_s(d), extra=d.ctx)
             return
-        if self.rt.stop.is_set():  # told to stop while it read: a call begun now could outlast shutdown_grace_s
-            await msg.nak()
-            log.info("not started: the service is stopping; handed back for another replica", extra=d.ctx)
-            return
         if not covered:  # the reads may have taken up to a third of ack_wait: the broker hears from it now
             try:
                 await self._beat(d, time.monotonic())

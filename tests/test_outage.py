@@ -37,7 +37,6 @@ from shared.schemas import (
     TaskFailed,
     TaskOutput,
     TaskSpec,
-    TaskStarted,
     now,
 )
 from shared.service import Runtime
@@ -311,34 +310,6 @@ async def test_a_retry_whose_reads_outlast_their_window_leaves_the_task_to_its_r
         pass
     assert metrics.TASKS.labels("codegen", "started")._value.get() == started  # not run
     assert not msg.is_acked  # neither acknowledged nor handed back
-
-
-async def test_a_retry_told_to_stop_before_its_attempt_hands_the_task_back_without_running_it(
-    nc: NATS, names: Names, tmp_path: Path, caplog: pytest.LogCaptureFixture,
-) -> None:
-    # A retry whose attempt before is still unrecorded polls for it, and stops polling when the service is told to
-    # stop. It went on to run the task then: a call begun after a SIGTERM can outlast the shutdown grace (the pool's
-    # timeout plus a margin), and be cut off, paid for and lost. Another replica takes the task at once instead.
-    caplog.set_level(logging.INFO, "shared.pool")
-    rt = await service_runtime(nc, names, tmp_path, service="codegen")
-    t0 = now()
-    ex = new_execution(ExecutionRequested(execution_id="stopping", message="m", requested_at=t0,
-                                          deadline_at=t0 + timedelta(minutes=5)))
-    apply_plan(ex, [TaskSpec(id="api", pool="codegen", description="Build the ordering REST API",
-                             context={"simulate": {"latency_s": 0}})], "client")
-    apply_result(ex, TaskStarted(execution_id="stopping", task_id="api", pool="codegen", attempt=1, worker="w",
-                                 started_at=t0))  # its worker died: never recorded as ended
-    await rt.executions.create(ex)
-    cmd = run_command(ex, ex.tasks[0])
-    msg = await delivered(rt, names.tasks("codegen"), cmd.to_bytes(), names.tasks_stream, times=2)
-    started = metrics.TASKS.labels("codegen", "started")._value.get()
-    rt.stop.set()
-    await PoolWorker(rt, "codegen", format_prompt, SimulatedProvider(rt.pe), Endings(300)).handle(cmd, msg)
-    assert metrics.TASKS.labels("codegen", "started")._value.get() == started  # not run
-    assert msg.metadata.consumer is not None
-    again = await rt.jetstream.pull_subscribe_bind(msg.metadata.consumer, names.tasks_stream)
-    [third] = await again.fetch(1, timeout=5)  # handed back: delivered again now, not after ack_wait (30 s)
-    assert third.metadata.num_delivered == 3 and "the service is stopping; handed back" in caplog.text
 
 
 async def test_an_answer_due_at_the_deadline_waits_for_its_stream_too(tmp_path: Path,
