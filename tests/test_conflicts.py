@@ -396,10 +396,14 @@ def test_a_topic_that_names_one_known_risk_is_that_risk_however_it_is_spelt() ->
     # topics, so codegen's approach stood as settled beside the finding that contradicted it.
     assert {topic_key(t) for t in ("csrf", "CSRF tokens", "Cross-site request forgery (CSRF)", "XSRF protection",
                                    "Cross-Site Request Forgery")} == {"csrf"}
-    assert {topic_key(t) for t in ("XSS in the search form", "Cross-site scripting", "xss")} == {"xss"}
+    assert {topic_key(t) for t in ("XSS protection", "Cross-site scripting", "xss")} == {"xss"}
     assert {topic_key(t) for t in ("SQL/injection", "SQLi", "sql-injection")} == {"sqlinjection"}
-    assert topic_key("CSRF and XSS") not in ("csrf", "xss")  # two risks: neither alone
-    assert topic_key("database encryption") != topic_key("database")  # only a risk's name absorbs a topic
+    # A topic that says more than a risk's name is a topic of its own: two places, an approach that mentions a risk,
+    # two subjects.
+    assert topic_key("SQL injection in login") != topic_key("SQL injection in the report export")
+    for topic in ("XSS in the search form", "ORM (prevents SQL injection)", "CSRF and XSS", "CSRF and CORS"):
+        assert topic_key(topic) not in ("csrf", "xss", "sqlinjection"), topic
+    assert topic_key("database encryption") != topic_key("database")
     ex = execution({
         "backend": ("codegen", TaskOutput(summary="api", recommendations=[
             rec("csrf", "SameSite=Lax cookies only, no CSRF tokens")])),
@@ -410,6 +414,13 @@ def test_a_topic_that_names_one_known_risk_is_that_risk_however_it_is_spelt() ->
     s = settle(ex)
     assert [(c.kind, c.rule) for c in s.conflicts] == [("approach_vs_risk", "security_first")]
     assert [(r.choice, r.decision_needed) for r in s.recommendations] == [(CSRF_FIX, False)]
+    places = settle(execution({  # two places with the same risk: two findings, no conflict between them
+        "audit": ("security", TaskOutput(summary="audit", findings=[
+            Finding(severity="high", topic="XSS in the search form", recommendation="Escape the output")])),
+        "ui": ("codegen", TaskOutput(summary="ui", findings=[
+            Finding(severity="low", topic="XSS in the admin preview")])),
+    }))
+    assert places.conflicts == [] and sorted(f.severity for f in places.findings) == ["high", "low"]
 
 
 def test_an_approach_to_a_risk_security_names_no_fix_for_waits_for_the_client() -> None:

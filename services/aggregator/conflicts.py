@@ -1,7 +1,7 @@
 """Conflicts between agents, and how they are settled.
 
-Detected, per topic (case, spacing and punctuation aside, in any script, with a few synonyms; a topic that names
-one well-known risk, "Cross-site request forgery (CSRF)", "XSS in the search form", is that risk's):
+Detected, per topic (case, spacing and punctuation aside, in any script, with a few synonyms; a topic that is the
+name of one well-known risk, "Cross-site request forgery (CSRF)", "CSRF tokens", is that risk's):
 - approach vs risk: a codegen/database recommendation on a topic where security reports a finding
   whose recommendation differs (the seed's CSRF example), or a finding of medium severity or worse that says
   no fix;
@@ -49,7 +49,9 @@ SYNONYMS = {
     "payment": "payments",
     "paymentprocessing": "payments",
 }
-# Risks with one name each, spelt out or not: a topic whose words name one of them (and no other) is about it.
+# Risks with one name each, spelt out or not: a topic that is one of these names (spelt out, abbreviated or both,
+# with words such as "protection" or "tokens" at most) is that risk. One that says more, "XSS in the search form",
+# "ORM (prevents SQL injection)", stays a topic of its own.
 RISKS = {
     ("csrf",): "csrf", ("xsrf",): "csrf", ("cross", "site", "request", "forgery"): "csrf",
     ("xss",): "xss", ("cross", "site", "scripting"): "xss",
@@ -57,6 +59,8 @@ RISKS = {
     ("ssrf",): "ssrf", ("server", "side", "request", "forgery"): "ssrf",
     ("clickjacking",): "clickjacking", ("idor",): "idor",
 }
+QUALIFIERS = frozenset({"protection", "prevention", "mitigation", "defense", "defence", "attack", "attacks",
+                        "vulnerability", "vulnerabilities", "risk", "risks", "token", "tokens"})
 BLOCKING = SEVERITY_RANK["medium"]  # a finding this severe, without a fix, keeps an approach to its topic unsettled
 
 
@@ -75,10 +79,15 @@ def topic_key(topic: str) -> str:
     key = _letters(topic) or topic.strip().casefold()
     if key in SYNONYMS:
         return SYNONYMS[key]
-    words = tuple(w for w in _letters(topic, keep=" ", apart=True).split())
-    named = {risk for phrase, risk in RISKS.items()
-             if any(words[i:i + len(phrase)] == phrase for i in range(len(words) - len(phrase) + 1))}
-    return named.pop() if len(named) == 1 else key
+    words = _letters(topic, keep=" ", apart=True).split()
+    named, rest = set(), list(words)
+    for phrase, risk in sorted(RISKS.items(), key=lambda item: -len(item[0])):  # "cross site request forgery" first
+        n = len(phrase)
+        for i in range(len(rest) - n + 1):
+            if tuple(rest[i:i + n]) == phrase:
+                named.add(risk)
+                rest[i:i + n] = [""] * n
+    return named.pop() if len(named) == 1 and not set(rest) - QUALIFIERS - {""} else key
 
 
 def _norm(text: str | None) -> str:
