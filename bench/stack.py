@@ -18,7 +18,7 @@ from shared.natsserver import free_port
 from shared.runner import Stack, StackOptions
 
 # Stack children inherit the environment: a real key must never turn a benchmark into paid calls.
-PROVIDER_ENV = ("ANTHROPIC_API_KEY", "OPENCLAW_ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL")
+PROVIDER_ENV = ("ANTHROPIC_API_KEY", "OPENCLAW_ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "OPENCLAW_PROVIDER")
 
 
 def config_section(**overrides: Any) -> dict[str, Any]:

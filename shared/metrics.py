@@ -21,8 +21,8 @@ TASKS = Counter(
 TASK_DURATION = Histogram(
     "openclaw_task_duration_seconds", "Duration of one task attempt", ["pool", "outcome"], buckets=DURATION_BUCKETS
 )
-READY = Gauge("openclaw_ready", "1 while the service is connected to NATS and set up (its streams and consumers in "
-              "place), else 0: a process that answers scrapes but cannot work")
+READY = Gauge("openclaw_ready", "1 once the service has set up its streams and consumers, while it is connected to "
+              "NATS; else 0: a process that answers scrapes but cannot work (/readyz also checks the streams later)")
 TASKS_IN_FLIGHT = Gauge("openclaw_tasks_in_flight", "Task attempts running in this process", ["pool"])
 QUEUE_DEPTH = Gauge("openclaw_queue_depth", "Tasks waiting in the pool's work queue (consumer num_pending)", ["pool"])
 ACK_PENDING = Gauge(

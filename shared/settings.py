@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     @classmethod
     def _keys_given(cls, v: SecretStr | None) -> SecretStr | None:
         # Empty (a Secret made from an unset variable) it would be local mode: every caller one tenant, unlimited.
-        if v is not None and not v.get_secret_value().strip(" ,"):
+        if v is not None and not v.get_secret_value().replace(",", " ").strip():
             raise ValueError("set but empty: give tenant=key pairs, or leave it unset for local mode (one tenant, "
                              "no limits)")
         return v

@@ -174,9 +174,10 @@ async def publish_once_back(js: JetStreamContext, subject: str, payload: bytes,
 
 
 def stack_env(**extra: str) -> dict[str, str]:
-    """The environment of a stack under test: no real Anthropic key leaks in unless a test sets one."""
+    """The environment of a stack under test: no real Anthropic key (nor a provider chosen for this shell) leaks in
+    unless a test sets one."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("ANTHROPIC_API_KEY", "OPENCLAW_ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL")}
+           if k not in ("ANTHROPIC_API_KEY", "OPENCLAW_ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "OPENCLAW_PROVIDER")}
     env.update(extra)
     return env
 

@@ -112,11 +112,12 @@ def test_bad_environment_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> 
     # A Secret made from an unset variable: the gateway ran in local mode, every caller one tenant, unlimited.
     ({"OPENCLAW_API_KEYS": ""}, "OPENCLAW_API_KEYS: Value error, set but empty"),
     ({"OPENCLAW_API_KEYS": " , "}, "OPENCLAW_API_KEYS: Value error, set but empty"),
+    ({"OPENCLAW_API_KEYS": "\n"}, "OPENCLAW_API_KEYS: Value error, set but empty"),  # a file from `echo "$UNSET"`
     # The users' permissions name the production subjects: every request was refused, retried, and the service
     # reported only that JetStream was not available.
     ({"OPENCLAW_NAMESPACE": "staging", "OPENCLAW_NATS_USER": "codegen", "OPENCLAW_NATS_PASSWORD": "secret"},
      "OPENCLAW_NAMESPACE cannot be combined with OPENCLAW_NATS_USER"),
-], ids=["empty-keys", "only-commas", "namespace-with-user"])
+], ids=["empty-keys", "only-commas", "a-newline", "namespace-with-user"])
 def test_settings_that_would_quietly_change_what_runs_stop_start_up(monkeypatch: pytest.MonkeyPatch,
                                                                    env: dict[str, str], says: str) -> None:
     for key, value in env.items():

@@ -8,9 +8,11 @@ from datetime import timedelta
 from services.aggregator.aggregate import aggregate
 from services.aggregator.conflicts import settle, topic_key
 from services.aggregator.prompts import format_prompt
+from services.aggregator.synthesis import alone, specialist_answer
 from shared.config import PMCoordinator
 from shared.execution import apply_plan, new_execution, run_command
 from shared.schemas import (
+    Artifact,
     Execution,
     ExecutionRequested,
     Finding,
@@ -437,15 +439,14 @@ def test_an_approach_to_a_risk_security_names_no_fix_for_waits_for_the_client() 
     [c] = s.conflicts
     assert (c.kind, c.rule, c.topic) == ("approach_vs_risk", "security_first", "csrf")
     assert c.resolution.startswith("security's finding stands (high risk: forms accept cross-site posts)")
-    [o] = s.audit
-    assert (o.overridden.pool, o.overridden.says, o.by.pool) == ("codegen", "SameSite=Lax cookies", "security")
+    assert s.audit == []  # nothing replaced the approach: it waits for the client
     assert [(r.choice, r.decision_needed) for r in s.recommendations] == [("SameSite=Lax cookies", True)]
     assert s.decisions == ["csrf: security reports a high risk: forms accept cross-site posts; does SameSite=Lax "
                            "cookies (codegen) address it?"]
     assert [f.severity for f in s.findings] == ["high"]  # the finding itself stands
 
     flagged = settle(with_finding("high"), "flag_all")
-    assert [c.rule for c in flagged.conflicts] == ["flag"] and flagged.audit == []
+    assert [c.rule for c in flagged.conflicts] == ["flag"]
 
     advised = with_finding("high")  # security names its choice among its recommendations: that choice applies
     advised.tasks[1].output.recommendations.append(rec("csrf", "Synchronizer tokens"))  # type: ignore[union-attr]
@@ -456,3 +457,21 @@ def test_an_approach_to_a_risk_security_names_no_fix_for_waits_for_the_client() 
     low = settle(with_finding("low"))
     assert low.conflicts == [] and low.decisions == []
     assert [(r.choice, r.decision_needed) for r in low.recommendations] == [("SameSite=Lax cookies", False)]
+
+
+def test_a_specialist_answering_alone_says_what_it_did_and_what_is_left_to_decide() -> None:
+    ex = execution({"chat": ("database", TaskOutput(
+        summary="Invoices schema",
+        artifacts=[Artifact(path="db/001.sql", kind="sql", content="CREATE TABLE invoices ();")],
+        findings=[Finding(severity="medium", topic="pii", detail="emails in clear", recommendation="encrypt them")],
+        recommendations=[rec("database", "PostgreSQL"), rec("database", "MySQL")]))})
+    ex.routing = {"parallel": False, "reason": "one specialist suffices: database", "pools": ["database"]}
+    assert alone(ex)
+    answer = specialist_answer(ex, aggregate(ex, "security_first"))
+    assert answer.split("\n")[:4] == ["Invoices schema", "", "db/001.sql (sql):", "CREATE TABLE invoices ();"]
+    assert "  • [medium] pii: emails in clear — encrypt them" in answer
+    # One agent that gave two choices for a topic leaves the choice to the client, as the PM's answer would.
+    assert "Decisions for you:\n  • database: PostgreSQL (database) or MySQL (database)?" in answer
+    assert answer.endswith("Cost: $0.0000 — agents $0.0000 (database $0.0000).")
+    ex.routing = {"parallel": True, "reason": "force_parallel", "pools": ["database"]}
+    assert not alone(ex)  # a plan of one task the client asked to run in parallel is the PM's to answer

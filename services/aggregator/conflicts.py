@@ -271,7 +271,7 @@ def _unsettled(out: Settlement, topic: str, recs: list[_Rec], risk: _Find, flag_
     said = f"{finding.severity} risk" + (f": {finding.detail}" if finding.detail else "")
     _conflict(out, "approach_vs_risk", topic, [*recs, risk], "flag" if flag_all else "security_first",
               f"security's finding stands ({said}); the approach is not settled until it is shown to address it",
-              None if flag_all else risk)
+              None)  # nothing replaced it: it waits for the client, so no override goes in the audit trail
     for rs in _options(recs):
         out.decisions.append(f"{topic}: security reports a {said}; does {_option(rs)} address it?")
         out.recommendations.append(_merged(topic, rs, decision_needed=True))

@@ -83,9 +83,9 @@ def alone(ex: Execution) -> bool:
     return ex.routing is not None and not ex.routing.get("parallel") and len(ex.tasks) == 1
 
 
-def specialist_answer(ex: Execution) -> str:
+def specialist_answer(ex: Execution, agg: AggregatedResult) -> str:
     """The one specialist's output as the answer (no model call): what it says, the files it wrote, its findings and
-    recommendations, and the exact cost."""
+    recommendations, what is left for the client to decide, and the exact cost."""
     [task] = ex.tasks
     out = task.output
     assert out is not None
@@ -100,6 +100,9 @@ def specialist_answer(ex: Execution) -> str:
     if out.recommendations:
         lines += ["", "Recommendations:"] + [f"  • {r.topic}: {r.choice}" + (f" ({r.rationale})" if r.rationale else "")
                                             for r in out.recommendations]
+    decisions = open_decisions(ex, agg)
+    if decisions:
+        lines += ["", "Decisions for you:"] + [f"  • {d}" for d in decisions]
     return "\n".join([*lines, "", *money_lines(ex)])
 
 
@@ -131,7 +134,7 @@ async def write_answer(
     """The final answer and the synthesis call behind it (None when the provider made no call)."""
     pm = pe.pm_coordinator
     if alone(ex) and ex.tasks[0].output is not None:  # the specialist answered alone: its answer, not a summary of it
-        return specialist_answer(ex), None
+        return specialist_answer(ex, agg), None
     # The template writes it, at no cost: with a provider that does not write, and when no agent produced
     # anything (cancelled or failed before any task completed), where a paid answer would have nothing to say.
     if not provider.writes or not any(t.output is not None for t in ex.tasks):

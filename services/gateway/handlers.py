@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
@@ -52,13 +53,20 @@ def _not_json(constant: str) -> NoReturn:
     raise ValueError(f"{constant} is not a JSON value (a JSON number is finite)")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is out of range (a number here must be finite)")
+    return value
+
+
 class _JSONRequest(Request):
-    """A request whose JSON body is JSON: Python's parser also takes NaN and Infinity, which a client's own data
-    would then lose (stored, they come back as null)."""
+    """A request whose JSON body is JSON: Python's parser also takes NaN and Infinity, and reads 1e999 as infinity,
+    which a client's own data would then lose (stored, they come back as null)."""
 
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
-            self._json = json.loads(await self.body(), parse_constant=_not_json)
+            self._json = json.loads(await self.body(), parse_constant=_not_json, parse_float=_finite)
         return self._json
 
 
@@ -94,13 +102,25 @@ def identify(request: Request, authorization: str | None, x_api_key: str | None)
         return Caller(LOCAL_TENANT)
     key = x_api_key or (authorization[7:].strip() if authorization and authorization[:7].lower() == "bearer " else None)
     if not key:
-        sent = f" (the Authorization header says {authorization.split(' ', 1)[0][:20]!r})" if authorization else ""
-        raise HTTPException(401, f"missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'{sent}",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(401, "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+                            + _sent(authorization), headers={"WWW-Authenticate": "Bearer"})
     who = keys.identify(key)
     if who is None:
         raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
     return who
+
+
+def _sent(authorization: str | None) -> str:
+    """What is wrong with an Authorization header that carries no key, without repeating what it carries (a key
+    sent without its scheme would be echoed)."""
+    if not authorization:
+        return ""
+    scheme, _, credentials = authorization.strip().partition(" ")
+    if scheme.lower() == "bearer":
+        return " (the Authorization header has no key after 'Bearer')"
+    if not credentials.strip():
+        return " (the Authorization header has no scheme)"
+    return f" (the Authorization header's scheme is {scheme[:20]!r}, not Bearer)"
 
 
 async def caller(
