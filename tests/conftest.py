@@ -173,6 +173,10 @@ async def publish_once_back(js: JetStreamContext, subject: str, payload: bytes,
     raise AssertionError(f"JetStream did not take a publish on {subject} after the restart")
 
 
+# A provider chosen for this shell is not the tests': in-process settings (service_runtime) would read it too.
+os.environ.pop("OPENCLAW_PROVIDER", None)
+
+
 def stack_env(**extra: str) -> dict[str, str]:
     """The environment of a stack under test: no real Anthropic key (nor a provider chosen for this shell) leaks in
     unless a test sets one."""

@@ -334,7 +334,9 @@ def test_keys_tenants_and_rate_limits(stack: Stack) -> None:
     assert missing.headers["www-authenticate"] == "Bearer"
     # What is wrong with the header is named; what it carries (a key without its scheme, say) is never repeated.
     for header, why in ((f"Basic {ACME}", "the Authorization header's scheme is 'Basic', not Bearer"),
-                        (ACME, "the Authorization header has no scheme"),
+                        (ACME, "the Authorization header does not start with 'Bearer '"),
+                        (f"{ACME} extra", "the Authorization header does not start with 'Bearer '"),
+                        (f"Bearer\t{ACME}", "the Authorization header does not start with 'Bearer '"),
                         ("Bearer", "the Authorization header has no key after 'Bearer'")):
         r = httpx.post(f"{stack.url}/api/execute-parallel", headers={"Authorization": header}, json=body)
         assert r.status_code == 401 and r.json()["message"] == (

@@ -57,9 +57,11 @@ RISKS = {
     ("xss",): "xss", ("cross", "site", "scripting"): "xss",
     ("sql", "injection"): "sqlinjection", ("sqli",): "sqlinjection",
     ("ssrf",): "ssrf", ("server", "side", "request", "forgery"): "ssrf",
-    ("clickjacking",): "clickjacking", ("idor",): "idor",
+    ("clickjacking",): "clickjacking", ("idor",): "idor", ("insecure", "direct", "object", "reference"): "idor",
+    ("insecure", "direct", "object", "references"): "idor",
 }
-QUALIFIERS = frozenset({"protection", "prevention", "mitigation", "defense", "defence", "attack", "attacks",
+QUALIFIERS = frozenset({"anti", "protection", "protections", "prevention", "preventions", "mitigation",
+                        "mitigations", "defense", "defenses", "defence", "defences", "attack", "attacks",
                         "vulnerability", "vulnerabilities", "risk", "risks", "token", "tokens"})
 BLOCKING = SEVERITY_RANK["medium"]  # a finding this severe, without a fix, keeps an approach to its topic unsettled
 

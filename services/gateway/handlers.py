@@ -56,7 +56,8 @@ def _not_json(constant: str) -> NoReturn:
 def _finite(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise ValueError(f"{text[:40]} is out of range (a number here must be finite)")
+        raise ValueError(f"{text if len(text) <= 40 else text[:40] + '…'} is out of range (a number here must be "
+                         "finite)")
     return value
 
 
@@ -110,17 +111,21 @@ def identify(request: Request, authorization: str | None, x_api_key: str | None)
     return who
 
 
+# Schemes a client may send by mistake, named back to it; anything else in the header is not repeated (it may be the
+# key itself, sent without its scheme).
+KNOWN_SCHEMES = ("basic", "digest", "negotiate", "ntlm", "token", "apikey", "api-key", "oauth", "hoba", "mutual")
+
+
 def _sent(authorization: str | None) -> str:
-    """What is wrong with an Authorization header that carries no key, without repeating what it carries (a key
-    sent without its scheme would be echoed)."""
+    """What is wrong with an Authorization header that carries no key, without repeating what it carries."""
     if not authorization:
         return ""
     scheme, _, credentials = authorization.strip().partition(" ")
-    if scheme.lower() == "bearer":
+    if scheme.lower() == "bearer" and not credentials.strip():
         return " (the Authorization header has no key after 'Bearer')"
-    if not credentials.strip():
-        return " (the Authorization header has no scheme)"
-    return f" (the Authorization header's scheme is {scheme[:20]!r}, not Bearer)"
+    if scheme.lower() in KNOWN_SCHEMES:
+        return f" (the Authorization header's scheme is {scheme!r}, not Bearer)"
+    return " (the Authorization header does not start with 'Bearer ')"
 
 
 async def caller(
