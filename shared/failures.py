@@ -76,18 +76,25 @@ def decide(pe: ParallelExecutionConfig, pool: Pool, attempt: int, kind: str, sec
     fallback = not on_fallback and (kind in SWITCH_KINDS or (last_next and kind in FALLBACK_KINDS))
     strategy = Strategy.FALLBACK if fallback else Strategy.RETRY
     if strategy is Strategy.RETRY and retry_after_s:
-        delay = max(delay, min(retry_after_s, RETRY_AFTER_MAX_S))
+        waited = max(delay, min(retry_after_s, RETRY_AFTER_MAX_S))
+        if delay < seconds_left <= waited and not on_fallback and kind in FALLBACK_KINDS:
+            strategy = Strategy.FALLBACK  # busy past the deadline: the lighter model, which has its own limits
+        else:
+            delay = waited
     if attempt >= attempts_allowed(pe) or seconds_left <= delay:
         return Decision(ON_EXHAUSTED[pool], final=True)
     return Decision(strategy, final=False, delay_s=delay)
 
 
-def model_for(pe: ParallelExecutionConfig, pool: Pool, attempt: int, failed: Sequence[str | None]) -> str:
-    """The model attempt ``attempt`` runs on, given how the attempts before it failed (their error kinds, in order):
-    the fallback model once the pool's model has declined the task or been unknown to the endpoint, and on a
-    last attempt after a busy/slow failure."""
+def model_for(pe: ParallelExecutionConfig, pool: Pool, attempt: int, failed: Sequence[str | None],
+              decided: Sequence[str | None] = ()) -> str:
+    """The model attempt ``attempt`` runs on, given how the attempts before it failed (their error kinds, in order)
+    and what was decided after each (``decide``'s strategies, as recorded): the fallback model once one of them said
+    so, once the pool's model has declined the task or been unknown to the endpoint, and on a last attempt after a
+    busy/slow failure. The kinds alone decide when the records say nothing more (an attempt whose worker died)."""
     cfg = pe.worker_pools.get(pool)
     last = attempt >= attempts_allowed(pe)
-    if attempt > 1 and (SWITCH_KINDS.intersection(failed) or (last and failed and failed[-1] in FALLBACK_KINDS)):
+    if attempt > 1 and (Strategy.FALLBACK in decided or SWITCH_KINDS.intersection(failed)
+                        or (last and failed and failed[-1] in FALLBACK_KINDS)):
         return cfg.fallback_model
     return cfg.model

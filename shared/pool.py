@@ -161,7 +161,7 @@ class PoolWorker:
         if seconds_left <= 0:
             await self._failed(d, "deadline", "execution deadline passed before the task started", None, Usage())
             return
-        model = model_for(self.rt.pe, self.pool, d.attempt, failed)
+        model = model_for(self.rt.pe, self.pool, d.attempt, [kind for kind, _ in failed], [then for _, then in failed])
         metrics.TASKS.labels(self.pool, "started").inc()
         log.info("task started on %s", model, extra=d.ctx)
 
@@ -263,9 +263,10 @@ class PoolWorker:
                         "ack_wait): reported, not acknowledged", f"{GIVEN_UP_AFTER:.0%}", extra=d.ctx)
         return given_up
 
-    async def _before(self, d: _Delivery) -> tuple[bool, list[str | None]]:
+    async def _before(self, d: _Delivery) -> tuple[bool, list[tuple[str | None, str | None]]]:
         """Before the attempt, from the execution state: whether its execution has ended (or its task been settled), and
-        how the attempts before it failed (the error kinds, in order), which its model depends on.
+        how the attempts before it failed and what was decided then (error kinds and strategies, in order), which its
+        model depends on.
 
         The store is read again for up to a third of ack_wait (from the first read): while NATS cannot answer (an
         outage, a leader election), which would otherwise hand the message back and use up one of the task's attempts
@@ -291,7 +292,7 @@ class PoolWorker:
             if (d.attempt == 1 or any(a.n == d.attempt - 1 and a.outcome != "running" for a in state.attempts)
                     or time.monotonic() >= deadline or await stopped_within(self.rt.stop, RECORDED_POLL_S)):
                 before = sorted((a for a in state.attempts if a.n < d.attempt), key=lambda a: a.n)
-                return False, [a.error_kind for a in before]
+                return False, [(a.error_kind, a.strategy) for a in before]
 
     async def _state(self, cmd: RunTask) -> TaskState | None:
         """The task as the execution state has it; None when there is nothing left to run it for."""

@@ -11,6 +11,7 @@ import json
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -204,6 +205,30 @@ def test_rate_limited_and_malformed_task_calls_are_retried_by_the_pool_not_the_s
     assert len(fake.of("task")) - seen == 3  # one request per attempt: no retries inside the SDK
     assert attempts[2]["cost_usd"] == pytest.approx(TASK_ON_SONNET, abs=1e-12)
     assert [c["phase"] for c in doc["calls"]] == ["synthesis"]  # a client plan needs no decomposition
+
+
+def test_a_model_busy_past_the_deadline_hands_the_task_to_the_lighter_one(fake_anthropic: FakeAnthropic,
+                                                                          tmp_path: Path, nats_url: str) -> None:
+    # A 429 asking to wait 30 s, with 20 s left before the execution's deadline: the task gave up (escalated,
+    # nothing delivered). The lighter model has limits of its own: it gets the next attempt, after the backoff.
+    fake = fake_anthropic
+    fake.retry_after_s = 30
+    fake.next("task", "429")
+    config = write_config(tmp_path / "config.json", {
+        "provider": "anthropic", "anthropic": {"base_url": fake.url, "timeout_s": 10},
+        "execution_timeout_s": 20, "retries": {"max_retries": 2, "backoff_s": [0.2]},
+    })
+    stack = start_stack(nats_url, "busy" + uuid.uuid4().hex[:8], tmp_path, "--config", str(config),
+                        env=stack_env(ANTHROPIC_API_KEY=KEY))
+    try:
+        doc = run(stack, {"message": "m", "tasks": [{"id": "api", "pool": "codegen", "description": "Build the API"}]})
+    finally:
+        assert stop_stack(stack) == 0, stack.output()[-3000:]
+    assert doc["status"] == "completed", doc.get("error")
+    [task] = doc["tasks"]
+    assert [(a["model"], a["outcome"], a.get("strategy")) for a in task["attempts"]] == [
+        ("claude-sonnet-4-6", "failed", "fallback"), ("claude-haiku-4-5", "completed", None)]
+    assert [r["model"] for r in fake.of("task")] == ["claude-sonnet-4-6", "claude-haiku-4-5"]
 
 
 @pytest.mark.parametrize("chars", [400_000, 900_000])

@@ -300,4 +300,12 @@ def test_a_retry_waits_as_long_as_the_endpoint_asked_and_the_fallback_keeps_the_
     assert decide(pe, "codegen", 1, "rate_limit", 1000, retry_after_s=3600).delay_s == RETRY_AFTER_MAX_S
     last = decide(pe, "codegen", 2, "rate_limit", 1000, retry_after_s=7)  # on the lighter model: its own limits
     assert last.strategy is Strategy.FALLBACK and last.delay_s == 3
-    assert decide(pe, "codegen", 1, "rate_limit", 5, retry_after_s=7).final  # past the deadline by then
+    # Asked to wait past the deadline: the lighter model now (its own limits), after the backoff's delay, instead of
+    # the task giving up; already on it, there is no other model to go to.
+    sonnet, haiku = "claude-sonnet-4-6", "claude-haiku-4-5"
+    hurried = decide(pe, "codegen", 1, "rate_limit", 5, retry_after_s=7, model=sonnet)
+    assert (hurried.strategy, hurried.final, hurried.delay_s) == (Strategy.FALLBACK, False, 1)
+    assert model_for(pe, "codegen", 2, ["rate_limit"], [hurried.strategy]) == haiku
+    assert model_for(pe, "codegen", 2, ["rate_limit"], ["retry"]) == sonnet
+    assert decide(pe, "codegen", 1, "rate_limit", 5, retry_after_s=7, model=haiku).final
+    assert decide(pe, "codegen", 1, "rate_limit", 0.5, retry_after_s=7, model=sonnet).final  # not even the backoff
