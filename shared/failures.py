@@ -2,8 +2,9 @@
 
 RETRY while attempts remain (the broker spaces them: ``nak(delay=1, 3, 9 s)``). FALLBACK: when the
 failure says the model was busy or slow (rate limit, overloaded, timeout), the last attempt runs on
-the pool's lighter model; when the model declined the task (refusal) or the endpoint does not know it
-(model_unavailable), the next one does, and every one after it. A request the
+the pool's lighter model, and the next one does when the endpoint asks to wait past the execution's deadline;
+when the model declined the task (refusal) or the endpoint does not know it (model_unavailable), the next one
+does. Once an attempt has gone to the lighter model, every one after it stays there. A request the
 endpoint refused (4xx) or an answer cut off at ``max_tokens`` would fail the same way again, paid again:
 no retry. Exhausted: SKIP (deliver the rest without this result) or ESCALATE (the client must decide) by
 pool, with the seed's degradation labels; REFUND is reported per execution as the cost of the work that
@@ -66,8 +67,10 @@ def decide(pe: ParallelExecutionConfig, pool: Pool, attempt: int, kind: str, sec
 
     A retry on the same model waits at least what the endpoint asked for (Retry-After, at most
     ``RETRY_AFTER_MAX_S``): sooner would only be refused again, and burn an attempt. The fallback model has
-    its own limits, so its attempt keeps the backoff's delay. An attempt that ran on the fallback model already
-    (after a refusal, or an unknown model) has no other model to go to: what follows it is a retry on that model."""
+    its own limits, so its attempt keeps the backoff's delay; and when what was asked for (uncapped) runs past
+    the deadline, a busy model's task goes to it at once rather than give up. An attempt that ran on the fallback
+    model already (after a refusal, or an unknown model) has no other model to go to: what follows it is a retry on
+    that model."""
     on_fallback = model == pe.worker_pools.get(pool).fallback_model
     if kind in FINAL_KINDS or (kind in SWITCH_KINDS and on_fallback):
         return Decision(ON_EXHAUSTED[pool], final=True)
@@ -77,7 +80,7 @@ def decide(pe: ParallelExecutionConfig, pool: Pool, attempt: int, kind: str, sec
     strategy = Strategy.FALLBACK if fallback else Strategy.RETRY
     if strategy is Strategy.RETRY and retry_after_s:
         waited = max(delay, min(retry_after_s, RETRY_AFTER_MAX_S))
-        if delay < seconds_left <= waited and not on_fallback and kind in FALLBACK_KINDS:
+        if delay < seconds_left <= max(delay, retry_after_s) and not on_fallback and kind in FALLBACK_KINDS:
             strategy = Strategy.FALLBACK  # busy past the deadline: the lighter model, which has its own limits
         else:
             delay = waited

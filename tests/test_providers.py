@@ -297,7 +297,7 @@ def test_a_retry_waits_as_long_as_the_endpoint_asked_and_the_fallback_keeps_the_
     first = decide(pe, "codegen", 1, "rate_limit", 1000, retry_after_s=7)
     assert first.strategy is Strategy.RETRY and first.delay_s == 7
     assert decide(pe, "codegen", 1, "rate_limit", 1000, retry_after_s=0.2).delay_s == 1  # never under the backoff
-    assert decide(pe, "codegen", 1, "rate_limit", 1000, retry_after_s=3600).delay_s == RETRY_AFTER_MAX_S
+    assert decide(pe, "codegen", 1, "rate_limit", 10_000, retry_after_s=3600).delay_s == RETRY_AFTER_MAX_S
     last = decide(pe, "codegen", 2, "rate_limit", 1000, retry_after_s=7)  # on the lighter model: its own limits
     assert last.strategy is Strategy.FALLBACK and last.delay_s == 3
     # Asked to wait past the deadline: the lighter model now (its own limits), after the backoff's delay, instead of
@@ -307,5 +307,6 @@ def test_a_retry_waits_as_long_as_the_endpoint_asked_and_the_fallback_keeps_the_
     assert (hurried.strategy, hurried.final, hurried.delay_s) == (Strategy.FALLBACK, False, 1)
     assert model_for(pe, "codegen", 2, ["rate_limit"], [hurried.strategy]) == haiku
     assert model_for(pe, "codegen", 2, ["rate_limit"], ["retry"]) == sonnet
+    assert decide(pe, "codegen", 1, "rate_limit", 100, retry_after_s=3600, model=sonnet).strategy is Strategy.FALLBACK
     assert decide(pe, "codegen", 1, "rate_limit", 5, retry_after_s=7, model=haiku).final
     assert decide(pe, "codegen", 1, "rate_limit", 0.5, retry_after_s=7, model=sonnet).final  # not even the backoff
