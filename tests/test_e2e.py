@@ -114,7 +114,9 @@ def test_client_plan_runs_concurrently_and_honours_simulated_latency(stack: Stac
     doc = r.json()
     assert doc["planner"] == "client" and doc["status"] == "completed"
     durations = [a["duration_s"] for t in doc["tasks"] for a in t["attempts"]]
-    assert all(d >= 1.0 for d in durations), durations
+    # The latency runs on the event loop's clock (libuv's, read once per loop iteration, so a timer may end a little
+    # before a full second has passed on the wall clock), the recorded times are wall clock: 0.9998 s has been seen.
+    assert all(d >= 0.99 for d in durations), durations
     # Four 1 s tasks within the pools' limits all run at once: every one started before any finished.
     attempts = [t["attempts"][0] for t in doc["tasks"]]
     assert max(ts(a["started_at"]) for a in attempts) < min(ts(a["finished_at"]) for a in attempts)
