@@ -70,15 +70,6 @@ class Settings(BaseSettings):
             raise ValueError(SCHEME_RULE)
         return v
 
-    @field_validator("api_keys")
-    @classmethod
-    def _keys_given(cls, v: SecretStr | None) -> SecretStr | None:
-        # Empty (a Secret made from an unset variable) it would be local mode: every caller one tenant, unlimited.
-        if v is not None and not v.get_secret_value().replace(",", " ").strip():
-            raise ValueError("set but empty: give tenant=key pairs, or leave it unset for local mode (one tenant, "
-                             "no limits)")
-        return v
-
     @model_validator(mode="after")
     def _user_and_password(self) -> Settings:
         if (self.nats_user is None) != (self.nats_password is None):
@@ -141,7 +132,7 @@ def load_settings(models: bool = True, **overrides: object) -> Settings:
     except ValidationError as e:
         bad = "; ".join(f"{_variable(x['loc'])}: {x['msg']}" if x["loc"] else x["msg"] for x in e.errors())
         raise ConfigError(f"invalid environment: {bad}") from None
-    _ = s.pe  # loads and validates config.json now
-    if models and s.pe.provider == "anthropic" and not s.anthropic_api_key:
+    pe = s.pe  # loads and validates config.json now
+    if models and pe.provider == "anthropic" and not s.anthropic_api_key:
         raise ConfigError(MISSING_API_KEY)
     return s

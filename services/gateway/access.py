@@ -26,7 +26,7 @@ def _digest(key: str) -> bytes:
 
 
 class ApiKeys:
-    """``tenant=key,tenant=key`` (``OPENCLAW_API_KEYS``); empty means local mode: one tenant, no keys."""
+    """``tenant=key,tenant=key`` (``OPENCLAW_API_KEYS``); unset (None) means local mode: one tenant, no keys."""
 
     def __init__(self, spec: str | None) -> None:
         self._keys: list[tuple[bytes, str]] = []
@@ -40,6 +40,9 @@ class ApiKeys:
                 raise ConfigError(f"OPENCLAW_API_KEYS gives tenant {tenant.strip()!r} a key another tenant has "
                                   "already: every key must be different")
             self._keys.append((digest, tenant.strip()))
+        if spec is not None and not self._keys:  # a Secret made from an unset variable: local mode would open the API
+            raise ConfigError("OPENCLAW_API_KEYS is set but empty: give tenant=key pairs, or leave it unset for local "
+                              "mode (one tenant, no limits)")
 
     @property
     def local_mode(self) -> bool:

@@ -50,7 +50,7 @@ def create_app(settings: Settings) -> FastAPI:
         description="Submit software work; specialist agent pools run it in parallel over NATS JetStream.",
     )
     app.include_router(router)
-    app.state.api_keys = ApiKeys(settings.api_keys.get_secret_value() if settings.api_keys else None)
+    app.state.api_keys = ApiKeys(settings.api_keys.get_secret_value() if settings.api_keys is not None else None)
     gw = settings.pe.gateway
     app.state.rate_limiter = RateLimiter(gw.rate_limit_per_minute, gw.rate_limit_burst)
     app.state.open_limit = OpenLimit(gw.max_open_per_key)
