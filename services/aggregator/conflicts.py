@@ -37,9 +37,7 @@ from shared.schemas import (
 )
 
 SEVERITY_RANK = {"info": 0, "low": 1, "medium": 2, "high": 3, "critical": 4}
-SYNONYMS = {
-    "crosssiterequestforgery": "csrf",
-    "csrfprotection": "csrf",
+SYNONYMS = {  # a risk's names are in RISKS (below)
     "sessions": "sessionhandling",
     "sessionmanagement": "sessionhandling",
     "authsessions": "sessionhandling",
@@ -63,6 +61,8 @@ RISKS = {
 QUALIFIERS = frozenset({"anti", "protection", "protections", "prevention", "preventions", "mitigation",
                         "mitigations", "defense", "defenses", "defence", "defences", "attack", "attacks",
                         "vulnerability", "vulnerabilities", "risk", "risks", "token", "tokens"})
+# A topic written as one word: a synonym, or a risk's name run together ("CrossSiteRequestForgery", "SQLInjection").
+ONE_WORD = {**SYNONYMS, **{"".join(phrase): risk for phrase, risk in RISKS.items()}}
 BLOCKING = SEVERITY_RANK["medium"]  # a finding this severe, without a fix, keeps an approach to its topic unsettled
 
 
@@ -79,9 +79,9 @@ def topic_key(topic: str) -> str:
     """A topic as compared (see ``_letters``), a few synonyms merged, one that names a single known risk as that
     risk; one of punctuation alone as written."""
     key = _letters(topic) or topic.strip().casefold()
-    if key in SYNONYMS:
-        return SYNONYMS[key]
-    words = _letters(topic, keep=" ", apart=True).split()
+    if key in ONE_WORD:
+        return ONE_WORD[key]
+    words = _letters(topic, apart=True).split()
     named, rest = set(), list(words)
     for phrase, risk in sorted(RISKS.items(), key=lambda item: -len(item[0])):  # "cross site request forgery" first
         n = len(phrase)

@@ -20,6 +20,11 @@ from shared.schemas import AggregatedResult, Execution, ModelCall
 log = logging.getLogger(__name__)
 
 
+def _listed(title: str, items: list[str]) -> list[str]:
+    """A titled list of the answer, after a blank line; nothing when there is nothing to list."""
+    return ["", f"{title}:"] + [f"  • {item}" for item in items] if items else []
+
+
 def _fmt_s(seconds: float) -> str:
     return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
@@ -63,11 +68,8 @@ def synthesize(ex: Execution, agg: AggregatedResult, status: str, pm: PMCoordina
     lines += ["", f"Timeline: {_fmt_s(wall)} end to end; {_fmt_s(work)} of agent work ran {how}."]
     lines += money_lines(ex)
     settled = [r for r in agg.recommendations if not r.decision_needed]
-    if settled:
-        lines += ["", "Recommendations:"] + [f"  • {r.topic}: {r.choice}" for r in settled]
-    decisions = open_decisions(ex, agg)
-    if decisions:
-        lines += ["", "Decisions for you:"] + [f"  • {d}" for d in decisions]
+    lines += _listed("Recommendations", [f"{r.topic}: {r.choice}" for r in settled])
+    lines += _listed("Decisions for you", open_decisions(ex, agg))
 
     steps = [f"Address [{f.severity}] {f.topic}" + (f": {advice}" if (advice := f.recommendation or f.detail) else "")
              for f in agg.findings]
@@ -94,15 +96,11 @@ def specialist_answer(ex: Execution, agg: AggregatedResult) -> str:
         lines += ["", "(Answered on the simulated model provider: a placeholder, not real work.)"]
     for a in out.artifacts:
         lines += ["", f"{a.path} ({a.kind}):", a.content]
-    if out.findings:
-        lines += ["", "Findings:"] + [f"  • [{f.severity}] {f.topic}" + (f": {f.detail}" if f.detail else "")
-                                     + (f" — {f.recommendation}" if f.recommendation else "") for f in out.findings]
-    if out.recommendations:
-        lines += ["", "Recommendations:"] + [f"  • {r.topic}: {r.choice}" + (f" ({r.rationale})" if r.rationale else "")
-                                            for r in out.recommendations]
-    decisions = open_decisions(ex, agg)
-    if decisions:
-        lines += ["", "Decisions for you:"] + [f"  • {d}" for d in decisions]
+    lines += _listed("Findings", [f"[{f.severity}] {f.topic}" + (f": {f.detail}" if f.detail else "")
+                                  + (f" — {f.recommendation}" if f.recommendation else "") for f in out.findings])
+    lines += _listed("Recommendations", [f"{r.topic}: {r.choice}" + (f" ({r.rationale})" if r.rationale else "")
+                                         for r in out.recommendations])
+    lines += _listed("Decisions for you", open_decisions(ex, agg))
     return "\n".join([*lines, "", *money_lines(ex)])
 
 
