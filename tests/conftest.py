@@ -153,6 +153,12 @@ async def stream_holds(js: JetStreamContext, stream: str, subjects: str, want: d
     assert await counts() == want
 
 
+def scrape(port: int) -> dict[str, float]:
+    """The openclaw_* samples the service on ``port`` exports on /metrics, by sample (name and labels)."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    return {k: float(v) for k, _, v in (x.rpartition(" ") for x in text.splitlines() if x.startswith("openclaw_"))}
+
+
 def ready_on(port: int) -> bool:
     """Whether the service on ``port`` answers ``/readyz`` with 200 (for ``wait_until``)."""
     try:

@@ -20,7 +20,7 @@ from services.gateway.access import LOCAL_TENANT, Caller
 from services.gateway.handlers import _execution_id
 from shared.natsserver import NatsServer, binary, free_port
 from shared.schemas import DeadLetter, ExecutionRequested, TaskSpec, now
-from tests.conftest import ROOT, Stack, start_stack, stop_stack, until, wait_until, write_config
+from tests.conftest import ROOT, Stack, scrape, start_stack, stop_stack, until, wait_until, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -245,13 +245,6 @@ async def test_a_request_published_straight_to_nats_is_stored_planned_and_a_bad_
     assert failed_count() == failed_before + 1  # the PM ended it: counted where the error-rate alert looks
 
 
-def ready_gauge(port: int) -> float:
-    """The service's ``openclaw_ready``, from its /metrics (what the OpenClawServiceNotReady alert reads)."""
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-    [value] = [line.split()[-1] for line in text.splitlines() if line.startswith("openclaw_ready ")]
-    return float(value)
-
-
 def test_service_without_nats_retries_reports_not_ready_then_recovers(tmp_path: Path) -> None:
     nats_port, http_port = free_port(), free_port()
     env = {**os.environ, "OPENCLAW_NATS_URL": f"nats://127.0.0.1:{nats_port}", "OPENCLAW_PORT": str(http_port),
@@ -265,7 +258,8 @@ def test_service_without_nats_retries_reports_not_ready_then_recovers(tmp_path: 
         r = httpx.get(f"http://127.0.0.1:{http_port}/readyz")
         assert r.status_code == 503 and "NATS not connected" in r.json()["reason"]
         assert httpx.get(f"http://127.0.0.1:{http_port}/healthz").status_code == 200
-        assert ready_gauge(http_port) == 0  # it answers scrapes, so `up` alone would not tell
+        # openclaw_ready, what the OpenClawServiceNotReady alert reads: it answers scrapes, so `up` alone would not tell
+        assert scrape(http_port)["openclaw_ready"] == 0
 
         server.start()
 
@@ -276,11 +270,11 @@ def test_service_without_nats_retries_reports_not_ready_then_recovers(tmp_path: 
                 return False
 
         wait_until(ready, 30, "the service to connect once NATS is up")
-        assert ready_gauge(http_port) == 1
+        assert scrape(http_port)["openclaw_ready"] == 1
         server.stop()  # lost once it was working: not ready again until NATS is back
-        wait_until(lambda: ready_gauge(http_port) == 0, 30, "openclaw_ready 0 once NATS is gone")
+        wait_until(lambda: scrape(http_port)["openclaw_ready"] == 0, 30, "openclaw_ready 0 once NATS is gone")
         server.start()
-        wait_until(lambda: ready_gauge(http_port) == 1, 60, "openclaw_ready 1 once NATS is back")
+        wait_until(lambda: scrape(http_port)["openclaw_ready"] == 1, 60, "openclaw_ready 1 once NATS is back")
     finally:
         proc.terminate()
         assert proc.wait(15) == 0, log.read_text()

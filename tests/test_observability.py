@@ -13,7 +13,7 @@ import nats
 import pytest
 
 from shared.config import ParallelExecutionConfig
-from tests.conftest import ROOT, Stack, ready_on, stack_env, start_stack, stop_stack, wait_until, write_config
+from tests.conftest import ROOT, Stack, ready_on, scrape, stack_env, start_stack, stop_stack, wait_until, write_config
 
 pytestmark = pytest.mark.e2e
 DASHBOARD = ROOT / "deploy" / "grafana" / "openclaw-dashboard.json"
@@ -29,9 +29,7 @@ def exported(stack: Stack) -> dict[str, set[str]]:
     """Sample names with at least one sample, per service."""
     out: dict[str, set[str]] = {}
     for name, child in stack.state()["children"].items():  # type: ignore[union-attr]
-        text = httpx.get(f"http://127.0.0.1:{child['port']}/metrics").text
-        out[name] = {line.split("{")[0].split(" ")[0] for line in text.splitlines()
-                     if line.startswith("openclaw_")}
+        out[name] = {sample.split("{")[0] for sample in scrape(child["port"])}
     return out
 
 
@@ -49,8 +47,7 @@ def test_every_dashboard_metric_is_exported_after_real_work(stack_factory, tmp_p
     # Before any work, the counters the alerts take increase() of are exported at 0: a series that first appeared at
     # 1 would hide its first event (a process's first dead letter, its first failed execution) from the alert.
     def samples(child: str) -> dict[str, float]:
-        text = httpx.get(f"http://127.0.0.1:{stack.state()['children'][child]['port']}/metrics").text  # type: ignore[index]
-        return {k: float(v) for k, _, v in (x.rpartition(" ") for x in text.splitlines() if x.startswith("openclaw_"))}
+        return scrape(stack.state()["children"][child]["port"])  # type: ignore[index]
 
     all_ready(stack)
     aggregator, tasks = samples("aggregator-1"), stack.names.tasks_stream
