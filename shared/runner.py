@@ -159,6 +159,7 @@ class Stack:
 
     def _env(self, child: Child) -> dict[str, str]:
         env = dict(os.environ)
+        env.pop("OPENCLAW_API_KEY", None)  # the runner's own, as a client (a gateway given it and no keys stops)
         env.update(
             OPENCLAW_NATS_URL=self.nats_url,
             OPENCLAW_PORT=str(child.port),

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import socket
 import ssl
+from collections.abc import Mapping
 from functools import cached_property
 from typing import Literal
 
@@ -124,9 +127,50 @@ def _variable(loc: tuple[int | str, ...]) -> str:
     return name if name.startswith("OPENCLAW_") else f"OPENCLAW_{name}"
 
 
+# OPENCLAW_* variables read elsewhere: the command line's client key, the NATS auth file's passwords (resolved by
+# nats-server), the test suite's switch to Docker.
+READ_ELSEWHERE = ("OPENCLAW_API_KEY", "OPENCLAW_TEST_DOCKER")
+READ_ELSEWHERE_PREFIX = "OPENCLAW_NATS_PASSWORD_"
+# What Kubernetes puts into every pod of a namespace for each Service whose name starts with openclaw- (service
+# links, when enableServiceLinks is left on): OPENCLAW_GATEWAY_SERVICE_HOST, OPENCLAW_GATEWAY_PORT_8080_TCP, ...
+SERVICE_LINK = re.compile(r"OPENCLAW_[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)"
+                          r"(_(PROTO|PORT|ADDR))?)?)")
+
+
+def variables() -> set[str]:
+    """Every OPENCLAW_* variable Settings reads."""
+    names: set[str] = set()
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            names |= {c for c in alias.choices if isinstance(c, str) and c.startswith("OPENCLAW_")}
+        else:
+            names.add(f"OPENCLAW_{name.upper()}")
+    return names
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """OPENCLAW_* variables nothing reads (a misspelt name would otherwise leave its setting at the default),
+    each with the known name it most resembles."""
+    known = variables()
+    out = []
+    for key in sorted(environ):
+        name = key.upper()  # pydantic-settings reads the environment case-insensitively
+        if (not name.startswith("OPENCLAW_") or name in known or name in READ_ELSEWHERE
+                or name.startswith(READ_ELSEWHERE_PREFIX) or SERVICE_LINK.fullmatch(name)):
+            continue
+        near = difflib.get_close_matches(name, sorted(known | set(READ_ELSEWHERE)), n=1, cutoff=0.75)
+        out.append(f"{key} (did you mean {near[0]}?)" if near else key)
+    return out
+
+
 def load_settings(models: bool = True, **overrides: object) -> Settings:
     """Settings from env plus overrides; config errors surface here, at start-up. ``models``: for a process that
     calls models, which needs ANTHROPIC_API_KEY when the provider is ``anthropic`` (the gateway calls none)."""
+    unknown = unknown_variables(os.environ)
+    if unknown:
+        raise ConfigError(f"unknown environment variable(s): {', '.join(unknown)}; the variables read are listed "
+                          "in the README (Configuration)")
     try:
         s = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as e:

@@ -348,6 +348,14 @@ def test_missing_config_file_fails_fast_saying_what_to_set(tmp_path: Path) -> No
     assert r.returncode == 2 and "does not exist (set --config or OPENCLAW_CONFIG)" in r.stderr
 
 
+def test_a_misspelt_variable_fails_fast_before_anything_starts() -> None:
+    env = {**os.environ, "OPENCLAW_API_KEY_S": "acme=k-0123456789abcdef", "OPENCLAW_NATS_URL": "nats://127.0.0.1:1"}
+    r = subprocess.run([sys.executable, "-m", "services.gateway"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 2
+    assert "unknown environment variable(s): OPENCLAW_API_KEY_S (did you mean OPENCLAW_API_KEYS?)" in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize(("body", "constant"), [
     # Python's parser reads these; stored, a client's own value came back as null, and an infinite simulated latency
     # held its slot until the pool's timeout, every try.

@@ -108,6 +108,28 @@ def test_bad_environment_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> 
         load_settings()
 
 
+def test_a_misspelt_variable_stops_start_up_naming_the_one_meant(monkeypatch: pytest.MonkeyPatch) -> None:
+    # OPENCLAW_API_KEYZ on the gateway was ignored, which left it in local mode: open.
+    monkeypatch.setenv("OPENCLAW_NATS_URI", "nats://nats:4222")
+    monkeypatch.setenv("openclaw_strem_replicas", "3")  # read case-insensitively, so refused so too
+    with pytest.raises(ConfigError, match=r"unknown environment variable\(s\): OPENCLAW_NATS_URI \(did you mean "
+                       r"OPENCLAW_NATS_URL\?\), openclaw_strem_replicas \(did you mean OPENCLAW_STREAM_REPLICAS\?\)"):
+        load_settings()
+    monkeypatch.delenv("OPENCLAW_NATS_URI")
+    monkeypatch.delenv("openclaw_strem_replicas")
+    monkeypatch.setenv("OPENCLAW_ZZZ", "1")
+    with pytest.raises(ConfigError, match=r"variable\(s\): OPENCLAW_ZZZ; the variables read are listed"):
+        load_settings()
+    monkeypatch.delenv("OPENCLAW_ZZZ")
+    # Read by others (the command line, the NATS auth file, the tests), or put there by Kubernetes for a Service.
+    for key in ("OPENCLAW_API_KEY", "OPENCLAW_NATS_PASSWORD_CODEGEN", "OPENCLAW_TEST_DOCKER",
+                "OPENCLAW_GATEWAY_SERVICE_HOST", "OPENCLAW_GATEWAY_SERVICE_PORT", "OPENCLAW_GATEWAY_SERVICE_PORT_HTTP",
+                "OPENCLAW_GATEWAY_PORT", "OPENCLAW_GATEWAY_PORT_8080_TCP", "OPENCLAW_GATEWAY_PORT_8080_TCP_ADDR"):
+        monkeypatch.setenv(key, "x")
+    monkeypatch.setenv("OPENCLAW_STREAM_REPLICAS", "3")
+    assert load_settings().stream_replicas == 3
+
+
 def test_a_namespace_with_nats_users_stops_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
     # The users' permissions name the production subjects: every request was refused, retried, and the service
     # reported only that JetStream was not available.
@@ -129,6 +151,13 @@ def test_api_keys_set_but_empty_stop_the_gateway_at_start_up(monkeypatch: pytest
         create_app(load_settings(models=False))
     monkeypatch.delenv("OPENCLAW_API_KEYS")
     assert create_app(load_settings(models=False)).state.api_keys.local_mode  # unset: local mode, as documented
+
+    # One letter short, the command line's key: the gateway would have run open.
+    monkeypatch.setenv("OPENCLAW_API_KEY", "acme-k-0123456789")
+    with pytest.raises(ConfigError, match="OPENCLAW_API_KEY is set and OPENCLAW_API_KEYS is not"):
+        create_app(load_settings(models=False))
+    monkeypatch.setenv("OPENCLAW_API_KEYS", "acme=acme-k-0123456789")
+    assert not create_app(load_settings(models=False)).state.api_keys.local_mode
 
 
 def test_one_key_for_two_tenants_stops_the_gateway_at_start_up() -> None:

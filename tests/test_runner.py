@@ -41,7 +41,10 @@ def test_up_owns_nats_restarts_crashed_children_and_stops_cleanly(tmp_path: Path
     proc = subprocess.Popen(
         [sys.executable, "-m", "shared.cli", "up", "--nats-port", str(nats_port), "--gateway-port", str(gw),
          "--data-dir", str(tmp_path / "data"), "--replicas", "codegen=2,gateway=2"],
-        cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=stack_env(), start_new_session=True,
+        # A client key in the shell (for `openclaw run`) stays the runner's: a gateway given it and no
+        # OPENCLAW_API_KEYS refuses to start.
+        cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=stack_env(OPENCLAW_API_KEY="client-key-0123"),
+        start_new_session=True,
     )
     stack = Stack(proc, f"http://127.0.0.1:{gw}", tmp_path / "data", log, names=None)  # type: ignore[arg-type]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -17,6 +18,7 @@ from services.gateway.access import LOCAL_TENANT, ApiKeys, OpenLimit, RateLimite
 from services.gateway.handlers import identify, router
 from services.gateway.limits import BodySizeLimit, RequestMetrics
 from shared.consumer import UNAVAILABLE
+from shared.errors import ConfigError
 from shared.service import Runtime, Workers, run_service
 from shared.settings import Settings
 
@@ -50,6 +52,11 @@ def create_app(settings: Settings) -> FastAPI:
         description="Submit software work; specialist agent pools run it in parallel over NATS JetStream.",
     )
     app.include_router(router)
+    if settings.api_keys is None and os.environ.get("OPENCLAW_API_KEY"):
+        # One letter short: without this the gateway would run open, in local mode.
+        raise ConfigError("OPENCLAW_API_KEY is set and OPENCLAW_API_KEYS is not: the gateway reads its tenants' keys "
+                          "from OPENCLAW_API_KEYS (tenant=key,tenant=key); OPENCLAW_API_KEY is the command line's "
+                          "key. Set OPENCLAW_API_KEYS, or unset OPENCLAW_API_KEY for local mode")
     app.state.api_keys = ApiKeys(settings.api_keys.get_secret_value() if settings.api_keys is not None else None)
     gw = settings.pe.gateway
     app.state.rate_limiter = RateLimiter(gw.rate_limit_per_minute, gw.rate_limit_burst)
