@@ -1,6 +1,7 @@
 # One image for all six services; each Deployment picks its service with `python -m services.<name>`.
 #   docker build -t openclaw-parallel:0.1.0 .
-# Multi-stage: the build stage installs the package (no test/dev extras) into a venv; the runtime stage
+# Multi-stage: the build stage installs requirements.lock (every dependency pinned and hash-checked, `make lock`
+# writes it), then the package itself (no test/dev extras) into a venv; the runtime stage
 # copies only that venv and runs as an unprivileged numeric user (runAsNonRoot can verify it) on a
 # read-only root filesystem (no .pyc written at run time; /tmp is an emptyDir in the manifests).
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -10,10 +11,13 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/openclaw
 WORKDIR /src
+COPY requirements.lock ./
+RUN /opt/openclaw/bin/pip install --require-hashes --no-deps -r requirements.lock
 COPY pyproject.toml ./
 COPY shared ./shared
 COPY services ./services
-RUN /opt/openclaw/bin/pip install . \
+RUN /opt/openclaw/bin/pip install --no-deps . \
+ && /opt/openclaw/bin/pip check \
  && /opt/openclaw/bin/python -m compileall -q /opt/openclaw
 
 FROM ${PYTHON_IMAGE} AS runtime

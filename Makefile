@@ -3,13 +3,17 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed-stamp
+# The image installs requirements.lock (hashed); the tests run the same versions, pinned by it (hashes dropped:
+# pip checks them only for a whole closure, and an editable install has none).
+PINS    = $(VENV)/pins.txt
 
-.PHONY: run test coverage lint bench clean
+.PHONY: run test coverage lint bench lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	sed -n '/^[A-Za-z0-9]/s/ \\$$//p' requirements.lock > $(PINS)
+	$(PY) -m pip install --quiet -c $(PINS) -e '.[test]'
 	touch $(STAMP)
 
 ## Start nats-server and all six services, run the restaurant-website example, keep serving (ONCE=1: exit after it).
@@ -34,13 +38,21 @@ lint: $(STAMP)
 
 BENCH_STAMP = $(VENV)/.bench-stamp
 $(BENCH_STAMP): $(STAMP)
-	$(PY) -m pip install --quiet -e '.[test,bench]'
+	$(PY) -m pip install --quiet -c $(PINS) -e '.[test,bench]'
 	touch $(BENCH_STAMP)
 
 ## Benchmarks of the real stack (a few minutes): bench/results.md, charts in bench/, the README's table.
 ## BENCH_ARGS="--runs 5 --time-factor 0.05" to change them (see `openclaw bench --help`).
 bench: $(BENCH_STAMP)
 	$(VENV)/bin/openclaw bench --readme README.md $(BENCH_ARGS)
+
+## requirements.lock again from pyproject.toml's dependencies: every package of the image, pinned and hashed.
+lock:
+	rm -rf $(VENV)/lock && $(PYTHON) -m venv $(VENV)/lock && $(VENV)/lock/bin/pip install --quiet pip-tools
+	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/lock/bin/pip-compile --quiet --generate-hashes --strip-extras \
+	    --no-emit-index-url --no-emit-find-links \
+	    --allow-unsafe --output-file requirements.lock pyproject.toml
+	rm -rf $(VENV)/lock
 
 clean:
 	rm -rf $(VENV) .openclaw .pytest_cache .coverage .coverage.*

@@ -18,7 +18,9 @@ import re
 import shutil
 import subprocess
 import sysconfig
+import tomllib
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,8 @@ import httpx
 import nats
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from shared import natsauth
 from shared.config import ParallelExecutionConfig, load_config
@@ -444,12 +448,39 @@ def test_dockerfile_builds_a_slim_non_root_image_of_the_package_only() -> None:
     text = (ROOT / "Dockerfile").read_text()
     froms = [line.split()[1] for line in text.splitlines() if line.startswith("FROM ")]
     assert len(froms) == 2 and "python:3.11-slim" in text, froms  # multi-stage on the slim base
-    assert re.search(r"pip install \.(\s|$)", text) and "[test]" not in text  # the package, no extras
+    # Every dependency from the lock, hash-checked; then the package alone, no extras.
+    assert "pip install --require-hashes --no-deps -r requirements.lock" in text
+    assert re.search(r"pip install --no-deps \.(\s|$)", text) and "[test]" not in text
     user = next(line.split()[1] for line in text.splitlines() if line.startswith("USER "))
     assert user.split(":")[0].isdigit() and int(user.split(":")[0]) > 0, user  # numeric: runAsNonRoot can check
     assert text.index("USER ") > text.index("COPY --from=build")
     ignore = (ROOT / ".dockerignore").read_text().split()
-    assert ignore[ignore.index("*") + 1:][:3] == ["!pyproject.toml", "!shared/", "!services/"]
+    assert ignore[ignore.index("*") + 1:][:4] == ["!pyproject.toml", "!requirements.lock", "!shared/", "!services/"]
+
+
+def locked() -> dict[str, tuple[str, list[str]]]:
+    """requirements.lock: each package's pinned version and its hashes."""
+    out: dict[str, tuple[str, list[str]]] = {}
+    name = ""
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if m := re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", line):
+            name = canonicalize_name(m[1])
+            out[name] = (m[2], [])
+        elif m := re.search(r"--hash=sha256:([0-9a-f]{64})", line):
+            out[name][1].append(m[1])
+    return out
+
+
+def test_the_lock_pins_every_dependency_of_the_image_within_pyproject_and_the_tests_run_those_versions() -> None:
+    lock = locked()
+    declared = [Requirement(r) for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
+    for req in declared:  # a range changed in pyproject.toml without `make lock` fails here
+        name = canonicalize_name(req.name)
+        assert name in lock and req.specifier.contains(lock[name][0], prereleases=True), (str(req), lock.get(name))
+    assert all(hashes for _, hashes in lock.values()), [n for n, (_, h) in lock.items() if not h]
+    # What the suite exercises is what the image ships (make installs the lock's versions as constraints).
+    drift = {n: (v, metadata.version(n)) for n, (v, _) in lock.items() if metadata.version(n) != v}
+    assert not drift, f"installed versions differ from requirements.lock (run make again): {drift}"
 
 
 # --- the names KEDA reads, on a real server ---------------------------------------------------------
