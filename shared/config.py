@@ -135,7 +135,8 @@ class AnthropicConfig(_Strict):
     base_url: str | None = Field(
         default=None, pattern=r"^https?://", description="any Messages-API-compatible endpoint; default: the SDK's"
     )
-    timeout_s: float = Field(default=600, gt=0, le=DAY_S, description="per request; a timeout is a failed attempt")
+    timeout_s: float = Field(default=600, gt=0, le=DAY_S, description="how long the endpoint may stay silent in a "
+                             "call (answers are streamed); a timeout is a failed attempt")
     max_tokens: int = Field(default=16_000, ge=1, le=128_000, description="per call, thinking included")
 
 

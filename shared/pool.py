@@ -30,7 +30,7 @@ from shared.consumer import UNAVAILABLE, Consumer, persist
 from shared.costs import attempt_event, observe, prime_costs, publish_cost
 from shared.failures import decide, model_for
 from shared.names import Pool
-from shared.providers import ModelProvider, Prompt, ProviderError, TaskReply, make_provider
+from shared.providers import Meter, ModelProvider, Prompt, ProviderError, TaskReply, make_provider
 from shared.schemas import (
     TERMINAL_TASK,
     ErrorKind,
@@ -167,23 +167,28 @@ class PoolWorker:
 
         timeout = min(self.cfg.timeout, seconds_left)
         metrics.TASKS_IN_FLIGHT.labels(self.pool).inc()
-        run = asyncio.create_task(self._run(cmd, model, d.attempt, timeout))
+        meter = Meter()  # what the call has used, should it be cut off
+        run = asyncio.create_task(self._run(cmd, model, d.attempt, timeout, meter))
         # Nothing more for an attempt quicker than announce_start_after_s: then _watch takes over, and beats until
         # the attempt is acked or nak'ed (a result's publish may wait out an outage).
         d.watch = asyncio.get_running_loop().call_later(self.rt.pe.announce_start_after_s, self._watch, d, run)
         try:
-            await self._attempt(d, run, model, timeout)
+            await self._attempt(d, run, model, timeout, meter)
         finally:
             d.watch.cancel()
 
-    async def _attempt(self, d: _Delivery, run: asyncio.Task[TaskReply], model: str, timeout: float) -> None:
+    async def _attempt(self, d: _Delivery, run: asyncio.Task[TaskReply], model: str, timeout: float,
+                       meter: Meter) -> None:
         msg = d.msg
         try:
             reply = await run
         except asyncio.CancelledError:
             if not d.abandoned:
                 raise  # the service is stopping: the consumer gives the message back
-            self._observe("abandoned", (now() - d.started).total_seconds(), None, 0.0, Usage())
+            # A call cut off is paid for what it used (the meter's count). Not in the document (the execution ended, or
+            # another delivery runs the task), but spent: counted.
+            self._observe("abandoned", (now() - d.started).total_seconds(), model, self._cost(model, meter.usage),
+                          meter.usage)
             if d.given_up:
                 log.warning("abandoned: the broker handed the task on after %.1fs without a heartbeat (this "
                             "process was paused, or cut off); its redelivery runs it", self._silent_s(d), extra=d.ctx)
@@ -192,14 +197,14 @@ class PoolWorker:
             log.info("abandoned: its execution has ended", extra=d.ctx)
             return
         except TimeoutError:
-            await self._failed(d, "timeout", f"timed out after {timeout:g}s", model, Usage())
+            await self._failed(d, "timeout", f"timed out after {timeout:g}s", model, meter.usage)
             return
         except ProviderError as e:
             await self._failed(d, e.kind, str(e), model, e.usage or Usage(), e.retry_after_s)
             return
         except Exception as e:  # noqa: BLE001 - an agent that crashes is a failed attempt, not a lost task
             log.exception("agent raised", extra=d.ctx)
-            await self._failed(d, "agent_error", f"agent error: {type(e).__name__}: {e}", model, Usage())
+            await self._failed(d, "agent_error", f"agent error: {type(e).__name__}: {e}", model, meter.usage)
             return
         finally:
             metrics.TASKS_IN_FLIGHT.labels(self.pool).dec()
@@ -341,9 +346,10 @@ class PoolWorker:
         if model:
             observe(self.pool, model, usage, cost)
 
-    async def _run(self, cmd: RunTask, model: str, attempt: int, timeout: float) -> TaskReply:
+    async def _run(self, cmd: RunTask, model: str, attempt: int, timeout: float, meter: Meter) -> TaskReply:
         async with asyncio.timeout(timeout):
-            return await self.provider.run_task(self.pool, cmd.task, self.format_prompt(cmd.task), model, attempt)
+            return await self.provider.run_task(self.pool, cmd.task, self.format_prompt(cmd.task), model, attempt,
+                                                meter)
 
     def _watch(self, d: _Delivery, run: asyncio.Task[TaskReply]) -> None:
         d.watch = asyncio.create_task(self._heartbeat(d, run))

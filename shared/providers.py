@@ -1,10 +1,11 @@
 """Model providers behind one interface.
 
 ``anthropic`` calls the Messages API through the official SDK (one ``AsyncAnthropic`` per process,
-``max_retries=0``: the caller's failure handling owns retries); structured results come back as
-the input of a tool. ``simulated`` is the offline default: deterministic structured output per pool,
-labelled "simulated" everywhere, with plausible token usage so every cost path runs without a key. Tests and
-benchmarks shape it per task with ``context.simulate = {latency_s, fail_attempts, hang}``. The
+``max_retries=0``: the caller's failure handling owns retries), streamed, so that a ``Meter`` knows what a call
+cut off part-way had used; structured results come back as the input of a tool. ``simulated`` is the offline
+default: deterministic structured output per pool, labelled "simulated" everywhere, with plausible token usage so
+every cost path runs without a key. Tests and benchmarks shape it per task with
+``context.simulate = {latency_s, fail_attempts, hang}``. The
 simulated provider does not plan or write the final answer (``writes`` is False): the PM uses its rules,
 the aggregator its template (neither costs anything), and neither builds a prompt for it.
 """
@@ -78,8 +79,9 @@ class ModelProvider(Protocol):
     name: str
     writes: bool  # whether decompose and synthesize call a model; callers ask before building their prompts
 
-    async def run_task(self, pool: Pool, task: TaskSpec, prompt: Prompt, model: str, attempt: int) -> TaskReply:
-        """Run one attempt of a task and return the agent's structured output."""
+    async def run_task(self, pool: Pool, task: TaskSpec, prompt: Prompt, model: str, attempt: int,
+                       meter: Meter | None = None) -> TaskReply:
+        """Run one attempt of a task and return the agent's structured output; ``meter`` follows its usage."""
         ...
 
     async def decompose(self, prompt: Prompt, model: str, effort: Effort) -> PlanReply:
@@ -97,6 +99,51 @@ class ModelProvider(Protocol):
 
 def _tokens(text: str) -> int:
     return max(1, (len(text) + 3) // 4)
+
+
+class Meter:
+    """What one model call has used so far, kept up to date as it runs, so that a caller that cuts the call off (the
+    pool's timeout) still records what was consumed. The input is counted once the model has started (the API's
+    ``message_start``); until the API gives the output count at the end (``message_delta``), the output is estimated
+    from what has arrived, at about four characters a token."""
+
+    def __init__(self) -> None:
+        self._start: Usage | None = None
+        self._chars = 0
+        self._output: int | None = None
+
+    def start(self, usage: Usage) -> None:
+        self._start = usage
+
+    def see(self, event: Any) -> None:
+        """One event of a Messages API stream."""
+        if event.type == "message_start":
+            u = event.message.usage
+            self.start(Usage(input_tokens=u.input_tokens, output_tokens=u.output_tokens or 0,
+                             cache_read_tokens=u.cache_read_input_tokens or 0,
+                             cache_write_tokens=u.cache_creation_input_tokens or 0))
+        elif event.type == "content_block_delta":
+            d = event.delta
+            self._chars += len(getattr(d, "text", None) or getattr(d, "partial_json", None)
+                               or getattr(d, "thinking", None) or "")
+        elif event.type == "message_delta":
+            self._output = event.usage.output_tokens
+
+    @property
+    def usage(self) -> Usage:
+        """Zero until the model has started (nothing is known to be billed before)."""
+        return self.billed or Usage()
+
+    @property
+    def billed(self) -> Usage | None:
+        """What a ProviderError carries: None until the model has started."""
+        if self._start is None:
+            return None
+        if self._output is not None:
+            return self._start.model_copy(update={"output_tokens": self._output})
+        so_far = _tokens("x" * self._chars) if self._chars else 0
+        return self._start.model_copy(update={"output_tokens": max(self._start.output_tokens, so_far),
+                                              "estimated": True})
 
 
 def simulated_output(pool: Pool, task: TaskSpec) -> TaskOutput:
@@ -175,9 +222,13 @@ class SimulatedProvider:
     def __init__(self, pe: ParallelExecutionConfig) -> None:
         self.latency = pe.simulated.latency_s
 
-    async def run_task(self, pool: Pool, task: TaskSpec, prompt: Prompt, model: str, attempt: int) -> TaskReply:
+    async def run_task(self, pool: Pool, task: TaskSpec, prompt: Prompt, model: str, attempt: int,
+                       meter: Meter | None = None) -> TaskReply:
         sim = Simulate.model_validate(task.context.get("simulate") or {})
         delay = sim.latency_s if sim.latency_s is not None else self.latency.get(pool, 0.0)
+        prompt_tokens = _tokens(prompt.system) + _tokens(prompt.user)
+        if meter is not None:
+            meter.start(Usage(input_tokens=prompt_tokens))  # as a model that has read the prompt
         if sim.hang:
             await asyncio.Event().wait()  # until the worker's timeout cancels us
         if delay:
@@ -187,10 +238,7 @@ class SimulatedProvider:
         if attempt <= sim.raise_attempts:
             raise RuntimeError("simulated agent bug")
         output = sim.output.model_copy(update={"simulated": True}) if sim.output else simulated_output(pool, task)
-        usage = Usage(
-            input_tokens=_tokens(prompt.system) + _tokens(prompt.user),
-            output_tokens=_tokens(output.model_dump_json()),
-        )
+        usage = Usage(input_tokens=prompt_tokens, output_tokens=_tokens(output.model_dump_json()))
         if attempt <= sim.fail_attempts:
             # Busy or failed calls bill nothing; a model that answered unusably bills the tokens.
             billed = usage if sim.error in ("simulated", "invalid_output", "truncated", "refusal") else None
@@ -267,6 +315,17 @@ def _status_kind(status: int, should_retry: str | None = None) -> ErrorKind:
     return "server" if status >= 500 or status == 409 or should_retry == "true" else "request"
 
 
+# The error types an error event in a stream names (the body an HTTP status would have carried).
+STREAM_ERRORS: dict[str, ErrorKind] = {"overloaded_error": "overloaded", "rate_limit_error": "rate_limit",
+                                       "api_error": "server", "timeout_error": "timeout"}
+
+
+def _stream_error_kind(body: object) -> ErrorKind:
+    error = body.get("error") if isinstance(body, dict) else None
+    kind = error.get("type") if isinstance(error, dict) else None
+    return STREAM_ERRORS.get(kind, "server") if isinstance(kind, str) else "server"
+
+
 def _retry_after(value: str | None) -> float | None:
     """Retry-After in seconds (the Messages API sends seconds; an HTTP date is not worth parsing here)."""
     try:
@@ -325,11 +384,12 @@ class AnthropicProvider:
         # The system prompts are static per role, so they (and the tools before them) are a cacheable prefix.
         return [{"type": "text", "text": text, "cache_control": {"type": "ephemeral"}}]
 
-    async def _call(self, model: str, prompt: Prompt, **extra: Any) -> tuple[Message, Usage]:
+    async def _call(self, model: str, prompt: Prompt, meter: Meter | None = None,
+                    **extra: Any) -> tuple[Message, Usage]:
         """One Messages API call that ran to its end: the message and its (billed) usage. A reply the model
         declined (``refusal``) or that ran out of room (``max_tokens``, ``model_context_window_exceeded``) is a
         failure that carries its usage: whatever it holds is not the whole answer, even when it validates."""
-        msg = await self._create(model, prompt, **extra)
+        msg = await self._create(model, prompt, meter or Meter(), **extra)
         usage = _usage(msg)
         if msg.stop_reason == "refusal":
             raise ProviderError(f"{model} declined to answer (stop_reason refusal)", "refusal", usage)
@@ -340,29 +400,45 @@ class AnthropicProvider:
                 "truncated", usage)
         return msg, usage
 
-    async def _create(self, model: str, prompt: Prompt, **extra: Any) -> Message:
+    async def _create(self, model: str, prompt: Prompt, meter: Meter, **extra: Any) -> Message:
+        """The call, streamed: ``meter`` follows what it uses as it goes (a call cut off is still paid for), and
+        ``anthropic.timeout_s`` is how long the endpoint may stay silent, not how long a long answer may take."""
         import anthropic  # already loaded by __init__
+        import httpx2  # the SDK's HTTP client: what breaks while a stream is read comes from it unwrapped
 
         messages: list[MessageParam] = [{"role": "user", "content": prompt.user}]
         try:
-            return await self.client.messages.create(
+            async with self.client.messages.stream(
                 model=model, max_tokens=self.cfg.max_tokens, system=self._system(prompt.system),
                 messages=messages, **extra,
-            )
-        except anthropic.APITimeoutError:
-            raise ProviderError(f"{model} did not answer within {self.cfg.timeout_s:g}s", "timeout") from None
+            ) as stream:
+                async for event in stream:
+                    meter.see(event)
+                if meter.billed is None:
+                    raise ProviderError(f"{model}: malformed response: no message in the stream", "invalid_output")
+                msg = await stream.get_final_message()
+        except (anthropic.APITimeoutError, httpx2.TimeoutException):
+            raise ProviderError(f"{model} was silent for {self.cfg.timeout_s:g}s", "timeout", meter.billed) from None
         except anthropic.APIStatusError as e:
+            if e.status_code < 400:  # an error event in the stream, after its 200
+                kind = _stream_error_kind(e.body)
+                raise ProviderError(f"{model}: error in the stream: {e.message}", kind, meter.billed) from None
             kind = _status_kind(e.status_code, e.response.headers.get("x-should-retry"))
             raise ProviderError(f"{model}: HTTP {e.status_code}: {e.message}", kind,
                                 retry_after_s=_retry_after(e.response.headers.get("retry-after"))) from None
-        except anthropic.APIConnectionError as e:
-            raise ProviderError(f"{model}: cannot reach the Messages API: {e}", "server") from None
-        except (anthropic.APIResponseValidationError, ValueError) as e:  # ValueError: a body that is not JSON
-            raise ProviderError(f"{model}: malformed response: {e}", "invalid_output") from None
+        except (anthropic.APIConnectionError, httpx2.TransportError) as e:
+            raise ProviderError(f"{model}: cannot reach the Messages API: {e}", "server", meter.billed) from None
+        except (anthropic.APIResponseValidationError, ValueError, RuntimeError) as e:
+            # ValueError: an event that is not JSON; RuntimeError: events out of order (the SDK's own word on it)
+            raise ProviderError(f"{model}: malformed response: {e}", "invalid_output", meter.billed) from None
+        if msg.stop_reason is None:  # the stream closed before the message did: not the whole answer
+            raise ProviderError(f"{model}: the stream ended before the answer did", "server", meter.billed)
+        return msg
 
-    async def run_task(self, pool: Pool, task: TaskSpec, prompt: Prompt, model: str, attempt: int) -> TaskReply:
+    async def run_task(self, pool: Pool, task: TaskSpec, prompt: Prompt, model: str, attempt: int,
+                       meter: Meter | None = None) -> TaskReply:
         tool_choice: ToolChoiceParam = {"type": "tool", "name": RESULT_TOOL}
-        msg, usage = await self._call(model, prompt, tools=[RESULT_TOOL_PARAM], tool_choice=tool_choice)
+        msg, usage = await self._call(model, prompt, meter, tools=[RESULT_TOOL_PARAM], tool_choice=tool_choice)
         try:
             output = TaskOutput.model_validate(_tool_input(msg, RESULT_TOOL, usage))
         except ValidationError as e:

@@ -207,6 +207,9 @@ class Usage(BaseModel):
     output_tokens: int = 0
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
+    # A call cut off while its answer streamed in: the input is the API's count, the output an estimate from what
+    # had arrived (the API gives its count only at the end).
+    estimated: bool = False
 
 
 class Finding(BaseModel):

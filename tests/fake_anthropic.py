@@ -6,6 +6,10 @@ them with tool_use blocks (a thinking block first for the plan), text, and usage
 records every request, and can be told to answer the next call(s) of a kind with 400, 409, 429, 529, 500 (also
 one that says ``x-should-retry: false``), a response slower than any client timeout, malformed output, an
 answer cut off at ``max_tokens``, or a refusal. A call naming a model in ``retired`` gets the API's 404.
+A request with ``stream: true`` gets the answer as the API streams it (server-sent events: ``message_start`` with
+the input usage, a start, deltas and a stop per content block, ``message_delta`` with the output count,
+``message_stop``); streamed, a call can also stop answering after its first delta (``stall``), end there
+(``cut``), or meet an error event there (``stream_error``, an overload).
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from typing import Any, Literal
 
 Kind = Literal["plan", "task", "synthesis"]
 Behaviour = Literal["ok", "400", "409", "429", "529", "500", "no_retry", "slow", "no_tool", "bad_input", "not_json",
-                    "max_tokens", "refusal", "retired"]
+                    "max_tokens", "refusal", "retired", "stall", "cut", "stream_error"]
+STREAM_BREAKS = ("stall", "cut", "stream_error")  # what happens after the first delta of a streamed answer
+FIRST_DELTA_CHARS = 400  # how much of the answer a broken stream sends first
 
 USAGE: dict[Kind, dict[str, int]] = {
     "plan": {"input_tokens": 1850, "output_tokens": 2600, "cache_read_input_tokens": 0,
@@ -56,6 +62,41 @@ def task_output(system: str, user: str) -> dict[str, Any]:
             "recommendations": [{"topic": "database", "choice": "PostgreSQL", "rationale": "relational"}]}
     return {"summary": f"Implemented: {first}", "artifacts": [
         {"path": "api/orders.py", "kind": "code", "content": "def create_order(): ..."}]}
+
+
+def stream_events(message: dict[str, Any], behaviour: Behaviour = "ok") -> list[tuple[str, dict[str, Any]]]:
+    """``message`` as the Messages API streams it; a ``behaviour`` of STREAM_BREAKS stops after the first delta."""
+    usage = message["usage"]
+    start = {**message, "content": [], "stop_reason": None, "stop_sequence": None,
+             "usage": {**usage, "output_tokens": 1}}
+    events: list[tuple[str, dict[str, Any]]] = [("message_start", {"type": "message_start", "message": start})]
+    for i, block in enumerate(message["content"]):
+        if block["type"] == "text":
+            empty, deltas = {"type": "text", "text": ""}, [{"type": "text_delta", "text": block["text"]}]
+        elif block["type"] == "thinking":
+            empty = {"type": "thinking", "thinking": "", "signature": ""}
+            deltas = [{"type": "thinking_delta", "thinking": block["thinking"]},
+                      {"type": "signature_delta", "signature": block["signature"]}]
+        else:
+            empty = {**block, "input": {}}
+            text = json.dumps(block["input"])
+            deltas = [{"type": "input_json_delta", "partial_json": text[j:j + 64]} for j in range(0, len(text), 64)]
+        events.append(("content_block_start", {"type": "content_block_start", "index": i, "content_block": empty}))
+        for delta in deltas:
+            events.append(("content_block_delta", {"type": "content_block_delta", "index": i, "delta": delta}))
+            if behaviour in STREAM_BREAKS:  # the first FIRST_DELTA_CHARS of the answer, then the break
+                if delta["type"] == "input_json_delta":
+                    events[-1][1]["delta"]["partial_json"] = text[:FIRST_DELTA_CHARS]
+                if behaviour == "stream_error":
+                    events.append(("error", {"type": "error", "error": {"type": "overloaded_error",
+                                                                        "message": "Overloaded"}}))
+                return events
+        events.append(("content_block_stop", {"type": "content_block_stop", "index": i}))
+    events.append(("message_delta", {"type": "message_delta",
+                                     "delta": {"stop_reason": message["stop_reason"], "stop_sequence": None},
+                                     "usage": {"output_tokens": usage["output_tokens"]}}))
+    events.append(("message_stop", {"type": "message_stop"}))
+    return events
 
 
 class FakeAnthropic:
@@ -179,7 +220,10 @@ class FakeAnthropic:
                 kind: Kind = "plan" if "submit_plan" in tools else "task" if "submit_result" in tools else "synthesis"
                 behaviour, n = fake._arrive(kind, body, {k.lower(): v for k, v in self.headers.items()})
                 if behaviour == "not_json":
-                    self._send(200, None, raw=b'{"id": "msg_1", "content": [')
+                    if body.get("stream"):
+                        self._events([], raw=b'event: message_start\ndata: {"type": "message_start", "message": {\n\n')
+                    else:
+                        self._send(200, None, raw=b'{"id": "msg_1", "content": [')
                     return
                 if behaviour == "retired":
                     self._send(404, {"type": "error", "error": {"type": "not_found_error",
@@ -189,7 +233,28 @@ class FakeAnthropic:
                 if behaviour == "no_retry":  # the API's own word that another try would fail too
                     self._send(*fake._answer(kind, "500", body, n), headers={"x-should-retry": "false"})
                     return
-                self._send(*fake._answer(kind, behaviour, body, n))
+                code, answer = fake._answer(kind, "ok" if behaviour in STREAM_BREAKS else behaviour, body, n)
+                if code == 200 and body.get("stream"):
+                    self._events(stream_events(answer, behaviour), stall=behaviour == "stall")
+                else:
+                    self._send(code, answer)
+
+            def _events(self, events: list[tuple[str, dict[str, Any]]], raw: bytes = b"", stall: bool = False) -> None:
+                try:
+                    self.send_response(200)
+                    self.send_header("content-type", "text/event-stream")
+                    self.send_header("cache-control", "no-cache")
+                    self.end_headers()  # no length: the stream ends when the connection closes
+                    for name, data in events:
+                        self.wfile.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+                        self.wfile.flush()
+                    self.wfile.write(raw)
+                    self.wfile.flush()
+                    if stall:
+                        fake.release.wait(60)
+                    self.close_connection = True
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (a timeout test)
 
             def _send(self, code: int, payload: Any, raw: bytes | None = None,
                       headers: dict[str, str] | None = None) -> None:

@@ -21,7 +21,7 @@ from nats.js.api import DeliverPolicy
 
 from shared.schemas import CostIncurred
 from tests.conftest import Stack, stack_env, start_stack, stop_stack, write_config
-from tests.fake_anthropic import FakeAnthropic
+from tests.fake_anthropic import FIRST_DELTA_CHARS, FakeAnthropic
 
 pytestmark = pytest.mark.e2e
 
@@ -106,7 +106,7 @@ async def test_an_execution_planned_run_and_answered_by_models_costs_exactly_its
         [attempt] = tasks[tid]["attempts"]
         assert attempt["model"] == model and attempt["provider"] == "anthropic"
         assert attempt["usage"] == {"input_tokens": 2100, "output_tokens": 940, "cache_read_tokens": 1500,
-                                    "cache_write_tokens": 300}
+                                    "cache_write_tokens": 300, "estimated": False}
         assert attempt["cost_usd"] == pytest.approx(cost, abs=1e-12)
         assert tasks[tid]["cost_usd"] == pytest.approx(cost, abs=1e-12)
 
@@ -229,6 +229,40 @@ def test_a_model_busy_past_the_deadline_hands_the_task_to_the_lighter_one(fake_a
     assert [(a["model"], a["outcome"], a.get("strategy")) for a in task["attempts"]] == [
         ("claude-sonnet-4-6", "failed", "fallback"), ("claude-haiku-4-5", "completed", None)]
     assert [r["model"] for r in fake.of("task")] == ["claude-sonnet-4-6", "claude-haiku-4-5"]
+
+
+async def test_a_call_the_pools_timeout_cuts_off_is_paid_for_what_it_had_used(fake_anthropic: FakeAnthropic,
+                                                                              tmp_path: Path, nats_url: str) -> None:
+    # Recorded at $0 before, while the endpoint had read the prompt and written part of the answer. Streamed, the
+    # input is its count from the start; the output is estimated from what had arrived (the count comes at the end).
+    fake = fake_anthropic
+    fake.task_chars = 2000
+    fake.next("task", "stall")  # the first FIRST_DELTA_CHARS of the answer, then silence
+    config = write_config(tmp_path / "config.json", {
+        "provider": "anthropic", "anthropic": {"base_url": fake.url, "timeout_s": 60},
+        "worker_pools": {"database": {"timeout": 1}}, "retries": {"max_retries": 2, "backoff_s": [0.2]},
+    })
+    stack = start_stack(nats_url, "cut" + uuid.uuid4().hex[:8], tmp_path, "--config", str(config),
+                        env=stack_env(ANTHROPIC_API_KEY=KEY))
+    try:
+        doc = run(stack, {"message": "m", "tasks": [{"id": "ddl", "pool": "database", "description": "Add an index"}]})
+        events = await cost_events(stack, doc["execution_id"], 3)
+    finally:
+        assert stop_stack(stack) == 0, stack.output()[-3000:]
+    assert doc["status"] == "completed", doc.get("error")
+    [task] = doc["tasks"]
+    cut, done = task["attempts"]
+    assert (cut["outcome"], cut["error_kind"], cut["error"]) == ("failed", "timeout", "timed out after 1s")
+    assert cut["usage"] == {"input_tokens": 2100, "output_tokens": FIRST_DELTA_CHARS // 4, "cache_read_tokens": 1500,
+                            "cache_write_tokens": 300, "estimated": True}
+    cut_cost = (2100 * 3 + FIRST_DELTA_CHARS // 4 * 15 + 1500 * 0.3 + 300 * 3.75) / 1e6
+    assert cut["cost_usd"] == pytest.approx(cut_cost, abs=1e-12)
+    assert done["outcome"] == "completed" and done["usage"]["estimated"] is False
+    assert task["cost_usd"] == pytest.approx(cut_cost + TASK_ON_SONNET, abs=1e-12)
+    assert doc["cost"]["by_phase"]["tasks"] == pytest.approx(cut_cost + TASK_ON_SONNET, abs=1e-12)
+    # Its cost event too: the two attempts and the synthesis.
+    assert sorted((e.phase, e.attempt) for e in events) == [("synthesis", 1), ("task", 1), ("task", 2)]
+    assert sum(e.cost_usd for e in events) == pytest.approx(doc["cost"]["total_usd"], abs=1e-8)
 
 
 @pytest.mark.parametrize("chars", [400_000, 900_000])

@@ -24,7 +24,7 @@ from shared.providers import AnthropicProvider, Prompt, ProviderError, Simulated
 from shared.schemas import TaskSpec, Usage
 from shared.settings import load_settings
 from tests.conftest import ROOT, ready_on, stack_env, wait_until, write_config
-from tests.fake_anthropic import FakeAnthropic
+from tests.fake_anthropic import FIRST_DELTA_CHARS, STREAM_BREAKS, FakeAnthropic
 
 KEY = "sk-ant-test-0123"
 # USD by hand from the fake's usage and the default list prices (per MTok: input, output; cache read 0.1×
@@ -127,7 +127,11 @@ async def test_synthesis_is_a_plain_text_call(provider: AnthropicProvider, fake_
         ("no_retry", "request", "HTTP 500", False),  # x-should-retry: false
         ("max_tokens", "truncated", "cut off after 940 output tokens (stop_reason max_tokens)", True),
         ("refusal", "refusal", "declined to answer (stop_reason refusal)", True),
-        ("slow", "timeout", "did not answer within 0.5s", False),
+        ("slow", "timeout", "was silent for 0.5s", False),  # before the model started: nothing billed
+        # Streamed answers that break after their first delta: the input is billed, the output so far estimated.
+        ("stall", "timeout", "was silent for 0.5s", True),
+        ("cut", "server", "the stream ended before the answer did", True),
+        ("stream_error", "overloaded", "error in the stream", True),
         ("no_tool", "invalid_output", "did not call submit_result (stop_reason end_turn)", True),
         ("bad_input", "invalid_output", "invalid submit_result input: summary: Field required", True),
         ("not_json", "invalid_output", "malformed response", False),
@@ -138,6 +142,7 @@ async def test_failures_map_to_error_kinds_and_the_sdk_does_not_retry(
 ) -> None:
     p = AnthropicProvider(anthropic_config(fake_anthropic, anthropic={"timeout_s": 0.5}), KEY)
     fake_anthropic.next("task", behaviour)
+    fake_anthropic.task_chars = 2000  # longer than what a broken stream sends first
     try:
         with pytest.raises(ProviderError) as err:
             await p.run_task("codegen", SPEC, codegen_prompt(SPEC), "claude-sonnet-4-6", 1)
@@ -147,6 +152,9 @@ async def test_failures_map_to_error_kinds_and_the_sdk_does_not_retry(
     assert says in str(err.value)
     # Billed output that was unusable keeps its usage, so its cost can still be counted.
     assert (err.value.usage is not None) == billed
+    if behaviour in STREAM_BREAKS:  # the endpoint's input count; the output from the 400 characters that came
+        assert err.value.usage == Usage(input_tokens=2100, output_tokens=FIRST_DELTA_CHARS // 4, cache_read_tokens=1500,
+                                        cache_write_tokens=300, estimated=True)
     assert err.value.retry_after_s == (fake_anthropic.retry_after_s if behaviour == "429" else None)
     assert len(fake_anthropic.requests) == 1  # max_retries=0: retrying is the pool worker's job
 
