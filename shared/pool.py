@@ -185,14 +185,24 @@ class PoolWorker:
         except asyncio.CancelledError:
             if not d.abandoned:
                 raise  # the service is stopping: the consumer gives the message back
-            # A call cut off is paid for what it used (the meter's count). Not in the document (the execution ended, or
-            # another delivery runs the task), but spent: counted.
-            self._observe("abandoned", (now() - d.started).total_seconds(), model, self._cost(model, meter.usage),
-                          meter.usage)
+            finished = now()
+            duration = (finished - d.started).total_seconds()
             if d.given_up:
+                self._observe("abandoned", duration, None, 0.0, Usage())
                 log.warning("abandoned: the broker handed the task on after %.1fs without a heartbeat (this "
                             "process was paused, or cut off); its redelivery runs it", self._silent_s(d), extra=d.ctx)
                 return
+            # Its execution ended (a cancel, the deadline) during the call: what the call had used is reported, and
+            # goes on the attempt the aggregator gave up as lost, as any late report's cost does.
+            usage = meter.usage
+            cost = self._cost(model, usage)
+            if cost:
+                report = TaskFailed(**d.head, started_at=d.started, finished_at=finished,
+                                    error="abandoned: its execution has ended", error_kind="deadline", final=True,
+                                    model=model, provider=self.provider.name, usage=usage, cost_usd=cost)
+                await publish_cost(self.rt.nats, self.rt.names, attempt_event(report))
+                await self._publish(d, report)
+            self._observe("abandoned", duration, model, cost, usage)
             await msg.ack()
             log.info("abandoned: its execution has ended", extra=d.ctx)
             return

@@ -20,7 +20,7 @@ import pytest
 from nats.js.api import DeliverPolicy
 
 from shared.schemas import CostIncurred
-from tests.conftest import Stack, stack_env, start_stack, stop_stack, write_config
+from tests.conftest import Stack, stack_env, start_stack, stop_stack, wait_until, write_config
 from tests.fake_anthropic import FIRST_DELTA_CHARS, FakeAnthropic
 
 pytestmark = pytest.mark.e2e
@@ -263,6 +263,43 @@ async def test_a_call_the_pools_timeout_cuts_off_is_paid_for_what_it_had_used(fa
     # Its cost event too: the two attempts and the synthesis.
     assert sorted((e.phase, e.attempt) for e in events) == [("synthesis", 1), ("task", 1), ("task", 2)]
     assert sum(e.cost_usd for e in events) == pytest.approx(doc["cost"]["total_usd"], abs=1e-8)
+
+
+async def test_a_call_a_cancel_cuts_off_is_paid_for_on_its_lost_attempt(fake_anthropic: FakeAnthropic,
+                                                                       tmp_path: Path, nats_url: str) -> None:
+    # It was counted nowhere (or, for a moment, in the metrics alone): the execution had ended.
+    fake = fake_anthropic
+    fake.task_chars = 2000
+    fake.next("task", "stall")
+    config = write_config(tmp_path / "config.json", {
+        "provider": "anthropic", "anthropic": {"base_url": fake.url, "timeout_s": 60}})
+    stack = start_stack(nats_url, "cx" + uuid.uuid4().hex[:8], tmp_path, "--config", str(config),
+                        env=stack_env(ANTHROPIC_API_KEY=KEY))
+
+    def doc() -> dict[str, Any]:
+        got: dict[str, Any] = httpx.get(f"{stack.url}/api/execution/{eid}", timeout=10).json()
+        return got
+
+    try:
+        r = httpx.post(f"{stack.url}/api/execute-parallel", timeout=30, json={
+            "message": "m", "tasks": [{"id": "api", "pool": "codegen", "description": "Build the API"}]})
+        eid = r.json()["execution_id"]
+        wait_until(lambda: fake.of("task") and doc()["tasks"][0]["status"] == "running", 20, "the call under way")
+        assert httpx.delete(f"{stack.url}/api/execution/{eid}", timeout=30).status_code == 200
+        wait_until(lambda: doc()["cost"]["total_usd"] > 0, 20, "the cut call's cost")
+        final, events = doc(), await cost_events(stack, eid, 1)
+    finally:
+        assert stop_stack(stack) == 0, stack.output()[-3000:]
+    assert final["status"] == "cancelled"
+    [attempt] = final["tasks"][0]["attempts"]
+    assert attempt["outcome"] == "lost" and attempt["error"].startswith("abandoned: cancelled")
+    assert attempt["usage"] == {"input_tokens": 2100, "output_tokens": FIRST_DELTA_CHARS // 4,
+                                "cache_read_tokens": 1500, "cache_write_tokens": 300, "estimated": True}
+    cut = (2100 * 3 + FIRST_DELTA_CHARS // 4 * 15 + 1500 * 0.3 + 300 * 3.75) / 1e6
+    assert attempt["cost_usd"] == pytest.approx(cut, abs=1e-12)
+    assert final["cost"]["total_usd"] == pytest.approx(cut, abs=1e-12)
+    assert [(e.phase, e.task_id, e.attempt) for e in events] == [("task", "api", 1)]
+    assert events[0].cost_usd == pytest.approx(cut, abs=1e-12)
 
 
 @pytest.mark.parametrize("chars", [400_000, 900_000])

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from pathlib import Path
 
 from nats.aio.client import Client as NATS
 
+from services.aggregator.handlers import AggregatorHandlers
 from shared.execution import (
     LOST_UNANNOUNCED,
     all_tasks_terminal,
@@ -20,7 +22,9 @@ from shared.execution import (
     queued,
 )
 from shared.names import Names
+from shared.providers import SimulatedProvider
 from shared.schemas import (
+    ConsumerAdvisory,
     CostIncurred,
     Execution,
     ExecutionCompleted,
@@ -31,9 +35,10 @@ from shared.schemas import (
     TaskOutput,
     TaskSpec,
     TaskStarted,
+    Usage,
     now,
 )
-from tests.conftest import service_runtime
+from tests.conftest import delivered, service_runtime
 
 T0 = now()
 
@@ -290,3 +295,39 @@ def test_the_cost_event_of_a_task_named_like_a_phase_is_not_taken_for_that_phase
               for phase in ("decomposition", "synthesis")}
     tasks = {CostIncurred(**task, phase="task", task_id=tid).msg_id() for tid in ("decomposition", "synthesis")}
     assert len(phases | tasks) == 4
+
+
+async def test_a_request_dead_lettered_after_its_plan_ends_what_is_open_and_still_counts_a_late_attempts_cost(
+    nc: NATS, names: Names, tmp_path: Path,
+) -> None:
+    # The PM stored the plan and sent a task, then failed on every delivery (a TASKS stream without quorum). The
+    # execution was failed with that task's attempt left running, and its paid report, coming later, was dropped.
+    rt = await service_runtime(nc, names, tmp_path)
+    h = AggregatorHandlers(rt, SimulatedProvider(rt.settings.pe))
+    req = ExecutionRequested(execution_id="deadreq", message="m", requested_at=T0,
+                             deadline_at=T0 + timedelta(hours=1))
+    ex = new_execution(req)
+    apply_plan(ex, [TaskSpec(id="api", pool="codegen", description="api"),
+                    TaskSpec(id="db", pool="database", description="db")], "client")
+    apply_result(ex, TaskStarted(execution_id=ex.execution_id, task_id="api", pool="codegen", attempt=1, worker="w",
+                                 started_at=T0))
+    await rt.executions.create(ex)
+    ack = await rt.jetstream.publish(names.execution_requested, req.to_bytes())
+    adv = {"type": "io.nats.jetstream.advisory.v1.max_deliver", "stream": names.executions_stream,
+           "consumer": names.pm_consumer, "stream_seq": ack.seq, "deliveries": 5}
+    subject = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{names.executions_stream}.{names.pm_consumer}"
+    await h.on_advisory(ConsumerAdvisory.model_validate(adv),
+                        await delivered(rt, subject, json.dumps(adv).encode(), names.advisories_stream))
+    stored = (await rt.executions.get(ex.execution_id))[0]  # type: ignore[index]
+    assert stored.status == "failed" and stored.final_response  # answered, from what was done (nothing here)
+    assert {t.id: t.status for t in stored.tasks} == {"api": "failed", "db": "failed"}
+    assert stored.tasks[0].attempts[0].outcome == "lost"
+    assert "its tasks could not all be sent" in (stored.tasks[0].error or "")
+
+    late = TaskCompleted(execution_id=ex.execution_id, task_id="api", pool="codegen", attempt=1, worker="w",
+                         started_at=T0, finished_at=now(), model="claude-sonnet-4-6", provider="anthropic",
+                         usage=Usage(input_tokens=50_000, output_tokens=10_000), cost_usd=0.30,
+                         output=TaskOutput(summary="api done"))
+    await h.on_result(late, await delivered(rt, names.results(ex.execution_id), late.to_bytes(), names.results_stream))
+    stored = (await rt.executions.get(ex.execution_id))[0]  # type: ignore[index]
+    assert stored.cost.total_usd == 0.30 and stored.tasks[0].status == "failed"

@@ -443,8 +443,15 @@ class AggregatorHandlers:
             req = ExecutionRequested.model_validate_json(data)
         except ValueError:
             return
-        reason = f"could not be planned: {adv.describe()}"
-        await self._apply(req.execution_id, lambda ex: fail_execution(ex, reason), msg, fresh=True)
+        def end(ex: Execution) -> bool:
+            if not ex.tasks:
+                return fail_execution(ex, f"could not be planned: {adv.describe()}")
+            # Planned, then the PM gave up on it (its tasks could not all be sent): what is still open ends as at
+            # the deadline, running attempts given up as lost (their late reports still add their cost), and the
+            # answer is made from what is done.
+            return expire(ex, f"its tasks could not all be sent: {adv.describe()}")
+
+        await self._apply(req.execution_id, end, msg, fresh=True)
 
     async def _answer(self, snapshot: Execution, msgs: Callable[[], Iterable[Msg]]) -> _Answer:
         """Aggregate and synthesize the final answer of ``snapshot``, whose tasks are all terminal."""
