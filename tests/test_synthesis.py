@@ -380,6 +380,36 @@ async def a_answers_after_b_cancelled(rt: Runtime, eid: str) -> None:
         await a.on_result(last, await delivered(rt, names.results(eid), last.to_bytes(), names.results_stream))
 
 
+async def test_the_replica_whose_answer_came_too_late_sends_the_cost_event_of_its_own_call_only(
+    nc: NATS, names: Names, fake_anthropic: FakeAnthropic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # It sent the other replica's too: a repeat the events stream drops within its duplicate window (600 s), and
+    # stores as a second event after it, for anyone adding them up.
+    from services.aggregator import handlers
+
+    rt = await anthropic_runtime(nc, names, tmp_path, fake_anthropic, monkeypatch)
+    eid = "latecall"
+    await rt.executions.create(execution(rt.settings.pe, eid, last_done=False))
+    sent: list[CostIncurred] = []
+    publish_cost = handlers.publish_cost
+
+    async def spied(nc: NATS, names: Names, event: CostIncurred) -> None:
+        sent.append(event)
+        await publish_cost(nc, names, event)
+
+    monkeypatch.setattr(handlers, "publish_cost", spied)
+    async with replicas(rt) as (a, b):
+        again = result(eid, "audit", "security", "started")  # changes nothing: A keeps the version it read
+        await a.on_result(again, await delivered(rt, names.results(eid), again.to_bytes(), names.results_stream))
+        stop = CancelExecution(execution_id=eid)
+        await b.on_cancel(stop, await delivered(rt, names.execution_cancel, stop.to_bytes(), names.executions_stream))
+        assert [(e.phase, e.attempt) for e in sent] == [("synthesis", 1)]  # B's answer, with its announcement
+        sent.clear()
+        last = result(eid, "audit", "security")
+        await a.on_result(last, await delivered(rt, names.results(eid), last.to_bytes(), names.results_stream))
+    assert [(e.phase, e.attempt) for e in sent] == [("synthesis", 2)]  # A's call, recorded after B's
+
+
 async def test_the_model_call_behind_an_answer_to_an_execution_another_replica_ended_is_still_counted(
     nc: NATS, names: Names, fake_anthropic: FakeAnthropic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -244,6 +244,7 @@ class AggregatorHandlers:
         concluded = False
         ended_before = False
         ended_elsewhere = False  # the write stores calls of answers to a version another replica had ended
+        superseded: set[str] = set()  # the ids of those calls (their cost events are this write's to publish)
         # A try whose write failed may have been stored all the same (NATS lost the acknowledgement): what it was to
         # announce, kept for the try that then finds nothing left to change. The retries of persist re-run the closures.
         latest: Execution | None = None  # the version of the latest try
@@ -282,6 +283,7 @@ class AggregatorHandlers:
                     answer.append((basis, await self._answer(ex, held)))
                 answer[-1][1].apply(ex)
             ended_elsewhere = bool(unused) and not concluded
+            superseded.update(c.id for c in unused)
             writing = writing or concluded or ended_elsewhere
             return concluded or ended_elsewhere
 
@@ -334,9 +336,12 @@ class AggregatorHandlers:
             _count_finished(ex)
         if ex.terminal and (not ended_before or await self._unannounced(ex, batch, stored_unseen)):
             await self._announce(ex, written)
-        elif ended_elsewhere:  # the announcement was made without these calls: their cost events (repeats are no-ops)
-            for event in call_events(execution_id, ex.calls, "synthesis"):
-                await publish_cost(self.rt.nats, names, event)
+        elif ended_elsewhere:  # the announcement was made without these calls: their cost events, and only theirs
+            # (the others went out with it; past the events' duplicate window a repeat would be stored again)
+            calls = [c for c in ex.calls if c.phase == "synthesis"]
+            for call, event in zip(calls, call_events(execution_id, ex.calls, "synthesis"), strict=True):
+                if call.id in superseded:
+                    await publish_cost(self.rt.nats, names, event)
         return ex, None if ex.terminal else (ex, revision)
 
     async def _unannounced(self, ex: Execution, batch: list[_Change], stored_unseen: bool = False) -> bool:
