@@ -20,7 +20,7 @@ import pytest
 from nats.js.api import DeliverPolicy
 
 from shared.schemas import CostIncurred
-from tests.conftest import Stack, stack_env, start_stack, stop_stack, wait_until, write_config
+from tests.conftest import Stack, stack_env, start_stack, stop_stack, until, write_config
 from tests.fake_anthropic import FIRST_DELTA_CHARS, FakeAnthropic
 
 pytestmark = pytest.mark.e2e
@@ -276,18 +276,26 @@ async def test_a_call_a_cancel_cuts_off_is_paid_for_on_its_lost_attempt(fake_ant
     stack = start_stack(nats_url, "cx" + uuid.uuid4().hex[:8], tmp_path, "--config", str(config),
                         env=stack_env(ANTHROPIC_API_KEY=KEY))
 
-    def doc() -> dict[str, Any]:
-        got: dict[str, Any] = httpx.get(f"{stack.url}/api/execution/{eid}", timeout=10).json()
-        return got
-
     try:
-        r = httpx.post(f"{stack.url}/api/execute-parallel", timeout=30, json={
-            "message": "m", "tasks": [{"id": "api", "pool": "codegen", "description": "Build the API"}]})
-        eid = r.json()["execution_id"]
-        wait_until(lambda: fake.of("task") and doc()["tasks"][0]["status"] == "running", 20, "the call under way")
-        assert httpx.delete(f"{stack.url}/api/execution/{eid}", timeout=30).status_code == 200
-        wait_until(lambda: doc()["cost"]["total_usd"] > 0, 20, "the cut call's cost")
-        final, events = doc(), await cost_events(stack, eid, 1)
+        async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
+            r = await client.post("/api/execute-parallel", json={
+                "message": "m", "tasks": [{"id": "api", "pool": "codegen", "description": "Build the API"}]})
+            eid = r.json()["execution_id"]
+
+            async def doc() -> dict[str, Any]:
+                got: dict[str, Any] = (await client.get(f"/api/execution/{eid}")).json()
+                return got
+
+            async def running() -> bool:
+                return bool(fake.of("task")) and (await doc())["tasks"][0]["status"] == "running"
+
+            async def paid() -> bool:
+                return bool((await doc())["cost"]["total_usd"] > 0)
+
+            await until(running, 20, "the call under way")
+            assert (await client.delete(f"/api/execution/{eid}")).status_code == 200
+            await until(paid, 20, "the cut call's cost")
+            final, events = await doc(), await cost_events(stack, eid, 1)
     finally:
         assert stop_stack(stack) == 0, stack.output()[-3000:]
     assert final["status"] == "cancelled"
