@@ -66,7 +66,6 @@ class Consumer(Generic[M]):
         self.error_delay_s = error_delay_s
         self.idle_fetch_s = idle_fetch_s
         self._in_flight: set[asyncio.Task[None]] = set()
-        self._stopping = False
         metrics.prime(metrics.DEAD_LETTERS, [(stream, durable)])
         self._waker: asyncio.Future[None] | None = None
 
@@ -98,8 +97,7 @@ class Consumer(Generic[M]):
                                    return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopping.cancel()
-            self._stopping = True
-            await pulls.close()  # what was delivered meanwhile is handed back (see _dispatch)
+            await pulls.close()  # what was delivered meanwhile is handled (see _dispatch)
             await self._finish(grace_s)
 
     def _wake(self) -> None:
@@ -107,10 +105,9 @@ class Consumer(Generic[M]):
             self._waker.set_result(None)
 
     def _dispatch(self, msg: Msg) -> None:
-        if self._stopping:  # arrived while the loop closes: to another replica at once, not after ack_wait
-            task = asyncio.create_task(msg.nak())
-        else:
-            task = asyncio.create_task(self._process(msg))
+        # One that arrives while the loop closes is handled too, within the grace period: handed back unrun, it
+        # would use up a delivery all the same (on a task's last, the broker would give up on the task).
+        task = asyncio.create_task(self._process(msg))
         self._in_flight.add(task)
         task.add_done_callback(self._done)
 

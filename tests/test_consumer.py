@@ -51,6 +51,51 @@ async def test_a_full_consumer_stops_when_told_and_gives_its_messages_back(nc: N
     assert again.data == b"one" and again.metadata.num_delivered == 2
 
 
+async def test_a_message_that_arrives_as_the_consumer_stops_is_run_not_handed_back(
+    nc: NATS, nats_url: str, names: Names,
+) -> None:
+    # Handed back unrun, it used up a delivery all the same: on a task's last one the broker gave up on the task,
+    # and its execution failed it as dead-lettered. max_deliver 1 makes every delivery the last.
+    js = nc.jetstream()
+    await ensure_streams(js, names)
+    subject = names.results("closing")
+    await js.add_consumer(names.results_stream, ConsumerConfig(durable_name="closing", filter_subject=subject,
+                                                               ack_policy=AckPolicy.EXPLICIT, ack_wait=60,
+                                                               max_deliver=1))
+    handled: list[bytes] = []
+
+    async def handle(data: bytes, msg: Msg) -> None:
+        handled.append(data)
+        await msg.ack()
+
+    def consumer() -> Consumer[bytes]:
+        return Consumer(nc, names, names.results_stream, "closing", lambda data: data, handle, capacity=1)
+
+    async def asking() -> bool:
+        return (await js.consumer_info(names.results_stream, "closing")).num_waiting > 0
+
+    publisher = await nats.connect(nats_url)
+    sent = [f"m{i}".encode() for i in range(20)]
+    try:
+        for data in sent:  # each: the loop's pull request open, then a message and the stop at once
+            stop = asyncio.Event()
+            loop = asyncio.create_task(consumer().run(stop, grace_s=5))
+            await until(asking, 5, "a pull request")
+            stop.set()  # the loop closes while the message is on its way
+            await publisher.jetstream().publish(subject, data)
+            await asyncio.wait_for(loop, 10)
+    finally:
+        await publisher.close()
+    stop = asyncio.Event()
+    loop = asyncio.create_task(consumer().run(stop))  # takes whatever the stopping loops left
+    try:
+        await until(lambda: len(handled) == len(sent), 10, f"every message run ({len(handled)} so far)")
+    finally:
+        stop.set()
+        await asyncio.wait_for(loop, 10)
+    assert sorted(handled) == sorted(sent)
+
+
 class _Beats(logging.Handler):
     """Counts failed heartbeats; ``third`` is set by the third."""
 
