@@ -7,8 +7,9 @@ unknown fields are ignored so an older reader accepts a newer writer's message.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -81,9 +82,13 @@ def _depth(value: Any) -> int:
 
 
 class TaskSpec(BaseModel):
-    """One task of a plan: what to do, in which pool, after which other tasks."""
+    """One task of a plan: what to do, in which pool, after which other tasks.
 
-    model_config = ConfigDict(extra="forbid")
+    As every message between the services, it ignores a field it does not know: one a newer version added (a
+    rolling upgrade, a rollback) must not make an older pool dead-letter the task. What a client or the
+    decomposition model writes is ``PlanTask``, which refuses it."""
+
+    model_config = ConfigDict(extra="ignore")
     id: TaskId
     pool: Pool
     description: str = Field(min_length=1, max_length=DESCRIPTION_MAX)
@@ -109,7 +114,7 @@ class TaskSpec(BaseModel):
         return context
 
     @classmethod
-    def for_request(cls, id: str, pool: Pool, lead: str, request: str, **fields: Any) -> TaskSpec:
+    def for_request(cls, id: str, pool: Pool, lead: str, request: str, **fields: Any) -> Self:
         """A task described as ``lead`` followed by the client's request. A request longer than a description
         may be (a message may be five times longer) is cut there; its message gives the agent the whole request
         in the context (``run_command``), from the execution, which stores it once for all its tasks."""
@@ -124,7 +129,7 @@ class TaskSpec(BaseModel):
         return self.description.endswith(CUT) and "request" not in self.context
 
 
-def check_plan(tasks: list[TaskSpec], max_tasks: int | None = None) -> None:
+def check_plan(tasks: Sequence[TaskSpec], max_tasks: int | None = None) -> None:
     """Raise PlanError unless ids are unique, dependencies exist, there is no cycle, and the size fits."""
     if not tasks:
         raise PlanError("the plan has no tasks; omit 'tasks' to let the PM plan the work")
@@ -162,11 +167,17 @@ def check_plan(tasks: list[TaskSpec], max_tasks: int | None = None) -> None:
             visit(t.id, [t.id])
 
 
+class PlanTask(TaskSpec):
+    """A task as a client's plan or the decomposition model gives it: a field it does not know is a mistake."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 class Plan(BaseModel):
     """A plan as the decomposition model returns it (the input of its ``submit_plan`` tool)."""
 
     model_config = ConfigDict(extra="forbid")
-    tasks: list[TaskSpec] = Field(description="the tasks, each in one pool, with dependencies by task id")
+    tasks: list[PlanTask] = Field(description="the tasks, each in one pool, with dependencies by task id")
 
 
 # ---------------------------------------------------------------- commands and events

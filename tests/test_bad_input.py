@@ -19,7 +19,7 @@ from nats.js.api import DeliverPolicy
 from services.gateway.access import LOCAL_TENANT, Caller
 from services.gateway.handlers import _execution_id
 from shared.natsserver import NatsServer, binary, free_port
-from shared.schemas import DeadLetter, ExecutionRequested, TaskSpec, now
+from shared.schemas import DeadLetter, ExecutionPlanned, ExecutionRequested, RunTask, TaskSpec, now
 from tests.conftest import ROOT, Stack, scrape, start_stack, stop_stack, until, wait_until, write_config
 
 pytestmark = pytest.mark.e2e
@@ -151,6 +151,8 @@ def test_unknown_execution_is_404(stack: Stack) -> None:
          "context.upstream must map task ids to their outputs"),
         ([{"id": "a", "pool": "codegen", "description": "x", "context": {"simulate": {"bogus": 1}}}],
          "tasks[0].context", "context.simulate: bogus: Extra inputs are not permitted"),
+        ([{"id": "a", "pool": "codegen", "description": "x", "priority": "high"}], "tasks[0].priority",
+         "Extra inputs are not permitted"),
         # Deeper than the services' own parsers go: a 500 at 256 levels, and from 200 a request the PM dead-lettered.
         ([{"id": "a", "pool": "codegen", "description": "x", "context": {"k": json.loads("[" * 200 + "]" * 200)}}],
          "tasks[0].context", "nested deeper than 32 levels"),
@@ -162,6 +164,17 @@ def test_invalid_plan_is_422_saying_which(stack: Stack, tasks: list[object], fie
     err = r.json()
     assert err["errors"][0]["field"] == field
     assert says in err["message"], err["message"]
+
+
+def test_a_field_a_newer_version_adds_to_a_task_is_ignored_where_services_read_it() -> None:
+    # A pool of the version before (a rolling upgrade, a rollback) dead-lettered every such task, and its execution
+    # waited for its deadline. A client's or the model's plan still refuses it (above).
+    sent = RunTask(execution_id="e1", task=TaskSpec(id="a", pool="codegen", description="x"), deadline_at=now())
+    wire = json.loads(sent.to_bytes())
+    wire["task"]["priority"] = "high"
+    assert RunTask.model_validate_json(json.dumps(wire)) == sent  # what the pool's consumer decodes with
+    planned = {"kind": "execution.planned", "execution_id": "e1", "planner": "llm", "tasks": [wire["task"]]}
+    assert ExecutionPlanned.model_validate(planned).tasks == [sent.task]
 
 
 async def test_garbage_on_a_task_subject_is_dead_lettered_and_the_pool_keeps_serving(stack: Stack) -> None:

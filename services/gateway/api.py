@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StringConstraints
 
-from shared.schemas import ExecutionMode, TaskSpec
+from shared.schemas import ExecutionMode, PlanTask
 
 # Not only whitespace (stripped, it would be empty): the schema says so with a pattern, validation with its own message.
 Message = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100_000),
@@ -24,7 +24,7 @@ class ExecuteRequest(BaseModel):
     session_key: str | None = Field(default=None, alias="sessionKey", max_length=256, description=SESSION_KEY)
     project: str | None = Field(default=None, max_length=256)
     force_parallel: StrictBool = False
-    tasks: list[TaskSpec] | None = Field(
+    tasks: list[PlanTask] | None = Field(
         default=None, description="your own plan; skips decomposition (validated like the PM's)",
         json_schema_extra={"minItems": 1},  # an empty plan is refused with a message of its own (check_plan)
     )

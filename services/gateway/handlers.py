@@ -39,8 +39,8 @@ from shared.schemas import (
     ExecutionDeadline,
     ExecutionRequested,
     ExecutionStatus,
+    PlanTask,
     Simulate,
-    TaskSpec,
     check_plan,
     now,
 )
@@ -417,7 +417,7 @@ async def chat(
     else:
         # The backward-compatible path: one agent — the pool the router picked — answers the whole message.
         req = ExecuteRequest(message=body.message, session_key=body.session_key, project=body.project,
-                             tasks=[TaskSpec.for_request("chat", r.pool, "", body.message)], mode="serial",
+                             tasks=[PlanTask.for_request("chat", r.pool, "", body.message)], mode="serial",
                              wait=body.wait, timeout_s=body.timeout_s)
     with held(request, who, req.wait):
         submitted, final = await _submit(rt, who, req, idempotency_key, request, routing)

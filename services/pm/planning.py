@@ -104,7 +104,7 @@ async def plan_request(req: ExecutionRequested, pe: ParallelExecutionConfig, pro
             failed = model_call(pe, "decomposition", reply.model, reply.provider, reply.usage, f"invalid plan: {e}")
         else:
             call = model_call(pe, "decomposition", reply.model, reply.provider, reply.usage)
-            return PlanOutcome(reply.plan.tasks, "llm", [call])
+            return PlanOutcome(list[TaskSpec](reply.plan.tasks), "llm", [call])
     assert failed is not None  # no reply comes with the failed call
     log.warning("decomposition not used (%s); planning by rules", failed.error, extra=ctx)
     try:
