@@ -18,6 +18,7 @@ from nats.js.api import DeliverPolicy
 
 from services.gateway.access import LOCAL_TENANT, Caller
 from services.gateway.handlers import _execution_id
+from shared.execution import apply_plan, new_execution
 from shared.natsserver import NatsServer, binary, free_port
 from shared.schemas import DeadLetter, ExecutionPlanned, ExecutionRequested, RunTask, TaskSpec, now
 from tests.conftest import ROOT, Stack, scrape, start_stack, stop_stack, until, wait_until, write_config
@@ -215,6 +216,46 @@ async def test_garbage_on_a_task_subject_is_dead_lettered_and_the_pool_keeps_ser
     r = await asyncio.to_thread(post, stack, {"message": "after garbage", "tasks": plan, "wait": True})
     assert r.json()["status"] == "completed"
     assert r.json()["tasks"][0]["worker"] == "codegen-1"
+
+
+async def test_an_invalid_task_or_request_naming_its_execution_ends_it_at_once_not_at_its_deadline(
+    stack: Stack,
+) -> None:
+    # Refused by its consumer as invalid, the message was dead-lettered, and its execution waited for its deadline
+    # (30 minutes by default) to end with "execution deadline exceeded".
+    names = stack.names
+    nc = NATS()
+    await nc.connect(stack.state()["nats_url"])  # type: ignore[arg-type]
+    js = nc.jetstream()
+    bucket = await js.key_value(names.kv_bucket)
+    planned, unplanned = f"badtask-{uuid.uuid4().hex[:8]}", f"badreq-{uuid.uuid4().hex[:8]}"
+    for eid in (planned, unplanned):
+        ex = new_execution(ExecutionRequested(execution_id=eid, message="m", deadline_at=now() + timedelta(hours=1)))
+        if eid == planned:  # stored as planned, its task queued; only the invalid message for it is sent
+            apply_plan(ex, [TaskSpec(id="api", pool="codegen", description="x")], "client")
+        await bucket.create(eid, ex.model_dump_json().encode())
+    try:
+        ended = {eid: await js.subscribe(names.completed_event(eid), deliver_policy=DeliverPolicy.ALL,
+                                         ordered_consumer=True) for eid in (planned, unplanned)}
+        await js.publish(names.tasks("codegen"), json.dumps(  # no deadline_at
+            {"kind": "task.run", "execution_id": planned, "task": {"id": "api", "pool": "codegen",
+                                                                    "description": "x"}}).encode())
+        await js.publish(names.execution_requested, json.dumps(  # a message that is not text
+            {"kind": "execution.requested", "execution_id": unplanned, "message": 42,
+             "deadline_at": now().isoformat()}).encode())
+        for sub in ended.values():
+            await sub.next_msg(timeout=20)
+    finally:
+        await nc.drain()
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as http:
+        task_doc, request_doc = [(await http.get(f"/api/execution/{eid}")).json() for eid in (planned, unplanned)]
+    [api] = task_doc["tasks"]
+    assert task_doc["status"] == "failed" and api["status"] == "failed" and task_doc["final_response"]
+    assert api["error"].startswith("dead-lettered: consumer codegen terminated it: payload does not validate: "
+                                   "deadline_at: Field required"), api["error"]
+    assert request_doc["status"] == "failed"
+    assert request_doc["error"].startswith("could not be planned: consumer pm terminated it: payload does not "
+                                           "validate: message: Input should be a valid string"), request_doc["error"]
 
 
 async def test_a_request_published_straight_to_nats_is_stored_planned_and_a_bad_plan_fails_saying_why(

@@ -322,7 +322,7 @@ async def test_a_request_dead_lettered_after_its_plan_ends_what_is_open_and_stil
     assert stored.status == "failed" and stored.final_response  # answered, from what was done (nothing here)
     assert {t.id: t.status for t in stored.tasks} == {"api": "failed", "db": "failed"}
     assert stored.tasks[0].attempts[0].outcome == "lost"
-    assert "its tasks could not all be sent" in (stored.tasks[0].error or "")
+    assert "its request was given up after it was planned" in (stored.tasks[0].error or "")
 
     late = TaskCompleted(execution_id=ex.execution_id, task_id="api", pool="codegen", attempt=1, worker="w",
                          started_at=T0, finished_at=now(), model="claude-sonnet-4-6", provider="anthropic",

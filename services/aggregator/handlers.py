@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from nats.aio.msg import Msg
 from nats.js.api import PubAck
@@ -35,6 +37,7 @@ from shared.execution import (
     run_msg_id,
 )
 from shared.failures import ON_EXHAUSTED
+from shared.names import POOLS
 from shared.providers import ModelProvider
 from shared.schemas import (
     TERMINAL_TASK,
@@ -44,10 +47,8 @@ from shared.schemas import (
     DeadLetter,
     Execution,
     ExecutionDeadline,
-    ExecutionRequested,
     LifecycleEvent,
     ModelCall,
-    RunTask,
     TaskCompleted,
     TaskFailed,
     TaskStarted,
@@ -419,44 +420,62 @@ class AggregatorHandlers:
         ack = await publish(js, names.dlq(adv.stream, adv.consumer), data, f"{adv.stream}:{adv.stream_seq}:dead")
         if not ack.duplicate:
             metrics.DEAD_LETTERS.labels(adv.stream, adv.consumer).inc()
-        if original is not None and original.data and adv.exhausted:
-            if adv.stream == names.tasks_stream:
-                await self._task_dead(adv, original.data)
+        data, subject, reason = (original.data or b"") if original else b"", letter.subject, adv.describe()
+        if not adv.exhausted:  # terminated by its consumer, whose own dead letter has the payload and the reason
+            kept = await self._kept_letter(adv)
+            if kept is not None:
+                data, subject = data or kept.payload.encode(), subject or kept.subject
+                reason = f"consumer {adv.consumer} terminated it: {kept.reason}"
+        if data and adv.stream == names.tasks_stream:
+            await self._task_dead(adv, data, reason)
+            if original is not None and adv.exhausted:
                 await js.delete_msg(adv.stream, adv.stream_seq)  # a work queue keeps what ran out of deliveries
-            elif adv.stream == names.executions_stream and original.subject == names.execution_requested:
-                await self._request_dead(adv, original.data, msg)
+        elif data and adv.stream == names.executions_stream and subject == names.execution_requested:
+            await self._request_dead(data, reason, msg)
         log.warning("dead-lettered %s seq %d: %s", letter.subject or adv.stream, adv.stream_seq, letter.reason)
         await msg.ack()
 
-    async def _task_dead(self, adv: ConsumerAdvisory, data: bytes) -> None:
-        """The task will never report: record its last attempt as failed for good."""
+    async def _kept_letter(self, adv: ConsumerAdvisory) -> DeadLetter | None:
+        """The dead letter the consumer stored before it terminated the message (the last on its subject)."""
+        names = self.rt.names
         try:
-            cmd = RunTask.model_validate_json(data)
-        except ValueError:
+            raw = await self.rt.jetstream.get_last_msg(names.dlq_stream, names.dlq(adv.stream, adv.consumer))
+            kept = DeadLetter.model_validate_json(raw.data or b"")
+        except (NotFoundError, ValueError):
+            return None
+        return kept if kept.stream_seq == adv.stream_seq else None
+
+    async def _task_dead(self, adv: ConsumerAdvisory, data: bytes, reason: str) -> None:
+        """The task will never report: record its last attempt as failed for good. Read loosely: a message its
+        pool refused as invalid still names its execution and task."""
+        eid, tid, pool = _loosely(data, "execution_id"), _loosely(data, "task", "id"), _loosely(data, "task", "pool")
+        if eid is None or tid is None or pool not in POOLS:
             return
         at = now()
-        failed = TaskFailed(execution_id=cmd.execution_id, task_id=cmd.task.id, pool=cmd.task.pool,
-                            attempt=max(1, adv.deliveries), worker="dead-letter", started_at=at, finished_at=at,
-                            error=f"dead-lettered: {adv.describe()}", error_kind="dead_letter", final=True,
-                            strategy=ON_EXHAUSTED[cmd.task.pool].value)
+        try:
+            failed = TaskFailed(execution_id=eid, task_id=tid, pool=pool, attempt=max(1, adv.deliveries),
+                                worker="dead-letter", started_at=at, finished_at=at, error=f"dead-lettered: {reason}",
+                                error_kind="dead_letter", final=True, strategy=ON_EXHAUSTED[pool].value)
+        except ValueError:  # ids no execution could have
+            return
         # Its own msg-id: the worker may be alive after all (heartbeats that could not reach NATS) and report its
         # attempt, paid, with the attempt's msg-id. Dropped as a repeat of this one, its cost would be lost.
-        await publish(self.rt.jetstream, self.rt.names.results(cmd.execution_id), failed, f"{failed.msg_id()}:dead")
+        await publish(self.rt.jetstream, self.rt.names.results(eid), failed, f"{failed.msg_id()}:dead")
 
-    async def _request_dead(self, adv: ConsumerAdvisory, data: bytes, msg: Msg) -> None:
-        try:
-            req = ExecutionRequested.model_validate_json(data)
-        except ValueError:
+    async def _request_dead(self, data: bytes, reason: str, msg: Msg) -> None:
+        eid = _loosely(data, "execution_id")  # loosely too: the PM may have refused the request as invalid
+        if eid is None:
             return
+
         def end(ex: Execution) -> bool:
             if not ex.tasks:
-                return fail_execution(ex, f"could not be planned: {adv.describe()}")
+                return fail_execution(ex, f"could not be planned: {reason}")
             # Planned, then the PM gave up on it (its tasks could not all be sent): what is still open ends as at
             # the deadline, running attempts given up as lost (their late reports still add their cost), and the
             # answer is made from what is done.
-            return expire(ex, f"its tasks could not all be sent: {adv.describe()}")
+            return expire(ex, f"its request was given up after it was planned: {reason}")
 
-        await self._apply(req.execution_id, end, msg, fresh=True)
+        await self._apply(eid, end, msg, fresh=True)
 
     async def _answer(self, snapshot: Execution, msgs: Callable[[], Iterable[Msg]]) -> _Answer:
         """Aggregate and synthesize the final answer of ``snapshot``, whose tasks are all terminal."""
@@ -481,3 +500,14 @@ class AggregatorHandlers:
                        LifecycleEvent(kind="conflict", execution_id=eid, data=conflict.model_dump()),
                        f"{eid}:conflict:{i}")
         await self.rt.announce_completed(ex, document)
+
+
+def _loosely(data: bytes, *path: str) -> str | None:
+    """A text field of a message that may not validate as a whole (what names its execution and task)."""
+    try:
+        value: Any = json.loads(data)
+        for key in path:
+            value = value[key]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, str) else None
