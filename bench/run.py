@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import shlex
 import sys
@@ -152,6 +153,9 @@ def options_from(args: Any) -> Options:
     bad = [x for x in parts if x not in PARTS]
     if bad:
         raise ValueError(f"unknown part(s) {bad}: choose from {', '.join(PARTS)}")
+    if not args.no_charts and importlib.util.find_spec("matplotlib") is None:  # found out now, not after the run
+        raise ValueError("the charts need matplotlib, from the bench extra: `make bench`, or "
+                         "`pip install -e '.[bench]'`; or pass --no-charts")
     return Options(
         time_factor=args.time_factor, runs=args.runs, overhead_n=args.overhead_n,
         throughput_n=args.throughput_n, throughput_runs=args.throughput_runs, concurrency=args.concurrency,

@@ -73,7 +73,8 @@ async def submit_and_follow(base_url: str, message: str, *, force_parallel: bool
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=httpx.Timeout(30, read=None)) as client:
         r = await client.post("/api/execute-parallel", json={"message": message, "force_parallel": force_parallel})
         if r.status_code >= 400:
-            raise RuntimeError(f"gateway refused the request ({r.status_code}): {_message(r)}")
+            hint = " (give the key with --api-key or $OPENCLAW_API_KEY)" if r.status_code == 401 else ""
+            raise RuntimeError(f"gateway refused the request ({r.status_code}): {_message(r)}{hint}")
         doc = r.json()
         print(f"execution {doc['execution_id']}: {doc['status']}, {len(doc['tasks'])} task(s) planned by "
               f"{doc.get('planner')}")
@@ -157,7 +158,7 @@ async def _up(args: argparse.Namespace) -> int:
             code = 128 + signalled[0]
         else:
             logging.getLogger("openclaw").error("%s", e)
-            code = 1
+            code = 2 if stack.misconfigured else 1  # a service's configuration error is the stack's
     finally:
         await stack.stop()
     return code
@@ -307,7 +308,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except httpx.HTTPError as e:  # run / status: the gateway unreachable, or not speaking HTTP
         where = f" ({e.request.url})" if _has_request(e) else ""
-        print(f"openclaw: {str(e) or type(e).__name__}{where}", file=sys.stderr)
+        hint = "; is a gateway running there? `openclaw up` starts one, --url names another" if isinstance(
+            e, httpx.ConnectError) else ""
+        print(f"openclaw: {str(e) or type(e).__name__}{where}{hint}", file=sys.stderr)
         sys.exit(1)
     except RuntimeError as e:  # the gateway refusing
         print(f"openclaw: {str(e) or type(e).__name__}", file=sys.stderr)

@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from shared.errors import ConfigError
+from shared.errors import ConfigError, said
 from shared.names import POOLS, Pool
 
 DAY_S = 86_400.0  # no duration in the configuration may be longer (nor infinite, nor NaN)
@@ -86,15 +86,22 @@ class Retries(_Strict):
         return self.backoff_s[min(attempt, len(self.backoff_s)) - 1]
 
 
+SIMULATED_LATENCY_S = {"codegen": 1.2, "security": 0.9, "database": 0.7, "pm": 0.0}
+
+
 class Simulated(_Strict):
     """Timings of the offline provider, per pool and for the PM's own calls."""
 
-    latency_s: dict[str, Seconds] = Field(
-        default_factory=lambda: {"codegen": 1.2, "security": 0.9, "database": 0.7, "pm": 0.0}
-    )
+    latency_s: dict[str, Seconds] = Field(default_factory=lambda: dict(SIMULATED_LATENCY_S))
     faults: bool = Field(default=True, description="whether a client's context.simulate may ask for faults (a worker "
                          "that dies, hangs, raises or fails): for tests and demonstrations; off where clients are not "
                          "trusted, as one tenant's directive would kill the workers every tenant shares")
+
+    @field_validator("latency_s", mode="before")
+    @classmethod
+    def _over_the_default_latencies(cls, value: Any) -> Any:
+        """``{"codegen": 0.1}`` changes codegen's latency and keeps the others'."""
+        return {**SIMULATED_LATENCY_S, **value} if isinstance(value, dict) else value
 
     @model_validator(mode="after")
     def _known_roles(self) -> Simulated:
@@ -189,6 +196,12 @@ class ParallelExecutionConfig(_Strict):
     retries: Retries = Retries()
     simulated: Simulated = Simulated()
     pricing: dict[str, Price] = Field(default_factory=_default_prices)
+
+    @field_validator("pricing", mode="before")
+    @classmethod
+    def _over_the_built_in_prices(cls, value: Any) -> Any:
+        """A model named here gets this price; the built-in ones keep theirs (a new model is one entry)."""
+        return {**_default_prices(), **value} if isinstance(value, dict) else value
     gateway: Gateway = Gateway()
 
     def price(self, model: str) -> Price:
@@ -238,7 +251,7 @@ def _describe(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
-        parts.append(f"{loc}: {e['msg']}" if loc else e["msg"])
+        parts.append(f"{loc}: {said(e)}" if loc else said(e))
     return "; ".join(parts)
 
 

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from shared import metrics
 from shared.bus import publish
+from shared.errors import said
 from shared.names import Names
 from shared.schemas import DeadLetter
 from shared.sizes import fit, message_limit
@@ -313,6 +314,6 @@ def redelivered(msg: Msg) -> bool:
 def _short(e: Exception) -> str:
     if isinstance(e, ValidationError):
         return "; ".join(
-            f"{'.'.join(str(p) for p in x['loc']) or 'payload'}: {x['msg']}" for x in e.errors()[:5]
+            f"{'.'.join(str(p) for p in x['loc']) or 'payload'}: {said(x)}" for x in e.errors()[:5]
         )
     return str(e)[:500]

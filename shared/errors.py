@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -20,3 +21,8 @@ class PlanError(OpenClawError):
     def __init__(self, message: str, calls: list[Any] | None = None) -> None:
         super().__init__(message)
         self.calls = calls or []
+
+
+def said(error: Mapping[str, Any]) -> str:
+    """What one of pydantic's errors says, without the "Value error, " it puts before a validator's own words."""
+    return str(error["msg"]).removeprefix("Value error, ")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from pydantic import BaseModel, ValidationError
 
 from shared.config import MISSING_API_KEY, ParallelExecutionConfig
-from shared.errors import ConfigError, OpenClawError
+from shared.errors import ConfigError, OpenClawError, said
 from shared.names import Pool
 from shared.schemas import Artifact, ErrorKind, Finding, Plan, Recommendation, Simulate, TaskOutput, TaskSpec, Usage
 
@@ -359,7 +359,7 @@ def _tool_input(msg: Message, tool: str, usage: Usage) -> dict[str, Any]:
 
 
 def _validation(tool: str, e: ValidationError) -> str:
-    where = "; ".join(f"{'.'.join(str(p) for p in x['loc']) or 'input'}: {x['msg']}" for x in e.errors()[:5])
+    where = "; ".join(f"{'.'.join(str(p) for p in x['loc']) or 'input'}: {said(x)}" for x in e.errors()[:5])
     return f"invalid {tool} input: {where}"
 
 

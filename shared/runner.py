@@ -100,6 +100,7 @@ class Stack:
         self.server: NatsServer | None = None
         self.children: list[Child] = []
         self.stopping = asyncio.Event()
+        self.misconfigured: str | None = None  # the child that exited with a configuration error (status 2)
         self._supervisors: list[asyncio.Task[None]] = []
         self._server_watch: asyncio.Task[None] | None = None
         self.passwords = natsauth.passwords(os.environ) if opts.nats_auth else {}
@@ -209,6 +210,7 @@ class Stack:
                 return
             if code == 2:
                 log.error("%s exited with status 2 (bad configuration): not restarting; stopping", child.name)
+                self.misconfigured = child.name
                 self.stopping.set()
                 return
             if loop.time() - began > HEALTHY_AFTER_S:

@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from shared.errors import PlanError
+from shared.errors import PlanError, said
 from shared.names import Pool
 
 SCHEMA_VERSION = 1
@@ -110,7 +110,7 @@ class TaskSpec(BaseModel):
                 Simulate.model_validate(context["simulate"])
             except ValidationError as e:
                 raise ValueError("context.simulate: " + "; ".join(
-                    f"{'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']}" for err in e.errors())) from None
+                    f"{'.'.join(map(str, err['loc'])) or 'value'}: {said(err)}" for err in e.errors())) from None
         return context
 
     @classmethod

@@ -15,7 +15,7 @@ from pydantic import AliasChoices, Field, FilePath, SecretStr, ValidationError, 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.config import MISSING_API_KEY, ParallelExecutionConfig, load_config
-from shared.errors import ConfigError
+from shared.errors import ConfigError, said
 from shared.names import Names
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -153,14 +153,16 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     """OPENCLAW_* variables nothing reads (a misspelt name would otherwise leave its setting at the default),
     each with the known name it most resembles."""
     known = variables()
+    # The services' own settings only, compared without the prefix every one of them shares.
+    suffixes = sorted(v.removeprefix("OPENCLAW_") for v in known)
     out = []
     for key in sorted(environ):
         name = key.upper()  # pydantic-settings reads the environment case-insensitively
         if (not name.startswith("OPENCLAW_") or name in known or name in READ_ELSEWHERE
                 or name.startswith(READ_ELSEWHERE_PREFIX) or SERVICE_LINK.fullmatch(name)):
             continue
-        near = difflib.get_close_matches(name, sorted(known | set(READ_ELSEWHERE)), n=1, cutoff=0.75)
-        out.append(f"{key} (did you mean {near[0]}?)" if near else key)
+        near = difflib.get_close_matches(name.removeprefix("OPENCLAW_"), suffixes, n=1, cutoff=0.75)
+        out.append(f"{key} (did you mean OPENCLAW_{near[0]}?)" if near else key)
     return out
 
 
@@ -174,7 +176,7 @@ def load_settings(models: bool = True, **overrides: object) -> Settings:
     try:
         s = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as e:
-        bad = "; ".join(f"{_variable(x['loc'])}: {x['msg']}" if x["loc"] else x["msg"] for x in e.errors())
+        bad = "; ".join(f"{_variable(x['loc'])}: {said(x)}" if x["loc"] else said(x) for x in e.errors())
         raise ConfigError(f"invalid environment: {bad}") from None
     pe = s.pe  # loads and validates config.json now
     if models and pe.provider == "anthropic" and not s.anthropic_api_key:

@@ -133,3 +133,19 @@ def test_a_plan_that_allows_exactly_two_times_is_held_to_two_times_whatever_the_
         res = SimpleNamespace(scenarios=[r], overhead=None, throughput=None, routing_ms=[], load=None, soak=None)
         [_, speedup, _] = report.summary_rows(res)  # type: ignore[arg-type]
         assert speedup[1:] == ("≥ 2.0× (the plan allows 2.000× exactly)", "1.993× (2.017 s → 1.012 s)", "**no**")
+
+
+def test_charts_without_matplotlib_are_refused_before_anything_is_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    # It measured for minutes, then failed importing matplotlib before writing anything.
+    import argparse
+    import importlib.util
+
+    from bench import run
+
+    parser = argparse.ArgumentParser()
+    run.add_arguments(parser)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(run.importlib.util, "find_spec", lambda name: None if name == "matplotlib" else real(name))
+    with pytest.raises(ValueError, match=r"the charts need matplotlib, from the bench extra: `make bench`"):
+        run.options_from(parser.parse_args(["--only", "routing"]))
+    assert not run.options_from(parser.parse_args(["--only", "routing", "--no-charts"])).charts

@@ -37,6 +37,13 @@ def test_file_overrides_and_ignores_other_sections(tmp_path: Path) -> None:
     pools = load_config(path).worker_pools
     assert pools.database.max_concurrent == 4 and pools.database.timeout == 180
     assert pools.database.model == "claude-sonnet-4-6" and pools.codegen.max_concurrent == 3
+    # So do prices and simulated latencies: a model of one's own is one entry, not every price again.
+    path.write_text('{"parallel_execution": {"pricing": {"my-model": {"input": 1, "output": 2}, '
+                    '"claude-sonnet-4-6": {"input": 2, "output": 10}}, "simulated": {"latency_s": {"codegen": 0.1}}}}')
+    pe = load_config(path)
+    assert pe.price("my-model").output == 2 and pe.price("claude-sonnet-4-6").input == 2
+    assert pe.price("claude-opus-4-6").output == 25  # built in, kept
+    assert pe.simulated.latency_s == {"codegen": 0.1, "security": 0.9, "database": 0.7, "pm": 0.0}
 
 
 @pytest.mark.parametrize(
@@ -100,11 +107,11 @@ def test_settings_read_openclaw_config_from_env(tmp_path: Path, monkeypatch: pyt
 
 def test_bad_environment_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENCLAW_NATS_URL", "http://nats:4222")
-    with pytest.raises(ConfigError, match="environment: OPENCLAW_NATS_URL: Value error, must start with nats://"):
+    with pytest.raises(ConfigError, match="environment: OPENCLAW_NATS_URL: must start with nats://"):
         load_settings()
     monkeypatch.delenv("OPENCLAW_NATS_URL")
     monkeypatch.setenv("OPENCLAW_LOG_LEVEL", "loud")  # every service crash-looped on it
-    with pytest.raises(ConfigError, match="environment: OPENCLAW_LOG_LEVEL: Value error, must be one of DEBUG"):
+    with pytest.raises(ConfigError, match="environment: OPENCLAW_LOG_LEVEL: must be one of DEBUG"):
         load_settings()
 
 
@@ -117,10 +124,15 @@ def test_a_misspelt_variable_stops_start_up_naming_the_one_meant(monkeypatch: py
         load_settings()
     monkeypatch.delenv("OPENCLAW_NATS_URI")
     monkeypatch.delenv("openclaw_strem_replicas")
-    monkeypatch.setenv("OPENCLAW_ZZZ", "1")
-    with pytest.raises(ConfigError, match=r"variable\(s\): OPENCLAW_ZZZ; the variables read are listed"):
+    monkeypatch.setenv("OPENCLAW_FOO", "1")  # like nothing: no guess (OPENCLAW_PORT shares only the prefix)
+    with pytest.raises(ConfigError, match=r"variable\(s\): OPENCLAW_FOO; the variables read are listed"):
         load_settings()
-    monkeypatch.delenv("OPENCLAW_ZZZ")
+    monkeypatch.delenv("OPENCLAW_FOO")
+    # The gateway's keys, not the command line's one (which leaves the gateway open in local mode).
+    monkeypatch.setenv("OPENCLAW_API_KEYZ", "acme=k-0123456789abcdef")
+    with pytest.raises(ConfigError, match=r"OPENCLAW_API_KEYZ \(did you mean OPENCLAW_API_KEYS\?\)"):
+        load_settings()
+    monkeypatch.delenv("OPENCLAW_API_KEYZ")
     # Read by others (the command line, the NATS auth file, the tests), or put there by Kubernetes for a Service.
     for key in ("OPENCLAW_API_KEY", "OPENCLAW_NATS_PASSWORD_CODEGEN", "OPENCLAW_TEST_DOCKER",
                 "OPENCLAW_GATEWAY_SERVICE_HOST", "OPENCLAW_GATEWAY_SERVICE_PORT", "OPENCLAW_GATEWAY_SERVICE_PORT_HTTP",

@@ -176,6 +176,18 @@ def test_up_refuses_a_bad_config_before_starting_anything(tmp_path: Path) -> Non
     assert not port_open(nats_port)
 
 
+def test_a_service_that_stops_the_stack_on_its_configuration_makes_up_exit_2_too(tmp_path: Path) -> None:
+    # Only the service can tell (the gateway parses its keys): the stack stopped, and up said 1, as for a crash.
+    r = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "up", "--once", "--nats-port", "0", "--gateway-port", "0",
+         "--data-dir", str(tmp_path / "d")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env=stack_env(OPENCLAW_API_KEYS=" , "),
+    )
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out[-3000:]
+    assert "OPENCLAW_API_KEYS is set but empty" in out and "stack stopped during start-up" in out
+
+
 def test_up_will_not_take_a_port_someone_else_listens_on_for_its_nats_server(tmp_path: Path) -> None:
     # Waiting for the port would have found the other listener, and the services would have joined its streams.
     with socket.socket() as other:
@@ -232,6 +244,7 @@ def test_run_and_status_against_a_running_gateway(nats_url: str, tmp_path: Path)
     gone = subprocess.run([sys.executable, "-m", "shared.cli", "run", "anything", "--url", stack.url], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert gone.returncode == 1 and gone.stderr.startswith("openclaw: ") and "Traceback" not in gone.stderr
+    assert "is a gateway running there? `openclaw up` starts one" in gone.stderr
 
 
 @pytest.mark.parametrize(("environment", "expected"), [({}, "1"), ({"GOMAXPROCS": "2"}, "2")])

@@ -18,7 +18,7 @@ from services.gateway.access import LOCAL_TENANT, ApiKeys, OpenLimit, RateLimite
 from services.gateway.handlers import identify, router
 from services.gateway.limits import BodySizeLimit, RequestMetrics
 from shared.consumer import UNAVAILABLE
-from shared.errors import ConfigError
+from shared.errors import ConfigError, said
 from shared.service import Runtime, Workers, run_service
 from shared.settings import Settings
 
@@ -41,8 +41,8 @@ def _error(e: Mapping[str, Any]) -> dict[str, str]:
         where = e["loc"][-1]
         return {"field": "body", "message": f"not valid JSON (at character {where}): {e.get('ctx', {}).get('error')}"}
     if e["loc"][0] == "header":  # as HTTP spells it, not as the ASGI scope lower-cases it
-        return {"field": "-".join(w.capitalize() for w in str(e["loc"][-1]).split("-")), "message": e["msg"]}
-    return {"field": _field(tuple(e["loc"])), "message": e["msg"]}
+        return {"field": "-".join(w.capitalize() for w in str(e["loc"][-1]).split("-")), "message": said(e)}
+    return {"field": _field(tuple(e["loc"])), "message": said(e)}
 
 
 def create_app(settings: Settings) -> FastAPI:
