@@ -142,8 +142,8 @@ class AnthropicConfig(_Strict):
     base_url: str | None = Field(
         default=None, pattern=r"^https?://", description="any Messages-API-compatible endpoint; default: the SDK's"
     )
-    timeout_s: float = Field(default=600, gt=0, le=DAY_S, description="how long the endpoint may stay silent in a "
-                             "call (answers are streamed); a timeout is a failed attempt")
+    timeout_s: float = Field(default=600, gt=0, le=DAY_S, description="per call, the whole of it; a timeout is a "
+                             "failed attempt")
     max_tokens: int = Field(default=16_000, ge=1, le=128_000, description="per call, thinking included")
 
 
@@ -186,8 +186,8 @@ class ParallelExecutionConfig(_Strict):
         "waits up to this long for the execution's next change, to be stored with it (one write instead of several); "
         "0 stores each at once")
     shutdown_grace_s: float = Field(
-        default=10, ge=0, le=DAY_S, description="on SIGTERM a service takes no new message and gives the running ones "
-        "this long to finish; what still runs then (a model call) is handed back for another replica, which counts as "
+        default=10, ge=0, le=DAY_S, description="on SIGTERM a service asks for no new message (one already on its way is "
+        "run too) and gives the running ones this long to finish; what still runs then (a model call) is handed back for another replica, which counts as "
         "a delivery, so as one of the task's attempts. Above the pools' timeout, a rollout never cuts an attempt "
         "short (the Kubernetes config does so). Keep the Deployments' terminationGracePeriodSeconds above it")
     worker_pools: WorkerPools = WorkerPools()

@@ -183,8 +183,9 @@ class PoolWorker:
         try:
             reply = await run
         except asyncio.CancelledError:
-            if not d.abandoned:
-                raise  # the service is stopping: the consumer gives the message back
+            if not d.abandoned:  # the service is stopping: the consumer gives the message back
+                await self._cut_by_stop(d, model, meter)
+                raise
             finished = now()
             duration = (finished - d.started).total_seconds()
             if d.given_up:
@@ -331,6 +332,24 @@ class PoolWorker:
         if connected:
             d.beat_at = sent
         return connected
+
+    async def _cut_by_stop(self, d: _Delivery, model: str, meter: Meter) -> None:
+        """The service stopped with the attempt's call under way (its shutdown grace ran out): the attempt failed,
+        at what the call had used, and the redelivery runs it again. Said once, not kept through an outage: the
+        stop does not wait for NATS."""
+        cost = self._cost(model, meter.usage)
+        self._observe("retried", (now() - d.started).total_seconds(), model, cost, meter.usage)
+        if not cost:
+            return
+        report = TaskFailed(**d.head, started_at=d.started, finished_at=now(), error="cut off: the service stopped "
+                            "before the attempt finished (shutdown_grace_s); it runs again", error_kind="server",
+                            final=False, strategy="retry", retry_in_s=0, model=model, provider=self.provider.name,
+                            usage=meter.usage, cost_usd=cost)
+        try:
+            await publish_cost(self.rt.nats, self.rt.names, attempt_event(report))
+            await publish(self.rt.jetstream, self.rt.names.results(d.cmd.execution_id), report, report.msg_id())
+        except Exception as e:  # noqa: BLE001 - stopping all the same; the call's cost is what is lost
+            log.warning("could not report the attempt cut off by the stop: %s", e, extra=d.ctx)
 
     async def _publish(self, d: _Delivery, result: TaskCompleted | TaskFailed) -> None:
         """Publish the attempt's result, cut to fit a message, and kept through an outage (see ``persist``)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import logging
 import os
 import re
@@ -102,32 +103,67 @@ def _tokens(text: str) -> int:
 
 
 class Meter:
-    """What one model call has used so far, kept up to date as it runs, so that a caller that cuts the call off (the
-    pool's timeout) still records what was consumed. The input is counted once the model has started (the API's
-    ``message_start``); until the API gives the output count at the end (``message_delta``), the output is estimated
-    from what has arrived, at about four characters a token."""
+    """What one model call has produced so far, kept up to date as it runs, so that a caller that cuts the call off
+    (the pool's timeout) still records what was consumed. The input is counted once the model has started (the
+    API's ``message_start``); until the API gives the output count at the end (``message_delta``), the output is
+    estimated from what has arrived, at about four characters a token. Fed a Messages API stream's events, it also
+    puts the message together: each tool's input is parsed once, at the end of its block (the SDK's own helper
+    parses the input so far at every delta, which costs the square of its length)."""
 
     def __init__(self) -> None:
         self._start: Usage | None = None
         self._chars = 0
         self._output: int | None = None
+        self._message: Message | None = None
+        self._json: dict[int, list[str]] = {}
 
     def start(self, usage: Usage) -> None:
         self._start = usage
 
     def see(self, event: Any) -> None:
-        """One event of a Messages API stream."""
-        if event.type == "message_start":
-            u = event.message.usage
+        """One event of a Messages API stream (an event out of place raises: the stream is malformed)."""
+        kind = event.type
+        if kind == "message_start":
+            self._message = msg = event.message
+            u = msg.usage
             self.start(Usage(input_tokens=u.input_tokens, output_tokens=u.output_tokens or 0,
                              cache_read_tokens=u.cache_read_input_tokens or 0,
                              cache_write_tokens=u.cache_creation_input_tokens or 0))
-        elif event.type == "content_block_delta":
-            d = event.delta
-            self._chars += len(getattr(d, "text", None) or getattr(d, "partial_json", None)
-                               or getattr(d, "thinking", None) or "")
-        elif event.type == "message_delta":
-            self._output = event.usage.output_tokens
+            return
+        if kind in ("ping", "message_stop"):
+            return
+        msg = self._message
+        if msg is None:
+            raise ValueError(f"{kind} before message_start")
+        if kind == "content_block_start":
+            msg.content.append(event.content_block)
+        elif kind == "content_block_delta":
+            block, d = msg.content[event.index], event.delta
+            if d.type == "text_delta":
+                block.text += d.text
+                self._chars += len(d.text)
+            elif d.type == "thinking_delta":
+                block.thinking += d.thinking
+                self._chars += len(d.thinking)
+            elif d.type == "signature_delta":
+                block.signature = d.signature
+            elif d.type == "input_json_delta":
+                self._json.setdefault(event.index, []).append(d.partial_json)
+                self._chars += len(d.partial_json)
+        elif kind == "content_block_stop":
+            parts = self._json.pop(event.index, None)
+            if parts is not None:
+                msg.content[event.index].input = json.loads("".join(parts) or "{}")
+        elif kind == "message_delta":
+            msg.stop_reason, msg.stop_sequence = event.delta.stop_reason, event.delta.stop_sequence
+            self._output = msg.usage.output_tokens = event.usage.output_tokens
+            for name in ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"):
+                if getattr(event.usage, name, None) is not None:  # counts given again at the end are the totals
+                    setattr(msg.usage, name, getattr(event.usage, name))
+
+    def answer(self) -> Message | None:
+        """The message as it stands (the whole of it once the stream has ended)."""
+        return self._message
 
     @property
     def usage(self) -> Usage:
@@ -317,7 +353,10 @@ def _status_kind(status: int, should_retry: str | None = None) -> ErrorKind:
 
 # The error types an error event in a stream names (the body an HTTP status would have carried).
 STREAM_ERRORS: dict[str, ErrorKind] = {"overloaded_error": "overloaded", "rate_limit_error": "rate_limit",
-                                       "api_error": "server", "timeout_error": "timeout"}
+                                       "api_error": "server", "timeout_error": "timeout",
+                                       "invalid_request_error": "request", "authentication_error": "request",
+                                       "permission_error": "request", "billing_error": "request",
+                                       "not_found_error": "model_unavailable"}
 
 
 def _stream_error_kind(body: object) -> ErrorKind:
@@ -401,24 +440,24 @@ class AnthropicProvider:
         return msg, usage
 
     async def _create(self, model: str, prompt: Prompt, meter: Meter, **extra: Any) -> Message:
-        """The call, streamed: ``meter`` follows what it uses as it goes (a call cut off is still paid for), and
-        ``anthropic.timeout_s`` is how long the endpoint may stay silent, not how long a long answer may take."""
+        """The call, streamed, so that ``meter`` follows what it uses as it goes (a call cut off is still paid
+        for) and puts the message together; ``anthropic.timeout_s`` bounds the whole of it."""
         import anthropic  # already loaded by __init__
         import httpx2  # the SDK's HTTP client: what breaks while a stream is read comes from it unwrapped
 
         messages: list[MessageParam] = [{"role": "user", "content": prompt.user}]
         try:
-            async with self.client.messages.stream(
-                model=model, max_tokens=self.cfg.max_tokens, system=self._system(prompt.system),
-                messages=messages, **extra,
-            ) as stream:
-                async for event in stream:
-                    meter.see(event)
-                if meter.billed is None:
-                    raise ProviderError(f"{model}: malformed response: no message in the stream", "invalid_output")
-                msg = await stream.get_final_message()
-        except (anthropic.APITimeoutError, httpx2.TimeoutException):
-            raise ProviderError(f"{model} was silent for {self.cfg.timeout_s:g}s", "timeout", meter.billed) from None
+            async with asyncio.timeout(self.cfg.timeout_s):
+                stream = await self.client.messages.create(
+                    model=model, max_tokens=self.cfg.max_tokens, system=self._system(prompt.system),
+                    messages=messages, stream=True, **extra,
+                )
+                async with stream:
+                    async for event in stream:
+                        meter.see(event)
+        except (anthropic.APITimeoutError, httpx2.TimeoutException, TimeoutError):
+            raise ProviderError(f"{model} did not answer within {self.cfg.timeout_s:g}s", "timeout",
+                                meter.billed) from None
         except anthropic.APIStatusError as e:
             if e.status_code < 400:  # an error event in the stream, after its 200
                 kind = _stream_error_kind(e.body)
@@ -428,9 +467,16 @@ class AnthropicProvider:
                                 retry_after_s=_retry_after(e.response.headers.get("retry-after"))) from None
         except (anthropic.APIConnectionError, httpx2.TransportError) as e:
             raise ProviderError(f"{model}: cannot reach the Messages API: {e}", "server", meter.billed) from None
-        except (anthropic.APIResponseValidationError, ValueError, RuntimeError) as e:
-            # ValueError: an event that is not JSON; RuntimeError: events out of order (the SDK's own word on it)
-            raise ProviderError(f"{model}: malformed response: {e}", "invalid_output", meter.billed) from None
+        except (anthropic.APIResponseValidationError, httpx2.DecodingError, ValueError, RuntimeError, AttributeError,
+                IndexError, KeyError, TypeError) as e:
+            # An event that is not JSON (ValueError), events out of order (RuntimeError, the SDK's own word on it),
+            # an event without the fields the SDK or the meter read (no usage, a block index that has no block), a
+            # body that does not decompress: whatever an endpoint sent, it is not an answer.
+            raise ProviderError(f"{model}: malformed response: {type(e).__name__}: {e}", "invalid_output",
+                                meter.billed) from None
+        msg = meter.answer()
+        if msg is None:
+            raise ProviderError(f"{model}: malformed response: no message in the stream", "invalid_output")
         if msg.stop_reason is None:  # the stream closed before the message did: not the whole answer
             raise ProviderError(f"{model}: the stream ended before the answer did", "server", meter.billed)
         return msg

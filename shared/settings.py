@@ -133,8 +133,8 @@ READ_ELSEWHERE = ("OPENCLAW_API_KEY", "OPENCLAW_TEST_DOCKER")
 READ_ELSEWHERE_PREFIX = "OPENCLAW_NATS_PASSWORD_"
 # What Kubernetes puts into every pod of a namespace for each Service whose name starts with openclaw- (service
 # links, when enableServiceLinks is left on): OPENCLAW_GATEWAY_SERVICE_HOST, OPENCLAW_GATEWAY_PORT_8080_TCP, ...
-SERVICE_LINK = re.compile(r"OPENCLAW_[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)"
-                          r"(_(PROTO|PORT|ADDR))?)?)")
+SERVICE_LINK = re.compile(r"OPENCLAW(_[A-Z0-9_]+)?_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT_\d+_(TCP|UDP|SCTP)"
+                          r"(_(PROTO|PORT|ADDR))?)|OPENCLAW_[A-Z0-9_]+_PORT")
 
 
 def variables() -> set[str]:

@@ -8,8 +8,8 @@ one that says ``x-should-retry: false``), a response slower than any client time
 answer cut off at ``max_tokens``, or a refusal. A call naming a model in ``retired`` gets the API's 404.
 A request with ``stream: true`` gets the answer as the API streams it (server-sent events: ``message_start`` with
 the input usage, a start, deltas and a stop per content block, ``message_delta`` with the output count,
-``message_stop``); streamed, a call can also stop answering after its first delta (``stall``), end there
-(``cut``), or meet an error event there (``stream_error``, an overload).
+``message_stop``); streamed, a call can also stop answering after its first delta (``stall``), send only pings
+from there (``pings``), end there (``cut``), or meet an error event there (``stream_error``, an overload).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any, Literal
 
 Kind = Literal["plan", "task", "synthesis"]
 Behaviour = Literal["ok", "400", "409", "429", "529", "500", "no_retry", "slow", "no_tool", "bad_input", "not_json",
-                    "max_tokens", "refusal", "retired", "stall", "cut", "stream_error"]
-STREAM_BREAKS = ("stall", "cut", "stream_error")  # what happens after the first delta of a streamed answer
+                    "max_tokens", "refusal", "retired", "stall", "pings", "cut", "stream_error"]
+STREAM_BREAKS = ("stall", "pings", "cut", "stream_error")  # what happens after the first delta of a streamed answer
 FIRST_DELTA_CHARS = 400  # how much of the answer a broken stream sends first
 
 USAGE: dict[Kind, dict[str, int]] = {
@@ -235,11 +235,13 @@ class FakeAnthropic:
                     return
                 code, answer = fake._answer(kind, "ok" if behaviour in STREAM_BREAKS else behaviour, body, n)
                 if code == 200 and body.get("stream"):
-                    self._events(stream_events(answer, behaviour), stall=behaviour == "stall")
+                    self._events(stream_events(answer, behaviour), stall=behaviour == "stall",
+                                 pings=behaviour == "pings")
                 else:
                     self._send(code, answer)
 
-            def _events(self, events: list[tuple[str, dict[str, Any]]], raw: bytes = b"", stall: bool = False) -> None:
+            def _events(self, events: list[tuple[str, dict[str, Any]]], raw: bytes = b"", stall: bool = False,
+                        pings: bool = False) -> None:
                 try:
                     self.send_response(200)
                     self.send_header("content-type", "text/event-stream")
@@ -252,6 +254,9 @@ class FakeAnthropic:
                     self.wfile.flush()
                     if stall:
                         fake.release.wait(60)
+                    while pings and not fake.release.wait(0.1):  # alive, saying nothing
+                        self.wfile.write(b'event: ping\ndata: {"type": "ping"}\n\n')
+                        self.wfile.flush()
                     self.close_connection = True
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (a timeout test)

@@ -136,7 +136,9 @@ def test_a_misspelt_variable_stops_start_up_naming_the_one_meant(monkeypatch: py
     # Read by others (the command line, the NATS auth file, the tests), or put there by Kubernetes for a Service.
     for key in ("OPENCLAW_API_KEY", "OPENCLAW_NATS_PASSWORD_CODEGEN", "OPENCLAW_TEST_DOCKER",
                 "OPENCLAW_GATEWAY_SERVICE_HOST", "OPENCLAW_GATEWAY_SERVICE_PORT", "OPENCLAW_GATEWAY_SERVICE_PORT_HTTP",
-                "OPENCLAW_GATEWAY_PORT", "OPENCLAW_GATEWAY_PORT_8080_TCP", "OPENCLAW_GATEWAY_PORT_8080_TCP_ADDR"):
+                "OPENCLAW_GATEWAY_PORT", "OPENCLAW_GATEWAY_PORT_8080_TCP", "OPENCLAW_GATEWAY_PORT_8080_TCP_ADDR",
+                # a Service named openclaw itself
+                "OPENCLAW_SERVICE_HOST", "OPENCLAW_SERVICE_PORT_HTTP", "OPENCLAW_PORT_8080_TCP_PROTO"):
         monkeypatch.setenv(key, "x")
     monkeypatch.setenv("OPENCLAW_STREAM_REPLICAS", "3")
     assert load_settings().stream_replicas == 3

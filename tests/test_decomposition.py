@@ -117,7 +117,7 @@ async def test_a_model_plan_that_does_not_check_out_falls_back_to_the_rules_and_
         ("429", "rate_limit: claude-opus-4-6: HTTP 429", False),
         ("529", "overloaded: claude-opus-4-6: HTTP 529", False),
         ("500", "server: claude-opus-4-6: HTTP 500", False),
-        ("slow", "timeout: claude-opus-4-6 was silent for 0.5s", False),
+        ("slow", "timeout: claude-opus-4-6 did not answer within 0.5s", False),
     ],
 )
 async def test_a_failed_or_malformed_call_falls_back_to_the_rules_without_a_crash(

@@ -197,8 +197,12 @@ def test_a_replica_stopped_mid_task_hands_it_back_once_its_shutdown_grace_is_ove
     os.kill(stack.pid("codegen-1"), signal.SIGTERM)  # it drains, exits 0, and the runner starts it again
     doc = wait_until(lambda: (d := get(stack, eid))["status"] == "completed" and d, 30, "completion")
     first, second = doc["tasks"][0]["attempts"]
-    assert (first["outcome"], first["cost_usd"]) == ("lost", 0)
+    # Cut off, its call is paid for what it had used (here the prompt: the simulated model read it at once), and
+    # recorded as a failed attempt that runs again; it was lost at $0.
+    assert first["outcome"] == "failed" and first["error"].startswith("cut off: the service stopped")
+    assert first["cost_usd"] > 0 and first["usage"]["input_tokens"] > 0 and first["usage"]["estimated"]
     assert (second["outcome"], second["n"]) == ("completed", 2)
+    assert doc["cost"]["total_usd"] == pytest.approx(first["cost_usd"] + second["cost_usd"], abs=1e-12)
 
 
 def test_killed_replica_mid_task_loses_nothing(stack_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

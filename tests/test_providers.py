@@ -127,9 +127,10 @@ async def test_synthesis_is_a_plain_text_call(provider: AnthropicProvider, fake_
         ("no_retry", "request", "HTTP 500", False),  # x-should-retry: false
         ("max_tokens", "truncated", "cut off after 940 output tokens (stop_reason max_tokens)", True),
         ("refusal", "refusal", "declined to answer (stop_reason refusal)", True),
-        ("slow", "timeout", "was silent for 0.5s", False),  # before the model started: nothing billed
+        ("slow", "timeout", "did not answer within 0.5s", False),  # before the model started: nothing billed
         # Streamed answers that break after their first delta: the input is billed, the output so far estimated.
-        ("stall", "timeout", "was silent for 0.5s", True),
+        ("stall", "timeout", "did not answer within 0.5s", True),
+        ("pings", "timeout", "did not answer within 0.5s", True),  # kept alive, but not for longer than timeout_s
         ("cut", "server", "the stream ended before the answer did", True),
         ("stream_error", "overloaded", "error in the stream", True),
         ("no_tool", "invalid_output", "did not call submit_result (stop_reason end_turn)", True),
