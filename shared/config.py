@@ -186,10 +186,11 @@ class ParallelExecutionConfig(_Strict):
         "waits up to this long for the execution's next change, to be stored with it (one write instead of several); "
         "0 stores each at once")
     shutdown_grace_s: float = Field(
-        default=10, ge=0, le=DAY_S, description="on SIGTERM a service asks for no new message (one already on its way is "
-        "run too) and gives the running ones this long to finish; what still runs then (a model call) is handed back for another replica, which counts as "
-        "a delivery, so as one of the task's attempts. Above the pools' timeout, a rollout never cuts an attempt "
-        "short (the Kubernetes config does so). Keep the Deployments' terminationGracePeriodSeconds above it")
+        default=10, ge=0, le=DAY_S, description="on SIGTERM a service asks for no new message (one already on its "
+        "way is run too) and gives the running ones this long to finish; what still runs then (a model call) is "
+        "handed back for another replica, which counts as a delivery, so as one of the task's attempts. Above the "
+        "pools' timeout, a rollout never cuts an attempt short (the Kubernetes config does so). Keep the "
+        "Deployments' terminationGracePeriodSeconds above it")
     worker_pools: WorkerPools = WorkerPools()
     pm_coordinator: PMCoordinator = PMCoordinator()
     result_aggregation: ResultAggregation = ResultAggregation()
