@@ -1,7 +1,8 @@
 # One image for all six services; each Deployment picks its service with `python -m services.<name>`.
 #   docker build -t openclaw-parallel:0.1.0 .
-# Multi-stage: the build stage installs requirements.lock (every dependency pinned and hash-checked, `make lock`
-# writes it), then the package itself (no test/dev extras) into a venv; the runtime stage
+# Multi-stage: the build stage installs requirements.lock (every dependency and the build backend, pinned and
+# hash-checked; `make lock` writes it), then builds the package itself with that backend (no test/dev extras) into
+# a venv; the runtime stage
 # copies only that venv and runs as an unprivileged numeric user (runAsNonRoot can verify it) on a
 # read-only root filesystem (no .pyc written at run time; /tmp is an emptyDir in the manifests).
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -16,7 +17,7 @@ RUN /opt/openclaw/bin/pip install --require-hashes --no-deps -r requirements.loc
 COPY pyproject.toml ./
 COPY shared ./shared
 COPY services ./services
-RUN /opt/openclaw/bin/pip install --no-deps . \
+RUN /opt/openclaw/bin/pip install --no-deps --no-build-isolation . \
  && /opt/openclaw/bin/pip check \
  && /opt/openclaw/bin/python -m compileall -q /opt/openclaw
 

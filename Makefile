@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	sed -n '/^[A-Za-z0-9]/s/ \\$$//p' requirements.lock > $(PINS)
+	$(PY) -m pip install --quiet -c $(PINS) setuptools
 	$(PY) -m pip install --quiet -c $(PINS) -e '.[test]'
 	touch $(STAMP)
 
@@ -46,11 +47,11 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	$(VENV)/bin/openclaw bench --readme README.md $(BENCH_ARGS)
 
-## requirements.lock again from pyproject.toml's dependencies: every package of the image, pinned and hashed.
+## requirements.lock again from pyproject.toml: every package of the image and its build backend, pinned and hashed.
 lock:
 	rm -rf $(VENV)/lock && $(PYTHON) -m venv $(VENV)/lock && $(VENV)/lock/bin/pip install --quiet pip-tools
 	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/lock/bin/pip-compile --quiet --generate-hashes --strip-extras \
-	    --no-emit-index-url --no-emit-find-links \
+	    --no-emit-index-url --no-emit-find-links --build-deps-for wheel \
 	    --allow-unsafe --output-file requirements.lock pyproject.toml
 	rm -rf $(VENV)/lock
 

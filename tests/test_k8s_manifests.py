@@ -448,9 +448,11 @@ def test_dockerfile_builds_a_slim_non_root_image_of_the_package_only() -> None:
     text = (ROOT / "Dockerfile").read_text()
     froms = [line.split()[1] for line in text.splitlines() if line.startswith("FROM ")]
     assert len(froms) == 2 and "python:3.11-slim" in text, froms  # multi-stage on the slim base
-    # Every dependency from the lock, hash-checked; then the package alone, no extras.
+    # Every dependency and the build backend from the lock, hash-checked; then the package alone, built with that
+    # backend (build isolation would download one unchecked), no extras.
     assert "pip install --require-hashes --no-deps -r requirements.lock" in text
-    assert re.search(r"pip install --no-deps \.(\s|$)", text) and "[test]" not in text
+    assert re.search(r"pip install --no-deps --no-build-isolation \.(\s|$)", text) and "[test]" not in text
+    assert "setuptools" in locked()
     user = next(line.split()[1] for line in text.splitlines() if line.startswith("USER "))
     assert user.split(":")[0].isdigit() and int(user.split(":")[0]) > 0, user  # numeric: runAsNonRoot can check
     assert text.index("USER ") > text.index("COPY --from=build")
