@@ -28,7 +28,7 @@ from shared import metrics
 from shared.bus import emit, publish, stopped_within
 from shared.consumer import UNAVAILABLE, Consumer, persist
 from shared.costs import attempt_event, observe, prime_costs, publish_cost
-from shared.failures import decide, model_for
+from shared.failures import ON_EXHAUSTED, Strategy, attempts_allowed, decide, model_for
 from shared.names import Pool
 from shared.providers import Meter, ModelProvider, Prompt, ProviderError, TaskReply, make_provider
 from shared.schemas import (
@@ -338,12 +338,17 @@ class PoolWorker:
         at what the call had used, and the redelivery runs it again. Said once, not kept through an outage: the
         stop does not wait for NATS."""
         cost = self._cost(model, meter.usage)
-        self._observe("retried", (now() - d.started).total_seconds(), model, cost, meter.usage)
+        # On the task's last delivery nothing runs it again: the broker gives up on it (the aggregator's dead letter
+        # follows, which this report must not leave waiting as a retry).
+        last = d.attempt >= attempts_allowed(self.rt.pe)
+        self._observe("failed" if last else "retried", (now() - d.started).total_seconds(), model, cost, meter.usage)
         if not cost:
             return
-        report = TaskFailed(**d.head, started_at=d.started, finished_at=now(), error="cut off: the service stopped "
-                            "before the attempt finished (shutdown_grace_s); it runs again", error_kind="server",
-                            final=False, strategy="retry", retry_in_s=0, model=model, provider=self.provider.name,
+        report = TaskFailed(**d.head, started_at=d.started, finished_at=now(),
+                            error="cut off: the service stopped before the attempt finished (shutdown_grace_s)"
+                            + ("" if last else "; it runs again"), error_kind="server", final=last,
+                            strategy=(ON_EXHAUSTED[self.pool] if last else Strategy.RETRY).value,
+                            retry_in_s=None if last else 0, model=model, provider=self.provider.name,
                             usage=meter.usage, cost_usd=cost)
         try:
             await publish_cost(self.rt.nats, self.rt.names, attempt_event(report))

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import json
 import logging
 import os
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+import jiter
 from pydantic import BaseModel, ValidationError
 
 from shared.config import MISSING_API_KEY, ParallelExecutionConfig
@@ -102,6 +102,11 @@ def _tokens(text: str) -> int:
     return max(1, (len(text) + 3) // 4)
 
 
+# The deltas that write a block's text, thinking or tool input: the block's field, and the delta's.
+DELTA_FIELDS = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "input"}
+DELTA_TEXT = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "partial_json"}
+
+
 class Meter:
     """What one model call has produced so far, kept up to date as it runs, so that a caller that cuts the call off
     (the pool's timeout) still records what was consumed. The input is counted once the model has started (the
@@ -115,7 +120,7 @@ class Meter:
         self._chars = 0
         self._output: int | None = None
         self._message: Message | None = None
-        self._json: dict[int, list[str]] = {}
+        self._parts: dict[int, tuple[str, list[str]]] = {}  # block index → (the field being written, its pieces)
 
     def start(self, usage: Usage) -> None:
         self._start = usage
@@ -139,21 +144,20 @@ class Meter:
             msg.content.append(event.content_block)
         elif kind == "content_block_delta":
             block, d = msg.content[event.index], event.delta
-            if d.type == "text_delta":
-                block.text += d.text
-                self._chars += len(d.text)
-            elif d.type == "thinking_delta":
-                block.thinking += d.thinking
-                self._chars += len(d.thinking)
-            elif d.type == "signature_delta":
+            if d.type == "signature_delta":
                 block.signature = d.signature
-            elif d.type == "input_json_delta":
-                self._json.setdefault(event.index, []).append(d.partial_json)
-                self._chars += len(d.partial_json)
+            elif d.type in DELTA_FIELDS:  # pieces joined once, at the block's end: appending to a string copies it
+                field, text = DELTA_FIELDS[d.type], getattr(d, DELTA_TEXT[d.type])
+                self._parts.setdefault(event.index, (field, []))[1].append(text)
+                self._chars += len(text)
         elif kind == "content_block_stop":
-            parts = self._json.pop(event.index, None)
-            if parts is not None:
-                msg.content[event.index].input = json.loads("".join(parts) or "{}")
+            block = msg.content[event.index]
+            field, parts = self._parts.pop(event.index, ("", []))
+            if field == "input":
+                # jiter, as the SDK parses: it refuses what no UTF-8 text can hold (a lone surrogate), json does not
+                block.input = jiter.from_json("".join(parts).encode() or b"{}")
+            elif field:
+                setattr(block, field, getattr(block, field) + "".join(parts))
         elif kind == "message_delta":
             msg.stop_reason, msg.stop_sequence = event.delta.stop_reason, event.delta.stop_sequence
             self._output = msg.usage.output_tokens = event.usage.output_tokens

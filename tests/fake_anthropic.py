@@ -108,6 +108,7 @@ class FakeAnthropic:
         self.usage: dict[Kind, dict[str, int]] = {k: dict(v) for k, v in USAGE.items()}
         self.synthesis_text = "All done! The schema, the ordering API and the security audit are finished."
         self.task_chars = 0  # when set, each task's answer carries a text this long (its first artifact or finding)
+        self.task_answer: dict[str, Any] | None = None  # when set, every task's tool input, as given
         self._script: dict[Kind, deque[Behaviour]] = {"plan": deque(), "task": deque(), "synthesis": deque()}
         self._lock = threading.Condition()
         self._hold: dict[Kind, int] = {}
@@ -188,7 +189,7 @@ class FakeAnthropic:
                 data: Any = ({"tasks": [{"id": "ui", "pool": "frontend", "description": "x"}]} if kind == "plan"
                              else {"artifacts": "none"})
             else:
-                data = self.plan if kind == "plan" else task_output(system, user)
+                data = self.plan if kind == "plan" else self.task_answer or task_output(system, user)
                 if kind == "task" and self.task_chars:
                     text = ('return "é"\n' * (self.task_chars // 11 + 1))[:self.task_chars]
                     long = data["artifacts"][0] if data.get("artifacts") else data["findings"][0]

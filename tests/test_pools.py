@@ -205,6 +205,23 @@ def test_a_replica_stopped_mid_task_hands_it_back_once_its_shutdown_grace_is_ove
     assert doc["cost"]["total_usd"] == pytest.approx(first["cost_usd"] + second["cost_usd"], abs=1e-12)
 
 
+def test_a_replica_stopped_on_a_tasks_last_attempt_fails_it_at_once(  # type: ignore[no-untyped-def]
+        stack_factory, tmp_path: Path) -> None:
+    # Reported as a retry, the cut attempt left the task "retrying" for a retry the broker would never deliver:
+    # the execution waited for its deadline.
+    cfg = write_config(tmp_path / "c.json", {"shutdown_grace_s": 0, "retries": {"max_retries": 0}})
+    stack = stack_factory(ns(), "--config", str(cfg))
+    eid = submit(stack, [task("long", latency_s=3)])
+    _wait_running(stack, eid, "long")
+    os.kill(stack.pid("codegen-1"), signal.SIGTERM)
+    doc = wait_until(lambda: (d := get(stack, eid))["status"] != "running" and d, 20, "the execution to end")
+    [t] = doc["tasks"]
+    [cut] = t["attempts"]
+    assert doc["status"] == "failed" and t["status"] == "failed", (doc["status"], t["status"])
+    assert cut["outcome"] == "failed" and cut["error"].startswith("cut off: the service stopped")
+    assert cut["cost_usd"] > 0 and doc["cost"]["total_usd"] == pytest.approx(cut["cost_usd"], abs=1e-12)
+
+
 def test_killed_replica_mid_task_loses_nothing(stack_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     cfg = write_config(tmp_path / "c.json", {"ack_wait_s": 2})
     stack = stack_factory(ns(), "--config", str(cfg), "--replicas", "codegen=2")

@@ -160,6 +160,17 @@ async def test_failures_map_to_error_kinds_and_the_sdk_does_not_retry(
     assert len(fake_anthropic.requests) == 1  # max_retries=0: retrying is the pool worker's job
 
 
+async def test_a_tool_input_no_utf_8_text_can_hold_is_invalid_output(provider: AnthropicProvider,
+                                                                     fake_anthropic: FakeAnthropic) -> None:
+    # A lone surrogate, escaped in JSON: Python's json takes it, and the result could then not be sent on; the paid
+    # call ran again on every delivery, unrecorded, and the task was dead-lettered at the last.
+    fake_anthropic.task_answer = {"summary": "done \ud800 here"}
+    with pytest.raises(ProviderError) as err:
+        await provider.run_task("codegen", SPEC, codegen_prompt(SPEC), "claude-sonnet-4-6", 1)
+    assert err.value.kind == "invalid_output" and "malformed response" in str(err.value)
+    assert err.value.usage is not None and err.value.usage.input_tokens == 2100  # paid for all the same
+
+
 async def test_a_model_the_endpoint_does_not_know_is_its_own_kind_whatever_the_retry_header_says(
     provider: AnthropicProvider, fake_anthropic: FakeAnthropic
 ) -> None:
