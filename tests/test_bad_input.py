@@ -8,12 +8,15 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
 from services.gateway.access import LOCAL_TENANT, Caller
@@ -219,37 +222,50 @@ async def test_garbage_on_a_task_subject_is_dead_lettered_and_the_pool_keeps_ser
     assert r.json()["tasks"][0]["worker"] == "codegen-1"
 
 
+async def sent_until_ended(stack: Stack, eids: list[str],
+                           send: Callable[[JetStreamContext], Awaitable[None]]) -> dict[str, dict[str, Any]]:
+    """``send`` straight to the stack's NATS (not through the gateway), wait for each of ``eids`` to end (its final
+    event), and return their documents."""
+    nc = NATS()
+    await nc.connect(stack.state()["nats_url"])  # type: ignore[arg-type]
+    js = nc.jetstream()
+    try:
+        ended = [await js.subscribe(stack.names.completed_event(eid), deliver_policy=DeliverPolicy.ALL,
+                                    ordered_consumer=True) for eid in eids]
+        await send(js)
+        for sub in ended:
+            await sub.next_msg(timeout=20)
+    finally:
+        await nc.drain()
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as http:
+        return {eid: (await http.get(f"/api/execution/{eid}")).json() for eid in eids}
+
+
 async def test_an_invalid_task_or_request_naming_its_execution_ends_it_at_once_not_at_its_deadline(
     stack: Stack,
 ) -> None:
     # Refused by its consumer as invalid, the message was dead-lettered, and its execution waited for its deadline
     # (30 minutes by default) to end with "execution deadline exceeded".
     names = stack.names
-    nc = NATS()
-    await nc.connect(stack.state()["nats_url"])  # type: ignore[arg-type]
-    js = nc.jetstream()
-    bucket = await js.key_value(names.kv_bucket)
     planned, unplanned = f"badtask-{uuid.uuid4().hex[:8]}", f"badreq-{uuid.uuid4().hex[:8]}"
-    for eid in (planned, unplanned):
-        ex = new_execution(ExecutionRequested(execution_id=eid, message="m", deadline_at=now() + timedelta(hours=1)))
-        if eid == planned:  # stored as planned, its task queued; only the invalid message for it is sent
-            apply_plan(ex, [TaskSpec(id="api", pool="codegen", description="x")], "client")
-        await bucket.create(eid, ex.model_dump_json().encode())
-    try:
-        ended = {eid: await js.subscribe(names.completed_event(eid), deliver_policy=DeliverPolicy.ALL,
-                                         ordered_consumer=True) for eid in (planned, unplanned)}
+
+    async def send(js: JetStreamContext) -> None:
+        bucket = await js.key_value(names.kv_bucket)
+        for eid in (planned, unplanned):
+            ex = new_execution(ExecutionRequested(execution_id=eid, message="m",
+                                                  deadline_at=now() + timedelta(hours=1)))
+            if eid == planned:  # stored as planned, its task queued; only the invalid message for it is sent
+                apply_plan(ex, [TaskSpec(id="api", pool="codegen", description="x")], "client")
+            await bucket.create(eid, ex.model_dump_json().encode())
         await js.publish(names.tasks("codegen"), json.dumps(  # no deadline_at
             {"kind": "task.run", "execution_id": planned, "task": {"id": "api", "pool": "codegen",
                                                                     "description": "x"}}).encode())
         await js.publish(names.execution_requested, json.dumps(  # a message that is not text
             {"kind": "execution.requested", "execution_id": unplanned, "message": 42,
              "deadline_at": now().isoformat()}).encode())
-        for sub in ended.values():
-            await sub.next_msg(timeout=20)
-    finally:
-        await nc.drain()
-    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as http:
-        task_doc, request_doc = [(await http.get(f"/api/execution/{eid}")).json() for eid in (planned, unplanned)]
+
+    docs = await sent_until_ended(stack, [planned, unplanned], send)
+    task_doc, request_doc = docs[planned], docs[unplanned]
     [api] = task_doc["tasks"]
     assert task_doc["status"] == "failed" and api["status"] == "failed" and task_doc["final_response"]
     assert api["error"].startswith("dead-lettered: consumer codegen terminated it: payload does not validate: "
@@ -263,10 +279,6 @@ async def test_a_request_published_straight_to_nats_is_stored_planned_and_a_bad_
     stack: Stack,
 ) -> None:
     # Not through the gateway: no document exists yet and the plan was never checked.
-    names = stack.names
-    nc = NATS()
-    await nc.connect(stack.state()["nats_url"])  # type: ignore[arg-type]
-    js = nc.jetstream()
     good, bad = f"direct-{uuid.uuid4().hex[:8]}", f"cycle-{uuid.uuid4().hex[:8]}"
     plans = {
         good: [TaskSpec(id="a", pool="codegen", description="a", context={"simulate": {"latency_s": 0}})],
@@ -280,20 +292,14 @@ async def test_a_request_published_straight_to_nats_is_stored_planned_and_a_bad_
         text = httpx.get(f"http://127.0.0.1:{pm_port}/metrics", timeout=5).text
         return next(float(x.removeprefix(line)) for x in text.splitlines() if x.startswith(line))
 
-    failed_before = failed_count()
-    try:
-        ended = {eid: await js.subscribe(names.completed_event(eid), deliver_policy=DeliverPolicy.ALL,
-                                         ordered_consumer=True) for eid in plans}
+    async def send(js: JetStreamContext) -> None:
         for eid, tasks in plans.items():
             req = ExecutionRequested(execution_id=eid, message="straight to NATS", tasks=tasks,
                                      deadline_at=now() + timedelta(minutes=5))
-            await js.publish(names.execution_requested, req.to_bytes(), headers={"Nats-Msg-Id": eid})
-        for sub in ended.values():
-            await sub.next_msg(timeout=20)
-    finally:
-        await nc.drain()
-    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as http:
-        docs = {eid: (await http.get(f"/api/execution/{eid}")).json() for eid in plans}
+            await js.publish(stack.names.execution_requested, req.to_bytes(), headers={"Nats-Msg-Id": eid})
+
+    failed_before = failed_count()
+    docs = await sent_until_ended(stack, list(plans), send)
     assert docs[good]["status"] == "completed" and docs[good]["tasks"][0]["status"] == "completed"
     assert docs[bad]["status"] == "failed" and docs[bad]["tasks"] == []
     assert docs[bad]["error"] == "invalid plan: dependency cycle: a -> b -> a"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -367,15 +367,17 @@ async def test_the_model_call_behind_an_answer_that_lost_its_write_is_still_coun
     assert line is not None and line.group(1) == f"{final.cost.total_usd:.4f}", final.final_response
 
 
-async def a_answers_after_b_cancelled(rt: Runtime, eid: str) -> None:
-    """Replica A reads the execution (its audit still running), replica B cancels it, then the audit's result
-    reaches A, whose version says it ends the execution: A pays for an answer to a version B has ended."""
+async def a_answers_after_b_cancelled(rt: Runtime, eid: str, cancelled: Callable[[], None] = lambda: None) -> None:
+    """Replica A reads the execution (its audit still running), replica B cancels it (then ``cancelled`` runs), then
+    the audit's result reaches A, whose version says it ends the execution: A pays for an answer to a version B has
+    ended."""
     names = rt.names
     async with replicas(rt) as (a, b):
         again = result(eid, "audit", "security", "started")  # changes nothing: A keeps the version it read
         await a.on_result(again, await delivered(rt, names.results(eid), again.to_bytes(), names.results_stream))
         stop = CancelExecution(execution_id=eid)
         await b.on_cancel(stop, await delivered(rt, names.execution_cancel, stop.to_bytes(), names.executions_stream))
+        cancelled()
         last = result(eid, "audit", "security")
         await a.on_result(last, await delivered(rt, names.results(eid), last.to_bytes(), names.results_stream))
 
@@ -398,15 +400,12 @@ async def test_the_replica_whose_answer_came_too_late_sends_the_cost_event_of_it
         await publish_cost(nc, names, event)
 
     monkeypatch.setattr(handlers, "publish_cost", spied)
-    async with replicas(rt) as (a, b):
-        again = result(eid, "audit", "security", "started")  # changes nothing: A keeps the version it read
-        await a.on_result(again, await delivered(rt, names.results(eid), again.to_bytes(), names.results_stream))
-        stop = CancelExecution(execution_id=eid)
-        await b.on_cancel(stop, await delivered(rt, names.execution_cancel, stop.to_bytes(), names.executions_stream))
+
+    def b_announced() -> None:
         assert [(e.phase, e.attempt) for e in sent] == [("synthesis", 1)]  # B's answer, with its announcement
         sent.clear()
-        last = result(eid, "audit", "security")
-        await a.on_result(last, await delivered(rt, names.results(eid), last.to_bytes(), names.results_stream))
+
+    await a_answers_after_b_cancelled(rt, eid, b_announced)
     assert [(e.phase, e.attempt) for e in sent] == [("synthesis", 2)]  # A's call, recorded after B's
 
 
