@@ -18,6 +18,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -195,15 +196,11 @@ class PoolWorker:
                 return
             # Its execution ended (a cancel, the deadline) during the call: what the call had used is reported, and
             # goes on the attempt the aggregator gave up as lost, as any late report's cost does.
-            usage = meter.usage
-            cost = self._cost(model, usage)
-            if cost:
-                report = TaskFailed(**d.head, started_at=d.started, finished_at=finished,
-                                    error="abandoned: its execution has ended", error_kind="deadline", final=True,
-                                    model=model, provider=self.provider.name, usage=usage, cost_usd=cost)
-                await publish_cost(self.rt.nats, self.rt.names, attempt_event(report))
+            report = await self._paid(d, finished, model, meter.usage, error="abandoned: its execution has ended",
+                                      error_kind="deadline", final=True)
+            if report.cost_usd:
                 await self._publish(d, report)
-            self._observe("abandoned", duration, model, cost, usage)
+            self._observe("abandoned", duration, model, report.cost_usd, meter.usage)
             await msg.ack()
             log.info("abandoned: its execution has ended", extra=d.ctx)
             return
@@ -232,18 +229,26 @@ class PoolWorker:
         self._observe("completed", duration, reply.model, cost, reply.usage)
         log.info("task completed in %.3fs", duration, extra=d.ctx)
 
+    async def _paid(self, d: _Delivery, finished: datetime, model: str | None, usage: Usage,
+                    **outcome: Any) -> TaskFailed:
+        """A failed attempt's report, priced at ``usage``; its cost event goes out now, the report is the caller's
+        to send (kept through an outage, or said once)."""
+        cost = self._cost(model, usage)
+        failed = TaskFailed(**d.head, started_at=d.started, finished_at=finished, model=model,
+                            provider=self.provider.name if model else None, usage=usage, cost_usd=cost, **outcome)
+        if cost:
+            await publish_cost(self.rt.nats, self.rt.names, attempt_event(failed))
+        return failed
+
     async def _failed(self, d: _Delivery, kind: ErrorKind, error: str, model: str | None, usage: Usage,
                       retry_after_s: float | None = None) -> None:
         """Report a failed attempt with the failure handler's decision; nak for a retry or ack for good."""
         finished = now()
         seconds_left = (d.cmd.deadline_at - finished).total_seconds()
         decision = decide(self.rt.pe, self.pool, d.attempt, kind, seconds_left, retry_after_s, model)
-        cost = self._cost(model, usage)
-        failed = TaskFailed(**d.head, started_at=d.started, finished_at=finished, error=error, error_kind=kind,
-                            final=decision.final, strategy=decision.strategy.value, retry_in_s=decision.delay_s,
-                            model=model, provider=self.provider.name if model else None, usage=usage, cost_usd=cost)
-        if cost:
-            await publish_cost(self.rt.nats, self.rt.names, attempt_event(failed))
+        failed = await self._paid(d, finished, model, usage, error=error, error_kind=kind, final=decision.final,
+                                  strategy=decision.strategy.value, retry_in_s=decision.delay_s)
+        cost = failed.cost_usd
         await self._publish(d, failed)
         duration = (finished - d.started).total_seconds()
         if self._handed_on(d):
@@ -337,24 +342,22 @@ class PoolWorker:
         """The service stopped with the attempt's call under way (its shutdown grace ran out): the attempt failed,
         at what the call had used, and the redelivery runs it again. Said once, not kept through an outage: the
         stop does not wait for NATS."""
-        cost = self._cost(model, meter.usage)
         # On the task's last delivery nothing runs it again: the broker gives up on it (the aggregator's dead letter
         # follows, which this report must not leave waiting as a retry).
         last = d.attempt >= attempts_allowed(self.rt.pe)
-        self._observe("failed" if last else "retried", (now() - d.started).total_seconds(), model, cost, meter.usage)
-        if not cost:
-            return
-        report = TaskFailed(**d.head, started_at=d.started, finished_at=now(),
-                            error="cut off: the service stopped before the attempt finished (shutdown_grace_s)"
-                            + ("" if last else "; it runs again"), error_kind="server", final=last,
-                            strategy=(ON_EXHAUSTED[self.pool] if last else Strategy.RETRY).value,
-                            retry_in_s=None if last else 0, model=model, provider=self.provider.name,
-                            usage=meter.usage, cost_usd=cost)
+        finished = now()
         try:
-            await publish_cost(self.rt.nats, self.rt.names, attempt_event(report))
-            await publish(self.rt.jetstream, self.rt.names.results(d.cmd.execution_id), report, report.msg_id())
+            report = await self._paid(
+                d, finished, model, meter.usage, error_kind="server", final=last,
+                error="cut off: the service stopped before the attempt finished (shutdown_grace_s)"
+                + ("" if last else "; it runs again"),
+                strategy=(ON_EXHAUSTED[self.pool] if last else Strategy.RETRY).value, retry_in_s=None if last else 0)
+            if report.cost_usd:
+                await publish(self.rt.jetstream, self.rt.names.results(d.cmd.execution_id), report, report.msg_id())
         except Exception as e:  # noqa: BLE001 - stopping all the same; the call's cost is what is lost
             log.warning("could not report the attempt cut off by the stop: %s", e, extra=d.ctx)
+        self._observe("failed" if last else "retried", (finished - d.started).total_seconds(), model,
+                      self._cost(model, meter.usage), meter.usage)
 
     async def _publish(self, d: _Delivery, result: TaskCompleted | TaskFailed) -> None:
         """Publish the attempt's result, cut to fit a message, and kept through an outage (see ``persist``)."""

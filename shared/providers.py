@@ -103,8 +103,8 @@ def _tokens(text: str) -> int:
 
 
 # The deltas that write a block's text, thinking or tool input: the block's field, and the delta's.
-DELTA_FIELDS = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "input"}
-DELTA_TEXT = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "partial_json"}
+DELTAS = {"text_delta": ("text", "text"), "thinking_delta": ("thinking", "thinking"),
+          "input_json_delta": ("input", "partial_json")}
 
 
 class Meter:
@@ -146,8 +146,9 @@ class Meter:
             block, d = msg.content[event.index], event.delta
             if d.type == "signature_delta":
                 block.signature = d.signature
-            elif d.type in DELTA_FIELDS:  # pieces joined once, at the block's end: appending to a string copies it
-                field, text = DELTA_FIELDS[d.type], getattr(d, DELTA_TEXT[d.type])
+            elif d.type in DELTAS:  # pieces joined once, at the block's end: appending to a string copies it
+                field, attr = DELTAS[d.type]
+                text = getattr(d, attr)
                 self._parts.setdefault(event.index, (field, []))[1].append(text)
                 self._chars += len(text)
         elif kind == "content_block_stop":
@@ -181,7 +182,7 @@ class Meter:
             return None
         if self._output is not None:
             return self._start.model_copy(update={"output_tokens": self._output})
-        so_far = _tokens("x" * self._chars) if self._chars else 0
+        so_far = (self._chars + 3) // 4  # as _tokens counts, from the characters alone
         return self._start.model_copy(update={"output_tokens": max(self._start.output_tokens, so_far),
                                               "estimated": True})
 
