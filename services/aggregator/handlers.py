@@ -448,7 +448,7 @@ class AggregatorHandlers:
     async def _task_dead(self, adv: ConsumerAdvisory, data: bytes, reason: str) -> None:
         """The task will never report: record its last attempt as failed for good. Read loosely: a message its
         pool refused as invalid still names its execution and task."""
-        eid, tid, pool = _loosely(data, "execution_id"), _loosely(data, "task", "id"), _loosely(data, "task", "pool")
+        eid, tid, pool = _loosely(data, "execution_id", "task.id", "task.pool")
         if eid is None or tid is None or pool not in POOLS:
             return
         at = now()
@@ -463,7 +463,7 @@ class AggregatorHandlers:
         await publish(self.rt.jetstream, self.rt.names.results(eid), failed, f"{failed.msg_id()}:dead")
 
     async def _request_dead(self, data: bytes, reason: str, msg: Msg) -> None:
-        eid = _loosely(data, "execution_id")  # loosely too: the PM may have refused the request as invalid
+        [eid] = _loosely(data, "execution_id")  # loosely too: the PM may have refused the request as invalid
         if eid is None:
             return
 
@@ -502,12 +502,17 @@ class AggregatorHandlers:
         await self.rt.announce_completed(ex, document)
 
 
-def _loosely(data: bytes, *path: str) -> str | None:
-    """A text field of a message that may not validate as a whole (what names its execution and task)."""
+def _loosely(data: bytes, *paths: str) -> list[str | None]:
+    """Text fields (dotted paths) of a message that may not validate as a whole (what names its execution and task);
+    None for one it does not have."""
     try:
-        value: Any = json.loads(data)
-        for key in path:
-            value = value[key]
-    except (ValueError, KeyError, TypeError):
-        return None
-    return value if isinstance(value, str) else None
+        message: Any = json.loads(data)
+    except ValueError:
+        message = None
+    found: list[str | None] = []
+    for path in paths:
+        value = message
+        for key in path.split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        found.append(value if isinstance(value, str) else None)
+    return found
