@@ -50,6 +50,8 @@ def test_missing_or_empty_message_is_422_naming_the_field(stack: Stack, body: di
     assert err["error"] == "invalid_request"
     assert [e["field"] for e in err["errors"]] == ["message"]
     assert err["message"].startswith("message: ")
+    if "message" in body:
+        assert err["errors"][0]["message"] == "must not be empty or only whitespace", err
 
 
 @pytest.mark.parametrize(("field", "value"), [("wait", "yes"), ("wait", 1), ("force_parallel", "off"),

@@ -131,8 +131,8 @@ def _count_finished(ex: Execution) -> None:
     metrics.execution_ended(ex.mode, ex.status, (ex.updated_at - ex.created_at).total_seconds())
     for c in ex.aggregated.conflicts_detected if ex.aggregated else []:
         metrics.CONFLICTS.labels(c.rule, c.kind).inc()
-    log.info("execution %s: %s, $%.4f", ex.status, ex.aggregated.summary if ex.aggregated else "",
-             ex.cost.total_usd, extra={"execution_id": ex.execution_id})
+    log.info("execution %s, $%.4f: %s", ex.status, ex.cost.total_usd, ex.aggregated.summary if ex.aggregated else "",
+             extra={"execution_id": ex.execution_id})
 
 
 class AggregatorHandlers:

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, StrictBool, StringConstraints
 
 from shared.schemas import ExecutionMode, PlanTask
 
+
+def _not_blank(text: str) -> str:
+    if not text:
+        raise ValueError("must not be empty or only whitespace")
+    return text
+
+
 # Not only whitespace (stripped, it would be empty): the schema says so with a pattern, validation with its own message.
-Message = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100_000),
-                    Field(json_schema_extra={"pattern": r"\S"})]
+Message = Annotated[str, StringConstraints(strip_whitespace=True, max_length=100_000), AfterValidator(_not_blank),
+                    Field(json_schema_extra={"pattern": r"\S", "minLength": 1})]
 # A flag or a number given as a string ("yes", "5") is refused, not guessed at: a client that sends one has a bug.
 Seconds = Annotated[float, Strict()]
 SESSION_KEY = "the client's session, kept with the execution (also accepted as session_key; send one of the two)"
