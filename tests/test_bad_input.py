@@ -69,6 +69,12 @@ def test_unknown_field_is_named(stack: Stack) -> None:
     ]
 
 
+def test_both_spellings_of_the_session_key_are_refused_as_one_field_sent_twice(stack: Stack) -> None:
+    r = post(stack, {"message": "x", "sessionKey": "a", "session_key": "b"})
+    assert r.status_code == 422 and r.json()["errors"] == [
+        {"field": "body", "message": "sessionKey and session_key name the same field: send one of the two"}], r.text
+
+
 def test_malformed_json_is_422_saying_where_and_why(stack: Stack) -> None:
     r = httpx.post(f"{stack.url}/api/execute-parallel", content=b"{not json",
                    headers={"content-type": "application/json"})

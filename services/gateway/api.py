@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, StrictBool, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, StrictBool, StringConstraints, model_validator
 
 from shared.schemas import ExecutionMode, PlanTask
 
@@ -23,10 +23,20 @@ Seconds = Annotated[float, Strict()]
 SESSION_KEY = "the client's session, kept with the execution (also accepted as session_key; send one of the two)"
 
 
-class ExecuteRequest(BaseModel):
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_session_key(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "sessionKey" in data and "session_key" in data:
+            raise ValueError("sessionKey and session_key name the same field: send one of the two")
+        return data
+
+
+class ExecuteRequest(_Request):
     """POST /api/execute-parallel."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
     message: Message = Field(description="what the client wants built")
     session_key: str | None = Field(default=None, alias="sessionKey", max_length=256, description=SESSION_KEY)
     project: str | None = Field(default=None, max_length=256)
@@ -40,10 +50,9 @@ class ExecuteRequest(BaseModel):
     timeout_s: Seconds | None = Field(default=None, gt=0, description="how long to wait when wait=true")
 
 
-class ChatRequest(BaseModel):
+class ChatRequest(_Request):
     """POST /api/chat: the single-agent endpoint, routed to parallel execution when it pays."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
     message: Message
     session_key: str | None = Field(default=None, alias="sessionKey", max_length=256, description=SESSION_KEY)
     project: str | None = Field(default=None, max_length=256)
