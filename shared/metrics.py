@@ -6,8 +6,11 @@ from collections.abc import Sequence
 
 from prometheus_client import Counter, Gauge, Histogram
 
-# Up to execution_timeout_s's default (30 min): an execution, or an event stream, may last that long.
-DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 900, 1200, 1800)
+# Up to execution_timeout_s's default (30 min): an execution, or an event stream, may last that long. Dense around
+# the minutes a model call or an execution takes (the pools' timeouts are 180 s and 300 s), and with a bound at the
+# alert's 200 s, so that what OpenClawExecutionsSlow counts is exact rather than read off a line across a wide bucket.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 90, 120, 180, 200, 240, 300,
+                    450, 600, 900, 1200, 1800)
 
 MESSAGES = Counter(
     "openclaw_messages_total", "Messages handled by a durable consumer", ["consumer", "outcome"]

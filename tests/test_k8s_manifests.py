@@ -201,6 +201,9 @@ def test_one_deployment_per_service_with_probes_resources_and_non_root(overlay: 
         assert sc["runAsNonRoot"] is True and sc["readOnlyRootFilesystem"] is True, where
         assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"], where
         assert "/tmp" in mounts, f"{where}: a read-only root needs a writable /tmp"
+        # Local storage (that emptyDir) keeps the cluster autoscaler from draining the node, unless the pod says so.
+        annotations = dep["spec"]["template"]["metadata"].get("annotations", {})
+        assert annotations.get("cluster-autoscaler.kubernetes.io/safe-to-evict") == "true", where
 
 
 def test_pods_get_longer_to_stop_than_the_services_take_to_drain(overlay: tuple[str, list[Obj]],
@@ -574,6 +577,17 @@ NATS_EXPORTER = {"nats_varz_jetstream_stats_storage": {"server_id"},
                  "nats_varz_jetstream_config_max_storage": {"server_id"}}
 
 
+def bucket_bounds() -> dict[str, set[str]]:
+    """Each histogram's ``_bucket`` series name with its bucket bounds, spelt as its ``le`` label is."""
+    from prometheus_client.metrics import Histogram
+    from prometheus_client.utils import floatToGoString
+
+    from shared import metrics
+
+    return {m._name + "_bucket": {floatToGoString(b) for b in m._upper_bounds}  # noqa: SLF001 - kept only here
+            for m in vars(metrics).values() if isinstance(m, Histogram)}
+
+
 def alert_rules(objs: list[Obj]) -> list[Obj]:
     (rule,) = of_kind(objs, "PrometheusRule").values()
     return [r for g in rule["spec"]["groups"] for r in g["rules"]]
@@ -592,7 +606,7 @@ def test_alerts_read_only_series_and_labels_the_services_expose(overlay: tuple[s
     name, objs = overlay
     names = exported()
     rules = alert_rules(objs)
-    assert len(rules) == 12, name
+    assert len(rules) == 13, name
     for rule in rules:
         read = selectors(rule["expr"])
         assert read, rule["alert"]
@@ -600,6 +614,9 @@ def test_alerts_read_only_series_and_labels_the_services_expose(overlay: tuple[s
             known = TARGET_LABELS if metric == "up" else names.get(metric)
             assert known is not None, f"{rule['alert']}: no service exposes {metric}"
             assert labels <= known | TARGET_LABELS, f"{rule['alert']}: {metric} has no label(s) {labels - known}"
+        # A bound the histogram does not have matches no series: the ratio is empty and the alert never fires.
+        for metric, bound in re.findall(r'\b(openclaw_\w+_bucket)\{[^}]*\ble="([^"]*)"', rule["expr"]):
+            assert bound in bucket_bounds()[metric], f"{rule['alert']}: {metric} has no bucket le={bound!r}"
         for grouped in re.findall(r"\bby \(([^)]*)\)", rule["expr"]):
             by = {x.strip() for x in grouped.split(",")}
             assert by <= set.union(TARGET_LABELS, *(names.get(m, set()) for m, _ in read)), rule["alert"]
