@@ -167,10 +167,19 @@ def check_plan(tasks: Sequence[TaskSpec], max_tasks: int | None = None) -> None:
             visit(t.id, [t.id])
 
 
+def not_blank(text: str) -> str:
+    """Refuse text that is empty or only whitespace, as ``str.strip`` sees it (pydantic's stripping leaves some)."""
+    if not text.strip():
+        raise ValueError("must not be empty or only whitespace")
+    return text
+
+
 class PlanTask(TaskSpec):
     """A task as a client's plan or the decomposition model gives it: a field it does not know is a mistake."""
 
     model_config = ConfigDict(extra="forbid")
+
+    _described = field_validator("description")(not_blank)
 
 
 class Plan(BaseModel):

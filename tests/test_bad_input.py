@@ -42,7 +42,7 @@ def post(stack: Stack, body: object) -> httpx.Response:
     return httpx.post(f"{stack.url}/api/execute-parallel", json=body, timeout=30)
 
 
-@pytest.mark.parametrize("body", [{}, {"message": ""}, {"message": "   "}])
+@pytest.mark.parametrize("body", [{}, {"message": ""}, {"message": "   "}, {"message": "\x1f \x1c"}])
 def test_missing_or_empty_message_is_422_naming_the_field(stack: Stack, body: dict[str, str]) -> None:
     r = post(stack, body)
     assert r.status_code == 422
@@ -163,6 +163,8 @@ def test_unknown_execution_is_404(stack: Stack) -> None:
          "context.upstream must map task ids to their outputs"),
         ([{"id": "a", "pool": "codegen", "description": "x", "context": {"simulate": {"bogus": 1}}}],
          "tasks[0].context", "context.simulate: bogus: Extra inputs are not permitted"),
+        ([{"id": "a", "pool": "codegen", "description": " \t "}], "tasks[0].description",
+         "must not be empty or only whitespace"),
         ([{"id": "a", "pool": "codegen", "description": "x", "priority": "high"}], "tasks[0].priority",
          "Extra inputs are not permitted"),
         # Deeper than the services' own parsers go: a 500 at 256 levels, and from 200 a request the PM dead-lettered.
@@ -444,6 +446,39 @@ def test_nan_or_infinity_in_a_body_is_422_not_json(stack: Stack, body: bytes, co
             f"not valid JSON: {constant} is not a JSON value (a JSON number is finite)")
     assert r.status_code == 422 and r.json()["errors"] == [{"field": "body", "message": says}], r.text
     assert httpx.get(f"{stack.url}/api/execution/{_execution_id(Caller(LOCAL_TENANT), key)}").status_code == 404
+
+
+@pytest.mark.parametrize(("body", "says"), [
+    # Python's parser takes an escaped half of a surrogate pair: as a value it could not be stored (a 500), as a key
+    # it was stored rewritten (U+FFFD), and two different ones collapsed into one key.
+    (b'{"message": "m", "tasks": [{"id": "a", "pool": "codegen", "description": "x", "context": {"k": "\\ud800"}}]}',
+     "not valid JSON: \\ud800 is half of a surrogate pair, not a character: strings must be Unicode text"),
+    (b'{"message": "m", "tasks": [{"id": "a", "pool": "codegen", "description": "x", "context": {"\\udfff": 1}}]}',
+     "not valid JSON: \\udfff is half of a surrogate pair, not a character: strings must be Unicode text"),
+    # ... and guesses UTF-16 and UTF-32, which JSON over HTTP is not.
+    ('{"message": "m"}'.encode("utf-16"), "not valid JSON: the body is not UTF-8 (byte 0 is not)"),
+    (b'{"message": "caf\xe9"}', "not valid JSON: the body is not UTF-8 (byte 16 is not)"),
+], ids=["surrogate-value", "surrogate-key", "utf-16", "latin-1"])
+def test_a_body_that_is_not_unicode_text_in_utf8_is_422_saying_so(stack: Stack, body: bytes, says: str) -> None:
+    key = "utf-" + uuid.uuid4().hex
+    r = httpx.post(f"{stack.url}/api/execute-parallel", content=body,
+                   headers={"content-type": "application/json", "Idempotency-Key": key})
+    assert r.status_code == 422 and r.json()["errors"] == [{"field": "body", "message": says}], r.text
+    assert httpx.get(f"{stack.url}/api/execution/{_execution_id(Caller(LOCAL_TENANT), key)}").status_code == 404
+
+
+def test_a_pair_of_surrogates_escaped_is_one_character_and_kept(stack: Stack) -> None:
+    body = b'{"message": "m \\ud83d\\ude80", "tasks": [{"id": "a", "pool": "codegen", "description": "x"}]}'
+    r = httpx.post(f"{stack.url}/api/execute-parallel", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 202, r.text
+    assert r.json()["message"] == "m \U0001F680"
+
+
+def test_a_chat_message_of_separator_controls_is_422_not_a_crash(stack: Stack) -> None:
+    # Python's strip takes \x1c-\x1f for whitespace, pydantic's does not: the chat's one task had no description.
+    r = httpx.post(f"{stack.url}/api/chat", json={"message": "\x1f", "wait": False}, timeout=30)
+    assert r.status_code == 422 and r.json()["errors"] == [
+        {"field": "message", "message": "must not be empty or only whitespace"}], r.text
 
 
 def test_a_method_a_path_does_not_have_is_405_naming_every_one_it_has(stack: Stack) -> None:

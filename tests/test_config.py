@@ -181,3 +181,12 @@ def test_one_key_for_two_tenants_stops_the_gateway_at_start_up() -> None:
     with pytest.raises(ConfigError, match="gives tenant 'globex' a key another tenant has already"):
         ApiKeys(f"acme={key}, globex={key}")
     assert ApiKeys(f"acme={key}, globex={key}x").identify(key).tenant == "acme"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("key", ["clé-secrète-0123456789", "two words-0123456789", "tab\there-0123456789"])
+def test_a_key_no_header_can_carry_stops_the_gateway_at_start_up(key: str) -> None:
+    # Starlette reads a header's bytes as latin-1 and the key is hashed as UTF-8: such a key would never match.
+    from services.gateway.access import ApiKeys
+
+    with pytest.raises(ConfigError, match="gives tenant 'acme' a key with a character other than printable ASCII"):
+        ApiKeys(f"acme={key}")

@@ -35,6 +35,10 @@ class ApiKeys:
             if not sep or not tenant.strip() or len(key.strip()) < 16:
                 raise ConfigError("OPENCLAW_API_KEYS must be tenant=key pairs separated by commas, keys of at "
                                   "least 16 characters")
+            if not all("!" <= c <= "~" for c in key.strip()):  # HTTP sends a header's other bytes as latin-1
+                raise ConfigError(f"OPENCLAW_API_KEYS gives tenant {tenant.strip()!r} a key with a character other "
+                                  "than printable ASCII, which no header would match: use letters, digits and "
+                                  "punctuation (for example `openssl rand -hex 32`)")
             digest = _digest(key.strip())
             if any(d == digest for d, _ in self._keys):  # two tenants' callers would see one tenant's executions
                 raise ConfigError(f"OPENCLAW_API_KEYS gives tenant {tenant.strip()!r} a key another tenant has "

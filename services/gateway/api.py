@@ -15,17 +15,10 @@ from pydantic import (
     model_validator,
 )
 
-from shared.schemas import ExecutionMode, PlanTask
-
-
-def _not_blank(text: str) -> str:
-    if not text:
-        raise ValueError("must not be empty or only whitespace")
-    return text
-
+from shared.schemas import ExecutionMode, PlanTask, not_blank
 
 # Not only whitespace (stripped, it would be empty): the schema says so with a pattern, validation with its own message.
-Message = Annotated[str, StringConstraints(strip_whitespace=True, max_length=100_000), AfterValidator(_not_blank),
+Message = Annotated[str, StringConstraints(strip_whitespace=True, max_length=100_000), AfterValidator(not_blank),
                     Field(json_schema_extra={"pattern": r"\S", "minLength": 1})]
 # A flag or a number given as a string ("yes", "5") is refused, not guessed at: a client that sends one has a bug.
 Seconds = Annotated[float, Strict()]

@@ -61,13 +61,34 @@ def _finite(text: str) -> float:
     return value
 
 
+# An escape of half a surrogate pair: \ud800-\udfff. Paired, the parser joins the two into one character.
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _text(data: Any) -> None:
+    """Refuse a string that holds half a surrogate pair: no character, it could be neither stored nor sent on."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError as e:
+        half = ascii(e.object[e.start])[1:-1]
+        raise ValueError(f"{half} is half of a surrogate pair, not a character: strings must be Unicode text") from None
+
+
 class _JSONRequest(Request):
-    """A request whose JSON body is JSON: Python's parser also takes NaN and Infinity, and reads 1e999 as infinity,
-    which a client's own data would then lose (stored, they come back as null)."""
+    """A request whose JSON body is JSON: UTF-8 (Python's parser also guesses UTF-16 and UTF-32, and takes escaped
+    halves of surrogate pairs), without NaN and Infinity, and without 1e999 read as infinity, which a client's own
+    data would then lose (stored, they come back as null)."""
 
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
-            self._json = json.loads(await self.body(), parse_constant=_not_json, parse_float=_finite)
+            try:
+                text = (await self.body()).decode()
+            except UnicodeDecodeError as e:
+                raise ValueError(f"the body is not UTF-8 (byte {e.start} is not)") from None
+            data = json.loads(text, parse_constant=_not_json, parse_float=_finite)
+            if SURROGATE_ESCAPE.search(text):
+                _text(data)
+            self._json = data
         return self._json
 
 
