@@ -458,8 +458,13 @@ def test_nan_or_infinity_in_a_body_is_422_not_json(stack: Stack, body: bytes, co
     # ... and guesses UTF-16 and UTF-32, which JSON over HTTP is not.
     ('{"message": "m"}'.encode("utf-16"), "not valid JSON: the body is not UTF-8 (byte 0 is not)"),
     (b'{"message": "caf\xe9"}', "not valid JSON: the body is not UTF-8 (byte 16 is not)"),
-], ids=["surrogate-value", "surrogate-key", "utf-16", "latin-1"])
-def test_a_body_that_is_not_unicode_text_in_utf8_is_422_saying_so(stack: Stack, body: bytes, says: str) -> None:
+    # Python's parser keeps the last of two values of a name; the client meant one of them.
+    (b'{"message": "first", "message": "second"}', "not valid JSON: 'message' is given twice in one object: which "
+                                                  "value is meant is unknown"),
+    (b'{"message": "m", "tasks": [{"id": "a", "pool": "codegen", "description": "x", "context": {"k": 1, "k": 2}}]}',
+     "not valid JSON: 'k' is given twice in one object: which value is meant is unknown"),
+], ids=["surrogate-value", "surrogate-key", "utf-16", "latin-1", "name-twice", "context-name-twice"])
+def test_a_body_not_utf8_unicode_or_naming_a_field_twice_is_422_saying_so(stack: Stack, body: bytes, says: str) -> None:
     key = "utf-" + uuid.uuid4().hex
     r = httpx.post(f"{stack.url}/api/execute-parallel", content=body,
                    headers={"content-type": "application/json", "Idempotency-Key": key})

@@ -10,6 +10,7 @@ import logging
 import math
 import re
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from datetime import datetime, timedelta
 from typing import Annotated, Any, NoReturn, get_args
@@ -74,10 +75,19 @@ def _text(data: Any) -> None:
         raise ValueError(f"{half} is half of a surrogate pair, not a character: strings must be Unicode text") from None
 
 
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object whose names are unique: Python's parser keeps the last of two, and the client's other value is lost."""
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        twice = next(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
+        raise ValueError(f"{twice!r} is given twice in one object: which value is meant is unknown")
+    return obj
+
+
 class _JSONRequest(Request):
     """A request whose JSON body is JSON: UTF-8 (Python's parser also guesses UTF-16 and UTF-32, and takes escaped
-    halves of surrogate pairs), without NaN and Infinity, and without 1e999 read as infinity, which a client's own
-    data would then lose (stored, they come back as null)."""
+    halves of surrogate pairs), without NaN and Infinity, without 1e999 read as infinity, which a client's own data
+    would then lose (stored, they come back as null), and without a name given twice in an object."""
 
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
@@ -85,7 +95,7 @@ class _JSONRequest(Request):
                 text = (await self.body()).decode()
             except UnicodeDecodeError as e:
                 raise ValueError(f"the body is not UTF-8 (byte {e.start} is not)") from None
-            data = json.loads(text, parse_constant=_not_json, parse_float=_finite)
+            data = json.loads(text, parse_constant=_not_json, parse_float=_finite, object_pairs_hook=_object)
             if SURROGATE_ESCAPE.search(text):
                 _text(data)
             self._json = data
