@@ -456,8 +456,8 @@ def test_nan_or_infinity_in_a_body_is_422_not_json(stack: Stack, body: bytes, co
     (b'{"message": "m", "tasks": [{"id": "a", "pool": "codegen", "description": "x", "context": {"\\udfff": 1}}]}',
      "not valid JSON: \\udfff is half of a surrogate pair, not a character: strings must be Unicode text"),
     # ... and guesses UTF-16 and UTF-32, which JSON over HTTP is not.
-    ('{"message": "m"}'.encode("utf-16"), "not valid JSON: the body is not UTF-8 (byte 0 is not)"),
-    (b'{"message": "caf\xe9"}', "not valid JSON: the body is not UTF-8 (byte 16 is not)"),
+    ('{"message": "m"}'.encode("utf-16"), "not valid JSON: the body is not UTF-8: byte 0 (0xff): invalid start byte"),
+    (b'{"message": "caf\xe9"}', "not valid JSON: the body is not UTF-8: byte 16 (0xe9): invalid continuation byte"),
     # Python's parser keeps the last of two values of a name; the client meant one of them.
     (b'{"message": "first", "message": "second"}', "not valid JSON: 'message' is given twice in one object: which "
                                                   "value is meant is unknown"),
