@@ -94,7 +94,8 @@ class _JSONRequest(Request):
             try:
                 text = (await self.body()).decode()
             except UnicodeDecodeError as e:
-                raise ValueError(f"the body is not UTF-8: byte {e.start} ({e.object[e.start]:#04x}): {e.reason}") from None
+                byte = e.object[e.start]
+                raise ValueError(f"the body is not UTF-8: byte {e.start} ({byte:#04x}): {e.reason}") from None
             data = json.loads(text, parse_constant=_not_json, parse_float=_finite, object_pairs_hook=_object)
             if SURROGATE_ESCAPE.search(text):
                 _text(data)
