@@ -345,7 +345,7 @@ def test_keys_tenants_and_rate_limits(stack: Stack) -> None:
     wrong = httpx.post(f"{stack.url}/api/execute-parallel", headers=auth("nope-" * 5), json=body)
     assert wrong.status_code == 401 and wrong.json()["message"] == "invalid API key"
     # The key comes first even when the body does not decode: a caller without one learns nothing about it.
-    for content, why in ((b'{"message": ', "Expecting value"), (b'{"message": "caf\xe9"}', "byte 16 (0xe9): invalid continuation byte"),
+    for content, why in ((b'{"message": ', "Expecting value"), (b'{"message": "caf\xe9"}', "(0xe9): invalid"),
                          (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
                          (b'{"message": "m", "timeout_s": ' + b"9" * 5000 + b"}", "Exceeds the limit (4300 digits)")):
         for headers, code in (({}, 401), (auth("nope-" * 5), 401), (auth(), 422)):
