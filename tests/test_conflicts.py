@@ -477,3 +477,64 @@ def test_a_specialist_answering_alone_says_what_it_did_and_what_is_left_to_decid
     assert answer.endswith("Cost: $0.0000 — agents $0.0000 (database $0.0000).")
     ex.routing = {"parallel": True, "reason": "force_parallel", "pools": ["database"]}
     assert not alone(ex)  # a plan of one task the client asked to run in parallel is the PM's to answer
+
+
+def test_a_finding_advising_other_than_the_approach_security_recommends_is_settled_security_first() -> None:
+    ex = execution({
+        "api": ("codegen", TaskOutput(summary="api", findings=[
+            Finding(severity="high", topic="session-handling", detail="tokens readable by scripts",
+                    recommendation="JWT in an httpOnly cookie")])),
+        "audit": ("security", TaskOutput(summary="audit", recommendations=[rec("session handling",
+                                                                               "server-side sessions")])),
+    })
+    s = settle(ex)
+    [c] = s.conflicts
+    assert (c.kind, c.rule) == ("approach_vs_risk", "security_first") and "server-side sessions" in c.resolution
+    [o] = s.audit
+    assert (o.overridden.pool, o.overridden.says, o.by.pool, o.by.says) == (
+        "codegen", "JWT in an httpOnly cookie", "security", "server-side sessions")
+    # The risk codegen found stands, with security's approach for its fix; the client is not told to do both.
+    assert [(f.detail, f.recommendation) for f in s.findings] == [("tokens readable by scripts",
+                                                                   "server-side sessions")]
+    assert [r.choice for r in s.recommendations] == ["server-side sessions"]
+    steps = answer(ex).split("Next steps:")[1]
+    assert "server-side sessions" in steps and "JWT" not in steps  # named only as what security overruled
+
+    flagged = settle(ex, "flag_all")
+    assert [c.rule for c in flagged.conflicts] == ["flag"] and flagged.audit == []
+    assert flagged.decisions == ["session-handling: server-side sessions (security) or JWT in an httpOnly cookie "
+                                 "(codegen)?"]
+
+
+def test_every_distinct_finding_of_other_agents_stands_where_security_says_nothing_about_it() -> None:
+    sqli = [Finding(severity="high", topic="SQL injection", detail=f"{path} concatenates input",
+                    recommendation="Use bound parameters") for path in ("/login", "/search")]
+    # No security review (it failed: the results are unaudited): both holes stand, not only the first.
+    ex = execution({"api": ("codegen", TaskOutput(summary="api", findings=sqli)), "audit": ("security", None)})
+    assert [f.detail for f in settle(ex).findings] == ["/login concatenates input", "/search concatenates input"]
+
+    # Security found XSS elsewhere and named no fix: codegen's finding, and the only fix anyone named, stand too.
+    ex = execution({
+        "audit": ("security", TaskOutput(summary="audit", findings=[
+            Finding(severity="high", topic="XSS", detail="search echoes input")])),
+        "api": ("codegen", TaskOutput(summary="api", findings=[
+            Finding(severity="high", topic="xss", detail="admin preview renders raw HTML",
+                    recommendation="Escape all template output")])),
+    })
+    s = settle(ex)
+    assert s.conflicts == [] and [(f.detail, f.recommendation) for f in s.findings] == [
+        ("search echoes input", ""), ("admin preview renders raw HTML", "Escape all template output")]
+    assert "Escape all template output" in answer(ex)
+
+
+def test_two_security_reviews_advising_differently_are_a_decision_with_no_other_agent_on_the_risk() -> None:
+    ex = execution({
+        "auth_review": ("security", TaskOutput(summary="a", findings=[
+            Finding(severity="high", topic="CSRF", detail="forms", recommendation=CSRF_FIX)])),
+        "input_review": ("security", TaskOutput(summary="b", findings=[
+            Finding(severity="high", topic="csrf", detail="forms", recommendation="SameSite=Strict cookies only")])),
+    })
+    s = settle(ex)
+    assert s.audit == [] and [c.rule for c in s.conflicts] == ["flag"]
+    assert s.decisions == [f"CSRF: agents disagree (security high: {CSRF_FIX}; security high: SameSite=Strict cookies "
+                           "only)"]

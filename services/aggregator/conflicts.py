@@ -7,7 +7,8 @@ name of one well-known risk, "Cross-site request forgery (CSRF)", "CSRF tokens",
   no fix;
 - different tools: two agents recommending different choices for the same topic;
 - contradictory findings: findings on the same topic whose severities are two or more levels apart, or
-  another agent's finding that says to do something other than security's about the same risk.
+  another agent's finding that says to do something other than security's about the same risk (its finding's
+  advice, or where it reports no finding on the topic, the one approach it recommends).
 
 Settled by rule: 1. security's recommendation always applies (``security_first``; where security
 reported several findings on a topic, its most severe one's); an approach security found a risk in, with no fix
@@ -15,7 +16,8 @@ named, stands only once the client confirms it addresses the risk (a decision); 
 merged; 3. a disagreement security is not part of, or one between two security tasks, is flagged for the
 PM and becomes a decision for the client, each option listed once. With ``conflict_resolution: flag_all``
 every conflict is flagged. Every override is recorded in the audit trail. Security's findings are never
-dropped: each distinct one stands.
+dropped: each distinct one stands; so does another agent's that security does not contradict, unless it adds
+nothing to security's.
 """
 
 from __future__ import annotations
@@ -155,16 +157,19 @@ def settle(ex: Execution, mode: str = "security_first") -> Settlement:
     out = Settlement()
     flag_all = mode == "flag_all"
     for key, topic in topics.items():
-        _settle_findings(out, topic, finds.get(key, []), flag_all)
+        _settle_findings(out, topic, finds.get(key, []), recs.get(key, []), flag_all)
         _settle_recommendations(out, topic, recs.get(key, []), finds.get(key, []), flag_all)
     out.findings.sort(key=lambda f: -SEVERITY_RANK[f.severity])
     return out
 
 
-def _settle_findings(out: Settlement, topic: str, finds: list[_Find], flag_all: bool) -> None:
+def _settle_findings(out: Settlement, topic: str, finds: list[_Find], recs: list[_Rec], flag_all: bool) -> None:
     """Security's findings all stand (the same one reported twice, once). Another agent's finding that rates the
     risk two or more levels apart from security's most severe, or says to do something else about it, is a
-    conflict security wins; one that agrees adds nothing. Without security the most severe stands, and
+    conflict security wins; one that does neither stands beside security's, unless it adds nothing to them. Security's
+    reviews advising differently on the risk are a decision for the client. Where security reports no finding but
+    recommends one approach to the topic, a finding that advises otherwise is a conflict security wins too: the
+    finding stands with security's approach for its fix. Without security every distinct finding stands, and
     severities two or more levels apart are flagged."""
     if not finds:
         return
@@ -173,7 +178,7 @@ def _settle_findings(out: Settlement, topic: str, finds: list[_Find], flag_all: 
         worst, mild = max(finds, key=lambda f: f.rank), min(finds, key=lambda f: f.rank)
         if worst.rank - mild.rank >= 2:
             _flag_findings(out, topic, finds)
-        out.findings.append(worst.finding)
+        out.findings += [f.finding for f in _distinct(_approached(out, topic, finds, recs, flag_all))]
         return
     out.findings += [f.finding for f in _distinct(security)]
     standing = max(security, key=lambda f: f.rank)
@@ -182,9 +187,14 @@ def _settle_findings(out: Settlement, topic: str, finds: list[_Find], flag_all: 
     against = [f for f in finds if f.pool != "security" and (
         abs(f.rank - standing.rank) >= 2
         or (wants and f.finding.recommendation and _norm(f.finding.recommendation) not in wants))]
+    out.findings += [f.finding for f in _distinct([f for f in finds if f.pool != "security" and f not in against
+                                                   and not _repeats(f, security)])]
+    top = [f for f in security if f.rank == standing.rank]
+    if len(wants) > 1 and not against and not recs:  # with recommendations on the topic, those settle name them all
+        _flag_findings(out, topic, top)
+        return
     if not against:
         return
-    top = [f for f in security if f.rank == standing.rank]
     if flag_all or len(wants) > 1:  # flag_all; or security's reviews advise differently: no one advice stands
         _flag_findings(out, topic, [*(top if len(wants) > 1 else [standing]), *against])
         worst = max(against, key=lambda f: f.rank)
@@ -194,6 +204,37 @@ def _settle_findings(out: Settlement, topic: str, finds: list[_Find], flag_all: 
     fix = f": {standing.finding.recommendation}" if standing.finding.recommendation else ""
     _conflict(out, "contradictory_findings", topic, [standing, *against], "security_first",
               f"security's assessment stands: {standing.finding.severity}{fix}", standing)
+
+
+def _repeats(f: _Find, security: list[_Find]) -> bool:
+    """Whether another agent's finding adds nothing to security's: it gives advice security gives on the topic, or
+    none and says what one of security's says."""
+    if f.finding.recommendation:
+        return any(_norm(f.finding.recommendation) == _norm(s.finding.recommendation) for s in security)
+    return any(_norm(f.finding.detail) == _norm(s.finding.detail) for s in security)
+
+
+def _approached(out: Settlement, topic: str, finds: list[_Find], recs: list[_Rec], flag_all: bool) -> list[_Find]:
+    """Findings on a topic security reports no risk on, against the one approach security recommends for it: a fix
+    that differs is a conflict security wins (the finding stands, with security's approach), or with ``flag_all``
+    a decision. The findings as they stand."""
+    approaches = _options([r for r in recs if r.pool == "security"])
+    if len(approaches) != 1:  # none; or two security tasks that differ, which the recommendations' settling flags
+        return finds
+    approach = approaches[0][0]
+    against = [f for f in finds if f.finding.recommendation and _norm(f.finding.recommendation) != approach.choice]
+    if not against:
+        return finds
+    if flag_all:
+        _conflict(out, "approach_vs_risk", topic, [*against, approach], "flag",
+                  "flagged for the PM (conflict_resolution: flag_all)", None)
+        out.decisions.append(f"{topic}: " + " or ".join(
+            _option(rs) for rs in _options([approach, *(_advice(f) for f in against)])) + "?")
+        return finds
+    _conflict(out, "approach_vs_risk", topic, [*against, approach], "security_first",
+              f"security's recommendation applies: {approach.rec.choice}", approach)
+    fixed = {"recommendation": approach.rec.choice}
+    return [_Find(f.task_id, f.pool, f.finding.model_copy(update=fixed)) if f in against else f for f in finds]
 
 
 def _distinct(finds: list[_Find]) -> list[_Find]:
