@@ -155,6 +155,41 @@ async def paid_while_parked(run: Running, fake: FakeAnthropic, body: dict[str, A
     return await ended(run.client, r.json()["execution_id"], status)
 
 
+def test_an_event_stream_open_through_a_nats_crash_goes_on_with_the_events_after_it(tmp_path: Path) -> None:
+    # The stream's ordered consumer is gone with the crashed server, and nothing says so but its missed heartbeats:
+    # without them the client heard nothing more until the keep-alive found the execution over.
+    server = NatsServer(tmp_path / "store").start()
+    stack = start_stack(server.url, "sse" + uuid.uuid4().hex[:8], tmp_path)
+    chain = [{"id": "a", "pool": "codegen", "description": "x", "context": {"simulate": {"latency_s": 0}}},
+             {"id": "b", "pool": "database", "description": "y", "depends_on": ["a"],
+              "context": {"simulate": {"latency_s": 3}}}]
+    try:
+        r = httpx.post(f"{stack.url}/api/execute-parallel", json={"message": "m", "tasks": chain}, timeout=30)
+        assert r.status_code == 202, r.text
+        eid, got = r.json()["execution_id"], []
+        with httpx.stream("GET", f"{stack.url}/api/execution/{eid}/events",
+                          timeout=httpx.Timeout(10, read=60)) as stream:
+            kind, crashed = "", False
+            for line in stream.iter_lines():
+                if line.startswith("event:"):
+                    kind = line[6:].strip()
+                elif line.startswith("id:"):
+                    got.append(kind)
+                elif line.startswith("data:") and kind == "started" and '"b"' in line and not crashed:
+                    assert server.proc is not None  # b runs: what comes next is published after the restart
+                    server.proc.kill()
+                    server.proc.wait()
+                    server.start()
+                    crashed = True
+        assert crashed, got
+        after = got[got.index("started", got.index("released")):]
+        assert "task_completed" in after and after[-1] == "completed", got  # each with its id, from the stream
+    finally:
+        code = stop_stack(stack)
+        server.stop()
+    assert code == 0, stack.output()[-3000:]
+
+
 @pytest.mark.parametrize("kind", ["task", "plan", "synthesis"])
 async def test_what_a_paid_call_produced_waits_for_its_stream_instead_of_being_paid_for_again(
     tmp_path: Path, kind: Kind, fake_anthropic: FakeAnthropic,

@@ -117,6 +117,7 @@ router = APIRouter(prefix="/api", tags=["executions"], route_class=_Route)
 EXECUTION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 PLAN_WAIT_S = 2.0  # a 202 waits this long for the plan so it can list the tasks
 KEEPALIVE_S = 15.0  # an idle event stream sends a comment this often, so proxies keep it open
+EVENTS_HEARTBEAT_S = 2.0  # the server's heartbeat on an event stream's consumer
 REPLAY_IDLE_S = 2.0  # an ended execution's replay that brings nothing for this long has nothing more to bring
 
 
@@ -523,8 +524,10 @@ async def event_subscription(
     start = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1) if after else (
         ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
     with held(request, who):
+        # With the server's heartbeats, nats-py notices a consumer that a NATS restart took away (two missed) and
+        # makes it again after the last event it delivered; without them the stream went quiet for good.
         sub = await rt.jetstream.subscribe(rt.names.events(ex.execution_id, "*"), stream=rt.names.events_stream,
-                                           ordered_consumer=True, config=start)
+                                           ordered_consumer=True, config=start, idle_heartbeat=EVENTS_HEARTBEAT_S)
         try:
             yield sub, after
         finally:
