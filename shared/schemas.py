@@ -594,9 +594,18 @@ class ConsumerAdvisory(BaseModel):
     deliveries: int = 0
     reason: str | None = None
 
+    # The server's own reason when a message pending on a consumer leaves the stream by a deletion: after a crash, one
+    # whose acknowledgement the restarted server had not stored (the message was handled); or a purge.
+    DELETED: ClassVar[str] = "Unacknowledged message was deleted"
+
     @property
     def exhausted(self) -> bool:
         return self.type.endswith(".max_deliver")
+
+    @property
+    def deleted(self) -> bool:
+        """Whether no consumer gave up on the message: it was deleted while pending, and there is nothing to keep."""
+        return not self.exhausted and self.reason == self.DELETED
 
     def describe(self) -> str:
         if self.exhausted:

@@ -9,6 +9,7 @@ from pathlib import Path
 from nats.aio.client import Client as NATS
 
 from services.aggregator.handlers import AggregatorHandlers
+from shared import metrics
 from shared.execution import (
     LOST_UNANNOUNCED,
     all_tasks_terminal,
@@ -331,3 +332,26 @@ async def test_a_request_dead_lettered_after_its_plan_ends_what_is_open_and_stil
     await h.on_result(late, await delivered(rt, names.results(ex.execution_id), late.to_bytes(), names.results_stream))
     stored = (await rt.executions.get(ex.execution_id))[0]  # type: ignore[index]
     assert stored.cost.total_usd == 0.30 and stored.tasks[0].status == "failed"
+
+
+async def test_a_message_deleted_while_pending_is_no_dead_letter(nc: NATS, names: Names, tmp_path: Path) -> None:
+    # After a crash a restarted server may advise "terminated" for a pending message it deleted (its acknowledgement
+    # had not been stored): nothing to keep, no consumer gave up on it, and no alert should fire.
+    rt = await service_runtime(nc, names, tmp_path)
+    h = AggregatorHandlers(rt, SimulatedProvider(rt.settings.pe))
+    adv = {"type": "io.nats.jetstream.advisory.v1.terminated", "stream": names.tasks_stream,
+           "consumer": names.pool_consumer("security"), "stream_seq": 48, "deliveries": 1,
+           "reason": ConsumerAdvisory.DELETED}
+    subject = f"$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.{names.tasks_stream}.{names.pool_consumer('security')}"
+    counted = metrics.DEAD_LETTERS.labels(names.tasks_stream, names.pool_consumer("security"))._value.get()
+    await h.on_advisory(ConsumerAdvisory.model_validate(adv),
+                        await delivered(rt, subject, json.dumps(adv).encode(), names.advisories_stream))
+    letters = await rt.jetstream.stream_info(names.dlq_stream)
+    assert letters.state.messages == 0
+    assert metrics.DEAD_LETTERS.labels(names.tasks_stream, names.pool_consumer("security"))._value.get() == counted
+
+    # Terminated by its consumer for a reason of its own, it is one.
+    adv["reason"] = "payload does not validate"
+    await h.on_advisory(ConsumerAdvisory.model_validate(adv),
+                        await delivered(rt, subject, json.dumps(adv).encode(), names.advisories_stream))
+    assert (await rt.jetstream.stream_info(names.dlq_stream)).state.messages == 1

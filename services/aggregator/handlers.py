@@ -401,6 +401,11 @@ class AggregatorHandlers:
     async def on_advisory(self, adv: ConsumerAdvisory, msg: Msg) -> None:
         """A consumer gave up on a message: keep it in the DLQ with the reason, and tell its execution."""
         js, names = self.rt.jetstream, self.rt.names
+        if adv.deleted:  # not a dead letter: the message is gone, and no one gave up on it
+            log.info("%s seq %d was deleted while pending on consumer %s (a NATS restart that had not stored its "
+                     "acknowledgement, or a purge): not a dead letter", adv.stream, adv.stream_seq, adv.consumer)
+            await msg.ack()
+            return
         try:
             original = await js.get_msg(adv.stream, adv.stream_seq)
         except NotFoundError:
