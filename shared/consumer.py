@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 IDLE_FETCH_S = 1.0  # by default a pull request waits this long for a message, then the loop asks again
 LOST_AFTER_S = 1.0  # a request whose end has not come this long after it expired is taken as lost (a crash)
 RECONNECT_POLL_S = 0.1  # while disconnected the loop sends no request, and looks again this often
+TICK_S = 0.25  # the loop's clock: a tick this much late or more (STALL_S) means the process stood still
+STALL_S = 1.0
+HANDED_ON_AFTER = 0.9  # of ack_wait since the broker may have sent a delivery: it has handed it on, or is about to
 
 M = TypeVar("M")
 Handler = Callable[[M, Msg], Awaitable[None]]
@@ -59,6 +62,7 @@ class Consumer(Generic[M]):
         capacity: int,
         error_delay_s: float = 1.0,
         idle_fetch_s: float = IDLE_FETCH_S,
+        ack_wait_s: float | None = None,
     ) -> None:
         self.nc, self.js, self.names, self.stream, self.durable = nc, nc.jetstream(), names, stream, durable
         self.decode, self.handle = decode, handle
@@ -66,6 +70,7 @@ class Consumer(Generic[M]):
         self.ask_at = max(1, capacity // 4)  # free slots worth a pull request of their own
         self.error_delay_s = error_delay_s
         self.idle_fetch_s = idle_fetch_s
+        self.ack_wait_s = ack_wait_s  # the durable's: a delivery older than this is not handled (see _dispatch)
         self._in_flight: set[asyncio.Task[None]] = set()
         metrics.prime(metrics.DEAD_LETTERS, [(stream, durable)])
         self._waker: asyncio.Future[None] | None = None
@@ -75,6 +80,7 @@ class Consumer(Generic[M]):
         pulls = _Pulls(self.nc, self.stream, self.durable, self._dispatch, self._wake)
         await pulls.open()
         stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+        clock = asyncio.create_task(pulls.clock.run())
         try:
             while not stop.is_set():
                 if pulls.refused:  # consumer gone, leadership change…: not again at once
@@ -98,6 +104,7 @@ class Consumer(Generic[M]):
                                    return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopping.cancel()
+            clock.cancel()
             await pulls.close()  # what was delivered meanwhile is handled (see _dispatch)
             await self._finish(grace_s)
 
@@ -105,7 +112,16 @@ class Consumer(Generic[M]):
         if self._waker is not None and not self._waker.done():
             self._waker.set_result(None)
 
-    def _dispatch(self, msg: Msg) -> None:
+    def _dispatch(self, msg: Msg, since: float) -> None:
+        """Handle ``msg``, which the broker may have sent as early as ``since`` (monotonic)."""
+        if self.ack_wait_s is not None and time.monotonic() - since >= HANDED_ON_AFTER * self.ack_wait_s:
+            # It waited in the socket while the process stood still (SIGSTOP, a frozen VM): the broker has handed it
+            # to another delivery, which may be running already. Handled, it would run twice (and past a pool's
+            # limit); acked or nak'ed, it would act on the message that now stands for the other: neither.
+            metrics.MESSAGES.labels(self.durable, "stale").inc()
+            log.warning("delivery %s of %s taken in %.1fs after the broker may have sent it (the process stood "
+                        "still): left to its redelivery", _deliveries(msg), msg.subject, time.monotonic() - since)
+            return
         # One that arrives while the loop closes is handled too, within the grace period: handed back unrun, it
         # would use up a delivery all the same (on a task's last, the broker would give up on the task).
         task = asyncio.create_task(self._process(msg))
@@ -164,6 +180,33 @@ class Consumer(Generic[M]):
         log.warning("dead-lettered %s seq %s: %s", msg.subject, seq, reason, extra={"subject": msg.subject})
 
 
+class _Clock:
+    """When the process last stood still (SIGSTOP, a frozen VM, a loop blocked for seconds), seen by a tick due
+    every ``TICK_S``: what its socket took in meanwhile reaches the handlers only after it."""
+
+    def __init__(self) -> None:
+        self._tick: float | None = None
+        self.stall: tuple[float, float] | None = None  # the last one: (its start, when it was seen to end)
+
+    async def run(self) -> None:
+        self._tick = time.monotonic()
+        try:
+            while True:
+                await asyncio.sleep(TICK_S)
+                self.see()
+        finally:
+            self._tick = None
+
+    def see(self) -> float:
+        """Now; a stall if the last tick is overdue (also before the tick itself comes round after it)."""
+        now = time.monotonic()
+        if self._tick is not None:
+            if now - self._tick >= STALL_S:
+                self.stall = (self._tick, now)
+            self._tick = now
+        return now
+
+
 class _Pulls:
     """The pull requests of one consumer loop, on an inbox of its own with a reply subject per request.
 
@@ -174,15 +217,17 @@ class _Pulls:
     order, so it is counted against the oldest.
     """
 
-    def __init__(self, nc: NATS, stream: str, durable: str, dispatch: Callable[[Msg], None],
+    def __init__(self, nc: NATS, stream: str, durable: str, dispatch: Callable[[Msg, float], None],
                  wake: Callable[[], None]) -> None:
         self.nc, self.dispatch, self.wake = nc, dispatch, wake
+        self.clock = _Clock()
         self.subject = f"{api.DEFAULT_PREFIX}.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self.refused: str | None = None  # why the server ended a request other than by its expiry
         self._inbox = ""
         self._sub: Subscription | None = None
         self._sent = 0
-        self._owed: dict[str, list[float]] = {}  # request → [messages it may still bring, when lost]; oldest first
+        # request → [messages it may still bring, when lost, when sent]; oldest first
+        self._owed: dict[str, list[float]] = {}
 
     async def open(self) -> None:
         self._inbox = self.nc.new_inbox()
@@ -200,29 +245,48 @@ class _Pulls:
     async def request(self, batch: int, expires_s: float) -> None:
         self._sent += 1
         token = str(self._sent)
-        self._owed[token] = [batch, time.monotonic() + expires_s + LOST_AFTER_S]
+        sent = time.monotonic()
+        self._owed[token] = [batch, sent + expires_s + LOST_AFTER_S, sent]
         body = json.dumps({"batch": batch, "expires": int(expires_s * 1e9)}).encode()
         await self.nc.publish(self.subject, body, reply=f"{self._inbox}.{token}")
 
     def owed(self) -> int:
         """Messages the open requests may still bring; a request past its time without an end is dropped."""
-        now = time.monotonic()
-        for token in [t for t, (_, lost_at) in self._owed.items() if lost_at < now]:
+        now = self.clock.see()
+        for token in [t for t, owed in self._owed.items() if self._lost_at(owed) < now]:
             del self._owed[token]
-        return int(sum(n for n, _ in self._owed.values()))
+        return int(sum(n for n, _, _ in self._owed.values()))
 
     def until_lost(self) -> float | None:
         """Seconds until the next open request is taken as lost, if its end does not come first."""
         if not self._owed:
             return None
-        return max(0.0, min(lost_at for _, lost_at in self._owed.values()) - time.monotonic())
+        return max(0.0, min(self._lost_at(owed) for owed in self._owed.values()) - time.monotonic())
+
+    def _lost_at(self, owed: list[float]) -> float:
+        """When a request is taken as lost: LOST_AFTER_S after it expired, or after the process stood still if it
+        was open then. Its messages and its end may be waiting in the socket: counted against it, they are known
+        for what came during the stall (``_sent_since``)."""
+        _, lost_at, sent = owed
+        stall = self.clock.stall
+        return max(lost_at, stall[1] + LOST_AFTER_S) if stall is not None and sent <= stall[1] else lost_at
+
+    def _sent_since(self) -> float:
+        """The earliest the server may have sent the message that arrives now: now, unless the process stood still
+        after the request it answers (the oldest open one) was sent: then, since the stall began."""
+        now = self.clock.see()
+        stall = self.clock.stall
+        oldest = next(iter(self._owed.values()), None)
+        if stall is not None and (oldest[2] <= stall[1] if oldest is not None else now - stall[1] <= LOST_AFTER_S):
+            return stall[0]
+        return now
 
     async def _on_msg(self, msg: Msg) -> None:
         # A delivery has an ack subject to reply to; a status has none. Its headers alone cannot tell: nats-py
         # puts the status line under "Status", where a publisher's own header of that name lands too.
         status = None if msg.reply else (msg.headers or {}).get("Status")
         if status is None:
-            self.dispatch(msg)  # also one that comes after its request was taken as lost
+            self.dispatch(msg, self._sent_since())  # also one that comes after its request was taken as lost
             for token, owed in self._owed.items():
                 owed[0] -= 1
                 if owed[0] <= 0:

@@ -444,6 +444,7 @@ def pool_start(pool: Pool, format_prompt: FormatPrompt) -> Start:
             RunTask.model_validate_json,
             worker.handle,
             capacity=rt.settings.slots or rt.pe.worker_pools.get(pool).max_concurrent,
+            ack_wait_s=rt.pe.ack_wait_s,
         )
 
         async def run() -> None:

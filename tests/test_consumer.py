@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -337,3 +339,51 @@ async def test_a_dead_letter_that_cannot_be_stored_is_tried_again_soon_not_after
     finally:
         stop.set()
         await asyncio.wait_for(loop, 10)
+
+
+async def test_a_delivery_taken_in_after_the_process_stood_still_past_ack_wait_is_left_to_its_redelivery(
+    nc: NATS, nats_url: str, names: Names,
+) -> None:
+    # A process stopped (SIGSTOP, a frozen VM; here its loop blocked) with a pull request open: the server delivers
+    # into its socket, and after ack_wait hands the message to another delivery. Taken in on waking, the first
+    # delivery ran beside (or after) the redelivery: a task paid twice, past its pool's limit.
+    js = nc.jetstream()
+    await ensure_streams(js, names)
+    subject = names.results("stood-still")
+    await js.add_consumer(names.results_stream, ConsumerConfig(durable_name="still", filter_subject=subject,
+                                                               ack_policy=AckPolicy.EXPLICIT, ack_wait=2))
+    handled: list[tuple[bytes, int]] = []
+
+    async def handle(data: bytes, msg: Msg) -> None:
+        handled.append((data, msg.metadata.num_delivered))
+        await msg.ack()
+
+    async def asking() -> bool:
+        return (await js.consumer_info(names.results_stream, "still")).num_waiting > 0
+
+    def publish_elsewhere() -> None:  # from a thread of its own: this one's loop is about to stand still
+        async def go() -> None:
+            other = await nats.connect(nats_url)
+            await other.jetstream().publish(subject, b"two")
+            await other.close()
+        asyncio.run(go())
+
+    stale = REGISTRY.get_sample_value("openclaw_messages_total", {"consumer": "still", "outcome": "stale"}) or 0
+    consumer = Consumer(nc, names, names.results_stream, "still", lambda data: data, handle, capacity=1,
+                        idle_fetch_s=30, ack_wait_s=2)  # a request that stays open through the stall
+    stop = asyncio.Event()
+    loop = asyncio.create_task(consumer.run(stop))
+    try:
+        await js.publish(subject, b"one")
+        await until(lambda: handled == [(b"one", 1)], 10, "the first message")
+        await until(asking, 10, "the next pull request")
+        publisher = threading.Thread(target=publish_elsewhere)
+        publisher.start()
+        time.sleep(3)  # noqa: ASYNC251 - the loop stands still past ack_wait: the stall itself, not a wait
+        publisher.join()
+        await until(lambda: len(handled) == 2, 10, "the message handled once")
+    finally:
+        stop.set()
+        await asyncio.wait_for(loop, 10)
+    assert handled == [(b"one", 1), (b"two", 2)]  # the redelivery; the delivery of the stall was left alone
+    assert REGISTRY.get_sample_value("openclaw_messages_total", {"consumer": "still", "outcome": "stale"}) == stale + 1

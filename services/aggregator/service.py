@@ -44,14 +44,16 @@ async def start(rt: Runtime) -> Workers:
         prime_costs("synthesis", [rt.pe.pm_coordinator.synthesis_model])
     h = AggregatorHandlers(rt, provider)
     consumers: list[Consumer[Any]] = [
+        # Results waiting to be coalesced hold a slot (see _apply).
         Consumer(nc, names, names.results_stream, names.aggregator_consumer, TaskResultAdapter.validate_json,
-                 h.on_result, capacity=1024),  # results waiting to be coalesced hold a slot (see _apply)
+                 h.on_result, capacity=1024, ack_wait_s=rt.pe.ack_wait_s),
         Consumer(nc, names, names.executions_stream, names.deadlines_consumer, ExecutionDeadline.model_validate_json,
-                 h.on_deadline, capacity=256),
+                 h.on_deadline, capacity=256, ack_wait_s=rt.pe.ack_wait_s),
         Consumer(nc, names, names.executions_stream, names.cancels_consumer, CancelExecution.model_validate_json,
-                 h.on_cancel, capacity=64),
+                 h.on_cancel, capacity=64, ack_wait_s=rt.pe.ack_wait_s),
         Consumer(nc, names, names.advisories_stream, names.dead_letters_consumer,
-                 ConsumerAdvisory.model_validate_json, h.on_advisory, capacity=16),
+                 ConsumerAdvisory.model_validate_json, h.on_advisory, capacity=16,
+                 ack_wait_s=rt.pe.ack_wait_s),
     ]
 
     async def run() -> None:

@@ -23,7 +23,8 @@ async def start(rt: Runtime) -> Workers:
         prime_costs("decomposition", [rt.pe.pm_coordinator.decomposition_model])
     handlers = PMHandlers(rt, provider)
     consumer = Consumer(rt.nats, names, names.executions_stream, names.pm_consumer,
-                        ExecutionRequested.model_validate_json, handlers.on_requested, capacity=64)
+                        ExecutionRequested.model_validate_json, handlers.on_requested, capacity=64,
+                        ack_wait_s=rt.pe.ack_wait_s)
 
     async def run() -> None:
         try:
