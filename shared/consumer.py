@@ -112,8 +112,9 @@ class Consumer(Generic[M]):
         if self._waker is not None and not self._waker.done():
             self._waker.set_result(None)
 
-    def _dispatch(self, msg: Msg, since: float) -> None:
-        """Handle ``msg``, which the broker may have sent as early as ``since`` (monotonic)."""
+    def _dispatch(self, msg: Msg, since: float, waited: bool) -> None:
+        """Handle ``msg``, which the broker may have sent as early as ``since`` (monotonic) and which may have waited
+        in the socket through a stall (``waited``)."""
         if self.ack_wait_s is not None and time.monotonic() - since >= HANDED_ON_AFTER * self.ack_wait_s:
             # It waited in the socket while the process stood still (SIGSTOP, a frozen VM): the broker has handed it
             # to another delivery, which may be running already. Handled, it would run twice (and past a pool's
@@ -124,7 +125,7 @@ class Consumer(Generic[M]):
             return
         # One that arrives while the loop closes is handled too, within the grace period: handed back unrun, it
         # would use up a delivery all the same (on a task's last, the broker would give up on the task).
-        task = asyncio.create_task(self._process(msg))
+        task = asyncio.create_task(self._process(msg, waited))
         self._in_flight.add(task)
         task.add_done_callback(self._done)
 
@@ -142,8 +143,13 @@ class Consumer(Generic[M]):
         if pending:
             await asyncio.wait(pending)
 
-    async def _process(self, msg: Msg) -> None:
+    async def _process(self, msg: Msg, waited: bool = False) -> None:
         try:
+            if waited and self.ack_wait_s is not None:
+                # It may have waited through a stall, short of the broker handing it on: the broker hears it is
+                # alive at once, so that the handler starts with the whole of ack_wait before it.
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.in_progress()
             try:
                 decoded = self.decode(msg.data)
             except (ValidationError, ValueError) as e:
@@ -217,7 +223,7 @@ class _Pulls:
     order, so it is counted against the oldest.
     """
 
-    def __init__(self, nc: NATS, stream: str, durable: str, dispatch: Callable[[Msg, float], None],
+    def __init__(self, nc: NATS, stream: str, durable: str, dispatch: Callable[[Msg, float, bool], None],
                  wake: Callable[[], None]) -> None:
         self.nc, self.dispatch, self.wake = nc, dispatch, wake
         self.clock = _Clock()
@@ -271,22 +277,29 @@ class _Pulls:
         stall = self.clock.stall
         return max(lost_at, stall[1] + LOST_AFTER_S) if stall is not None and sent <= stall[1] else lost_at
 
-    def _sent_since(self) -> float:
-        """The earliest the server may have sent the message that arrives now: now, unless the process stood still
-        after the request it answers (the oldest open one) was sent: then, since the stall began."""
+    def _sent_since(self) -> tuple[float, bool]:
+        """When the server may have sent the message that arrives now, at the earliest, and whether it may have
+        waited through a stall: the request it answers (the oldest open one) was open then, or none is and the
+        stall just ended. The earliest is the stall's start if that request expired during the stall: no message
+        came for it after. One that outlived the stall may have brought this one after it too: now."""
         now = self.clock.see()
         stall = self.clock.stall
+        if stall is None:
+            return now, False
         oldest = next(iter(self._owed.values()), None)
-        if stall is not None and (oldest[2] <= stall[1] if oldest is not None else now - stall[1] <= LOST_AFTER_S):
-            return stall[0]
-        return now
+        if oldest is None:
+            waited = expired = now - stall[1] <= LOST_AFTER_S
+        else:
+            _, lost_at, sent = oldest
+            waited, expired = sent <= stall[1], lost_at - LOST_AFTER_S <= stall[1]
+        return (stall[0] if waited and expired else now), waited
 
     async def _on_msg(self, msg: Msg) -> None:
         # A delivery has an ack subject to reply to; a status has none. Its headers alone cannot tell: nats-py
         # puts the status line under "Status", where a publisher's own header of that name lands too.
         status = None if msg.reply else (msg.headers or {}).get("Status")
         if status is None:
-            self.dispatch(msg, self._sent_since())  # also one that comes after its request was taken as lost
+            self.dispatch(msg, *self._sent_since())  # also one that comes after its request was taken as lost
             for token, owed in self._owed.items():
                 owed[0] -= 1
                 if owed[0] <= 0:

@@ -370,7 +370,7 @@ async def test_a_delivery_taken_in_after_the_process_stood_still_past_ack_wait_i
 
     stale = REGISTRY.get_sample_value("openclaw_messages_total", {"consumer": "still", "outcome": "stale"}) or 0
     consumer = Consumer(nc, names, names.results_stream, "still", lambda data: data, handle, capacity=1,
-                        idle_fetch_s=30, ack_wait_s=2)  # a request that stays open through the stall
+                        idle_fetch_s=2, ack_wait_s=2)  # requests open as the stall begins expire during it
     stop = asyncio.Event()
     loop = asyncio.create_task(consumer.run(stop))
     try:
@@ -387,3 +387,54 @@ async def test_a_delivery_taken_in_after_the_process_stood_still_past_ack_wait_i
         await asyncio.wait_for(loop, 10)
     assert handled == [(b"one", 1), (b"two", 2)]  # the redelivery; the delivery of the stall was left alone
     assert REGISTRY.get_sample_value("openclaw_messages_total", {"consumer": "still", "outcome": "stale"}) == stale + 1
+
+
+async def test_a_delivery_taken_in_after_a_shorter_stall_tells_the_broker_at_once_that_it_is_alive(
+    nc: NATS, nats_url: str, names: Names,
+) -> None:
+    # Stood still for 3.5 s of a 6 s ack_wait: short of being handed on, but a handler that heartbeats only after a
+    # third of ack_wait would be too late; the broker redelivered while the first delivery still ran.
+    js = nc.jetstream()
+    await ensure_streams(js, names)
+    subject = names.results("short-stall")
+    await js.add_consumer(names.results_stream, ConsumerConfig(durable_name="short", filter_subject=subject,
+                                                               ack_policy=AckPolicy.EXPLICIT, ack_wait=6))
+    handled: list[tuple[bytes, int]] = []
+
+    async def handle(data: bytes, msg: Msg) -> None:
+        handled.append((data, msg.metadata.num_delivered))
+        if data == b"two":
+            await asyncio.sleep(4.5)  # the work: past the broker's ack_wait counted from before the stall
+        await msg.ack()
+
+    async def asking() -> bool:
+        return (await js.consumer_info(names.results_stream, "short")).num_waiting > 0
+
+    def publish_elsewhere() -> None:
+        async def go() -> None:
+            other = await nats.connect(nats_url)
+            await other.jetstream().publish(subject, b"two")
+            await other.close()
+        asyncio.run(go())
+
+    consumer = Consumer(nc, names, names.results_stream, "short", lambda data: data, handle, capacity=2,
+                        idle_fetch_s=2, ack_wait_s=6)
+    stop = asyncio.Event()
+    loop = asyncio.create_task(consumer.run(stop))
+    try:
+        await js.publish(subject, b"one")
+        await until(lambda: handled == [(b"one", 1)], 10, "the first message")
+        await until(asking, 10, "the next pull request")
+        publisher = threading.Thread(target=publish_elsewhere)
+        publisher.start()
+        time.sleep(3.5)  # noqa: ASYNC251 - the loop stands still short of ack_wait: the stall itself, not a wait
+        publisher.join()
+
+        async def done() -> bool:
+            info = await js.consumer_info(names.results_stream, "short")
+            return info.num_ack_pending == 0 and info.num_pending == 0
+        await until(done, 15, "the message acknowledged")
+    finally:
+        stop.set()
+        await asyncio.wait_for(loop, 10)
+    assert handled == [(b"one", 1), (b"two", 1)]  # run once: no redelivery beside it
