@@ -477,6 +477,10 @@ def test_a_pair_of_surrogates_escaped_is_one_character_and_kept(stack: Stack) ->
     r = httpx.post(f"{stack.url}/api/execute-parallel", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 202, r.text
     assert r.json()["message"] == "m \U0001F680"
+    # A UTF-8 byte order mark is read past, as JSON allows.
+    r = httpx.post(f"{stack.url}/api/execute-parallel", content="\ufeff".encode() + body,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 202 and r.json()["message"] == "m \U0001F680", r.text
 
 
 def test_a_chat_message_of_separator_controls_is_422_not_a_crash(stack: Stack) -> None:

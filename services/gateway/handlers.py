@@ -92,7 +92,7 @@ class _JSONRequest(Request):
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
             try:
-                text = (await self.body()).decode()
+                text = (await self.body()).decode("utf-8-sig")  # a byte order mark JSON may be read past (RFC 8259)
             except UnicodeDecodeError as e:
                 byte = e.object[e.start]
                 raise ValueError(f"the body is not UTF-8: byte {e.start} ({byte:#04x}): {e.reason}") from None
