@@ -538,3 +538,60 @@ def test_two_security_reviews_advising_differently_are_a_decision_with_no_other_
     assert s.audit == [] and [c.rule for c in s.conflicts] == ["flag"]
     assert s.decisions == [f"CSRF: agents disagree (security high: {CSRF_FIX}; security high: SameSite=Strict cookies "
                            "only)"]
+
+
+def test_securitys_advice_counts_where_its_most_severe_finding_names_no_fix() -> None:
+    jwt = Finding(severity="high", topic="session handling", detail="tokens readable by scripts",
+                  recommendation="JWT in an httpOnly cookie")
+    # Its approach, as a recommendation beside a finding that names no fix.
+    ex = execution({
+        "api": ("codegen", TaskOutput(summary="api", findings=[jwt])),
+        "audit": ("security", TaskOutput(summary="audit", findings=[
+            Finding(severity="high", topic="session handling", detail="sessions never expire")],
+            recommendations=[rec("session handling", "server-side sessions")])),
+    })
+    s = settle(ex)
+    [c] = s.conflicts
+    assert (c.rule, "server-side sessions" in c.resolution) == ("security_first", True)
+    assert "JWT in an httpOnly cookie" not in [f.recommendation for f in s.findings]
+    assert [r.choice for r in s.recommendations] == ["server-side sessions"]
+    # Its fix, on a less severe finding (the seed's CSRF clash).
+    ex = execution({
+        "api": ("codegen", TaskOutput(summary="api", findings=[
+            Finding(severity="high", topic="CSRF", detail="x", recommendation="SameSite=Lax cookies only")])),
+        "audit": ("security", TaskOutput(summary="audit", findings=[
+            Finding(severity="high", topic="CSRF", detail="forms accept cross-site posts"),
+            Finding(severity="medium", topic="CSRF", detail="the API too", recommendation=CSRF_FIX)])),
+    })
+    s = settle(ex)
+    [c] = s.conflicts
+    assert c.rule == "security_first" and CSRF_FIX in c.resolution
+    assert "SameSite=Lax cookies only" not in [f.recommendation for f in s.findings]
+
+
+def test_fixes_that_differ_without_security_are_a_decision() -> None:
+    ex = execution({
+        "api": ("codegen", TaskOutput(summary="api", findings=[
+            Finding(severity="high", topic="password storage", detail="plain SHA-256", recommendation="bcrypt")])),
+        "db": ("database", TaskOutput(summary="db", findings=[
+            Finding(severity="high", topic="password storage", detail="unsalted", recommendation="argon2id")])),
+        "audit": ("security", None),
+    })
+    s = settle(ex)
+    assert [c.rule for c in s.conflicts] == ["flag"] and len(s.decisions) == 1
+    assert "bcrypt" in s.decisions[0] and "argon2id" in s.decisions[0]
+
+
+def test_flag_all_names_a_findings_fix_and_every_approach_in_one_decision_settling_none() -> None:
+    ex = execution({
+        "api": ("codegen", TaskOutput(summary="api", findings=[
+            Finding(severity="high", topic="sessions", detail="tokens readable by scripts",
+                    recommendation="JWT in an httpOnly cookie")],
+            recommendations=[rec("sessions", "JWT in localStorage")])),
+        "audit": ("security", TaskOutput(summary="audit", recommendations=[rec("sessions", "server-side sessions")])),
+    })
+    s = settle(ex, "flag_all")
+    assert len(s.decisions) == 1 and s.audit == []
+    for choice in ("JWT in localStorage", "server-side sessions", "JWT in an httpOnly cookie"):
+        assert choice in s.decisions[0]
+    assert all(r.decision_needed for r in s.recommendations)

@@ -157,53 +157,61 @@ def settle(ex: Execution, mode: str = "security_first") -> Settlement:
     out = Settlement()
     flag_all = mode == "flag_all"
     for key, topic in topics.items():
-        _settle_findings(out, topic, finds.get(key, []), recs.get(key, []), flag_all)
-        _settle_recommendations(out, topic, recs.get(key, []), finds.get(key, []), flag_all)
+        advice = _settle_findings(out, topic, finds.get(key, []), recs.get(key, []), flag_all)
+        _settle_recommendations(out, topic, recs.get(key, []) + advice, finds.get(key, []), flag_all)
     out.findings.sort(key=lambda f: -SEVERITY_RANK[f.severity])
     return out
 
 
-def _settle_findings(out: Settlement, topic: str, finds: list[_Find], recs: list[_Rec], flag_all: bool) -> None:
+def _settle_findings(out: Settlement, topic: str, finds: list[_Find], recs: list[_Rec], flag_all: bool) -> list[_Rec]:
     """Security's findings all stand (the same one reported twice, once). Another agent's finding that rates the
-    risk two or more levels apart from security's most severe, or says to do something else about it, is a
-    conflict security wins; one that does neither stands beside security's, unless it adds nothing to them. Security's
-    reviews advising differently on the risk are a decision for the client. Where security reports no finding but
-    recommends one approach to the topic, a finding that advises otherwise is a conflict security wins too: the
-    finding stands with security's approach for its fix. Without security every distinct finding stands, and
-    severities two or more levels apart are flagged."""
+    risk two or more levels apart from security's most severe, or says to do something else about it than security
+    does (the advice of its most severe findings; where those name none, its other advice on the topic), is a
+    conflict security wins; one that does neither stands beside security's, unless it adds nothing to them.
+    Security's reviews advising differently on the risk are a decision for the client. Where security reports no
+    finding but recommends one approach to the topic, a finding that advises otherwise is a conflict security wins
+    too: the finding stands with security's approach for its fix. Without security every distinct finding stands;
+    severities two or more levels apart, or fixes that differ, are flagged. Returns the findings' advice that is to
+    be settled with the recommendations on the topic (see ``_approached``)."""
     if not finds:
-        return
+        return []
     security = [f for f in finds if f.pool == "security"]
     if not security:
+        finds, advice = _approached(out, topic, finds, recs, flag_all)
         worst, mild = max(finds, key=lambda f: f.rank), min(finds, key=lambda f: f.rank)
-        if worst.rank - mild.rank >= 2:
+        fixes = _options([_advice(f) for f in finds if f.finding.recommendation])
+        if worst.rank - mild.rank >= 2 or (len(fixes) > 1 and not advice):
             _flag_findings(out, topic, finds)
-        out.findings += [f.finding for f in _distinct(_approached(out, topic, finds, recs, flag_all))]
-        return
+        out.findings += [f.finding for f in _distinct(finds)]
+        return advice
     out.findings += [f.finding for f in _distinct(security)]
     standing = max(security, key=lambda f: f.rank)
     # What security advises on its most severe findings (two security tasks may advise differently: either counts).
     wants = {_norm(f.finding.recommendation) for f in security if f.rank == standing.rank and f.finding.recommendation}
+    said = ([f.finding.recommendation for f in sorted(security, key=lambda f: -f.rank) if f.finding.recommendation]
+            or [r.rec.choice for r in recs if r.pool == "security"])
+    held_to = wants or {_norm(a) for a in said}  # where its most severe findings name no fix, its other advice
     against = [f for f in finds if f.pool != "security" and (
         abs(f.rank - standing.rank) >= 2
-        or (wants and f.finding.recommendation and _norm(f.finding.recommendation) not in wants))]
+        or (held_to and f.finding.recommendation and _norm(f.finding.recommendation) not in held_to))]
     out.findings += [f.finding for f in _distinct([f for f in finds if f.pool != "security" and f not in against
                                                    and not _repeats(f, security)])]
     top = [f for f in security if f.rank == standing.rank]
     if len(wants) > 1 and not against and not recs:  # with recommendations on the topic, those settle name them all
         _flag_findings(out, topic, top)
-        return
+        return []
     if not against:
-        return
+        return []
     if flag_all or len(wants) > 1:  # flag_all; or security's reviews advise differently: no one advice stands
         _flag_findings(out, topic, [*(top if len(wants) > 1 else [standing]), *against])
         worst = max(against, key=lambda f: f.rank)
         if worst.rank > standing.rank:
             out.findings.append(worst.finding)  # treated as the more severe until the PM decides
-        return
-    fix = f": {standing.finding.recommendation}" if standing.finding.recommendation else ""
+        return []
+    fix = f": {standing.finding.recommendation or said[0]}" if said else ""
     _conflict(out, "contradictory_findings", topic, [standing, *against], "security_first",
               f"security's assessment stands: {standing.finding.severity}{fix}", standing)
+    return []
 
 
 def _repeats(f: _Find, security: list[_Find]) -> bool:
@@ -214,27 +222,25 @@ def _repeats(f: _Find, security: list[_Find]) -> bool:
     return any(_norm(f.finding.detail) == _norm(s.finding.detail) for s in security)
 
 
-def _approached(out: Settlement, topic: str, finds: list[_Find], recs: list[_Rec], flag_all: bool) -> list[_Find]:
-    """Findings on a topic security reports no risk on, against the one approach security recommends for it: a fix
-    that differs is a conflict security wins (the finding stands, with security's approach), or with ``flag_all``
-    a decision. The findings as they stand."""
+def _approached(out: Settlement, topic: str, finds: list[_Find], recs: list[_Rec],
+                flag_all: bool) -> tuple[list[_Find], list[_Rec]]:
+    """Findings on a topic security reports no risk on, against the approach security recommends for it. A fix
+    that differs from security's one approach is a conflict security wins: the finding stands, with security's
+    approach. Where no one approach settles it (``flag_all``, or security's recommendations differ), the fixes go to
+    the recommendations' settling as options beside theirs: one decision names them all. The findings as they stand,
+    and those options."""
     approaches = _options([r for r in recs if r.pool == "security"])
-    if len(approaches) != 1:  # none; or two security tasks that differ, which the recommendations' settling flags
-        return finds
+    choices = {rs[0].choice for rs in approaches}
+    against = [f for f in finds if f.finding.recommendation and _norm(f.finding.recommendation) not in choices]
+    if not approaches or not against:
+        return finds, []
+    if flag_all or len(approaches) > 1:
+        return finds, [_advice(f) for f in against]
     approach = approaches[0][0]
-    against = [f for f in finds if f.finding.recommendation and _norm(f.finding.recommendation) != approach.choice]
-    if not against:
-        return finds
-    if flag_all:
-        _conflict(out, "approach_vs_risk", topic, [*against, approach], "flag",
-                  "flagged for the PM (conflict_resolution: flag_all)", None)
-        out.decisions.append(f"{topic}: " + " or ".join(
-            _option(rs) for rs in _options([approach, *(_advice(f) for f in against)])) + "?")
-        return finds
     _conflict(out, "approach_vs_risk", topic, [*against, approach], "security_first",
               f"security's recommendation applies: {approach.rec.choice}", approach)
     fixed = {"recommendation": approach.rec.choice}
-    return [_Find(f.task_id, f.pool, f.finding.model_copy(update=fixed)) if f in against else f for f in finds]
+    return [_Find(f.task_id, f.pool, f.finding.model_copy(update=fixed)) if f in against else f for f in finds], []
 
 
 def _distinct(finds: list[_Find]) -> list[_Find]:
