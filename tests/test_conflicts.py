@@ -595,3 +595,59 @@ def test_flag_all_names_a_findings_fix_and_every_approach_in_one_decision_settli
     for choice in ("JWT in localStorage", "server-side sessions", "JWT in an httpOnly cookie"):
         assert choice in s.decisions[0]
     assert all(r.decision_needed for r in s.recommendations)
+
+
+def test_one_decision_per_topic_and_no_override_of_what_security_itself_advises() -> None:
+    def sessions(fix: str) -> Finding:
+        return Finding(severity="high", topic="session handling", detail="tokens readable by scripts",
+                       recommendation=fix)
+
+    no_fix = Finding(severity="high", topic="session handling", detail="sessions never expire")
+    # Codegen's fix is security's own recommendation, beside a lesser finding's other fix: nothing is overruled.
+    ex = execution({
+        "api": ("codegen", TaskOutput(summary="api", findings=[sessions("server-side sessions")])),
+        "audit": ("security", TaskOutput(summary="audit", findings=[
+            no_fix, Finding(severity="low", topic="session handling", detail="idle", recommendation="15-minute idle "
+                                                                                                   "timeout")],
+            recommendations=[rec("session handling", "server-side sessions")])),
+    })
+    s = settle(ex)
+    assert s.conflicts == [] and s.audit == []
+
+    # Security's approaches differ: a finding's fix is one more option of the one decision, overruling nothing.
+    ex = execution({
+        "api": ("codegen", TaskOutput(summary="api", findings=[sessions("JWT in an httpOnly cookie")])),
+        "audit1": ("security", TaskOutput(summary="a1", findings=[no_fix],
+                                          recommendations=[rec("session handling", "server-side sessions")])),
+        "audit2": ("security", TaskOutput(summary="a2", recommendations=[
+            rec("session handling", "short-lived JWT + refresh rotation")])),
+    })
+    s = settle(ex)
+    assert s.audit == [] and len(s.decisions) == 1
+    for choice in ("server-side sessions", "short-lived JWT + refresh rotation", "JWT in an httpOnly cookie"):
+        assert choice in s.decisions[0]
+    assert "tokens readable by scripts" in [f.detail for f in s.findings]
+
+    # flag_all: one decision, and the finding stands.
+    ex = execution({
+        "api": ("codegen", TaskOutput(summary="api", findings=[sessions("JWT in an httpOnly cookie")],
+                                      recommendations=[rec("session handling", "JWT in an httpOnly cookie")])),
+        "audit": ("security", TaskOutput(summary="audit", findings=[no_fix],
+                                         recommendations=[rec("session handling", "server-side sessions")])),
+    })
+    s = settle(ex, "flag_all")
+    assert len(s.decisions) == 1 and s.audit == [] and all(r.decision_needed for r in s.recommendations)
+    assert "tokens readable by scripts" in [f.detail for f in s.findings]
+
+    # No security: differing fixes and a recommendation of one of them make one decision, nothing settled.
+    ex = execution({
+        "api": ("codegen", TaskOutput(summary="api", findings=[
+            Finding(severity="high", topic="password storage", detail="sha-256", recommendation="bcrypt")])),
+        "db": ("database", TaskOutput(summary="db", findings=[
+            Finding(severity="high", topic="password storage", detail="unsalted", recommendation="argon2id")],
+            recommendations=[rec("password storage", "argon2id")])),
+        "audit": ("security", None),
+    })
+    s = settle(ex)
+    assert s.decisions == ["password storage: argon2id (database) or bcrypt (codegen)?"]
+    assert all(r.decision_needed for r in s.recommendations)

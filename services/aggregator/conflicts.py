@@ -179,9 +179,11 @@ def _settle_findings(out: Settlement, topic: str, finds: list[_Find], recs: list
     if not security:
         finds, advice = _approached(out, topic, finds, recs, flag_all)
         worst, mild = max(finds, key=lambda f: f.rank), min(finds, key=lambda f: f.rank)
-        fixes = _options([_advice(f) for f in finds if f.finding.recommendation])
-        if worst.rank - mild.rank >= 2 or (len(fixes) > 1 and not advice):
+        fixes = [_advice(f) for f in finds if f.finding.recommendation]
+        if worst.rank - mild.rank >= 2:
             _flag_findings(out, topic, finds)
+        elif not advice and len(_options(fixes)) > 1:
+            advice = fixes  # fixes that differ: options of the topic's one decision, beside its recommendations
         out.findings += [f.finding for f in _distinct(finds)]
         return advice
     out.findings += [f.finding for f in _distinct(security)]
@@ -189,13 +191,19 @@ def _settle_findings(out: Settlement, topic: str, finds: list[_Find], recs: list
     # What security advises on its most severe findings (two security tasks may advise differently: either counts).
     wants = {_norm(f.finding.recommendation) for f in security if f.rank == standing.rank and f.finding.recommendation}
     said = ([f.finding.recommendation for f in sorted(security, key=lambda f: -f.rank) if f.finding.recommendation]
-            or [r.rec.choice for r in recs if r.pool == "security"])
+            + [r.rec.choice for r in recs if r.pool == "security"])
     held_to = wants or {_norm(a) for a in said}  # where its most severe findings name no fix, its other advice
     against = [f for f in finds if f.pool != "security" and (
         abs(f.rank - standing.rank) >= 2
         or (held_to and f.finding.recommendation and _norm(f.finding.recommendation) not in held_to))]
     out.findings += [f.finding for f in _distinct([f for f in finds if f.pool != "security" and f not in against
                                                    and not _repeats(f, security)])]
+    fixes = [_advice(f) for f in against if f.finding.recommendation]
+    if not wants and fixes and (flag_all or len(held_to) > 1):
+        # No one advice of security's stands over the others' fixes (flag_all, or security's own differs): they are
+        # options of the topic's one decision, beside security's, none settled; their findings stand meanwhile.
+        out.findings += [f.finding for f in _distinct(against)]
+        return fixes
     top = [f for f in security if f.rank == standing.rank]
     if len(wants) > 1 and not against and not recs:  # with recommendations on the topic, those settle name them all
         _flag_findings(out, topic, top)
