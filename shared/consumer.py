@@ -38,7 +38,7 @@ LOST_AFTER_S = 1.0  # a request whose end has not come this long after it expire
 RECONNECT_POLL_S = 0.1  # while disconnected the loop sends no request, and looks again this often
 TICK_S = 0.25  # the loop's clock: a tick this much late or more (STALL_S) means the process stood still
 STALL_S = 1.0
-HANDED_ON_AFTER = 0.9  # of ack_wait since the broker may have sent a delivery: it has handed it on, or is about to
+GIVEN_UP_AFTER = 0.9  # of ack_wait without a word from a delivery: the broker has handed it on, or is about to
 
 M = TypeVar("M")
 Handler = Callable[[M, Msg], Awaitable[None]]
@@ -115,7 +115,7 @@ class Consumer(Generic[M]):
     def _dispatch(self, msg: Msg, since: float, waited: bool) -> None:
         """Handle ``msg``, which the broker may have sent as early as ``since`` (monotonic) and which may have waited
         in the socket through a stall (``waited``)."""
-        if self.ack_wait_s is not None and time.monotonic() - since >= HANDED_ON_AFTER * self.ack_wait_s:
+        if self.ack_wait_s is not None and time.monotonic() - since >= GIVEN_UP_AFTER * self.ack_wait_s:
             # It waited in the socket while the process stood still (SIGSTOP, a frozen VM): the broker has handed it
             # to another delivery, which may be running already. Handled, it would run twice (and past a pool's
             # limit); acked or nak'ed, it would act on the message that now stands for the other: neither.
@@ -143,7 +143,7 @@ class Consumer(Generic[M]):
         if pending:
             await asyncio.wait(pending)
 
-    async def _process(self, msg: Msg, waited: bool = False) -> None:
+    async def _process(self, msg: Msg, waited: bool) -> None:
         try:
             if waited and self.ack_wait_s is not None:
                 # It may have waited through a stall, short of the broker handing it on: the broker hears it is
@@ -232,7 +232,7 @@ class _Pulls:
         self._inbox = ""
         self._sub: Subscription | None = None
         self._sent = 0
-        # request → [messages it may still bring, when lost, when sent]; oldest first
+        # request → [messages it may still bring, when it expires, when sent]; oldest first
         self._owed: dict[str, list[float]] = {}
 
     async def open(self) -> None:
@@ -252,7 +252,7 @@ class _Pulls:
         self._sent += 1
         token = str(self._sent)
         sent = time.monotonic()
-        self._owed[token] = [batch, sent + expires_s + LOST_AFTER_S, sent]
+        self._owed[token] = [batch, sent + expires_s, sent]
         body = json.dumps({"batch": batch, "expires": int(expires_s * 1e9)}).encode()
         await self.nc.publish(self.subject, body, reply=f"{self._inbox}.{token}")
 
@@ -273,9 +273,10 @@ class _Pulls:
         """When a request is taken as lost: LOST_AFTER_S after it expired, or after the process stood still if it
         was open then. Its messages and its end may be waiting in the socket: counted against it, they are known
         for what came during the stall (``_sent_since``)."""
-        _, lost_at, sent = owed
+        _, expires_at, sent = owed
         stall = self.clock.stall
-        return max(lost_at, stall[1] + LOST_AFTER_S) if stall is not None and sent <= stall[1] else lost_at
+        after = max(expires_at, stall[1]) if stall is not None and sent <= stall[1] else expires_at
+        return after + LOST_AFTER_S
 
     def _sent_since(self) -> tuple[float, bool]:
         """When the server may have sent the message that arrives now, at the earliest, and whether it may have
@@ -290,8 +291,8 @@ class _Pulls:
         if oldest is None:
             waited = expired = now - stall[1] <= LOST_AFTER_S
         else:
-            _, lost_at, sent = oldest
-            waited, expired = sent <= stall[1], lost_at - LOST_AFTER_S <= stall[1]
+            _, expires_at, sent = oldest
+            waited, expired = sent <= stall[1], expires_at <= stall[1]
         return (stall[0] if waited and expired else now), waited
 
     async def _on_msg(self, msg: Msg) -> None:

@@ -27,7 +27,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from shared import metrics
 from shared.bus import emit, publish, stopped_within
-from shared.consumer import UNAVAILABLE, Consumer, persist
+from shared.consumer import GIVEN_UP_AFTER, UNAVAILABLE, Consumer, persist
 from shared.costs import attempt_event, observe, prime_costs, publish_cost
 from shared.failures import ON_EXHAUSTED, Strategy, attempts_allowed, decide, model_for
 from shared.names import Pool
@@ -69,7 +69,6 @@ class _Delivery:
         self.watch: asyncio.TimerHandle | asyncio.Task[None] | None = None  # see PoolWorker._watch
 
 
-GIVEN_UP_AFTER = 0.9  # of ack_wait without a heartbeat: the broker has handed the task on, or is about to
 RECORDED_POLL_S = 0.1  # a retry reads the task's state this often until the attempt before it is recorded
 READ_RETRY_S = 1.0  # after a read of the task's state that NATS could not answer, the next comes this soon
 BEAT_RETRY_S = 1.0  # after a heartbeat that failed, the next comes this soon (at most ack_wait / 3)

@@ -341,25 +341,28 @@ async def test_a_dead_letter_that_cannot_be_stored_is_tried_again_soon_not_after
         await asyncio.wait_for(loop, 10)
 
 
-async def test_a_delivery_taken_in_after_the_process_stood_still_past_ack_wait_is_left_to_its_redelivery(
-    nc: NATS, nats_url: str, names: Names,
-) -> None:
-    # A process stopped (SIGSTOP, a frozen VM; here its loop blocked) with a pull request open: the server delivers
-    # into its socket, and after ack_wait hands the message to another delivery. Taken in on waking, the first
-    # delivery ran beside (or after) the redelivery: a task paid twice, past its pool's limit.
+@contextlib.asynccontextmanager
+async def stood_still(nc: NATS, nats_url: str, names: Names, durable: str, ack_wait: float, stall_s: float,
+                      capacity: int = 1, work_s: float = 0.0) -> AsyncIterator[list[tuple[bytes, int]]]:
+    """A consumer (its durable's ``ack_wait``, its requests open 2 s) that has handled "one"; then its loop stands
+    still for ``stall_s`` (as a process stopped by SIGSTOP, a frozen VM), while another connection publishes "two",
+    which the server delivers into the request open as the stall begins, and which expires during it. Yields what
+    the handler was given, (body, delivery), each one acked after ``work_s`` for "two"; stops the loop on exit."""
     js = nc.jetstream()
     await ensure_streams(js, names)
-    subject = names.results("stood-still")
-    await js.add_consumer(names.results_stream, ConsumerConfig(durable_name="still", filter_subject=subject,
-                                                               ack_policy=AckPolicy.EXPLICIT, ack_wait=2))
+    subject = names.results(durable)
+    await js.add_consumer(names.results_stream, ConsumerConfig(durable_name=durable, filter_subject=subject,
+                                                               ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait))
     handled: list[tuple[bytes, int]] = []
 
     async def handle(data: bytes, msg: Msg) -> None:
         handled.append((data, msg.metadata.num_delivered))
+        if data == b"two":
+            await asyncio.sleep(work_s)
         await msg.ack()
 
     async def asking() -> bool:
-        return (await js.consumer_info(names.results_stream, "still")).num_waiting > 0
+        return (await js.consumer_info(names.results_stream, durable)).num_waiting > 0
 
     def publish_elsewhere() -> None:  # from a thread of its own: this one's loop is about to stand still
         async def go() -> None:
@@ -368,9 +371,8 @@ async def test_a_delivery_taken_in_after_the_process_stood_still_past_ack_wait_i
             await other.close()
         asyncio.run(go())
 
-    stale = REGISTRY.get_sample_value("openclaw_messages_total", {"consumer": "still", "outcome": "stale"}) or 0
-    consumer = Consumer(nc, names, names.results_stream, "still", lambda data: data, handle, capacity=1,
-                        idle_fetch_s=2, ack_wait_s=2)  # requests open as the stall begins expire during it
+    consumer = Consumer(nc, names, names.results_stream, durable, lambda data: data, handle, capacity=capacity,
+                        idle_fetch_s=2, ack_wait_s=ack_wait)
     stop = asyncio.Event()
     loop = asyncio.create_task(consumer.run(stop))
     try:
@@ -379,12 +381,23 @@ async def test_a_delivery_taken_in_after_the_process_stood_still_past_ack_wait_i
         await until(asking, 10, "the next pull request")
         publisher = threading.Thread(target=publish_elsewhere)
         publisher.start()
-        time.sleep(3)  # noqa: ASYNC251 - the loop stands still past ack_wait: the stall itself, not a wait
+        time.sleep(stall_s)  # noqa: ASYNC251 - the loop stands still: the stall itself, not a wait
         publisher.join()
-        await until(lambda: len(handled) == 2, 10, "the message handled once")
+        yield handled
     finally:
         stop.set()
         await asyncio.wait_for(loop, 10)
+
+
+async def test_a_delivery_taken_in_after_the_process_stood_still_past_ack_wait_is_left_to_its_redelivery(
+    nc: NATS, nats_url: str, names: Names,
+) -> None:
+    # A process stopped with a pull request open: the server delivers into its socket, and after ack_wait hands the
+    # message to another delivery. Taken in on waking, the first delivery ran beside (or after) the redelivery: a
+    # task paid twice, past its pool's limit.
+    stale = REGISTRY.get_sample_value("openclaw_messages_total", {"consumer": "still", "outcome": "stale"}) or 0
+    async with stood_still(nc, nats_url, names, "still", ack_wait=2, stall_s=3) as handled:
+        await until(lambda: len(handled) == 2, 10, "the message handled once")
     assert handled == [(b"one", 1), (b"two", 2)]  # the redelivery; the delivery of the stall was left alone
     assert REGISTRY.get_sample_value("openclaw_messages_total", {"consumer": "still", "outcome": "stale"}) == stale + 1
 
@@ -393,48 +406,13 @@ async def test_a_delivery_taken_in_after_a_shorter_stall_tells_the_broker_at_onc
     nc: NATS, nats_url: str, names: Names,
 ) -> None:
     # Stood still for 3.5 s of a 6 s ack_wait: short of being handed on, but a handler that heartbeats only after a
-    # third of ack_wait would be too late; the broker redelivered while the first delivery still ran.
+    # third of ack_wait would be too late; the broker redelivered while the first delivery still ran (its work takes
+    # it past the broker's ack_wait counted from before the stall).
     js = nc.jetstream()
-    await ensure_streams(js, names)
-    subject = names.results("short-stall")
-    await js.add_consumer(names.results_stream, ConsumerConfig(durable_name="short", filter_subject=subject,
-                                                               ack_policy=AckPolicy.EXPLICIT, ack_wait=6))
-    handled: list[tuple[bytes, int]] = []
-
-    async def handle(data: bytes, msg: Msg) -> None:
-        handled.append((data, msg.metadata.num_delivered))
-        if data == b"two":
-            await asyncio.sleep(4.5)  # the work: past the broker's ack_wait counted from before the stall
-        await msg.ack()
-
-    async def asking() -> bool:
-        return (await js.consumer_info(names.results_stream, "short")).num_waiting > 0
-
-    def publish_elsewhere() -> None:
-        async def go() -> None:
-            other = await nats.connect(nats_url)
-            await other.jetstream().publish(subject, b"two")
-            await other.close()
-        asyncio.run(go())
-
-    consumer = Consumer(nc, names, names.results_stream, "short", lambda data: data, handle, capacity=2,
-                        idle_fetch_s=2, ack_wait_s=6)
-    stop = asyncio.Event()
-    loop = asyncio.create_task(consumer.run(stop))
-    try:
-        await js.publish(subject, b"one")
-        await until(lambda: handled == [(b"one", 1)], 10, "the first message")
-        await until(asking, 10, "the next pull request")
-        publisher = threading.Thread(target=publish_elsewhere)
-        publisher.start()
-        time.sleep(3.5)  # noqa: ASYNC251 - the loop stands still short of ack_wait: the stall itself, not a wait
-        publisher.join()
-
+    async with stood_still(nc, nats_url, names, "short", ack_wait=6, stall_s=3.5, capacity=2,
+                           work_s=4.5) as handled:
         async def done() -> bool:
             info = await js.consumer_info(names.results_stream, "short")
             return info.num_ack_pending == 0 and info.num_pending == 0
         await until(done, 15, "the message acknowledged")
-    finally:
-        stop.set()
-        await asyncio.wait_for(loop, 10)
     assert handled == [(b"one", 1), (b"two", 1)]  # run once: no redelivery beside it
