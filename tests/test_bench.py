@@ -14,7 +14,7 @@ import pytest
 from bench import report
 from bench.bound import critical_path, greedy, lower_bound, optimum
 from bench.measure import max_overlap, percentile, ts
-from bench.plans import MIGRATION, RESTAURANT, SCENARIOS, SECURITY_AUDIT
+from bench.plans import MARKETPLACE, MIGRATION, RESTAURANT, SCENARIOS, SECURITY_AUDIT
 from bench.run import Options, measure_all, write_outputs
 
 LIMITS = {"codegen": 3, "security": 2, "database": 2}
@@ -36,6 +36,11 @@ def test_bounds_honour_the_pool_limits() -> None:
     # Security-only: 100 s of work on 2 slots cannot beat 50 s, i.e. 2.0×.
     d, deps, pools = SECURITY_AUDIT.durations(), SECURITY_AUDIT.deps(), SECURITY_AUDIT.pools()
     assert optimum(d, deps, pools, LIMITS).makespan == 50
+    # The marketplace, twelve tasks: two chains of 150 s, which the default limits leave room for (2.833×).
+    d, deps, pools = MARKETPLACE.durations(), MARKETPLACE.deps(), MARKETPLACE.pools()
+    assert len(d) == 12 and sum(d.values()) == 425 and critical_path(d, deps) == 150
+    assert optimum(d, deps, pools, LIMITS).makespan == 150
+    assert optimum(d, deps, pools, {**LIMITS, "codegen": 2}).makespan > 150  # codegen's limit is what binds next
     # With unlimited pools every scenario reaches its critical path.
     for s in SCENARIOS:
         wide = dict.fromkeys(LIMITS, 100)
@@ -69,14 +74,17 @@ def test_a_tiny_real_run_writes_the_report_and_the_readme_table(tmp_path: Path) 
                       + "\n\n## After\n")
     # CPU time comes from /proc in clock ticks (10 ms): 40 probes give the gateway several ticks even on a quick
     # machine (about 1.5 ms an execution), where 5 could give it none.
-    opts = Options(time_factor=0.002, runs=1, overhead_n=40, scenarios=("security_audit",),
+    opts = Options(time_factor=0.002, runs=1, overhead_n=40, scenarios=("security_audit", "marketplace"),
                    parts=("speedup", "overhead", "routing", "load", "throughput", "soak"), throughput_n=4,
                    throughput_runs=3, concurrency=2, load_executions=2, load_tasks=3, soak_n=10, soak_warmup=2,
                    load_latency_s=0.2, routing_n=200, out=tmp_path / "out", readme=readme, charts=False,
                    command="pytest")
     res = asyncio.run(measure_all(opts))
 
-    [sc] = res.scenarios
+    sc, big = res.scenarios
+    # The marketplace's twelve tasks are more than a plan may hold by default: the bench's stack allows them.
+    assert [len(d["tasks"]) for d in big.parallel_docs + big.serial_docs] == [12, 12]
+    assert big.parallel_docs[0]["status"] == big.serial_docs[0]["status"] == "completed"
     assert len(sc.parallel_docs) == len(sc.serial_docs) == 1
     par, ser = sc.parallel_docs[0], sc.serial_docs[0]
     assert par["status"] == ser["status"] == "completed" and ser["mode"] == "serial"
