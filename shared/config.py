@@ -144,6 +144,9 @@ class AnthropicConfig(_Strict):
     )
     timeout_s: float = Field(default=600, gt=0, le=DAY_S, description="per call, the whole of it; a timeout is a "
                              "failed attempt")
+    connect_timeout_s: float = Field(default=5, gt=0, le=DAY_S, description="to open a connection (the SDK's own "
+                                     "default; timeout_s if that is shorter): an endpoint that does not answer is a "
+                                     "failed attempt this soon, not after timeout_s")
     max_tokens: int = Field(default=16_000, ge=1, le=128_000, description="per call, thinking included")
 
 

@@ -13,10 +13,14 @@ the aggregator its template (neither costs anything), and neither builds a promp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
+import email.utils
 import logging
 import os
 import re
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -338,20 +342,22 @@ PLAN_TOOL_PARAM: ToolParam = {
 }
 
 
-def _status_kind(status: int, should_retry: str | None = None) -> ErrorKind:
+def _status_kind(status: int, should_retry: str | None = None, error_code: str | None = None) -> ErrorKind:
     """What an HTTP error says about trying again. ``x-should-retry`` is the API's own word on it, as the SDK
     takes it; a 409 (a lock that timed out) is worth another try, as it is to the SDK. A 404 on the Messages API
     is a model the endpoint does not know (retired, misspelt, not open to this key): worth asking the other model,
-    whatever the header says about asking this one again."""
+    whatever the header says about asking this one again. A spend limit reached (a 429 whose ``error_code`` says
+    so) lasts until someone raises it or the month turns: no retry, nor the other model, gets past it. 504 is the
+    API's ``timeout_error``, as it is in a stream."""
     if status == 404:
         return "model_unavailable"
-    if should_retry == "false":
+    if should_retry == "false" or (error_code or "").endswith("_spend_limit_reached"):
         return "request"
     if status == 429:
         return "rate_limit"
     if status == 529:
         return "overloaded"
-    if status == 408:
+    if status in (408, 504):
         return "timeout"
     return "server" if status >= 500 or status == 409 or should_retry == "true" else "request"
 
@@ -370,12 +376,19 @@ def _stream_error_kind(body: object) -> ErrorKind:
     return STREAM_ERRORS.get(kind, "server") if isinstance(kind, str) else "server"
 
 
-def _retry_after(value: str | None) -> float | None:
-    """Retry-After in seconds (the Messages API sends seconds; an HTTP date is not worth parsing here)."""
-    try:
-        seconds = float(value) if value is not None else None
-    except ValueError:
-        return None
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """How long the endpoint asks the client to wait, read as the SDK reads it: ``retry-after-ms``, else
+    ``retry-after`` in seconds (the Messages API's form), else ``retry-after`` as an HTTP date."""
+    seconds: float | None = None
+    with contextlib.suppress(TypeError, ValueError):
+        seconds = float(headers["retry-after-ms"]) / 1000 if "retry-after-ms" in headers else None
+    value = headers.get("retry-after")
+    if seconds is None and value is not None:
+        try:
+            seconds = float(value)
+        except ValueError:
+            with contextlib.suppress(TypeError, ValueError):
+                seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
     return seconds if seconds is not None and 0 <= seconds < float("inf") else None
 
 
@@ -417,10 +430,12 @@ class AnthropicProvider:
         import anthropic
 
         self.cfg = pe.anthropic
+        self._connect_s = min(self.cfg.connect_timeout_s, self.cfg.timeout_s)
         # max_retries=0: a failed call goes back to its caller at once; the pool worker's nak/backoff and
         # the PM's and aggregator's fallbacks decide what happens next, not a retry loop hidden in the SDK.
         self.client = anthropic.AsyncAnthropic(
-            api_key=api_key, base_url=self.cfg.base_url, timeout=self.cfg.timeout_s, max_retries=0
+            api_key=api_key, base_url=self.cfg.base_url, max_retries=0,
+            timeout=anthropic.Timeout(self.cfg.timeout_s, connect=self._connect_s),
         )
 
     @staticmethod
@@ -460,16 +475,19 @@ class AnthropicProvider:
                 async with stream:
                     async for event in stream:
                         meter.see(event)
-        except (anthropic.APITimeoutError, httpx2.TimeoutException, TimeoutError):
+        except (anthropic.APITimeoutError, httpx2.TimeoutException, TimeoutError) as e:
+            if isinstance(e.__cause__ if isinstance(e, anthropic.APITimeoutError) else e, httpx2.ConnectTimeout):
+                raise ProviderError(f"{model}: cannot reach the Messages API: no connection within "
+                                    f"{self._connect_s:g}s", "server") from None
             raise ProviderError(f"{model} did not answer within {self.cfg.timeout_s:g}s", "timeout",
                                 meter.billed) from None
         except anthropic.APIStatusError as e:
             if e.status_code < 400:  # an error event in the stream, after its 200
                 kind = _stream_error_kind(e.body)
                 raise ProviderError(f"{model}: error in the stream: {e.message}", kind, meter.billed) from None
-            kind = _status_kind(e.status_code, e.response.headers.get("x-should-retry"))
+            kind = _status_kind(e.status_code, e.response.headers.get("x-should-retry"), e.error_code)
             raise ProviderError(f"{model}: HTTP {e.status_code}: {e.message}", kind,
-                                retry_after_s=_retry_after(e.response.headers.get("retry-after"))) from None
+                                retry_after_s=_retry_after(e.response.headers)) from None
         except (anthropic.APIConnectionError, httpx2.TransportError) as e:
             raise ProviderError(f"{model}: cannot reach the Messages API: {e}", "server", meter.billed) from None
         except (anthropic.APIResponseValidationError, httpx2.DecodingError, ValueError, RuntimeError, AttributeError,

@@ -4,8 +4,9 @@ The real ``anthropic`` SDK talks to it through ``base_url``. It tells the three 
 by the tool offered (``submit_plan`` → plan, ``submit_result`` → task, none → synthesis), answers
 them with tool_use blocks (a thinking block first for the plan), text, and usage with cache tokens,
 records every request, and can be told to answer the next call(s) of a kind with 400, 409, 429, 529, 500 (also
-one that says ``x-should-retry: false``), a response slower than any client timeout, malformed output, an
-answer cut off at ``max_tokens``, or a refusal. A call naming a model in ``retired`` gets the API's 404.
+one that says ``x-should-retry: false``), 504, a 429 for a spent limit, a response slower than any client
+timeout, malformed output, an answer cut off at ``max_tokens``, or a refusal. A call naming a model in
+``retired`` gets the API's 404.
 A request with ``stream: true`` gets the answer as the API streams it (server-sent events: ``message_start`` with
 the input usage, a start, deltas and a stop per content block, ``message_delta`` with the output count,
 ``message_stop``); streamed, a call can also stop answering after its first delta (``stall``), send only pings
@@ -22,8 +23,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 
 Kind = Literal["plan", "task", "synthesis"]
-Behaviour = Literal["ok", "400", "409", "429", "529", "500", "no_retry", "slow", "no_tool", "bad_input", "not_json",
-                    "max_tokens", "refusal", "retired", "stall", "pings", "cut", "stream_error"]
+Behaviour = Literal["ok", "400", "409", "429", "529", "500", "504", "spend_limit", "no_retry", "slow", "no_tool",
+                    "bad_input", "not_json", "max_tokens", "refusal", "retired", "stall", "pings", "cut",
+                    "stream_error"]
 STREAM_BREAKS = ("stall", "pings", "cut", "stream_error")  # what happens after the first delta of a streamed answer
 FIRST_DELTA_CHARS = 400  # how much of the answer a broken stream sends first
 
@@ -44,7 +46,7 @@ PLAN: dict[str, Any] = {"tasks": [
 ]}
 
 ERRORS = {400: "invalid_request_error", 409: "api_error", 429: "rate_limit_error", 529: "overloaded_error",
-          500: "api_error"}
+          500: "api_error", 504: "timeout_error"}
 
 
 def task_output(system: str, user: str) -> dict[str, Any]:
@@ -114,6 +116,7 @@ class FakeAnthropic:
         self._hold: dict[Kind, int] = {}
         self.release = threading.Event()  # a "slow" answer waits for this (set at stop)
         self.retry_after_s = 2  # what a 429 asks the client to wait
+        self.retry_after_headers: dict[str, str] | None = None  # when set, how a 429 says it instead
         self.retired: set[str] = set()  # models this endpoint no longer knows: 404, whatever was scripted
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -166,9 +169,12 @@ class FakeAnthropic:
             return behaviour, n
 
     def _answer(self, kind: Kind, behaviour: Behaviour, body: dict[str, Any], n: int) -> tuple[int, Any]:
-        if behaviour in ("400", "409", "429", "529", "500"):
+        if behaviour in ("400", "409", "429", "529", "500", "504"):
             code = int(behaviour)
             return code, {"type": "error", "error": {"type": ERRORS[code], "message": f"scripted {code}"}}
+        if behaviour == "spend_limit":  # a 429 that no wait gets past: the organisation's monthly threshold
+            return 429, {"type": "error", "error": {"type": "rate_limit_error", "message": "spend limit reached",
+                                                    "details": {"error_code": "enforced_spend_limit_reached"}}}
         if behaviour == "slow":
             self.release.wait(60)
         usage = dict(self.usage[kind])
@@ -272,7 +278,9 @@ class FakeAnthropic:
                     for name, value in (headers or {}).items():
                         self.send_header(name, value)
                     if code == 429:  # as the Messages API does: how long until the limit lets a request through
-                        self.send_header("retry-after", str(fake.retry_after_s))
+                        asked = fake.retry_after_headers or {"retry-after": str(fake.retry_after_s)}
+                        for name, value in asked.items():
+                            self.send_header(name, value)
                     self.end_headers()
                     self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import email.utils
 import logging
+import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -124,6 +128,8 @@ async def test_synthesis_is_a_plain_text_call(provider: AnthropicProvider, fake_
         ("500", "server", "HTTP 500", False),
         ("400", "request", "HTTP 400", False),
         ("409", "server", "HTTP 409", False),  # a lock that timed out: retried, as the SDK would
+        ("504", "timeout", "HTTP 504", False),  # the API's timeout_error, as in a stream
+        ("spend_limit", "request", "HTTP 429", False),  # no wait gets past a spend limit, nor does the other model
         ("no_retry", "request", "HTTP 500", False),  # x-should-retry: false
         ("max_tokens", "truncated", "cut off after 940 output tokens (stop_reason max_tokens)", True),
         ("refusal", "refusal", "declined to answer (stop_reason refusal)", True),
@@ -156,7 +162,7 @@ async def test_failures_map_to_error_kinds_and_the_sdk_does_not_retry(
     if behaviour in STREAM_BREAKS:  # the endpoint's input count; the output from the 400 characters that came
         assert err.value.usage == Usage(input_tokens=2100, output_tokens=FIRST_DELTA_CHARS // 4, cache_read_tokens=1500,
                                         cache_write_tokens=300, estimated=True)
-    assert err.value.retry_after_s == (fake_anthropic.retry_after_s if behaviour == "429" else None)
+    assert err.value.retry_after_s == (fake_anthropic.retry_after_s if behaviour in ("429", "spend_limit") else None)
     assert len(fake_anthropic.requests) == 1  # max_retries=0: retrying is the pool worker's job
 
 
@@ -252,6 +258,56 @@ def test_openclaw_provider_anthropic_stops_every_model_caller_whose_key_is_empty
     finally:
         gateway.terminate()
         assert gateway.wait(30) == 0
+
+
+@pytest.mark.parametrize("form", ["seconds", "milliseconds", "http-date"])
+async def test_a_rate_limits_wait_is_read_in_every_form_the_sdk_reads(fake_anthropic: FakeAnthropic, form: str) -> None:
+    # The SDK (which does not retry here) would read retry-after-ms first, then retry-after as seconds or a date.
+    fake_anthropic.retry_after_headers = {
+        "seconds": {"retry-after": "20"}, "milliseconds": {"retry-after-ms": "20000", "retry-after": "1"},
+        "http-date": {"retry-after": email.utils.formatdate(time.time() + 20, usegmt=True)}}[form]
+    fake_anthropic.next("task", "429")
+    p = AnthropicProvider(anthropic_config(fake_anthropic), KEY)
+    try:
+        with pytest.raises(ProviderError) as err:
+            await p.run_task("codegen", SPEC, codegen_prompt(SPEC), "claude-sonnet-4-6", 1)
+    finally:
+        await p.aclose()
+    assert err.value.kind == "rate_limit"
+    assert err.value.retry_after_s == pytest.approx(20, abs=2)  # a date is to the second, and read a moment later
+
+
+async def test_an_endpoint_that_takes_no_connection_fails_the_attempt_at_the_connect_timeout() -> None:
+    # A listener whose accept queue is full: the kernel drops the next connection's SYN, as a firewall that drops
+    # packets would. The call must not hold its pool slot for the whole of timeout_s.
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    queued = []
+    for _ in range(4):
+        c = socket.socket()
+        c.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            c.connect(("127.0.0.1", port))
+        queued.append(c)
+    pe = ParallelExecutionConfig.model_validate({"provider": "anthropic", "anthropic": {
+        "base_url": f"http://127.0.0.1:{port}", "timeout_s": 3, "connect_timeout_s": 0.3}})
+    p = AnthropicProvider(pe, KEY)
+    try:
+        with pytest.raises(ProviderError) as err:
+            await p.run_task("codegen", SPEC, codegen_prompt(SPEC), "claude-sonnet-4-6", 1)
+    finally:
+        await p.aclose()
+        for c in [*queued, server]:
+            c.close()
+    assert err.value.kind == "server" and "no connection within 0.3s" in str(err.value)
+    assert err.value.usage is None  # nothing reached a model
+    # Shorter than the SDK's 5 s: the whole call's timeout bounds connecting too.
+    short = ParallelExecutionConfig.model_validate({"provider": "anthropic", "anthropic": {"timeout_s": 2}})
+    q = AnthropicProvider(short, KEY)
+    assert (q.client.timeout.connect, q.client.timeout.read) == (2, 2)
+    await q.aclose()
 
 
 def test_anthropic_settings_are_validated(tmp_path: Path) -> None:
