@@ -17,7 +17,7 @@ from nats.aio.msg import Msg
 
 from services.aggregator.aggregate import aggregate
 from services.aggregator.handlers import SUPERSEDED, AggregatorHandlers
-from services.aggregator.synthesis import write_answer
+from services.aggregator.synthesis import cost_line, write_answer
 from shared.config import ParallelExecutionConfig
 from shared.costs import model_call
 from shared.execution import apply_plan, apply_result, cancel, expire, new_execution
@@ -123,9 +123,38 @@ async def test_the_model_writes_in_the_persona_and_the_exact_cost_line_and_signa
     total = PLAN_ON_OPUS + 2 * TASK_COST + SYNTHESIS_ON_SONNET
     answer, cost, signature = text.split("\n\n")
     assert answer == f"{fake_anthropic.synthesis_text} (answer #1)"
-    assert cost == (f"Cost: ${total:.4f} — planning ${PLAN_ON_OPUS:.4f}; agents ${2 * TASK_COST:.4f} "
-                    f"(codegen ${TASK_COST:.4f}, security ${TASK_COST:.4f}); this summary ${SYNTHESIS_ON_SONNET:.4f}.")
+    # $0.14574 in all: planning $0.0825, agents $0.04395 ($0.021975 each), this summary $0.01929; the parts add up
+    # to the whole as shown (the largest remainders, the summary's and then codegen's, round up).
+    assert total == pytest.approx(0.14574)
+    assert cost == ("Cost: $0.1457 — planning $0.0825; agents $0.0439 (codegen $0.0220, security $0.0219); "
+                    "this summary $0.0193.")
     assert signature == "— Ada, delivery lead"
+
+
+def test_the_figures_of_the_cost_line_add_up() -> None:
+    # Three pools at $0.00735 each, on their own each $0.0074 or $0.0073 to four places: the line states the whole
+    # and parts that make it, with the largest remainders rounded up.
+    pe = ParallelExecutionConfig()
+    ex = new_execution(ExecutionRequested(execution_id="e1", message="Build a shop", requested_at=T0,
+                                          deadline_at=T0 + timedelta(hours=1)))
+    pools = {"schema": "database", "api": "codegen", "audit": "security"}
+    apply_plan(ex, [TaskSpec(id=t, pool=p, description=t) for t, p in pools.items()], "llm",  # type: ignore[arg-type]
+               [model_call(pe, "decomposition", "claude-opus-4-6", "anthropic",
+                           Usage(input_tokens=1850, output_tokens=2600, cache_write_tokens=1320))])
+    usage = Usage(input_tokens=2100, output_tokens=1050)
+    for t, p in pools.items():
+        apply_result(ex, TaskCompleted(execution_id="e1", task_id=t, pool=p, attempt=1,  # type: ignore[arg-type]
+                                       worker="w", started_at=T0, finished_at=T0, model="claude-haiku-4-5",
+                                       provider="anthropic", usage=usage, output=TaskOutput(summary=t),
+                                       cost_usd=pe.price("claude-haiku-4-5").usd(2100, 1050)))
+    ex.calls.append(model_call(pe, "synthesis", "claude-sonnet-4-6", "anthropic",
+                               Usage(input_tokens=3300, output_tokens=610, cache_read_tokens=800)))
+    assert ex.cost.by_pool["codegen"] == pytest.approx(0.00735)
+    line = cost_line(ex)
+    total, planning, agents, *by_pool, summary = [round(float(x) * 1e4) for x in re.findall(r"\$(\d+\.\d+)", line)]
+    assert total == round(ex.cost.total_usd * 1e4)  # the whole as it is, to the hundredth of a cent
+    assert sum(by_pool) == agents and planning + agents + summary == total, line
+    assert sorted(by_pool) == [73, 73, 74]  # each part within its rounding of the exact figure
 
 
 async def test_the_refund_due_follows_the_models_answer_as_it_follows_the_templates(

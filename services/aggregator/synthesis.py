@@ -113,17 +113,40 @@ def money_lines(ex: Execution) -> list[str]:
     return lines
 
 
+PLACES = 4  # the answer states dollars to the hundredth of a cent
+
+
+def _adding_up(amounts: list[float], total: int) -> list[int]:
+    """``amounts`` in units of the last place shown, rounded so that they make ``total`` (the largest remainders
+    round up): each part rounded on its own would not always add up to the rounded whole."""
+    scaled = [a * 10 ** PLACES for a in amounts]
+    units = [int(x) for x in scaled]
+    by_remainder = sorted(range(len(scaled)), key=lambda i: units[i] - scaled[i])
+    for i in by_remainder[:max(0, total - sum(units))]:
+        units[i] += 1
+    return units
+
+
+def _dollars(units: int) -> str:
+    return f"${units / 10 ** PLACES:.{PLACES}f}"
+
+
 def cost_line(ex: Execution) -> str:
-    """Exact cost of the execution by phase (and pool), the synthesis call included."""
+    """Exact cost of the execution by phase (and pool), the synthesis call included; the figures it states add up."""
     cost = ex.cost
-    by_pool = ", ".join(f"{p} ${c:.4f}" for p, c in sorted(cost.by_pool.items()))
+    total = round(cost.total_usd * 10 ** PLACES)
+    phases = [p for p in ("decomposition", "tasks", "synthesis") if p in cost.by_phase or p == "tasks"]
+    shown = dict(zip(phases, _adding_up([cost.by_phase.get(p, 0.0) for p in phases], total), strict=True))
+    pools = sorted(cost.by_pool)
+    by_pool = ", ".join(f"{p} {_dollars(u)}" for p, u in
+                        zip(pools, _adding_up([cost.by_pool[p] for p in pools], shown["tasks"]), strict=True))
     parts = []
-    if "decomposition" in cost.by_phase:
-        parts.append(f"planning ${cost.by_phase['decomposition']:.4f}")
-    parts.append(f"agents ${cost.by_phase['tasks']:.4f}" + (f" ({by_pool})" if by_pool else ""))
-    if "synthesis" in cost.by_phase:
-        parts.append(f"this summary ${cost.by_phase['synthesis']:.4f}")
-    return f"Cost: ${cost.total_usd:.4f} — {'; '.join(parts)}."
+    if "decomposition" in shown:
+        parts.append(f"planning {_dollars(shown['decomposition'])}")
+    parts.append(f"agents {_dollars(shown['tasks'])}" + (f" ({by_pool})" if by_pool else ""))
+    if "synthesis" in shown:
+        parts.append(f"this summary {_dollars(shown['synthesis'])}")
+    return f"Cost: {_dollars(total)} — {'; '.join(parts)}."
 
 
 async def write_answer(
