@@ -9,6 +9,7 @@ execution (``Execution.cost``). Each call is also published as a ``CostIncurred`
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal, TypeVar
@@ -19,7 +20,7 @@ from shared import metrics
 from shared.bus import emit
 from shared.config import ParallelExecutionConfig
 from shared.names import Names
-from shared.providers import ProviderError
+from shared.providers import Meter, ProviderError
 from shared.schemas import CostIncurred, ModelCall, TaskCompleted, TaskFailed, Usage
 
 
@@ -72,14 +73,29 @@ Phase = Literal["decomposition", "synthesis"]
 log = logging.getLogger(__name__)
 
 
+CUT_BY_STOP = "cut off: the service stopped before the call ended (shutdown_grace_s)"
+
+
 async def guarded_call(pe: ParallelExecutionConfig, phase: Phase, model: str, provider: str,
-                       call: Callable[[], Awaitable[R]], ctx: dict[str, Any]) -> tuple[R | None, ModelCall | None]:
+                       call: Callable[[Meter], Awaitable[R]], ctx: dict[str, Any],
+                       on_cut: Callable[[ModelCall], Awaitable[None]] | None = None,
+                       ) -> tuple[R | None, ModelCall | None]:
     """Run a PM-side model call; a failure comes back as a priced ModelCall carrying the error (its
-    billed usage included), never as an exception — the caller has a fallback for it."""
+    billed usage included), never as an exception — the caller has a fallback for it. A call cut off by the
+    service's stop (cancelled) after the model had started is billed all the same: it goes to ``on_cut``, which
+    records it, before the cancellation goes on (the message's redelivery makes the call again)."""
+    meter = Meter()
     try:
-        return await call(), None
+        return await call(meter), None
     except ProviderError as e:
         return None, model_call(pe, phase, model, provider, e.usage, f"{e.kind}: {e}")
+    except asyncio.CancelledError:
+        if on_cut is not None and meter.billed is not None:
+            try:
+                await on_cut(model_call(pe, phase, model, provider, meter.billed, CUT_BY_STOP))
+            except Exception as e:  # noqa: BLE001 - stopping all the same; the call's cost is what is lost
+                log.warning("could not record the %s call cut off by the stop: %s", phase, e, extra=ctx)
+        raise
     except Exception as e:  # noqa: BLE001 - whatever broke the call, the caller's fallback still answers
         log.exception("%s call raised", phase, extra=ctx)
         return None, model_call(pe, phase, model, provider, None, f"error: {type(e).__name__}: {e}")

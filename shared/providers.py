@@ -89,11 +89,11 @@ class ModelProvider(Protocol):
         """Run one attempt of a task and return the agent's structured output; ``meter`` follows its usage."""
         ...
 
-    async def decompose(self, prompt: Prompt, model: str, effort: Effort) -> PlanReply:
+    async def decompose(self, prompt: Prompt, model: str, effort: Effort, meter: Meter | None = None) -> PlanReply:
         """The model's plan for a request (not yet checked). Only when ``writes``."""
         ...
 
-    async def synthesize(self, prompt: Prompt, model: str) -> TextReply:
+    async def synthesize(self, prompt: Prompt, model: str, meter: Meter | None = None) -> TextReply:
         """The client-facing answer. Only when ``writes``."""
         ...
 
@@ -291,10 +291,10 @@ class SimulatedProvider:
             raise ProviderError(f"simulated{kind} failure on attempt {attempt}", sim.error, billed)
         return TaskReply(output=output, usage=usage, model=model, provider=self.name)
 
-    async def decompose(self, prompt: Prompt, model: str, effort: Effort) -> PlanReply:
+    async def decompose(self, prompt: Prompt, model: str, effort: Effort, meter: Meter | None = None) -> PlanReply:
         raise NotImplementedError("the simulated provider does not plan: the PM's rules stand in, at no cost")
 
-    async def synthesize(self, prompt: Prompt, model: str) -> TextReply:
+    async def synthesize(self, prompt: Prompt, model: str, meter: Meter | None = None) -> TextReply:
         raise NotImplementedError("the simulated provider does not write: the aggregator's template stands in")
 
     async def aclose(self) -> None:
@@ -516,12 +516,12 @@ class AnthropicProvider:
         return TaskReply(output=output.model_copy(update={"simulated": False}), usage=usage, model=model,
                          provider=self.name)
 
-    async def decompose(self, prompt: Prompt, model: str, effort: Effort) -> PlanReply:
+    async def decompose(self, prompt: Prompt, model: str, effort: Effort, meter: Meter | None = None) -> PlanReply:
         # Thinking does not combine with a forced tool choice, so the plan tool is offered with "auto" and
         # the system prompt asks for it; an answer without the tool call is invalid output.
         tool_choice: ToolChoiceParam = {"type": "auto"}
         msg, usage = await self._call(
-            model, prompt, tools=[PLAN_TOOL_PARAM], tool_choice=tool_choice,
+            model, prompt, meter, tools=[PLAN_TOOL_PARAM], tool_choice=tool_choice,
             thinking={"type": "adaptive"}, output_config={"effort": effort},
         )
         try:
@@ -530,8 +530,8 @@ class AnthropicProvider:
             raise ProviderError(_validation(PLAN_TOOL, e), "invalid_output", usage) from None
         return PlanReply(plan=plan, usage=usage, model=model, provider=self.name)
 
-    async def synthesize(self, prompt: Prompt, model: str) -> TextReply:
-        msg, usage = await self._call(model, prompt)
+    async def synthesize(self, prompt: Prompt, model: str, meter: Meter | None = None) -> TextReply:
+        msg, usage = await self._call(model, prompt, meter)
         text = "".join(b.text for b in msg.content if b.type == "text").strip()
         if not text:
             raise ProviderError(f"{model} wrote no answer (stop_reason {msg.stop_reason})", "invalid_output", usage)

@@ -22,12 +22,13 @@ from shared import metrics
 from shared.bus import RETRY_MAX_S, connect, stopped_within
 from shared.config import ParallelExecutionConfig
 from shared.consumer import UNAVAILABLE
+from shared.costs import call_events, publish_cost
 from shared.errors import ConfigError
 from shared.logs import setup_logging
 from shared.names import Names
 from shared.natsauth import TOPOLOGY_OWNER
 from shared.ops import add_ops_routes, serve
-from shared.schemas import Execution, ExecutionCompleted
+from shared.schemas import Execution, ExecutionCompleted, ModelCall
 from shared.settings import Settings, load_settings
 from shared.sizes import message_limit
 from shared.state import ExecutionStore
@@ -84,6 +85,22 @@ class Runtime:
         await self.jetstream.publish(self.names.completed_event(ex.execution_id), data,
                                      headers={"Nats-Msg-Id": f"{ex.execution_id}:completed",
                                               ExecutionCompleted.STATUS_HEADER: ex.status})
+
+    async def record_call(self, execution_id: str, call: ModelCall) -> None:
+        """Store a model call made outside any other write of the execution (one cut off by a stop), then its cost
+        event, numbered as the document numbers it."""
+
+        def add(ex: Execution) -> bool:
+            if any(c.id == call.id for c in ex.calls):
+                return False
+            ex.calls.append(call)
+            return True
+
+        ex = await self.executions.mutate(execution_id, add)
+        same_phase = [c for c in ex.calls if c.phase == call.phase] if ex is not None else []
+        for c, event in zip(same_phase, call_events(execution_id, same_phase, call.phase), strict=True):
+            if c.id == call.id:
+                await publish_cost(self.nats, self.names, event)
 
     def stopping(self) -> asyncio.Task[bool]:
         """Done once the service is told to stop: for waits that should end then instead of running out."""

@@ -34,6 +34,7 @@ from nats.js.api import ConsumerConfig
 
 from shared.names import Names
 from shared.natsserver import NatsServer
+from shared.providers import AnthropicProvider, Effort, Meter, PlanReply, Prompt, TextReply
 from shared.service import Runtime
 from shared.settings import load_settings
 from shared.sizes import message_limit
@@ -270,6 +271,31 @@ async def service_runtime(nc: NATS, names: Names, tmp_path: Path, cfg: dict[str,
     rt.store = ExecutionStore(rt.kv, message_limit(nc))
     rt.started = True
     return rt
+
+
+class Watched(AnthropicProvider):
+    """The real provider, on the real SDK; the test sees the meter of its latest plan or answer call."""
+
+    meter: Meter | None = None
+
+    async def decompose(self, prompt: Prompt, model: str, effort: Effort, meter: Meter | None = None) -> PlanReply:
+        self.meter = meter
+        return await super().decompose(prompt, model, effort, meter)
+
+    async def synthesize(self, prompt: Prompt, model: str, meter: Meter | None = None) -> TextReply:
+        self.meter = meter
+        return await super().synthesize(prompt, model, meter)
+
+    def started(self) -> bool:
+        """The model has started the call: its input is billed."""
+        return self.meter is not None and self.meter.billed is not None
+
+
+async def stopped(task: asyncio.Task[None]) -> None:
+    """What the consumer does to a handler still running when the shutdown grace runs out."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def delivered(rt: Runtime, subject: str, payload: bytes, stream: str, times: int = 1) -> Msg:

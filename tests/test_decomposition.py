@@ -15,13 +15,14 @@ from services.pm.handlers import PMHandlers
 from services.pm.planning import plan_request
 from services.pm.prompts import SYSTEM
 from shared.config import ParallelExecutionConfig
+from shared.costs import CUT_BY_STOP
 from shared.errors import PlanError
 from shared.execution import cancel, fail_execution, new_execution
 from shared.names import Names
 from shared.providers import AnthropicProvider, SimulatedProvider
 from shared.schemas import ExecutionCompleted, ExecutionRequested, TaskSpec, now
 from shared.service import Runtime
-from tests.conftest import answered_past_ack_wait, delivered, service_runtime, stream_holds, until
+from tests.conftest import Watched, answered_past_ack_wait, delivered, service_runtime, stopped, stream_holds, until
 from tests.fake_anthropic import FakeAnthropic
 
 KEY = "sk-ant-test"
@@ -193,6 +194,45 @@ async def test_a_plan_that_comes_after_a_cancel_keeps_its_call_in_the_cost_and_s
     assert ex.cost.total_usd == pytest.approx(PLAN_ON_OPUS, abs=1e-12)
     await stream_holds(rt.jetstream, names.events_stream, names.cost_event("late"), {names.cost_event("late"): 1})
     assert (await rt.jetstream.stream_info(names.tasks_stream)).state.messages == 0
+
+
+async def test_a_plan_cut_off_by_a_stop_is_paid_and_recorded_and_the_redelivery_plans_again(
+    nc: NATS, names: Names, fake_anthropic: FakeAnthropic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    rt = await service_runtime(nc, names, tmp_path, service="pm", cfg={
+        "provider": "anthropic", "anthropic": {"base_url": fake_anthropic.url, "timeout_s": 30}})
+    req = ExecutionRequested(execution_id="stop", message=PROJECT, requested_at=now(),
+                             deadline_at=now() + timedelta(hours=1))
+    req.revision = await rt.executions.create(new_execution(req))
+    fake_anthropic.next("plan", "stall")  # the model starts (its input billed), writes a little, then nothing
+    provider = Watched(rt.settings.pe, KEY)
+    try:
+        msg = await delivered(rt, names.execution_requested, req.to_bytes(), names.executions_stream)
+        planning = asyncio.create_task(PMHandlers(rt, provider).on_requested(req, msg))
+        await until(provider.started, 10, "the model to start planning")
+        await stopped(planning)  # the PM stopped, its grace run out: the request goes back
+        stored = await rt.executions.get("stop")
+        assert stored is not None
+        [cut] = stored[0].calls
+        assert cut.phase == "decomposition" and cut.error == CUT_BY_STOP
+        assert cut.usage.input_tokens == 1850 and cut.usage.cache_write_tokens == 1320 and cut.usage.estimated
+        assert cut.cost_usd > (1850 * 5 + 1320 * 6.25) / 1e6  # the input, and the output it had written so far
+        await stream_holds(rt.jetstream, names.events_stream, names.cost_event("stop"), {names.cost_event("stop"): 1})
+        fake_anthropic.release.set()
+        # The restarted PM plans it again: a second call, paid, and both are in the cost.
+        await PMHandlers(rt, provider).on_requested(req, await delivered(
+            rt, names.execution_requested, req.to_bytes(), names.executions_stream))
+    finally:
+        await provider.aclose()
+
+    stored = await rt.executions.get("stop")
+    assert stored is not None
+    ex = stored[0]
+    assert ex.status == "running" and ex.planner == "llm" and len(fake_anthropic.of("plan")) == 2
+    assert [c.error for c in ex.calls] == [CUT_BY_STOP, None]
+    assert ex.cost.total_usd == pytest.approx(cut.cost_usd + PLAN_ON_OPUS, abs=1e-12)
+    await stream_holds(rt.jetstream, names.events_stream, names.cost_event("stop"), {names.cost_event("stop"): 2})
 
 
 @pytest.mark.parametrize("ended", ["cancelled", "past its deadline"])

@@ -19,7 +19,7 @@ from services.aggregator.aggregate import aggregate
 from services.aggregator.handlers import SUPERSEDED, AggregatorHandlers
 from services.aggregator.synthesis import cost_line, write_answer
 from shared.config import ParallelExecutionConfig
-from shared.costs import model_call
+from shared.costs import CUT_BY_STOP, model_call
 from shared.execution import apply_plan, apply_result, cancel, expire, new_execution
 from shared.names import Names
 from shared.providers import AnthropicProvider, SimulatedProvider
@@ -38,7 +38,7 @@ from shared.schemas import (
     now,
 )
 from shared.service import Runtime
-from tests.conftest import answered_past_ack_wait, delivered, service_runtime, stream_holds
+from tests.conftest import Watched, answered_past_ack_wait, delivered, service_runtime, stopped, stream_holds, until
 from tests.fake_anthropic import FakeAnthropic
 
 KEY = "sk-ant-test"
@@ -224,6 +224,43 @@ async def test_the_simulated_provider_keeps_the_deterministic_template() -> None
     assert call is None
     again, _ = await write_answer(ex, aggregate(ex), "completed", pe, SimulatedProvider(pe))
     assert text == again and text.startswith("Hi! Pixel here. ✅ All done!")
+
+
+async def test_an_answer_cut_off_by_a_stop_is_paid_and_recorded_and_the_redelivery_writes_it_again(
+    nc: NATS, names: Names, fake_anthropic: FakeAnthropic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rt = await anthropic_runtime(nc, names, tmp_path, fake_anthropic, monkeypatch)
+    await rt.executions.create(execution(rt.settings.pe, "stop", last_done=False))
+    last = result("stop", "audit", "security")
+    fake_anthropic.next("synthesis", "stall")  # the model starts (its input billed), writes a little, then nothing
+    provider = Watched(rt.pe, KEY)
+    try:
+        msg = await delivered(rt, names.results("stop"), last.to_bytes(), names.results_stream)
+        writing = asyncio.create_task(AggregatorHandlers(rt, provider).on_result(last, msg))
+        await until(provider.started, 10, "the model to start the answer")
+        await stopped(writing)  # the aggregator stopped, its grace run out: the result goes back
+        stored = await rt.executions.get("stop")
+        assert stored is not None and not stored[0].terminal  # the result's write waited for the answer
+        [cut] = [c for c in stored[0].calls if c.phase == "synthesis"]
+        assert cut.error == CUT_BY_STOP and cut.usage.input_tokens == 3300 and cut.usage.estimated
+        assert cut.cost_usd > (3300 * 3 + 800 * 0.3) / 1e6  # the input, and the output it had written so far
+        await stream_holds(rt.jetstream, names.events_stream, names.cost_event("stop"), {names.cost_event("stop"): 1})
+        fake_anthropic.release.set()
+        # The restarted aggregator takes the result again and writes the answer: a second call, and both are paid.
+        await AggregatorHandlers(rt, provider).on_result(last, await delivered(
+            rt, names.results("stop"), last.to_bytes(), names.results_stream))
+    finally:
+        await provider.aclose()
+
+    stored = await rt.executions.get("stop")
+    assert stored is not None
+    done = stored[0]
+    assert done.status == "completed" and len(fake_anthropic.of("synthesis")) == 2
+    assert [c.error for c in done.calls if c.phase == "synthesis"] == [CUT_BY_STOP, None]
+    assert done.cost.by_phase["synthesis"] == pytest.approx(cut.cost_usd + SYNTHESIS_ON_SONNET, abs=1e-12)
+    assert f"this summary ${done.cost.by_phase['synthesis']:.4f}" in (done.final_response or "")
+    # The plan's call was recorded without its event here: the two synthesis calls' are all there is.
+    await stream_holds(rt.jetstream, names.events_stream, names.cost_event("stop"), {names.cost_event("stop"): 2})
 
 
 async def test_two_replicas_finishing_at_once_store_one_answer_and_count_its_cost_once(

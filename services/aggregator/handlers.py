@@ -489,7 +489,8 @@ class AggregatorHandlers:
         # A long model call does not get the messages waiting on it redelivered (the template makes no call).
         alive = keep_alive(msgs, self.rt.pe.ack_wait_s / 3) if self.provider.writes else contextlib.nullcontext()
         async with alive:
-            text, call = await write_answer(snapshot, agg, status, self.rt.pe, self.provider)
+            text, call = await write_answer(snapshot, agg, status, self.rt.pe, self.provider,
+                                            lambda cut: self.rt.record_call(snapshot.execution_id, cut))
         if status == "cancelled" and snapshot.error:
             text = f"{text}\n\n(Cancelled: {snapshot.error}.)"
         return _Answer(status, agg, text, call)

@@ -9,6 +9,7 @@ writes it. A /api/chat message the router gave one specialist is answered by tha
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 from services.aggregator.aggregate import open_decisions
 from services.aggregator.prompts import format_prompt
@@ -150,9 +151,11 @@ def cost_line(ex: Execution) -> str:
 
 
 async def write_answer(
-    ex: Execution, agg: AggregatedResult, status: str, pe: ParallelExecutionConfig, provider: ModelProvider
+    ex: Execution, agg: AggregatedResult, status: str, pe: ParallelExecutionConfig, provider: ModelProvider,
+    on_cut: Callable[[ModelCall], Awaitable[None]] | None = None,
 ) -> tuple[str, ModelCall | None]:
-    """The final answer and the synthesis call behind it (None when the provider made no call)."""
+    """The final answer and the synthesis call behind it (None when the provider made no call). A synthesis call
+    cut off by a stop goes to ``on_cut`` (see ``guarded_call``)."""
     pm = pe.pm_coordinator
     if alone(ex) and ex.tasks[0].output is not None:  # the specialist answered alone: its answer, not a summary of it
         return specialist_answer(ex, agg), None
@@ -162,8 +165,8 @@ async def write_answer(
         return synthesize(ex, agg, status, pm), None
     model, ctx = pm.synthesis_model, {"execution_id": ex.execution_id}
     reply, call = await guarded_call(
-        pe, "synthesis", model, provider.name, lambda: provider.synthesize(format_prompt(ex, agg, status, pm), model),
-        ctx)
+        pe, "synthesis", model, provider.name,
+        lambda meter: provider.synthesize(format_prompt(ex, agg, status, pm), model, meter), ctx, on_cut)
     if reply is not None:
         call = model_call(pe, "synthesis", reply.model, reply.provider, reply.usage)
         with_call = ex.model_copy(update={"calls": [*ex.calls, call]})

@@ -64,7 +64,8 @@ class PMHandlers:
         if not replanned:
             try:
                 async with keep_alive(lambda: [msg], self.rt.pe.ack_wait_s / 3):  # a long model call: not redelivered
-                    plan = await plan_request(req, self.rt.pe, self.provider)
+                    plan = await plan_request(req, self.rt.pe, self.provider,
+                                              lambda call: self.rt.record_call(req.execution_id, call))
             except (PlanError, ValidationError) as e:  # a plan that cannot be made fails now, not after redeliveries
                 await self._end(req.execution_id, f"invalid plan: {e}", e.calls if isinstance(e, PlanError) else [])
                 await msg.ack()

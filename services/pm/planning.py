@@ -17,6 +17,7 @@ codegen task (planner "serial").
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,8 +88,10 @@ class PlanOutcome:
     calls: list[ModelCall] = field(default_factory=list)
 
 
-async def plan_request(req: ExecutionRequested, pe: ParallelExecutionConfig, provider: ModelProvider) -> PlanOutcome:
-    """The client's plan; else the decomposition model's; else the rules'; else one serial task."""
+async def plan_request(req: ExecutionRequested, pe: ParallelExecutionConfig, provider: ModelProvider,
+                       on_cut: Callable[[ModelCall], Awaitable[None]] | None = None) -> PlanOutcome:
+    """The client's plan; else the decomposition model's; else the rules'; else one serial task. A decomposition
+    call cut off by a stop goes to ``on_cut`` (see ``guarded_call``)."""
     max_tasks = pe.max_tasks_per_execution
     if req.tasks is not None or not provider.writes:
         return PlanOutcome(*make_plan(req, max_tasks))
@@ -96,7 +99,7 @@ async def plan_request(req: ExecutionRequested, pe: ParallelExecutionConfig, pro
     model, ctx = pm.decomposition_model, {"execution_id": req.execution_id}
     reply, failed = await guarded_call(
         pe, "decomposition", model, provider.name,
-        lambda: provider.decompose(format_prompt(req, max_tasks), model, pm.reasoning_effort), ctx)
+        lambda meter: provider.decompose(format_prompt(req, max_tasks), model, pm.reasoning_effort, meter), ctx, on_cut)
     if reply is not None:
         try:
             check_plan(reply.plan.tasks, max_tasks)
