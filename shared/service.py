@@ -22,7 +22,6 @@ from shared import metrics
 from shared.bus import RETRY_MAX_S, connect, stopped_within
 from shared.config import ParallelExecutionConfig
 from shared.consumer import UNAVAILABLE
-from shared.costs import call_events, publish_cost
 from shared.errors import ConfigError
 from shared.logs import setup_logging
 from shared.names import Names
@@ -87,8 +86,9 @@ class Runtime:
                                               ExecutionCompleted.STATUS_HEADER: ex.status})
 
     async def record_call(self, execution_id: str, call: ModelCall) -> None:
-        """Store a model call made outside any other write of the execution (one cut off by a stop), then its cost
-        event, numbered as the document numbers it."""
+        """Store a model call made outside any other write of the execution (one cut off by a stop). Its cost event
+        goes out with the others of its phase when the message's redelivery is handled (the PM's plan, the
+        aggregator's final event): sent here too, the repeat could come after the events' duplicate window."""
 
         def add(ex: Execution) -> bool:
             if any(c.id == call.id for c in ex.calls):
@@ -96,11 +96,7 @@ class Runtime:
             ex.calls.append(call)
             return True
 
-        ex = await self.executions.mutate(execution_id, add)
-        same_phase = [c for c in ex.calls if c.phase == call.phase] if ex is not None else []
-        for c, event in zip(same_phase, call_events(execution_id, same_phase, call.phase), strict=True):
-            if c.id == call.id:
-                await publish_cost(self.nats, self.names, event)
+        await self.executions.mutate(execution_id, add)
 
     def stopping(self) -> asyncio.Task[bool]:
         """Done once the service is told to stop: for waits that should end then instead of running out."""

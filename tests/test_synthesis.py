@@ -155,6 +155,12 @@ def test_the_figures_of_the_cost_line_add_up() -> None:
     assert total == round(ex.cost.total_usd * 1e4)  # the whole as it is, to the hundredth of a cent
     assert sum(by_pool) == agents and planning + agents + summary == total, line
     assert sorted(by_pool) == [73, 73, 74]  # each part within its rounding of the exact figure
+    # One task at $0.00735, half a unit: the line states it as the refund line and the CLI do ($0.0073 by :.4f).
+    one = ex.model_copy(deep=True)
+    one.calls, one.tasks = [], one.tasks[1:2]
+    assert one.cost.total_usd == pytest.approx(0.00735)
+    expected = f"${one.cost.total_usd:.4f}"
+    assert cost_line(one) == f"Cost: {expected} — agents {expected} (codegen {expected})."
 
 
 async def test_the_refund_due_follows_the_models_answer_as_it_follows_the_templates(
@@ -244,7 +250,6 @@ async def test_an_answer_cut_off_by_a_stop_is_paid_and_recorded_and_the_redelive
         [cut] = [c for c in stored[0].calls if c.phase == "synthesis"]
         assert cut.error == CUT_BY_STOP and cut.usage.input_tokens == 3300 and cut.usage.estimated
         assert cut.cost_usd > (3300 * 3 + 800 * 0.3) / 1e6  # the input, and the output it had written so far
-        await stream_holds(rt.jetstream, names.events_stream, names.cost_event("stop"), {names.cost_event("stop"): 1})
         fake_anthropic.release.set()
         # The restarted aggregator takes the result again and writes the answer: a second call, and both are paid.
         await AggregatorHandlers(rt, provider).on_result(last, await delivered(
@@ -258,8 +263,8 @@ async def test_an_answer_cut_off_by_a_stop_is_paid_and_recorded_and_the_redelive
     assert done.status == "completed" and len(fake_anthropic.of("synthesis")) == 2
     assert [c.error for c in done.calls if c.phase == "synthesis"] == [CUT_BY_STOP, None]
     assert done.cost.by_phase["synthesis"] == pytest.approx(cut.cost_usd + SYNTHESIS_ON_SONNET, abs=1e-12)
-    assert f"this summary ${done.cost.by_phase['synthesis']:.4f}" in (done.final_response or "")
-    # The plan's call was recorded without its event here: the two synthesis calls' are all there is.
+    assert cost_line(done) in (done.final_response or "")  # the answer's cost line counts both
+    # Their events went out with the final one (the plan's call was stored without one here): one each.
     await stream_holds(rt.jetstream, names.events_stream, names.cost_event("stop"), {names.cost_event("stop"): 2})
 
 

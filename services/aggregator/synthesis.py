@@ -135,7 +135,7 @@ def _dollars(units: int) -> str:
 def cost_line(ex: Execution) -> str:
     """Exact cost of the execution by phase (and pool), the synthesis call included; the figures it states add up."""
     cost = ex.cost
-    total = round(cost.total_usd * 10 ** PLACES)
+    total = round(float(f"{cost.total_usd:.{PLACES}f}") * 10 ** PLACES)  # the whole as every other place states it
     phases = [p for p in ("decomposition", "tasks", "synthesis") if p in cost.by_phase or p == "tasks"]
     shown = dict(zip(phases, _adding_up([cost.by_phase.get(p, 0.0) for p in phases], total), strict=True))
     pools = sorted(cost.by_pool)
