@@ -31,7 +31,7 @@ from shared.consumer import GIVEN_UP_AFTER, UNAVAILABLE, Consumer, persist
 from shared.costs import attempt_event, observe, prime_costs, publish_cost
 from shared.failures import ON_EXHAUSTED, Strategy, attempts_allowed, decide, model_for
 from shared.names import Pool
-from shared.providers import Meter, ModelProvider, Prompt, ProviderError, TaskReply, make_provider
+from shared.providers import Meter, ModelProvider, ModelUse, Prompt, ProviderError, TaskReply, make_provider
 from shared.schemas import (
     TERMINAL_TASK,
     ErrorKind,
@@ -434,6 +434,8 @@ def pool_start(pool: Pool, format_prompt: FormatPrompt) -> Start:
         endings = Endings(rt.pe.execution_timeout_s)
         following = await endings.follow(rt)
         provider = make_provider(rt.pe, rt.settings.anthropic_api_key)  # one client for the process
+        await provider.check_models([ModelUse(f"worker_pools.{pool}.{key}", getattr(cfg, key))
+                                     for key in ("model", "fallback_model")])
         worker = PoolWorker(rt, pool, format_prompt, provider, endings)
         consumer = Consumer(
             rt.nats,

@@ -20,7 +20,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -37,6 +37,16 @@ if TYPE_CHECKING:  # the SDK takes seconds to import: only a process that uses i
 
 log = logging.getLogger(__name__)
 Effort = Literal["low", "medium", "high", "max"]
+MODELS_CHECK_TIMEOUT_S = 10.0  # a start-up lookup of the configured models; no answer by then: not checked
+
+
+@dataclass(frozen=True)
+class ModelUse:
+    """A configured model, the setting that names it, and what it is called for (``effort``: planning's)."""
+
+    setting: str
+    model: str
+    effort: Effort | None = None
 
 
 class ProviderError(OpenClawError):
@@ -95,6 +105,10 @@ class ModelProvider(Protocol):
 
     async def synthesize(self, prompt: Prompt, model: str, meter: Meter | None = None) -> TextReply:
         """The client-facing answer. Only when ``writes``."""
+        ...
+
+    async def check_models(self, uses: Sequence[ModelUse]) -> None:
+        """At start-up: refuse (ConfigError) a configured model the endpoint says cannot do what it is set for."""
         ...
 
     async def aclose(self) -> None:
@@ -297,6 +311,9 @@ class SimulatedProvider:
     async def synthesize(self, prompt: Prompt, model: str, meter: Meter | None = None) -> TextReply:
         raise NotImplementedError("the simulated provider does not write: the aggregator's template stands in")
 
+    async def check_models(self, uses: Sequence[ModelUse]) -> None:
+        return None  # it calls no model
+
     async def aclose(self) -> None:
         return None
 
@@ -390,6 +407,19 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
             with contextlib.suppress(TypeError, ValueError):
                 seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
     return seconds if seconds is not None and 0 <= seconds < float("inf") else None
+
+
+def _supports(caps: object, *path: str) -> bool | None:
+    """``supported`` of the capability at ``path``; None when the endpoint did not say."""
+    for name in path:
+        caps = getattr(caps, name, None)
+    supported = getattr(caps, "supported", None)
+    return supported if isinstance(supported, bool) else None
+
+
+def _short_error(e: Exception) -> str:
+    status = getattr(e, "status_code", None)
+    return f"HTTP {status}" if status is not None else f"{type(e).__name__}: {e}"
 
 
 def _usage(msg: Message) -> Usage:
@@ -536,6 +566,42 @@ class AnthropicProvider:
         if not text:
             raise ProviderError(f"{model} wrote no answer (stop_reason {msg.stop_reason})", "invalid_output", usage)
         return TextReply(text=text, usage=usage, model=model, provider=self.name)
+
+    async def check_models(self, uses: Sequence[ModelUse]) -> None:
+        """Look each model up in the Models API. A model that cannot take this configuration's calls (``max_tokens``
+        above its limit; planning without adaptive thinking or the configured effort) stops start-up, naming the
+        setting; a retired or deprecated one is logged (a retired model's calls go to the fallback model). An endpoint
+        that gives no answer (no Models API behind a compatible ``base_url``, a network error) checks nothing: the
+        first call tells."""
+        import anthropic  # already loaded by __init__
+
+        for use in uses:
+            try:
+                info = await self.client.models.retrieve(use.model, timeout=MODELS_CHECK_TIMEOUT_S)
+            except anthropic.APIError as e:
+                log.warning("could not look up %s (%s) in the Models API: %s; not checked", use.model, use.setting,
+                            _short_error(e))
+                continue
+            where = f"parallel_execution.{use.setting} ({use.model})"
+            limit = getattr(info, "max_tokens", None)
+            if isinstance(limit, int) and self.cfg.max_tokens > limit:
+                raise ConfigError(f"parallel_execution.anthropic.max_tokens ({self.cfg.max_tokens}) is above what "
+                                  f"{where} allows ({limit}): lower it, or choose another model")
+            caps = getattr(info, "capabilities", None)
+            if use.effort is not None and caps is not None:
+                if _supports(caps, "thinking", "types", "adaptive") is False:
+                    raise ConfigError(f"{where} does not support adaptive thinking, which planning uses: choose a "
+                                      "model that does (claude-opus-4-6, claude-sonnet-4-6)")
+                if _supports(caps, "effort", use.effort) is False:
+                    raise ConfigError(f"parallel_execution.pm_coordinator.reasoning_effort ({use.effort}) is not an "
+                                      f"effort level {where} supports: choose another level or model")
+            lifecycle = getattr(info, "lifecycle", None)
+            if lifecycle in ("retired", "deprecated"):
+                level = logging.ERROR if lifecycle == "retired" else logging.WARNING
+                retires = getattr(info, "retires_at", None)
+                log.log(level, "%s is %s%s: its calls %s; set another model", where, lifecycle,
+                        f" (retires {retires:%Y-%m-%d})" if retires and lifecycle == "deprecated" else "",
+                        "fail and go to the fallback model" if lifecycle == "retired" else "still run")
 
     async def aclose(self) -> None:
         await self.client.close()

@@ -6,7 +6,7 @@ them with tool_use blocks (a thinking block first for the plan), text, and usage
 records every request, and can be told to answer the next call(s) of a kind with 400, 409, 429, 529, 500 (also
 one that says ``x-should-retry: false``), 504, a 429 for a spent limit, a response slower than any client
 timeout, malformed output, an answer cut off at ``max_tokens``, or a refusal. A call naming a model in
-``retired`` gets the API's 404.
+``retired`` gets the API's 404. ``GET /v1/models/{id}`` answers the Models API's entry for a model (``model_info``).
 A request with ``stream: true`` gets the answer as the API streams it (server-sent events: ``message_start`` with
 the input usage, a start, deltas and a stop per content block, ``message_delta`` with the output count,
 ``message_stop``); streamed, a call can also stop answering after its first delta (``stall``), send only pings
@@ -118,6 +118,9 @@ class FakeAnthropic:
         self.retry_after_s = 2  # what a 429 asks the client to wait
         self.retry_after_headers: dict[str, str] | None = None  # when set, how a 429 says it instead
         self.retired: set[str] = set()  # models this endpoint no longer knows: 404, whatever was scripted
+        self.models: dict[str, dict[str, Any]] = {}  # per model, what its Models API entry says otherwise (model_info)
+        self.models_api = True  # False: GET /v1/models/… is a 404, as behind a compatible endpoint without it
+        self.lookups: list[str] = []  # the models looked up, in order
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -211,12 +214,43 @@ class FakeAnthropic:
                      "model": f"{body['model']}-20990101", "content": content, "stop_reason": stop,
                      "stop_sequence": None, "usage": usage}
 
+    def model_info(self, model: str) -> dict[str, Any]:
+        """What ``GET /v1/models/{model}`` answers: every capability supported, unless ``models`` says otherwise."""
+        yes = {"supported": True}
+        info: dict[str, Any] = {
+            "type": "model", "id": model, "display_name": model, "created_at": "2026-02-01T00:00:00Z",
+            "lifecycle": "retired" if model in self.retired else "active", "max_input_tokens": 1_000_000,
+            "max_tokens": 64_000,
+            "capabilities": {
+                "batch": yes, "citations": yes, "code_execution": yes, "context_management": yes,
+                "effort": {"supported": True, "low": yes, "medium": yes, "high": yes, "max": yes},
+                "image_input": yes, "pdf_input": yes, "server_tools": yes, "structured_outputs": yes,
+                "thinking": {"supported": True, "types": {"adaptive": yes, "enabled": yes, "disabled": yes}},
+            },
+        }
+        for path, value in self.models.get(model, {}).items():  # "capabilities.thinking.types.adaptive": {...}
+            *outer, last = path.split(".")
+            node = info
+            for key in outer:
+                node = node[key]
+            node[last] = value
+        return info
+
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
                 pass
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                path = self.path.split("?")[0]
+                if not path.startswith("/v1/models/") or not fake.models_api:
+                    self._send(404, {"type": "error", "error": {"type": "not_found_error", "message": path}})
+                    return
+                with fake._lock:
+                    fake.lookups.append(path.removeprefix("/v1/models/"))
+                self._send(200, fake.model_info(path.removeprefix("/v1/models/")))
 
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
                 if self.path.split("?")[0] != "/v1/messages":

@@ -24,7 +24,7 @@ from shared.costs import usd
 from shared.errors import ConfigError
 from shared.failures import RETRY_AFTER_MAX_S, Strategy, decide, model_for
 from shared.natsserver import free_port
-from shared.providers import AnthropicProvider, Prompt, ProviderError, SimulatedProvider, make_provider
+from shared.providers import AnthropicProvider, ModelUse, Prompt, ProviderError, SimulatedProvider, make_provider
 from shared.schemas import TaskSpec, Usage
 from shared.settings import load_settings
 from tests.conftest import ROOT, ready_on, stack_env, wait_until, write_config
@@ -258,6 +258,75 @@ def test_openclaw_provider_anthropic_stops_every_model_caller_whose_key_is_empty
     finally:
         gateway.terminate()
         assert gateway.wait(30) == 0
+
+
+@pytest.mark.parametrize(
+    ("entry", "section", "use", "says"),
+    [
+        ({"capabilities.thinking.types.adaptive": {"supported": False}}, {},
+         ModelUse("pm_coordinator.decomposition_model", "claude-haiku-4-5", "high"),
+         "parallel_execution.pm_coordinator.decomposition_model (claude-haiku-4-5) does not support adaptive thinking"),
+        ({"capabilities.effort.max": {"supported": False}}, {},
+         ModelUse("pm_coordinator.decomposition_model", "claude-opus-4-6", "max"),
+         "reasoning_effort (max) is not an effort level parallel_execution.pm_coordinator.decomposition_model"),
+        ({"max_tokens": 8192}, {"anthropic": {"max_tokens": 16000}},
+         ModelUse("worker_pools.codegen.fallback_model", "claude-haiku-4-5"),
+         "anthropic.max_tokens (16000) is above what parallel_execution.worker_pools.codegen.fallback_model "
+         "(claude-haiku-4-5) allows (8192)"),
+    ],
+)
+async def test_start_up_refuses_a_model_that_cannot_take_its_calls(
+    fake_anthropic: FakeAnthropic, entry: dict[str, Any], section: dict[str, Any], use: ModelUse, says: str,
+) -> None:
+    fake_anthropic.models[use.model] = entry
+    p = AnthropicProvider(anthropic_config(fake_anthropic, **section), KEY)
+    try:
+        with pytest.raises(ConfigError) as err:
+            await p.check_models([use])
+        assert says in str(err.value)
+        # The same model, for what it can do: passes (no thinking asked of a pool's model; an effort it has).
+        await p.check_models([ModelUse(use.setting, use.model, "high" if use.effort == "max" else None)]
+                             if "max_tokens" not in entry else [])
+    finally:
+        await p.aclose()
+    assert fake_anthropic.lookups[0] == use.model
+
+
+async def test_a_model_check_the_endpoint_cannot_answer_or_a_retired_model_is_logged_not_fatal(
+    fake_anthropic: FakeAnthropic, caplog: pytest.LogCaptureFixture,
+) -> None:
+    p = AnthropicProvider(anthropic_config(fake_anthropic), KEY)
+    try:
+        fake_anthropic.models_api = False  # a compatible endpoint without the Models API
+        with caplog.at_level(logging.WARNING, logger="shared.providers"):
+            await p.check_models([ModelUse("worker_pools.codegen.model", "claude-sonnet-4-6")])
+        assert "could not look up claude-sonnet-4-6 (worker_pools.codegen.model) in the Models API: HTTP 404" \
+            in caplog.text
+        fake_anthropic.models_api = True
+        fake_anthropic.retired.add("claude-sonnet-4-5")  # its calls go to the fallback model: running, not refused
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="shared.providers"):
+            await p.check_models([ModelUse("worker_pools.security.model", "claude-sonnet-4-5")])
+        [record] = caplog.records
+        assert record.levelno == logging.ERROR
+        assert "worker_pools.security.model (claude-sonnet-4-5) is retired" in record.getMessage()
+    finally:
+        await p.aclose()
+
+
+def test_a_service_whose_model_cannot_plan_stops_at_start_up_saying_what_to_set(
+    fake_anthropic: FakeAnthropic, tmp_path: Path, nats_url: str,
+) -> None:
+    fake_anthropic.models["claude-haiku-4-5"] = {"capabilities.thinking.types.adaptive": {"supported": False}}
+    cfg = write_config(tmp_path / "c.json", {"provider": "anthropic", "anthropic": {"base_url": fake_anthropic.url},
+                                             "pm_coordinator": {"decomposition_model": "claude-haiku-4-5"}})
+    env = stack_env(OPENCLAW_CONFIG=str(cfg), ANTHROPIC_API_KEY=KEY, OPENCLAW_NATS_URL=nats_url,
+                    OPENCLAW_NAMESPACE="mc" + uuid.uuid4().hex[:8], OPENCLAW_PORT="0", OPENCLAW_LOG_FORMAT="text")
+    r = subprocess.run([sys.executable, "-m", "services.pm"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env=env)
+    assert r.returncode == 2, r.stderr[-800:]
+    assert "decomposition_model (claude-haiku-4-5) does not support adaptive thinking" in r.stdout + r.stderr
+    assert fake_anthropic.lookups == ["claude-haiku-4-5"]
 
 
 @pytest.mark.parametrize("form", ["seconds", "milliseconds", "http-date"])

@@ -9,7 +9,7 @@ from services.aggregator.handlers import AggregatorHandlers
 from shared import metrics
 from shared.consumer import Consumer
 from shared.costs import prime_costs
-from shared.providers import make_provider
+from shared.providers import ModelUse, make_provider
 from shared.schemas import (
     TERMINAL_EXECUTION,
     CancelExecution,
@@ -42,6 +42,7 @@ async def start(rt: Runtime) -> Workers:
     provider = make_provider(rt.pe, rt.settings.anthropic_api_key)  # one client for the process
     if provider.writes:
         prime_costs("synthesis", [rt.pe.pm_coordinator.synthesis_model])
+        await provider.check_models([ModelUse("pm_coordinator.synthesis_model", rt.pe.pm_coordinator.synthesis_model)])
     h = AggregatorHandlers(rt, provider)
     consumers: list[Consumer[Any]] = [
         # Results waiting to be coalesced hold a slot (see _apply).
