@@ -17,9 +17,10 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install --quiet -c $(PINS) -e '.[test]'
 	touch $(STAMP)
 
-## Start nats-server and all six services, run the restaurant-website example, keep serving (ONCE=1: exit after it).
+## Start nats-server and all six services, run the restaurant-website example, keep serving (ONCE=1: exit after it;
+## ARGS: more `openclaw up` options, e.g. ARGS="--nats-port 0 --gateway-port 0").
 run: $(STAMP)
-	$(VENV)/bin/openclaw up --example $(if $(ONCE),--once,)
+	$(VENV)/bin/openclaw up --example $(if $(ONCE),--once,) $(ARGS)
 
 ## The whole test suite against a real nats-server (NATS_URL=… to use your own; OPENCLAW_TEST_DOCKER=1 for testcontainers).
 test: $(STAMP)

@@ -201,8 +201,9 @@ async def _bench(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    load_settings(config=args.config)
-    print(f"{args.config or '(built-in defaults)'}: valid")
+    """The file given, else OPENCLAW_CONFIG's, as a service would load it."""
+    settings = load_settings(**({"config": args.config} if args.config else {}))
+    print(f"{settings.config or '(built-in defaults)'}: valid")
     return 0
 
 
@@ -279,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     auth = sub.add_parser("nats-auth-conf", help="print the NATS users file (deploy/nats/auth.conf) for the topology")
     auth.set_defaults(func=_nats_auth_conf)
 
-    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check = sub.add_parser("check-config", help="validate a config file (default: OPENCLAW_CONFIG's) and exit")
     check.add_argument("config", nargs="?")
     check.set_defaults(func=_check_config)
     return p

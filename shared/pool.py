@@ -60,9 +60,9 @@ class _Delivery:
     def __init__(self, cmd: RunTask, msg: Msg, pool: Pool, worker: str) -> None:
         self.cmd, self.msg, self.started = cmd, msg, now()
         self.attempt = msg.metadata.num_delivered or 1
-        self.ctx = {"execution_id": cmd.execution_id, "task_id": cmd.task.id, "pool": pool, "attempt": self.attempt}
-        self.head: dict[str, Any] = {**self.ctx, "worker": worker,
-                                     "upstream": sorted(cmd.task.context.get("upstream") or {})}
+        self.ctx = {"execution_id": cmd.execution_id, "task_id": cmd.task.id, "pool": pool, "attempt": self.attempt,
+                    "worker": worker}
+        self.head: dict[str, Any] = {**self.ctx, "upstream": sorted(cmd.task.context.get("upstream") or {})}
         self.abandoned = False
         self.given_up = False  # abandoned because the broker has handed the task to another delivery
         self.beat_at = time.monotonic()  # when the broker last heard this delivery is alive (its start, a beat)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from shared.cli import main
 from shared.config import ParallelExecutionConfig, load_config
 from shared.errors import ConfigError
 from shared.settings import load_settings
@@ -103,6 +104,23 @@ def test_settings_read_openclaw_config_from_env(tmp_path: Path, monkeypatch: pyt
     s = load_settings()
     assert s.pe.max_tasks_per_execution == 2
     assert s.names.tasks("codegen") == "abc.tasks.codegen" and s.names.tasks_stream == "abc_TASKS"
+
+
+def test_check_config_validates_the_file_a_service_would_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    bad = write_config(tmp_path / "bad.json", {"max_tasks_per_execution": 0})
+    good = write_config(tmp_path / "good.json", {"max_tasks_per_execution": 4})
+    monkeypatch.setenv("OPENCLAW_CONFIG", str(bad))
+    with pytest.raises(SystemExit) as out:
+        main(["check-config"])  # no file named: OPENCLAW_CONFIG's, as the services read it
+    assert out.value.code == 2 and "max_tasks_per_execution" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as out:
+        main(["check-config", str(good)])  # a file named: that one
+    assert out.value.code == 0 and capsys.readouterr().out == f"{good}: valid\n"
+    monkeypatch.delenv("OPENCLAW_CONFIG")
+    with pytest.raises(SystemExit) as out:
+        main(["check-config"])
+    assert out.value.code == 0 and capsys.readouterr().out == "(built-in defaults): valid\n"
 
 
 def test_bad_environment_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:

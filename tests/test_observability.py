@@ -103,6 +103,9 @@ def test_every_dashboard_metric_is_exported_after_real_work(stack_factory, tmp_p
     assert {r["service"] for r in mine} >= {"gateway", "pm", "codegen", "security", "database", "aggregator"}
     started = [r for r in mine if r["msg"].startswith("task started")]
     assert started and all({"task_id", "pool", "attempt"} <= r.keys() for r in started)
+    # Each names the replica that ran it, as the attempt in the document does.
+    workers = {(t["id"], a["n"]): a["worker"] for t in doc["tasks"] for a in t["attempts"]}
+    assert all(r["worker"] == workers[r["task_id"], r["attempt"]] for r in started)
 
 
 def test_the_pm_and_the_aggregator_export_their_model_costs_at_0_before_any_call(nats_url: str,
