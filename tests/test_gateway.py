@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import time
 import uuid
@@ -18,6 +20,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 
+from services.gateway.access import ApiKeys, Caller
 from services.gateway.handlers import KEEPALIVE_S
 from shared.names import Names
 from shared.schemas import Execution, now
@@ -369,6 +372,39 @@ def test_keys_tenants_and_rate_limits(stack: Stack) -> None:
     assert int(limited.headers["retry-after"]) >= 1
     assert "rate limit of 60/min" in limited.json()["message"]
     assert httpx.get(f"{stack.url}/api/execution/{eid}", headers=auth()).status_code == 200  # per key
+
+    # Wrong keys from one address share a bucket: guessing keys is held to the rate limit too (and a right key is not).
+    guesses = [httpx.get(f"{stack.url}/api/execution/{eid}", headers=auth(f"guess-{i:012d}")) for i in range(60)]
+    assert {g.status_code for g in guesses} == {401, 429}
+    held_back = next(g for g in guesses if g.status_code == 429)
+    assert "invalid API key from this address" in held_back.json()["message"]
+    assert int(held_back.headers["retry-after"]) >= 1
+    assert httpx.get(f"{stack.url}/api/execution/{eid}", headers=auth()).status_code == 200
+
+
+def test_an_idempotency_key_gives_an_id_no_other_tenant_can_work_out(stack: Stack) -> None:
+    key = "order-1001"  # guessable
+    body = {"message": "m", "tasks": [task("t", "codegen", 0)], "wait": True}
+    mine = httpx.post(f"{stack.url}/api/execute-parallel", headers={**auth(), "Idempotency-Key": key}, json=body,
+                      timeout=30).json()["execution_id"]
+    # What anyone who knows the tenant's name could compute (the id's derivation without the tenant's secret):
+    public = hashlib.sha256(f"acme\0{key}".encode()).hexdigest()[:32]
+    bare = hmac.new(b"", f"acme\0{key}".encode(), hashlib.sha256).hexdigest()[:32]
+    assert mine not in (public, bare)
+    again = httpx.post(f"{stack.url}/api/execute-parallel", headers={**auth(), "Idempotency-Key": key}, json=body,
+                       timeout=30)
+    assert again.json()["execution_id"] == mine  # and it stays the same execution for its own tenant
+
+
+def test_a_tenants_secret_comes_from_its_own_keys_alone() -> None:
+    one = ApiKeys(f"acme={ACME},globex={GLOBEX}")
+    two = ApiKeys(f"acme={ACME},globex={GLOBEX},globex={INITECH}")  # globex adds a key
+    acme, globex = one.identify(ACME), two.identify(GLOBEX)
+    assert acme is not None and globex is not None
+    assert two.identify(ACME) == acme  # acme's ids stay as they were
+    assert globex.secret != one.identify(GLOBEX).secret  # type: ignore[union-attr]
+    assert two.identify(INITECH) == Caller("globex", two.identify(INITECH).key_id, globex.secret)  # type: ignore[union-attr]
+    assert len({acme.secret, globex.secret}) == 2 and b"" not in (acme.secret, globex.secret)
 
 
 async def test_a_key_holds_a_limited_number_of_streams_and_waits_open(stack: Stack) -> None:

@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 from shared.errors import ConfigError
 
 LOCAL_TENANT = "local"
+PRUNE_AT = 10_000  # buckets a rate limiter keeps before it drops those that have refilled
 
 
 @dataclass(frozen=True)
 class Caller:
     tenant: str
     key_id: str | None = None  # a short fingerprint of the key, for logs and the rate limiter; None in local mode
+    secret: bytes = b""  # known only from the tenant's own keys: what ids derived for it are keyed with
 
 
 def _digest(key: str) -> bytes:
@@ -44,6 +46,9 @@ class ApiKeys:
                 raise ConfigError(f"OPENCLAW_API_KEYS gives tenant {tenant.strip()!r} a key another tenant has "
                                   "already: every key must be different")
             self._keys.append((digest, tenant.strip()))
+        # Per tenant, from its keys alone: another tenant cannot work out the ids derived for it.
+        self._secrets = {t: hashlib.sha256(b"".join(sorted(d for d, owner in self._keys if owner == t))).digest()
+                         for _, t in self._keys}
         if spec is not None and not self._keys:  # a Secret made from an unset variable: local mode would open the API
             raise ConfigError("OPENCLAW_API_KEYS is set but empty: give tenant=key pairs, or leave it unset for local "
                               "mode (one tenant, no limits)")
@@ -58,7 +63,7 @@ class ApiKeys:
         found = None
         for digest, tenant in self._keys:
             if hmac.compare_digest(digest, d):
-                found = Caller(tenant, d.hex()[:12])
+                found = Caller(tenant, d.hex()[:12], self._secrets[tenant])
         return found
 
 
@@ -80,6 +85,9 @@ class RateLimiter:
         """None when the call may go ahead; else the seconds to wait (for Retry-After)."""
         now = time.monotonic()
         rate = self.per_minute / 60.0
+        if len(self._buckets) >= PRUNE_AT:  # callers by address are unbounded: forget the full buckets
+            full_after = self.burst / rate if rate > 0 else math.inf
+            self._buckets = {k: b for k, b in self._buckets.items() if now - b.at < full_after}
         b = self._buckets.setdefault(key_id, _Bucket(float(self.burst), now))
         b.tokens = min(float(self.burst), b.tokens + (now - b.at) * rate)
         b.at = now

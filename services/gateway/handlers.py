@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import json
 import logging
 import math
@@ -114,7 +115,7 @@ class _Route(APIRoute):
 
 
 router = APIRouter(prefix="/api", tags=["executions"], route_class=_Route)
-EXECUTION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+EXECUTION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # fullmatch: "$" would let a final newline through
 PLAN_WAIT_S = 2.0  # a 202 waits this long for the plan so it can list the tasks
 KEEPALIVE_S = 15.0  # an idle event stream sends a comment this often, so proxies keep it open
 EVENTS_HEARTBEAT_S = 2.0  # the server's heartbeat on an event stream's consumer
@@ -140,6 +141,12 @@ def identify(request: Request, authorization: str | None, x_api_key: str | None)
                             + _sent(authorization), headers={"WWW-Authenticate": "Bearer"})
     who = keys.identify(key)
     if who is None:
+        # Wrong keys from one address share a bucket of the rate limit: guessing is as slow as calling.
+        limiter = request.app.state.rate_limiter
+        wait = limiter.take(f"unidentified:{request.client.host if request.client else ''}")
+        if wait is not None:
+            raise HTTPException(429, f"too many requests with an invalid API key from this address; retry in "
+                                f"{wait:g}s", headers={"Retry-After": str(int(wait))})
         raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
     return who
 
@@ -223,7 +230,7 @@ class _Head(BaseModel):
 
 async def owned_document(execution_id: str, who: CallerDep, rt: RuntimeDep) -> bytes:
     """The caller's execution as stored, or 404; only its tenant is parsed."""
-    stored = await rt.executions.read(execution_id) if EXECUTION_ID.match(execution_id) else None
+    stored = await rt.executions.read(execution_id) if EXECUTION_ID.fullmatch(execution_id) else None
     if stored is None or _Head.model_validate_json(stored[0]).tenant != who.tenant:
         raise HTTPException(404, {"field": "execution_id", "message": f"no execution with id {execution_id!r}"})
     return stored[0]
@@ -237,10 +244,11 @@ ExecutionDep = Annotated[Execution, Depends(owned_execution)]
 
 
 def _execution_id(who: Caller, idempotency_key: str | None) -> str:
-    """A fresh id, or one derived from the tenant and the Idempotency-Key: the same key, the same execution."""
+    """A fresh id, or one derived from the tenant and the Idempotency-Key: the same key, the same execution. Keyed with
+    the tenant's secret (from its API keys): another tenant who guesses the Idempotency-Key cannot work out the id."""
     if idempotency_key is None:
         return uuid.uuid4().hex
-    return hashlib.sha256(f"{who.tenant}\0{idempotency_key}".encode()).hexdigest()[:32]
+    return hmac.new(who.secret, f"{who.tenant}\0{idempotency_key}".encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def _fingerprint(body: ExecuteRequest) -> str:
