@@ -525,17 +525,14 @@ async def event_subscription(
     """The execution's events from the start (or after ``Last-Event-ID``), subscribed before the response starts,
     so NATS being unavailable is a 503 rather than a stream cut off after its 200; closed after the response, which
     holds one of the key's open requests (``held``) until then."""
-    # Only ASCII digits ("²", a latin-1 byte, passes isdigit() but not int()), and a stream sequence (the server
-    # refuses a start beyond 64 bits): anything else replays from the start.
+    # Only ASCII digits ("²", a latin-1 byte, passes isdigit() but not int()): anything else replays from the start.
     after = int(last_event_id) if last_event_id and last_event_id.isascii() and last_event_id.isdigit() else 0
-    after = after if after < 2**63 else 0
-    start = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1) if after else (
-        ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
     with held(request, who):
         # With the server's heartbeats, nats-py notices a consumer that a NATS restart took away (two missed) and
         # makes it again after the last event it delivered; without them the stream went quiet for good.
         sub = await rt.jetstream.subscribe(rt.names.events(ex.execution_id, "*"), stream=rt.names.events_stream,
-                                           ordered_consumer=True, config=start, idle_heartbeat=EVENTS_HEARTBEAT_S)
+                                           ordered_consumer=True, idle_heartbeat=EVENTS_HEARTBEAT_S,
+                                           config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
         try:
             yield sub, after
         finally:
@@ -551,7 +548,12 @@ async def execution_events(
     """Every lifecycle event of the execution as Server-Sent Events, replayed from the start (or after
     ``Last-Event-ID``), live until the terminal ``completed`` event, which closes the stream. A gateway that
     is stopping closes it too: the client reconnects with ``Last-Event-ID`` to another replica."""
-    (sub, sent), eid = events, ex.execution_id
+    (sub, after), eid = events, ex.execution_id
+    # An event's id is its place among the execution's own events (1, 2, …), not the shared stream's sequence, which
+    # would tell a client how many events other executions (other tenants') had in between. Resuming replays the
+    # execution's events from its first and sends those after ``after``; an ordered consumer that NATS lost (a
+    # restart) is made again after the last one it delivered, so the count holds.
+    n = 0
     # Ended already: its events are all in the stream, and replay brings them at once. A pause then means there is
     # nothing after the resume point (it was the final event): the stored state closes the stream, without waiting
     # out a keep-alive.
@@ -573,13 +575,10 @@ async def execution_events(
             continue
         if msg is None:
             return
-        seq = msg.metadata.sequence.stream if msg.metadata else 0
-        if seq and seq <= sent:
-            # An ordered consumer that NATS lost (a restart) is made again from the last message it delivered, which
-            # is before the resume point when nothing came since: what the client has is not sent again.
+        n += 1
+        if n <= after:  # the client has it
             continue
-        sent = seq or sent
         kind = msg.subject.rsplit(".", 1)[-1]
-        yield ServerSentEvent(event=kind, id=str(seq) if seq else None, raw_data=msg.data.decode())
+        yield ServerSentEvent(event=kind, id=str(n), raw_data=msg.data.decode())
         if kind == "completed":
             return
