@@ -199,6 +199,9 @@ def test_one_key_for_two_tenants_stops_the_gateway_at_start_up() -> None:
     with pytest.raises(ConfigError, match="gives tenant 'globex' a key another tenant has already"):
         ApiKeys(f"acme={key}, globex={key}")
     assert ApiKeys(f"acme={key}, globex={key}x").identify(key).tenant == "acme"  # type: ignore[union-attr]
+    # Local mode's one tenant: a keyed tenant of that name would be anyone's after a restart without keys.
+    with pytest.raises(ConfigError, match="names a tenant 'local', the name local mode gives every caller"):
+        ApiKeys(f"acme={key}, local={key}x")
 
 
 @pytest.mark.parametrize("key", ["clé-secrète-0123456789", "two words-0123456789", "tab\there-0123456789"])

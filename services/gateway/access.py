@@ -41,6 +41,9 @@ class ApiKeys:
                 raise ConfigError(f"OPENCLAW_API_KEYS gives tenant {tenant.strip()!r} a key with a character other "
                                   "than printable ASCII, which no header would match: use letters, digits and "
                                   "punctuation (for example `openssl rand -hex 32`)")
+            if tenant.strip() == LOCAL_TENANT:  # local mode's one tenant: its executions open to anyone without a key
+                raise ConfigError(f"OPENCLAW_API_KEYS names a tenant {LOCAL_TENANT!r}, the name local mode gives every "
+                                  "caller: choose another name")
             digest = _digest(key.strip())
             if any(d == digest for d, _ in self._keys):  # two tenants' callers would see one tenant's executions
                 raise ConfigError(f"OPENCLAW_API_KEYS gives tenant {tenant.strip()!r} a key another tenant has "
