@@ -7,7 +7,7 @@ import logging
 import sys
 from datetime import UTC, datetime
 
-CONTEXT_FIELDS = ("service", "execution_id", "task_id", "pool", "attempt", "worker", "subject")
+CONTEXT_FIELDS = ("service", "execution_id", "tenant", "task_id", "pool", "attempt", "worker", "subject")
 
 
 class JsonFormatter(logging.Formatter):

@@ -101,6 +101,8 @@ def test_every_dashboard_metric_is_exported_after_real_work(stack_factory, tmp_p
             records.append(json.loads(rest))
     mine = [r for r in records if r.get("execution_id") == eid]
     assert {r["service"] for r in mine} >= {"gateway", "pm", "codegen", "security", "database", "aggregator"}
+    # Who asked for it: the gateway's line names the tenant (local mode's one here).
+    assert [r["tenant"] for r in mine if r["msg"] == "accepted execution"] == ["local"]
     started = [r for r in mine if r["msg"].startswith("task started")]
     assert started and all({"task_id", "pool", "attempt"} <= r.keys() for r in started)
     # Each names the replica that ran it, as the attempt in the document does.

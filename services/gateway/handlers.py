@@ -331,7 +331,7 @@ async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_ke
                                       "message": "this key was used with a different request"}) from None
         ex, fresh = existing, existing.status == "queued"  # never planned: publishing again is harmless
         req.deadline_at = existing.deadline_at  # the deadline set when it was accepted, not one from now
-        log.info("idempotent replay", extra={"execution_id": eid})
+        log.info("idempotent replay", extra={"execution_id": eid, "tenant": who.tenant})
     # Subscribe before publishing, so the version waited for cannot slip past: the bucket republishes every
     # version it stores (never one that lost its compare-and-set), so the answer needs no event and no read.
     sub = await rt.nats.subscribe(names.document(eid))
@@ -341,7 +341,7 @@ async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_ke
         if not ex.terminal:
             if fresh:
                 await publish(rt.jetstream, names.execution_requested, req, msg_id=eid)
-                log.info("accepted execution", extra={"execution_id": eid})
+                log.info("accepted execution", extra={"execution_id": eid, "tenant": who.tenant})
         if ex.terminal or not (body.wait or plannable(ex)):  # a replay: what was waited for is there already
             return ex, ex.terminal
         until = TERMINAL_EXECUTION if body.wait else PLANNED
@@ -510,6 +510,7 @@ async def _cancel(rt: Runtime, who: Caller, execution_id: str, wait_s: float, re
             raise HTTPException(409, {"field": "execution_id", "message": f"execution already {ex.status}"})
         await publish(rt.jetstream, rt.names.execution_cancel, CancelExecution(execution_id=execution_id),
                       msg_id=f"{execution_id}:cancel")
+        log.info("cancel requested", extra={"execution_id": execution_id, "tenant": who.tenant})
         return await _stored(rt, sub, TERMINAL_EXECUTION, wait_s, request) if wait_s else None
     finally:
         await sub.unsubscribe()
