@@ -20,6 +20,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.errors import KeyWrongLastSequenceError
 
+from services.gateway import access
 from services.gateway.access import ApiKeys, Caller
 from services.gateway.handlers import KEEPALIVE_S
 from shared.names import Names
@@ -409,6 +410,28 @@ def test_an_idempotency_key_gives_an_id_no_other_tenant_can_work_out(stack: Stac
     again = httpx.post(f"{stack.url}/api/execute-parallel", headers={**auth(), "Idempotency-Key": key}, json=body,
                        timeout=30)
     assert again.json()["execution_id"] == mine  # and it stays the same execution for its own tenant
+
+
+def test_the_rate_limiter_forgets_only_buckets_that_have_refilled(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(access.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(access, "PRUNE_AT", 3)
+    limiter = access.RateLimiter(per_minute=600, burst=2)  # 10 a second: full again 0.2 s after its last use
+
+    def at(t: float, key: str) -> float | None:
+        clock[0] = 1000.0 + t
+        return limiter.take(key)
+
+    assert at(0, "a") is None and at(0, "a") is None and at(0, "a") == 1  # a is spent
+    at(0, "b")
+    at(0, "c")
+    at(0.1, "d")  # a sweep: none has refilled yet
+    assert set(limiter._buckets) == {"a", "b", "c", "d"}
+    assert at(0.1, "a") is None and at(0.1, "a") == 1  # a's one token back, not a fresh bucket's two
+    at(0.5, "e")  # all but e have refilled, but the last sweep was under a second ago
+    assert len(limiter._buckets) == 5
+    at(1.2, "f")  # a sweep: the refilled ones are as good as new, and go
+    assert set(limiter._buckets) == {"f"}
 
 
 def test_a_tenants_secret_comes_from_its_own_keys_alone() -> None:

@@ -83,14 +83,18 @@ class RateLimiter:
     per_minute: int
     burst: int
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
+    _pruned_at: float = -math.inf
 
     def take(self, key_id: str) -> float | None:
         """None when the call may go ahead; else the seconds to wait (for Retry-After)."""
         now = time.monotonic()
         rate = self.per_minute / 60.0
-        if len(self._buckets) >= PRUNE_AT:  # callers by address are unbounded: forget the full buckets
+        if len(self._buckets) >= PRUNE_AT and now - self._pruned_at >= 1.0:
+            # Callers by address are unbounded: forget the buckets that have refilled (the same as new ones), at most
+            # once a second.
             full_after = self.burst / rate if rate > 0 else math.inf
             self._buckets = {k: b for k, b in self._buckets.items() if now - b.at < full_after}
+            self._pruned_at = now
         b = self._buckets.setdefault(key_id, _Bucket(float(self.burst), now))
         b.tokens = min(float(self.burst), b.tokens + (now - b.at) * rate)
         b.at = now
