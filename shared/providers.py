@@ -22,6 +22,7 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import jiter
@@ -578,9 +579,9 @@ class AnthropicProvider:
         for use in uses:
             try:
                 info = await self.client.models.retrieve(use.model, timeout=MODELS_CHECK_TIMEOUT_S)
-            except anthropic.APIError as e:
+            except Exception as e:  # noqa: BLE001 - an API error, or an answer that is not a model's entry
                 log.warning("could not look up %s (%s) in the Models API: %s; not checked", use.model, use.setting,
-                            _short_error(e))
+                            _short_error(e) if isinstance(e, anthropic.APIError) else f"{type(e).__name__}: {e}")
                 continue
             where = f"parallel_execution.{use.setting} ({use.model})"
             limit = getattr(info, "max_tokens", None)
@@ -592,7 +593,7 @@ class AnthropicProvider:
                 if _supports(caps, "thinking", "types", "adaptive") is False:
                     raise ConfigError(f"{where} does not support adaptive thinking, which planning uses: choose a "
                                       "model that does (claude-opus-4-6, claude-sonnet-4-6)")
-                if _supports(caps, "effort", use.effort) is False:
+                if False in (_supports(caps, "effort"), _supports(caps, "effort", use.effort)):
                     raise ConfigError(f"parallel_execution.pm_coordinator.reasoning_effort ({use.effort}) is not an "
                                       f"effort level {where} supports: choose another level or model")
             lifecycle = getattr(info, "lifecycle", None)
@@ -600,8 +601,8 @@ class AnthropicProvider:
                 level = logging.ERROR if lifecycle == "retired" else logging.WARNING
                 retires = getattr(info, "retires_at", None)
                 log.log(level, "%s is %s%s: its calls %s; set another model", where, lifecycle,
-                        f" (retires {retires:%Y-%m-%d})" if retires and lifecycle == "deprecated" else "",
-                        "fail and go to the fallback model" if lifecycle == "retired" else "still run")
+                        f" (retires {retires:%Y-%m-%d})" if isinstance(retires, datetime) else "",
+                        "fail (a pool's go to its fallback model)" if lifecycle == "retired" else "still run")
 
     async def aclose(self) -> None:
         await self.client.close()

@@ -119,7 +119,7 @@ class FakeAnthropic:
         self.retry_after_headers: dict[str, str] | None = None  # when set, how a 429 says it instead
         self.retired: set[str] = set()  # models this endpoint no longer knows: 404, whatever was scripted
         self.models: dict[str, dict[str, Any]] = {}  # per model, what its Models API entry says otherwise (model_info)
-        self.models_api = True  # False: GET /v1/models/… is a 404, as behind a compatible endpoint without it
+        self.models_api: bool | str = True  # False: GET /v1/models/… is a 404 (a compatible endpoint without it)
         self.lookups: list[str] = []  # the models looked up, in order
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -250,6 +250,9 @@ class FakeAnthropic:
                     return
                 with fake._lock:
                     fake.lookups.append(path.removeprefix("/v1/models/"))
+                if fake.models_api == "garbled":  # a 200 whose body is not JSON
+                    self._send(200, None, raw=b'{"id": "claude')
+                    return
                 self._send(200, fake.model_info(path.removeprefix("/v1/models/")))
 
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming

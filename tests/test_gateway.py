@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import json
 import time
 import uuid
@@ -20,8 +18,6 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.errors import KeyWrongLastSequenceError
 
-from services.gateway import access
-from services.gateway.access import ApiKeys, Caller
 from services.gateway.handlers import KEEPALIVE_S
 from shared.names import Names
 from shared.schemas import Execution, now
@@ -112,8 +108,10 @@ def test_a_late_client_gets_every_event_replayed_and_the_stream_closes(stack: St
     assert time.monotonic() - began < KEEPALIVE_S / 2
     # An id that is not one of ours replays everything, as none would.
     assert events(stack, eid, **{"Last-Event-ID": b"\xb2"}) == got  # type: ignore[arg-type]
+    assert events(stack, eid, **{"Last-Event-ID": str(2**64 - 1)}) == got  # longer than any of ours
+    assert events(stack, eid, **{"Last-Event-ID": "9" * 5000}) == got  # longer than int() takes
     # One past the last: there is nothing after it, and the stored state says how it ended.
-    assert [k for k, _, _ in events(stack, eid, **{"Last-Event-ID": str(2**64 - 1)})] == ["completed"]
+    assert [k for k, _, _ in events(stack, eid, **{"Last-Event-ID": str(len(got) + 1)})] == ["completed"]
 
 
 def test_a_waited_for_answer_is_the_document_byte_for_byte_as_get_serves_it(stack: Stack) -> None:
@@ -388,61 +386,6 @@ def test_keys_tenants_and_rate_limits(stack: Stack) -> None:
     assert int(limited.headers["retry-after"]) >= 1
     assert "rate limit of 60/min" in limited.json()["message"]
     assert httpx.get(f"{stack.url}/api/execution/{eid}", headers=auth()).status_code == 200  # per key
-
-    # Wrong keys from one address share a bucket: guessing keys is held to the rate limit too (and a right key is not).
-    guesses = [httpx.get(f"{stack.url}/api/execution/{eid}", headers=auth(f"guess-{i:012d}")) for i in range(60)]
-    assert {g.status_code for g in guesses} == {401, 429}
-    held_back = next(g for g in guesses if g.status_code == 429)
-    assert "invalid API key from this address" in held_back.json()["message"]
-    assert int(held_back.headers["retry-after"]) >= 1
-    assert httpx.get(f"{stack.url}/api/execution/{eid}", headers=auth()).status_code == 200
-
-
-def test_an_idempotency_key_gives_an_id_no_other_tenant_can_work_out(stack: Stack) -> None:
-    key = "order-1001"  # guessable
-    body = {"message": "m", "tasks": [task("t", "codegen", 0)], "wait": True}
-    mine = httpx.post(f"{stack.url}/api/execute-parallel", headers={**auth(), "Idempotency-Key": key}, json=body,
-                      timeout=30).json()["execution_id"]
-    # What anyone who knows the tenant's name could compute (the id's derivation without the tenant's secret):
-    public = hashlib.sha256(f"acme\0{key}".encode()).hexdigest()[:32]
-    bare = hmac.new(b"", f"acme\0{key}".encode(), hashlib.sha256).hexdigest()[:32]
-    assert mine not in (public, bare)
-    again = httpx.post(f"{stack.url}/api/execute-parallel", headers={**auth(), "Idempotency-Key": key}, json=body,
-                       timeout=30)
-    assert again.json()["execution_id"] == mine  # and it stays the same execution for its own tenant
-
-
-def test_the_rate_limiter_forgets_only_buckets_that_have_refilled(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = [1000.0]
-    monkeypatch.setattr(access.time, "monotonic", lambda: clock[0])
-    monkeypatch.setattr(access, "PRUNE_AT", 3)
-    limiter = access.RateLimiter(per_minute=600, burst=2)  # 10 a second: full again 0.2 s after its last use
-
-    def at(t: float, key: str) -> float | None:
-        clock[0] = 1000.0 + t
-        return limiter.take(key)
-
-    assert at(0, "a") is None and at(0, "a") is None and at(0, "a") == 1  # a is spent
-    at(0, "b")
-    at(0, "c")
-    at(0.1, "d")  # a sweep: none has refilled yet
-    assert set(limiter._buckets) == {"a", "b", "c", "d"}
-    assert at(0.1, "a") is None and at(0.1, "a") == 1  # a's one token back, not a fresh bucket's two
-    at(0.5, "e")  # all but e have refilled, but the last sweep was under a second ago
-    assert len(limiter._buckets) == 5
-    at(1.2, "f")  # a sweep: the refilled ones are as good as new, and go
-    assert set(limiter._buckets) == {"f"}
-
-
-def test_a_tenants_secret_comes_from_its_own_keys_alone() -> None:
-    one = ApiKeys(f"acme={ACME},globex={GLOBEX}")
-    two = ApiKeys(f"acme={ACME},globex={GLOBEX},globex={INITECH}")  # globex adds a key
-    acme, globex = one.identify(ACME), two.identify(GLOBEX)
-    assert acme is not None and globex is not None
-    assert two.identify(ACME) == acme  # acme's ids stay as they were
-    assert globex.secret != one.identify(GLOBEX).secret  # type: ignore[union-attr]
-    assert two.identify(INITECH) == Caller("globex", two.identify(INITECH).key_id, globex.secret)  # type: ignore[union-attr]
-    assert len({acme.secret, globex.secret}) == 2 and b"" not in (acme.secret, globex.secret)
 
 
 async def test_a_key_holds_a_limited_number_of_streams_and_waits_open(stack: Stack) -> None:

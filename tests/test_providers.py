@@ -269,6 +269,9 @@ def test_openclaw_provider_anthropic_stops_every_model_caller_whose_key_is_empty
         ({"capabilities.effort.max": {"supported": False}}, {},
          ModelUse("pm_coordinator.decomposition_model", "claude-opus-4-6", "max"),
          "reasoning_effort (max) is not an effort level parallel_execution.pm_coordinator.decomposition_model"),
+        ({"capabilities.effort.supported": False}, {},
+         ModelUse("pm_coordinator.decomposition_model", "claude-opus-4-6", "high"),
+         "reasoning_effort (high) is not an effort level parallel_execution.pm_coordinator.decomposition_model"),
         ({"max_tokens": 8192}, {"anthropic": {"max_tokens": 16000}},
          ModelUse("worker_pools.codegen.fallback_model", "claude-haiku-4-5"),
          "anthropic.max_tokens (16000) is above what parallel_execution.worker_pools.codegen.fallback_model "
@@ -286,7 +289,7 @@ async def test_start_up_refuses_a_model_that_cannot_take_its_calls(
         assert says in str(err.value)
         # The same model, for what it can do: passes (no thinking asked of a pool's model; an effort it has).
         await p.check_models([ModelUse(use.setting, use.model, "high" if use.effort == "max" else None)]
-                             if "max_tokens" not in entry else [])
+                             if "max_tokens" not in entry and "capabilities.effort.supported" not in entry else [])
     finally:
         await p.aclose()
     assert fake_anthropic.lookups[0] == use.model
@@ -310,6 +313,16 @@ async def test_a_model_check_the_endpoint_cannot_answer_or_a_retired_model_is_lo
         [record] = caplog.records
         assert record.levelno == logging.ERROR
         assert "worker_pools.security.model (claude-sonnet-4-5) is retired" in record.getMessage()
+        # A deprecated one whose retirement date does not parse; an answer that is not JSON: logged all the same.
+        fake_anthropic.models["claude-haiku-4-5"] = {"lifecycle": "deprecated", "retires_at": "TBD"}
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="shared.providers"):
+            await p.check_models([ModelUse("worker_pools.codegen.fallback_model", "claude-haiku-4-5")])
+            fake_anthropic.models_api = "garbled"
+            await p.check_models([ModelUse("worker_pools.codegen.model", "claude-sonnet-4-6")])
+        deprecated, garbled = (r.getMessage() for r in caplog.records)
+        assert "claude-haiku-4-5) is deprecated: its calls still run" in deprecated
+        assert "could not look up claude-sonnet-4-6 (worker_pools.codegen.model) in the Models API: " in garbled
     finally:
         await p.aclose()
 

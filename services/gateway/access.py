@@ -13,14 +13,12 @@ from dataclasses import dataclass, field
 from shared.errors import ConfigError
 
 LOCAL_TENANT = "local"
-PRUNE_AT = 10_000  # buckets a rate limiter keeps before it drops those that have refilled
 
 
 @dataclass(frozen=True)
 class Caller:
     tenant: str
     key_id: str | None = None  # a short fingerprint of the key, for logs and the rate limiter; None in local mode
-    secret: bytes = b""  # known only from the tenant's own keys: what ids derived for it are keyed with
 
 
 def _digest(key: str) -> bytes:
@@ -49,9 +47,6 @@ class ApiKeys:
                 raise ConfigError(f"OPENCLAW_API_KEYS gives tenant {tenant.strip()!r} a key another tenant has "
                                   "already: every key must be different")
             self._keys.append((digest, tenant.strip()))
-        # Per tenant, from its keys alone: another tenant cannot work out the ids derived for it.
-        self._secrets = {t: hashlib.sha256(b"".join(sorted(d for d, owner in self._keys if owner == t))).digest()
-                         for _, t in self._keys}
         if spec is not None and not self._keys:  # a Secret made from an unset variable: local mode would open the API
             raise ConfigError("OPENCLAW_API_KEYS is set but empty: give tenant=key pairs, or leave it unset for local "
                               "mode (one tenant, no limits)")
@@ -66,7 +61,7 @@ class ApiKeys:
         found = None
         for digest, tenant in self._keys:
             if hmac.compare_digest(digest, d):
-                found = Caller(tenant, d.hex()[:12], self._secrets[tenant])
+                found = Caller(tenant, d.hex()[:12])
         return found
 
 
@@ -83,18 +78,11 @@ class RateLimiter:
     per_minute: int
     burst: int
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
-    _pruned_at: float = -math.inf
 
     def take(self, key_id: str) -> float | None:
         """None when the call may go ahead; else the seconds to wait (for Retry-After)."""
         now = time.monotonic()
         rate = self.per_minute / 60.0
-        if len(self._buckets) >= PRUNE_AT and now - self._pruned_at >= 1.0:
-            # Callers by address are unbounded: forget the buckets that have refilled (the same as new ones), at most
-            # once a second.
-            full_after = self.burst / rate if rate > 0 else math.inf
-            self._buckets = {k: b for k, b in self._buckets.items() if now - b.at < full_after}
-            self._pruned_at = now
         b = self._buckets.setdefault(key_id, _Bucket(float(self.burst), now))
         b.tokens = min(float(self.burst), b.tokens + (now - b.at) * rate)
         b.at = now
