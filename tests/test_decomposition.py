@@ -235,6 +235,35 @@ async def test_a_plan_cut_off_by_a_stop_is_paid_and_recorded_and_the_redelivery_
     await stream_holds(rt.jetstream, names.events_stream, names.cost_event("stop"), {names.cost_event("stop"): 2})
 
 
+async def test_a_plan_cut_off_by_a_stop_is_announced_also_when_the_redelivery_comes_past_the_deadline(
+    nc: NATS, names: Names, fake_anthropic: FakeAnthropic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    rt = await service_runtime(nc, names, tmp_path, service="pm", cfg={
+        "provider": "anthropic", "anthropic": {"base_url": fake_anthropic.url, "timeout_s": 30}})
+    req = ExecutionRequested(execution_id="late2", message=PROJECT, requested_at=now(),
+                             deadline_at=now() + timedelta(hours=1))
+    await rt.executions.create(new_execution(req))
+    fake_anthropic.next("plan", "stall")
+    provider = Watched(rt.settings.pe, KEY)
+    try:
+        msg = await delivered(rt, names.execution_requested, req.to_bytes(), names.executions_stream)
+        planning = asyncio.create_task(PMHandlers(rt, provider).on_requested(req, msg))
+        await until(provider.started, 10, "the model to start planning")
+        await stopped(planning)
+        fake_anthropic.release.set()
+        # The redelivery comes after the deadline (a PM down for long): not planned, and the cut call's cost is sent.
+        past = req.model_copy(update={"deadline_at": now() - timedelta(seconds=1)})
+        await PMHandlers(rt, provider).on_requested(past, await delivered(
+            rt, names.execution_requested, past.to_bytes(), names.executions_stream))
+    finally:
+        await provider.aclose()
+    stored = await rt.executions.get("late2")
+    assert stored is not None and stored[0].status == "failed" and len(fake_anthropic.of("plan")) == 1
+    assert [c.error for c in stored[0].calls] == [CUT_BY_STOP]
+    await stream_holds(rt.jetstream, names.events_stream, names.cost_event("late2"), {names.cost_event("late2"): 1})
+
+
 @pytest.mark.parametrize("ended", ["cancelled", "past its deadline"])
 async def test_a_request_that_ended_before_the_pm_took_it_costs_no_plan(
     nc: NATS, names: Names, fake_anthropic: FakeAnthropic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

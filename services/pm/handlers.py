@@ -130,7 +130,7 @@ class PMHandlers:
             return failed or bool(paid)
 
         ex = await self.rt.executions.mutate(execution_id, fail)
-        if ex is not None and calls:
+        if ex is not None and any(c.phase == "decomposition" for c in ex.calls):  # also one a stop cut off earlier
             await self._costs(ex)
         if ex is not None and failed:  # counted and announced by whoever ended it, if it had ended already
             metrics.execution_ended(ex.mode, ex.status, (ex.updated_at - ex.created_at).total_seconds())
