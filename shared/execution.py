@@ -62,18 +62,23 @@ def plannable(ex: Execution) -> bool:
     return ex.status in UNPLANNED
 
 
+def record_calls(ex: Execution, calls: Sequence[ModelCall]) -> bool:
+    """Add the model calls ``ex`` does not hold yet (by id: a write tried again holds them already); whether any was."""
+    recorded = {c.id for c in ex.calls}
+    new = [c for c in calls if c.id not in recorded]
+    ex.calls.extend(new)
+    return bool(new)
+
+
 def apply_plan(ex: Execution, specs: list[TaskSpec], planner: str, calls: Sequence[ModelCall] = ()) -> bool:
     """Install the plan (with the calls that made it) and queue what can start (in serial mode: only the
     first task); only once. A plan that comes too late (the execution ended, or another plan was stored
     first) changes nothing but the record of the calls that made it: they were billed all the same. A call
     already recorded (this plan's own write, tried again after its acknowledgement was lost) is not added again."""
-    recorded = {c.id for c in ex.calls}
-    calls = [c for c in calls if c.id not in recorded]
     if not plannable(ex):
-        ex.calls.extend(c.model_copy(update={"error": c.error or f"unused: the execution was {ex.status} first"})
-                        for c in calls)
-        return bool(calls)
-    ex.calls.extend(calls)
+        unused = f"unused: the execution was {ex.status} first"
+        return record_calls(ex, [c.model_copy(update={"error": c.error or unused}) for c in calls])
+    record_calls(ex, calls)
     ex.tasks = [
         TaskState(id=s.id, pool=s.pool, description=s.description, context=s.context, depends_on=s.depends_on)
         for s in _in_dependency_order(specs)

@@ -434,8 +434,8 @@ def pool_start(pool: Pool, format_prompt: FormatPrompt) -> Start:
         endings = Endings(rt.pe.execution_timeout_s)
         following = await endings.follow(rt)
         provider = make_provider(rt.pe, rt.settings.anthropic_api_key)  # one client for the process
-        await provider.check_models([ModelUse(f"worker_pools.{pool}.{key}", getattr(cfg, key))
-                                     for key in ("model", "fallback_model")])
+        keys = ["model"] if cfg.fallback_model == cfg.model else ["model", "fallback_model"]
+        await provider.check_models([ModelUse(f"worker_pools.{pool}.{key}", getattr(cfg, key)) for key in keys])
         worker = PoolWorker(rt, pool, format_prompt, provider, endings)
         consumer = Consumer(
             rt.nats,

@@ -419,6 +419,7 @@ def _supports(caps: object, *path: str) -> bool | None:
 
 
 def _short_error(e: Exception) -> str:
+    """An API error by its status (its message may repeat the body), anything else as it is."""
     status = getattr(e, "status_code", None)
     return f"HTTP {status}" if status is not None else f"{type(e).__name__}: {e}"
 
@@ -571,17 +572,14 @@ class AnthropicProvider:
     async def check_models(self, uses: Sequence[ModelUse]) -> None:
         """Look each model up in the Models API. A model that cannot take this configuration's calls (``max_tokens``
         above its limit; planning without adaptive thinking or the configured effort) stops start-up, naming the
-        setting; a retired or deprecated one is logged (a retired model's calls go to the fallback model). An endpoint
-        that gives no answer (no Models API behind a compatible ``base_url``, a network error) checks nothing: the
-        first call tells."""
-        import anthropic  # already loaded by __init__
-
+        setting; a retired or deprecated one is logged. An endpoint that gives no model's entry (no Models API behind a
+        compatible ``base_url``, a network error, a body that is not one) checks nothing: the first call tells."""
         for use in uses:
             try:
                 info = await self.client.models.retrieve(use.model, timeout=MODELS_CHECK_TIMEOUT_S)
             except Exception as e:  # noqa: BLE001 - an API error, or an answer that is not a model's entry
                 log.warning("could not look up %s (%s) in the Models API: %s; not checked", use.model, use.setting,
-                            _short_error(e) if isinstance(e, anthropic.APIError) else f"{type(e).__name__}: {e}")
+                            _short_error(e))
                 continue
             where = f"parallel_execution.{use.setting} ({use.model})"
             limit = getattr(info, "max_tokens", None)

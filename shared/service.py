@@ -23,6 +23,7 @@ from shared.bus import RETRY_MAX_S, connect, stopped_within
 from shared.config import ParallelExecutionConfig
 from shared.consumer import UNAVAILABLE
 from shared.errors import ConfigError
+from shared.execution import record_calls
 from shared.logs import setup_logging
 from shared.names import Names
 from shared.natsauth import TOPOLOGY_OWNER
@@ -90,13 +91,7 @@ class Runtime:
         goes out with the others of its phase when the message's redelivery is handled (the PM's plan, the
         aggregator's final event): sent here too, the repeat could come after the events' duplicate window."""
 
-        def add(ex: Execution) -> bool:
-            if any(c.id == call.id for c in ex.calls):
-                return False
-            ex.calls.append(call)
-            return True
-
-        await self.executions.mutate(execution_id, add)
+        await self.executions.mutate(execution_id, lambda ex: record_calls(ex, [call]))
 
     def stopping(self) -> asyncio.Task[bool]:
         """Done once the service is told to stop: for waits that should end then instead of running out."""

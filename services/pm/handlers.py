@@ -21,6 +21,7 @@ from shared.execution import (
     new_execution,
     plannable,
     queued,
+    record_calls,
     run_bytes,
     run_msg_id,
 )
@@ -123,11 +124,9 @@ class PMHandlers:
 
         def fail(ex: Execution) -> bool:
             nonlocal failed
-            recorded = {c.id for c in ex.calls}
-            paid = [c for c in calls or [] if c.id not in recorded]
-            ex.calls.extend(paid)
+            paid = record_calls(ex, calls or [])
             failed = fail_execution(ex, reason)
-            return failed or bool(paid)
+            return failed or paid
 
         ex = await self.rt.executions.mutate(execution_id, fail)
         if ex is not None and any(c.phase == "decomposition" for c in ex.calls):  # also one a stop cut off earlier
