@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -162,15 +163,45 @@ async def test_the_simulated_provider_plans_by_rules_at_no_cost() -> None:
     assert out.planner == "rules" and out.calls == []
 
 
+async def pm_on(fake: FakeAnthropic, nc: NATS, names: Names, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                timeout_s: float, **cfg: Any) -> Runtime:
+    """A PM's runtime on the anthropic provider, pointed at ``fake``."""
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    return await service_runtime(nc, names, tmp_path, service="pm", cfg={
+        "provider": "anthropic", "anthropic": {"base_url": fake.url, "timeout_s": timeout_s}, **cfg})
+
+
+async def stored_request(rt: Runtime, execution_id: str, deadline_in: timedelta = timedelta(hours=1)
+                         ) -> ExecutionRequested:
+    """A request whose execution the gateway has stored."""
+    req = ExecutionRequested(execution_id=execution_id, message=PROJECT, requested_at=now(),
+                             deadline_at=now() + deadline_in)
+    req.revision = await rt.executions.create(new_execution(req))
+    return req
+
+
+@contextlib.asynccontextmanager
+async def planning_cut_by_a_stop(rt: Runtime, fake: FakeAnthropic, req: ExecutionRequested) -> AsyncIterator[Watched]:
+    """The PM's first delivery of ``req``, stopped (its grace run out) once the model has started planning, which
+    then says nothing more; yields the provider, for the request's redelivery."""
+    fake.next("plan", "stall")
+    provider = Watched(rt.settings.pe, KEY)
+    try:
+        msg = await delivered(rt, rt.names.execution_requested, req.to_bytes(), rt.names.executions_stream)
+        planning = asyncio.create_task(PMHandlers(rt, provider).on_requested(req, msg))
+        await until(provider.started, 10, "the model to start planning")
+        await stopped(planning)
+        fake.release.set()
+        yield provider
+    finally:
+        await provider.aclose()
+
+
 async def test_a_plan_that_comes_after_a_cancel_keeps_its_call_in_the_cost_and_starts_nothing(
     nc: NATS, names: Names, fake_anthropic: FakeAnthropic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
-    rt = await service_runtime(nc, names, tmp_path, service="pm", cfg={
-        "provider": "anthropic", "anthropic": {"base_url": fake_anthropic.url, "timeout_s": 5}})
-    req = ExecutionRequested(execution_id="late", message=PROJECT, requested_at=now(),
-                             deadline_at=now() + timedelta(hours=1))
-    req.revision = await rt.executions.create(new_execution(req))
+    rt = await pm_on(fake_anthropic, nc, names, tmp_path, monkeypatch, 5)
+    req = await stored_request(rt, "late")
     fake_anthropic.next("plan", "slow")
     provider = AnthropicProvider(rt.settings.pe, KEY)
     try:
@@ -199,31 +230,18 @@ async def test_a_plan_that_comes_after_a_cancel_keeps_its_call_in_the_cost_and_s
 async def test_a_plan_cut_off_by_a_stop_is_paid_and_recorded_and_the_redelivery_plans_again(
     nc: NATS, names: Names, fake_anthropic: FakeAnthropic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
-    rt = await service_runtime(nc, names, tmp_path, service="pm", cfg={
-        "provider": "anthropic", "anthropic": {"base_url": fake_anthropic.url, "timeout_s": 30}})
-    req = ExecutionRequested(execution_id="stop", message=PROJECT, requested_at=now(),
-                             deadline_at=now() + timedelta(hours=1))
-    req.revision = await rt.executions.create(new_execution(req))
-    fake_anthropic.next("plan", "stall")  # the model starts (its input billed), writes a little, then nothing
-    provider = Watched(rt.settings.pe, KEY)
-    try:
-        msg = await delivered(rt, names.execution_requested, req.to_bytes(), names.executions_stream)
-        planning = asyncio.create_task(PMHandlers(rt, provider).on_requested(req, msg))
-        await until(provider.started, 10, "the model to start planning")
-        await stopped(planning)  # the PM stopped, its grace run out: the request goes back
+    rt = await pm_on(fake_anthropic, nc, names, tmp_path, monkeypatch, 30)
+    req = await stored_request(rt, "stop")
+    async with planning_cut_by_a_stop(rt, fake_anthropic, req) as provider:  # the request goes back
         stored = await rt.executions.get("stop")
         assert stored is not None
         [cut] = stored[0].calls
         assert cut.phase == "decomposition" and cut.error == CUT_BY_STOP
         assert cut.usage.input_tokens == 1850 and cut.usage.cache_write_tokens == 1320 and cut.usage.estimated
         assert cut.cost_usd > (1850 * 5 + 1320 * 6.25) / 1e6  # the input, and the output it had written so far
-        fake_anthropic.release.set()
         # The restarted PM plans it again: a second call, paid, and both are in the cost.
         await PMHandlers(rt, provider).on_requested(req, await delivered(
             rt, names.execution_requested, req.to_bytes(), names.executions_stream))
-    finally:
-        await provider.aclose()
 
     stored = await rt.executions.get("stop")
     assert stored is not None
@@ -238,26 +256,13 @@ async def test_a_plan_cut_off_by_a_stop_is_paid_and_recorded_and_the_redelivery_
 async def test_a_plan_cut_off_by_a_stop_is_announced_also_when_the_redelivery_comes_past_the_deadline(
     nc: NATS, names: Names, fake_anthropic: FakeAnthropic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
-    rt = await service_runtime(nc, names, tmp_path, service="pm", cfg={
-        "provider": "anthropic", "anthropic": {"base_url": fake_anthropic.url, "timeout_s": 30}})
-    req = ExecutionRequested(execution_id="late2", message=PROJECT, requested_at=now(),
-                             deadline_at=now() + timedelta(hours=1))
-    await rt.executions.create(new_execution(req))
-    fake_anthropic.next("plan", "stall")
-    provider = Watched(rt.settings.pe, KEY)
-    try:
-        msg = await delivered(rt, names.execution_requested, req.to_bytes(), names.executions_stream)
-        planning = asyncio.create_task(PMHandlers(rt, provider).on_requested(req, msg))
-        await until(provider.started, 10, "the model to start planning")
-        await stopped(planning)
-        fake_anthropic.release.set()
+    rt = await pm_on(fake_anthropic, nc, names, tmp_path, monkeypatch, 30)
+    req = await stored_request(rt, "late2")
+    async with planning_cut_by_a_stop(rt, fake_anthropic, req) as provider:
         # The redelivery comes after the deadline (a PM down for long): not planned, and the cut call's cost is sent.
-        past = req.model_copy(update={"deadline_at": now() - timedelta(seconds=1)})
+        past = req.model_copy(update={"deadline_at": now() - timedelta(seconds=1), "revision": None})
         await PMHandlers(rt, provider).on_requested(past, await delivered(
             rt, names.execution_requested, past.to_bytes(), names.executions_stream))
-    finally:
-        await provider.aclose()
     stored = await rt.executions.get("late2")
     assert stored is not None and stored[0].status == "failed" and len(fake_anthropic.of("plan")) == 1
     assert [c.error for c in stored[0].calls] == [CUT_BY_STOP]
@@ -271,12 +276,8 @@ async def test_a_request_that_ended_before_the_pm_took_it_costs_no_plan(
 ) -> None:
     # The PM was down or behind: by the time it takes the request, the client has cancelled it, or its deadline
     # has passed (its check ends it). Either way a paid decomposition would be thrown away.
-    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
-    rt = await service_runtime(nc, names, tmp_path, service="pm", cfg={
-        "provider": "anthropic", "anthropic": {"base_url": fake_anthropic.url, "timeout_s": 5}})
-    deadline = now() + (timedelta(hours=1) if ended == "cancelled" else timedelta(0))
-    req = ExecutionRequested(execution_id="gone", message=PROJECT, requested_at=now(), deadline_at=deadline)
-    req.revision = await rt.executions.create(new_execution(req))
+    rt = await pm_on(fake_anthropic, nc, names, tmp_path, monkeypatch, 5)
+    req = await stored_request(rt, "gone", timedelta(hours=1) if ended == "cancelled" else timedelta(0))
     if ended == "cancelled":
         await rt.executions.mutate("gone", lambda ex: cancel(ex, "client cancelled"))
     await planned_once(rt, req)
@@ -296,12 +297,8 @@ async def test_a_slow_plan_keeps_its_request_from_being_redelivered(
 ) -> None:
     # The model plans for longer than ack_wait: the heartbeat keeps the broker from handing the request to
     # another PM replica meanwhile (which would pay for a second plan).
-    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
-    rt = await service_runtime(nc, names, tmp_path, service="pm", cfg={
-        "provider": "anthropic", "anthropic": {"base_url": fake_anthropic.url, "timeout_s": 20}, "ack_wait_s": 1})
-    req = ExecutionRequested(execution_id="slowplan", message=PROJECT, requested_at=now(),
-                             deadline_at=now() + timedelta(hours=1))
-    req.revision = await rt.executions.create(new_execution(req))
+    rt = await pm_on(fake_anthropic, nc, names, tmp_path, monkeypatch, 20, ack_wait_s=1)
+    req = await stored_request(rt, "slowplan")
     provider = AnthropicProvider(rt.settings.pe, KEY)
     pm = PMHandlers(rt, provider)
     try:
@@ -340,14 +337,10 @@ async def test_a_plan_that_cannot_be_made_after_a_paid_call_ends_the_execution_w
     def unplannable(req: ExecutionRequested, max_tasks: int) -> Any:
         raise PlanError("nothing here can be planned")
 
-    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
     monkeypatch.setattr(planning, "make_plan", unplannable)
-    rt = await service_runtime(nc, names, tmp_path, service="pm", cfg={
-        "provider": "anthropic", "anthropic": {"base_url": fake_anthropic.url, "timeout_s": 20}})
+    rt = await pm_on(fake_anthropic, nc, names, tmp_path, monkeypatch, 20)
     fake_anthropic.next("plan", "no_tool")
-    req = ExecutionRequested(execution_id="unplannable", message=PROJECT, requested_at=now(),
-                             deadline_at=now() + timedelta(hours=1))
-    req.revision = await rt.executions.create(new_execution(req))
+    req = await stored_request(rt, "unplannable")
     await planned_once(rt, req)
     stored = await rt.executions.get("unplannable")
     assert stored is not None
