@@ -75,15 +75,19 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[k]
 
 
-def client(stack: Stack, connections: int = 32) -> aiohttp.ClientSession:
+WAIT_S = 600.0  # how long a request waits for its execution: far beyond any simulated run
+
+
+def client(stack: Stack, connections: int = 32, wait_s: float = WAIT_S) -> aiohttp.ClientSession:
     """The load generator's HTTP client (aiohttp: about a quarter of httpx's CPU per request here)."""
     return aiohttp.ClientSession(base_url=stack.gateway_url, connector=aiohttp.TCPConnector(limit=connections),
-                                 timeout=aiohttp.ClientTimeout(total=600))
+                                 timeout=aiohttp.ClientTimeout(total=wait_s + 30))
 
 
-async def execute(http: aiohttp.ClientSession, message: str, tasks: list[dict[str, Any]], mode: str = "parallel",
-                  timeout_s: float = 600) -> tuple[float, Doc]:
-    """POST with wait=true; the client-side wall time and the terminal execution document."""
+async def execute(http: aiohttp.ClientSession, message: str, tasks: list[dict[str, Any]] | None,
+                  mode: str = "parallel", timeout_s: float = WAIT_S) -> tuple[float, Doc]:
+    """POST with wait=true; the client-side wall time and the terminal execution document. ``tasks`` None: the
+    PM plans the request."""
     body = {"message": message, "tasks": tasks, "mode": mode, "wait": True, "timeout_s": timeout_s}
     t0 = time.perf_counter()
     async with http.post("/api/execute-parallel", json=body) as r:
@@ -167,14 +171,15 @@ class ScenarioResult:
 
 
 async def run_scenario(stack: Stack, scenario: Scenario, factor: float, runs: int,
-                       limits: dict[str, int]) -> ScenarioResult:
-    """``runs`` × (parallel, serial) of the same plan, alternating which goes first."""
+                       limits: dict[str, int], planned: bool = True, wait_s: float = WAIT_S) -> ScenarioResult:
+    """``runs`` × (parallel, serial) of the same plan, alternating which goes first. ``planned`` False: the
+    scenario's request alone, for the PM to plan (on the anthropic provider, its model; each run its own plan)."""
     result = ScenarioResult(scenario, factor, limits)
-    plan = scenario.plan(factor)
-    async with client(stack) as http:
+    plan = scenario.plan(factor) if planned else None
+    async with client(stack, wait_s=wait_s) as http:
         for i in range(runs):
             for mode in (("parallel", "serial") if i % 2 == 0 else ("serial", "parallel")):
-                elapsed, doc = await execute(http, scenario.message, plan, mode)
+                elapsed, doc = await execute(http, scenario.message, plan, mode, wait_s)
                 if doc["status"] != "completed":
                     raise RuntimeError(f"{scenario.name} ({mode}) ended {doc['status']}: {doc.get('error')}")
                 (result.parallel_s if mode == "parallel" else result.serial_s).append(elapsed)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
+import os
 import shlex
 import sys
 import time
@@ -14,12 +16,15 @@ from typing import Any
 from bench import measure
 from bench.plans import SCENARIOS, Scenario
 from bench.stack import config_section, running_stack
+from shared.config import load_config
 
 log = logging.getLogger("openclaw.bench")
 
 DEFAULT_LIMITS = {"codegen": 3, "security": 2, "database": 2}  # the seed's pools, as the default config has them
 WIDE_POOLS = {p: {"max_concurrent": 128, "timeout": 300} for p in DEFAULT_LIMITS}
-PARTS = ("speedup", "overhead", "routing", "throughput", "load", "soak")
+PARTS = ("speedup", "overhead", "routing", "throughput", "load", "soak")  # on the simulated provider
+MODEL_PARTS = ("cost",)  # on the anthropic provider: paid calls
+PROVIDERS = ("simulated", "anthropic")
 
 
 @dataclass
@@ -42,6 +47,8 @@ class Options:
     readme: Path | None = None
     charts: bool = True
     command: str = ""
+    provider: str = "simulated"
+    config: Path | None = None  # the cost part's config file (its parallel_execution section)
 
 
 @dataclass
@@ -52,6 +59,7 @@ class Results:
     load_after: float = 0.0
     seconds: float = 0.0
     scenarios: list[measure.ScenarioResult] = field(default_factory=list)
+    costs: list[measure.ScenarioResult] = field(default_factory=list)  # the cost part: requests the PM planned
     overhead: measure.Overhead | None = None
     primitives: measure.Primitives | None = None
     routing_ms: list[float] = field(default_factory=list)
@@ -103,6 +111,13 @@ async def measure_all(opts: Options) -> Results:
                                for _ in range(opts.throughput_runs)], key=lambda t: t.per_s)
                 res.throughput, res.throughput_rates = runs[len(runs) // 2], [t.per_s for t in runs]
                 res.throughput.errors = sum(t.errors for t in runs)
+    if "cost" in opts.parts:  # the PM's model plans each request; the aggregator's writes each answer
+        section, wait_s = model_section(opts.config)
+        async with running_stack(section) as stack:
+            for scenario in _scenarios(opts.scenarios):
+                log.info("cost: %s × %d runs, planned by the model", scenario.name, opts.runs)
+                res.costs.append(await measure.run_scenario(stack, scenario, 1.0, opts.runs, DEFAULT_LIMITS,
+                                                            planned=False, wait_s=wait_s))
     if "soak" in opts.parts:  # a stack of its own: its warm-up is the only work before it
         async with running_stack(wide) as stack:
             log.info("soak: %d executions after %d of warm-up", opts.soak_n, opts.soak_warmup)
@@ -110,6 +125,15 @@ async def measure_all(opts: Options) -> Results:
     res.seconds = time.monotonic() - t0
     res.load_after = measure.load_average()
     return res
+
+
+def model_section(config: Path | None) -> tuple[dict[str, Any], float]:
+    """The cost part's config: ``config``'s ``parallel_execution`` section (its models, prices, pools; validated)
+    or the defaults, on the anthropic provider, with a gateway that waits as long as an execution may run."""
+    pe = load_config(config)
+    section = json.loads(config.read_text())["parallel_execution"] if config else {}
+    gateway = {**section.get("gateway", {}), "max_wait_s": pe.execution_timeout_s}
+    return config_section(**{**section, "provider": "anthropic", "gateway": gateway}), pe.execution_timeout_s
 
 
 def write_outputs(res: Results) -> Path:
@@ -138,23 +162,48 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--runs", type=int, default=d.runs,
                    help=f"runs of each scenario, parallel and serial (default {d.runs})")
     p.add_argument("--scenarios", default=",".join(d.scenarios), help="comma-separated: " + ", ".join(d.scenarios))
-    p.add_argument("--only", default=",".join(PARTS), help="comma-separated parts: " + ", ".join(PARTS))
+    p.add_argument("--provider", choices=PROVIDERS, default=d.provider,
+                   help="simulated (default; free); anthropic: the cost part, the PM planning each scenario's "
+                        "request and the aggregator answering with the configured models, paid with "
+                        "ANTHROPIC_API_KEY: --runs × 2 executions a scenario")
+    p.add_argument("--config", default=None,
+                   help="with --provider anthropic: a config.json whose parallel_execution section (models, "
+                        "pricing, pools) the cost part runs with (default: the built-in defaults)")
+    p.add_argument("--only", default=None,
+                   help=f"comma-separated parts: {', '.join(PARTS)} (simulated; all by default); "
+                        f"{', '.join(MODEL_PARTS)} (anthropic; the default there)")
     p.add_argument("--overhead-n", type=int, default=d.overhead_n)
     p.add_argument("--throughput-n", type=int, default=d.throughput_n)
     p.add_argument("--throughput-runs", type=int, default=d.throughput_runs, help="the median run is reported")
     p.add_argument("--concurrency", type=int, default=d.concurrency, help="executions in flight (throughput, soak)")
     p.add_argument("--soak-n", type=int, default=d.soak_n)
     p.add_argument("--soak-warmup", type=int, default=d.soak_warmup)
-    p.add_argument("--out", default=str(d.out), help="where results.md and the charts go (default bench/)")
+    p.add_argument("--out", default=None,
+                   help=f"where results.md and the charts go (default {d.out}/, with --provider anthropic "
+                        f"{d.out / 'anthropic'}/)")
     p.add_argument("--readme", default=None, help="also replace the table between the bench markers of this README")
     p.add_argument("--no-charts", action="store_true", help="skip the PNG charts (no matplotlib needed)")
 
 
 def options_from(args: Any) -> Options:
-    parts = tuple(x for x in args.only.split(",") if x)
-    bad = [x for x in parts if x not in PARTS]
+    anthropic = args.provider == "anthropic"
+    allowed = MODEL_PARTS if anthropic else PARTS
+    parts = tuple(x for x in (args.only or ",".join(allowed)).split(",") if x)
+    bad = [x for x in parts if x not in allowed]
+    if bad and anthropic:
+        raise ValueError(f"part(s) {bad} time simulated latencies: with --provider anthropic choose from "
+                         f"{', '.join(MODEL_PARTS)}")
     if bad:
-        raise ValueError(f"unknown part(s) {bad}: choose from {', '.join(PARTS)}")
+        raise ValueError(f"unknown part(s) {bad}: choose from {', '.join(PARTS)}"
+                         + (" (the cost part needs --provider anthropic: the simulated provider calls no model)"
+                            if set(bad) & set(MODEL_PARTS) else ""))
+    if anthropic and not (os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("OPENCLAW_ANTHROPIC_API_KEY")):
+        raise ValueError("--provider anthropic makes paid calls with your key: set ANTHROPIC_API_KEY")
+    if args.config and not anthropic:
+        raise ValueError("--config is for --provider anthropic: the simulated parts run with their own configs")
+    config = Path(args.config) if args.config else None
+    if config:
+        model_section(config)  # a bad file is told now, not by a stack that does not start
     if not args.no_charts and importlib.util.find_spec("matplotlib") is None:  # found out now, not after the run
         raise ValueError("the charts need matplotlib, from the bench extra: `make bench`, or "
                          "`pip install -e '.[bench]'`; or pass --no-charts")
@@ -163,8 +212,10 @@ def options_from(args: Any) -> Options:
         throughput_n=args.throughput_n, throughput_runs=args.throughput_runs, concurrency=args.concurrency,
         soak_n=args.soak_n,
         soak_warmup=args.soak_warmup, scenarios=tuple(x for x in args.scenarios.split(",") if x), parts=parts,
-        out=Path(args.out), readme=Path(args.readme) if args.readme else None, charts=not args.no_charts,
-        command="openclaw bench" + "".join(f" {shlex.quote(a)}" for a in sys.argv[2:]),
+        out=Path(args.out) if args.out else Options.out / "anthropic" if anthropic else Options.out,
+        readme=Path(args.readme) if args.readme else None, charts=not args.no_charts,
+        command="openclaw bench" + "".join(f" {shlex.quote(a)}" for a in sys.argv[2:]), provider=args.provider,
+        config=config,
     )
 
 

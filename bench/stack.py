@@ -1,5 +1,6 @@
 """The real stack for a benchmark: ``shared.runner.Stack`` (what ``openclaw up`` runs) with its own
-nats-server on free ports, a temporary data dir, the simulated provider and a given config."""
+nats-server on free ports, a temporary data dir and a given config: on the simulated provider, or on the
+anthropic provider for the cost part, which pays for its calls."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ import httpx
 from shared.natsserver import free_port
 from shared.runner import Stack, StackOptions
 
-# Stack children inherit the environment: a real key must never turn a benchmark into paid calls.
+# Stack children inherit the environment: a real key must never turn a benchmark into paid calls, and no
+# OPENCLAW_PROVIDER may change the provider the config names.
 PROVIDER_ENV = ("ANTHROPIC_API_KEY", "OPENCLAW_ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "OPENCLAW_PROVIDER")
+KEY_ENV = ("ANTHROPIC_API_KEY", "OPENCLAW_ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL")  # what the anthropic one keeps
 
 
 def config_section(**overrides: Any) -> dict[str, Any]:
@@ -32,7 +35,8 @@ def config_section(**overrides: Any) -> dict[str, Any]:
 async def running_stack(section: dict[str, Any], *, log_level: str = "WARNING",
                         keep: Path | None = None) -> AsyncIterator[Stack]:
     """Start the stack with ``section`` as its config; stop it (and its nats-server) on exit."""
-    saved = {k: os.environ.pop(k) for k in PROVIDER_ENV if k in os.environ}
+    kept = KEY_ENV if section["provider"] == "anthropic" else ()
+    saved = {k: os.environ.pop(k) for k in PROVIDER_ENV if k in os.environ and k not in kept}
     with tempfile.TemporaryDirectory(prefix="openclaw-bench-") as tmp:
         data = keep or Path(tmp)
         config = data / "config.json"

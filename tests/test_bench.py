@@ -5,6 +5,7 @@ No timing is asserted here: performance figures live in `make bench`, not in the
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 from pathlib import Path
@@ -13,9 +14,12 @@ import pytest
 
 from bench import report
 from bench.bound import critical_path, greedy, lower_bound, optimum
-from bench.measure import max_overlap, percentile, ts
+from bench.measure import cost_overhead, max_overlap, percentile, ts
 from bench.plans import MARKETPLACE, MIGRATION, RESTAURANT, SCENARIOS, SECURITY_AUDIT
-from bench.run import Options, measure_all, write_outputs
+from bench.run import PARTS, Options, add_arguments, measure_all, options_from, write_outputs
+from shared.errors import ConfigError
+from tests.fake_anthropic import PLAN, FakeAnthropic
+from tests.test_e2e_anthropic import PLAN_ON_OPUS, SYNTHESIS_ON_SONNET, TASK_ON_SONNET
 
 LIMITS = {"codegen": 3, "security": 2, "database": 2}
 
@@ -138,7 +142,7 @@ def test_a_plan_that_allows_exactly_two_times_is_held_to_two_times_whatever_the_
     for bound_speedup in (2.0, 1.9999999999999998):  # work / optimum at some time factors
         r = SimpleNamespace(scenario=SECURITY_AUDIT, bounds=lambda: {"optimum": 1.0}, parallel=1.012, serial=2.017,
                             factor=0.02, vs_bound=0.012, speedup=2.017 / 1.012, bound_speedup=bound_speedup)
-        res = SimpleNamespace(scenarios=[r], overhead=None, throughput=None, routing_ms=[], load=None, soak=None)
+        res = SimpleNamespace(scenarios=[r], costs=[], overhead=None, throughput=None, routing_ms=[], load=None, soak=None)
         [_, speedup, _] = report.summary_rows(res)  # type: ignore[arg-type]
         assert speedup[1:] == ("≥ 2.0× (the plan allows 2.000× exactly)", "1.993× (2.017 s → 1.012 s)", "**no**")
 
@@ -157,3 +161,68 @@ def test_charts_without_matplotlib_are_refused_before_anything_is_measured(monke
     with pytest.raises(ValueError, match=r"the charts need matplotlib, from the bench extra: `make bench`"):
         run.options_from(parser.parse_args(["--only", "routing"]))
     assert not run.options_from(parser.parse_args(["--only", "routing", "--no-charts"])).charts
+
+
+def test_the_cost_part_measures_what_a_models_planning_and_answer_add(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_anthropic: FakeAnthropic,
+) -> None:
+    """`--provider anthropic --only cost`: the real stack on the anthropic provider (the real SDK, a local Messages
+    API), each scenario's request planned by the PM's model, in both modes; the row is judged on the calls' usage."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"parallel_execution": {
+        "anthropic": {"base_url": fake_anthropic.url, "timeout_s": 30},
+        "pm_coordinator": {"reasoning_effort": "medium"}}}))
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-bench")
+    monkeypatch.setenv("OPENCLAW_PROVIDER", "simulated")  # would make the run free, and its figure zero
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    opts = options_from(parser.parse_args(["--provider", "anthropic", "--config", str(config), "--runs", "1",
+                                           "--scenarios", "security_audit", "--no-charts", "--out",
+                                           str(tmp_path / "out")]))
+    assert opts.parts == ("cost",)
+    res = asyncio.run(measure_all(opts))
+
+    [r] = res.costs
+    docs = r.parallel_docs + r.serial_docs
+    assert [(d["mode"], d["planner"], d["status"]) for d in docs] == [("parallel", "llm", "completed"),
+                                                                     ("serial", "llm", "completed")]
+    # Every call reached the model: a plan and an answer per execution, and each planned task.
+    assert len(fake_anthropic.of("plan")) == len(fake_anthropic.of("synthesis")) == 2
+    assert len(fake_anthropic.of("task")) == 2 * len(PLAN["tasks"])
+    extra = PLAN_ON_OPUS + SYNTHESIS_ON_SONNET
+    share = extra / (extra + len(PLAN["tasks"]) * TASK_ON_SONNET)
+    assert cost_overhead(r)["extra_share"] == pytest.approx(share, abs=1e-6)
+
+    text = write_outputs(res).read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| Cost overhead"))
+    assert f"| {share * 100:.1f} % at most (Security-only audit: ${extra:.4f} of " in row
+    assert row.endswith("| **no** |")  # an Opus plan with thinking is far more than 2 % of three tasks
+    assert "Models: decomposition claude-opus-4-6; tasks claude-sonnet-4-6; synthesis claude-sonnet-4-6. " \
+           "Planned by: llm 2×." in text
+    assert "the anthropic provider (the configured models through the Messages API; paid calls)" in text
+
+
+def test_the_cost_part_is_refused_where_it_would_measure_nothing_or_pay_unasked(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    monkeypatch.delenv("OPENCLAW_ANTHROPIC_API_KEY", raising=False)
+    with pytest.raises(ValueError, match="paid calls with your key: set ANTHROPIC_API_KEY"):
+        options_from(parser.parse_args(["--provider", "anthropic", "--no-charts"]))
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-bench")
+    with pytest.raises(ValueError, match=r"\['speedup'\] time simulated latencies: with --provider anthropic"):
+        options_from(parser.parse_args(["--provider", "anthropic", "--only", "speedup", "--no-charts"]))
+    with pytest.raises(ValueError, match="the cost part needs --provider anthropic"):
+        options_from(parser.parse_args(["--only", "cost", "--no-charts"]))
+    with pytest.raises(ValueError, match="--config is for --provider anthropic"):
+        options_from(parser.parse_args(["--config", "x.json", "--no-charts"]))
+    bad = tmp_path / "config.json"
+    bad.write_text(json.dumps({"parallel_execution": {"max_tasks_per_execution": 0}}))
+    with pytest.raises(ConfigError, match="max_tasks_per_execution"):
+        options_from(parser.parse_args(["--provider", "anthropic", "--config", str(bad), "--no-charts"]))
+    anthropic = options_from(parser.parse_args(["--provider", "anthropic", "--no-charts"]))
+    assert (anthropic.parts, anthropic.out) == (("cost",), Path("bench/anthropic"))  # not over the free run's report
+    simulated = options_from(parser.parse_args(["--no-charts"]))
+    assert (simulated.parts, simulated.out) == (PARTS, Path("bench"))
