@@ -142,7 +142,8 @@ def test_a_plan_that_allows_exactly_two_times_is_held_to_two_times_whatever_the_
     for bound_speedup in (2.0, 1.9999999999999998):  # work / optimum at some time factors
         r = SimpleNamespace(scenario=SECURITY_AUDIT, bounds=lambda: {"optimum": 1.0}, parallel=1.012, serial=2.017,
                             factor=0.02, vs_bound=0.012, speedup=2.017 / 1.012, bound_speedup=bound_speedup)
-        res = SimpleNamespace(scenarios=[r], costs=[], overhead=None, throughput=None, routing_ms=[], load=None, soak=None)
+        res = SimpleNamespace(scenarios=[r], costs=[], overhead=None, throughput=None, routing_ms=[], load=None,
+                              soak=None)
         [_, speedup, _] = report.summary_rows(res)  # type: ignore[arg-type]
         assert speedup[1:] == ("≥ 2.0× (the plan allows 2.000× exactly)", "1.993× (2.017 s → 1.012 s)", "**no**")
 
