@@ -110,7 +110,7 @@ def call_events(execution_id: str, calls: list[ModelCall], phase: str) -> list[C
 
 def attempt_event(done: TaskCompleted | TaskFailed) -> CostIncurred:
     return CostIncurred(execution_id=done.execution_id, phase="task", task_id=done.task_id, pool=done.pool,
-                        attempt=done.attempt, model=done.model or "", provider=done.provider or "",
+                        attempt=done.attempt, run=done.run, model=done.model or "", provider=done.provider or "",
                         usage=done.usage, cost_usd=done.cost_usd, incurred_at=done.finished_at)
 
 

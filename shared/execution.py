@@ -28,6 +28,7 @@ from shared.schemas import (
     TaskState,
     TaskStatus,
     now,
+    same_run,
 )
 from shared.sizes import fit, text_slots
 
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 BLOCKING = frozenset({"failed", "skipped", "cancelled"})
 LOST_UNANNOUNCED = "worker lost before it reported (and before its start was announced); redelivered"
 REPORTED_LATE = "known only from a report that came after its task had ended"
+RUN_AGAIN = "another run of the task: its message came twice (see `run`)"
 
 
 def new_execution(req: ExecutionRequested) -> Execution:
@@ -150,23 +152,23 @@ def apply_result(ex: Execution, r: TaskStarted | TaskCompleted | TaskFailed) -> 
         return False
     if ex.terminal or task.status in TERMINAL_TASK:
         return _late_cost(task, r)
-    att = task.attempt(r.attempt)
+    att = task.attempt(r.attempt, r.run)
     if att is not None and att.error == LOST_UNANNOUNCED:  # it reported after all, after a later delivery's
         task.attempts.remove(att)
         att = None
     if att is None:
-        att = Attempt(n=r.attempt, worker=r.worker, started_at=r.started_at, upstream=r.upstream)
-        seen = {a.n for a in task.attempts}
-        # Attempt numbers are delivery counts: a missing one is a delivery whose worker was lost before
-        # it reported, quicker than its start is announced. Only its existence is known.
-        task.attempts.extend(Attempt(n=n, worker="unknown", started_at=r.started_at, finished_at=r.started_at,
-                                     outcome="lost", error=LOST_UNANNOUNCED)
+        att = Attempt(n=r.attempt, run=r.run, worker=r.worker, started_at=r.started_at, upstream=r.upstream)
+        seen = {a.n for a in task.attempts if same_run(a, r.run)}
+        # Attempt numbers are delivery counts of the run's message: a missing one is a delivery whose worker
+        # was lost before it reported, quicker than its start is announced. Only its existence is known.
+        task.attempts.extend(Attempt(n=n, run=r.run, worker="unknown", started_at=r.started_at,
+                                     finished_at=r.started_at, outcome="lost", error=LOST_UNANNOUNCED)
                              for n in range(1, r.attempt) if n not in seen)
         task.attempts.append(att)
         task.attempts.sort(key=lambda a: a.n)
-        # A later delivery means every earlier one still "running" lost its worker (crash, kill).
+        # A later delivery means every earlier one of its message still "running" lost its worker (crash, kill).
         for earlier in task.attempts:
-            if earlier.n < r.attempt and earlier.outcome == "running":
+            if same_run(earlier, r.run) and earlier.n < r.attempt and earlier.outcome == "running":
                 earlier.outcome, earlier.finished_at = "lost", r.started_at
                 earlier.error = "worker lost before reporting; redelivered after ack_wait"
     elif isinstance(r, TaskStarted) or att.outcome != "running":
@@ -179,7 +181,8 @@ def apply_result(ex: Execution, r: TaskStarted | TaskCompleted | TaskFailed) -> 
         for later in task.attempts:  # an earlier delivery that reported after all beat a redelivery still running:
             if later.outcome == "running":  # that one's worker abandons it, or reports late (its cost is counted)
                 later.outcome, later.finished_at = "lost", r.finished_at
-                later.error = f"superseded: attempt {r.attempt} completed the task first"
+                run = "" if same_run(later, r.run) else f" of run {r.run} (the task's message came twice)"
+                later.error = f"superseded: attempt {r.attempt}{run} completed the task first"
     elif isinstance(r, TaskFailed):
         att.outcome, att.finished_at, att.error, att.error_kind = "failed", r.finished_at, r.error, r.error_kind
         att.model, att.provider, att.usage, att.cost_usd = r.model, r.provider, r.usage, r.cost_usd
@@ -202,11 +205,12 @@ def _late_cost(task: TaskState, r: TaskStarted | TaskCompleted | TaskFailed) -> 
     execution's cost stays the sum of every call made for it. Statuses, and so events, stay as they are."""
     if isinstance(r, TaskStarted) or not r.cost_usd:
         return False
-    att = task.attempt(r.attempt)
+    att = task.attempt(r.attempt, r.run)
     late = f"it reported later, at a cost of ${r.cost_usd:.4f}"
     if att is None:  # never heard of (ended before its start was announced): recorded now, for its cost only
-        att = Attempt(n=r.attempt, worker=r.worker, started_at=r.started_at, finished_at=r.finished_at,
-                      outcome="lost", error=f"{REPORTED_LATE}: {late}")
+        again = any(not same_run(a, r.run) for a in task.attempts)
+        att = Attempt(n=r.attempt, run=r.run, worker=r.worker, started_at=r.started_at, finished_at=r.finished_at,
+                      outcome="lost", error=f"{REPORTED_LATE}: {late}" + (f"; {RUN_AGAIN}" if again else ""))
         task.attempts.append(att)
         task.attempts.sort(key=lambda a: a.n)
     elif not att.model and (att.outcome == "lost" or att.error_kind == "dead_letter"):  # a worker given up on

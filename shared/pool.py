@@ -44,6 +44,7 @@ from shared.schemas import (
     TaskState,
     Usage,
     now,
+    same_run,
 )
 from shared.service import Runtime, Start, Workers
 from shared.sizes import fit, text_slots
@@ -62,7 +63,9 @@ class _Delivery:
         self.attempt = msg.metadata.num_delivered or 1
         self.ctx = {"execution_id": cmd.execution_id, "task_id": cmd.task.id, "pool": pool, "attempt": self.attempt,
                     "worker": worker}
-        self.head: dict[str, Any] = {**self.ctx, "upstream": sorted(cmd.task.context.get("upstream") or {})}
+        self.run: int = msg.metadata.sequence.stream  # which message of the task (normally its only one)
+        self.head: dict[str, Any] = {**self.ctx, "run": self.run,
+                                     "upstream": sorted(cmd.task.context.get("upstream") or {})}
         self.abandoned = False
         self.given_up = False  # abandoned because the broker has handed the task to another delivery
         self.beat_at = time.monotonic()  # when the broker last heard this delivery is alive (its start, a beat)
@@ -309,9 +312,10 @@ class PoolWorker:
                 continue
             if state is None:
                 return True, []
-            if (d.attempt == 1 or any(a.n == d.attempt - 1 and a.outcome != "running" for a in state.attempts)
+            mine = [a for a in state.attempts if same_run(a, d.run)]
+            if (d.attempt == 1 or any(a.n == d.attempt - 1 and a.outcome != "running" for a in mine)
                     or time.monotonic() >= deadline or await stopped_within(self.rt.stop, RECORDED_POLL_S)):
-                before = sorted((a for a in state.attempts if a.n < d.attempt), key=lambda a: a.n)
+                before = sorted((a for a in mine if a.n < d.attempt), key=lambda a: a.n)
                 return False, [(a.error_kind, a.strategy) for a in before]
 
     async def _state(self, cmd: RunTask) -> TaskState | None:

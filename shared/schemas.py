@@ -280,6 +280,16 @@ class Simulate(BaseModel):
         return [name for name, value in asked.items() if value]
 
 
+RUN = ("the stream sequence of the task's message that this attempt is a delivery of. A task has one message, "
+       "unless the broker took a repeat of it as new (a work queue forgets the msg-ids of the messages it has handed "
+       "out across a restart or a leader change): the second message's run numbers its attempts from 1 again")
+
+
+def _run(run: int | None) -> str:
+    """What a run adds to an attempt's msg-ids: nothing for a report that names none."""
+    return "" if run is None else f"r{run}:"
+
+
 class _TaskResult(Wire):
     execution_id: str
     task_id: str
@@ -288,10 +298,11 @@ class _TaskResult(Wire):
     worker: str
     started_at: datetime
     upstream: list[str] = Field(default_factory=list, description="dependencies whose outputs this attempt got")
+    run: int | None = Field(default=None, description=RUN)
 
     def msg_id(self) -> str:
         kind = getattr(self, "kind", "result")
-        return f"{self.execution_id}:{self.task_id}:{self.attempt}:{kind}"
+        return f"{self.execution_id}:{self.task_id}:{_run(self.run)}{self.attempt}:{kind}"
 
 
 class TaskStarted(_TaskResult):
@@ -349,6 +360,7 @@ class DeadLetter(Wire):
 
 class Attempt(BaseModel):
     n: int
+    run: int | None = Field(default=None, description=RUN)
     worker: str
     started_at: datetime
     finished_at: datetime | None = None
@@ -370,6 +382,12 @@ class Attempt(BaseModel):
         return round((self.finished_at - self.started_at).total_seconds(), 4)
 
 
+def same_run(a: Attempt, run: int | None) -> bool:
+    """Whether ``a`` is a delivery of the message ``run`` names; one that names none (from before runs were
+    recorded, or a dead letter's) matches any."""
+    return a.run is None or run is None or a.run == run
+
+
 class TaskState(BaseModel):
     id: str
     pool: Pool
@@ -383,8 +401,8 @@ class TaskState(BaseModel):
     resolution: str | None = Field(default=None, description="skip or escalate, once the task gave up")
     degradation: str | None = Field(default=None, description="pending / unaudited / without optimization")
 
-    def attempt(self, n: int) -> Attempt | None:
-        return next((a for a in self.attempts if a.n == n), None)
+    def attempt(self, n: int, run: int | None = None) -> Attempt | None:
+        return next((a for a in self.attempts if a.n == n and same_run(a, run)), None)
 
     def spec(self, **context: Any) -> TaskSpec:
         """The task as planned, with ``context`` added (e.g. upstream outputs)."""
@@ -642,6 +660,7 @@ class CostIncurred(Wire):
     task_id: str | None = None
     pool: Pool | None = None
     attempt: int | None = None
+    run: int | None = Field(default=None, description=RUN)
     model: str
     provider: str
     usage: Usage = Field(default_factory=Usage)
@@ -651,7 +670,7 @@ class CostIncurred(Wire):
     def msg_id(self) -> str:
         # The phase's n-th call is "#n": no task id has a "#", so a task named "synthesis" has ids of its own.
         if self.phase == "task":
-            return f"{self.execution_id}:{self.task_id}:{self.attempt}:cost"
+            return f"{self.execution_id}:{self.task_id}:{_run(self.run)}{self.attempt}:cost"
         return f"{self.execution_id}:{self.phase}#{self.attempt or 1}:cost"
 
 

@@ -10,8 +10,10 @@ from nats.aio.client import Client as NATS
 
 from services.aggregator.handlers import AggregatorHandlers
 from shared import metrics
+from shared.costs import attempt_event
 from shared.execution import (
     LOST_UNANNOUNCED,
+    RUN_AGAIN,
     all_tasks_terminal,
     apply_plan,
     apply_result,
@@ -134,6 +136,32 @@ def test_an_earlier_attempt_that_completes_after_a_redelivery_started_leaves_not
     assert [(a.n, a.outcome, a.cost_usd) for a in api.attempts] == [(1, "completed", 0.7), (2, "lost", 0.5)]
     assert api.attempts[1].error is not None and api.attempts[1].error.startswith("superseded: attempt 1")
     assert ex.cost.total_usd == 1.2
+
+
+def test_the_attempts_of_a_second_message_for_a_task_are_its_own_and_each_is_paid_for() -> None:
+    # A repeat of the task's message that the broker took as new (run 9): its deliveries are numbered from 1 again.
+    ex = execution()
+    assert apply_result(ex, started("api").model_copy(update={"run": 4}))
+    assert apply_result(ex, failed("api", 2, final=False).model_copy(update={"run": 9}))
+    api = ex.task("api")
+    assert api is not None
+    # Run 9's first delivery left no word: lost. Run 4's attempt 1 is no earlier delivery of run 9: still running.
+    assert sorted((a.run, a.n, a.outcome) for a in api.attempts) == [(4, 1, "running"), (9, 1, "lost"),
+                                                                    (9, 2, "failed")]
+    assert apply_result(ex, completed("api", 1, cost=0.7).model_copy(update={"run": 4}))
+    assert apply_result(ex, completed("api", 3, cost=0.5).model_copy(update={"run": 9}))  # too late: its cost only
+    assert not apply_result(ex, completed("api", 3, cost=0.5).model_copy(update={"run": 9}))  # once
+    assert sorted((a.run, a.n, a.outcome, a.cost_usd) for a in api.attempts) == [
+        (4, 1, "completed", 0.7), (9, 1, "lost", 0.0), (9, 2, "failed", 0.0), (9, 3, "lost", 0.5)]
+    late = api.attempt(3, 9)
+    assert late is not None and late.error is not None and late.error.endswith(RUN_AGAIN)
+    assert ex.cost.total_usd == 1.2
+    # A report that names no run (a pool from before runs were recorded) is any run's attempt of that number.
+    assert api.attempt(1) is not None and api.attempt(2, None) is api.attempt(2, 9)
+    # Each run's reports and cost events have msg-ids of their own.
+    one, other = completed("api", 1).model_copy(update={"run": 4}), completed("api", 1).model_copy(update={"run": 9})
+    assert len({one.msg_id(), other.msg_id(), completed("api", 1).msg_id()}) == 3
+    assert attempt_event(one).msg_id() != attempt_event(other).msg_id()
 
 
 def test_outcomes() -> None:

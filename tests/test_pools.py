@@ -24,7 +24,7 @@ from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from shared.bus import publish
-from shared.schemas import DeadLetter, TaskFailed, now
+from shared.schemas import CostIncurred, DeadLetter, TaskFailed, now
 from tests.conftest import Stack, wait_until, write_config
 
 pytestmark = pytest.mark.e2e
@@ -345,6 +345,42 @@ async def test_a_task_whose_worker_always_dies_is_dead_lettered_and_the_executio
     t = next(t for t in doc["tasks"] if t["id"] == "doomed")
     assert t["status"] == "failed" and t["error"].startswith("dead-lettered")
     assert t["attempts"][1]["cost_usd"] == 0.3 and doc["cost"]["by_pool"]["security"] == pytest.approx(0.3)
+
+
+async def test_a_task_whose_message_is_taken_twice_has_both_runs_recorded_and_paid_for(  # type: ignore[no-untyped-def]
+    stack_factory,
+) -> None:
+    # A work queue forgets the msg-ids of the messages it has handed out across a restart or a leader change. An
+    # aggregator's re-send of a task the document still shows queued is then a second message for the task, and a
+    # second run, numbered attempt 1 again. Its reports had the first run's msg-ids: dropped as repeats, the run
+    # was paid for and counted nowhere but the pool's metric. Here the repeat is published as the broker takes it.
+    stack = stack_factory(ns())
+    eid = submit(stack, [task("slow", "security", latency_s=2)])  # two slots: the runs overlap
+    _wait_running(stack, eid, "slow")
+    names = stack.names
+    nc = await nats.connect(str(stack.state()["nats_url"]))
+    js = nc.jetstream()
+    first = await js.get_last_msg(names.tasks_stream, names.tasks("security"))  # held until its run is acked
+    again = await js.publish(names.tasks("security"), first.data)
+    events = await js.subscribe(names.cost_event(eid), deliver_policy=DeliverPolicy.ALL, ordered_consumer=True)
+
+    def both_paid() -> dict[str, Any] | None:
+        d = get(stack, eid)
+        runs = d["tasks"][0]["attempts"]
+        return d if d["status"] == "completed" and len(runs) == 2 and all(a["cost_usd"] for a in runs) else None
+
+    doc = await asyncio.to_thread(wait_until, both_paid, 30, "both runs recorded with their cost")
+    t = doc["tasks"][0]
+    assert sorted((a["n"], a["run"]) for a in t["attempts"]) == [(1, first.seq), (1, again.seq)]
+    assert any("the task's message came twice" in (a["error"] or "") for a in t["attempts"])
+    assert doc["cost"]["total_usd"] == pytest.approx(sum(a["cost_usd"] for a in t["attempts"]), abs=1e-12)
+    costs = []
+    while len(costs) < 2:
+        event = CostIncurred.model_validate_json((await events.next_msg(timeout=10)).data)
+        if event.phase == "task":
+            costs.append(event)
+    assert sorted((e.run, e.cost_usd) for e in costs) == sorted((a["run"], a["cost_usd"]) for a in t["attempts"])
+    await nc.drain()
 
 
 async def test_deadline_finishes_partial_with_what_is_done(stack_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

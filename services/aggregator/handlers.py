@@ -459,8 +459,9 @@ class AggregatorHandlers:
         at = now()
         try:
             failed = TaskFailed(execution_id=eid, task_id=tid, pool=pool, attempt=max(1, adv.deliveries),
-                                worker="dead-letter", started_at=at, finished_at=at, error=f"dead-lettered: {reason}",
-                                error_kind="dead_letter", final=True, strategy=ON_EXHAUSTED[pool].value)
+                                run=adv.stream_seq, worker="dead-letter", started_at=at, finished_at=at,
+                                error=f"dead-lettered: {reason}", error_kind="dead_letter", final=True,
+                                strategy=ON_EXHAUSTED[pool].value)
         except ValueError:  # ids no execution could have
             return
         # Its own msg-id: the worker may be alive after all (heartbeats that could not reach NATS) and report its
