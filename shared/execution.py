@@ -222,8 +222,8 @@ def _late_cost(task: TaskState, r: TaskStarted | TaskCompleted | TaskFailed) -> 
 
 
 def _live_status(task: TaskState) -> TaskStatus:
-    latest = task.attempts[-1]
-    return "running" if latest.outcome == "running" else "retrying"
+    # Only a run's latest delivery can be running; a second run of the task (see ``run``) may be running beside it.
+    return "running" if any(a.outcome == "running" for a in task.attempts) else "retrying"
 
 
 def _give_up(task: TaskState, error: str, status: TaskStatus = "failed") -> None:

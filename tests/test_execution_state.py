@@ -148,6 +148,7 @@ def test_the_attempts_of_a_second_message_for_a_task_are_its_own_and_each_is_pai
     # Run 9's first delivery left no word: lost. Run 4's attempt 1 is no earlier delivery of run 9: still running.
     assert sorted((a.run, a.n, a.outcome) for a in api.attempts) == [(4, 1, "running"), (9, 1, "lost"),
                                                                     (9, 2, "failed")]
+    assert api.status == "running"  # run 9 will retry, but run 4 runs meanwhile
     assert apply_result(ex, completed("api", 1, cost=0.7).model_copy(update={"run": 4}))
     assert apply_result(ex, completed("api", 3, cost=0.5).model_copy(update={"run": 9}))  # too late: its cost only
     assert not apply_result(ex, completed("api", 3, cost=0.5).model_copy(update={"run": 9}))  # once
