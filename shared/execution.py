@@ -188,7 +188,8 @@ def apply_result(ex: Execution, r: TaskStarted | TaskCompleted | TaskFailed) -> 
         att.model, att.provider, att.usage, att.cost_usd = r.model, r.provider, r.usage, r.cost_usd
         att.strategy = r.strategy
         task.error = r.error
-        if r.final:
+        # Given up on: the task fails, unless another run of it is still running (see ``run``).
+        if r.final and not any(a.outcome == "running" and not same_run(a, r.run) for a in _latest(task)):
             _give_up(task, r.error)
         else:
             task.status = _live_status(task)
@@ -222,8 +223,8 @@ def _late_cost(task: TaskState, r: TaskStarted | TaskCompleted | TaskFailed) -> 
 
 
 def _live_status(task: TaskState) -> TaskStatus:
-    # Only a run's latest delivery can be running; a second run of the task (see ``run``) may be running beside it.
-    return "running" if any(a.outcome == "running" for a in task.attempts) else "retrying"
+    # A second run of the task (see ``run``) may be running beside the first: the latest attempt of each counts.
+    return "running" if any(a.outcome == "running" for a in _latest(task)) else "retrying"
 
 
 def _give_up(task: TaskState, error: str, status: TaskStatus = "failed") -> None:
@@ -298,14 +299,30 @@ def fail_execution(ex: Execution, error: str) -> bool:
     return True
 
 
-TaskMarks = dict[str, tuple[str, int]]
+TaskMarks = dict[str, tuple[str, dict[int | None, int]]]
 EVENT_KIND = {"queued": "released", "running": "started", "retrying": "retrying", "completed": "task_completed",
               "failed": "task_failed", "skipped": "skipped", "cancelled": "task_cancelled"}
 
 
 def marks(ex: Execution) -> TaskMarks:
-    """Each task's status and latest attempt: what lifecycle events are derived from."""
-    return {t.id: (t.status, t.attempts[-1].n if t.attempts else 0) for t in ex.tasks}
+    """Each task's status and latest attempt of each run: what lifecycle events are derived from."""
+    return {t.id: (t.status, _latest_n(t)) for t in ex.tasks}
+
+
+def _latest_n(task: TaskState) -> dict[int | None, int]:
+    latest: dict[int | None, int] = {}
+    for a in task.attempts:
+        latest[a.run] = max(latest.get(a.run, 0), a.n)
+    return latest
+
+
+def _latest(task: TaskState) -> list[Attempt]:
+    """The latest attempt of each run of the task (normally one run: its latest attempt)."""
+    latest: dict[int | None, Attempt] = {}
+    for a in task.attempts:
+        if a.run not in latest or a.n > latest[a.run].n:
+            latest[a.run] = a
+    return list(latest.values())
 
 
 def lifecycle_events(before: TaskMarks, ex: Execution) -> list[LifecycleEvent]:
@@ -313,22 +330,26 @@ def lifecycle_events(before: TaskMarks, ex: Execution) -> list[LifecycleEvent]:
     for one known only from its result), then one for the task's new status unless that is ``running``."""
     events = []
     for t in ex.tasks:
-        status, last_n = before.get(t.id, ("", 0))
-        new = [a for a in t.attempts if a.n > last_n and not (a.error or "").startswith(REPORTED_LATE)]
+        status, last_n = before.get(t.id, ("", {}))
+        new = [a for a in t.attempts
+               if a.n > last_n.get(a.run, 0) and not (a.error or "").startswith(REPORTED_LATE)]
         for a in new:
             if a.error == LOST_UNANNOUNCED:
                 continue
             events.append(LifecycleEvent(kind="started", execution_id=ex.execution_id, at=a.started_at, task_id=t.id,
-                                         pool=t.pool, status="running", attempt=a.n, worker=a.worker))
+                                         pool=t.pool, status="running", attempt=a.n, run=a.run, worker=a.worker))
         if t.status == "running" or (t.status == status and not new):
             continue
         last = t.attempts[-1] if t.attempts else None
         if t.status == "completed":  # the attempt that completed it, not a redelivery it superseded
             last = next((a for a in reversed(t.attempts) if a.outcome == "completed"), last)
+        elif t.status in ("retrying", "failed"):  # the attempt that failed, not another run's (see ``run``)
+            last = max((a for a in _latest(t) if a.outcome == "failed"), key=lambda a: a.finished_at or a.started_at,
+                       default=last)
         events.append(LifecycleEvent(
             kind=EVENT_KIND.get(t.status, t.status), execution_id=ex.execution_id, at=ex.updated_at,
             task_id=t.id, pool=t.pool, status=t.status, attempt=last.n if last else None,
-            worker=last.worker if last else None, model=last.model if last else None,
+            run=last.run if last else None, worker=last.worker if last else None, model=last.model if last else None,
             error=t.error if t.status != "completed" else None, cost_usd=t.cost_usd,
             data={k: v for k, v in (("degradation", t.degradation), ("resolution", t.resolution),
                                     ("strategy", last.strategy if last else None)) if v},

@@ -383,8 +383,8 @@ class Attempt(BaseModel):
 
 
 def same_run(a: Attempt, run: int | None) -> bool:
-    """Whether ``a`` is a delivery of the message ``run`` names; one that names none (from before runs were
-    recorded, or a dead letter's) matches any."""
+    """Whether ``a`` is a delivery of the message ``run`` names; one that names none (recorded from a report of a
+    version that did not record runs) matches any."""
     return a.run is None or run is None or a.run == run
 
 
@@ -591,6 +591,10 @@ class LifecycleEvent(Wire):
     error: str | None = None
     cost_usd: float | None = None
     data: dict[str, Any] = Field(default_factory=dict)
+    run: int | None = Field(default=None, description=RUN)
+
+    def msg_id(self) -> str:
+        return f"{self.execution_id}:{self.task_id}:{self.kind}:{_run(self.run)}{self.attempt}"
 
 
 class ExecutionDeadline(Wire):

@@ -32,6 +32,7 @@ from shared.schemas import (
     Execution,
     ExecutionCompleted,
     ExecutionRequested,
+    LifecycleEvent,
     ModelCall,
     TaskCompleted,
     TaskFailed,
@@ -163,6 +164,36 @@ def test_the_attempts_of_a_second_message_for_a_task_are_its_own_and_each_is_pai
     one, other = completed("api", 1).model_copy(update={"run": 4}), completed("api", 1).model_copy(update={"run": 9})
     assert len({one.msg_id(), other.msg_id(), completed("api", 1).msg_id()}) == 3
     assert attempt_event(one).msg_id() != attempt_event(other).msg_id()
+
+
+def test_one_run_given_up_on_leaves_the_task_to_the_other_and_each_runs_events_are_its_own() -> None:
+    ex = execution()
+    before = marks(ex)
+    assert apply_result(ex, started("api").model_copy(update={"run": 4}))
+    assert apply_result(ex, started("api").model_copy(update={"run": 9}))
+    assert [(e.kind, e.attempt, e.run) for e in lifecycle_events(before, ex)] == [("started", 1, 4), ("started", 1, 9)]
+    # Run 4 fails for good (its retries ran out, or its message was dead-lettered) while run 9 still runs.
+    before = marks(ex)
+    assert apply_result(ex, failed("api", 1, final=True).model_copy(update={"run": 4}))
+    api = ex.task("api")
+    assert api is not None and api.status == "running" and ex.task("ui").status == "pending"  # type: ignore[union-attr]
+    assert lifecycle_events(before, ex) == []
+    before = marks(ex)
+    assert apply_result(ex, completed("api").model_copy(update={"run": 9}))
+    assert api.status == "completed" and ex.task("ui").status == "queued"  # type: ignore[union-attr]
+    done = [e for e in lifecycle_events(before, ex) if e.task_id == "api"]
+    assert [(e.kind, e.attempt, e.run) for e in done] == [("task_completed", 1, 9)]
+    # The same kind of event of each run goes out under a msg-id of its own.
+    assert len({LifecycleEvent(kind="started", execution_id="e1", task_id="api", attempt=1, run=r).msg_id()
+                for r in (4, 9, None)}) == 3
+
+
+def test_a_late_start_of_a_delivery_handed_on_does_not_show_its_task_running() -> None:
+    # Delivery 1's start, buffered while its worker was cut off, arrives after delivery 2 failed and will be retried.
+    ex = execution()
+    assert apply_result(ex, failed("api", 2, final=False))
+    assert apply_result(ex, started("api", 1))
+    assert ex.task("api").status == "retrying"  # type: ignore[union-attr]
 
 
 def test_outcomes() -> None:

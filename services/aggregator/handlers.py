@@ -331,8 +331,7 @@ class AggregatorHandlers:
             if last.updated_at == ex.updated_at:  # its own version, not one written on top of it: it ended it if it
                 concluded, ended_before = last.concluded, last.ended_before  # concluded (counted once, here)
         for e in events:
-            await emit(self.rt.nats, names.events(execution_id, e.kind), e,
-                       f"{execution_id}:{e.task_id}:{e.kind}:{e.attempt}")
+            await emit(self.rt.nats, names.events(execution_id, e.kind), e, e.msg_id())
         if ex.terminal and not ended_before:  # this write ended it: concluded, cancelled or failed before a plan
             _count_finished(ex)
         if ex.terminal and (not ended_before or await self._unannounced(ex, batch, stored_unseen)):
