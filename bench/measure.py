@@ -180,8 +180,11 @@ async def run_scenario(stack: Stack, scenario: Scenario, factor: float, runs: in
         for i in range(runs):
             for mode in (("parallel", "serial") if i % 2 == 0 else ("serial", "parallel")):
                 elapsed, doc = await execute(http, scenario.message, plan, mode, wait_s)
-                if doc["status"] != "completed":
-                    raise RuntimeError(f"{scenario.name} ({mode}) ended {doc['status']}: {doc.get('error')}")
+                # A model's run may end partial or failed (a refusal, a cut-off answer): what it cost still counts.
+                if planned and doc["status"] != "completed":
+                    failures = {t["id"]: t["error"] for t in doc["tasks"] if t.get("error")}
+                    raise RuntimeError(f"{scenario.name} ({mode}) ended {doc['status']}: "
+                                       f"{doc.get('error') or failures}")
                 (result.parallel_s if mode == "parallel" else result.serial_s).append(elapsed)
                 (result.parallel_docs if mode == "parallel" else result.serial_docs).append(doc)
     return result
@@ -531,8 +534,16 @@ def cost_by_phase(doc: Doc) -> dict[str, float]:
     return {k: float(phases.get(k, 0.0)) for k in ("tasks", "decomposition", "synthesis")}
 
 
-def cost_overhead(result: ScenarioResult) -> dict[str, float]:
-    """Median parallel vs serial cost of the same plan, and what decomposition + synthesis add."""
+def by_the_models(doc: Doc) -> bool:
+    """Whether models planned and answered this execution: its plan is the decomposition model's and a synthesis
+    call succeeded. After a fallback to the rules or the template, either extra is $0: no measurement."""
+    return doc.get("planner") == "llm" and any(c["phase"] == "synthesis" and not c.get("error") for c in doc["calls"])
+
+
+def cost_overhead(result: ScenarioResult, models: bool = False) -> dict[str, float]:
+    """Medians over the runs: the parallel and serial totals, the parallel runs' tasks and decomposition +
+    synthesis, and the share of each parallel execution's total that those two make (``models``: only of the
+    executions models planned and answered; ``measured`` says how many)."""
     par = [cost_by_phase(d) for d in result.parallel_docs]
     ser = [cost_by_phase(d) for d in result.serial_docs]
 
@@ -541,13 +552,16 @@ def cost_overhead(result: ScenarioResult) -> dict[str, float]:
 
     par_total = statistics.median(sum(r.values()) for r in par)
     ser_total = statistics.median(sum(r.values()) for r in ser)
-    extra = med(par, "decomposition") + med(par, "synthesis")
+    shares = [(r["decomposition"] + r["synthesis"]) / total
+              for r, d in zip(par, result.parallel_docs, strict=True)
+              if (total := sum(r.values())) and (by_the_models(d) or not models)]
     return {
         "parallel_total": par_total,
         "serial_total": ser_total,
         "tasks": med(par, "tasks"),
-        "extra": extra,
-        "extra_share": extra / par_total if par_total else 0.0,
+        "extra": med(par, "decomposition") + med(par, "synthesis"),
+        "extra_share": statistics.median(shares) if shares else 0.0,
+        "measured": len(shares),
         "difference": (par_total - ser_total) / ser_total if ser_total else 0.0,
     }
 

@@ -13,10 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from bench import measure
 from bench.plans import SCENARIOS, Scenario
 from bench.stack import config_section, running_stack
-from shared.config import load_config
+from shared.config import ParallelExecutionConfig, describe_errors, load_config
+from shared.errors import ConfigError
 
 log = logging.getLogger("openclaw.bench")
 
@@ -132,8 +135,16 @@ def model_section(config: Path | None) -> tuple[dict[str, Any], float]:
     or the defaults, on the anthropic provider, with a gateway that waits as long as an execution may run."""
     pe = load_config(config)
     section = json.loads(config.read_text())["parallel_execution"] if config else {}
-    gateway = {**section.get("gateway", {}), "max_wait_s": pe.execution_timeout_s}
-    return config_section(**{**section, "provider": "anthropic", "gateway": gateway}), pe.execution_timeout_s
+    wait_s = pe.execution_timeout_s
+    gateway = {**section.get("gateway", {}), "max_wait_s": wait_s,
+               "default_wait_s": min(pe.gateway.default_wait_s, wait_s)}
+    merged = config_section(**{**section, "provider": "anthropic", "gateway": gateway})
+    try:
+        ParallelExecutionConfig.model_validate(merged)
+    except ValidationError as e:  # told now, not by a stack that does not start
+        raise ConfigError(f"config {config or '(the defaults)'} with the bench's gateway waits: "
+                          f"{describe_errors(e)}") from None
+    return merged, wait_s
 
 
 def write_outputs(res: Results) -> Path:
@@ -199,6 +210,8 @@ def options_from(args: Any) -> Options:
                             if set(bad) & set(MODEL_PARTS) else ""))
     if anthropic and not (os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("OPENCLAW_ANTHROPIC_API_KEY")):
         raise ValueError("--provider anthropic makes paid calls with your key: set ANTHROPIC_API_KEY")
+    if args.readme and anthropic:
+        raise ValueError("--readme is for the simulated run: the README quotes its table, not a paid run's")
     if args.config and not anthropic:
         raise ValueError("--config is for --provider anthropic: the simulated parts run with their own configs")
     config = Path(args.config) if args.config else None

@@ -251,7 +251,7 @@ class ConfigFile(BaseModel):
     parallel_execution: ParallelExecutionConfig = ParallelExecutionConfig()
 
 
-def _describe(err: ValidationError) -> str:
+def describe_errors(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
@@ -284,4 +284,4 @@ def load_config(path: str | Path | None) -> ParallelExecutionConfig:
         # Strict: JSON's own types only, so "yes" is no boolean and true no number of tasks.
         return ConfigFile.model_validate_json(text, strict=True).parallel_execution
     except ValidationError as e:
-        raise ConfigError(f"invalid config {p}: {_describe(e)}") from None
+        raise ConfigError(f"invalid config {p}: {describe_errors(e)}") from None

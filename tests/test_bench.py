@@ -16,7 +16,7 @@ from bench import report
 from bench.bound import critical_path, greedy, lower_bound, optimum
 from bench.measure import cost_overhead, max_overlap, percentile, ts
 from bench.plans import MARKETPLACE, MIGRATION, RESTAURANT, SCENARIOS, SECURITY_AUDIT
-from bench.run import PARTS, Options, add_arguments, measure_all, options_from, write_outputs
+from bench.run import PARTS, Options, add_arguments, measure_all, model_section, options_from, write_outputs
 from shared.errors import ConfigError
 from tests.fake_anthropic import PLAN, FakeAnthropic
 from tests.test_e2e_anthropic import PLAN_ON_OPUS, SYNTHESIS_ON_SONNET, TASK_ON_SONNET
@@ -196,11 +196,34 @@ def test_the_cost_part_measures_what_a_models_planning_and_answer_add(
 
     text = write_outputs(res).read_text()
     row = next(line for line in text.splitlines() if line.startswith("| Cost overhead"))
-    assert f"| {share * 100:.1f} % at most (Security-only audit: ${extra:.4f} of " in row
+    assert f"| {share * 100:.1f} % at most (Security-only audit; the median over the 1 parallel executions " in row
     assert row.endswith("| **no** |")  # an Opus plan with thinking is far more than 2 % of three tasks
     assert "Models: decomposition claude-opus-4-6; tasks claude-sonnet-4-6; synthesis claude-sonnet-4-6. " \
-           "Planned by: llm 2×." in text
+           "Planned by: llm 2×. Ended: completed 2×." in text
     assert "the anthropic provider (the configured models through the Messages API; paid calls)" in text
+    assert f"| ${extra:.4f} | {share * 100:.1f} % |" in text
+
+
+def test_the_cost_part_measures_nothing_where_the_models_did_not_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_anthropic: FakeAnthropic,
+) -> None:
+    # Every answer call refused: the answers come from the template, and the extra would be the plan alone.
+    fake_anthropic.next("synthesis", "400", "400")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-bench")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", fake_anthropic.url)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    res = asyncio.run(measure_all(options_from(parser.parse_args([
+        "--provider", "anthropic", "--runs", "1", "--scenarios", "security_audit", "--no-charts",
+        "--out", str(tmp_path / "out")]))))
+    [r] = res.costs
+    assert [c["error"] is not None for d in r.parallel_docs + r.serial_docs for c in d["calls"]
+            if c["phase"] == "synthesis"] == [True, True]
+    assert cost_overhead(r)["extra_share"] > 0  # the plan's cost alone, which is no measurement of the extra
+    text = write_outputs(res).read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| Cost overhead"))
+    assert "not measured: no execution of Security-only audit was both planned and answered" in row
+    assert row.endswith("| n/a |")
 
 
 def test_the_cost_part_is_refused_where_it_would_measure_nothing_or_pay_unasked(
@@ -223,6 +246,14 @@ def test_the_cost_part_is_refused_where_it_would_measure_nothing_or_pay_unasked(
     bad.write_text(json.dumps({"parallel_execution": {"max_tasks_per_execution": 0}}))
     with pytest.raises(ConfigError, match="max_tasks_per_execution"):
         options_from(parser.parse_args(["--provider", "anthropic", "--config", str(bad), "--no-charts"]))
+    with pytest.raises(ValueError, match="--readme is for the simulated run"):
+        options_from(parser.parse_args(["--provider", "anthropic", "--readme", "README.md", "--no-charts"]))
+    # A deadline shorter than the gateway's default wait: the bench's gateway waits as long as an execution runs.
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps({"parallel_execution": {"execution_timeout_s": 30}}))
+    section, wait_s = model_section(short)
+    assert (section["gateway"], wait_s, section["provider"]) == ({"max_wait_s": 30, "default_wait_s": 30}, 30,
+                                                                 "anthropic")
     anthropic = options_from(parser.parse_args(["--provider", "anthropic", "--no-charts"]))
     assert (anthropic.parts, anthropic.out) == (("cost",), Path("bench/anthropic"))  # not over the free run's report
     simulated = options_from(parser.parse_args(["--no-charts"]))
