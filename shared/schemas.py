@@ -414,22 +414,29 @@ class TaskState(BaseModel):
     def started_at(self) -> datetime | None:
         return self.attempts[0].started_at if self.attempts else None
 
+    def _shown(self) -> Attempt | None:
+        """The attempt the task's own fields describe: the one that completed it (not a later delivery it
+        superseded, nor another run's), else the latest."""
+        latest = self.attempts[-1] if self.attempts else None
+        return next((a for a in self.attempts if a.outcome == "completed"), latest)
+
     @computed_field  # type: ignore[prop-decorator]
     @property
     def finished_at(self) -> datetime | None:
-        if self.status not in TERMINAL_TASK or not self.attempts:
-            return None
-        return self.attempts[-1].finished_at
+        shown = self._shown()
+        return shown.finished_at if shown is not None and self.status in TERMINAL_TASK else None
 
     @computed_field  # type: ignore[prop-decorator]
     @property
     def worker(self) -> str | None:
-        return self.attempts[-1].worker if self.attempts else None
+        shown = self._shown()
+        return shown.worker if shown is not None else None
 
     @computed_field  # type: ignore[prop-decorator]
     @property
     def model(self) -> str | None:
-        return self.attempts[-1].model if self.attempts else None
+        shown = self._shown()
+        return shown.model if shown is not None else None
 
     @computed_field  # type: ignore[prop-decorator]
     @property

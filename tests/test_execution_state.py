@@ -131,8 +131,9 @@ def test_an_earlier_attempt_that_completes_after_a_redelivery_started_leaves_not
     assert apply_result(ex, completed("api", 1, cost=0.7))  # delivery 1 reports after all, and wins
     # Completed by attempt 1, not by the latest delivery.
     assert [(e.kind, e.attempt) for e in lifecycle_events(before, ex) if e.task_id == "api"] == [("task_completed", 1)]
-    assert apply_result(ex, completed("api", 2, cost=0.5))  # delivery 2 finishes too: its call was paid for
-    api = ex.task("api")
+    assert apply_result(ex, completed("api", 2, cost=0.5).model_copy(update={"worker": "w2", "model": "m2"}))
+    api = ex.task("api")  # delivery 2 finished too: its call was paid for; the task names delivery 1's worker
+    assert api is not None and (api.worker, api.model) == ("w", "m")
     assert api is not None and api.status == "completed"
     assert [(a.n, a.outcome, a.cost_usd) for a in api.attempts] == [(1, "completed", 0.7), (2, "lost", 0.5)]
     assert api.attempts[1].error is not None and api.attempts[1].error.startswith("superseded: attempt 1")
@@ -181,6 +182,8 @@ def test_one_run_given_up_on_leaves_the_task_to_the_other_and_each_runs_events_a
     before = marks(ex)
     assert apply_result(ex, completed("api").model_copy(update={"run": 9}))
     assert api.status == "completed" and ex.task("ui").status == "queued"  # type: ignore[union-attr]
+    # The task's own fields describe the run that completed it.
+    assert (api.worker, api.finished_at) == ("w", T0 + timedelta(seconds=1))
     done = [e for e in lifecycle_events(before, ex) if e.task_id == "api"]
     assert [(e.kind, e.attempt, e.run) for e in done] == [("task_completed", 1, 9)]
     # The same kind of event of each run goes out under a msg-id of its own.
