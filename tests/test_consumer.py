@@ -57,17 +57,21 @@ async def test_a_message_that_arrives_as_the_consumer_stops_is_run_not_handed_ba
     nc: NATS, nats_url: str, names: Names,
 ) -> None:
     # Handed back unrun, it used up a delivery all the same: on a task's last one the broker gave up on the task,
-    # and its execution failed it as dead-lettered. max_deliver 1 makes every delivery the last.
+    # and its execution failed it as dead-lettered. Each message here comes as a loop closes: run by that loop, it
+    # is handled on its first delivery. Handed back, it would come again at once, on its second.
     js = nc.jetstream()
     await ensure_streams(js, names)
     subject = names.results("closing")
     await js.add_consumer(names.results_stream, ConsumerConfig(durable_name="closing", filter_subject=subject,
-                                                               ack_policy=AckPolicy.EXPLICIT, ack_wait=60,
-                                                               max_deliver=1))
+                                                               ack_policy=AckPolicy.EXPLICIT, ack_wait=2,
+                                                               max_deliver=2))
     handled: list[bytes] = []
+    again: list[bytes] = []  # handled on a second delivery
 
     async def handle(data: bytes, msg: Msg) -> None:
         handled.append(data)
+        if msg.metadata.num_delivered > 1:
+            again.append(data)
         await msg.ack()
 
     def consumer() -> Consumer[bytes]:
@@ -96,6 +100,10 @@ async def test_a_message_that_arrives_as_the_consumer_stops_is_run_not_handed_ba
         stop.set()
         await asyncio.wait_for(loop, 10)
     assert sorted(handled) == sorted(sent)
+    # One may come again after ack_wait: the server can send a message to a request's inbox in the instant its
+    # subscription ends (it checks the inbox's interest, then sends). That one is neither run nor handed back by the
+    # closing loop, and no client can prevent it; a loop that handed messages back would show many.
+    assert len(again) <= 1, again
 
 
 class _Beats(logging.Handler):
