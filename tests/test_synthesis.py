@@ -268,6 +268,36 @@ async def test_an_answer_cut_off_by_a_stop_is_paid_and_recorded_and_the_redelive
     await stream_holds(rt.jetstream, names.events_stream, names.cost_event("stop"), {names.cost_event("stop"): 2})
 
 
+async def test_a_call_recorded_while_the_answer_is_written_changes_its_cost_line_not_its_text(
+    nc: NATS, names: Names, fake_anthropic: FakeAnthropic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Another replica records a call its stop cut off (or a late report its cost) while this one's model writes the
+    # answer: the answer's write loses its compare-and-set. The version read again differs in its cost alone, and the
+    # answer was written again: a second synthesis call, paid for a cost line.
+    rt = await anthropic_runtime(nc, names, tmp_path, fake_anthropic, monkeypatch)
+    eid = "costonly"
+    await rt.executions.create(execution(rt.settings.pe, eid, last_done=False))
+    last = result(eid, "audit", "security")
+    fake_anthropic.next("synthesis", "slow")  # the answer comes when released
+    cut = model_call(rt.settings.pe, "decomposition", "claude-opus-4-6", "anthropic", Usage(input_tokens=1850),
+                     CUT_BY_STOP)
+    async with replicas(rt) as (a, _):
+        msg = await delivered(rt, names.results(eid), last.to_bytes(), names.results_stream)
+        writing = asyncio.create_task(a.on_result(last, msg))
+        await until(lambda: len(fake_anthropic.of("synthesis")) == 1, 10, "the model to be asked for the answer")
+        await rt.record_call(eid, cut)
+        fake_anthropic.release.set()
+        await writing
+
+    stored = await rt.executions.get(eid)
+    assert stored is not None
+    done = stored[0]
+    assert done.status == "completed" and len(fake_anthropic.of("synthesis")) == 1
+    assert [c.error for c in done.calls] == [None, CUT_BY_STOP, None]  # the plan's, the cut one, the answer's
+    assert done.final_response is not None and done.final_response.startswith(fake_anthropic.synthesis_text)
+    assert cost_line(done) in done.final_response  # the stored version's cost, the recorded call included
+
+
 async def test_two_replicas_finishing_at_once_store_one_answer_and_count_its_cost_once(
     nc: NATS, names: Names, fake_anthropic: FakeAnthropic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

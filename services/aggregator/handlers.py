@@ -17,7 +17,7 @@ from nats.js.api import PubAck
 from nats.js.errors import NotFoundError
 
 from services.aggregator.aggregate import aggregate
-from services.aggregator.synthesis import write_answer
+from services.aggregator.synthesis import Render, compose_answer
 from shared import metrics
 from shared.bus import emit, publish
 from shared.consumer import keep_alive, persist, redelivered
@@ -100,13 +100,15 @@ class _Answer:
 
     status: str
     aggregated: AggregatedResult
-    text: str
+    render: Render  # the answer as written for the version it is stored with: its cost line is that version's
     call: ModelCall | None
+    suffix: str = ""
 
     def apply(self, ex: Execution) -> None:
-        ex.status, ex.aggregated, ex.final_response = self.status, self.aggregated, self.text  # type: ignore[assignment]
+        ex.status, ex.aggregated = self.status, self.aggregated  # type: ignore[assignment]
         if self.call is not None:
             ex.calls.append(self.call)  # in the same compare-and-set write as the answer: counted once
+        ex.final_response = self.render(ex) + self.suffix
         ex.finished_at = ex.updated_at = now()
 
 
@@ -240,8 +242,10 @@ class AggregatorHandlers:
         then its events, the tasks it released, and the final event."""
         events: list[LifecycleEvent] = []
         # The answer, with what it was computed from: reused by a retry after a lost compare-and-set only if the
-        # version read then adds up to the same (task statuses and attempts, cost), else computed again.
-        answer: list[tuple[tuple[TaskMarks, float], _Answer]] = []
+        # version read then has the same task statuses and attempts, else computed again. A change to the cost
+        # alone (a late report's, a call another replica cut off and recorded) is only the cost line's, which is
+        # written for the version stored.
+        answer: list[tuple[TaskMarks, _Answer]] = []
         concluded = False
         ended_before = False
         ended_elsewhere = False  # the write stores calls of answers to a version another replica had ended
@@ -269,7 +273,7 @@ class AggregatorHandlers:
             nonlocal concluded, ended_elsewhere, writing, latest
             latest = ex
             concluded = all_tasks_terminal(ex) and not ex.terminal  # re-run on every retry: the last run tells
-            basis = (marks(ex), ex.cost.total_usd)
+            basis = marks(ex)
             reuse = concluded and bool(answer) and answer[-1][0] == basis
             # Answers to versions that lost their write (all of them when another replica ended the execution
             # first: its answer and its call stand): their calls were made all the same, so they are recorded
@@ -489,11 +493,10 @@ class AggregatorHandlers:
         # A long model call does not get the messages waiting on it redelivered (the template makes no call).
         alive = keep_alive(msgs, self.rt.pe.ack_wait_s / 3) if self.provider.writes else contextlib.nullcontext()
         async with alive:
-            text, call = await write_answer(snapshot, agg, status, self.rt.pe, self.provider,
-                                            lambda cut: self.rt.record_call(snapshot.execution_id, cut))
-        if status == "cancelled" and snapshot.error:
-            text = f"{text}\n\n(Cancelled: {snapshot.error}.)"
-        return _Answer(status, agg, text, call)
+            render, call = await compose_answer(snapshot, agg, status, self.rt.pe, self.provider,
+                                                lambda cut: self.rt.record_call(snapshot.execution_id, cut))
+        suffix = f"\n\n(Cancelled: {snapshot.error}.)" if status == "cancelled" and snapshot.error else ""
+        return _Answer(status, agg, render, call, suffix)
 
     async def _announce(self, ex: Execution, document: bytes | None) -> None:
         """Conflict events, the synthesis call's cost event, then the final event (acknowledged: it is what

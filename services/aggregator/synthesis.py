@@ -150,27 +150,40 @@ def cost_line(ex: Execution) -> str:
     return f"Cost: {_dollars(total)} — {'; '.join(parts)}."
 
 
-async def write_answer(
+Render = Callable[[Execution], str]
+
+
+async def compose_answer(
     ex: Execution, agg: AggregatedResult, status: str, pe: ParallelExecutionConfig, provider: ModelProvider,
     on_cut: Callable[[ModelCall], Awaitable[None]] | None = None,
-) -> tuple[str, ModelCall | None]:
-    """The final answer and the synthesis call behind it (None when the provider made no call). A synthesis call
-    cut off by a stop goes to ``on_cut`` (see ``guarded_call``)."""
+) -> tuple[Render, ModelCall | None]:
+    """The final answer, as written for the version it is stored with (``render``: that version holds the call,
+    and the cost line is its own), and the synthesis call behind it (None when the provider made no call). A
+    synthesis call cut off by a stop goes to ``on_cut`` (see ``guarded_call``)."""
     pm = pe.pm_coordinator
     if alone(ex) and ex.tasks[0].output is not None:  # the specialist answered alone: its answer, not a summary of it
-        return specialist_answer(ex, agg), None
+        return lambda version: specialist_answer(version, agg), None
     # The template writes it, at no cost: with a provider that does not write, and when no agent produced
     # anything (cancelled or failed before any task completed), where a paid answer would have nothing to say.
     if not provider.writes or not any(t.output is not None for t in ex.tasks):
-        return synthesize(ex, agg, status, pm), None
+        return lambda version: synthesize(version, agg, status, pm), None
     model, ctx = pm.synthesis_model, {"execution_id": ex.execution_id}
     reply, call = await guarded_call(
         pe, "synthesis", model, provider.name,
         lambda meter: provider.synthesize(format_prompt(ex, agg, status, pm), model, meter), ctx, on_cut)
     if reply is not None:
-        call = model_call(pe, "synthesis", reply.model, reply.provider, reply.usage)
-        with_call = ex.model_copy(update={"calls": [*ex.calls, call]})
-        return "\n\n".join([reply.text, "\n".join(money_lines(with_call)), pm.signature]), call
+        text = reply.text
+        return (lambda version: "\n\n".join([text, "\n".join(money_lines(version)), pm.signature]),
+                model_call(pe, "synthesis", reply.model, reply.provider, reply.usage))
     assert call is not None  # no reply comes with the failed call
     log.warning("synthesis call failed (%s); using the template", call.error, extra=ctx)
-    return synthesize(ex.model_copy(update={"calls": [*ex.calls, call]}), agg, status, pm), call
+    return lambda version: synthesize(version, agg, status, pm), call
+
+
+async def write_answer(
+    ex: Execution, agg: AggregatedResult, status: str, pe: ParallelExecutionConfig, provider: ModelProvider,
+    on_cut: Callable[[ModelCall], Awaitable[None]] | None = None,
+) -> tuple[str, ModelCall | None]:
+    """``compose_answer``'s answer as written for ``ex`` with the call added."""
+    render, call = await compose_answer(ex, agg, status, pe, provider, on_cut)
+    return render(ex.model_copy(update={"calls": [*ex.calls, call]}) if call is not None else ex), call
