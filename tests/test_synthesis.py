@@ -298,6 +298,41 @@ async def test_a_call_recorded_while_the_answer_is_written_changes_its_cost_line
     assert cost_line(done) in done.final_response  # the stored version's cost, the recorded call included
 
 
+async def test_an_answer_is_written_again_when_another_run_of_a_task_completed_it_meanwhile(
+    nc: NATS, names: Names, fake_anthropic: FakeAnthropic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The audit's message came twice (runs 4 and 9). Run 9's report ends the execution here, and its answer is being
+    # written when another write stores run 4's completion. The tasks' statuses and attempts are the same, but the
+    # output the answer sums up is run 4's now: the answer is written again from it, not kept.
+    rt = await anthropic_runtime(nc, names, tmp_path, fake_anthropic, monkeypatch)
+    eid = "tworuns"
+    ex = execution(rt.settings.pe, eid, last_done=False)
+    audit = ex.task("audit")
+    assert audit is not None
+    audit.attempts[0].run = 4
+    assert apply_result(ex, result(eid, "audit", "security", "started").model_copy(update={"run": 9}))
+    await rt.executions.create(ex)
+    mine = result(eid, "audit", "security").model_copy(update={"run": 9, "output": TaskOutput(summary="run 9 says")})
+    other = result(eid, "audit", "security").model_copy(update={"run": 4, "output": TaskOutput(summary="run 4 says")})
+    fake_anthropic.next("synthesis", "slow")
+    async with replicas(rt) as (a, _):
+        msg = await delivered(rt, names.results(eid), mine.to_bytes(), names.results_stream)
+        writing = asyncio.create_task(a.on_result(mine, msg))
+        await until(lambda: len(fake_anthropic.of("synthesis")) == 1, 10, "the model to be asked for the answer")
+        await rt.executions.mutate(eid, lambda e: apply_result(e, other))  # the other replica's write
+        fake_anthropic.release.set()
+        await writing
+
+    stored = await rt.executions.get(eid)
+    assert stored is not None
+    done = stored[0]
+    first, second = (body["messages"][0]["content"] for body in fake_anthropic.of("synthesis"))
+    assert "run 9 says" in first and "run 4 says" in second
+    assert done.task("audit").output.summary == "run 4 says"  # type: ignore[union-attr]
+    assert done.aggregated == aggregate(done, rt.settings.pe.result_aggregation.conflict_resolution)
+    assert [c.error for c in done.calls if c.phase == "synthesis"] == [SUPERSEDED, None]  # both paid, both counted
+
+
 async def test_two_replicas_finishing_at_once_store_one_answer_and_count_its_cost_once(
     nc: NATS, names: Names, fake_anthropic: FakeAnthropic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

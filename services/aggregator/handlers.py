@@ -242,10 +242,10 @@ class AggregatorHandlers:
         then its events, the tasks it released, and the final event."""
         events: list[LifecycleEvent] = []
         # The answer, with what it was computed from: reused by a retry after a lost compare-and-set only if the
-        # version read then has the same task statuses and attempts, else computed again. A change to the cost
-        # alone (a late report's, a call another replica cut off and recorded) is only the cost line's, which is
-        # written for the version stored.
-        answer: list[tuple[TaskMarks, _Answer]] = []
+        # version read then has the same task statuses and attempts, and the same attempts completed the tasks
+        # (their outputs are what it sums up), else computed again. A change to the cost alone (a late report's, a
+        # call another replica cut off and recorded) is only the cost line's, written for the version stored.
+        answer: list[tuple[tuple[TaskMarks, dict[str, tuple[int | None, int]]], _Answer]] = []
         concluded = False
         ended_before = False
         ended_elsewhere = False  # the write stores calls of answers to a version another replica had ended
@@ -273,7 +273,7 @@ class AggregatorHandlers:
             nonlocal concluded, ended_elsewhere, writing, latest
             latest = ex
             concluded = all_tasks_terminal(ex) and not ex.terminal  # re-run on every retry: the last run tells
-            basis = marks(ex)
+            basis = (marks(ex), {t.id: (a.run, a.n) for t in ex.tasks for a in t.attempts if a.outcome == "completed"})
             reuse = concluded and bool(answer) and answer[-1][0] == basis
             # Answers to versions that lost their write (all of them when another replica ended the execution
             # first: its answer and its call stand): their calls were made all the same, so they are recorded
