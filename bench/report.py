@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -391,12 +392,8 @@ def models_line(docs: list[Doc]) -> str:
             used.setdefault(c["phase"], set()).add(c["model"])
         for t in d["tasks"]:
             used.setdefault("tasks", set()).update(a["model"] for a in t["attempts"] if a.get("model"))
-    planners: dict[str, int] = {}
-    for d in docs:
-        planners[str(d.get("planner"))] = planners.get(str(d.get("planner")), 0) + 1
-    ended: dict[str, int] = {}
-    for d in docs:
-        ended[d["status"]] = ended.get(d["status"], 0) + 1
+    planners = Counter(str(d.get("planner")) for d in docs)
+    ended = Counter(d["status"] for d in docs)
     phases = "; ".join(f"{phase} {', '.join(sorted(used[phase]))}" for phase in
                        ("decomposition", "tasks", "synthesis") if phase in used)
     return (f"Models: {phases or 'none'}. Planned by: "

@@ -51,7 +51,9 @@ class Options:
     charts: bool = True
     command: str = ""
     provider: str = "simulated"
-    config: Path | None = None  # the cost part's config file (its parallel_execution section)
+    # The cost part's stack config (a --config file's parallel_execution section, or the defaults) and how long a
+    # request waits for its execution: made and checked once, by options_from.
+    cost_stack: tuple[dict[str, Any], float] | None = None
 
 
 @dataclass
@@ -115,7 +117,7 @@ async def measure_all(opts: Options) -> Results:
                 res.throughput, res.throughput_rates = runs[len(runs) // 2], [t.per_s for t in runs]
                 res.throughput.errors = sum(t.errors for t in runs)
     if "cost" in opts.parts:  # the PM's model plans each request; the aggregator's writes each answer
-        section, wait_s = model_section(opts.config)
+        section, wait_s = opts.cost_stack or model_section(None)
         async with running_stack(section) as stack:
             for scenario in _scenarios(opts.scenarios):
                 log.info("cost: %s × %d runs, planned by the model", scenario.name, opts.runs)
@@ -214,9 +216,8 @@ def options_from(args: Any) -> Options:
         raise ValueError("--readme is for the simulated run: the README quotes its table, not a paid run's")
     if args.config and not anthropic:
         raise ValueError("--config is for --provider anthropic: the simulated parts run with their own configs")
-    config = Path(args.config) if args.config else None
-    if config:
-        model_section(config)  # a bad file is told now, not by a stack that does not start
+    # A bad file is told now, not by a stack that does not start.
+    cost_stack = model_section(Path(args.config) if args.config else None) if anthropic else None
     if not args.no_charts and importlib.util.find_spec("matplotlib") is None:  # found out now, not after the run
         raise ValueError("the charts need matplotlib, from the bench extra: `make bench`, or "
                          "`pip install -e '.[bench]'`; or pass --no-charts")
@@ -228,7 +229,7 @@ def options_from(args: Any) -> Options:
         out=Path(args.out) if args.out else Options.out / "anthropic" if anthropic else Options.out,
         readme=Path(args.readme) if args.readme else None, charts=not args.no_charts,
         command="openclaw bench" + "".join(f" {shlex.quote(a)}" for a in sys.argv[2:]), provider=args.provider,
-        config=config,
+        cost_stack=cost_stack,
     )
 
 

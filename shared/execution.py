@@ -306,14 +306,7 @@ EVENT_KIND = {"queued": "released", "running": "started", "retrying": "retrying"
 
 def marks(ex: Execution) -> TaskMarks:
     """Each task's status and latest attempt of each run: what lifecycle events are derived from."""
-    return {t.id: (t.status, _latest_n(t)) for t in ex.tasks}
-
-
-def _latest_n(task: TaskState) -> dict[int | None, int]:
-    latest: dict[int | None, int] = {}
-    for a in task.attempts:
-        latest[a.run] = max(latest.get(a.run, 0), a.n)
-    return latest
+    return {t.id: (t.status, {a.run: a.n for a in _latest(t)}) for t in ex.tasks}
 
 
 def _latest(task: TaskState) -> list[Attempt]:

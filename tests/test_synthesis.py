@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -268,6 +268,24 @@ async def test_an_answer_cut_off_by_a_stop_is_paid_and_recorded_and_the_redelive
     await stream_holds(rt.jetstream, names.events_stream, names.cost_event("stop"), {names.cost_event("stop"): 2})
 
 
+async def answered_while(rt: Runtime, fake: FakeAnthropic, last: TaskCompleted,
+                         meanwhile: Callable[[], Awaitable[object]]) -> Execution:
+    """``last`` reaches an aggregator replica, whose model is asked for the answer and holds it until ``meanwhile``
+    (another write) has run; the execution as stored then."""
+    eid, names = last.execution_id, rt.names
+    fake.next("synthesis", "slow")  # the answer comes when released
+    async with replicas(rt) as (a, _):
+        msg = await delivered(rt, names.results(eid), last.to_bytes(), names.results_stream)
+        writing = asyncio.create_task(a.on_result(last, msg))
+        await until(lambda: len(fake.of("synthesis")) == 1, 10, "the model to be asked for the answer")
+        await meanwhile()
+        fake.release.set()
+        await writing
+    stored = await rt.executions.get(eid)
+    assert stored is not None
+    return stored[0]
+
+
 async def test_a_call_recorded_while_the_answer_is_written_changes_its_cost_line_not_its_text(
     nc: NATS, names: Names, fake_anthropic: FakeAnthropic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -278,20 +296,9 @@ async def test_a_call_recorded_while_the_answer_is_written_changes_its_cost_line
     eid = "costonly"
     await rt.executions.create(execution(rt.settings.pe, eid, last_done=False))
     last = result(eid, "audit", "security")
-    fake_anthropic.next("synthesis", "slow")  # the answer comes when released
     cut = model_call(rt.settings.pe, "decomposition", "claude-opus-4-6", "anthropic", Usage(input_tokens=1850),
                      CUT_BY_STOP)
-    async with replicas(rt) as (a, _):
-        msg = await delivered(rt, names.results(eid), last.to_bytes(), names.results_stream)
-        writing = asyncio.create_task(a.on_result(last, msg))
-        await until(lambda: len(fake_anthropic.of("synthesis")) == 1, 10, "the model to be asked for the answer")
-        await rt.record_call(eid, cut)
-        fake_anthropic.release.set()
-        await writing
-
-    stored = await rt.executions.get(eid)
-    assert stored is not None
-    done = stored[0]
+    done = await answered_while(rt, fake_anthropic, last, lambda: rt.record_call(eid, cut))
     assert done.status == "completed" and len(fake_anthropic.of("synthesis")) == 1
     assert [c.error for c in done.calls] == [None, CUT_BY_STOP, None]  # the plan's, the cut one, the answer's
     assert done.final_response is not None and done.final_response.startswith(fake_anthropic.synthesis_text)
@@ -314,18 +321,8 @@ async def test_an_answer_is_written_again_when_another_run_of_a_task_completed_i
     await rt.executions.create(ex)
     mine = result(eid, "audit", "security").model_copy(update={"run": 9, "output": TaskOutput(summary="run 9 says")})
     other = result(eid, "audit", "security").model_copy(update={"run": 4, "output": TaskOutput(summary="run 4 says")})
-    fake_anthropic.next("synthesis", "slow")
-    async with replicas(rt) as (a, _):
-        msg = await delivered(rt, names.results(eid), mine.to_bytes(), names.results_stream)
-        writing = asyncio.create_task(a.on_result(mine, msg))
-        await until(lambda: len(fake_anthropic.of("synthesis")) == 1, 10, "the model to be asked for the answer")
-        await rt.executions.mutate(eid, lambda e: apply_result(e, other))  # the other replica's write
-        fake_anthropic.release.set()
-        await writing
-
-    stored = await rt.executions.get(eid)
-    assert stored is not None
-    done = stored[0]
+    done = await answered_while(rt, fake_anthropic, mine,
+                                lambda: rt.executions.mutate(eid, lambda e: apply_result(e, other)))
     first, second = (body["messages"][0]["content"] for body in fake_anthropic.of("synthesis"))
     assert "run 9 says" in first and "run 4 says" in second
     assert done.task("audit").output.summary == "run 4 says"  # type: ignore[union-attr]
