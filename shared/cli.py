@@ -13,7 +13,6 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from shared import natsauth
 from shared.errors import ConfigError
 from shared.ops import HTTP_GRACE_S
 from shared.runner import SERVICES, Stack, StackOptions, parse_replicas
+from shared.schemas import Execution
 from shared.settings import LOG_LEVELS, NATS_SCHEMES, SCHEME_RULE, load_settings
 
 EXAMPLE = (
@@ -178,15 +178,23 @@ async def _status(args: argparse.Namespace) -> int:
         raise RuntimeError(f"gateway answered {r.status_code}: {_message(r)}")
     doc = r.json()
     print(f"execution {doc['execution_id']}: {doc['status']} (planner {doc.get('planner')})")
-    created = datetime.fromisoformat(doc["created_at"])
-    for t in doc["tasks"]:
-        last = t["attempts"][-1] if t["attempts"] else {}
-        when = last.get("finished_at") or last.get("started_at")  # the task's last news, or its creation
-        at_s = (datetime.fromisoformat(when) - created).total_seconds() if when else 0.0
-        print(_line(at_s, t["pool"], t["id"], t["status"], last.get("n"), t["cost_usd"], t.get("error")))
+    for line in task_lines(Execution.model_validate(doc)):
+        print(line)
     if doc["status"] in TERMINAL:
         print_final(doc)
     return 0
+
+
+def task_lines(ex: Execution) -> list[str]:
+    """A line per task: the attempt its fields describe (the one that completed it, not a later delivery it
+    superseded), and when that attempt last had news."""
+    lines = []
+    for t in ex.tasks:
+        shown = t.shown()
+        when = (shown.finished_at or shown.started_at) if shown else None
+        at_s = (when - ex.created_at).total_seconds() if when else 0.0
+        lines.append(_line(at_s, t.pool, t.id, t.status, shown.n if shown else None, t.cost_usd, t.error))
+    return lines
 
 
 async def _bench(args: argparse.Namespace) -> int:

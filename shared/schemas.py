@@ -414,7 +414,7 @@ class TaskState(BaseModel):
     def started_at(self) -> datetime | None:
         return self.attempts[0].started_at if self.attempts else None
 
-    def _shown(self) -> Attempt | None:
+    def shown(self) -> Attempt | None:
         """The attempt the task's own fields describe: the one that completed it (not a later delivery it
         superseded, nor another run's), else the latest."""
         latest = self.attempts[-1] if self.attempts else None
@@ -423,19 +423,19 @@ class TaskState(BaseModel):
     @computed_field  # type: ignore[prop-decorator]
     @property
     def finished_at(self) -> datetime | None:
-        shown = self._shown()
+        shown = self.shown()
         return shown.finished_at if shown is not None and self.status in TERMINAL_TASK else None
 
     @computed_field  # type: ignore[prop-decorator]
     @property
     def worker(self) -> str | None:
-        shown = self._shown()
+        shown = self.shown()
         return shown.worker if shown is not None else None
 
     @computed_field  # type: ignore[prop-decorator]
     @property
     def model(self) -> str | None:
-        shown = self._shown()
+        shown = self.shown()
         return shown.model if shown is not None else None
 
     @computed_field  # type: ignore[prop-decorator]

@@ -10,6 +10,7 @@ from nats.aio.client import Client as NATS
 
 from services.aggregator.handlers import AggregatorHandlers
 from shared import metrics
+from shared.cli import task_lines
 from shared.costs import attempt_event
 from shared.execution import (
     LOST_UNANNOUNCED,
@@ -138,6 +139,9 @@ def test_an_earlier_attempt_that_completes_after_a_redelivery_started_leaves_not
     assert [(a.n, a.outcome, a.cost_usd) for a in api.attempts] == [(1, "completed", 0.7), (2, "lost", 0.5)]
     assert api.attempts[1].error is not None and api.attempts[1].error.startswith("superseded: attempt 1")
     assert ex.cost.total_usd == 1.2
+    # `openclaw status` shows the attempt that completed it, and the task's whole cost.
+    assert [" ".join(line.split()[-5:]) for line in task_lines(ex) if " api " in line] == [
+        "api completed attempt 1 $1.2000"]
 
 
 def test_the_attempts_of_a_second_message_for_a_task_are_its_own_and_each_is_paid_for() -> None:

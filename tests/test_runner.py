@@ -234,6 +234,7 @@ def test_run_and_status_against_a_running_gateway(nats_url: str, tmp_path: Path)
         s = subprocess.run([sys.executable, "-m", "shared.cli", "status", eid, "--url", stack.url], cwd=ROOT,
                            capture_output=True, text=True, timeout=60)
         assert s.returncode == 0 and f"execution {eid}: completed" in s.stdout
+        assert any("[database]" in line and "completed attempt 1" in line for line in s.stdout.splitlines())
         missing = subprocess.run([sys.executable, "-m", "shared.cli", "status", "nope", "--url", stack.url],
                                  cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert missing.returncode == 1 and "no execution with id 'nope'" in missing.stderr
