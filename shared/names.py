@@ -144,8 +144,10 @@ class Names:
     def dlq_all(self) -> str:
         return self._subject("dlq.>")
 
-    def dlq(self, stream: str, consumer: str) -> str:
-        return self._subject(f"dlq.{stream}.{consumer}")
+    def dlq(self, stream: str, consumer: str, stream_seq: int | str) -> str:
+        """A dead letter's subject: one per message given up on, so its letter is found by the message's sequence
+        (``"*"``: every letter of the consumer)."""
+        return self._subject(f"dlq.{stream}.{consumer}.{stream_seq}")
 
     @property
     def durables(self) -> tuple[tuple[str, str], ...]:

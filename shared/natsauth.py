@@ -83,6 +83,13 @@ def _durable(stream: str, durable: str, subject: str | None) -> list[str]:
             f"$JS.ACK.{stream}.{durable}.>"]
 
 
+def _dead_letters(n: Names, stream: str, consumer: str) -> list[str]:
+    """Where a consumer puts the messages it refuses: a subject per message; and, so that an image rolled back
+    to the version before still may, the consumer's one subject of that version."""
+    every = n.dlq(stream, consumer, "*")
+    return [every, every.removesuffix(".*")]
+
+
 def permissions(names: Names | None = None) -> dict[str, tuple[list[str], list[str]]]:
     """Each user's (publish, subscribe) allow-lists."""
     n = names or Names("")
@@ -101,7 +108,7 @@ def permissions(names: Names | None = None) -> dict[str, tuple[list[str], list[s
 
     pub: dict[str, list[str]] = {
         "pm": [*_durable(n.executions_stream, n.pm_consumer, n.execution_requested), *kv_read, *kv_write,
-               *tasks, events, n.dlq(n.executions_stream, n.pm_consumer)],
+               *tasks, events, *_dead_letters(n, n.executions_stream, n.pm_consumer)],
         "aggregator": [
             *_durable(n.results_stream, n.aggregator_consumer, n.results_all),
             *_durable(n.executions_stream, n.deadlines_consumer, n.execution_deadline),
@@ -121,7 +128,7 @@ def permissions(names: Names | None = None) -> dict[str, tuple[list[str], list[s
         # A pool follows the executions' endings and reads the execution state (to skip or abandon work of an
         # ended execution) but never writes it.
         pub[p] = [*_durable(n.tasks_stream, n.pool_consumer(p), n.tasks(p)), *kv_read, *follow, n.results("*"),
-                  n.cost_event("*"), n.dlq(n.tasks_stream, n.pool_consumer(p))]
+                  n.cost_event("*"), *_dead_letters(n, n.tasks_stream, n.pool_consumer(p))]
     sub = {u: [f"_INBOX_{u}.>"] for u in USERS}
     sub["gateway"].append(n.document("*"))  # each stored version of a document it waits on, as republished
     return {u: (base(u) + pub[u], sub[u]) for u in USERS}

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import (
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -204,8 +205,8 @@ class ExecutionRequested(Wire):
     tasks: list[TaskSpec] | None = None
     mode: ExecutionMode = "parallel"
     tenant: str = "local"
-    requested_at: datetime = Field(default_factory=now)
-    deadline_at: datetime
+    requested_at: AwareDatetime = Field(default_factory=now)
+    deadline_at: AwareDatetime
     request_hash: str | None = Field(default=None, description="what makes a repeat of it the same request")
     routing: dict[str, Any] | None = Field(default=None, description="the chat router's decision, if it came that way")
     revision: int | None = Field(default=None, description="KV revision of the execution document stored for it "
@@ -219,7 +220,7 @@ class RunTask(Wire):
     kind: Literal["task.run"] = "task.run"
     execution_id: str
     task: TaskSpec
-    deadline_at: datetime
+    deadline_at: AwareDatetime
 
 
 class Usage(BaseModel):
@@ -296,7 +297,7 @@ class _TaskResult(Wire):
     pool: Pool
     attempt: int = Field(ge=1)
     worker: str
-    started_at: datetime
+    started_at: AwareDatetime
     upstream: list[str] = Field(default_factory=list, description="dependencies whose outputs this attempt got")
     run: int | None = Field(default=None, description=RUN)
 
@@ -314,7 +315,7 @@ class TaskStarted(_TaskResult):
 
 class TaskCompleted(_TaskResult):
     kind: Literal["task.completed"] = "task.completed"
-    finished_at: datetime
+    finished_at: AwareDatetime
     model: str
     provider: str
     usage: Usage = Field(default_factory=Usage)
@@ -324,7 +325,7 @@ class TaskCompleted(_TaskResult):
 
 class TaskFailed(_TaskResult):
     kind: Literal["task.failed"] = "task.failed"
-    finished_at: datetime
+    finished_at: AwareDatetime
     error: str
     error_kind: ErrorKind = "server"
     final: bool = Field(description="no attempt follows: the task has failed")
@@ -352,7 +353,7 @@ class DeadLetter(Wire):
     reason: str
     advisory: str | None = Field(default=None, description="the JetStream advisory that reported it, if any")
     payload: str = Field(description="the original payload, decoded as UTF-8 with replacement")
-    dead_lettered_at: datetime = Field(default_factory=now)
+    dead_lettered_at: AwareDatetime = Field(default_factory=now)
 
 
 # ---------------------------------------------------------------- execution state (KV) and final event
@@ -362,8 +363,8 @@ class Attempt(BaseModel):
     n: int
     run: int | None = Field(default=None, description=RUN)
     worker: str
-    started_at: datetime
-    finished_at: datetime | None = None
+    started_at: AwareDatetime
+    finished_at: AwareDatetime | None = None
     outcome: Literal["running", "completed", "failed", "lost"] = "running"
     error: str | None = None
     error_kind: str | None = None
@@ -532,10 +533,10 @@ class Execution(BaseModel):
     session_key: str | None = None
     routing: dict[str, Any] | None = Field(default=None, description="the /api/chat routing decision")
     planner: Literal["client", "llm", "rules", "serial"] | None = None
-    created_at: datetime
-    updated_at: datetime
-    deadline_at: datetime
-    finished_at: datetime | None = None
+    created_at: AwareDatetime
+    updated_at: AwareDatetime
+    deadline_at: AwareDatetime
+    finished_at: AwareDatetime | None = None
     tasks: list[TaskState] = Field(default_factory=list)
     calls: list[ModelCall] = Field(default_factory=list)
     error: str | None = None
@@ -580,7 +581,7 @@ class CancelExecution(Wire):
     kind: Literal["execution.cancel"] = "execution.cancel"
     execution_id: str
     reason: str = "cancelled by the client"
-    requested_at: datetime = Field(default_factory=now)
+    requested_at: AwareDatetime = Field(default_factory=now)
 
 
 class LifecycleEvent(Wire):
@@ -588,7 +589,7 @@ class LifecycleEvent(Wire):
 
     kind: str = Field(description="started, retrying, task_completed, task_failed, skipped, released, conflict")
     execution_id: str
-    at: datetime = Field(default_factory=now)
+    at: AwareDatetime = Field(default_factory=now)
     task_id: str | None = None
     pool: str | None = None
     status: str | None = None
@@ -609,7 +610,7 @@ class ExecutionDeadline(Wire):
 
     kind: Literal["execution.deadline"] = "execution.deadline"
     execution_id: str
-    deadline_at: datetime
+    deadline_at: AwareDatetime
 
 
 class ConsumerAdvisory(BaseModel):
@@ -676,7 +677,7 @@ class CostIncurred(Wire):
     provider: str
     usage: Usage = Field(default_factory=Usage)
     cost_usd: float
-    incurred_at: datetime = Field(default_factory=now)
+    incurred_at: AwareDatetime = Field(default_factory=now)
 
     def msg_id(self) -> str:
         # The phase's n-th call is "#n": no task id has a "#", so a task named "synthesis" has ids of its own.

@@ -198,7 +198,7 @@ async def test_garbage_on_a_task_subject_is_dead_lettered_and_the_pool_keeps_ser
     await nc.connect(stack.state()["nats_url"])  # type: ignore[arg-type]
     js = nc.jetstream()
     try:
-        dlq = await js.subscribe(names.dlq(names.tasks_stream, "codegen"), deliver_policy=DeliverPolicy.ALL,
+        dlq = await js.subscribe(names.dlq(names.tasks_stream, "codegen", "*"), deliver_policy=DeliverPolicy.ALL,
                                  ordered_consumer=True)
         ack = await js.publish(names.tasks("codegen"), b"\x00\xffnot a task")
         await js.publish(names.tasks("codegen"), b'{"kind": "task.run", "execution_id": "x"}')
@@ -251,35 +251,44 @@ async def sent_until_ended(stack: Stack, eids: list[str],
         return {eid: (await http.get(f"/api/execution/{eid}")).json() for eid in eids}
 
 
-async def test_an_invalid_task_or_request_naming_its_execution_ends_it_at_once_not_at_its_deadline(
+async def test_invalid_tasks_or_a_request_naming_their_execution_end_it_at_once_not_at_its_deadline(
     stack: Stack,
 ) -> None:
     # Refused by its consumer as invalid, the message was dead-lettered, and its execution waited for its deadline
-    # (30 minutes by default) to end with "execution deadline exceeded".
+    # (30 minutes by default) to end with "execution deadline exceeded". Several refused back to back: each
+    # execution's letter is found by its message's sequence (the last letter of the pool named only one of them).
+    # A deadline without a timezone validated, then failed the pool's arithmetic on every delivery.
     names = stack.names
-    planned, unplanned = f"badtask-{uuid.uuid4().hex[:8]}", f"badreq-{uuid.uuid4().hex[:8]}"
+    planned = {f"badtask{i}-{uuid.uuid4().hex[:8]}": deadline for i, deadline in enumerate(
+        [None, None, (now() + timedelta(hours=1)).replace(tzinfo=None).isoformat()])}
+    unplanned = f"badreq-{uuid.uuid4().hex[:8]}"
 
     async def send(js: JetStreamContext) -> None:
         bucket = await js.key_value(names.kv_bucket)
-        for eid in (planned, unplanned):
+        for eid in (*planned, unplanned):
             ex = new_execution(ExecutionRequested(execution_id=eid, message="m",
                                                   deadline_at=now() + timedelta(hours=1)))
-            if eid == planned:  # stored as planned, its task queued; only the invalid message for it is sent
+            if eid in planned:  # stored as planned, its task queued; only the invalid message for it is sent
                 apply_plan(ex, [TaskSpec(id="api", pool="codegen", description="x")], "client")
             await bucket.create(eid, ex.model_dump_json().encode())
-        await js.publish(names.tasks("codegen"), json.dumps(  # no deadline_at
-            {"kind": "task.run", "execution_id": planned, "task": {"id": "api", "pool": "codegen",
-                                                                    "description": "x"}}).encode())
+        for eid, deadline in planned.items():  # no deadline_at, or one without a timezone
+            task = {"kind": "task.run", "execution_id": eid,
+                    "task": {"id": "api", "pool": "codegen", "description": "x"}}
+            if deadline:
+                task["deadline_at"] = deadline
+            await js.publish(names.tasks("codegen"), json.dumps(task).encode())
         await js.publish(names.execution_requested, json.dumps(  # a message that is not text
             {"kind": "execution.requested", "execution_id": unplanned, "message": 42,
              "deadline_at": now().isoformat()}).encode())
 
-    docs = await sent_until_ended(stack, [planned, unplanned], send)
-    task_doc, request_doc = docs[planned], docs[unplanned]
-    [api] = task_doc["tasks"]
-    assert task_doc["status"] == "failed" and api["status"] == "failed" and task_doc["final_response"]
-    assert api["error"].startswith("dead-lettered: consumer codegen terminated it: payload does not validate: "
-                                   "deadline_at: Field required"), api["error"]
+    docs = await sent_until_ended(stack, [*planned, unplanned], send)
+    for eid, deadline in planned.items():
+        [api] = docs[eid]["tasks"]
+        assert docs[eid]["status"] == "failed" and api["status"] == "failed" and docs[eid]["final_response"]
+        assert api["error"].startswith("dead-lettered: consumer codegen terminated it: payload does not validate: "
+                                       "deadline_at: "), api["error"]
+        assert ("Input should have timezone info" if deadline else "Field required") in api["error"], api["error"]
+    request_doc = docs[unplanned]
     assert request_doc["status"] == "failed"
     assert request_doc["error"].startswith("could not be planned: consumer pm terminated it: payload does not "
                                            "validate: message: Input should be a valid string"), request_doc["error"]

@@ -340,7 +340,7 @@ async def test_a_dead_letter_that_cannot_be_stored_is_tried_again_soon_not_after
         await until(lambda: (REGISTRY.get_sample_value("openclaw_messages_total", failed) or 0.0) > before, 10,
                     "the dead letter's publish to fail")
         await ensure_streams(js, names)  # the DLQ is back
-        letters = await js.subscribe(names.dlq(names.results_stream, "poison"), stream=names.dlq_stream)
+        letters = await js.subscribe(names.dlq(names.results_stream, "poison", "*"), stream=names.dlq_stream)
         letter = DeadLetter.model_validate_json((await letters.next_msg(timeout=10)).data)  # ack_wait is 60 s
         assert (letter.payload, letter.deliveries) == ("garbage", 2)
         assert letter.reason.startswith("payload does not validate: not a message")

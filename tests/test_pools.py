@@ -325,7 +325,7 @@ async def test_a_task_whose_worker_always_dies_is_dead_lettered_and_the_executio
     nc = await nats.connect(str(stack.state()["nats_url"]))
     js = nc.jetstream()
     names = stack.names
-    sub = await js.subscribe(names.dlq(names.tasks_stream, "security"), deliver_policy=DeliverPolicy.ALL,
+    sub = await js.subscribe(names.dlq(names.tasks_stream, "security", "*"), deliver_policy=DeliverPolicy.ALL,
                              ordered_consumer=True)
     letter = DeadLetter.model_validate_json((await sub.next_msg(timeout=10)).data)
     assert letter.advisory == "io.nats.jetstream.advisory.v1.max_deliver" and letter.deliveries == 2

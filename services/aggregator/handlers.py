@@ -425,7 +425,8 @@ class AggregatorHandlers:
         )
         # Same msg-id as the consumer's own copy of a poison message: one dead letter per message, counted once.
         data, _ = fit(letter.to_bytes, [[(letter, "payload")]], self.rt.executions.limit, "a dead letter")
-        ack = await publish(js, names.dlq(adv.stream, adv.consumer), data, f"{adv.stream}:{adv.stream_seq}:dead")
+        ack = await publish(js, names.dlq(adv.stream, adv.consumer, adv.stream_seq), data,
+                            f"{adv.stream}:{adv.stream_seq}:dead")
         if not ack.duplicate:
             metrics.DEAD_LETTERS.labels(adv.stream, adv.consumer).inc()
         data, subject, reason = (original.data or b"") if original else b"", letter.subject, adv.describe()
@@ -444,14 +445,14 @@ class AggregatorHandlers:
         await msg.ack()
 
     async def _kept_letter(self, adv: ConsumerAdvisory) -> DeadLetter | None:
-        """The dead letter the consumer stored before it terminated the message (the last on its subject)."""
+        """The dead letter the consumer stored before it terminated the message (on the message's own subject)."""
         names = self.rt.names
         try:
-            raw = await self.rt.jetstream.get_last_msg(names.dlq_stream, names.dlq(adv.stream, adv.consumer))
-            kept = DeadLetter.model_validate_json(raw.data or b"")
+            raw = await self.rt.jetstream.get_last_msg(names.dlq_stream,
+                                                       names.dlq(adv.stream, adv.consumer, adv.stream_seq))
+            return DeadLetter.model_validate_json(raw.data or b"")
         except (NotFoundError, ValueError):
             return None
-        return kept if kept.stream_seq == adv.stream_seq else None
 
     async def _task_dead(self, adv: ConsumerAdvisory, data: bytes, reason: str) -> None:
         """The task will never report: record its last attempt as failed for good. Read loosely: a message its
