@@ -180,7 +180,8 @@ class Consumer(Generic[M]):
             payload=msg.data.decode("utf-8", errors="replace"),
         )
         data, _ = fit(letter.to_bytes, [[(letter, "payload")]], message_limit(self.nc), "a dead letter")
-        await publish(self.js, self.names.dlq(self.stream, self.durable, seq or 0), data, msg_id=f"{self.stream}:{seq}:dead")
+        await publish(self.js, self.names.dlq(self.stream, self.durable, seq or 0), data,
+                      msg_id=f"{self.stream}:{seq}:dead")
         await msg.term()
         metrics.DEAD_LETTERS.labels(self.stream, self.durable).inc()
         log.warning("dead-lettered %s seq %s: %s", msg.subject, seq, reason, extra={"subject": msg.subject})
