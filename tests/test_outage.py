@@ -136,7 +136,7 @@ async def running(tmp_path: Path, prefix: str, *args: str, env: dict[str, str] |
         async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
             yield Running(server, stack, nc.jetstream(), client)
     finally:
-        await nc.drain()
+        await nc.close()  # in any state (a test may have restarted the server under it)
         code = stop_stack(stack)
         server.stop()
     assert code == 0, stack.output()[-3000:]
@@ -463,3 +463,30 @@ async def test_a_task_longer_than_ack_wait_runs_once_through_a_nats_restart(tmp_
     [attempt] = doc["tasks"][0]["attempts"]
     assert (attempt["outcome"], attempt["n"]) == ("completed", 1)
     assert doc["cost"]["total_usd"] == attempt["cost_usd"] > 0
+
+
+async def test_a_request_taken_before_nats_went_away_is_answered_202_not_503(tmp_path: Path) -> None:
+    # Its wait ran out while NATS was away, and the read for the answer failed: a 503 told the client to send
+    # the request again, and without an Idempotency-Key that ran it twice.
+    body = {"message": "m", "wait": True, "timeout_s": 2,
+            "tasks": [{**PLAN[0], "context": {"simulate": {"latency_s": 60}}}]}
+    async with running(tmp_path, "taken") as run:
+        answer = asyncio.ensure_future(run.client.post("/api/execute-parallel", json=body))
+        bucket = await run.js.key_value(run.stack.names.kv_bucket)
+
+        async def stored() -> str | None:
+            with contextlib.suppress(nats.js.errors.NoKeysError):
+                [key] = await bucket.keys()
+                return key
+            return None
+
+        eid = await until(stored, 30, "the execution stored")
+        await ended(run.client, eid, "running")  # planned, its task under way
+        assert run.server.proc is not None
+        run.server.proc.kill()
+        run.server.proc.wait()
+        r = await answer
+        run.server.start()
+        assert r.status_code == 202, r.text
+        assert r.json()["execution_id"] == eid
+        assert "answering with the version known" in run.stack.output()

@@ -342,9 +342,21 @@ async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_ke
         await sub.unsubscribe()
     if stored is not None:
         return stored
-    current = await rt.executions.get(eid)
-    assert current is not None  # created above, and never deleted
-    return current[0], current[0].terminal
+    current = await _current(rt, ex)
+    return current, current.terminal
+
+
+async def _current(rt: Runtime, known: Execution) -> Execution:
+    """The execution as stored now, or ``known`` (a version this request read or wrote) when NATS cannot be read:
+    the request was taken, so it is not answered 503 (which tells a client to send it again, and a request sent
+    again without its Idempotency-Key would run twice)."""
+    try:
+        current = await rt.executions.get(known.execution_id)
+    except UNAVAILABLE as e:
+        log.warning("accepted, but NATS could not be read for the answer (%s): answering with the version known",
+                    type(e).__name__, extra={"execution_id": known.execution_id})
+        return known
+    return current[0] if current is not None else known  # never deleted, but an operator may purge
 
 
 PLANNED = frozenset(get_args(ExecutionStatus)) - UNPLANNED  # planned, or ended without a plan
@@ -482,16 +494,17 @@ async def cancel_execution(
     ends ``cancelled`` with the cost spent so far."""
     execution_id = ex.execution_id
     with held(request, who, wait_s > 0):
-        final = await _cancel(rt, who, execution_id, wait_s, request)
-    if final is not None:
-        return Response(final[0], status.HTTP_200_OK, media_type="application/json")
+        answer = await _cancel(rt, who, execution_id, wait_s, request)
+    if isinstance(answer, bytes):
+        return Response(answer, status.HTTP_200_OK, media_type="application/json")
     response.status_code = status.HTTP_202_ACCEPTED
-    return await owned(rt, who, execution_id)
+    return answer
 
 
 async def _cancel(rt: Runtime, who: Caller, execution_id: str, wait_s: float, request: Request
-                  ) -> tuple[bytes, bool] | None:
-    """Publish the cancel; the terminal version of the document if one is stored within ``wait_s``."""
+                  ) -> bytes | Execution:
+    """Publish the cancel; the terminal version of the document if one is stored within ``wait_s``, else the
+    version stored now."""
     sub = await rt.nats.subscribe(rt.names.document(execution_id))
     try:
         # Read again, now that no later version can slip past: had it ended after the read that found it, the
@@ -503,9 +516,10 @@ async def _cancel(rt: Runtime, who: Caller, execution_id: str, wait_s: float, re
         await publish(rt.jetstream, rt.names.execution_cancel, CancelExecution(execution_id=execution_id),
                       msg_id=f"{execution_id}:cancel")
         log.info("cancel requested", extra={"execution_id": execution_id, "tenant": who.tenant})
-        return await _stored(rt, sub, TERMINAL_EXECUTION, wait_s, request) if wait_s else None
+        final = await _stored(rt, sub, TERMINAL_EXECUTION, wait_s, request) if wait_s else None
     finally:
         await sub.unsubscribe()
+    return final[0] if final is not None else await _current(rt, ex)
 
 
 async def event_subscription(
