@@ -114,6 +114,18 @@ def test_a_late_client_gets_every_event_replayed_and_the_stream_closes(stack: St
     assert [k for k, _, _ in events(stack, eid, **{"Last-Event-ID": str(len(got) + 1)})] == ["completed"]
 
 
+def test_a_client_resuming_past_the_end_of_a_running_execution_is_told_as_it_ends(stack: Stack) -> None:
+    # Every event up to the id given was skipped, the final one too: the stream stayed open until a keep-alive
+    # found the execution over (15 s).
+    r = httpx.post(f"{stack.url}/api/execute-parallel", headers=auth(),
+                   json={"message": "m", "tasks": [task("api", "codegen", 1)]}, timeout=30)
+    eid = r.json()["execution_id"]
+    [(kind, ident, body)] = events(stack, eid, **{"Last-Event-ID": "1000"})
+    ended = datetime.fromisoformat(body["execution"]["finished_at"])
+    assert kind == "completed" and ident is None and body["execution"]["status"] == "completed"
+    assert (now() - ended).total_seconds() < KEEPALIVE_S / 2
+
+
 def test_a_waited_for_answer_is_the_document_byte_for_byte_as_get_serves_it(stack: Stack) -> None:
     r = httpx.post(f"{stack.url}/api/execute-parallel", headers=auth(),
                    json={"message": "m", "tasks": [task("api", "codegen", 0), task("ui", "codegen", 0, "api")],

@@ -585,9 +585,12 @@ async def execution_events(
         if msg is None:
             return
         n += 1
-        if n <= after:  # the client has it
-            continue
         kind = msg.subject.rsplit(".", 1)[-1]
+        if n <= after:  # the client has it
+            if kind == "completed":  # or says it has it (resuming at or past the end): told again how it ended
+                yield ServerSentEvent(event=kind, raw_data=msg.data.decode())
+                return
+            continue
         yield ServerSentEvent(event=kind, id=str(n), raw_data=msg.data.decode())
         if kind == "completed":
             return
