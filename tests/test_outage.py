@@ -469,7 +469,7 @@ async def test_a_request_taken_before_nats_went_away_is_answered_202_not_503(tmp
     # Its wait ran out while NATS was away, and the read for the answer failed: a 503 told the client to send
     # the request again, and without an Idempotency-Key that ran it twice.
     body = {"message": "m", "wait": True, "timeout_s": 2,
-            "tasks": [{**PLAN[0], "context": {"simulate": {"latency_s": 60}}}]}
+            "tasks": [{**PLAN[0], "context": {"simulate": {"latency_s": 4}}}]}
     async with running(tmp_path, "taken") as run:
         answer = asyncio.ensure_future(run.client.post("/api/execute-parallel", json=body))
         bucket = await run.js.key_value(run.stack.names.kv_bucket)

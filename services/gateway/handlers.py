@@ -350,13 +350,16 @@ async def _current(rt: Runtime, known: Execution) -> Execution:
     """The execution as stored now, or ``known`` (a version this request read or wrote) when NATS cannot be read:
     the request was taken, so it is not answered 503 (which tells a client to send it again, and a request sent
     again without its Idempotency-Key would run twice)."""
-    try:
-        current = await rt.executions.get(known.execution_id)
-    except UNAVAILABLE as e:
-        log.warning("accepted, but NATS could not be read for the answer (%s): answering with the version known",
-                    type(e).__name__, extra={"execution_id": known.execution_id})
-        return known
-    return current[0] if current is not None else known  # never deleted, but an operator may purge
+    why = "not connected"  # a read now would wait out its timeout in nats-py's buffer
+    if rt.nats.is_connected:
+        try:
+            current = await rt.executions.get(known.execution_id)
+            return current[0] if current is not None else known  # never deleted, but an operator may purge
+        except UNAVAILABLE as e:
+            why = type(e).__name__
+    log.warning("accepted, but NATS could not be read for the answer (%s): answering with the version known", why,
+                extra={"execution_id": known.execution_id})
+    return known
 
 
 PLANNED = frozenset(get_args(ExecutionStatus)) - UNPLANNED  # planned, or ended without a plan
