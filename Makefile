@@ -22,9 +22,11 @@ $(STAMP): pyproject.toml requirements.lock
 run: $(STAMP)
 	$(VENV)/bin/openclaw up --example $(if $(ONCE),--once,) $(ARGS)
 
-## The whole test suite against a real nats-server (NATS_URL=… to use your own; OPENCLAW_TEST_DOCKER=1 for testcontainers).
+## The whole test suite against a real nats-server (NATS_URL=… to use your own; OPENCLAW_TEST_DOCKER=1 for testcontainers),
+## in TEST_WORKERS processes (pytest-xdist), a test module each at a time (TEST_WORKERS=0: in this one process).
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 ## The same suite with line coverage of shared/, services/ and bench/, the services' own processes included.
 coverage: export COVERAGE_FILE = $(CURDIR)/.coverage
