@@ -100,7 +100,8 @@ def analyze(text: str) -> tuple[dict[str, float], dict[str, list[str]]]:
             if word in KEYWORDS[pool]:
                 matched[pool].append(word)
                 raw[pool] += KEYWORDS[pool][word]
-    return {p: round(v / total, 4) for p, v in raw.items()}, matched
+    # Not rounded: a pool at exactly half the best must compare as half (rounded, 1/3 fell below 2/3 / 2).
+    return {p: v / total for p, v in raw.items()}, matched
 
 
 def distribute(text: str) -> Distribution:
@@ -116,25 +117,27 @@ def distribute(text: str) -> Distribution:
 _WHOLE = re.compile(r"\b(website|site|app|application|platform|store|shop|portal|dashboard|service|system|"
                     r"marketplace)\b", re.IGNORECASE)
 # "Build a …", "create me an …", "develop our new …": a verb that makes something new, then its object. Not "make the
-# button blue", "the build of our app fails" or "don't build a website".
+# button blue", "the build of our app fails" or "don't build a website" (whatever its apostrophe and spacing).
 _BUILD = re.compile(r"(?<!n't )(?<!not )\b(build|create|make|develop|launch|ship)\s+(me\s+|us\s+)?(a|an|new|my|our)\b",
                     re.IGNORECASE)
+_SPACED = re.compile(r"\s+")  # "don't  build", "don't\nbuild": one space, as _BUILD's look-behinds expect
 _AUDIT = re.compile(r"\b(audit|review|assess|pen ?test|penetration test|threat model)\w*\b", re.IGNORECASE)
 
 
 def _then(first: re.Pattern[str], then: re.Pattern[str], text: str, within: int | None = None) -> bool:
-    """Whether ``first`` occurs before ``then`` (at most ``within`` characters before it). Two scans, so linear in
-    the text: one pattern with ``.*`` between them takes the square of its length (a minute for a 100 kB message)."""
-    m = first.search(text)
-    if m is None:
-        return False
-    return then.search(text, m.end(), len(text) if within is None else m.end() + within) is not None
+    """Whether ``first`` occurs before ``then`` (at most ``within`` characters after one of its matches). Linear in
+    the text: one pattern with ``.*`` between them takes the square of its length (a minute for a 100 kB message),
+    and within a bound each match looks no further than it."""
+    if within is None:
+        m = first.search(text)
+        return m is not None and then.search(text, m.end()) is not None
+    return any(then.search(text, m.end(), m.end() + within) for m in first.finditer(text))
 
 
 def looks_like_project(text: str) -> bool:
     """"Build a … website/app/…": a project that spans several specialities, the thing built named within a few
     words ("create a SQL query that lists the shop's customers" builds a query, not the shop)."""
-    return _then(_BUILD, _WHOLE, text, within=40)
+    return _then(_BUILD, _WHOLE, _SPACED.sub(" ", text.replace("\u2019", "'")), within=40)
 
 
 def looks_like_security_audit(text: str, d: Distribution) -> bool:

@@ -66,6 +66,13 @@ def test_distribute_breaks_ties_towards_security() -> None:
     assert d2.scores["security"] == d2.scores["database"] and d2.pool == "security"
 
 
+def test_a_pool_at_exactly_half_the_best_weight_takes_part() -> None:
+    # Security weighs 4 ("audit", "login"), codegen 2 ("fix"); with the scores rounded to 4 places, 0.3333 fell below
+    # half of 0.6667 and the request went to the reviewer alone, who writes no code.
+    d = distribute("Audit the login, then fix it")
+    assert set(d.pools()) == {"codegen", "security"}
+
+
 def test_phrases_count_once() -> None:
     d = distribute("sql injection")
     assert d.matched["security"] == ["sql injection"] and d.matched["database"] == []
@@ -108,7 +115,9 @@ PROJECT = ["schema", "backend", "frontend", "security-audit"]
 
 @pytest.mark.parametrize("message", [
     "Build a restaurant website with online ordering", "build a todo app", "Create me a new e-commerce platform",
-    "We want to develop our new booking site"])
+    "We want to develop our new booking site",
+    # The first "make a" names no product; the later "build a new … website" does.
+    "Make a list of the features first, then build a new booking website for our hotel"])
 def test_a_request_to_build_something_whole_is_a_project(message: str) -> None:
     assert [t.id for t in rules_plan(message, False)[0]] == PROJECT
 
@@ -116,7 +125,9 @@ def test_a_request_to_build_something_whole_is_a_project(message: str) -> None:
 @pytest.mark.parametrize("message", [
     "make the login button on the site blue", "Why does the build of our app fail?", "make the app faster",
     "create a sql query that lists top customers of the shop", "Make sure the website's login is secure",
-    "don't build a website, just review our database schema"])
+    "don't build a website, just review our database schema",
+    "Don\u2019t build a website, just review our database schema", "don't  build a new app, fix the login",
+    "we do not\nbuild a website"])
 def test_a_change_to_something_is_not_a_whole_project(message: str) -> None:
     assert [t.id for t in rules_plan(message, False)[0]] != PROJECT
 
