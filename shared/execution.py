@@ -64,6 +64,16 @@ def plannable(ex: Execution) -> bool:
     return ex.status in UNPLANNED
 
 
+def start_planning(ex: Execution) -> bool:
+    """``queued`` → ``planning``: shown while the decomposition model plans (a minute, with thinking), and a
+    request the gateway takes again meanwhile is not published again (past the stream's duplicate window that
+    would be a second paid plan)."""
+    if ex.status != "queued":
+        return False
+    ex.status, ex.updated_at = "planning", now()
+    return True
+
+
 def record_calls(ex: Execution, calls: Sequence[ModelCall]) -> bool:
     """Add the model calls ``ex`` does not hold yet (by id: a write tried again holds them already); whether any was."""
     recorded = {c.id for c in ex.calls}

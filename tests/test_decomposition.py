@@ -15,6 +15,7 @@ from nats.aio.client import Client as NATS
 from services.pm.handlers import PMHandlers
 from services.pm.planning import plan_request
 from services.pm.prompts import SYSTEM
+from shared import metrics
 from shared.config import ParallelExecutionConfig
 from shared.costs import CUT_BY_STOP
 from shared.errors import PlanError
@@ -208,6 +209,8 @@ async def test_a_plan_that_comes_after_a_cancel_keeps_its_call_in_the_cost_and_s
         msg = await delivered(rt, names.execution_requested, req.to_bytes(), names.executions_stream)
         planning = asyncio.create_task(PMHandlers(rt, provider).on_requested(req, msg))
         await until(lambda: len(fake_anthropic.of("plan")) == 1, 10, "the decomposition call")
+        meanwhile = await rt.executions.get("late")  # shown while the model plans (it said `queued`)
+        assert meanwhile is not None and meanwhile[0].status == "planning"
         # Cancelled while the model plans: the plan's write loses to the cancel.
         await rt.executions.mutate("late", lambda ex: cancel(ex, "client cancelled"))
         fake_anthropic.release.set()
@@ -309,6 +312,29 @@ async def test_a_slow_plan_keeps_its_request_from_being_redelivered(
     assert len(fake_anthropic.of("plan")) == 1
     stored = await rt.executions.get("slowplan")
     assert stored is not None and stored[0].planner == "llm"
+
+
+async def test_a_redelivered_request_sends_the_plans_events_again_but_counts_the_plan_once(
+    nc: NATS, names: Names, tmp_path: Path,
+) -> None:
+    rt = await service_runtime(nc, names, tmp_path, service="pm")
+    req = ExecutionRequested(execution_id="twice", message=PROJECT, requested_at=now(),
+                             deadline_at=now() + timedelta(hours=1))
+    req.revision = await rt.executions.create(new_execution(req))
+    pm, plans = PMHandlers(rt, SimulatedProvider(rt.settings.pe)), metrics.PLANS.labels("rules")
+    before = plans._value.get()
+    await rt.jetstream.publish(names.execution_requested, req.to_bytes())
+    first, later = [await rt.jetstream.pull_subscribe(names.execution_requested, durable=d,
+                                                      stream=names.executions_stream) for d in ("first", "later")]
+    await pm.on_requested(req, (await first.fetch(1, timeout=5))[0])
+    # As if its acknowledgement was lost: the same message delivered again (here by a second durable).
+    await (await later.fetch(1, timeout=5))[0].nak()
+    [again] = await later.fetch(1, timeout=5)
+    assert again.metadata.num_delivered == 2
+    await pm.on_requested(req, again)
+    assert plans._value.get() - before == 1
+    await stream_holds(rt.jetstream, names.events_stream, names.events("twice", "planned"),
+                       {names.events("twice", "planned"): 1})  # sent twice, under one msg-id
 
 
 async def test_a_redelivered_request_announces_an_execution_ended_unannounced(nc: NATS, names: Names,

@@ -321,7 +321,8 @@ async def _submit(rt: Runtime, who: Caller, body: ExecuteRequest, idempotency_ke
         if existing.request_hash != ex.request_hash:
             raise HTTPException(422, {"field": "Idempotency-Key",
                                       "message": "this key was used with a different request"}) from None
-        ex, fresh = existing, existing.status == "queued"  # never planned: publishing again is harmless
+        # Never planned, nor being planned (`planning`: a PM has it): publishing again is harmless.
+        ex, fresh = existing, existing.status == "queued"
         req.deadline_at = existing.deadline_at  # the deadline set when it was accepted, not one from now
         log.info("idempotent replay", extra={"execution_id": eid, "tenant": who.tenant})
     # Subscribe before publishing, so the version waited for cannot slip past: the bucket republishes every

@@ -24,6 +24,7 @@ from shared.execution import (
     record_calls,
     run_bytes,
     run_msg_id,
+    start_planning,
 )
 from shared.providers import ModelProvider
 from shared.schemas import Execution, ExecutionPlanned, ExecutionRequested, ModelCall, now
@@ -49,6 +50,9 @@ class PMHandlers:
             current: Known | None = (new_execution(req), req.revision)
         else:
             current = await store.get(req.execution_id)
+            if current is not None and req.tasks is None and self.provider.writes:  # a paid call plans it
+                marked = await store.mutate_from(req.execution_id, start_planning, current)
+                current = marked[:2] if marked is not None else None
         if current is None:
             # The gateway stores the execution before publishing; this covers a request sent straight to NATS.
             try:
@@ -98,7 +102,8 @@ class PMHandlers:
             return
         planner = ex.planner or "rules"
         if emitting:
-            metrics.PLANS.labels(planner).inc()
+            if not replanned:  # made by this delivery (a redelivery sends the events of a stored plan again)
+                metrics.PLANS.labels(planner).inc()
             planned = ExecutionPlanned(execution_id=ex.execution_id, planner=planner,
                                        tasks=[t.spec() for t in ex.tasks])
             await emit(self.rt.nats, names.events(ex.execution_id, "planned"), planned, f"{ex.execution_id}:planned")
