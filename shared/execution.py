@@ -283,9 +283,13 @@ def _propagate(ex: Execution) -> None:
 
 
 def cancel(ex: Execution, reason: str) -> bool:
-    """Every open task is cancelled (running attempts abandoned); the execution then finishes cancelled."""
+    """Every open task is cancelled (running attempts abandoned); the execution then finishes cancelled. With
+    every task ended already (the last result came in the same write), it finishes as they did, without the
+    cancel's reason as its error."""
     if ex.terminal:
         return False
+    if all_tasks_terminal(ex):
+        return True  # nothing left to cancel, but the execution is to be finished, as at its deadline
     for t in ex.tasks:
         if t.status not in TERMINAL_TASK:
             # What the client gets without it, as for work given up on (a cancelled review: unaudited).

@@ -393,6 +393,21 @@ def test_flag_all_keeps_securitys_own_other_advice_on_the_topic() -> None:
         assert "Use double-submit cookies" in [r.choice for r in settle(ex, mode).recommendations], mode
 
 
+def test_flag_all_settles_none_of_a_flagged_topics_advice_also_where_security_and_others_agree() -> None:
+    # The findings' advice differs, so the topic is flagged; security's recommendation, which says what its own
+    # finding says, was listed as settled beside that decision.
+    ex = execution({
+        "api": ("codegen", TaskOutput(summary="api", findings=[
+            Finding(severity="high", topic="CSRF", recommendation="SameSite=Lax cookies are enough")])),
+        "audit": ("security", TaskOutput(summary="audit", findings=[
+            Finding(severity="high", topic="CSRF", recommendation=CSRF_FIX)], recommendations=[rec("CSRF", CSRF_FIX)])),
+    })
+    flagged = settle(ex, "flag_all")
+    assert len(flagged.decisions) == 1 and flagged.recommendations
+    assert all(r.decision_needed for r in flagged.recommendations), flagged.recommendations
+    assert [(r.choice, r.decision_needed) for r in settle(ex, "security_first").recommendations] == [(CSRF_FIX, False)]
+
+
 def test_a_topic_that_names_one_known_risk_is_that_risk_however_it_is_spelt() -> None:
     # Models name a topic as they please: security's "Cross-site request forgery (CSRF)" and codegen's "csrf" were two
     # topics, so codegen's approach stood as settled beside the finding that contradicted it.

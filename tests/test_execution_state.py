@@ -422,3 +422,15 @@ async def test_a_message_deleted_while_pending_is_no_dead_letter(nc: NATS, names
     await h.on_advisory(ConsumerAdvisory.model_validate(adv),
                         await delivered(rt, subject, json.dumps(adv).encode(), names.advisories_stream))
     assert (await rt.jetstream.stream_info(names.dlq_stream)).state.messages == 1
+
+
+def test_a_cancel_stored_with_the_last_result_leaves_the_execution_to_finish_as_its_tasks_did() -> None:
+    # The cancel and the result that ended the last open task came in one write: nothing was left to cancel, yet
+    # the execution ended completed with "cancelled by the client" as its error.
+    ex = execution()
+    for task in ("api", "db", "ui", "e2e"):
+        assert apply_result(ex, completed(task))
+    assert all_tasks_terminal(ex) and not ex.terminal
+    assert cancel(ex, "cancelled by the client")  # still to be finished, by the write it rides on
+    assert ex.error is None and outcome(ex) == "completed"
+    assert [t.status for t in ex.tasks] == ["completed"] * 4

@@ -157,8 +157,12 @@ def settle(ex: Execution, mode: str = "security_first") -> Settlement:
     out = Settlement()
     flag_all = mode == "flag_all"
     for key, topic in topics.items():
+        conflicts, recommendations = len(out.conflicts), len(out.recommendations)
         advice = _settle_findings(out, topic, finds.get(key, []), recs.get(key, []), flag_all)
         _settle_recommendations(out, topic, recs.get(key, []) + advice, finds.get(key, []), flag_all)
+        if flag_all and any(c.rule == "flag" for c in out.conflicts[conflicts:]):
+            for r in out.recommendations[recommendations:]:  # the topic is the client's decision: none of it settled
+                r.decision_needed = True
     out.findings.sort(key=lambda f: -SEVERITY_RANK[f.severity])
     return out
 
