@@ -64,13 +64,14 @@ def plannable(ex: Execution) -> bool:
     return ex.status in UNPLANNED
 
 
-def start_planning(ex: Execution) -> bool:
-    """``queued`` → ``planning``: shown while the decomposition model plans (a minute, with thinking), and a
-    request the gateway takes again meanwhile is not published again (past the stream's duplicate window that
-    would be a second paid plan)."""
+def start_planning(ex: Execution, request: int) -> bool:
+    """``queued`` → ``planning`` by the delivery of the request message ``request`` (its stream sequence): shown
+    while the decomposition model plans (a minute, with thinking). A request the gateway takes again meanwhile is
+    not published again, and another copy of it already in the stream is not planned again: either would pay for
+    a second plan."""
     if ex.status != "queued":
         return False
-    ex.status, ex.updated_at = "planning", now()
+    ex.status, ex.planning_request, ex.updated_at = "planning", request, now()
     return True
 
 

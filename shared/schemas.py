@@ -533,6 +533,9 @@ class Execution(BaseModel):
     session_key: str | None = None
     routing: dict[str, Any] | None = Field(default=None, description="the /api/chat routing decision")
     planner: Literal["client", "llm", "rules", "serial"] | None = None
+    planning_request: int | None = Field(default=None, description=(
+        "the stream sequence of the request message whose delivery took it to plan with the model: only that "
+        "message's deliveries plan it (another copy of the request, a replay, does not pay for a second plan)"))
     created_at: AwareDatetime
     updated_at: AwareDatetime
     deadline_at: AwareDatetime

@@ -337,6 +337,38 @@ async def test_a_redelivered_request_sends_the_plans_events_again_but_counts_the
                        {names.events("twice", "planned"): 1})  # sent twice, under one msg-id
 
 
+@pytest.mark.parametrize("planner", ["llm", "rules"])
+async def test_two_copies_of_a_request_taken_at_once_make_one_plan_paid_and_counted_once(
+    nc: NATS, names: Names, fake_anthropic: FakeAnthropic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    planner: str,
+) -> None:
+    # A replay past the stream's duplicate window while the PM was down left two messages of one request, fetched
+    # together: both planned, the model was paid twice, and the plan counted twice.
+    if planner == "llm":
+        rt = await pm_on(fake_anthropic, nc, names, tmp_path, monkeypatch, 20)
+    else:
+        rt = await service_runtime(nc, names, tmp_path, service="pm")
+    req = await stored_request(rt, "copies")
+    replay = req.model_copy(update={"revision": None})  # the gateway's replay carries no revision
+    provider = AnthropicProvider(rt.settings.pe, KEY) if planner == "llm" else SimulatedProvider(rt.settings.pe)
+    pm, plans = PMHandlers(rt, provider), metrics.PLANS.labels(planner)
+    before = plans._value.get()
+    for copy, msg_id in ((req, "copies"), (replay, "copies-again")):
+        await rt.jetstream.publish(names.execution_requested, copy.to_bytes(), headers={"Nats-Msg-Id": msg_id})
+    sub = await rt.jetstream.pull_subscribe(names.execution_requested, durable="pm", stream=names.executions_stream)
+    first, second = await sub.fetch(2, timeout=5)
+    try:
+        await asyncio.gather(pm.on_requested(req, first), pm.on_requested(replay, second))
+    finally:
+        await provider.aclose()
+    stored = await rt.executions.get("copies")
+    assert stored is not None and stored[0].status == "running" and stored[0].planner == planner
+    assert len(fake_anthropic.of("plan")) == (1 if planner == "llm" else 0)
+    assert len(stored[0].calls) == (1 if planner == "llm" else 0)
+    assert plans._value.get() - before == 1
+    assert (await sub.consumer_info()).num_ack_pending == 0  # both handled, neither left to come back
+
+
 async def test_a_redelivered_request_announces_an_execution_ended_unannounced(nc: NATS, names: Names,
                                                                             tmp_path: Path) -> None:
     # The PM stored the rejection of a plan and died before announcing it: the redelivery announces it.

@@ -51,8 +51,15 @@ class PMHandlers:
         else:
             current = await store.get(req.execution_id)
             if current is not None and req.tasks is None and self.provider.writes:  # a paid call plans it
-                marked = await store.mutate_from(req.execution_id, start_planning, current)
+                seq = msg.metadata.sequence.stream
+                marked = await store.mutate_from(req.execution_id, lambda ex: start_planning(ex, seq), current)
                 current = marked[:2] if marked is not None else None
+                if current is not None and current[0].status == "planning" and current[0].planning_request != seq:
+                    # Another copy of the request (a replay past the duplicate window) is being planned: that
+                    # message's delivery, or its redelivery, plans it; a second plan would be paid for twice.
+                    log.info("another copy of the request is being planned", extra=ctx)
+                    await msg.ack()
+                    return
         if current is None:
             # The gateway stores the execution before publishing; this covers a request sent straight to NATS.
             try:
@@ -66,6 +73,7 @@ class PMHandlers:
             await self._end(req.execution_id, "execution deadline passed before it was planned")
             await msg.ack()
             return
+        installed = False  # whether this delivery's write stored the plan (counted once, whoever else tried)
         if not replanned:
             try:
                 async with keep_alive(lambda: [msg], self.rt.pe.ack_wait_s / 3):  # a long model call: not redelivered
@@ -80,9 +88,13 @@ class PMHandlers:
             # after NATS could not take the write (the first may have changed the version in place).
             start = [current]
 
+            def install(ex: Execution) -> bool:
+                nonlocal installed
+                installed = plannable(ex)  # on the version the write that lands starts from
+                return apply_plan(ex, plan.tasks, plan.planner, plan.calls)
+
             async def write() -> tuple[Execution, int, bytes | None] | None:
-                return await store.mutate_from(req.execution_id, lambda ex: apply_plan(
-                    ex, plan.tasks, plan.planner, plan.calls), start.pop() if start else None)
+                return await store.mutate_from(req.execution_id, install, start.pop() if start else None)
 
             stored = await persist(write, lambda: [msg], req.deadline_at, self.rt.pe.ack_wait_s / 3, "store the plan",
                                    ctx)
@@ -102,7 +114,7 @@ class PMHandlers:
             return
         planner = ex.planner or "rules"
         if emitting:
-            if not replanned:  # made by this delivery (a redelivery sends the events of a stored plan again)
+            if installed:  # not again by a redelivery (which sends the stored plan's events again) or another copy
                 metrics.PLANS.labels(planner).inc()
             planned = ExecutionPlanned(execution_id=ex.execution_id, planner=planner,
                                        tasks=[t.spec() for t in ex.tasks])
