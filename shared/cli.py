@@ -24,7 +24,7 @@ from shared.errors import ConfigError
 from shared.ops import HTTP_GRACE_S
 from shared.runner import SERVICES, Stack, StackOptions, parse_replicas
 from shared.schemas import Execution
-from shared.settings import LOG_LEVELS, NATS_SCHEMES, SCHEME_RULE, load_settings
+from shared.settings import LOG_LEVELS, NATS_SCHEMES, SCHEME_RULE, Settings, load_settings
 
 EXAMPLE = (
     "Build a restaurant website with online ordering: menu browsing, a cart and checkout with card "
@@ -99,7 +99,7 @@ def print_final(doc: dict[str, Any]) -> None:
 
 
 async def _up(args: argparse.Namespace) -> int:
-    settings = load_settings(config=args.config)  # a bad config stops us here, before anything starts
+    settings = _settings(args)  # a bad config stops us here, before anything starts
     opts = StackOptions(
         data_dir=Path(args.data_dir),
         config=Path(args.config) if args.config else None,
@@ -149,6 +149,9 @@ async def _up(args: argparse.Namespace) -> int:
             code = 0 if doc["status"] in ("completed", "partial") else 1
         if not args.once:
             await stack.stopping.wait()
+            if not signalled:  # stopped by itself: a child that may not be restarted, or nats-server
+                logging.getLogger("openclaw").error("the stack stopped (the log above says why)")
+                code = 2 if stack.misconfigured else 1
     except ConfigError as e:  # what to set: exit 2, like a bad config
         logging.getLogger("openclaw").error("%s", e)
         code = 2
@@ -208,9 +211,13 @@ async def _bench(args: argparse.Namespace) -> int:
         raise ConfigError(str(e)) from None
 
 
+def _settings(args: argparse.Namespace) -> Settings:
+    """The settings with the file given, else OPENCLAW_CONFIG's, as a service would load them."""
+    return load_settings(**({"config": args.config} if args.config else {}))
+
+
 def _check_config(args: argparse.Namespace) -> int:
-    """The file given, else OPENCLAW_CONFIG's, as a service would load it."""
-    settings = load_settings(**({"config": args.config} if args.config else {}))
+    settings = _settings(args)
     print(f"{settings.config or '(built-in defaults)'}: valid")
     return 0
 

@@ -163,17 +163,22 @@ def test_ctrl_c_stops_the_example_at_once_and_the_example_sends_the_gateways_key
     assert not [p for p in pids if alive(p)], "orphaned children"
 
 
-def test_up_refuses_a_bad_config_before_starting_anything(tmp_path: Path) -> None:
+@pytest.mark.parametrize("given", ["--config", "OPENCLAW_CONFIG"])
+def test_up_refuses_a_bad_config_before_starting_anything(tmp_path: Path, given: str) -> None:
+    # Named by OPENCLAW_CONFIG, the file was not read by up itself: nats-server and every service started and
+    # stopped on it, and up's own stop took the default shutdown grace rather than the file's.
     cfg = write_config(tmp_path / "c.json", {"worker_pools": {"database": {"max_concurrent": -1, "timeout": 1}}})
     nats_port = free_port()
     r = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "up", "--config", str(cfg), "--nats-port", str(nats_port),
-         "--data-dir", str(tmp_path / "d")],
+        [sys.executable, "-m", "shared.cli", "up", *(["--config", str(cfg)] if given == "--config" else []),
+         "--nats-port", str(nats_port), "--data-dir", str(tmp_path / "d")],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env=stack_env(**({"OPENCLAW_CONFIG": str(cfg)} if given == "OPENCLAW_CONFIG" else {})),
     )
     assert r.returncode == 2
     assert "parallel_execution.worker_pools.database.max_concurrent" in r.stderr
-    assert not port_open(nats_port)
+    assert not port_open(nats_port) and not (tmp_path / "d" / "jetstream").exists()  # no nats-server ever ran
+    assert "cannot start" not in r.stderr  # nor a service
 
 
 def test_a_service_that_stops_the_stack_on_its_configuration_makes_up_exit_2_too(tmp_path: Path) -> None:
@@ -186,6 +191,22 @@ def test_a_service_that_stops_the_stack_on_its_configuration_makes_up_exit_2_too
     out = r.stdout + r.stderr
     assert r.returncode == 2, out[-3000:]
     assert "OPENCLAW_API_KEYS is set but empty" in out and "stack stopped during start-up" in out
+
+
+def test_a_stack_that_stops_itself_while_serving_makes_up_exit_2_on_a_configuration(nats_url: str,
+                                                                                  tmp_path: Path) -> None:
+    # A child restarted after a crash found the config file broken meanwhile: the stack stopped, and up said 0.
+    cfg = write_config(tmp_path / "c.json", {})
+    stack = start_stack(nats_url, "self" + os.urandom(4).hex(), tmp_path, "--config", str(cfg))
+    try:
+        write_config(cfg, {"worker_pools": {"database": {"max_concurrent": -1, "timeout": 1}}})
+        os.kill(stack.pid("pm-1"), signal.SIGKILL)
+        code = stack.proc.wait(60)
+    finally:
+        stop_stack(stack)
+    out = stack.output()
+    assert code == 2, out[-3000:]
+    assert "pm-1 exited with status 2" in out and "the stack stopped (the log above says why)" in out
 
 
 def test_up_will_not_take_a_port_someone_else_listens_on_for_its_nats_server(tmp_path: Path) -> None:
