@@ -21,16 +21,18 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
 from shared.config import TASK_DEDUP_WINDOW_S, ParallelExecutionConfig
+from shared.errors import ConfigError
 from shared.names import Names, Pool
 
 log = logging.getLogger(__name__)
 
 DAY = 24 * 3600.0
 STREAM_ALREADY_IN_USE = 10058
+NOT_CLUSTERED = 10074  # "replicas > 1 not supported in non-clustered mode"
 KV_HISTORY = 1
 KV_TTL = 30 * DAY
 EVENTS_DUPLICATE_WINDOW_S = 600.0  # how long a repeated event (same msg-id) is dropped instead of stored
@@ -84,8 +86,20 @@ async def ensure_streams(js: JetStreamContext, names: Names, replicas: int = 1, 
     """Create every stream and the executions KV bucket, updating any that differ; return the bucket.
 
     ``update=False`` (a service that does not own the topology, in auth mode) creates what is missing
-    but leaves an existing stream with another configuration as it is, for the owner to update.
+    but leaves an existing stream with another configuration as it is, for the owner to update. Replicas a
+    single server cannot keep are a configuration error (exit 2), not a crash to restart forever.
     """
+    try:
+        return await _ensure_streams(js, names, replicas, update)
+    except APIError as e:
+        if e.err_code != NOT_CLUSTERED:
+            raise
+        raise ConfigError(f"OPENCLAW_STREAM_REPLICAS is {replicas}, but the NATS server is not part of a cluster "
+                          f"({e.description}): set it to 1, or run NATS as a cluster of at least {replicas} "
+                          "servers") from None
+
+
+async def _ensure_streams(js: JetStreamContext, names: Names, replicas: int, update: bool) -> KeyValue:
     for cfg in stream_configs(names, replicas):
         try:
             await js.add_stream(cfg)

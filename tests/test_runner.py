@@ -297,6 +297,17 @@ def test_a_service_whose_port_is_taken_says_what_to_set_and_exits_2() -> None:
     assert "Traceback" not in r.stdout + r.stderr
 
 
+def test_stream_replicas_a_single_server_cannot_keep_stop_a_service_saying_what_to_set(nats_url: str) -> None:
+    # The server's refusal was a traceback and exit 1: restarted for ever, by the runner or by Kubernetes.
+    r = subprocess.run([sys.executable, "-m", "services.pm"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env=stack_env(OPENCLAW_NATS_URL=nats_url, OPENCLAW_STREAM_REPLICAS="3", OPENCLAW_PORT="0",
+                                     OPENCLAW_NAMESPACE="r3" + os.urandom(4).hex(), OPENCLAW_LOG_FORMAT="text"))
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out[-3000:]
+    assert "OPENCLAW_STREAM_REPLICAS is 3, but the NATS server is not part of a cluster" in out
+    assert "Traceback" not in out
+
+
 def test_ctrl_c_while_the_stack_starts_is_an_interruption_not_a_failure(tmp_path: Path) -> None:
     log = tmp_path / "up.log"
     nowhere = f"nats://127.0.0.1:{free_port()}"  # nothing listens: the stack never gets ready
