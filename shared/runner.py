@@ -8,6 +8,7 @@ is prefixed with its name.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -103,6 +105,7 @@ class Stack:
         self.misconfigured: str | None = None  # the child that exited with a configuration error (status 2)
         self._supervisors: list[asyncio.Task[None]] = []
         self._server_watch: asyncio.Task[None] | None = None
+        self._lock: IO[str] | None = None  # on the data dir: one stack per JetStream store
         self.passwords = natsauth.passwords(os.environ) if opts.nats_auth else {}
         if opts.nats_auth and opts.namespace:
             raise ConfigError("--nats-auth uses the production names: it cannot be combined with --namespace")
@@ -122,9 +125,15 @@ class Stack:
     async def start(self) -> None:
         try:
             self.opts.data_dir.mkdir(parents=True, exist_ok=True)
+            self._lock = (self.opts.data_dir / "stack.lock").open("w")  # not inherited by the children
         except OSError as e:
             raise ConfigError(f"cannot use {self.opts.data_dir} as the data directory: {e.strerror or e}; choose "
                               "another --data-dir") from None
+        try:  # released when this process ends, however it ends
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another stack uses {self.opts.data_dir} (its nats-server would share this one's "
+                              "JetStream store): stop it, or choose another --data-dir") from None
         if not self.opts.nats_url:
             auth = self.opts.nats_auth
             self.server = NatsServer(
@@ -204,6 +213,8 @@ class Stack:
             began = loop.time()
             await self._spawn(child)
             assert child.proc is not None
+            if self.stopping.is_set():  # stop() came while it was being started, and signalled only the others
+                child.proc.send_signal(signal.SIGTERM)
             code = await child.proc.wait()
             await asyncio.gather(*child.pumps, return_exceptions=True)
             if self.stopping.is_set():
@@ -286,3 +297,5 @@ class Stack:
             await asyncio.gather(self._server_watch, return_exceptions=True)
         for c in self.children:
             c.sock.close()
+        if self._lock is not None:
+            self._lock.close()

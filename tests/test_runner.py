@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -14,6 +15,8 @@ import httpx
 import pytest
 
 from shared.natsserver import NatsServer, free_port
+from shared.runner import Stack as RunnerStack
+from shared.runner import StackOptions
 from tests.conftest import ROOT, Stack, ready_on, stack_env, start_stack, stop_stack, wait_until, write_config
 
 pytestmark = pytest.mark.e2e
@@ -207,6 +210,41 @@ def test_a_stack_that_stops_itself_while_serving_makes_up_exit_2_on_a_configurat
     out = stack.output()
     assert code == 2, out[-3000:]
     assert "pm-1 exited with status 2" in out and "the stack stopped (the log above says why)" in out
+
+
+def test_a_second_stack_on_the_same_data_dir_is_refused(nats_url: str, tmp_path: Path) -> None:
+    # Its nats-server would have run on the first one's JetStream store, and its stack.json replaced the first's.
+    first = start_stack(nats_url, "one" + os.urandom(4).hex(), tmp_path)
+    try:
+        second = subprocess.run(
+            [sys.executable, "-m", "shared.cli", "up", "--nats-port", "0", "--gateway-port", "0", "--data-dir",
+             str(tmp_path / "data")], cwd=ROOT, capture_output=True, text=True, timeout=60, env=stack_env())
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert f"another stack uses {tmp_path / 'data'}" in second.stderr
+        assert first.proc.poll() is None and json.loads((tmp_path / "data" / "stack.json").read_text())[
+            "gateway_url"] == first.url  # the first one's, still
+    finally:
+        assert stop_stack(first) == 0
+
+
+async def test_a_stop_that_comes_while_the_children_are_being_started_stops_them_all(tmp_path: Path) -> None:
+    # A child whose start was under way when stop() signalled the others was never signalled: stop() waited on it
+    # for ever.
+    for yields in (1, 2, 3):
+        stack = RunnerStack(StackOptions(data_dir=tmp_path / str(yields), gateway_port=0, nats_port=0,
+                                         stop_grace_s=20))
+        await stack.start()
+        try:
+            for _ in range(yields):
+                await asyncio.sleep(0)
+            await asyncio.wait_for(stack.stop(), 60)
+            assert all(c.proc is None or c.proc.returncode is not None for c in stack.children), yields
+        finally:  # what a stop that failed left
+            for c in stack.children:
+                if c.proc is not None and c.proc.returncode is None:
+                    c.proc.kill()
+            if stack.server is not None:
+                stack.server.stop()
 
 
 def test_up_will_not_take_a_port_someone_else_listens_on_for_its_nats_server(tmp_path: Path) -> None:
