@@ -245,6 +245,17 @@ def _namespace(value: str) -> str:
     return value
 
 
+def _gateway_url(value: str) -> str:
+    """A gateway's address: http(s)://host[:port]."""
+    try:
+        url = httpx.URL(value)
+    except httpx.InvalidURL as e:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a URL ({e})") from None
+    if url.scheme not in ("http", "https") or not url.host or not 0 < (url.port or 80) < 65536:
+        raise argparse.ArgumentTypeError(f"{value!r}: give the gateway's address as http(s)://host[:port]")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="openclaw", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -258,8 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="port of the local nats-server (default 4222; 0: any free port)")
     nats.add_argument("--nats-url", type=_nats_url, help="use this NATS server instead of starting one")
     up.add_argument("--replicas", default="", help=f"e.g. codegen=2,security=2 (services: {', '.join(SERVICES)})")
-    up.add_argument("--namespace", default="", type=_namespace,
-                    help="prefix of every stream and subject (lower-case letters, digits)")
+    up.add_argument("--namespace", default=os.environ.get("OPENCLAW_NAMESPACE", ""), type=_namespace,
+                    help="prefix of every stream and subject (lower-case letters, digits; default: "
+                         "$OPENCLAW_NAMESPACE)")
     up.add_argument("--nats-auth", nargs="?", const="", metavar="FILE",
                     help="one NATS user per service with least privilege, from FILE (default deploy/nats/auth.conf); "
                          "passwords from OPENCLAW_NATS_PASSWORD_<SERVICE> or fixed dev defaults")
@@ -271,14 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="submit work to a running gateway and follow it")
     run.add_argument("message")
-    run.add_argument("--url", default="http://127.0.0.1:8080")
+    run.add_argument("--url", default="http://127.0.0.1:8080", type=_gateway_url)
     run.add_argument("--force-parallel", action="store_true")
     run.add_argument("--api-key", default=os.environ.get("OPENCLAW_API_KEY"), help="default: $OPENCLAW_API_KEY")
     run.set_defaults(func=_run)
 
     status = sub.add_parser("status", help="show an execution")
     status.add_argument("execution_id")
-    status.add_argument("--url", default="http://127.0.0.1:8080")
+    status.add_argument("--url", default="http://127.0.0.1:8080", type=_gateway_url)
     status.add_argument("--api-key", default=os.environ.get("OPENCLAW_API_KEY"), help="default: $OPENCLAW_API_KEY")
     status.set_defaults(func=_status)
 

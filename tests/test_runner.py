@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from shared.cli import build_parser
 from shared.natsserver import NatsServer, free_port
 from shared.runner import Stack as RunnerStack
 from shared.runner import StackOptions
@@ -272,6 +273,26 @@ def test_up_refuses_bad_arguments_before_starting_anything(tmp_path: Path, args:
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and says in r.stderr, r.stderr
     assert not (tmp_path / "jetstream").exists()
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("http://[::1", "is not a URL (Invalid port: ':1')"),  # a traceback
+    ("http://127.0.0.1:99999", "give the gateway's address as http(s)://host[:port]"),  # a traceback too
+    ("localhost:8080", "give the gateway's address as http(s)://host[:port]"),
+])
+@pytest.mark.parametrize("command", [["run", "hi"], ["status", "some-id"]])
+def test_run_and_status_refuse_a_url_that_names_no_gateway(command: list[str], url: str, says: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "shared.cli", *command, "--url", url], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and f"argument --url: {url!r}" in r.stderr and says in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_up_takes_its_namespace_from_openclaw_namespace(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The runner gave its children the namespace of --namespace, whose default "" replaced the variable's.
+    monkeypatch.setenv("OPENCLAW_NAMESPACE", "team1")
+    assert build_parser().parse_args(["up"]).namespace == "team1"
+    assert build_parser().parse_args(["up", "--namespace", "other"]).namespace == "other"
 
 
 def test_bad_replicas_spec_is_rejected(tmp_path: Path) -> None:
