@@ -203,6 +203,11 @@ def test_ops_endpoints_on_gateway(stack: Stack) -> None:
     counted = httpx.get(f"{stack.url}/metrics").text
     for route in ("/openapi.json", "/docs", "unmatched"):  # a label per route, as the API's routes have
         assert f'openclaw_http_requests_total{{method="GET",route="{route}"' in counted, route
+    # The API's 5xx series are there before any 5xx, so the error-rate alert sees the first one.
+    for method, route in (("POST", "/api/execute-parallel"), ("DELETE", "/api/execution/{execution_id}")):
+        for status in ("500", "503"):
+            assert f'openclaw_http_requests_total{{method="{method}",route="{route}",status="{status}"}} 0.0' in (
+                counted), (method, route, status)
 
 
 def test_every_service_serves_health_and_metrics(stack: Stack) -> None:

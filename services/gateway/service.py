@@ -11,12 +11,14 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
 from services.gateway.access import LOCAL_TENANT, ApiKeys, OpenLimit, RateLimiter
 from services.gateway.handlers import identify, router
 from services.gateway.limits import BodySizeLimit, RequestMetrics
+from shared import metrics
 from shared.consumer import UNAVAILABLE
 from shared.errors import ConfigError, said
 from shared.service import Runtime, Workers, run_service
@@ -52,6 +54,10 @@ def create_app(settings: Settings) -> FastAPI:
         description="Submit software work; specialist agent pools run it in parallel over NATS JetStream.",
     )
     app.include_router(router)
+    # Every API route's 5xx series exported at 0 from the start: the error-rate alert's rate() would not see a new
+    # replica's first 503 (during a rollout, say), as a series that first appears at 1.
+    metrics.prime(metrics.REQUESTS, [(r.path, method, code) for r in router.routes if isinstance(r, APIRoute)
+                                     for method in r.methods or () for code in ("500", "503")])
     if settings.api_keys is None and os.environ.get("OPENCLAW_API_KEY"):
         # One letter short: without this the gateway would run open, in local mode.
         raise ConfigError("OPENCLAW_API_KEY is set and OPENCLAW_API_KEYS is not: the gateway reads its tenants' keys "
