@@ -474,5 +474,8 @@ async def watch_queue(rt: Runtime, pool: Pool, every_s: float = 5.0) -> None:
             metrics.ACK_PENDING.labels(pool).set(info.num_ack_pending or 0)
         except Exception as e:  # noqa: BLE001 - a gauge that misses one reading is not worth stopping for
             log.debug("consumer info failed: %s", e)
+            for gauge in (metrics.QUEUE_DEPTH, metrics.ACK_PENDING):  # no reading rather than a stale one, which
+                with contextlib.suppress(KeyError):  # the backlog alerts (max over replicas) would take as current
+                    gauge.remove(pool)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(rt.stop.wait(), every_s)

@@ -11,9 +11,25 @@ from pathlib import Path
 import httpx
 import nats
 import pytest
+from nats.aio.client import Client as NATS
 
+from shared import metrics
 from shared.config import ParallelExecutionConfig
-from tests.conftest import ROOT, Stack, ready_on, scrape, stack_env, start_stack, stop_stack, wait_until, write_config
+from shared.names import Names
+from shared.pool import watch_queue
+from tests.conftest import (
+    ROOT,
+    Stack,
+    ready_on,
+    scrape,
+    service_runtime,
+    stack_env,
+    start_stack,
+    stop_stack,
+    until,
+    wait_until,
+    write_config,
+)
 
 pytestmark = pytest.mark.e2e
 DASHBOARD = ROOT / "deploy" / "grafana" / "openclaw-dashboard.json"
@@ -127,3 +143,22 @@ def test_the_pm_and_the_aggregator_export_their_model_costs_at_0_before_any_call
             assert f'openclaw_cost_usd_total{{model="{model}",pool="{phase}"}} 0.0' in text.splitlines()
     finally:
         assert stop_stack(stack) == 0, stack.output()[-3000:]
+
+
+async def test_a_pool_whose_queue_cannot_be_read_exports_no_stale_depth(nc: NATS, names: Names, tmp_path: Path) -> None:
+    # The last reading stayed: a replica cut off from NATS kept exporting its old backlog, which the backlog alerts
+    # (the max over replicas) took for the pool's.
+    rt = await service_runtime(nc, names, tmp_path, service="security")  # its durable does not exist: reads fail
+    metrics.QUEUE_DEPTH.labels("security").set(5)
+    metrics.ACK_PENDING.labels("security").set(2)
+
+    def exported() -> set[str]:
+        return {s.name for g in (metrics.QUEUE_DEPTH, metrics.ACK_PENDING) for m in g.collect() for s in m.samples
+                if s.labels.get("pool") == "security"}
+
+    watching = asyncio.ensure_future(watch_queue(rt, "security", every_s=0.01))
+    try:
+        await until(lambda: not exported(), 10, "the stale readings gone")
+    finally:
+        rt.stop.set()
+        await watching
