@@ -351,11 +351,12 @@ async def test_an_answer_due_at_the_deadline_waits_for_its_stream_too(tmp_path: 
                                                                      fake_anthropic: FakeAnthropic) -> None:
     # The deadline's check ends an execution whose second task still runs, and the aggregator's answer (a paid
     # synthesis call) cannot be stored: its write is tried again past the deadline, not handed back to be
-    # answered, and paid for, on the next delivery.
+    # answered, and paid for, on the next delivery. (The deadline leaves the first task time to complete on a
+    # loaded machine: with none completed the answer is the template's, and no synthesis call comes.)
     fake = fake_anthropic
     fake.next("task", "ok", "slow")  # the audit's call is still running at the deadline
     fake.next("synthesis", "slow")  # and the answer comes once the store has gone
-    config = write_config(tmp_path / "config.json", {"provider": "anthropic", "execution_timeout_s": 3,
+    config = write_config(tmp_path / "config.json", {"provider": "anthropic", "execution_timeout_s": 6,
                                                      "anthropic": {"base_url": fake.url, "timeout_s": 60}})
     async with running(tmp_path, "due", "--config", str(config),
                        env=stack_env(ANTHROPIC_API_KEY="sk-ant-outage")) as run:
