@@ -98,7 +98,12 @@ class NatsServer:
         # (they drain through NATS) and only then the server.
         self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                      preexec_fn=stop_with_parent if die_with_parent else None)
-        wait_for_port(self.port, timeout, self.proc)
+        try:
+            wait_for_port(self.port, timeout, self.proc)
+        except RuntimeError as e:  # it exited: what it said last is why (a config it could not parse, say)
+            last = next((line for line in reversed(log.read_text(errors="replace").splitlines()) if line.strip()),
+                        "") if log else ""
+            raise RuntimeError(f"{e}: {last.strip()} (log: {log})" if last else str(e)) from None
         return self
 
     def stop(self, timeout: float = 10.0) -> None:

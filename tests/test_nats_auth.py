@@ -26,7 +26,7 @@ from nats.js.api import ConsumerConfig
 from shared import natsauth
 from shared.errors import ConfigError
 from shared.names import POOLS, Names
-from shared.natsserver import free_port
+from shared.natsserver import NatsServer, free_port
 from shared.runner import Stack as RunnerStack
 from shared.runner import StackOptions
 from shared.settings import load_settings
@@ -215,3 +215,13 @@ def test_auth_mode_refuses_a_namespace_and_half_credentials(tmp_path: Path) -> N
         load_settings(nats_user="codegen")
     s = load_settings(nats_user="codegen", nats_password="secret")
     assert s.nats_inbox_prefix == "_INBOX_codegen" and "secret" not in repr(s)
+
+
+def test_a_server_that_cannot_read_its_auth_file_says_why(tmp_path: Path) -> None:
+    # An all-digit password is a number to nats-server's config parser: it exited, and the runner said only
+    # "exited with status 1", the reason left in a log file.
+    pw = natsauth.passwords({natsauth.password_env("pm"): "12345"})
+    server = NatsServer(tmp_path / "store", port=free_port(), config_file=natsauth.DEFAULT_AUTH_FILE,
+                        env=natsauth.server_env(pw))
+    with pytest.raises(RuntimeError, match=r"exited with status \d+ during start-up: .*auth\.conf.*\(log: "):
+        server.start(15.0, tmp_path / "nats-server.log")
