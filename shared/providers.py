@@ -424,6 +424,9 @@ def _short_error(e: Exception) -> str:
     return f"HTTP {status}" if status is not None else f"{type(e).__name__}: {e}"
 
 
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _usage(msg: Message) -> Usage:
     u = msg.usage
     if not isinstance(getattr(u, "input_tokens", None), int) or not isinstance(msg.content, list):
@@ -567,7 +570,9 @@ class AnthropicProvider:
         text = "".join(b.text for b in msg.content if b.type == "text").strip()
         if not text:
             raise ProviderError(f"{model} wrote no answer (stop_reason {msg.stop_reason})", "invalid_output", usage)
-        return TextReply(text=text, usage=usage, model=model, provider=self.name)
+        # A lone surrogate, escaped in the stream's JSON, is taken by Python's json but no UTF-8 text can hold it:
+        # the document with the answer could not be stored, and every redelivery paid for another answer.
+        return TextReply(text=LONE_SURROGATE.sub("\ufffd", text), usage=usage, model=model, provider=self.name)
 
     async def check_models(self, uses: Sequence[ModelUse]) -> None:
         """Look each model up in the Models API. A model that cannot take this configuration's calls (``max_tokens``

@@ -177,6 +177,17 @@ async def test_a_tool_input_no_utf_8_text_can_hold_is_invalid_output(provider: A
     assert err.value.usage is not None and err.value.usage.input_tokens == 2100  # paid for all the same
 
 
+async def test_an_answer_with_a_lone_surrogate_keeps_its_text_as_text_utf_8_can_hold(
+    provider: AnthropicProvider, fake_anthropic: FakeAnthropic
+) -> None:
+    # Taken as it came, the answer could not be stored: the execution stayed running, and every redelivery of its
+    # last result paid for another answer.
+    fake_anthropic.synthesis_text = "All done \ud83d here"
+    reply = await provider.synthesize(Prompt("persona", "facts"), "claude-sonnet-4-6")
+    assert reply.text.startswith("All done \ufffd here")
+    reply.text.encode()  # what storing it takes
+
+
 async def test_a_model_the_endpoint_does_not_know_is_its_own_kind_whatever_the_retry_header_says(
     provider: AnthropicProvider, fake_anthropic: FakeAnthropic
 ) -> None:
