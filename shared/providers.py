@@ -440,14 +440,17 @@ def _usage(msg: Message) -> Usage:
 
 
 def _tool_input(msg: Message, tool: str, usage: Usage) -> dict[str, Any]:
-    for block in msg.content:
-        if block.type == "tool_use" and block.name == tool:
-            if not isinstance(block.input, dict):
-                raise ProviderError(f"{tool} input is not an object", "invalid_output", usage)
-            return block.input
-    raise ProviderError(
-        f"the model did not call {tool} (stop_reason {msg.stop_reason})", "invalid_output", usage
-    )
+    """The input of the model's one call of ``tool``. Asked for one (``disable_parallel_tool_use``), an answer
+    split over several is not used: taking the first would drop the rest of it (a finding, a later plan)."""
+    calls = [block for block in msg.content if block.type == "tool_use" and block.name == tool]
+    if not calls:
+        raise ProviderError(f"the model did not call {tool} (stop_reason {msg.stop_reason})", "invalid_output", usage)
+    if len(calls) > 1:
+        raise ProviderError(f"the model called {tool} {len(calls)} times; one answer was asked for", "invalid_output",
+                            usage)
+    if not isinstance(calls[0].input, dict):
+        raise ProviderError(f"{tool} input is not an object", "invalid_output", usage)
+    return calls[0].input
 
 
 def _validation(tool: str, e: ValidationError) -> str:
@@ -541,7 +544,7 @@ class AnthropicProvider:
 
     async def run_task(self, pool: Pool, task: TaskSpec, prompt: Prompt, model: str, attempt: int,
                        meter: Meter | None = None) -> TaskReply:
-        tool_choice: ToolChoiceParam = {"type": "tool", "name": RESULT_TOOL}
+        tool_choice: ToolChoiceParam = {"type": "tool", "name": RESULT_TOOL, "disable_parallel_tool_use": True}
         msg, usage = await self._call(model, prompt, meter, tools=[RESULT_TOOL_PARAM], tool_choice=tool_choice)
         try:
             output = TaskOutput.model_validate(_tool_input(msg, RESULT_TOOL, usage))
@@ -554,7 +557,7 @@ class AnthropicProvider:
     async def decompose(self, prompt: Prompt, model: str, effort: Effort, meter: Meter | None = None) -> PlanReply:
         # Thinking does not combine with a forced tool choice, so the plan tool is offered with "auto" and
         # the system prompt asks for it; an answer without the tool call is invalid output.
-        tool_choice: ToolChoiceParam = {"type": "auto"}
+        tool_choice: ToolChoiceParam = {"type": "auto", "disable_parallel_tool_use": True}
         msg, usage = await self._call(
             model, prompt, meter, tools=[PLAN_TOOL_PARAM], tool_choice=tool_choice,
             thinking={"type": "adaptive"}, output_config={"effort": effort},

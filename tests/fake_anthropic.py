@@ -25,7 +25,7 @@ from typing import Any, Literal
 Kind = Literal["plan", "task", "synthesis"]
 Behaviour = Literal["ok", "400", "409", "429", "529", "500", "504", "spend_limit", "no_retry", "slow", "no_tool",
                     "bad_input", "not_json", "max_tokens", "refusal", "retired", "stall", "pings", "cut",
-                    "stream_error"]
+                    "stream_error", "two_calls"]
 STREAM_BREAKS = ("stall", "pings", "cut", "stream_error")  # what happens after the first delta of a streamed answer
 FIRST_DELTA_CHARS = 400  # how much of the answer a broken stream sends first
 
@@ -204,6 +204,8 @@ class FakeAnthropic:
                     long = data["artifacts"][0] if data.get("artifacts") else data["findings"][0]
                     long["content" if "content" in long else "detail"] = text
             content = [{"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:20]}", "name": tool, "input": data}]
+            if behaviour == "two_calls":  # the answer in two parts, as a model may split it if the API lets it
+                content.append({**content[0], "id": f"toolu_{uuid.uuid4().hex[:20]}"})
             stop = "tool_use"
         if behaviour == "max_tokens":  # cut off: the input so far still validates, which must not make it whole
             stop = "max_tokens"

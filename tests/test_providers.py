@@ -71,7 +71,7 @@ async def test_a_task_is_one_forced_tool_call_with_a_cached_system_prompt(
     assert set(schema["properties"]) == {"summary", "artifacts", "findings", "recommendations"}
     assert schema["required"] == ["summary"] and "$defs" not in schema and "$ref" not in str(schema)
     assert schema["properties"]["findings"]["items"]["properties"]["severity"]["enum"][-1] == "critical"
-    assert body["tool_choice"] == {"type": "tool", "name": "submit_result"}
+    assert body["tool_choice"] == {"type": "tool", "name": "submit_result", "disable_parallel_tool_use": True}
     assert "thinking" not in body and "output_config" not in body
 
     assert reply.provider == "anthropic" and reply.output.simulated is False
@@ -97,7 +97,7 @@ async def test_decomposition_thinks_adaptively_at_the_configured_effort_and_retu
     assert body["thinking"] == {"type": "adaptive"}
     assert body["output_config"] == {"effort": "max"}
     # A forced tool choice is not allowed with thinking: the tool is offered, the prompt asks for it.
-    assert body["tool_choice"] == {"type": "auto"}
+    assert body["tool_choice"] == {"type": "auto", "disable_parallel_tool_use": True}
     [tool] = body["tools"]
     assert tool["name"] == "submit_plan"
     task_schema = tool["input_schema"]["properties"]["tasks"]["items"]
@@ -175,6 +175,21 @@ async def test_a_tool_input_no_utf_8_text_can_hold_is_invalid_output(provider: A
         await provider.run_task("codegen", SPEC, codegen_prompt(SPEC), "claude-sonnet-4-6", 1)
     assert err.value.kind == "invalid_output" and "malformed response" in str(err.value)
     assert err.value.usage is not None and err.value.usage.input_tokens == 2100  # paid for all the same
+
+
+async def test_an_answer_split_over_two_tool_calls_is_not_half_used(provider: AnthropicProvider,
+                                                                     fake_anthropic: FakeAnthropic) -> None:
+    # The first call was taken and the second dropped without a word: a finding in it, or the final plan after a
+    # draft. One call is asked for (disable_parallel_tool_use); two are invalid output, paid for all the same.
+    fake_anthropic.next("task", "two_calls")
+    fake_anthropic.next("plan", "two_calls")
+    with pytest.raises(ProviderError) as task_err:
+        await provider.run_task("codegen", SPEC, codegen_prompt(SPEC), "claude-sonnet-4-6", 1)
+    with pytest.raises(ProviderError) as plan_err:
+        await provider.decompose(Prompt("persona", "plan this"), "claude-opus-4-6", "high")
+    for err, tool in ((task_err, "submit_result"), (plan_err, "submit_plan")):
+        assert err.value.kind == "invalid_output" and f"called {tool} 2 times" in str(err.value)
+        assert err.value.usage is not None and err.value.usage.input_tokens > 0
 
 
 async def test_an_answer_with_a_lone_surrogate_keeps_its_text_as_text_utf_8_can_hold(
