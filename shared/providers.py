@@ -427,10 +427,12 @@ def _short_error(e: Exception) -> str:
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _usage(msg: Message) -> Usage:
+def _usage(msg: Message, meter: Meter) -> Usage:
     u = msg.usage
     if not isinstance(getattr(u, "input_tokens", None), int) or not isinstance(msg.content, list):
         raise ProviderError("malformed response: no usage or no content", "invalid_output")
+    if not isinstance(u.output_tokens, int):  # the input is billed all the same, the output estimated
+        raise ProviderError("malformed response: no output token count", "invalid_output", meter.billed)
     return Usage(
         input_tokens=u.input_tokens,
         output_tokens=u.output_tokens,
@@ -486,8 +488,9 @@ class AnthropicProvider:
         """One Messages API call that ran to its end: the message and its (billed) usage. A reply the model
         declined (``refusal``) or that ran out of room (``max_tokens``, ``model_context_window_exceeded``) is a
         failure that carries its usage: whatever it holds is not the whole answer, even when it validates."""
-        msg = await self._create(model, prompt, meter or Meter(), **extra)
-        usage = _usage(msg)
+        meter = meter or Meter()
+        msg = await self._create(model, prompt, meter, **extra)
+        usage = _usage(msg, meter)
         if msg.stop_reason == "refusal":
             raise ProviderError(f"{model} declined to answer (stop_reason refusal)", "refusal", usage)
         if msg.stop_reason in ("max_tokens", "model_context_window_exceeded"):

@@ -25,7 +25,7 @@ from typing import Any, Literal
 Kind = Literal["plan", "task", "synthesis"]
 Behaviour = Literal["ok", "400", "409", "429", "529", "500", "504", "spend_limit", "no_retry", "slow", "no_tool",
                     "bad_input", "not_json", "max_tokens", "refusal", "retired", "stall", "pings", "cut",
-                    "stream_error", "two_calls"]
+                    "stream_error", "two_calls", "no_output_count"]
 STREAM_BREAKS = ("stall", "pings", "cut", "stream_error")  # what happens after the first delta of a streamed answer
 FIRST_DELTA_CHARS = 400  # how much of the answer a broken stream sends first
 
@@ -181,6 +181,8 @@ class FakeAnthropic:
         if behaviour == "slow":
             self.release.wait(60)
         usage = dict(self.usage[kind])
+        if behaviour == "no_output_count":  # message_delta's output_tokens null: a malformed end of the stream
+            usage["output_tokens"] = None
         system = "".join(b["text"] for b in body.get("system", []))
         user = body["messages"][0]["content"]
         content: list[dict[str, Any]]

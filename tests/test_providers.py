@@ -192,6 +192,18 @@ async def test_an_answer_split_over_two_tool_calls_is_not_half_used(provider: An
         assert err.value.usage is not None and err.value.usage.input_tokens > 0
 
 
+async def test_a_stream_without_its_output_count_is_invalid_output_with_its_usage_estimated(
+    provider: AnthropicProvider, fake_anthropic: FakeAnthropic
+) -> None:
+    # Its usage failed validation outside the provider's errors: a plan or an answer paid for was recorded at $0.
+    fake_anthropic.next("synthesis", "no_output_count")
+    with pytest.raises(ProviderError) as err:
+        await provider.synthesize(Prompt("persona", "facts"), "claude-sonnet-4-6")
+    assert err.value.kind == "invalid_output" and "no output token count" in str(err.value)
+    usage = err.value.usage
+    assert usage is not None and usage.input_tokens == 3300 and usage.output_tokens > 1 and usage.estimated
+
+
 async def test_an_answer_with_a_lone_surrogate_keeps_its_text_as_text_utf_8_can_hold(
     provider: AnthropicProvider, fake_anthropic: FakeAnthropic
 ) -> None:
