@@ -126,6 +126,9 @@ DELTAS = {"text_delta": ("text", "text"), "thinking_delta": ("thinking", "thinki
           "input_json_delta": ("input", "partial_json")}
 
 
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # half of a UTF-16 pair: no character, not UTF-8 text
+
+
 class Meter:
     """What one model call has produced so far, kept up to date as it runs, so that a caller that cuts the call off
     (the pool's timeout) still records what was consumed. The input is counted once the model has started (the
@@ -176,8 +179,9 @@ class Meter:
             if field == "input":
                 # jiter, as the SDK parses: it refuses what no UTF-8 text can hold (a lone surrogate), json does not
                 block.input = jiter.from_json("".join(parts).encode() or b"{}")
-            elif field:
-                setattr(block, field, getattr(block, field) + "".join(parts))
+            elif field:  # text as UTF-8 can hold it (a lone surrogate, escaped in the stream's JSON, json takes): its
+                # document could not be stored otherwise, and every redelivery would pay for another answer
+                setattr(block, field, LONE_SURROGATE.sub("\ufffd", getattr(block, field) + "".join(parts)))
         elif kind == "message_delta":
             msg.stop_reason, msg.stop_sequence = event.delta.stop_reason, event.delta.stop_sequence
             self._output = msg.usage.output_tokens = event.usage.output_tokens
@@ -424,9 +428,6 @@ def _short_error(e: Exception) -> str:
     return f"HTTP {status}" if status is not None else f"{type(e).__name__}: {e}"
 
 
-LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def _usage(msg: Message, meter: Meter) -> Usage:
     u = msg.usage
     if not isinstance(getattr(u, "input_tokens", None), int) or not isinstance(msg.content, list):
@@ -576,9 +577,7 @@ class AnthropicProvider:
         text = "".join(b.text for b in msg.content if b.type == "text").strip()
         if not text:
             raise ProviderError(f"{model} wrote no answer (stop_reason {msg.stop_reason})", "invalid_output", usage)
-        # A lone surrogate, escaped in the stream's JSON, is taken by Python's json but no UTF-8 text can hold it:
-        # the document with the answer could not be stored, and every redelivery paid for another answer.
-        return TextReply(text=LONE_SURROGATE.sub("\ufffd", text), usage=usage, model=model, provider=self.name)
+        return TextReply(text=text, usage=usage, model=model, provider=self.name)
 
     async def check_models(self, uses: Sequence[ModelUse]) -> None:
         """Look each model up in the Models API. A model that cannot take this configuration's calls (``max_tokens``
